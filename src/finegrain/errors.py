@@ -1,0 +1,9 @@
+"""The one exception type for errors a user can cause."""
+
+
+class FinegrainError(Exception):
+    """A problem with user input (a file, a config key, a flag, a data row).
+
+    The message is one line that names the file, line or key and says what to do.
+    The CLI prints it as is and exits non-zero; `--debug` shows the traceback.
+    """

@@ -1,0 +1,250 @@
+"""The LLaMA decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Module names follow Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...),
+so Hugging Face checkpoints load with no key map and LoRA targets mean what they mean in PEFT.
+Shapes: B batch, T query length, S key length, H hidden, nh/nkv heads, hd head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.model.config import LlamaConfig
+from finegrain.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (hd/2,) of the rotary embedding, with linear or llama3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hd); cos, sin: (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, is_causal, input_pos=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm: returns hidden states (B, T, H)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding (with a KV cache: (B, S) over
+                all cached positions); or a ready boolean mask (B, 1, T, S), True where attention is allowed.
+            position_ids: (B, T) rotary positions; by default counted over real tokens only.
+            input_pos: (T,) cache slots to write, once `setup_cache` was called.
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask, input_pos)
+        cos, sin = self._rope(position_ids, x.dtype)
+        mask, is_causal = self._mask(B, T, attention_mask, input_pos, x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, mask, is_causal, input_pos, use_reentrant=False
+                )
+            else:
+                x = layer(x, cos, sin, mask, is_causal, input_pos)
+        return self.norm(x)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _mask(self, B, T, attention_mask, input_pos, device) -> tuple[torch.Tensor | None, bool]:
+        """The boolean attention mask (B, 1, T, S), or None with `is_causal` when SDPA can build it."""
+        causal = self.config.causal
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask, False
+        cached = input_pos is not None and self.layers[0].self_attn.kv_cache is not None
+        if not cached:
+            if attention_mask is None:
+                return None, causal
+            key_ok = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            if not causal:
+                return key_ok, False
+            query_pos = torch.arange(T, device=device)
+            allowed = query_pos[None, :] <= query_pos[:, None]  # (T, S)
+            # A padding query attends to itself so its row is never empty (which gives NaN).
+            return (allowed & key_ok) | torch.eye(T, dtype=torch.bool, device=device), False
+        S = int(input_pos[-1]) + 1
+        key_pos = torch.arange(S, device=device)
+        allowed = key_pos[None, :] <= input_pos[:, None] if causal else torch.ones(T, S, dtype=torch.bool, device=device)
+        allowed = allowed[None, None].expand(B, 1, T, S)
+        if attention_mask is not None:
+            key_ok = attention_mask[:, :S].bool()[:, None, None, :]
+            allowed = allowed & key_ok | (key_pos[None, :] == input_pos[:, None])
+        return allowed, False
+
+
+def default_position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, input_pos: torch.Tensor | None
+) -> torch.Tensor:
+    """Positions counted over real tokens, so left-padded rows start at 0 like unpadded ones."""
+    B, T = input_ids.shape
+    if attention_mask is not None and attention_mask.dim() == 2:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        if input_pos is not None:
+            return positions[:, input_pos]
+        return positions[:, -T:]
+    start = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+    return start[None, :].expand(B, T)
+
+
+class Llama(nn.Module):
+    """A LLaMA-family causal language model: `model(input_ids)` returns logits (B, T, V)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only with `last_only`."""
+        hidden = self.model(input_ids, attention_mask, position_ids, input_pos)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a KV cache in every layer for `batch_size` sequences of up to `max_len` tokens."""
+        dtype = dtype or self.lm_head.weight.dtype
+        device = self.lm_head.weight.device
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, max_len, attn.num_kv_heads, attn.head_dim, dtype).to(device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def generate(self, tokenizer, prompts, **kwargs):
+        """See `finegrain.generate.generate`."""
+        from finegrain.generate import generate
+
+        return generate(self, tokenizer, prompts, **kwargs)
