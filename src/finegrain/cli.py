@@ -97,6 +97,75 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"saved {model.num_parameters():,} parameters ({args.dtype}) to {out}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from finegrain.config import load_config
+    from finegrain.evaluate.report import format_report_text
+    from finegrain.run import train
+
+    if args.resume:
+        if args.config or args.set or any(getattr(args, flag) is not None for flag in TRAIN_FLAGS):
+            raise FinegrainError("--resume continues a run with its saved config.yaml; drop the config file and other options")
+        results = train(None, resume_dir=args.resume)
+    else:
+        overrides = list(args.set or [])
+        for flag, key in TRAIN_FLAGS.items():
+            value = getattr(args, flag)
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if args.skip_bad_rows:
+            overrides.append("data.skip_bad_rows=true")
+        config = load_config(args.config, overrides)
+        results = train(config)
+    split = "test" if "test" in results else "validation"
+    if split in results:
+        print(f"\n{split} ({results[split]['num_examples']} examples, {results[split]['source']}):")
+        print(format_report_text(results[split]))
+    summary = results["train"]
+    print(
+        f"trained {summary['examples']} examples, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
+        f"({summary['tokens_per_s']:.0f} tokens/s); whole run {summary['total_seconds']:.0f} s"
+    )
+    if summary["skipped_rows"]:
+        print(f"skipped {summary['skipped_rows']} bad rows (listed in skipped_rows.txt)")
+
+
+# Common options that have their own flag, and the config key each sets.
+TRAIN_FLAGS = {
+    "model": "model.name", "data": "data.train", "dataset": "data.dataset", "output": "output",
+    "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "seed": "train.seed",
+}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from finegrain.atomic import atomic_write_json
+    from finegrain.evaluate.report import format_report_text
+    from finegrain.run import load
+
+    metrics = load(args.run_dir).evaluate(args.data)
+    print(format_report_text(metrics))
+    if args.output:
+        atomic_write_json(args.output, metrics)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from finegrain.atomic import atomic_write_text
+    from finegrain.data.readers import read_examples
+    from finegrain.run import load
+
+    predictor = load(args.run_dir)
+    if args.input == "-":
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    else:
+        fields = predictor.config.data
+        examples = read_examples(args.input, text_field=fields.text_field, require_label=False).examples
+        texts = [e.text for e in examples]
+    lines = [json.dumps({"text": t, **p}, ensure_ascii=False) for t, p in zip(texts, predictor.predict(texts))]
+    if args.output:
+        atomic_write_text(args.output, "".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="finegrain", description="Adapt LLaMA-family models to fine-grained NLP tasks on a CPU.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -127,6 +196,33 @@ def build_parser() -> Parser:
     p.add_argument("output", help="the directory to write (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="fine-tune a model with LoRA (config file and/or options)")
+    p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--model", help="base model (sets model.name)")
+    p.add_argument("--data", help="training file, JSONL/CSV/TSV (sets data.train)")
+    p.add_argument("--dataset", help="a bundled demo dataset (sets data.dataset)")
+    p.add_argument("--output", help="the run directory (sets output)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and count them instead of stopping")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="a labelled JSONL/CSV/TSV file")
+    p.add_argument("--output", help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
+    p.add_argument("--output", help="write the JSONL here instead of standard output")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -17,8 +17,6 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 
-# The linear layers of a LLaMA decoder layer, in the order they run; what "all-linear" means.
-DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("default", "gaussian")
 
 
@@ -65,6 +63,11 @@ class LoraConfig:
             # A bare module name is one target, not a regular expression that would have to match a whole path.
             if self.targets != "all-linear" and re.fullmatch(r"\w+", self.targets):
                 self.targets = (self.targets,)
+            elif self.targets != "all-linear":
+                try:
+                    re.compile(self.targets)
+                except re.error as exc:
+                    raise FinegrainError(f"lora.targets: '{self.targets}' is not a valid regular expression ({exc})")
         else:
             self.targets = tuple(self.targets)
             if not self.targets:
@@ -113,7 +116,8 @@ class LoraLinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.init = init
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        weight = torch.empty(out_features, in_features, dtype=dtype, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )

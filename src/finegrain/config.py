@@ -1,0 +1,193 @@
+"""Run configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides.
+
+Unknown keys are an error that names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finegrain.errors import FinegrainError
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # smollm2-135m (default), a .gguf file or a Hugging Face directory
+    dtype: str = "float32"
+    num_layers: int | None = None  # keep only the first N decoder layers (the rest are dropped)
+    bidirectional: bool = False  # remove the causal mask (token-level tasks)
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # a bundled demo set: rotten_tomatoes, sms_spam, trec
+    train: str | None = None  # JSONL, CSV or TSV file
+    validation: str | None = None
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    multi_label: bool = False
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # when only `train` (or `dataset`) is given
+    split_seed: int = 0
+    max_length: int = 64  # tokens per text; longer texts are truncated
+    max_train_examples: int | None = None
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False
+    layers: list[int] | None = None  # adapt only these decoder layers; negative counts from the top
+
+
+@dataclass
+class HeadConfig:
+    pooling: str = "last"  # last | mean
+    class_weights: str | dict[str, float] | None = None  # None, "balanced" or {label: weight}
+    label_smoothing: float = 0.0
+    threshold: float = 0.5  # multi-label decision threshold
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    lr: float = 3e-4
+    head_lr: float | None = None  # defaults to lr
+    batch_size: int = 16
+    grad_accum: int = 1
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    metric: str = "accuracy"  # validation metric for early stopping and best checkpoint
+    patience: int | None = None  # evaluations without improvement before stopping
+    eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    eval_batch_size: int = 64
+    seed: int = 0
+    threads: int | None = None
+    prefix_cache: bool = True  # run frozen layers below the lowest adapted layer once, not every epoch
+
+
+@dataclass
+class RunConfig:
+    task: str = "classification"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: str | None = None  # the run directory
+
+
+TASKS = ("classification",)
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `values`, rejecting unknown keys with the nearest valid one."""
+    if not isinstance(values, dict):
+        raise FinegrainError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            nearest = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{nearest[0]}'?" if nearest else f"; valid keys: {', '.join(fields)}"
+            raise FinegrainError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(value, hint, where, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
+    """Accept `value` if it fits `hint` (ints count as floats); else a one-line error."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
+    raise FinegrainError(f"{where}: '{key}' must be {expected}, not {value!r}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from defaults) and apply `section.key=value` overrides."""
+    values: dict[str, Any] = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FinegrainError(f"{path}: config file not found; pass a YAML file such as examples/rotten_tomatoes.yaml")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            at = f":{line + 1}" if line is not None else ""
+            raise FinegrainError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from e
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise FinegrainError(f"--set {override}: expected key=value, e.g. --set train.lr=1e-4")
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FinegrainError(f"--set {override}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        where = f"{where} (with --set)" if "--set" not in where else where
+    config = from_dict(RunConfig, values, where)
+    validate(config, where)
+    return config
+
+
+def validate(config: RunConfig, where: str) -> None:
+    checks = [
+        (config.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
+        (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
+        (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
+        (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
+        (config.train.epochs > 0, "train.epochs", "above 0"),
+        (config.train.lr > 0, "train.lr", "above 0"),
+        (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
+        (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
+        (config.lora.r >= 1, "lora.r", "at least 1"),
+        (config.data.max_length >= 2, "data.max_length", "at least 2"),
+        (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
+        (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise FinegrainError(f"{where}: '{key}' must be {expected}")
+    if not (config.data.dataset or config.data.train):
+        raise FinegrainError(f"{where}: no training data; set data.dataset (e.g. rotten_tomatoes) or data.train (a file)")
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)

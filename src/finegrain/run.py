@@ -1,0 +1,220 @@
+"""A run end to end: data, model, LoRA, training, test evaluation, reports; and using the result.
+
+A run directory holds:
+    config.yaml      the effective configuration
+    labels.json      the label set, in head order
+    adapter/         the PEFT-format adapter with the classification head (best checkpoint)
+    metrics.jsonl    training loss and validation metrics per step
+    metrics.json     final validation and test metrics
+    report.md, report.html, confusion_matrix.png, learning_curve.png
+    checkpoint/      resumable training state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finegrain.atomic import atomic_write_json, atomic_write_text
+from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
+from finegrain.config import RunConfig, dump_yaml, from_dict, validate
+from finegrain.errors import FinegrainError
+from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
+from finegrain.tasks.classification import ClassificationTask, SequenceClassifier
+from finegrain.train.trainer import Trainer, predict_outputs, seed_everything
+
+ADAPTER_DIR = "adapter"
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics: accuracy and `macro_f1`-style averages, for logging and early stopping."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for average in ("macro", "micro", "weighted", "samples"):
+        for name, value in (metrics.get(average) or {}).items():
+            if name != "support":
+                flat[f"{average}_{name}"] = value
+    return flat
+
+
+def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | None:
+    """Layer indices with negatives counted from the top (-1 is the last kept layer)."""
+    if layers is None:
+        return None
+    resolved = sorted({i + num_layers if i < 0 else i for i in layers})
+    if resolved and not (0 <= resolved[0] and resolved[-1] < num_layers):
+        raise FinegrainError(f"lora.layers: {layers} is outside the model's {num_layers} layers")
+    return resolved
+
+
+def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora: bool = True):
+    """The base model cut and configured for the run, the task, the task model (with fresh LoRA)."""
+    llama, tokenizer = load_model(config.model.name, progress=progress)
+    backbone = llama.model
+    total = len(backbone.layers)
+    if config.model.num_layers is not None:
+        if not 1 <= config.model.num_layers <= total:
+            raise FinegrainError(f"model.num_layers: {config.model.num_layers} is not between 1 and {total}")
+        backbone.layers = backbone.layers[: config.model.num_layers]
+        backbone.config.num_layers = config.model.num_layers
+    backbone.config.causal = not config.model.bidirectional
+    task = ClassificationTask(labels, config.data.multi_label, config.head)
+    model = task.build_model(backbone)
+    lora = LoraConfig(
+        r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+        targets=config.lora.targets, use_rslora=config.lora.rslora,
+        layers=adapted_layers(config.lora.layers, len(backbone.layers)), modules_to_save=["score"],
+    )
+    if with_lora:
+        apply_lora(model, lora)
+        model.score.weight.requires_grad_(True)
+    return model, tokenizer, task, lora
+
+
+def prepare_run_dir(config: RunConfig) -> Path:
+    run_dir = Path(config.output or f"runs/{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / "config.yaml").exists():
+        raise FinegrainError(
+            f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate on the test split, write the run directory; returns metrics.json's content."""
+    from finegrain.data.load import load_splits
+
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        config = load_run_config(run_dir)
+    else:
+        run_dir = prepare_run_dir(config)
+        if config.model.name and Path(config.model.name).exists():
+            config.model.name = str(Path(config.model.name).resolve())
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    seed_everything(config.train.seed)
+    started = time.perf_counter()
+
+    splits = load_splits(config.data)
+    atomic_write_json(run_dir / "labels.json", splits.labels)
+    model, tokenizer, task, lora = build(config, splits.labels, progress)
+    pad_id = tokenizer.pad_token_id
+    max_length = config.data.max_length
+    train_items = task.encode(tokenizer, splits.train, max_length)
+    val_items = task.encode(tokenizer, splits.validation, max_length)
+    task.set_class_weights(train_items)
+    val_gold = [e.label for e in splits.validation]
+    eval_batch = config.train.eval_batch_size
+
+    def evaluate_validation(m: SequenceClassifier) -> dict[str, Any] | None:
+        if not val_items:
+            return None
+        predictions = task.decode(task.probabilities(predict_outputs(m, task, val_items, pad_id, eval_batch)))
+        return flat_metrics(task.metrics(predictions, val_gold))
+
+    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, evaluate_validation, progress)
+    state = trainer.fit(resume=resume_dir is not None)
+    save_adapter(
+        model, lora, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.name or DEFAULT_MODEL,
+        modules_to_save=["score"], task_type="SEQ_CLS",
+    )
+
+    results: dict[str, Any] = {
+        "task": config.task,
+        "labels": splits.labels,
+        "train": {
+            "examples": len(train_items),
+            "steps": state.step,
+            "epochs": round(state.step / trainer.steps_per_epoch, 3),
+            "best_step": state.best_step,
+            "stopped_early": state.stopped_early,
+            "train_seconds": round(state.train_seconds, 2),
+            "tokens_per_s": round(state.train_tokens / max(state.train_seconds, 1e-9), 1),
+            "frozen_prefix_layers": trainer.start_layer,
+            "skipped_rows": len(splits.skipped),
+        },
+    }
+    for name, examples in (("validation", splits.validation), ("test", splits.test)):
+        if examples:
+            items = task.encode(tokenizer, examples, max_length)
+            probs = task.probabilities(predict_outputs(model, task, items, pad_id, eval_batch))
+            results[name] = task.metrics(task.decode(probs), [e.label for e in examples])
+            results[name]["source"] = splits.origin[name]
+    results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
+    if splits.skipped:
+        atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")
+    write_results(run_dir, results, config)
+    return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any], config: RunConfig) -> None:
+    from finegrain.evaluate.report import plot_learning_curve, write_classification_report
+
+    atomic_write_json(run_dir / "metrics.json", results)
+    split = "test" if "test" in results else "validation"
+    if split in results:
+        write_classification_report(run_dir, results[split], split_name=split, title=f"{config.task}: {split}")
+    if (run_dir / "metrics.jsonl").exists():
+        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", config.train.metric)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
+    import yaml
+
+    config = from_dict(RunConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    validate(config, str(path))
+    return config
+
+
+class Predictor:
+    """A trained run, ready to label new texts: `finegrain.load(RUN_DIR).predict([...])`."""
+
+    def __init__(self, run_dir: str | Path, progress: bool = False):
+        run_dir = Path(run_dir)
+        self.config = load_run_config(run_dir)
+        if not (run_dir / ADAPTER_DIR / "adapter_config.json").exists():
+            raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
+        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+        self.model, self.tokenizer, self.task, _ = build(self.config, labels, progress, with_lora=False)
+        load_adapter(self.model, run_dir / ADAPTER_DIR)
+        self.model.eval()
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per text: `label` (a list for multi-label) and `probabilities` of every label."""
+        from finegrain.data.readers import Example
+
+        examples = [Example(text=t, label=None, source=f"input:{i + 1}") for i, t in enumerate(texts)]
+        items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
+        for item, example in zip(items, examples):
+            if not item.input_ids:
+                raise FinegrainError(f"{example.source}: empty text; every input needs some text")
+        outputs = predict_outputs(self.model, self.task, items, self.tokenizer.pad_token_id, batch_size)
+        return self.task.decode(self.task.probabilities(outputs))
+
+    def evaluate(self, path: str | Path) -> dict[str, Any]:
+        """Metrics of the run's model on a labelled file (same fields as the training data)."""
+        from finegrain.data.load import read_file
+        from finegrain.data.readers import check_labels
+
+        examples = read_file(self.config.data, str(path)).examples
+        examples = check_labels(examples, self.task.labels, str(path), self.config.data.skip_bad_rows).examples
+        if not examples:
+            raise FinegrainError(f"{path}: no usable examples")
+        predictions = self.predict([e.text for e in examples])
+        metrics = self.task.metrics(predictions, [e.label for e in examples])
+        metrics["source"] = str(path)
+        return metrics
+
+
+def load(run_dir: str | Path) -> Predictor:
+    """Load a trained run for prediction."""
+    return Predictor(run_dir)

@@ -1,0 +1,31 @@
+"""Length-bucketed batches: little padding, a shuffled order that a seed and epoch fully determine."""
+
+from __future__ import annotations
+
+import random
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 32) -> list[list[int]]:
+    """Index batches for one epoch.
+
+    Examples are shuffled, grouped into windows of `bucket_batches` batches, sorted by length
+    inside each window and cut into batches; then the batch order is shuffled. Batches hold
+    texts of similar length (so almost no padding) while every epoch sees a new order. The
+    same (seed, epoch) always gives the same batches, which is what makes resuming exact.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches for inference: longest first, so memory peaks early and padding stays minimal."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,60 @@
+"""Frozen-prefix activation cache.
+
+When only the upper decoder layers are adapted, the layers below the lowest adapted one
+compute the same thing every epoch. Their output is computed once per example and kept;
+training then runs only the upper layers. Results are unchanged (float32 storage).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finegrain.train.batching import sorted_batches
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def lowest_trainable_layer(model: nn.Module, num_layers: int) -> int:
+    """Index of the lowest decoder layer with a trainable parameter.
+
+    0 when something below the layers trains (embeddings), `num_layers` when only the head trains.
+    """
+    lowest = num_layers
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        match = _LAYER.search(name)
+        if match:
+            lowest = min(lowest, int(match.group(1)))
+        elif "embed_tokens" in name:
+            return 0
+    return lowest
+
+
+@torch.no_grad()
+def compute_prefix(
+    backbone: nn.Module, items: list, end_layer: int, pad_id: int, batch_size: int = 64, progress: bool = True
+) -> list[torch.Tensor]:
+    """Hidden states (T_i, H) of every item after decoder layers [0, end_layer)."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    lengths = [len(item.input_ids) for item in items]
+    was_training = backbone.training
+    backbone.eval()
+    batches = sorted_batches(lengths, batch_size)
+    for batch in tqdm(batches, desc=f"caching layers 0-{end_layer - 1}", unit="batch", disable=not progress, leave=False):
+        T = max(lengths[i] for i in batch)
+        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        real = torch.zeros(len(batch), T, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            input_ids[row, : lengths[i]] = torch.tensor(items[i].input_ids)
+            real[row, : lengths[i]] = True
+        mask = None if backbone.config.causal else real
+        hidden = backbone.run_layers(backbone.embed_tokens(input_ids), attention_mask=mask, end=end_layer)
+        for row, i in enumerate(batch):
+            out[i] = hidden[row, : lengths[i]].clone()
+    backbone.train(was_training)
+    return out  # type: ignore[return-value]

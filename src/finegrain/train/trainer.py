@@ -1,0 +1,308 @@
+"""The one training loop every task plugs into.
+
+A task gives the model (backbone + head), a collate function and a loss; the caller gives an
+`evaluate` callback returning validation metrics. The loop does AdamW with a warmup schedule,
+gradient accumulation and clipping, length-bucketed batches, early stopping with patience,
+best-checkpoint selection, metrics to `metrics.jsonl`, and atomic checkpoints that resume
+exactly (weights, optimizer, scheduler, RNG states, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from finegrain.atomic import atomic_dir, atomic_write_text
+from finegrain.config import TrainConfig
+from finegrain.errors import FinegrainError
+from finegrain.train.batching import bucketed_batches, sorted_batches
+from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains `model` (only its parameters with `requires_grad`) on encoded items.
+
+    Args:
+        model: a task model whose `forward(batch, start_layer)` returns outputs for `task.loss`;
+            its decoder is `model.model`.
+        task: gives `collate(items, pad_id, hidden)` and `loss(outputs, batch)`.
+        train: encoded training items (each with `input_ids`).
+        evaluate: returns validation metrics for the model as it is (or None to skip).
+        run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        train: list,
+        config: TrainConfig,
+        run_dir: Path,
+        pad_id: int,
+        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.task, self.train_items, self.config = model, task, train, config
+        self.run_dir, self.pad_id, self.evaluate_fn, self.progress = Path(run_dir), pad_id, evaluate, progress
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
+        self.start_layer = 0
+        if config.prefix_cache:
+            self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
+        self.lengths = [len(item.input_ids) for item in train]
+        self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        head_names = {n for n in self.trainable if not n.startswith("model.")}
+        head_lr = config.head_lr or config.lr
+        groups = [
+            {"params": [p for n, p in self.trainable.items() if n not in head_names], "lr": config.lr},
+            {"params": [p for n, p in self.trainable.items() if n in head_names], "lr": head_lr},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay
+        )
+        warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
+        )
+        self.state = TrainState()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.hidden: list[torch.Tensor] | None = None
+
+    # -- public ----------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train to the end (or early stop) and leave the best weights loaded in the model."""
+        if resume:
+            self._load_checkpoint()
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if self.start_layer > 0:
+            # Frozen layers below the adapted ones: computed once here instead of every epoch.
+            self.hidden = compute_prefix(
+                self.model.model, self.train_items, self.start_layer, self.pad_id,
+                self.config.eval_batch_size, self.progress,
+            )
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps, initial=self.state.step, desc="training", unit="step",
+            disable=not self.progress, dynamic_ncols=True,
+        )
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()
+        self.model.eval()
+        self._restore_best()
+        return self.state
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self, bar: tqdm) -> None:
+        config, state = self.config, self.state
+        while state.step < self.total_steps and not state.stopped_early:
+            batches = bucketed_batches(self.lengths, config.batch_size, config.seed, state.epoch)
+            groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
+            first_group = state.batch_in_epoch // config.grad_accum
+            for group in groups[first_group:]:
+                if state.step >= self.total_steps:
+                    break
+                loss, tokens, seconds = self._step(group)
+                state.step += 1
+                state.batch_in_epoch += len(group)
+                state.train_seconds += seconds
+                state.train_tokens += tokens
+                lr = self.scheduler.get_last_lr()[0]
+                tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
+                self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4),
+                           "train_loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                bar.update(1)
+                end_of_epoch = state.batch_in_epoch >= len(batches)
+                if (config.eval_every and state.step % config.eval_every == 0) or (
+                    end_of_epoch and not config.eval_every
+                ) or state.step == self.total_steps:
+                    self._validate()
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                if state.stopped_early or state.step % config.checkpoint_every == 0 or end_of_epoch:
+                    self._save_checkpoint()
+                if state.stopped_early:
+                    break
+        if state.best_step is None:
+            self._save_best()  # no validation data: the last weights are the best we have
+
+    def _step(self, group: list[list[int]]) -> tuple[float, int, float]:
+        start = time.perf_counter()
+        total_items = sum(len(b) for b in group)
+        loss_sum, tokens = 0.0, 0
+        for indices in group:
+            items = [self.train_items[i] for i in indices]
+            hidden = [self.hidden[i] for i in indices] if self.hidden is not None else None
+            batch = self.task.collate(items, self.pad_id, hidden)
+            outputs = self.model(batch, start_layer=self.start_layer)
+            loss = self.task.loss(outputs, batch)
+            (loss * len(indices) / total_items).backward()
+            loss_sum += loss.item() * len(indices)
+            tokens += int(batch["lengths"].sum())
+        if self.config.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.trainable.values(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / total_items, tokens, time.perf_counter() - start
+
+    def _epoch_progress(self) -> float:
+        return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
+
+    # -- validation and best weights -------------------------------------------------------
+
+    def _validate(self) -> None:
+        if self.evaluate_fn is None:
+            return
+        self.model.eval()
+        metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        if metrics is None:
+            return
+        state, name = self.state, self.config.metric
+        if name not in metrics:
+            raise FinegrainError(
+                f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}"
+            )
+        value = float(metrics[name])
+        self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation",
+                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            self._save_best()
+        else:
+            state.bad_evals += 1
+            if self.config.patience is not None and state.bad_evals >= self.config.patience:
+                state.stopped_early = True
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().contiguous() for n, p in self.trainable.items()}
+
+    def _save_best(self) -> None:
+        with atomic_dir(self.run_dir / "best") as tmp:
+            save_file(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+
+    def _restore_best(self) -> None:
+        path = self.run_dir / "best" / "trainable.safetensors"
+        if path.exists():
+            self._load_trainable(load_file(str(path)))
+
+    def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(tensors[name])
+
+    # -- metrics.jsonl ---------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        state = {k: v for k, v in vars(self.state).items() if k != "history"}
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        with atomic_dir(self.run_dir / "checkpoint") as tmp:
+            save_file(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
+                os.path.join(tmp, "optimizer.pt"),
+            )
+            Path(tmp, "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+    def _load_checkpoint(self) -> None:
+        directory = self.run_dir / "checkpoint"
+        if not (directory / "state.json").exists():
+            raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
+        self._load_trainable(load_file(str(directory / "trainable.safetensors")))
+        saved = torch.load(directory / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for key, value in json.loads((directory / "state.json").read_text(encoding="utf-8")).items():
+            setattr(self.state, key, value)
+        random.setstate(saved["rng"]["python"])
+        np.random.set_state(saved["rng"]["numpy"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        # Records logged after this checkpoint belong to work that will be done again.
+        if self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+@torch.no_grad()
+def predict_outputs(model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Model outputs for every item, in the items' order, computed in length-sorted batches."""
+    was_training = model.training
+    model.eval()
+    lengths = [len(item.input_ids) for item in items]
+    results: list[torch.Tensor | None] = [None] * len(items)
+    for indices in sorted_batches(lengths, batch_size):
+        batch = task.collate([items[i] for i in indices], pad_id)
+        for i, row in zip(indices, model(batch)):
+            results[i] = row
+    model.train(was_training)
+    return torch.stack(results)  # type: ignore[arg-type]
