@@ -60,7 +60,9 @@ def _prepare_parent(path: Path) -> Path:
     except FileExistsError:
         raise FinegrainError(f"{parent}: exists and is not a directory; choose another output path") from None
     except PermissionError:
-        raise FinegrainError(f"{parent}: permission denied creating the directory; choose another output path") from None
+        raise FinegrainError(
+            f"{parent}: permission denied creating the directory; choose another output path"
+        ) from None
     return parent
 
 
@@ -113,9 +115,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     Returns:
         `path` as a `Path`.
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return Path(path)
 
 

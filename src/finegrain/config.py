@@ -29,6 +29,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str | None = None  # a bundled demo set: rotten_tomatoes, sms_spam, trec
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {fine: true} for trec
     train: str | None = None  # JSONL, CSV or TSV file
     validation: str | None = None
     test: str | None = None

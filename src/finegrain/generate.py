@@ -111,10 +111,9 @@ def generate(
                 if _find_stop(tokenizer.decode(outputs[i], skip_special_tokens=True), stop) >= 0:
                     finished[i] = True
             if stream is not None:
-                text = tokenizer.decode(_strip_eos(outputs[0], eos_ids), skip_special_tokens=True)
-                cut = _find_stop(text, stop)
-                text = text[:cut] if cut >= 0 else text
-                if not text.endswith("\ufffd") and len(text) > len(streamed):
+                final = bool(finished[0]) or step == max_new_tokens - 1
+                text = _streamable(tokenizer.decode(_strip_eos(outputs[0], eos_ids), skip_special_tokens=True), stop, final)
+                if len(text) > len(streamed):
                     stream(text[len(streamed) :])
                     streamed = text
             if bool(finished.all()) or step == max_new_tokens - 1:
@@ -139,6 +138,18 @@ def _strip_eos(ids: list[int], eos_ids: torch.Tensor) -> list[int]:
         if token in eos:
             return ids[:n]
     return ids
+
+
+def _streamable(text: str, stop: Sequence[str], final: bool) -> str:
+    """The part of `text` safe to show: not past a stop string, nor a possible start of one."""
+    cut = _find_stop(text, stop)
+    if cut >= 0:
+        return text[:cut]
+    if final:
+        return text
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    text = text[: len(text) - hold]
+    return text[:-1] if text.endswith("\ufffd") else text  # an incomplete UTF-8 sequence
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int:

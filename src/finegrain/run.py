@@ -157,11 +157,11 @@ def write_results(run_dir: Path, results: dict[str, Any], config: RunConfig) -> 
     from finegrain.evaluate.report import plot_learning_curve, write_classification_report
 
     atomic_write_json(run_dir / "metrics.json", results)
+    if (run_dir / "metrics.jsonl").exists():  # before the report, which embeds the curve
+        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", config.train.metric)
     split = "test" if "test" in results else "validation"
     if split in results:
         write_classification_report(run_dir, results[split], split_name=split, title=f"{config.task}: {split}")
-    if (run_dir / "metrics.jsonl").exists():
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", config.train.metric)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from finegrain import datasets
 from finegrain.config import DataConfig
 from finegrain.data.readers import Example, check_labels, read_examples
-from finegrain.data.split import infer_labels, stratified_split
+from finegrain.data.split import infer_labels, stratified_split, stratified_subset
 from finegrain.errors import FinegrainError
 
 
@@ -38,7 +38,7 @@ def load_splits(config: DataConfig) -> Splits:
     if config.dataset:
         if config.train:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
-        pool, origin = datasets.load(config.dataset), f"dataset {config.dataset}"
+        pool, origin = datasets.load(config.dataset, **config.dataset_options), f"dataset {config.dataset}"
     elif config.train:
         result = read_file(config, config.train)
         pool, origin = result.examples, config.train
@@ -67,7 +67,7 @@ def load_splits(config: DataConfig) -> Splits:
     parts.update(given)
     train = parts["train"]
     if config.max_train_examples is not None:
-        train = train[: config.max_train_examples]
+        train = stratified_subset(train, min(config.max_train_examples, len(train)), seed=config.split_seed)
     labels = infer_labels(train)
     if len(labels) < 2 and not config.multi_label:
         raise FinegrainError(f"{origin}: the training data has {len(labels)} label(s); classification needs at least 2")

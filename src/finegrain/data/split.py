@@ -1,0 +1,177 @@
+"""Deterministic stratified splits and label sets."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
+
+from finegrain.data.readers import Example
+from finegrain.errors import FinegrainError
+
+__all__ = ["infer_labels", "stratified_split", "stratified_subset"]
+
+# Regression targets are stratified by quantile bin so every split spans the full range.
+_REGRESSION_BINS = 10
+
+
+def stratified_split(
+    examples: Sequence[Example],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> tuple[list[Example], ...]:
+    """Split examples into parts of the given sizes, keeping label proportions in each.
+
+    The part sizes are exact (largest remainder rounding of `len(examples) * fraction`)
+    and each label is spread over the parts as close to `fractions` as whole examples
+    allow. Strata: the label for single-label data; for multi-label data the example's
+    rarest label (a set of labels would make most strata singletons, which cannot be
+    stratified, while the rarest label keeps rare classes in every part); for numeric
+    labels, one of ten quantile bins. The same examples and seed give the same split, on
+    any machine; the global `random` state is neither used nor changed.
+
+    Args:
+        examples: the examples to split.
+        fractions: one fraction per part, non-negative, summing to 1 (e.g. `(0.9, 0.1)`).
+        seed: the shuffle seed.
+
+    Returns:
+        One list per fraction (train, validation, test for three), each in input order.
+
+    Raises:
+        FinegrainError: fractions that are negative or do not sum to 1.
+    """
+    fractions = [float(f) for f in fractions]
+    if not fractions or any(f < 0 or not math.isfinite(f) for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise FinegrainError(f"split fractions {tuple(fractions)} must be non-negative and sum to 1")
+    total = sum(fractions)
+    fractions = [f / total for f in fractions]  # so rounding error cannot overshoot
+    n = len(examples)
+    num_parts = len(fractions)
+    totals = _largest_remainder(n, fractions)
+
+    keys = _strata(examples)
+    strata: dict[Hashable, list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        strata[key].append(index)
+    rng = random.Random(seed)
+    # Sorting by repr gives one order for keys of mixed types (None, str, tuples, ints).
+    ordered = sorted(strata, key=repr)
+
+    # Floor counts per stratum, then hand out the leftover examples one at a time to the
+    # (stratum, part) pairs whose ideal share was cut most, while both still need one.
+    # Column sums of the floors never exceed the part totals, and the leftovers of the
+    # strata add up to what the parts still need, so the hand-out always completes.
+    counts = {key: [math.floor(len(strata[key]) * f) for f in fractions] for key in ordered}
+    need = [totals[k] - sum(counts[key][k] for key in ordered) for k in range(num_parts)]
+    left = {key: len(strata[key]) - sum(counts[key]) for key in ordered}
+    candidates = [
+        (len(strata[key]) * fractions[k] - counts[key][k], rng.random(), key_index, k)
+        for key_index, key in enumerate(ordered)
+        for k in range(num_parts)
+    ]
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    for _remainder, _tiebreak, key_index, k in candidates:
+        key = ordered[key_index]
+        if left[key] > 0 and need[k] > 0:
+            counts[key][k] += 1
+            left[key] -= 1
+            need[k] -= 1
+    for key in ordered:  # only reached when a part's fraction was cut to zero remainder
+        for k in range(num_parts):
+            while left[key] > 0 and need[k] > 0:
+                counts[key][k] += 1
+                left[key] -= 1
+                need[k] -= 1
+
+    parts: list[list[int]] = [[] for _ in fractions]
+    for key in ordered:
+        members = strata[key][:]
+        rng.shuffle(members)
+        start = 0
+        for k, count in enumerate(counts[key]):
+            parts[k].extend(members[start : start + count])
+            start += count
+    return tuple([examples[i] for i in sorted(part)] for part in parts)
+
+
+def stratified_subset(examples: Sequence[Example], size: int, seed: int = 0) -> list[Example]:
+    """Exactly `size` examples, drawn with the label proportions of `examples`.
+
+    For capping the training set (`max_train_examples`): taking the first `size` rows
+    instead would take whatever order the file has, often sorted by label.
+
+    Args:
+        examples: the examples to draw from.
+        size: how many to keep; all of them when `size >= len(examples)`.
+        seed: the shuffle seed.
+
+    Returns:
+        The subset, in input order.
+    """
+    if size >= len(examples):
+        return list(examples)
+    if size <= 0:
+        return []
+    kept, _ = stratified_split(examples, (size / len(examples), 1 - size / len(examples)), seed=seed)
+    return kept
+
+
+def infer_labels(examples: Sequence[Example]) -> list[str]:
+    """The sorted set of class labels (for multi-label data, the union of all sets).
+
+    Labels that are all numbers (`"0"`, `"2"`, `"10"`) sort numerically, others as text, so
+    the order (and with it each label's index in the model head) is the same every run.
+
+    Args:
+        examples: examples with string or list labels; `None` labels are ignored.
+
+    Returns:
+        The labels, sorted.
+
+    Raises:
+        ValueError: numeric (regression) labels, which have no label set.
+    """
+    labels: set[str] = set()
+    for ex in examples:
+        if isinstance(ex.label, list):
+            labels.update(ex.label)
+        elif isinstance(ex.label, str):
+            labels.add(ex.label)
+        elif ex.label is not None:
+            raise ValueError(f"{ex.source}: numeric label {ex.label!r}; regression data has no label set")
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        return sorted(labels)
+
+
+def _strata(examples: Sequence[Example]) -> list[Hashable]:
+    if any(isinstance(ex.label, (int, float)) and not isinstance(ex.label, bool) for ex in examples):
+        values = sorted(float(ex.label) for ex in examples if isinstance(ex.label, (int, float)))
+        edges = [values[len(values) * b // _REGRESSION_BINS] for b in range(1, _REGRESSION_BINS)]
+        return [
+            None if not isinstance(ex.label, (int, float)) else sum(float(ex.label) >= e for e in edges)
+            for ex in examples
+        ]
+    frequency: Counter[str] = Counter()
+    for ex in examples:
+        if isinstance(ex.label, list):
+            frequency.update(ex.label)
+    keys: list[Hashable] = []
+    for ex in examples:
+        if isinstance(ex.label, list):
+            keys.append(min(ex.label, key=lambda label: (frequency[label], label)) if ex.label else ())
+        else:
+            keys.append(ex.label)
+    return keys
+
+
+def _largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
+    """Whole counts summing to `n`, as close to `n * fraction` as possible (ties: earlier part)."""
+    counts = [math.floor(n * f) for f in fractions]
+    order = sorted(range(len(fractions)), key=lambda k: (-(n * fractions[k] - counts[k]), k))
+    for k in order[: max(0, n - sum(counts))]:
+        counts[k] += 1
+    return counts

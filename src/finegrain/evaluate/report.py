@@ -1,0 +1,526 @@
+"""Reports of evaluation results: terminal text, Markdown, self-contained HTML and PNG plots.
+
+`write_classification_report` takes the dict from `classification_metrics` (or
+`multilabel_metrics`) and writes `report.md`, `report.html` and `confusion_matrix.png`
+into a run directory; `plot_learning_curve` draws the training log. Plots use
+matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend
+switch), and matplotlib is imported only when a plot is drawn because it is slow to import.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finegrain.atomic import atomic_path, atomic_write_text
+from finegrain.errors import FinegrainError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "format_report_text",
+    "plot_confusion_matrix",
+    "plot_learning_curve",
+    "write_classification_report",
+]
+
+_AVERAGE_ROWS = (
+    ("micro", "micro avg"),
+    ("macro", "macro avg"),
+    ("weighted", "weighted avg"),
+    ("samples", "samples avg"),
+)
+_PLOTS = (("confusion_matrix.png", "Confusion matrix"), ("learning_curve.png", "Learning curve"))
+# Beyond this many classes the cells are too small for numbers; the colours still read.
+_MAX_ANNOTATED_LABELS = 30
+
+
+def format_report_text(metrics: dict[str, Any], digits: int = 4) -> str:
+    """Format metrics for a terminal, laid out like scikit-learn's `classification_report`.
+
+    Args:
+        metrics: a dict from `classification_metrics`, `multilabel_metrics` or
+            `regression_metrics`.
+        digits: decimals shown.
+
+    Returns:
+        The report, ending in a newline.
+    """
+    task = metrics.get("task", "classification")
+    if task == "regression":
+        keys = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
+        width = max(len(k) for k in keys)
+        lines = [f"{k:>{width}s}  {_number(metrics[k], digits)}" for k in keys]
+        lines.append(f"{'n':>{width}s}  {metrics['num_examples']}")
+        return "\n".join(lines) + "\n"
+
+    labels = [str(label) for label in metrics["labels"]]
+    width = max([len(label) for label in labels] + [len("weighted avg"), digits])
+    head = f"{'':>{width}s} " + "".join(f" {h:>9s}" for h in ("precision", "recall", "f1-score", "support"))
+    row = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}"
+    lines = [head, ""]
+    for label, scores in zip(labels, metrics["per_class"].values()):
+        lines.append(row.format(label, *_prf(scores), scores["support"], width=width, digits=digits))
+    lines.append("")
+    if task == "classification":
+        # As scikit-learn: when every prediction is a class, micro P = R = F1 = accuracy,
+        # so one accuracy line replaces the micro row.
+        lines.append(
+            f"{'accuracy':>{width}s} " + " " * 20 + f" {metrics['accuracy']:>9.{digits}f} {metrics['num_examples']:>9}"
+        )
+    for key, name in _AVERAGE_ROWS:
+        if key not in metrics or (task == "classification" and key == "micro" and not metrics["num_outside_labels"]):
+            continue
+        scores = metrics[key]
+        lines.append(row.format(name, *_prf(scores), scores["support"], width=width, digits=digits))
+    if task == "multilabel":
+        lines.append("")
+        lines.append(f"{'subset accuracy':>{width}s}  {metrics['subset_accuracy']:.{digits}f}")
+        lines.append(f"{'hamming loss':>{width}s}  {metrics['hamming_loss']:.{digits}f}")
+    if metrics.get("num_outside_labels"):
+        lines.append("")
+        lines.append(f"{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong)")
+    return "\n".join(lines) + "\n"
+
+
+def write_classification_report(
+    out_dir: str | os.PathLike[str],
+    metrics: dict[str, Any],
+    split_name: str = "test",
+    title: str | None = None,
+) -> dict[str, Path]:
+    """Write `report.md`, `report.html` and (single-label) `confusion_matrix.png` to `out_dir`.
+
+    The HTML is one self-contained file: styles inline and every PNG in `out_dir` that
+    the report knows (`confusion_matrix.png`, `learning_curve.png`) embedded as base64, so
+    it can be mailed or attached as is. The Markdown links the PNGs by relative name.
+
+    Args:
+        out_dir: the directory (created if missing).
+        metrics: a dict from `classification_metrics` or `multilabel_metrics`.
+        split_name: which split was evaluated, for the headings.
+        title: the report title; default "Evaluation on the {split_name} split".
+
+    Returns:
+        The files written, by kind (`"markdown"`, `"html"`, `"confusion_matrix"`).
+    """
+    out = Path(out_dir)
+    title = title or f"Evaluation on the {split_name} split"
+    written: dict[str, Path] = {}
+    if metrics.get("task", "classification") == "classification":
+        written["confusion_matrix"] = plot_confusion_matrix(
+            metrics, out / "confusion_matrix.png", title=f"{title}: confusion matrix"
+        )
+    images = [(name, caption) for name, caption in _PLOTS if (out / name).is_file()]
+    written["markdown"] = atomic_write_text(out / "report.md", _markdown(metrics, split_name, title, images))
+    embedded = [
+        (name, caption, base64.b64encode((out / name).read_bytes()).decode("ascii")) for name, caption in images
+    ]
+    written["html"] = atomic_write_text(out / "report.html", _html(metrics, split_name, title, embedded))
+    return written
+
+
+def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Draw the confusion matrix: colours are row-normalised, cells show counts.
+
+    Normalising each row (the fraction of each true class predicted as each class) keeps
+    a rare class readable next to a frequent one; the count in each cell keeps the sizes
+    honest. Long labels are shortened, and the figure grows with the number of classes.
+
+    Args:
+        metrics: a dict from `classification_metrics`.
+        out_png: the PNG to write.
+        title: the figure title; the accuracy is added below it.
+
+    Returns:
+        `out_png` as a `Path`.
+    """
+    import numpy as np
+
+    labels = [_shorten(str(label), 24) for label in metrics["labels"]]
+    counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64).reshape(len(labels), len(labels))
+    row_totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_totals, out=np.zeros(counts.shape), where=row_totals > 0)
+    n = len(labels)
+    longest = max([len(label) for label in labels] + [1])
+    # Cells of ~0.5 inch fit a 4-digit count; past ~28 classes the cells shrink rather
+    # than the figure outgrowing a screen. Room on the left/bottom for the labels.
+    side = min(14.0, max(3.5, 0.5 * n)) + 0.08 * longest
+    fig = _figure(figsize=(side + 1.6, side + 0.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.set_label("fraction of the true class")
+    tick_size = 10 if n <= 12 else 8 if n <= 30 else 7
+    ax.set_xticks(range(n), labels, rotation=45 if n > 3 or longest > 8 else 0, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels)
+    ax.tick_params(labelsize=tick_size)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    if n <= _MAX_ANNOTATED_LABELS:
+        font_size = 11 if n <= 6 else 9 if n <= 12 else 8 if n <= 20 else 7
+        for i in range(n):
+            for j in range(n):
+                # Percentages only where there is room, i.e. few classes.
+                share = f"\n{fractions[i, j]:.0%}" if n <= 8 and row_totals[i, 0] else ""
+                ax.text(
+                    j,
+                    i,
+                    f"{counts[i, j]}{share}",
+                    ha="center",
+                    va="center",
+                    fontsize=font_size,
+                    # Zeros in grey so the mistakes that did happen stand out.
+                    color="white" if fractions[i, j] > 0.55 else "#222222" if counts[i, j] else "#b0b0b0",
+                )
+    heading = title or "Confusion matrix"
+    ax.set_title(f"{heading}\naccuracy {metrics['accuracy']:.4f} on {metrics['num_examples']:,} examples", fontsize=11)
+    return _save(fig, out_png)
+
+
+def plot_learning_curve(
+    metrics_jsonl_path: str | os.PathLike[str],
+    out_png: str | os.PathLike[str],
+    metric_name: str = "accuracy",
+) -> Path:
+    """Plot training loss (left axis) and a validation metric (right axis) against steps.
+
+    Reads JSON lines such as `{"step": 10, "epoch": 0.1, "train_loss": 0.7}` and
+    `{"step": 100, "split": "validation", "accuracy": 0.85}`. `metric_name` may be dotted
+    to reach into nested records (`"macro.f1"`). Many noisy loss points are drawn faintly
+    with a smoothed line over them. The best validation point is marked. A last line cut
+    short (a run killed while writing) is ignored.
+
+    Args:
+        metrics_jsonl_path: the training log.
+        out_png: the PNG to write.
+        metric_name: the validation metric to plot.
+
+    Returns:
+        `out_png` as a `Path`.
+
+    Raises:
+        FinegrainError: a missing file, invalid JSON before the last line, or no
+            training loss and no validation metric in the log.
+    """
+    name = str(metrics_jsonl_path)
+    path = Path(metrics_jsonl_path)
+    if not path.is_file():
+        raise FinegrainError(f"{name}: file not found; pass the metrics.jsonl a training run wrote")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    loss_steps: list[float] = []
+    losses: list[float] = []
+    metric_steps: list[float] = []
+    values: list[float] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == last:
+                break
+            raise FinegrainError(f"{name}:{i + 1}: invalid JSON ({exc.msg}); fix or delete the line") from None
+        if not isinstance(record, dict):
+            continue
+        step = record.get("step", i)
+        loss = record.get("train_loss")
+        if _is_number(loss) and _is_number(step):
+            loss_steps.append(float(step))
+            losses.append(float(loss))
+        value = _lookup(record, metric_name)
+        if record.get("split") == "validation" and _is_number(value) and _is_number(step):
+            metric_steps.append(float(step))
+            values.append(float(value))
+    if not losses and not values:
+        raise FinegrainError(
+            f"{name}: no 'train_loss' records and no validation {metric_name!r} records to plot; check metric_name"
+        )
+
+    fig = _figure(figsize=(8.0, 4.5))
+    ax = fig.add_subplot()
+    handles = []
+    loss_colour, metric_colour = "#1f77b4", "#d62728"
+    if losses:
+        smooth = len(losses) >= 30
+        (raw,) = ax.plot(
+            loss_steps,
+            losses,
+            color=loss_colour,
+            alpha=0.3 if smooth else 1.0,
+            linewidth=1.0,
+            label="train loss" + (" (raw)" if smooth else ""),
+        )
+        handles.append(raw)
+        if smooth:
+            (line,) = ax.plot(
+                loss_steps, _ema(losses, 0.9), color=loss_colour, linewidth=2.0, label="train loss (smoothed)"
+            )
+            handles.append(line)
+        ax.set_ylabel("train loss", color=loss_colour)
+        ax.tick_params(axis="y", colors=loss_colour)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    if values:
+        right = ax.twinx() if losses else ax
+        (line,) = right.plot(
+            metric_steps,
+            values,
+            color=metric_colour,
+            marker="o",
+            markersize=4,
+            linewidth=1.5,
+            label=f"validation {metric_name}",
+        )
+        handles.append(line)
+        # "Best" means highest except for metrics where lower is better.
+        lower_is_better = any(word in metric_name.lower() for word in ("loss", "error", "mse", "mae", "perplexity"))
+        best = (
+            min(range(len(values)), key=values.__getitem__)
+            if lower_is_better
+            else max(range(len(values)), key=values.__getitem__)
+        )
+        (marker,) = right.plot(
+            [metric_steps[best]],
+            [values[best]],
+            marker="*",
+            markersize=14,
+            color=metric_colour,
+            linestyle="none",
+            label=f"best {metric_name} {values[best]:.4f} (step {metric_steps[best]:g})",
+        )
+        handles.append(marker)
+        right.set_ylabel(f"validation {metric_name}", color=metric_colour)
+        right.tick_params(axis="y", colors=metric_colour)
+    # Below the axes: inside, the legend would hide the curves it explains.
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
+    ax.set_title("Learning curve")
+    return _save(fig, out_png)
+
+
+# --- Markdown and HTML ------------------------------------------------------------------
+
+
+def _summary(metrics: dict[str, Any], split_name: str) -> str:
+    parts = [f"split: {split_name}", f"{metrics['num_examples']:,} examples", f"{len(metrics['labels'])} labels"]
+    if metrics.get("task") == "multilabel":
+        parts += [f"micro F1 {metrics['micro']['f1']:.4f}", f"subset accuracy {metrics['subset_accuracy']:.4f}"]
+        parts.append(f"hamming loss {metrics['hamming_loss']:.4f}")
+    else:
+        parts += [f"accuracy {metrics['accuracy']:.4f}", f"macro F1 {metrics['macro']['f1']:.4f}"]
+    return " · ".join(parts)
+
+
+def _score_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+    """(name, scores, is_average) for each table row."""
+    rows = [(str(label), scores, False) for label, scores in metrics["per_class"].items()]
+    for key, name in _AVERAGE_ROWS:
+        if key not in metrics:
+            continue
+        if key == "micro" and metrics.get("task") == "classification" and not metrics.get("num_outside_labels"):
+            continue  # equal to the accuracy in the summary line
+        rows.append((name, metrics[key], True))
+    return rows
+
+
+def _confused_pairs(metrics: dict[str, Any], limit: int = 10) -> list[tuple[str, str, int, float]]:
+    """The most frequent mistakes: (true, predicted, count, share of the true class)."""
+    labels = metrics["labels"]
+    matrix = metrics["confusion_matrix"]
+    pairs = []
+    for i, row in enumerate(matrix):
+        total = sum(row)
+        for j, count in enumerate(row):
+            if i != j and count:
+                pairs.append((str(labels[i]), str(labels[j]), count, count / total))
+    pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
+    return pairs[:limit]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list[tuple[str, str]]) -> str:
+    out = [f"# {_md_cell(title)}", "", _summary(metrics, split_name), ""]
+    out += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, scores, is_average in _score_rows(metrics):
+        cell = f"**{_md_cell(name)}**" if is_average else _md_cell(name)
+        p, r, f = _prf(scores)
+        out.append(f"| {cell} | {p:.4f} | {r:.4f} | {f:.4f} | {scores['support']} |")
+    if metrics.get("num_outside_labels"):
+        out += ["", f"{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong)."]
+    if "confusion_matrix" in metrics:
+        labels = [_md_cell(str(label)) for label in metrics["labels"]]
+        out += ["", "## Confusion matrix", "", "Rows: true label; columns: predicted label.", ""]
+        out.append("| true \\ predicted | " + " | ".join(labels) + " |")
+        out.append("|---|" + "---:|" * len(labels))
+        for label, row in zip(labels, metrics["confusion_matrix"]):
+            out.append(f"| **{label}** | " + " | ".join(str(c) for c in row) + " |")
+        if any(file_name == "confusion_matrix.png" for file_name, _ in images):
+            out += ["", "![Confusion matrix](confusion_matrix.png)"]
+        pairs = _confused_pairs(metrics)
+        if pairs:
+            out += ["", "## Most frequent mistakes", "", "| true | predicted | count | share of true |"]
+            out.append("|---|---|---:|---:|")
+            out += [f"| {_md_cell(t)} | {_md_cell(p)} | {c} | {s:.1%} |" for t, p, c, s in pairs]
+    for file_name, caption in images:
+        if file_name != "confusion_matrix.png" or "confusion_matrix" not in metrics:
+            out += ["", f"## {caption}", "", f"![{caption}]({file_name})"]
+    return "\n".join(out) + "\n"
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+.summary { color: #555; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.avg td { font-weight: bold; background: #f6f6f6; }
+table.cm td { text-align: center; min-width: 2.5em; font-variant-numeric: tabular-nums; }
+table.cm th.corner { font-weight: normal; font-size: 0.85em; color: #555; }
+table.cm td.diag { outline: 2px solid #444; outline-offset: -2px; }
+img { max-width: 100%; border: 1px solid #eee; }
+""".strip()
+
+
+def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tuple[str, str, str]]) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        f"<style>\n{_CSS}\n</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f'<p class="summary">{e(_summary(metrics, split_name))}</p>',
+        "<table><thead><tr><th>label</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr></thead>",
+        "<tbody>",
+    ]
+    for name, scores, is_average in _score_rows(metrics):
+        p, r, f = _prf(scores)
+        out.append(
+            f"<tr{' class=avg' if is_average else ''}><td>{e(name)}</td><td class=num>{p:.4f}</td>"
+            f"<td class=num>{r:.4f}</td><td class=num>{f:.4f}</td><td class=num>{scores['support']}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    if metrics.get("num_outside_labels"):
+        out.append(f"<p>{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong).</p>")
+    if "confusion_matrix" in metrics:
+        out += _html_confusion(metrics)
+        out += [_html_image(caption, data) for name, caption, data in images if name == "confusion_matrix.png"]
+        pairs = _confused_pairs(metrics)
+        if pairs:
+            out.append("<h2>Most frequent mistakes</h2>")
+            out.append(
+                "<table><thead><tr><th>true</th><th>predicted</th><th>count</th><th>share of true</th></tr></thead>"
+            )
+            out += [
+                f"<tr><td>{e(t)}</td><td>{e(p)}</td><td class=num>{c}</td><td class=num>{s:.1%}</td></tr>"
+                for t, p, c, s in pairs
+            ]
+            out.append("</table>")
+    for name, caption, data in images:
+        if name != "confusion_matrix.png" or "confusion_matrix" not in metrics:
+            out += [f"<h2>{e(caption)}</h2>", _html_image(caption, data)]
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_image(caption: str, base64_png: str) -> str:
+    return f'<p><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64_png}"></p>'
+
+
+def _html_confusion(metrics: dict[str, Any]) -> list[str]:
+    e = html.escape
+    labels = [str(label) for label in metrics["labels"]]
+    out = [
+        "<h2>Confusion matrix</h2>",
+        "<p>Rows: true label; columns: predicted label. Shade: fraction of the true class.</p>",
+        '<table class="cm"><tr><th class="corner">true \\ predicted</th>'
+        + "".join(f"<th>{e(label)}</th>" for label in labels)
+        + "</tr>",
+    ]
+    for i, (label, row) in enumerate(zip(labels, metrics["confusion_matrix"])):
+        total = sum(row)
+        cells = []
+        for j, count in enumerate(row):
+            share = count / total if total else 0.0
+            background, foreground = _blues(share)
+            tip = f"true {label}, predicted {labels[j]}: {count} ({share:.1%} of {label})"
+            cells.append(
+                f'<td{" class=diag" if i == j else ""} style="background:{background};color:{foreground}" '
+                f'title="{e(tip)}">{count}</td>'
+            )
+        out.append(f"<tr><th>{e(label)}</th>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _blues(share: float) -> tuple[str, str]:
+    """A white-to-dark-blue shade for `share` in [0, 1] (matplotlib's Blues ends), and a readable text colour."""
+    low, high = (247, 251, 255), (8, 48, 107)
+    rgb = tuple(round(a + (b - a) * share) for a, b in zip(low, high))
+    return f"rgb{rgb}", "#fff" if share > 0.55 else "#222"
+
+
+# --- small helpers ----------------------------------------------------------------------
+
+
+def _prf(scores: dict[str, Any]) -> tuple[float, float, float]:
+    return scores["precision"], scores["recall"], scores["f1"]
+
+
+def _number(value: Any, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lookup(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _ema(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled to 0."""
+    smoothed, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**i))
+    return smoothed
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(out_png)

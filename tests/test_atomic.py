@@ -1,0 +1,117 @@
+"""Atomic writes: the final name holds the old or the new content, never a partial one."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from finegrain import atomic
+from finegrain.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from finegrain.errors import FinegrainError
+
+
+def _leftovers(directory: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep)
+
+
+def test_write_text_bytes_json(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "notes.txt"  # parents are created
+    assert atomic_write_text(target, "héllo\n") == target
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    atomic_write_json(tmp_path / "m.json", {"acc": 0.5, "label": "naïve"})
+    text = (tmp_path / "m.json").read_text(encoding="utf-8")
+    assert json.loads(text) == {"acc": 0.5, "label": "naïve"} and "naïve" in text and text.endswith("\n")
+    assert _leftovers(tmp_path, {"deep", "b.bin", "m.json"}) == []
+
+
+def test_new_file_gets_umask_mode_and_replacement_keeps_mode(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "one")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~atomic._UMASK
+    os.chmod(target, 0o640)
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_atomic_path_keeps_suffix_and_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png" and tmp != target
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # not visible until the block ends
+    assert target.read_bytes() == b"new"
+    assert _leftovers(tmp_path, {"plot.png"}) == []
+
+
+def test_atomic_path_error_leaves_original_and_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"good")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half-writ")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"good"
+    assert _leftovers(tmp_path, {"model.safetensors"}) == []
+
+
+def test_failed_rename_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("simulated crash at rename")
+
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path, {"a.txt"}) == []
+
+
+def test_json_that_cannot_serialize_touches_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    target.write_text("{}")
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"x": object()})
+    assert target.read_text() == "{}"
+    assert _leftovers(tmp_path, {"m.json"}) == []
+
+
+def test_atomic_dir_creates_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint"
+    with atomic_dir(target) as tmp:
+        assert not target.exists()
+        (tmp / "a.bin").write_bytes(b"1")
+    assert (target / "a.bin").read_bytes() == b"1"
+    with atomic_dir(target) as tmp:
+        (tmp / "b.bin").write_bytes(b"2")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "c.txt").write_text("3")
+        assert (target / "a.bin").exists()  # the old one stays until the new one is complete
+    assert sorted(p.name for p in target.iterdir()) == ["b.bin", "sub"]
+    assert (target / "sub" / "c.txt").read_text() == "3"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~atomic._UMASK
+    assert _leftovers(tmp_path, {"checkpoint"}) == []
+
+
+def test_atomic_dir_error_keeps_old(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "new.bin").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in target.iterdir()) == ["old.bin"]
+    assert _leftovers(tmp_path, {"adapter"}) == []
+
+
+def test_atomic_dir_over_a_file_is_a_user_error(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.write_text("a file")
+    with pytest.raises(FinegrainError, match="exists and is a file"), atomic_dir(target):
+        pass

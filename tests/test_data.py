@@ -1,0 +1,346 @@
+"""Readers, label checks and splits: the data a user brings, read or refused precisely."""
+
+import bz2
+import gzip
+import json
+import lzma
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from finegrain.data import (
+    Example,
+    check_labels,
+    infer_labels,
+    read_examples,
+    stratified_split,
+    stratified_subset,
+    write_examples,
+)
+from finegrain.errors import FinegrainError
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def _error(path: Path, **kwargs) -> str:
+    with pytest.raises(FinegrainError) as info:
+        read_examples(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, "user errors are one line"
+    return message
+
+
+def _jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+# --- reading good files ------------------------------------------------------------------
+
+
+def test_jsonl_sources_extra_and_label_normalisation(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "train.jsonl",
+        _jsonl({"text": "a", "label": 1, "id": 7}, {"text": "b", "label": 1.0})
+        + "\n"  # blank lines are skipped but still counted
+        + _jsonl({"text": "c", "label": " 1 "}, {"text": "d", "label": True}, {"text": "e", "label": 0.5}),
+    )
+    result = read_examples(path)
+    assert [ex.label for ex in result.examples] == ["1", "1", "1", "true", "0.5"]
+    assert [ex.source for ex in result.examples] == [f"{path}:{n}" for n in (1, 2, 4, 5, 6)]
+    assert result.examples[0].extra == {"id": 7}
+    assert result.skipped == [] and result.fields == ["text", "label", "id"]
+
+
+def test_csv_multiline_record_reports_its_first_line(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "d.csv",
+        'id,text,label\n1,"first, with comma",pos\n2,"two\nline\ntext",neg\n\n3,plain,pos\n',
+    )
+    result = read_examples(path)
+    assert [(ex.text, ex.label) for ex in result.examples] == [
+        ("first, with comma", "pos"),
+        ("two\nline\ntext", "neg"),
+        ("plain", "pos"),
+    ]
+    assert [ex.source.rsplit(":", 1)[1] for ex in result.examples] == ["2", "3", "7"]
+    assert result.examples[0].extra == {"id": "1"}
+
+
+def test_tsv_bom_and_custom_fields(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.tsv", "\ufeffsentence\tcategory\nhello there\tgreet\n")
+    (ex,) = read_examples(path, text_field="sentence", label_field="category").examples
+    assert (ex.text, ex.label) == ("hello there", "greet")
+
+
+@pytest.mark.parametrize(
+    ("name", "compress"),
+    [("d.jsonl.gz", gzip.compress), ("d.csv.bz2", bz2.compress), ("d.jsonl.xz", lzma.compress)],
+)
+def test_compressed(tmp_path: Path, name: str, compress) -> None:
+    body = "text,label\nhi,a\n" if ".csv" in name else _jsonl({"text": "hi", "label": "a"})
+    result = read_examples(_write(tmp_path / name, compress(body.encode())))
+    assert [(ex.text, ex.label) for ex in result.examples] == [("hi", "a")]
+
+
+def test_json_array_with_line_numbers_and_json_lines_in_dot_json(tmp_path: Path) -> None:
+    array = '[\n  {"text": "a", "label": "x"},\n  {"text": "b",\n   "label": "y"}, {"text": "c", "label": "x"}\n]\n'
+    result = read_examples(_write(tmp_path / "d.json", array))
+    assert [ex.source.rsplit(":", 1)[1] for ex in result.examples] == ["2", "3", "4"]
+    lines = read_examples(_write(tmp_path / "e.json", _jsonl({"text": "a", "label": "x"})))
+    assert lines.examples[0].label == "x"
+    assert read_examples(_write(tmp_path / "d.txt", "text\tlabel\nq\tz\n"), format="tsv").examples[0].label == "z"
+
+
+def test_multi_label(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "d.jsonl",
+        _jsonl({"text": "a", "label": ["x", "y", "x"]}, {"text": "b", "label": []}, {"text": "c", "label": "y|z"}),
+    )
+    assert [ex.label for ex in read_examples(path, multi_label=True).examples] == [["x", "y"], [], ["y", "z"]]
+    csv_path = _write(tmp_path / "d.csv", "text,label\na, x | y \nb,\n")
+    assert [ex.label for ex in read_examples(csv_path, multi_label=True).examples] == [["x", "y"], []]
+
+
+def test_list_label_without_multi_label_says_what_to_set(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", _jsonl({"text": "a", "label": ["x", "y"]}))
+    assert "d.jsonl:1: label is a list" in _error(path)
+    assert "data.multi_label: true" in _error(path)
+
+
+def test_regression_and_unlabelled(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", "text,score\na,0.5\nb,-2\n")
+    assert [ex.label for ex in read_examples(path, label_field="score", regression=True).examples] == [0.5, -2.0]
+    bad = _write(tmp_path / "bad.csv", "text,score\na,high\n")
+    assert "bad.csv:2: label 'high' is not a number" in _error(bad, label_field="score", regression=True)
+    unlabelled = _write(tmp_path / "u.jsonl", _jsonl({"text": "a"}, {"text": "b", "label": "x"}))
+    assert [ex.label for ex in read_examples(unlabelled, require_label=False).examples] == [None, "x"]
+
+
+# --- refusing bad files, naming the line -------------------------------------------------
+
+
+def test_missing_field_message_names_line_fields_and_key(tmp_path: Path) -> None:
+    path = _write(tmp_path / "train.jsonl", _jsonl({"text": "a", "category": "x"}))
+    assert _error(path) == f"{path}:1: missing field 'label' (fields: text, category); set data.label_field"
+    # Missing from one row when earlier rows had it: that row is the problem.
+    later = _write(tmp_path / "t2.jsonl", _jsonl({"text": "a", "label": "x"}, {"text": "b"}))
+    assert _error(later).startswith(f"{later}:2: missing field 'label'")
+    assert "skip_bad_rows" in _error(later)
+
+
+def test_missing_csv_column_suggests_the_nearest(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", "text,Label\na,x\n")
+    message = _error(path)
+    assert message.startswith(f"{path}:1: no column 'label' in the header (columns: text, Label)")
+    assert "did you mean 'Label'?" in message and "data.label_field" in message
+    tsv_in_csv = _write(tmp_path / "e.csv", "text\tlabel\na\tx\n")
+    assert "is this TSV?" in _error(tsv_in_csv)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("d.jsonl", _jsonl({"text": "ok", "label": "x"}) + '{"text": "a", "label": }\n', ":2: invalid JSON"),
+        (
+            "d.jsonl",
+            _jsonl({"text": "ok", "label": "x"}, {"text": "  ", "label": "x"}),
+            ":2: empty text in field 'text'",
+        ),
+        ("d.jsonl", _jsonl({"text": "ok", "label": "x"}, {"text": "a", "label": None}), ":2: empty label"),
+        ("d.jsonl", _jsonl({"text": "ok", "label": "x"}) + "[1, 2]\n", ":2: expected a JSON object, got a list"),
+        ("d.jsonl", _jsonl({"text": "ok", "label": "x"}, {"text": ["a"], "label": "x"}), ":2: field 'text' is a list"),
+        ("d.csv", "text,label\nok,x\n,y\n", ":3: empty text"),
+        ("d.csv", "text,label\nok,x\na,b,c\n", ":3: 3 fields but the header has 2"),
+    ],
+)
+def test_bad_rows(tmp_path: Path, name: str, content: str, expected: str) -> None:
+    path = _write(tmp_path / name, content)
+    assert expected in _error(path)
+    result = read_examples(path, skip_bad_rows=True)
+    assert [ex.text for ex in result.examples] == ["ok"]
+    assert len(result.skipped) == 1 and expected in result.skipped[0] and str(path) in result.skipped[0]
+
+
+def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", b'{"text": "ok", "label": "x"}\n{"text": "caf\xe9", "label": "x"}\n')
+    assert ":2: byte 0xe9 at column 14 is not UTF-8" in _error(path)
+    csv_path = _write(tmp_path / "d.csv", b'text,label\nok,x\n"multi\nline caf\xe9",x\n')
+    assert ":3: byte 0xe9 in field 'text' is not UTF-8" in _error(csv_path)
+    assert len(read_examples(csv_path, skip_bad_rows=True).examples) == 1
+
+
+def test_trailing_empty_cells_are_tolerated(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", "text,label\na,x,,\n")
+    assert read_examples(path).examples[0].label == "x"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("d.csv", '[{"text": "a", "label": "x"}]', "looks like a JSON array, not CSV; rename it to d.json"),
+        ("d.csv", _jsonl({"text": "a", "label": "x"}), "looks like JSON lines, not CSV; rename it to d.jsonl"),
+        (
+            "d.jsonl",
+            "text,label\na,x\n",
+            ":1: not a JSON object ('text,label'); this looks like CSV, rename it to d.csv",
+        ),
+        ("d.jsonl", '[{"text": "a", "label": "x"}]', "is a JSON array, not JSON lines"),
+        ("d.jsonl", '{\n  "text": "a",\n  "label": "x"\n}\n', "spread over several lines"),
+        ("d.csv", b"text,label\x00\x01\x02", "binary data (a NUL byte at byte 10)"),
+        ("d.csv", gzip.compress(b"text,label\n"), "gzip-compressed but not named so; rename it to d.csv.gz"),
+        ("d.csv", "\ufefftext".encode("utf-16"), "UTF-16 encoded; save it as UTF-8"),
+        ("d.csv", "", "empty file"),
+        ("d.jsonl", "\n\n  \n", "empty file"),
+        ("d.csv", "text,label\n", "no rows"),
+        ("d.json", "[]", "no rows"),
+        ("d.txt", "text,label\na,x\n", "extension '.txt', so the format is unknown"),
+        ("d.json", '[{"text": "a", "label": "x"} {"text": "b"}]', ":1: invalid JSON"),
+    ],
+)
+def test_file_is_not_what_its_name_says(tmp_path: Path, name: str, content: str | bytes, expected: str) -> None:
+    message = _error(_write(tmp_path / name, content))
+    assert expected in message
+
+
+def test_zip_renamed_to_csv(tmp_path: Path) -> None:
+    path = tmp_path / "book.csv"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("sheet.xml", "<x/>")
+    assert "a ZIP archive (an .xlsx workbook is one), not CSV text; export it as CSV" in _error(path)
+
+
+def test_corrupt_compressed_file(tmp_path: Path) -> None:
+    data = gzip.compress(("text,label\n" + "hello,x\n" * 5000).encode())
+    path = _write(tmp_path / "d.csv.gz", data[: len(data) // 2])
+    assert "not a valid gzip file" in _error(path)
+
+
+def test_plain_file_named_compressed(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv.gz", "text,label\na,x\n")
+    assert _error(path) == f"{path}: not gzip-compressed; rename it to d.csv"
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    assert "file not found (relative paths are resolved from" in _error(tmp_path / "nope.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    assert "is a directory" in _error(tmp_path / "dir.jsonl")
+
+
+def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", _jsonl({"txt": "a", "label": "x"}, {"txt": "b", "label": "y"}))
+    message = _error(path, skip_bad_rows=True)
+    assert "all 2 rows were skipped" in message and "missing field 'text'" in message
+
+
+# --- label checks ------------------------------------------------------------------------
+
+
+def test_check_labels(tmp_path: Path) -> None:
+    examples = [Example("a", "fresh", "val.jsonl:1"), Example("b", "rottne", "val.jsonl:2"), Example("c", None, "v:3")]
+    with pytest.raises(FinegrainError) as info:
+        check_labels(examples, ["fresh", "rotten"], "val.jsonl")
+    message = str(info.value)
+    assert message.startswith("val.jsonl:2: unknown label 'rottne' (known: fresh, rotten); did you mean 'rotten'?")
+    assert "\n" not in message
+    result = check_labels(examples, ["fresh", "rotten"], skip_bad_rows=True)
+    assert [ex.text for ex in result.examples] == ["a", "c"] and result.skipped[0].startswith("val.jsonl:2:")
+    multi = [Example("a", ["x", "q"], "m:1")]
+    with pytest.raises(FinegrainError, match="m:1: unknown label 'q'"):
+        check_labels(multi, ["x", "y"])
+    with pytest.raises(FinegrainError, match="every example"):
+        check_labels(multi, ["x", "y"], "m", skip_bad_rows=True)
+
+
+def test_check_labels_shortens_long_label_lists() -> None:
+    with pytest.raises(FinegrainError, match=r"\.\.\. \(50 in all\)"):
+        check_labels([Example("a", "nope", "f:1")], [f"label{i}" for i in range(50)])
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv", "out.tsv.gz"])
+def test_write_then_read_round_trip(tmp_path: Path, name: str) -> None:
+    examples = [Example('a, "quoted"\nline', ["x", "y"], "s:1", {"id": "1"}), Example("b", ["y"], "s:2", {"id": "2"})]
+    assert write_examples(tmp_path / name, examples) == 2
+    back = read_examples(tmp_path / name, multi_label=True).examples
+    assert [(ex.text, ex.label, ex.extra) for ex in back] == [(ex.text, ex.label, ex.extra) for ex in examples]
+
+
+# --- splitting ---------------------------------------------------------------------------
+
+
+def _examples(counts: dict[str, int]) -> list[Example]:
+    out = []
+    for label, count in counts.items():
+        out += [Example(f"{label} {i}", label, f"f:{len(out) + i + 1}") for i in range(count)]
+    return out
+
+
+def test_stratified_split_sizes_proportions_and_determinism() -> None:
+    examples = _examples({"a": 503, "b": 211, "c": 37, "d": 3, "e": 1})
+    train, val, test = stratified_split(examples, (0.8, 0.1, 0.1), seed=0)
+    assert (len(train), len(val), len(test)) == (604, 76, 75)  # exact: largest remainder of 755 * f
+    ids = [id(ex) for part in (train, val, test) for ex in part]
+    assert len(set(ids)) == len(examples)
+    for part, fraction in ((train, 0.8), (val, 0.1), (test, 0.1)):
+        counts = Counter(ex.label for ex in part)
+        for label, total in (("a", 503), ("b", 211), ("c", 37)):
+            assert abs(counts[label] - fraction * total) <= 1.0
+        assert [examples.index(ex) for ex in part] == sorted(examples.index(ex) for ex in part)  # input order
+    assert Counter(ex.label for ex in train)["e"] == 1  # a singleton goes where the largest share is
+    again = stratified_split(examples, (0.8, 0.1, 0.1), seed=0)
+    assert [[ex.text for ex in part] for part in again] == [[ex.text for ex in part] for part in (train, val, test)]
+    other = stratified_split(examples, (0.8, 0.1, 0.1), seed=1)
+    assert [ex.text for ex in other[1]] != [ex.text for ex in val]
+
+
+def test_two_way_and_degenerate_splits() -> None:
+    examples = _examples({"a": 10, "b": 10})
+    train, test = stratified_split(examples, (0.7, 0.3))
+    assert (len(train), len(test)) == (14, 6)
+    assert Counter(ex.label for ex in test) == {"a": 3, "b": 3}
+    assert stratified_split([], (0.5, 0.5)) == ([], [])
+    assert [len(p) for p in stratified_split(examples[:1], (0.8, 0.1, 0.1))] == [1, 0, 0]
+    with pytest.raises(FinegrainError, match="sum to 1"):
+        stratified_split(examples, (0.8, 0.3))
+    with pytest.raises(FinegrainError, match="non-negative"):
+        stratified_split(examples, (1.2, -0.2))
+
+
+def test_multi_label_split_keeps_rare_labels_in_every_part() -> None:
+    examples = [Example(f"t{i}", ["common"] + (["rare"] if i % 10 == 0 else []), f"f:{i}") for i in range(100)]
+    parts = stratified_split(examples, (0.8, 0.1, 0.1), seed=3)
+    assert [sum("rare" in ex.label for ex in part) for part in parts] == [8, 1, 1]
+
+
+def test_regression_split_spans_the_range() -> None:
+    examples = [Example(f"t{i}", float(i), f"f:{i}") for i in range(100)]
+    _, val, _ = stratified_split(examples, (0.8, 0.1, 0.1))
+    assert sorted(int(ex.label) // 10 for ex in val) == list(range(10))  # one from each decile
+
+
+def test_stratified_subset() -> None:
+    examples = _examples({"a": 300, "b": 100})  # sorted by label, as files often are
+    subset = stratified_subset(examples, 41, seed=2)
+    assert len(subset) == 41 and Counter(ex.label for ex in subset) == {"a": 31, "b": 10}
+    assert stratified_subset(examples, 1000) == examples and stratified_subset(examples, 0) == []
+    for size in range(1, 400, 37):
+        assert len(stratified_subset(examples, size)) == size
+
+
+def test_infer_labels() -> None:
+    assert infer_labels(_examples({"b": 1, "a": 2})) == ["a", "b"]
+    numeric = [Example("x", label, "f:1") for label in ("10", "2", "1")]
+    assert infer_labels(numeric) == ["1", "2", "10"]
+    multi = [Example("x", ["z", "y"], "f:1"), Example("x", [], "f:2"), Example("x", None, "f:3")]
+    assert infer_labels(multi) == ["y", "z"]
+    with pytest.raises(ValueError):
+        infer_labels([Example("x", 0.5, "f:1")])

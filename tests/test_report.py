@@ -1,0 +1,143 @@
+"""Reports: terminal text laid out as scikit-learn's, Markdown/HTML/PNG files written atomically."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import classification_report
+
+from finegrain.errors import FinegrainError
+from finegrain.evaluate import (
+    classification_metrics,
+    format_report_text,
+    multilabel_metrics,
+    plot_learning_curve,
+    regression_metrics,
+    write_classification_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    return struct.unpack(">II", data[16:24])
+
+
+def _predictions(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    labels = ["negative", "neutral", "positive", "<b>&amp</b>"]  # a label that needs escaping
+    y_true = [str(x) for x in rng.choice(labels[:3], size=200)]
+    y_pred = [t if rng.random() < 0.7 else str(rng.choice(labels)) for t in y_true]
+    return y_true, y_pred, labels
+
+
+def test_text_report_matches_sklearn_layout() -> None:
+    y_true, y_pred, labels = _predictions()
+    ours = format_report_text(classification_metrics(y_true, y_pred, labels))
+    assert ours == classification_report(y_true, y_pred, labels=labels, digits=4, zero_division=0)
+    short = format_report_text(classification_metrics(y_true, y_pred, labels), digits=2)
+    assert short == classification_report(y_true, y_pred, labels=labels, digits=2, zero_division=0)
+
+
+def test_text_report_multilabel_and_regression() -> None:
+    truth = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    guess = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]])
+    names = ["a", "b", "c"]
+
+    def to_sets(matrix: np.ndarray) -> list[list[str]]:
+        return [[names[j] for j in np.flatnonzero(row)] for row in matrix]
+
+    text = format_report_text(multilabel_metrics(to_sets(truth), to_sets(guess), names))
+    reference = classification_report(truth, guess, target_names=names, digits=4, zero_division=0)
+    assert text.startswith(reference)
+    assert "subset accuracy" in text and "hamming loss" in text
+    regression = format_report_text(regression_metrics([1.0, 2.0, 3.0], [1.0, 2.5, 2.0]))
+    assert "rmse" in regression and "spearman" in regression
+
+
+def test_text_report_notes_predictions_outside_labels() -> None:
+    text = format_report_text(classification_metrics(["a", "b"], ["a", "maybe b"], ["a", "b"]))
+    assert "micro avg" in text and "1 predictions were not one of the labels" in text
+
+
+def test_write_classification_report(tmp_path: Path) -> None:
+    y_true, y_pred, labels = _predictions()
+    metrics = classification_metrics(y_true, y_pred, labels)
+    out = tmp_path / "run" / "eval"
+    out.mkdir(parents=True)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(
+        "".join(json.dumps({"step": s, "epoch": s / 10, "train_loss": 1 / s}) + "\n" for s in range(1, 40))
+        + json.dumps({"step": 20, "split": "validation", "accuracy": 0.7})
+        + "\n"
+        + json.dumps({"step": 39, "split": "validation", "accuracy": 0.8})
+        + "\n"
+    )
+    plot_learning_curve(log, out / "learning_curve.png", "accuracy")
+    written = write_classification_report(out, metrics, split_name="validation", title="Sentiment")
+    assert set(written) == {"markdown", "html", "confusion_matrix"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png",
+        "learning_curve.png",
+        "report.html",
+        "report.md",
+    ]
+
+    width, height = _png_size(out / "confusion_matrix.png")
+    assert 300 < width < 2500 and 300 < height < 2500
+
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# Sentiment\n")
+    assert "split: validation" in markdown and f"accuracy {metrics['accuracy']:.4f}" in markdown
+    neutral = metrics["per_class"]["neutral"]
+    scores = " | ".join(f"{neutral[key]:.4f}" for key in ("precision", "recall", "f1"))
+    assert f"| neutral | {scores} | {neutral['support']} |" in markdown
+    assert "| **negative** | " + " | ".join(map(str, metrics["confusion_matrix"][0])) + " |" in markdown
+    assert "![Confusion matrix](confusion_matrix.png)" in markdown and "(learning_curve.png)" in markdown
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 2
+    assert "&lt;b&gt;&amp;amp&lt;/b&gt;" in page and "<b>&amp</b>" not in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert 'class=diag style="background:' in page
+
+
+def test_multilabel_report_has_no_confusion_matrix(tmp_path: Path) -> None:
+    metrics = multilabel_metrics([["a"], ["a", "b"], []], [["a"], ["b"], ["b"]], ["a", "b"])
+    written = write_classification_report(tmp_path, metrics)
+    assert set(written) == {"markdown", "html"}
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**samples avg**" in markdown and "subset accuracy" in markdown
+    assert not (tmp_path / "confusion_matrix.png").exists()
+
+
+def test_many_labels_plot(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    labels = [f"COARSE:fine_label_{i:02d}" for i in range(32)]
+    y_true = [str(x) for x in rng.choice(labels, size=500)]
+    y_pred = [t if rng.random() < 0.6 else str(rng.choice(labels)) for t in y_true]
+    written = write_classification_report(tmp_path, classification_metrics(y_true, y_pred, labels))
+    width, height = _png_size(written["confusion_matrix"])
+    assert width < 2200 and height < 2200  # grows with the labels, but stays screen-sized
+
+
+def test_learning_curve_reads_logs_robustly(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    records = [{"step": 5, "train_loss": 0.9}, {"step": 10, "split": "validation", "macro": {"f1": 0.5}}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 15, "train_lo')  # killed mid-write
+    out = plot_learning_curve(log, tmp_path / "curve.png", "macro.f1")
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+    log.write_text('{"step": 1, "train_loss": 1.0}\nnot json\n{"step": 2, "train_loss": 0.5}\n')
+    with pytest.raises(FinegrainError, match=r"metrics.jsonl:2: invalid JSON"):
+        plot_learning_curve(log, tmp_path / "curve.png")
+    log.write_text('{"step": 1, "split": "validation", "f1": 0.5}\n')
+    with pytest.raises(FinegrainError, match="no 'train_loss' records and no validation 'accuracy'"):
+        plot_learning_curve(log, tmp_path / "curve.png", "accuracy")
+    with pytest.raises(FinegrainError, match="file not found"):
+        plot_learning_curve(tmp_path / "missing.jsonl", tmp_path / "curve.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png", "metrics.jsonl"]  # no temp files left
