@@ -5,4 +5,11 @@ from finegrain.errors import FinegrainError
 from finegrain.generate import generate
 
 __version__ = "0.1.0"
-__all__ = ["FinegrainError", "generate", "load_model"]
+__all__ = ["FinegrainError", "generate", "load", "load_model"]
+
+
+def load(run_dir):
+    """Load a trained run directory for prediction: `finegrain.load(RUN_DIR).predict([...])`."""
+    from finegrain.run import Predictor
+
+    return Predictor(run_dir)

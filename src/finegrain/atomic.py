@@ -200,3 +200,23 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path: str | os.PathLike[str]) -> Path:
+    """Undo what a process killed inside `atomic_dir` left behind.
+
+    A kill between moving the old directory aside and renaming the new one into place
+    leaves only the aside copy: it is moved back. Unfinished temporary directories are removed.
+    """
+    final = Path(path)
+    parent = final.parent
+    if not parent.exists():
+        return final
+    for tmp in parent.glob(f".{final.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    asides = sorted(parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if asides and not final.exists():
+        os.replace(asides.pop(), final)
+    for aside in asides:
+        shutil.rmtree(aside, ignore_errors=True)
+    return final

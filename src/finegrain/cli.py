@@ -139,7 +139,7 @@ TRAIN_FLAGS = {
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
     from finegrain.evaluate.report import format_report_text
-    from finegrain.run import load
+    from finegrain import load
 
     metrics = load(args.run_dir).evaluate(args.data)
     print(format_report_text(metrics))
@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_text
     from finegrain.data.readers import read_examples
-    from finegrain.run import load
+    from finegrain import load
 
     predictor = load(args.run_dir)
     if args.input == "-":

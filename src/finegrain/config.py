@@ -125,6 +125,11 @@ def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
             return None
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool, list, dict) and isinstance(value, origin):

@@ -213,8 +213,3 @@ class Predictor:
         metrics = self.task.metrics(predictions, [e.label for e in examples])
         metrics["source"] = str(path)
         return metrics
-
-
-def load(run_dir: str | Path) -> Predictor:
-    """Load a trained run for prediction."""
-    return Predictor(run_dir)

@@ -143,20 +143,35 @@ class LlamaModel(nn.Module):
             position_ids: (B, T) rotary positions; by default counted over real tokens only.
             input_pos: (T,) cache slots to write, once `setup_cache` was called.
         """
-        B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, H)
+        return self.norm(self.run_layers(x, attention_mask, position_ids, input_pos))
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run decoder layers `start` to `end` on hidden states x (B, T, H); no final norm.
+
+        Lets a trainer run the frozen lower layers once and only the adapted upper layers per epoch.
+        """
+        B, T, _ = x.shape
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, attention_mask, input_pos)
+            position_ids = default_position_ids(B, T, attention_mask, input_pos, x.device)
         cos, sin = self._rope(position_ids, x.dtype)
         mask, is_causal = self._mask(B, T, attention_mask, input_pos, x.device)
-        for layer in self.layers:
+        for layer in self.layers[start:end]:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
                     layer, x, cos, sin, mask, is_causal, input_pos, use_reentrant=False
                 )
             else:
                 x = layer(x, cos, sin, mask, is_causal, input_pos)
-        return self.norm(x)
+        return x
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
@@ -190,16 +205,15 @@ class LlamaModel(nn.Module):
 
 
 def default_position_ids(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, input_pos: torch.Tensor | None
+    B: int, T: int, attention_mask: torch.Tensor | None, input_pos: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    """Positions counted over real tokens, so left-padded rows start at 0 like unpadded ones."""
-    B, T = input_ids.shape
+    """Positions (B, T) counted over real tokens, so left-padded rows start at 0 like unpadded ones."""
     if attention_mask is not None and attention_mask.dim() == 2:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
         if input_pos is not None:
             return positions[:, input_pos]
         return positions[:, -T:]
-    start = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+    start = input_pos if input_pos is not None else torch.arange(T, device=device)
     return start[None, :].expand(B, T)
 
 

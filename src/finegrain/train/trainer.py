@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from finegrain.atomic import atomic_dir, atomic_write_text
+from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
 from finegrain.config import TrainConfig
 from finegrain.errors import FinegrainError
 from finegrain.train.batching import bucketed_batches, sorted_batches
@@ -274,7 +274,8 @@ class Trainer:
             Path(tmp, "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     def _load_checkpoint(self) -> None:
-        directory = self.run_dir / "checkpoint"
+        directory = recover_dir(self.run_dir / "checkpoint")
+        recover_dir(self.run_dir / "best")
         if not (directory / "state.json").exists():
             raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
         self._load_trainable(load_file(str(directory / "trainable.safetensors")))
@@ -286,10 +287,16 @@ class Trainer:
         random.setstate(saved["rng"]["python"])
         np.random.set_state(saved["rng"]["numpy"])
         torch.set_rng_state(saved["rng"]["torch"])
-        # Records logged after this checkpoint belong to work that will be done again.
+        # Records logged after this checkpoint belong to work that will be done again; a kill
+        # may also have cut the last line short.
         if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.state.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
 

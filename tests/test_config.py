@@ -1,0 +1,47 @@
+"""Run configs: YAML, overrides, unknown keys with the nearest valid key."""
+
+import pytest
+
+from finegrain.cli import main
+from finegrain.config import load_config
+from finegrain.errors import FinegrainError
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\ntrain:\n  lr: 0.001\n  epochs: 2\n")
+    config = load_config(path, ["train.lr=5e-4", "lora.targets=all-linear", "lora.layers=[-2, -1]"])
+    assert config.train.lr == 5e-4 and config.train.epochs == 2.0
+    assert config.lora.targets == "all-linear" and config.lora.layers == [-2, -1]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("trian:\n  lr: 1\n", "unknown key 'trian'; did you mean 'train'"),
+        ("train:\n  learning_rate: 1\n", "unknown key 'train.learning_rate'"),
+        ("train:\n  lrr: 1\n", "did you mean 'train.lr'"),
+        ("train:\n  epochs: two\n", "'train.epochs' must be float"),
+        ("data: [1, 2\n", r"c.yaml:\d+: not valid YAML"),
+        ("train:\n  schedule: sawtooth\ndata:\n  dataset: trec\n", "'train.schedule' must be linear, cosine or constant"),
+        ("train:\n  lr: 0.1\n", "no training data"),
+    ],
+)
+def test_bad_configs(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(FinegrainError, match=message):
+        load_config(path)
+
+
+def test_bad_override():
+    with pytest.raises(FinegrainError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("trian: {}\n")
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'train'" in err

@@ -1,0 +1,281 @@
+"""Tokenizer: GGUF-rebuilt vocabularies against transformers' GGUF loader, chat templates, save/load."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import transformers
+from gguf_fixtures import model_metadata, real_gguf_path, real_metadata, requires_real_gguf, write_gguf
+from tokenizer_fixtures import byte_level_metadata, sentencepiece_metadata, tokenizer_texts
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import pre_tokenizers
+
+from finegrain.checkpoint.gguf import read_gguf_metadata
+from finegrain.errors import FinegrainError
+from finegrain.tokenizer import Tokenizer
+
+TEXTS = tokenizer_texts()
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2? Answer in 中文 😀"},
+    {"role": "assistant", "content": "四"},
+    {"role": "user", "content": "  and  3+3?\n"},
+]
+
+
+def _ours_and_reference(tmp_path_factory, metadata: dict, name: str) -> tuple[Tokenizer, object]:
+    """Our tokenizer and transformers' for a GGUF file holding `metadata` (and a tiny model's sizes)."""
+    directory = tmp_path_factory.mktemp(name)
+    sizes = model_metadata(vocab=len(metadata["tokenizer.ggml.tokens"]))
+    path = write_gguf(directory / f"{name}.gguf", {**sizes, **metadata})
+    ours = Tokenizer.from_gguf(read_gguf_metadata(path))
+    return ours, transformers.AutoTokenizer.from_pretrained(directory, gguf_file=path.name)
+
+
+def _digits_apart(reference) -> BackendTokenizer:
+    """transformers' tokenizer with the pre-tokenizer of SmolLM's own tokenizer.json: digits cut out first."""
+    backend = BackendTokenizer.from_str(reference.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    return backend
+
+
+def _space_before_number(text: str) -> bool:
+    return any(a.isspace() and b.isnumeric() for a, b in zip(text, text[1:]))
+
+
+def assert_same_ids(ours: Tokenizer, reference, pre: str | None = None) -> None:
+    """Same ids as transformers on every text; for SmolLM-style ("digits first") vocabularies, where
+    transformers' GGUF loader splits like plain GPT-2, the ids may differ only on a whitespace run
+    before a number, and there they equal SmolLM's own tokenizer (Digits + ByteLevel) exactly."""
+    digits = _digits_apart(reference) if pre == "smollm" else None
+    differing = []
+    for text in TEXTS:
+        for special in (True, False):
+            ids = ours.encode(text, add_special_tokens=special)
+            expected = reference.encode(text, add_special_tokens=special)
+            if ids != expected:
+                differing.append(text)
+                assert digits is not None and _space_before_number(text), (text, ids, expected)
+            if digits is not None:
+                assert ids == digits.encode(text, add_special_tokens=special).ids, text
+    if digits is None:
+        assert not differing
+    assert len(TEXTS) - len(set(differing)) >= 200
+    assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]
+    plain = [ours.encode(t, add_special_tokens=False) for t in TEXTS]
+    assert ours.encode_batch(TEXTS, add_special_tokens=False) == plain
+
+
+def assert_same_decoding(ours: Tokenizer, reference, round_trip: bool = True) -> None:
+    for text in TEXTS:
+        ids = ours.encode(text)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip), text
+        if round_trip:
+            assert ours.decode(ours.encode(text, add_special_tokens=False)) == text
+
+
+# ----- tiny vocabularies, written to GGUF files --------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama-bpe", "qwen2", "smollm"])
+def byte_level(request, tmp_path_factory):
+    metadata = byte_level_metadata(request.param)
+    return request.param, metadata, *_ours_and_reference(tmp_path_factory, metadata, request.param)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    metadata = sentencepiece_metadata()
+    return metadata, *_ours_and_reference(tmp_path_factory, metadata, "spm")
+
+
+def test_byte_level_ids_match_transformers(byte_level):
+    pre, _, ours, reference = byte_level
+    assert len(TEXTS) >= 200
+    assert_same_ids(ours, reference, pre)
+    assert_same_decoding(ours, reference)
+
+
+def test_byte_level_special_and_user_tokens(byte_level):
+    _, metadata, ours, reference = byte_level
+    assert ours.vocab_size == len(metadata["tokenizer.ggml.tokens"]) == len(reference)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.eos_token_ids) == (1, 2, 2, {2})
+    assert not ours.add_bos
+    assert ours.encode("a<|im_start|>b<think>c") == reference.encode("a<|im_start|>b<think>c")
+    think = ours.token_to_id("<think>")
+    assert think == len(metadata["tokenizer.ggml.tokens"]) - 1 and think in ours.encode("x <think> y")
+    # <think> is user-defined, not special: it survives skip_special_tokens, <|im_end|> does not.
+    assert ours.decode(ours.encode("<think>hi<|im_end|>"), skip_special_tokens=True) == "<think>hi"
+
+
+def test_sentencepiece_ids_match_transformers(sentencepiece):
+    _, ours, reference = sentencepiece
+    assert ours.add_bos and ours.bos_token_id == 1
+    assert ours.encode("Hello world")[0] == 1 and ours.encode("Hello world", add_special_tokens=False)[0] != 1
+    assert_same_ids(ours, reference)
+    # SentencePiece decoding drops the leading space it added, so "  x" does not round-trip; compare only.
+    assert_same_decoding(ours, reference, round_trip=False)
+    assert ours.decode(ours.encode("Hello 世界 😀 x²", add_special_tokens=False)) == "Hello 世界 😀 x²"
+
+
+def test_chat_template_matches_transformers(byte_level, sentencepiece):
+    for _, ours, reference in (byte_level[1:], sentencepiece):
+        for add in (True, False):
+            expected = reference.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add)
+            assert ours.apply_chat_template(MESSAGES, add_generation_prompt=add) == expected
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_save_loads_in_transformers_with_same_ids(kind, byte_level, sentencepiece, tmp_path):
+    ours = byte_level[2] if kind == "byte_level" else sentencepiece[1]
+    ours.save(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == ours.chat_template and config["add_bos_token"] == ours.add_bos
+    assert config["eos_token"] == ours.eos_token and config["model_max_length"] == 256
+
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    again = Tokenizer.from_dir(tmp_path)
+    for text in TEXTS:
+        for special in (True, False):
+            expected = ours.encode(text, add_special_tokens=special)
+            assert loaded.encode(text, add_special_tokens=special) == expected, text
+            assert again.encode(text, add_special_tokens=special) == expected, text
+    expected = loaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(MESSAGES) == expected
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id, again.add_bos, again.chat_template) == (
+        ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.add_bos, ours.chat_template
+    )
+    # Without a pad token ours pads with EOS; transformers has none.
+    assert loaded.pad_token_id == (ours.pad_token_id if ours.pad_token is not None else None)
+    assert len(loaded) == ours.vocab_size
+
+
+def test_from_dir_reads_what_transformers_saves(sentencepiece, tmp_path):
+    _, ours, reference = sentencepiece
+    reference.save_pretrained(tmp_path)  # transformers 5 puts the chat template in chat_template.jinja
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert all(loaded.encode(t) == reference.encode(t) for t in TEXTS)
+    assert loaded.add_bos and loaded.chat_template == reference.chat_template
+    assert loaded.eos_token_ids == {2, 7} and loaded.eos_token_id == 2
+
+
+def test_from_dir_keeps_the_post_processor_without_add_bos_flag(sentencepiece, tmp_path):
+    _, ours, _ = sentencepiece
+    ours.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["add_bos_token"], config["add_eos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.add_bos and loaded.encode("hi") == ours.encode("hi")
+
+
+def test_add_special_tokens_for_entity_markers(byte_level):
+    metadata = byte_level[1]
+    tokenizer = Tokenizer.from_gguf(metadata)
+    size = tokenizer.vocab_size
+    ids = tokenizer.add_special_tokens(["<e1>", "</e1>", "<|im_end|>"])
+    assert ids == [size, size + 1, 2] and tokenizer.vocab_size == size + 2
+    encoded = tokenizer.encode("The <e1>Eiffel Tower</e1> is tall")
+    assert size in encoded and size + 1 in encoded
+    assert tokenizer.decode(encoded) == "The <e1>Eiffel Tower</e1> is tall"
+    assert tokenizer.decode(encoded, skip_special_tokens=True) == "The Eiffel Tower is tall"
+
+
+def test_add_bos_can_be_switched(byte_level):
+    tokenizer = Tokenizer.from_gguf(byte_level[1])
+    tokenizer.add_bos = True
+    assert tokenizer.encode("hi")[0] == 1 and tokenizer.encode("hi", add_special_tokens=False)[0] != 1
+    assert tokenizer.encode_batch(["hi", "yo"])[1][0] == 1
+
+
+def test_chat_template_features():
+    metadata = byte_level_metadata()
+    metadata["tokenizer.chat_template"] = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}"
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | tojson }}{% endgeneration %}"
+        "{% else %}{{ bos_token }}{{ m['content'] }}{% endif %}\n{% endfor %}{{ extra }}"
+    )
+    tokenizer = Tokenizer.from_gguf(metadata)
+    rendered = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "é\"<"},
+            {"role": "user", "content": "x"},
+        ],
+        extra="!",
+    )
+    assert rendered == '<|im_start|>hi"é\\"<"!'  # trim_blocks eats the newline after a block tag
+    with pytest.raises(FinegrainError, match="first message must be from the user"):
+        tokenizer.apply_chat_template([{"role": "assistant", "content": "hi"}])
+    del metadata["tokenizer.chat_template"]
+    with pytest.raises(FinegrainError, match="no chat template"):
+        Tokenizer.from_gguf(metadata).apply_chat_template(MESSAGES)
+
+
+def test_chat_template_is_sandboxed():
+    metadata = byte_level_metadata()
+    metadata["tokenizer.chat_template"] = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(FinegrainError, match="unsafe"):
+        Tokenizer.from_gguf(metadata).apply_chat_template(MESSAGES)
+
+
+def test_gguf_errors_and_warnings():
+    with pytest.raises(FinegrainError, match="tokenizer.ggml.model 'bert'"):
+        Tokenizer.from_gguf({**byte_level_metadata(), "tokenizer.ggml.model": "bert"})
+    with pytest.raises(FinegrainError, match="no tokenizer.ggml.tokens"):
+        Tokenizer.from_gguf({"general.architecture": "llama"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Tokenizer.from_gguf({**byte_level_metadata(), "tokenizer.ggml.pre": "mystery"})
+    assert any("mystery" in str(w.message) for w in caught)
+
+
+def test_from_dir_errors(tmp_path):
+    with pytest.raises(FinegrainError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(FinegrainError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+# ----- the real default model --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real():
+    path = real_gguf_path()
+    ours = Tokenizer.from_gguf(real_metadata())
+    reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return ours, reference
+
+
+@pytest.mark.real_model
+@requires_real_gguf
+def test_real_tokenizer_matches_transformers(real, tmp_path):
+    ours, reference = real
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (1, 2, 2, 0)
+    assert not ours.add_bos and ours.vocab_size == 49152
+    assert_same_ids(ours, reference, "smollm")
+    assert_same_decoding(ours, reference)
+    for add in (True, False):
+        for messages in (MESSAGES, MESSAGES[1:]):  # with and without a system message (SmolLM adds a default one)
+            expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+            assert ours.apply_chat_template(messages, add_generation_prompt=add) == expected
+
+    ours.save(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert all(loaded.encode(t) == ours.encode(t) for t in TEXTS)
+    expected = loaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(MESSAGES) == expected

@@ -1,0 +1,208 @@
+"""Fine-tuning end to end on the tiny model: CLI train/evaluate/predict, resume after SIGKILL, errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import finegrain
+from finegrain.cli import main
+from finegrain.config import load_config
+from finegrain.errors import FinegrainError
+from finegrain.run import build
+
+POSITIVE = ["great fun film", "a gripping story", "good cast and a fine script", "the actors were great"]
+NEGATIVE = ["dull and slow", "badly acted", "a bad story told slowly", "two hours I will never get back"]
+
+
+def write_data(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            positive = rng.random() < 0.5
+            text = " and ".join(rng.sample(POSITIVE if positive else NEGATIVE, 2))
+            f.write(json.dumps({"text": text, "label": "fresh" if positive else "rotten"}) + "\n")
+    return path
+
+
+def write_config(path: Path, model_dir: Path, data: Path, **train) -> Path:
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data), "max_length": 16},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": "all-linear", "layers": [-1]},
+        "train": {"epochs": 2, "lr": 5e-3, "batch_size": 8, "threads": 1, "eval_every": 5, "checkpoint_every": 2, **train},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "finegrain.cli", *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_cli_train_evaluate_predict(tiny_model_dir, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl", 120)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=3)
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(run_dir), "--lr", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "precision" in out and "accuracy" in out
+    for name in ("config.yaml", "labels.json", "metrics.json", "metrics.jsonl", "report.md", "report.html",
+                 "confusion_matrix.png", "learning_curve.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["num_examples"] == 12 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert metrics["test"]["accuracy"] >= 0.75  # the words separate the classes; a broken loop stays near 0.5
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 0.01
+
+    assert main(["evaluate", str(run_dir), "--data", str(data)]) == 0
+    assert "weighted avg" in capsys.readouterr().out
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": POSITIVE[0]}) + "\n" + json.dumps({"text": NEGATIVE[1]}) + "\n")
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(run_dir), "--input", str(texts), "--output", str(predictions)]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["text"] for r in rows] == [POSITIVE[0], NEGATIVE[1]]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+
+    # The Python API gives the same answers as the CLI.
+    api = finegrain.load(run_dir).predict([POSITIVE[0], NEGATIVE[1]])
+    assert [p["label"] for p in api] == [r["label"] for r in rows]
+
+
+def test_only_adapter_and_head_train(tiny_model_dir, tmp_path):
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "lora.layers=[-1]"])
+    model, _, _, _ = build(config, ["a", "b"], progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "score.weight",
+        "model.layers.1.self_attn.q_proj.lora_A.weight", "model.layers.1.self_attn.q_proj.lora_B.weight",
+        "model.layers.1.self_attn.v_proj.lora_A.weight", "model.layers.1.self_attn.v_proj.lora_B.weight",
+    }
+
+
+def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path):
+    """The run's adapter directory is a PEFT SEQ_CLS adapter: peft reproduces our class logits."""
+    import peft
+    import transformers
+
+    data = write_data(tmp_path / "data.jsonl", 60)
+    run_dir = tmp_path / "run"
+    assert main(["train", str(write_config(tmp_path / "c.yaml", tiny_model_dir, data, epochs=1)),
+                 "--output", str(run_dir), "--set", "lora.layers=null"]) == 0
+    ours = finegrain.load(run_dir)
+    texts = [POSITIVE[0], NEGATIVE[2] + " " + NEGATIVE[3]]
+    expected = torch.tensor([[p["probabilities"][label] for label in ours.task.labels] for p in ours.predict(texts)])
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    base.config.pad_token_id = ours.tokenizer.pad_token_id
+    theirs = peft.PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    with torch.no_grad():
+        for text, probs in zip(texts, expected):
+            ids = ours.tokenizer.encode(text)[: ours.config.data.max_length]  # the run truncates too
+            logits = theirs(torch.tensor([ids])).logits
+            torch.testing.assert_close(logits.softmax(-1)[0], probs, atol=1e-4, rtol=0)
+
+
+def test_sigkill_and_resume_end_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "data.jsonl", 400)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, batch_size=4, eval_every=10)
+
+    straight = run_cli("train", str(config), "--output", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finegrain.cli", "train", str(config), "--output", str(interrupted)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    state = interrupted / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 13:  # mid-epoch: 80 steps an epoch
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "metrics.json").exists()
+
+    resumed = run_cli("train", "--resume", str(interrupted))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((interrupted / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert a[split]["accuracy"] == b[split]["accuracy"]
+        assert a[split]["per_class"] == b[split]["per_class"]
+    assert a["train"]["steps"] == b["train"]["steps"] and a["train"]["best_step"] == b["train"]["best_step"]
+    wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(interrupted / "adapter" / "adapter_model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    straight_steps = [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == straight_steps  # no record lost or repeated
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "fine", "label": "a"}, {"txt": "oops", "label": "b"}], r"data.jsonl:2: missing field 'text'"),
+        ([{"text": "fine", "label": "a"}, {"text": "", "label": "b"}], r"data.jsonl:2: .*empty"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tiny_model_dir, tmp_path, capsys, rows, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 10))
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_skip_bad_rows_counts_them(tiny_model_dir, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl", 60)
+    with open(data, "a") as f:
+        f.write('{"text": "", "label": "fresh"}\nnot json at all\n')
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, epochs=1)
+    assert main(["train", str(config), "--output", str(tmp_path / "r"), "--skip-bad-rows"]) == 0
+    assert "skipped 2 bad rows" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["train"]["skipped_rows"] == 2
+
+
+def test_unknown_label_in_test_file(tiny_model_dir, tmp_path, capsys):
+    train = write_data(tmp_path / "train.jsonl", 40)
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"text": "meh", "label": "fresh"}) + "\n" + json.dumps({"text": "so-so", "label": "meh"}) + "\n")
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, train, epochs=1)
+    assert main(["train", str(config), "--set", f"data.test={test}", "--output", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "test.jsonl:2" in err and "meh" in err
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("precious: true\n")
+    data = write_data(tmp_path / "data.jsonl", 20)
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run_dir)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == "precious: true\n"
