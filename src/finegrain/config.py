@@ -39,6 +39,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # when only `train` (or `dataset`) is given
     split_seed: int = 0
     max_length: int = 64  # tokens per text; longer texts are truncated
+    template: str | None = None  # wraps each text, e.g. "Review: {text}\nSentiment:"; the text is what gets cut
     max_train_examples: int | None = None
     skip_bad_rows: bool = False
 
@@ -181,6 +182,7 @@ def validate(config: RunConfig, where: str) -> None:
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
+        (config.data.template is None or config.data.template.count("{text}") == 1, "data.template", "a string with {text} once"),
         (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
         (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),
     ]

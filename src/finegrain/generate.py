@@ -52,6 +52,7 @@ def generate(
     seed: int | None = None,
     chat: bool = False,
     stream: Callable[[str], None] | None = None,
+    ignore_eos: bool = False,
 ) -> str | list[str]:
     """Continue one prompt or a batch of prompts.
 
@@ -62,6 +63,7 @@ def generate(
         stop: strings that end a sequence (not included in its output); EOS always does.
         chat: wrap each prompt as a user turn with the model's chat template.
         stream: called with each new piece of text of the first sequence as it is decoded.
+        ignore_eos: keep going past EOS to exactly `max_new_tokens` (for benchmarks).
 
     Returns:
         The generated text (without the prompt): a string for a string prompt, else a list.
@@ -85,7 +87,7 @@ def generate(
         input_ids[i, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         mask[i, : P - len(ids)] = 0
 
-    eos_ids = torch.tensor(sorted(tokenizer.eos_token_ids), dtype=torch.long, device=device)
+    eos_ids = torch.tensor([] if ignore_eos else sorted(tokenizer.eos_token_ids), dtype=torch.long, device=device)
     seen = input_ids.clone()
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)

@@ -25,20 +25,10 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
-from finegrain.tasks.classification import ClassificationTask, SequenceClassifier
+from finegrain.tasks.classification import ClassificationTask
 from finegrain.train.trainer import Trainer, predict_outputs, seed_everything
 
 ADAPTER_DIR = "adapter"
-
-
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics: accuracy and `macro_f1`-style averages, for logging and early stopping."""
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for average in ("macro", "micro", "weighted", "samples"):
-        for name, value in (metrics.get(average) or {}).items():
-            if name != "support":
-                flat[f"{average}_{name}"] = value
-    return flat
 
 
 def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | None:
@@ -62,7 +52,7 @@ def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora
         backbone.layers = backbone.layers[: config.model.num_layers]
         backbone.config.num_layers = config.model.num_layers
     backbone.config.causal = not config.model.bidirectional
-    task = ClassificationTask(labels, config.data.multi_label, config.head)
+    task = ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
     model = task.build_model(backbone)
     lora = LoraConfig(
         r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
@@ -112,13 +102,10 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     val_gold = [e.label for e in splits.validation]
     eval_batch = config.train.eval_batch_size
 
-    def evaluate_validation(m: SequenceClassifier) -> dict[str, Any] | None:
-        if not val_items:
-            return None
-        predictions = task.decode(task.probabilities(predict_outputs(m, task, val_items, pad_id, eval_batch)))
-        return flat_metrics(task.metrics(predictions, val_gold))
+    def score(outputs: torch.Tensor) -> dict[str, Any]:
+        return task.metrics(task.decode(task.probabilities(outputs)), val_gold)
 
-    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, evaluate_validation, progress)
+    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
     save_adapter(
         model, lora, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.name or DEFAULT_MODEL,
@@ -140,12 +127,13 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             "skipped_rows": len(splits.skipped),
         },
     }
-    for name, examples in (("validation", splits.validation), ("test", splits.test)):
-        if examples:
-            items = task.encode(tokenizer, examples, max_length)
-            probs = task.probabilities(predict_outputs(model, task, items, pad_id, eval_batch))
-            results[name] = task.metrics(task.decode(probs), [e.label for e in examples])
-            results[name]["source"] = splits.origin[name]
+    if state.best_validation is not None:  # measured when the best weights were chosen
+        results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
+    if splits.test:
+        items = task.encode(tokenizer, splits.test, max_length)
+        probs = task.probabilities(predict_outputs(model, task, items, pad_id, eval_batch))
+        results["test"] = task.metrics(task.decode(probs), [e.label for e in splits.test])
+        results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     if splits.skipped:
         atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")

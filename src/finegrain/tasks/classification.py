@@ -29,6 +29,22 @@ class Encoded:
     target: int | list[int] | None
 
 
+def encode_texts(tokenizer, texts: list[str], max_length: int, template: str | None = None) -> list[list[int]]:
+    """Token ids of each text, at most `max_length`, wrapped in `template` ("... {text} ...").
+
+    Only the text is truncated, so the template's words (often the cue the last token reads,
+    like "Sentiment:") always stay in full.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.add_bos else []
+    if template is None:
+        return [ids[:max_length] for ids in tokenizer.encode_batch(texts)]
+    before, after = template.split("{text}")
+    prefix = bos + (tokenizer.encode(before, add_special_tokens=False) if before else [])
+    suffix = tokenizer.encode(after, add_special_tokens=False) if after else []
+    budget = max(1, max_length - len(prefix) - len(suffix))
+    return [prefix + ids[:budget] + suffix for ids in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 class SequenceClassifier(nn.Module):
     """A decoder backbone (`model`) and a linear head (`score`) over pooled hidden states."""
 
@@ -65,8 +81,11 @@ class ClassificationTask:
     name = "classification"
     headline_metric = "accuracy"
 
-    def __init__(self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None):
+    def __init__(
+        self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None
+    ):
         self.labels = list(labels)
+        self.template = template
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.multi_label = multi_label
         self.head = head or HeadConfig()
@@ -75,9 +94,8 @@ class ClassificationTask:
     # -- data ------------------------------------------------------------------------------
 
     def encode(self, tokenizer, examples: list, max_length: int) -> list[Encoded]:
-        texts = [e.text for e in examples]
-        ids = tokenizer.encode_batch(texts)
-        return [Encoded(i[:max_length], self.target(e.label) if e.label is not None else None) for i, e in zip(ids, examples)]
+        ids = encode_texts(tokenizer, [e.text for e in examples], max_length, self.template)
+        return [Encoded(i, self.target(e.label) if e.label is not None else None) for i, e in zip(ids, examples)]
 
     def target(self, label: Any) -> int | list[int]:
         if self.multi_label:

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class TrainState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     train_tokens: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    best_validation: dict[str, Any] | None = None  # all validation metrics at the best step
 
 
 class Trainer:
@@ -76,7 +76,9 @@ class Trainer:
             its decoder is `model.model`.
         task: gives `collate(items, pad_id, hidden)` and `loss(outputs, batch)`.
         train: encoded training items (each with `input_ids`).
-        evaluate: returns validation metrics for the model as it is (or None to skip).
+        validation: encoded validation items, or an empty list.
+        score: turns the model's outputs on `validation` into metrics (a dict; numbers at its top
+            level and in its `macro`/`micro`/`weighted` sections are logged).
         run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go.
     """
 
@@ -88,11 +90,13 @@ class Trainer:
         config: TrainConfig,
         run_dir: Path,
         pad_id: int,
-        evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+        validation: list = (),
+        score: Callable[[torch.Tensor], dict[str, Any]] | None = None,
         progress: bool = True,
     ):
         self.model, self.task, self.train_items, self.config = model, task, train, config
-        self.run_dir, self.pad_id, self.evaluate_fn, self.progress = Path(run_dir), pad_id, evaluate, progress
+        self.validation_items, self.score = list(validation), score
+        self.run_dir, self.pad_id, self.progress = Path(run_dir), pad_id, progress
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
@@ -119,6 +123,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.hidden: list[torch.Tensor] | None = None
+        self.validation_hidden: list[torch.Tensor] | None = None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -130,9 +135,10 @@ class Trainer:
             self.metrics_path.unlink()
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
-            self.hidden = compute_prefix(
-                self.model.model, self.train_items, self.start_layer, self.pad_id,
-                self.config.eval_batch_size, self.progress,
+            self.hidden, self.validation_hidden = (
+                compute_prefix(self.model.model, items, self.start_layer, self.pad_id,
+                               self.config.eval_batch_size, self.progress)
+                for items in (self.train_items, self.validation_items)
             )
         self.model.train()
         bar = tqdm(
@@ -210,23 +216,22 @@ class Trainer:
     # -- validation and best weights -------------------------------------------------------
 
     def _validate(self) -> None:
-        if self.evaluate_fn is None:
+        if self.score is None or not self.validation_items:
             return
-        self.model.eval()
-        metrics = self.evaluate_fn(self.model)
-        self.model.train()
-        if metrics is None:
-            return
+        outputs = predict_outputs(
+            self.model, self.task, self.validation_items, self.pad_id, self.config.eval_batch_size,
+            self.validation_hidden, self.start_layer,
+        )
+        metrics = self.score(outputs)
+        flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric
-        if name not in metrics:
-            raise FinegrainError(
-                f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}"
-            )
-        value = float(metrics[name])
-        self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation",
-                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        if name not in flat:
+            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(flat)}")
+        value = float(flat[name])
+        self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            state.best_validation = metrics
             self._save_best()
         else:
             state.bad_evals += 1
@@ -259,7 +264,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        state = {k: v for k, v in vars(self.state).items() if k != "history"}
+        state = vars(self.state)
         rng = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -300,16 +305,34 @@ class Trainer:
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
 
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics: top-level numbers and `macro_f1`-style averages, to log and select by."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for average in ("macro", "micro", "weighted", "samples"):
+        for name, value in (metrics.get(average) or {}).items():
+            if name != "support":
+                flat[f"{average}_{name}"] = value
+    return flat
+
+
 @torch.no_grad()
-def predict_outputs(model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Model outputs for every item, in the items' order, computed in length-sorted batches."""
+def predict_outputs(
+    model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64,
+    hidden: list[torch.Tensor] | None = None, start_layer: int = 0,
+) -> torch.Tensor:
+    """Model outputs for every item, in the items' order, computed in length-sorted batches.
+
+    With `hidden` (the cached output of the layers below `start_layer`), only the layers from
+    `start_layer` up run.
+    """
     was_training = model.training
     model.eval()
     lengths = [len(item.input_ids) for item in items]
     results: list[torch.Tensor | None] = [None] * len(items)
     for indices in sorted_batches(lengths, batch_size):
-        batch = task.collate([items[i] for i in indices], pad_id)
-        for i, row in zip(indices, model(batch)):
+        cached = [hidden[i] for i in indices] if hidden is not None else None
+        batch = task.collate([items[i] for i in indices], pad_id, cached)
+        for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0)):
             results[i] = row
     model.train(was_training)
     return torch.stack(results)  # type: ignore[arg-type]

