@@ -34,6 +34,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))
+    if args.int8:
+        from finegrain.model.quantize import quantize_int8
+
+        quantize_int8(model)
     temperature = 0.0 if args.greedy else args.temperature
     print(prompt if not args.chat else "", end="", flush=True)
     generate(
@@ -184,6 +188,7 @@ def build_parser() -> Parser:
     p.add_argument("--stop", action="append", help="a string that ends generation (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--int8", action="store_true", help="int8 weights for faster decoding (approximate)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model: architecture, size, quantization, tokenizer")

@@ -73,7 +73,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    metric: str = "accuracy"  # validation metric for early stopping and best checkpoint
+    metric: str | None = None  # validation metric to select by; default accuracy (micro_f1 for multi-label)
     patience: int | None = None  # evaluations without improvement before stopping
     eval_every: int = 0  # optimizer steps between validations; 0: once per epoch
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints

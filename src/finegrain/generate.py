@@ -76,7 +76,7 @@ def generate(
     else:
         encoded = [tokenizer.encode(t) for t in texts]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
 
     B, P = len(encoded), max(len(ids) for ids in encoded)
     total = P + max_new_tokens

@@ -137,16 +137,16 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     if splits.skipped:
         atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")
-    write_results(run_dir, results, config)
+    write_results(run_dir, results, config, config.train.metric or task.headline_metric)
     return results
 
 
-def write_results(run_dir: Path, results: dict[str, Any], config: RunConfig) -> None:
+def write_results(run_dir: Path, results: dict[str, Any], config: RunConfig, metric: str) -> None:
     from finegrain.evaluate.report import plot_learning_curve, write_classification_report
 
     atomic_write_json(run_dir / "metrics.json", results)
     if (run_dir / "metrics.jsonl").exists():  # before the report, which embeds the curve
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", config.train.metric)
+        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", metric)
     split = "test" if "test" in results else "validation"
     if split in results:
         write_classification_report(run_dir, results[split], split_name=split, title=f"{config.task}: {split}")

@@ -244,8 +244,8 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache in every layer for `batch_size` sequences of up to `max_len` tokens."""
-        dtype = dtype or self.lm_head.weight.dtype
-        device = self.lm_head.weight.device
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = self.model.embed_tokens.weight.device
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, max_len, attn.num_kv_heads, attn.head_dim, dtype).to(device)

@@ -41,7 +41,12 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, template: str | N
     before, after = template.split("{text}")
     prefix = bos + (tokenizer.encode(before, add_special_tokens=False) if before else [])
     suffix = tokenizer.encode(after, add_special_tokens=False) if after else []
-    budget = max(1, max_length - len(prefix) - len(suffix))
+    budget = max_length - len(prefix) - len(suffix)
+    if budget < 1:
+        raise FinegrainError(
+            f"data.template: takes {len(prefix) + len(suffix)} tokens, leaving no room for the text within "
+            f"data.max_length={max_length}; raise data.max_length or shorten the template"
+        )
     return [prefix + ids[:budget] + suffix for ids in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -79,13 +84,13 @@ class ClassificationTask:
     """Head, collate function, loss, predictions and metrics for text classification."""
 
     name = "classification"
-    headline_metric = "accuracy"
 
     def __init__(
         self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None
     ):
         self.labels = list(labels)
         self.template = template
+        self.headline_metric = "micro_f1" if multi_label else "accuracy"
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.multi_label = multi_label
         self.head = head or HeadConfig()

@@ -124,6 +124,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.hidden: list[torch.Tensor] | None = None
         self.validation_hidden: list[torch.Tensor] | None = None
+        self.tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
 
     # -- public ----------------------------------------------------------------------------
 
@@ -149,6 +150,8 @@ class Trainer:
             self._loop(bar)
         finally:
             bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         self.model.eval()
         self._restore_best()
         return self.state
@@ -224,7 +227,7 @@ class Trainer:
         )
         metrics = self.score(outputs)
         flat = flat_metrics(metrics)
-        state, name = self.state, self.config.metric
+        state, name = self.state, self.config.metric or self.task.headline_metric
         if name not in flat:
             raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(flat)}")
         value = float(flat[name])
@@ -260,6 +263,11 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -303,6 +311,15 @@ class Trainer:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(directory: Path):
+    """A TensorBoard writer when the `tensorboard` package is installed; metrics.jsonl is always written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

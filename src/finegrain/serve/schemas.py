@@ -1,0 +1,131 @@
+"""Request and response bodies. Requests are strict: an unknown field, a wrong type or a value out
+of range is a 422 that names the field. Limits set on the command line (texts per request, tokens
+per text, new tokens) are checked by the endpoints, whose 422 names the flag too."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _encodable(value: str) -> str:
+    # JSON allows lone surrogates ("\ud800"); the tokenizer cannot encode them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate; send valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_encodable)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_encodable)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ClassifyRequest(Strict):
+    texts: list[NonEmptyText] = Field(min_length=1, description="The texts to label (at most --max-texts).")
+    model: ModelName | None = Field(None, description="The run to use (see /v1/models); optional when one serves this endpoint.")
+
+
+class Prediction(BaseModel):
+    label: str | list[str] = Field(description="The label; a list of labels for a multi-label run.")
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
+class Sampling(Strict):
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 decodes greedily.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+
+class GenerateRequest(Sampling):
+    prompt: NonEmptyText
+    model: ModelName | None = Field(None, description="A base model or generative run (see /v1/models).")
+    max_new_tokens: int = Field(32, ge=1, description="At most --max-new-tokens.")
+    top_k: int | None = Field(None, ge=1, le=1_000_000)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    stop: list[NonEmptyText] = Field(default_factory=list, max_length=4)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(Sampling):
+    """The subset of OpenAI's chat completion request that finegrain honours; other fields are refused."""
+
+    model: ModelName | None = None
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only 1.")
+    user: Annotated[str, Field(max_length=256), AfterValidator(_encodable)] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: dict[str, str]
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "finegrain"
+    task: str
+    endpoint: str
+    base: str | None = None
+    labels: list[str] | None = None
+    multi_label: bool | None = None
+    adapter_bytes: int | None = Field(None, description="Memory the run adds to its shared base.")
+    parameter_bytes: int | None = Field(None, description="Memory of a base model's weights.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any]

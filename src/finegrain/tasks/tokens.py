@@ -1,0 +1,364 @@
+"""Token classification (NER): a linear head on every token of a decoder, labels per word.
+
+Words and subwords. Each word is tokenized on its own, the first with nothing before it and
+every later one with the one space that separates it from the previous word in the text
+(nothing for text without spaces, such as Chinese), and the ids are concatenated. For
+byte-level BPE this gives the ids of the joined text wherever the pre-tokenizer splits at
+word starts (it does for words, punctuation and digits), and it guarantees that no token
+straddles two words, so every word owns its tokens. The word's label sits on its first
+token (`subword="first"`, the usual choice) or on its last (`subword="last"`: under a causal
+mask only the last token has seen the whole word); the word's other tokens are left out of
+the loss (-100). Predictions are read at the same tokens and mapped back to words, and
+through the words' offsets to characters of the text.
+
+Long inputs: the ids are cut at `max_length` tokens; words whose labelled token falls beyond
+the cut are predicted `O` and counted in the prediction's `truncated_words`. Raise
+`data.max_length` when that count is not zero.
+
+Schemes and decoding. Files may use BIO, IOB1, BIOES or IO: their entities are read
+(conlleval's way) and written in the head's scheme (BIO, BIOES or IO). `decoding="viterbi"`
+picks the most probable tag sequence that is valid in the scheme (no `I-PER` after `O`);
+`"argmax"` takes each word's most probable tag, and entities are then read leniently.
+
+The module layout, `model` + `score` (a `Linear` with bias), is Hugging Face's
+`LlamaForTokenClassification`, so a PEFT adapter saved with `task_type="TOKEN_CLS"` and
+`modules_to_save=["score"]` loads onto `transformers`. A bidirectional model
+(`config.causal = False`) gives different numbers there, since transformers' LLaMA is causal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.config import HeadConfig
+from finegrain.data.conll import TokenExample
+from finegrain.errors import FinegrainError
+from finegrain.evaluate.entities import (
+    allowed_transitions,
+    convert_tags,
+    entity_errors,
+    entity_metrics,
+    normalize_scheme,
+    parse_tag,
+    tag_set,
+    tags_to_entities,
+)
+from finegrain.model.llama import LlamaModel
+
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: tokens that carry no label
+
+
+@dataclass
+class TokenEncoded:
+    """One tokenized sentence.
+
+    Attributes:
+        input_ids: the token ids, at most `max_length`.
+        positions: for each word, the index of the token that carries its label; -1 for a
+            word cut off by `max_length` (or, rarely, one the tokenizer turns into nothing).
+        targets: per token, the tag index at labelled tokens and -100 elsewhere; None unlabelled.
+        example: the sentence, for mapping predictions back to words and characters.
+        truncated_words: words beyond `max_length`.
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    targets: list[int] | None
+    example: TokenExample
+    truncated_words: int = 0
+
+
+def encode_words(
+    tokenizer, examples: Sequence[TokenExample], max_length: int, subword: str = "first"
+) -> list[tuple[list[int], list[int], int]]:
+    """Token ids of each sentence built word by word, the labelled token of each word, words cut off.
+
+    Returns:
+        Per sentence: (ids, positions, truncated_words); see `TokenEncoded`.
+    """
+    pieces: list[str] = []
+    for ex in examples:
+        for i, word in enumerate(ex.words):
+            spaced = i > 0 and ex.offsets[i][0] > ex.offsets[i - 1][1]
+            pieces.append(" " + word if spaced else word)
+    encoded = tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []
+    bos = [tokenizer.bos_token_id] if tokenizer.add_bos and tokenizer.bos_token_id is not None else []
+    results, k = [], 0
+    for ex in examples:
+        ids = list(bos)
+        positions = []
+        truncated = 0
+        for _ in ex.words:
+            word_ids = encoded[k]
+            k += 1
+            if not word_ids:
+                positions.append(-1)
+                continue
+            position = len(ids) if subword == "first" else len(ids) + len(word_ids) - 1
+            if position >= max_length:
+                positions.append(-1)
+                truncated += 1
+            else:
+                positions.append(position)
+            ids.extend(word_ids)
+        results.append((ids[:max_length], positions, truncated))
+    return results
+
+
+class TokenClassifier(nn.Module):
+    """A decoder backbone (`model`) and a linear head (`score`, with bias) over every token's hidden state."""
+
+    def __init__(self, backbone: LlamaModel, num_tags: int, dropout: float = 0.0):
+        super().__init__()
+        self.model = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(backbone.config.hidden_size, num_tags)
+        nn.init.normal_(self.score.weight, std=backbone.config.hidden_size**-0.5)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
+        """Tag logits (B, T, C) for right-padded `input_ids` (B, T) and `lengths` (B,).
+
+        With `start_layer` > 0 the batch holds `hidden` (B, T, H), the cached output of the layers
+        below. With `output_length` in the batch the logits are zero-padded to that many positions,
+        so the rows of batches of different lengths stack (`predict_outputs` does).
+        """
+        lengths = batch["lengths"]
+        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
+        T = x.shape[1]
+        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
+        # Right padding cannot reach real tokens under a causal mask; without one it must be masked.
+        mask = None if self.model.config.causal else real
+        x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
+        logits = self.score(self.dropout(x))  # (B, T, C)
+        width = int(batch.get("output_length", T))
+        if width > T:
+            logits = F.pad(logits, (0, 0, 0, width - T))  # (B, width, C)
+        return logits
+
+
+class TokenClassificationTask:
+    """Head, collate function, loss, decoding and entity metrics for NER and other word tagging.
+
+    Args:
+        types: the entity types (the labels of the run), e.g. ["LOC", "ORG", "PER"].
+        scheme: the tags the head predicts: "BIO" (IOB2), "BIOES" (IOBES) or "IO".
+        head: label smoothing and class weights ("balanced" or {tag: weight}).
+        subword: which token of a word carries its label: "first" or "last".
+        decoding: "viterbi" (valid sequences only) or "argmax".
+        dropout: on the hidden states before the head, while training.
+    """
+
+    name = "ner"
+    headline_metric = "f1"
+    peft_task_type = "TOKEN_CLS"
+
+    def __init__(
+        self,
+        types: Sequence[str],
+        scheme: str = "BIO",
+        head: HeadConfig | None = None,
+        subword: str = "first",
+        decoding: str = "viterbi",
+        dropout: float = 0.0,
+    ):
+        try:
+            self.scheme = normalize_scheme(scheme)
+        except ValueError as exc:
+            raise FinegrainError(f"head.scheme: {exc}") from None
+        if self.scheme == "IOB1":
+            raise FinegrainError("head.scheme: IOB1 is read from files, not predicted; use BIO, BIOES or IO")
+        if subword not in ("first", "last"):
+            raise FinegrainError(f"head.subword: {subword!r} is not 'first' or 'last'")
+        if decoding not in ("viterbi", "argmax"):
+            raise FinegrainError(f"head.decoding: {decoding!r} is not 'viterbi' or 'argmax'")
+        self.types = list(types)
+        self.labels = self.types  # what the run records in labels.json
+        self.tags = tag_set(self.types, self.scheme)
+        self.index = {tag: i for i, tag in enumerate(self.tags)}
+        self.head = head or HeadConfig()
+        self.subword, self.decoding, self.dropout = subword, decoding, dropout
+        self.class_weights: torch.Tensor | None = None
+        self.output_length = 0  # the longest `max_length` encoded so far: predict_outputs stacks rows this wide
+        self._first, self._pairs, self._last = allowed_transitions(self.tags, self.scheme)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def encode(self, tokenizer, examples: Sequence[TokenExample], max_length: int) -> list[TokenEncoded]:
+        """Tokenize sentences word by word; labelled tokens get their word's tag index (in `scheme`)."""
+        self.output_length = max(self.output_length, max_length)
+        items = []
+        for ex, (ids, positions, truncated) in zip(examples, encode_words(tokenizer, examples, max_length, self.subword)):
+            targets = None
+            if ex.tags is not None:
+                if len(ex.tags) != len(ex.words):
+                    raise FinegrainError(f"{ex.source}: {len(ex.words)} words but {len(ex.tags)} tags")
+                tags = convert_tags(ex.tags, self.scheme)
+                targets = [IGNORE_INDEX] * len(ids)
+                for tag, position in zip(tags, positions):
+                    if position >= 0:
+                        # A type the training data never had cannot be learnt; metrics still count it.
+                        targets[position] = self.index.get(tag, IGNORE_INDEX)
+            items.append(TokenEncoded(ids, positions, targets, ex, truncated))
+        return items
+
+    def examples_from_inputs(self, inputs: Sequence[str | Sequence[str]], char_level: bool = False) -> list[TokenExample]:
+        """Unlabelled sentences from raw texts (split into words) or from lists of words."""
+        examples = []
+        for i, value in enumerate(inputs):
+            source = f"input:{i + 1}"
+            if isinstance(value, str):
+                examples.append(TokenExample.from_text(value, source, char_level))
+            else:
+                words = [str(w) for w in value]
+                if not words or not all(w.strip() for w in words):
+                    raise FinegrainError(f"{source}: a list of words must be non-empty, with no empty word")
+                examples.append(TokenExample.from_words(words, None, source, char_level))
+        return examples
+
+    def collate(self, items: list[TokenEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Right-pad a batch; with `hidden` (cached lower-layer states), pad those instead of ids."""
+        lengths = torch.tensor([len(e.input_ids) for e in items])
+        T = int(lengths.max())
+        batch: dict[str, torch.Tensor] = {"lengths": lengths, "output_length": torch.tensor(max(self.output_length, T))}
+        if hidden is None:
+            input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+            for row, item in enumerate(items):
+                input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            batch["input_ids"] = input_ids
+        else:
+            batch["hidden"] = nn.utils.rnn.pad_sequence([h.float() for h in hidden], batch_first=True)
+        if items[0].targets is not None:
+            targets = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+            for row, item in enumerate(items):
+                targets[row, : len(item.targets)] = torch.tensor(item.targets)
+            batch["targets"] = targets
+        return batch
+
+    # -- model -----------------------------------------------------------------------------
+
+    def build_model(self, backbone: LlamaModel) -> TokenClassifier:
+        return TokenClassifier(backbone, len(self.tags), self.dropout)
+
+    def set_class_weights(self, train: list[TokenEncoded]) -> None:
+        """Weights per tag from `head.class_weights`: "balanced" (inverse frequency) or {tag: weight}."""
+        weights = self.head.class_weights
+        if weights is None:
+            return
+        if weights == "balanced":
+            counts = Counter(t for item in train for t in (item.targets or []) if t != IGNORE_INDEX)
+            total = sum(counts.values())
+            values = [total / (len(self.tags) * max(counts.get(i, 0), 1)) for i in range(len(self.tags))]
+        elif isinstance(weights, dict):
+            unknown = [k for k in weights if k not in self.index]
+            if unknown:
+                raise FinegrainError(f"head.class_weights: unknown tag '{unknown[0]}'; tags are {', '.join(self.tags)}")
+            values = [float(weights.get(tag, 1.0)) for tag in self.tags]
+        else:
+            raise FinegrainError("head.class_weights: use 'balanced' or a mapping {tag: weight}")
+        self.class_weights = torch.tensor(values)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens of the batch."""
+        targets = batch["targets"]  # (B, T)
+        logits = logits[:, : targets.shape[1]]  # drop the output padding
+        if not (targets != IGNORE_INDEX).any():
+            return logits.sum() * 0.0  # every word cut off: nothing to learn, but a graph to backprop
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weight=self.class_weights,
+            ignore_index=IGNORE_INDEX, label_smoothing=self.head.label_smoothing,
+        )
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
+
+    def decode(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[dict[str, Any]]:
+        """Per sentence: `words`, their `tags`, the `entities` and `truncated_words`.
+
+        Each entity: `type`, `start` and `end` (character offsets in the sentence's text, `end`
+        exclusive), `text`, `words` ([first, end) word indices) and `score` (the mean probability
+        of its words' tags).
+        """
+        results = []
+        for row, item in zip(probs, items):
+            ex = item.example
+            kept = [i for i, p in enumerate(item.positions) if p >= 0]
+            word_probs = row[[item.positions[i] for i in kept]].double().numpy() if kept else np.zeros((0, len(self.tags)))
+            if self.decoding == "viterbi" and kept:
+                path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
+            else:
+                path = word_probs.argmax(-1).tolist()
+            tags = ["O"] * len(ex.words)
+            confidence = [1.0] * len(ex.words)
+            for i, tag_index, p in zip(kept, path, word_probs):
+                tags[i] = self.tags[tag_index]
+                confidence[i] = float(p[tag_index])
+            entities = []
+            for type_, first, end in tags_to_entities(tags):
+                start, stop = ex.offsets[first][0], ex.offsets[end - 1][1]
+                entities.append({
+                    "type": type_, "start": start, "end": stop, "text": ex.text[start:stop], "words": [first, end],
+                    "score": round(sum(confidence[first:end]) / (end - first), 6),
+                })
+            results.append({"words": ex.words, "tags": tags, "entities": entities,
+                            "truncated_words": item.truncated_words})
+        return results
+
+    def metrics(self, predictions: list[dict[str, Any]], gold: list[Sequence[str]]) -> dict[str, Any]:
+        """Entity-level scores in seqeval's default mode (conlleval), plus strict-mode micro scores and an error breakdown.
+
+        Args:
+            predictions: from `decode`.
+            gold: the gold tags of each sentence (any scheme; `TokenExample.label`).
+        """
+        if any(g is None for g in gold):
+            raise FinegrainError("ner metrics need gold tags for every sentence")
+        predicted = [p["tags"] for p in predictions]
+        gold = [list(g) for g in gold]
+        metrics = entity_metrics(gold, predicted, mode="default")
+        if self.scheme in ("BIO", "BIOES"):
+            gold_in_scheme = [convert_tags(g, self.scheme) for g in gold]
+            strict = entity_metrics(gold_in_scheme, predicted, mode="strict", scheme=self.scheme)
+            metrics["strict"] = strict["micro"]
+        metrics["errors"] = entity_errors(gold, predicted)
+        metrics["scheme"] = self.scheme
+        metrics["decoding"] = self.decoding
+        metrics["truncated_words"] = sum(p.get("truncated_words", 0) for p in predictions)
+        return metrics
+
+
+def viterbi(scores: np.ndarray, first: np.ndarray, pairs: np.ndarray, last: np.ndarray) -> list[int]:
+    """The best path through per-word tag scores (W, C) using only allowed tags and transitions.
+
+    Args:
+        scores: log-probabilities of each word's tags.
+        first, pairs, last: from `allowed_transitions`.
+    """
+    blocked = np.where(pairs, 0.0, -np.inf)  # (C_prev, C)
+    total = scores[0] + np.where(first, 0.0, -np.inf)  # (C,)
+    back = []
+    for w in range(1, len(scores)):
+        candidates = total[:, None] + blocked  # (C_prev, C)
+        best = candidates.argmax(0)
+        total = candidates[best, np.arange(len(best))] + scores[w]
+        back.append(best)
+    total = total + np.where(last, 0.0, -np.inf)
+    path = [int(total.argmax())]
+    for best in reversed(back):
+        path.append(int(best[path[-1]]))
+    return path[::-1]
+
+
+def tag_types(tags: Sequence[str]) -> list[str]:
+    """The entity types named in a list of tags, in first-seen order (`O` and prefixes dropped)."""
+    return list(dict.fromkeys(parse_tag(t)[1] for t in tags if t != "O"))

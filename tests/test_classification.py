@@ -1,0 +1,114 @@
+"""The classification head and loss options, and the loop's early stopping, on the tiny model."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from finegrain.checkpoint.load import load_model
+from finegrain.cli import main
+from finegrain.config import HeadConfig
+from finegrain.data.readers import Example
+from finegrain.errors import FinegrainError
+from finegrain.tasks.classification import ClassificationTask, encode_texts
+
+
+def test_last_token_and_mean_pooling_ignore_padding(tiny_model_dir):
+    llama, tokenizer = load_model(tiny_model_dir, progress=False)
+    for pooling in ("last", "mean"):
+        task = ClassificationTask(["a", "b"], head=HeadConfig(pooling=pooling))
+        model = task.build_model(llama.model).eval()
+        items = task.encode(tokenizer, [Example("a short one", "a", "x:1"), Example("a much longer text than that", "b", "x:2")], 32)
+        with torch.no_grad():
+            together = model(task.collate(items, tokenizer.pad_token_id))
+            alone = torch.cat([model(task.collate([item], tokenizer.pad_token_id)) for item in items])
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_bidirectional_classifier_ignores_padding(tiny_model_dir):
+    llama, tokenizer = load_model(tiny_model_dir, progress=False)
+    llama.model.config.causal = False
+    task = ClassificationTask(["a", "b"])
+    model = task.build_model(llama.model).eval()
+    items = task.encode(tokenizer, [Example("short", "a", "x:1"), Example("a much longer text than that", "b", "x:2")], 32)
+    with torch.no_grad():
+        together = model(task.collate(items, tokenizer.pad_token_id))
+        alone = torch.cat([model(task.collate([item], tokenizer.pad_token_id)) for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_losses_match_torch_definitions():
+    logits = torch.randn(4, 3)
+    batch = {"targets": torch.tensor([0, 2, 1, 2])}
+    weighted = ClassificationTask(["a", "b", "c"], head=HeadConfig(label_smoothing=0.1, class_weights={"c": 3.0}))
+    weighted.set_class_weights([])
+    expected = F.cross_entropy(logits, batch["targets"], weight=torch.tensor([1.0, 1.0, 3.0]), label_smoothing=0.1)
+    torch.testing.assert_close(weighted.loss(logits, batch), expected)
+
+    multi = ClassificationTask(["a", "b", "c"], multi_label=True, head=HeadConfig(threshold=0.3))
+    targets = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]])
+    torch.testing.assert_close(multi.loss(logits, {"targets": targets}), F.binary_cross_entropy_with_logits(logits, targets))
+    decoded = multi.decode(torch.tensor([[0.9, 0.2, 0.35]]))
+    assert decoded[0]["label"] == ["a", "c"]
+
+
+def test_balanced_class_weights():
+    task = ClassificationTask(["a", "b"], head=HeadConfig(class_weights="balanced"))
+    items = task.encode(_FakeTokenizer(), [Example("x", "a", "f:1")] * 3 + [Example("y", "b", "f:4")], 8)
+    task.set_class_weights(items)
+    torch.testing.assert_close(task.class_weights, torch.tensor([4 / (2 * 3), 4 / (2 * 1)]))
+
+
+def test_template_keeps_its_words_when_the_text_is_cut(tiny_model_dir):
+    _, tokenizer = load_model(tiny_model_dir, progress=False)
+    ids = encode_texts(tokenizer, ["the movie was good " * 20], 30, "Review: {text}\nSentiment:")[0]
+    suffix = tokenizer.encode("\nSentiment:", add_special_tokens=False)
+    assert len(ids) == 30 and ids[-len(suffix):] == suffix
+    with pytest.raises(FinegrainError, match="data.template: takes"):
+        encode_texts(tokenizer, ["x"], 8, "Review: {text}\nSentiment:")
+
+
+def test_multi_label_training_end_to_end(tiny_model_dir, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(80):
+        labels = sorted(rng.sample(["film", "music", "food"], rng.randint(1, 2)))
+        rows.append({"text": " and ".join(f"the {label} was great" for label in labels), "label": labels})
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(data), "multi_label": True},
+        "lora": {"targets": "all-linear"}, "train": {"epochs": 3, "lr": 0.01, "batch_size": 8, "threads": 1},
+    }))
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert {"subset_accuracy", "hamming_loss", "samples"} <= metrics.keys()
+
+
+def test_early_stopping_with_patience(tiny_model_dir, tmp_path):
+    rows = [{"text": f"text number {i}", "label": random.Random(i).choice("ab")} for i in range(120)]  # no signal
+    data = tmp_path / "noise.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(data)},
+        "train": {"epochs": 20, "lr": 1e-5, "batch_size": 16, "patience": 2, "threads": 1, "metric": "macro_f1"},
+    }))
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
+    assert summary["stopped_early"] and summary["steps"] < 20 * 6
+    evaluations = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                   if '"validation"' in line]
+    best = max(e["macro_f1"] for e in evaluations)
+    assert all(e["macro_f1"] <= best for e in evaluations[-2:]) and len(evaluations) >= 3
+
+
+class _FakeTokenizer:
+    add_bos = False
+
+    def encode_batch(self, texts, add_special_tokens=True):
+        return [[ord(c) for c in t] for t in texts]
