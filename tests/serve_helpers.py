@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class Server:
         self.lines: list[str] = []
         self.port = self._wait_for_port(timeout)
         self.url = f"http://{LOOPBACK}:{self.port}"
+        # Keep reading the log, or a full pipe would stall the server mid-request.
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.process.stdout.readline, "")), daemon=True)
+        self._reader.start()
 
     def _wait_for_port(self, timeout: float) -> int:
         deadline = time.time() + timeout
@@ -88,8 +92,10 @@ class Server:
         raise RuntimeError("the server never became ready")
 
     def read_rest(self) -> str:
-        rest = self.process.stdout.read() if self.process.poll() is not None else ""
-        return "".join(self.lines) + rest
+        """The log so far (all of it once the process ended)."""
+        if self.process.poll() is not None and hasattr(self, "_reader"):
+            self._reader.join(5)
+        return "".join(self.lines)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -99,7 +105,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.lines.append(self.process.stdout.read())
+        self.read_rest()
         return self.process.returncode
 
 

@@ -45,3 +45,8 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
     assert main(["train", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'train'" in err
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    load_config(path)

@@ -228,6 +228,10 @@ def build_parser() -> Parser:
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
     p.add_argument("--output", help="write the JSONL here instead of standard output")
     p.set_defaults(func=cmd_predict)
+
+    from finegrain.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -45,14 +45,15 @@ class Engine:
             return self.generate(jobs)
 
     def classify(self, name: str, jobs: list[Job]) -> list[list[dict[str, Any]]]:
-        """Label the encoded texts of every job in one forward pass per length-sorted batch."""
-        from finegrain.train.trainer import predict_outputs
-
+        """Label the encoded texts of every job in one forward pass."""
         run = self.registry.runs[name]
         items = [item for job in jobs for item in job.payload]
+        # One right-padded batch: texts are short (at most data.max_length) and the batch at most
+        # --max-batch, so padding costs little; the classifier is in eval mode for good.
+        batch = run.task.collate(items, run.tokenizer.pad_token_id)
         with run.base.bank.use(name):
-            outputs = predict_outputs(run.classifier, run.task, items, run.tokenizer.pad_token_id, batch_size=len(items))
-        predictions = run.task.decode(run.task.probabilities(outputs))
+            logits = run.classifier(batch)
+        predictions = run.task.decode(run.task.probabilities(logits))
         results, start = [], 0
         for job in jobs:
             results.append(predictions[start : start + len(job.payload)])

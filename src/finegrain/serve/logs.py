@@ -16,17 +16,28 @@ import time
 LOGGER = "finegrain.serve"
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-# A phone number: an optional +country code, then 7+ digits that may be broken by spaces, dots,
-# dashes or parentheses; ID-like numbers: 6+ digits, possibly in dash/space groups (123-45-6789).
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){2,4}(?!\w)")
-_ID_NUMBER = re.compile(r"(?<!\w)(?:\d[ -]?){5,}\d(?!\w)")
+# A run of digits broken only by spaces, dots, dashes or parentheses (phone, card, social security
+# numbers, dates of birth), and a word with 6+ digits in it (account numbers, IBANs, ID numbers).
+_DIGIT_RUN = re.compile(r"(?<!\w)\+?\(?\d[\d ().-]{5,}\d(?!\w)")
+_ID_WORD = re.compile(r"\b[\w-]*\d[\w-]*\b")
+
+
+def _digit_run(match: re.Match) -> str:
+    text = match.group()
+    if sum(c.isdigit() for c in text) < 7:
+        return text
+    return "<phone>" if text[0] in "+(" else "<number>"
+
+
+def _id_word(match: re.Match) -> str:
+    return "<number>" if sum(c.isdigit() for c in match.group()) >= 6 else match.group()
 
 
 def mask_pii(text: str) -> str:
-    """`text` with e-mails, phone numbers and long digit runs replaced by <email>, <phone>, <number>."""
+    """`text` with e-mail addresses, phone numbers and ID-like numbers replaced by <email>, <phone>, <number>."""
     text = _EMAIL.sub("<email>", text)
-    text = _PHONE.sub("<phone>", text)
-    return _ID_NUMBER.sub("<number>", text)
+    text = _DIGIT_RUN.sub(_digit_run, text)
+    return _ID_WORD.sub(_id_word, text)
 
 
 class JsonFormatter(logging.Formatter):
