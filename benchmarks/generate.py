@@ -35,7 +35,7 @@ def finegrain_side(args) -> dict:
     import torch
 
     from finegrain import load_model
-    from finegrain.generate import generate
+    from finegrain.generation import generate
 
     model, tokenizer = load_model(progress=False, dtype=getattr(torch, args.dtype))
     timings = {}

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from finegrain.checkpoint.load import load_model
-from finegrain.generate import apply_repetition_penalty, filter_logits, generate
+from finegrain.generation import apply_repetition_penalty, filter_logits, generate
 
 PROMPTS = ["The capital of France is", "A gripping, funny film", "Two hours"]
 

@@ -95,7 +95,8 @@ def test_only_adapter_and_head_train(tiny_model_dir, tmp_path):
     }
 
 
-def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("num_layers", [None, 1], ids=["whole-model", "cut-to-1-layer"])
+def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path, num_layers):
     """The run's adapter directory is a PEFT SEQ_CLS adapter: peft reproduces our class logits."""
     import peft
     import transformers
@@ -103,12 +104,13 @@ def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "data.jsonl", 60)
     run_dir = tmp_path / "run"
     assert main(["train", str(write_config(tmp_path / "c.yaml", tiny_model_dir, data, epochs=1)),
-                 "--output", str(run_dir), "--set", "lora.layers=null"]) == 0
+                 "--output", str(run_dir), "--set", "lora.layers=null", "--set", f"model.num_layers={num_layers or 'null'}"]) == 0
     ours = finegrain.load(run_dir)
     texts = [POSITIVE[0], NEGATIVE[2] + " " + NEGATIVE[3]]
     expected = torch.tensor([[p["probabilities"][label] for label in ours.task.labels] for p in ours.predict(texts)])
 
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    cut = {"num_hidden_layers": num_layers} if num_layers else {}
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2, **cut)
     base.config.pad_token_id = ours.tokenizer.pad_token_id
     theirs = peft.PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     with torch.no_grad():

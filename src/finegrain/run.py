@@ -131,7 +131,8 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
     if splits.test:
         items = task.encode(tokenizer, splits.test, max_length)
-        probs = task.probabilities(predict_outputs(model, task, items, pad_id, eval_batch))
+        outputs = predict_outputs(model, task, items, pad_id, eval_batch, progress="testing" if progress else None)
+        probs = task.probabilities(outputs)
         results["test"] = task.metrics(task.decode(probs), [e.label for e in splits.test])
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)

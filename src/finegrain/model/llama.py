@@ -258,7 +258,7 @@ class Llama(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def generate(self, tokenizer, prompts, **kwargs):
-        """See `finegrain.generate.generate`."""
-        from finegrain.generate import generate
+        """See `finegrain.generation.generate`."""
+        from finegrain.generation import generate
 
         return generate(self, tokenizer, prompts, **kwargs)

@@ -8,9 +8,7 @@
     metrics.py   Prometheus text format
     logs.py      JSON logs, PII masking
     cli.py       the command and the uvicorn runner (graceful drain on SIGTERM)
+    settings.py  the limits and batching settings
+
+Nothing is imported here, so that `finegrain --help` does not wait for torch and fastapi.
 """
-
-from finegrain.serve.app import ServeSettings, create_app
-from finegrain.serve.models import ModelRegistry
-
-__all__ = ["ModelRegistry", "ServeSettings", "create_app"]

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finegrain.errors import FinegrainError
 from finegrain.serve.batching import Batcher, QueueFull
+from finegrain.serve.settings import ServeSettings
 from finegrain.serve.engine import Engine, GenerationWork
 from finegrain.serve.logs import log, mask_pii
 from finegrain.serve.metrics import Metrics
@@ -35,22 +36,6 @@ from finegrain.serve.schemas import (
 from finegrain.serve.security import ApiKeys, Gate, RateLimiter, error_body
 
 PATHS = ("/v1/classify", *GENERATE_ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
-
-
-@dataclass
-class ServeSettings:
-    """Limits and batching; the `finegrain serve` flags of the same names set them."""
-
-    max_body_bytes: int = 1 << 20
-    max_texts: int = 64
-    max_tokens_per_text: int = 512
-    max_new_tokens: int = 256
-    max_batch: int = 32
-    batch_wait_ms: float = 5.0
-    max_queue: int = 256
-    timeout: float = 30.0
-    rate_limit: float | None = None
-    log_bodies: bool = False
 
 
 class ServeError(Exception):

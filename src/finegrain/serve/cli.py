@@ -17,7 +17,7 @@ DEFAULT_PORT = 8000
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` subcommand to `finegrain`'s subparsers; it runs `cmd_serve`."""
-    from finegrain.serve.app import ServeSettings
+    from finegrain.serve.settings import ServeSettings
 
     defaults = ServeSettings()
     p = subparsers.add_parser("serve", help="serve trained runs (and a base model) over HTTP")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from finegrain.generate import generate
+from finegrain.generation import generate
 from finegrain.serve.batching import Job
 from finegrain.serve.metrics import Metrics
 from finegrain.serve.models import AdapterBank, ModelRegistry

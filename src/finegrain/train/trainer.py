@@ -335,18 +335,19 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 @torch.no_grad()
 def predict_outputs(
     model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64,
-    hidden: list[torch.Tensor] | None = None, start_layer: int = 0,
+    hidden: list[torch.Tensor] | None = None, start_layer: int = 0, progress: str | None = None,
 ) -> torch.Tensor:
     """Model outputs for every item, in the items' order, computed in length-sorted batches.
 
     With `hidden` (the cached output of the layers below `start_layer`), only the layers from
-    `start_layer` up run.
+    `start_layer` up run. `progress` names a progress bar to show.
     """
     was_training = model.training
     model.eval()
     lengths = [len(item.input_ids) for item in items]
     results: list[torch.Tensor | None] = [None] * len(items)
-    for indices in sorted_batches(lengths, batch_size):
+    batches = sorted_batches(lengths, batch_size)
+    for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         cached = [hidden[i] for i in indices] if hidden is not None else None
         batch = task.collate([items[i] for i in indices], pad_id, cached)
         for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0)):
