@@ -103,7 +103,7 @@ def test_second_adapter_costs_only_its_own_tensors(runs):
 
 
 def test_generate_and_chat(client, server, tiny_model_dir):
-    from finegrain.generate import generate
+    from finegrain.generation import generate
 
     model, tokenizer = finegrain.load_model(tiny_model_dir, progress=False)
     expected = generate(model, tokenizer, "The capital of France", max_new_tokens=8)

@@ -28,7 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from finegrain.checkpoint.load import load_model
-    from finegrain.generate import generate
+    from finegrain.generation import generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.seed is not None:
@@ -159,11 +159,22 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predictor = load(args.run_dir)
     if args.input == "-":
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif predictor.config.task == "ner":
+        from finegrain.data.conll import read_token_examples
+
+        fields = predictor.config.data
+        texts = read_token_examples(
+            args.input, require_tags=False, scheme=fields.scheme, tag_column=fields.tag_column,
+            char_level=fields.char_level, text_field=fields.text_field,
+        ).examples
     else:
         fields = predictor.config.data
         examples = read_examples(args.input, text_field=fields.text_field, require_label=False).examples
         texts = [e.text for e in examples]
-    lines = [json.dumps({"text": t, **p}, ensure_ascii=False) for t, p in zip(texts, predictor.predict(texts))]
+    lines = [
+        json.dumps({"text": getattr(t, "text", t), **p}, ensure_ascii=False)
+        for t, p in zip(texts, predictor.predict(texts))
+    ]
     if args.output:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     else:

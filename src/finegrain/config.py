@@ -42,6 +42,11 @@ class DataConfig:
     template: str | None = None  # wraps each text, e.g. "Review: {text}\nSentiment:"; the text is what gets cut
     max_train_examples: int | None = None
     skip_bad_rows: bool = False
+    # task: ner
+    scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES) or IO
+    tag_column: int = -1  # CoNLL files: the column holding the tag (0-based; -1 the last)
+    repair_tags: bool = False  # read tags that break data.scheme as conlleval does (O I-PER -> O B-PER)
+    char_level: bool = False  # text without spaces between words (Chinese): words are characters
 
 
 @dataclass
@@ -60,6 +65,9 @@ class HeadConfig:
     class_weights: str | dict[str, float] | None = None  # None, "balanced" or {label: weight}
     label_smoothing: float = 0.0
     threshold: float = 0.5  # multi-label decision threshold
+    scheme: str = "BIO"  # ner: the tags the head predicts: BIO, BIOES or IO
+    subword: str = "first"  # ner: the subtoken of each word that carries its label: first | last
+    decoding: str = "viterbi"  # ner: viterbi (valid tag sequences only) | argmax
 
 
 @dataclass
@@ -94,7 +102,7 @@ class RunConfig:
     output: str | None = None  # the run directory
 
 
-TASKS = ("classification",)
+TASKS = ("classification", "ner")
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
@@ -174,6 +182,11 @@ def validate(config: RunConfig, where: str) -> None:
     checks = [
         (config.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
         (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
+        (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
+         "BIO, IOB1, BIOES or IO"),
+        (config.head.scheme.upper() in ("BIO", "IOB2", "BIOES", "IOBES", "IO"), "head.scheme", "BIO, BIOES or IO"),
+        (config.head.subword in ("first", "last"), "head.subword", "first or last"),
+        (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
         (config.train.epochs > 0, "train.epochs", "above 0"),

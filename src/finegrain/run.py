@@ -26,6 +26,7 @@ from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
 from finegrain.tasks.classification import ClassificationTask
+from finegrain.tasks.tokens import TokenClassificationTask
 from finegrain.train.trainer import Trainer, predict_outputs, seed_everything
 
 ADAPTER_DIR = "adapter"
@@ -52,7 +53,7 @@ def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora
         backbone.layers = backbone.layers[: config.model.num_layers]
         backbone.config.num_layers = config.model.num_layers
     backbone.config.causal = not config.model.bidirectional
-    task = ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
+    task = make_task(config, labels)
     model = task.build_model(backbone)
     lora = LoraConfig(
         r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
@@ -61,8 +62,23 @@ def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora
     )
     if with_lora:
         apply_lora(model, lora)
-        model.score.weight.requires_grad_(True)
+        model.score.requires_grad_(True)  # weight, and the bias of the token head
     return model, tokenizer, task, lora
+
+
+def make_task(config: RunConfig, labels: list[str]):
+    """The task object of `config.task`: labels are classes, or entity types for ner."""
+    if config.task == "ner":
+        head = config.head
+        return TokenClassificationTask(labels, head.scheme, head, head.subword, head.decoding)
+    return ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
+
+
+def load_task_splits(config: RunConfig):
+    from finegrain.data.conll import load_token_splits
+    from finegrain.data.load import load_splits
+
+    return load_token_splits(config.data) if config.task == "ner" else load_splits(config.data)
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
@@ -77,8 +93,6 @@ def prepare_run_dir(config: RunConfig) -> Path:
 
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate on the test split, write the run directory; returns metrics.json's content."""
-    from finegrain.data.load import load_splits
-
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         config = load_run_config(run_dir)
@@ -91,7 +105,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     seed_everything(config.train.seed)
     started = time.perf_counter()
 
-    splits = load_splits(config.data)
+    splits = load_task_splits(config)
     atomic_write_json(run_dir / "labels.json", splits.labels)
     model, tokenizer, task, lora = build(config, splits.labels, progress)
     pad_id = tokenizer.pad_token_id
@@ -103,13 +117,13 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     eval_batch = config.train.eval_batch_size
 
     def score(outputs: torch.Tensor) -> dict[str, Any]:
-        return task.metrics(task.decode(task.probabilities(outputs)), val_gold)
+        return task.metrics(task.decode(task.probabilities(outputs), val_items), val_gold)
 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
     save_adapter(
         model, lora, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.name or DEFAULT_MODEL,
-        modules_to_save=["score"], task_type="SEQ_CLS",
+        modules_to_save=["score"], task_type=task.peft_task_type,
     )
 
     results: dict[str, Any] = {
@@ -133,7 +147,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         items = task.encode(tokenizer, splits.test, max_length)
         outputs = predict_outputs(model, task, items, pad_id, eval_batch, progress="testing" if progress else None)
         probs = task.probabilities(outputs)
-        results["test"] = task.metrics(task.decode(probs), [e.label for e in splits.test])
+        results["test"] = task.metrics(task.decode(probs, items), [e.label for e in splits.test])
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     if splits.skipped:
@@ -177,10 +191,19 @@ class Predictor:
         load_adapter(self.model, run_dir / ADAPTER_DIR)
         self.model.eval()
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        """Per text: `label` (a list for multi-label) and `probabilities` of every label."""
+    def predict(self, texts: list, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per text: `label` (a list for multi-label) and `probabilities` of every label.
+
+        For ner, per text (a string, a list of words, or a `TokenExample`): `words`, their `tags`,
+        the `entities` (type, start, end, text, words, score) and `truncated_words`.
+        """
         from finegrain.data.readers import Example
 
+        if self.config.task == "ner":
+            examples = self.task.examples_from_inputs(texts, self.config.data.char_level)
+            items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
+            outputs = predict_outputs(self.model, self.task, items, self.tokenizer.pad_token_id, batch_size)
+            return self.task.decode(self.task.probabilities(outputs), items)
         examples = [Example(text=t, label=None, source=f"input:{i + 1}") for i, t in enumerate(texts)]
         items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
         for item, example in zip(items, examples):
@@ -194,11 +217,25 @@ class Predictor:
         from finegrain.data.load import read_file
         from finegrain.data.readers import check_labels
 
+        if self.config.task == "ner":
+            return self._evaluate_tokens(path)
         examples = read_file(self.config.data, str(path)).examples
         examples = check_labels(examples, self.task.labels, str(path), self.config.data.skip_bad_rows).examples
         if not examples:
             raise FinegrainError(f"{path}: no usable examples")
         predictions = self.predict([e.text for e in examples])
         metrics = self.task.metrics(predictions, [e.label for e in examples])
+        metrics["source"] = str(path)
+        return metrics
+
+    def _evaluate_tokens(self, path: str | Path) -> dict[str, Any]:
+        from finegrain.data.conll import read_token_examples
+
+        d = self.config.data
+        examples = read_token_examples(
+            path, scheme=d.scheme, tag_column=d.tag_column, char_level=d.char_level, repair=d.repair_tags,
+            skip_bad_rows=d.skip_bad_rows, text_field=d.text_field,
+        ).examples
+        metrics = self.task.metrics(self.predict(examples), [e.tags for e in examples])
         metrics["source"] = str(path)
         return metrics

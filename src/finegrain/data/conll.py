@@ -10,9 +10,9 @@ Formats, picked by extension (after an optional `.gz`/`.bz2`/`.xz`):
   `{"tokens": ["EU", "rejects", ...], "tags": ["B-ORG", "O", ...]}` or
   `{"text": "EU rejects ...", "entities": [{"start": 0, "end": 2, "type": "ORG"}]}` with
   character offsets (`end` exclusive; `label` is accepted for `type`). Span texts are split
-  into words at whitespace and at every entity boundary, so an entity never shares a word
-  with its neighbour ("Paris," with "Paris" marked gives "Paris" and ","); offsets stay
-  those of the original text.
+  into words as raw text is at prediction time (`split_words`: punctuation apart, URLs,
+  @mentions and #hashtags whole) and also at every entity boundary, so an entity never
+  shares a word with its neighbour; offsets stay those of the original text.
 
 Text without spaces between words (Chinese, Japanese) reads with `char_level=True`: words
 are joined with no separator, and span texts become one word per character.
@@ -34,6 +34,8 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import add
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,10 +54,13 @@ __all__ = [
     "TokenExample",
     "TokenReadResult",
     "TokenSplits",
+    "entity_types",
+    "join_words",
     "load_token_splits",
     "read_conll",
     "read_token_examples",
     "read_token_jsonl",
+    "span_example",
     "split_token_examples",
     "split_words",
     "write_token_examples",
@@ -98,13 +103,13 @@ class TokenExample:
     @classmethod
     def from_words(
         cls, words: Sequence[str], tags: Sequence[str] | None, source: str, char_level: bool = False, **extra: Any
-    ) -> "TokenExample":
+    ) -> TokenExample:
         """Words joined by a space (nothing with `char_level`) into `text`, offsets computed."""
         text, offsets = join_words(words, "" if char_level else " ")
         return cls(list(words), None if tags is None else list(tags), source, text, offsets, dict(extra))
 
     @classmethod
-    def from_text(cls, text: str, source: str = "input", char_level: bool = False) -> "TokenExample":
+    def from_text(cls, text: str, source: str = "input", char_level: bool = False) -> TokenExample:
         """An unlabelled example from raw text, split by `split_words`."""
         spans = split_words(text, char_level)
         if not spans:
@@ -144,13 +149,10 @@ class TokenReadResult:
 
 def join_words(words: Sequence[str], separator: str = " ") -> tuple[str, list[tuple[int, int]]]:
     """The words joined by `separator`, and each word's (start, end) in the result."""
-    offsets, position = [], 0
-    for i, word in enumerate(words):
-        if i:
-            position += len(separator)
-        offsets.append((position, position + len(word)))
-        position += len(word)
-    return separator.join(words), offsets
+    lengths = list(map(len, words))
+    gap = len(separator)
+    starts = list(accumulate((n + gap for n in lengths[:-1]), initial=0)) if words else []
+    return separator.join(words), list(zip(starts, map(add, starts, lengths)))
 
 
 def split_words(text: str, char_level: bool = False) -> list[tuple[int, int]]:
@@ -205,13 +207,20 @@ def read_token_examples(
     """
     scheme = _scheme(scheme, path)
     fmt = format or _format(Path(path))
-    common = dict(scheme=scheme, char_level=char_level, repair=repair, skip_bad_rows=skip_bad_rows,
-                  require_tags=require_tags)
+    common = dict(
+        scheme=scheme, char_level=char_level, repair=repair, skip_bad_rows=skip_bad_rows, require_tags=require_tags
+    )
     if fmt == "conll":
         return read_conll(path, tag_column=tag_column, **common)
     if fmt == "jsonl":
-        return read_token_jsonl(path, text_field=text_field, tokens_field=tokens_field, tags_field=tags_field,
-                                entities_field=entities_field, **common)
+        return read_token_jsonl(
+            path,
+            text_field=text_field,
+            tokens_field=tokens_field,
+            tags_field=tags_field,
+            entities_field=entities_field,
+            **common,
+        )
     raise FinegrainError(f"{path}: unknown format {fmt!r}; use conll or jsonl")
 
 
@@ -253,7 +262,9 @@ def _lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
         with _open_text(path) as f:
             yield from enumerate(f, 1)
     except UnicodeDecodeError as exc:
-        raise FinegrainError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8") from None
+        raise FinegrainError(
+            f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8"
+        ) from None
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
 
@@ -296,17 +307,25 @@ class _Collector:
         if not self.repair:
             more = f" ({len(problems)} problems in the sentence)" if len(problems) > 1 else ""
             raise _BadSentence(
-                at, f"word {example.words[index]!r}: {reason}{more}; or set data.repair_tags: true to read it as conlleval does"
+                at,
+                f"word {example.words[index]!r}: {reason}{more}; "
+                "or set data.repair_tags: true to read it as conlleval does",
             )
         fixed = repair_tags(example.tags, self.scheme)
-        self.result.repaired.append(f"{self.path}:{at}: {reason}; read as {' '.join(fixed[max(0, index - 1):index + 2])}")
+        self.result.repaired.append(
+            f"{self.path}:{at}: {reason}; read as {' '.join(fixed[max(0, index - 1) : index + 2])}"
+        )
         example.tags = fixed
 
     def finish(self) -> TokenReadResult:
         if self.rows == 0:
-            raise FinegrainError(f"{self.path}: no sentences (empty file or only blank lines); add examples or fix the path")
+            raise FinegrainError(
+                f"{self.path}: no sentences (empty file or only blank lines); add examples or fix the path"
+            )
         if not self.result.examples:
-            raise FinegrainError(f"{self.path}: every sentence was skipped (first: {self.result.skipped[0]}); fix the file")
+            raise FinegrainError(
+                f"{self.path}: every sentence was skipped (first: {self.result.skipped[0]}); fix the file"
+            )
         return self.result
 
 
@@ -409,7 +428,9 @@ def read_token_jsonl(
         line = raw.strip()
         if not line:
             continue
-        collector.add(lambda n=line_number, line=line: _json_example(line, n, str(path), fields, char_level, require_tags))
+        collector.add(
+            lambda n=line_number, line=line: _json_example(line, n, str(path), fields, char_level, require_tags)
+        )
     return collector.finish()
 
 
@@ -435,16 +456,21 @@ def _json_example(
             if require_tags:
                 raise _BadSentence(n, f"no {tags_field!r} next to {tokens_field!r} (fields: {', '.join(obj)})")
         elif not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _BadSentence(n, f"{tags_field!r} must be a list of tag strings such as 'B-PER'; map tag ids to names first")
+            raise _BadSentence(
+                n, f"{tags_field!r} must be a list of tag strings such as 'B-PER'; map tag ids to names first"
+            )
         elif len(tags) != len(words):
             raise _BadSentence(n, f"{len(words)} tokens but {len(tags)} tags")
-        example = TokenExample.from_words(words, None if tags is None else [t.strip() for t in tags], source, char_level)
+        example = TokenExample.from_words(
+            words, None if tags is None else [t.strip() for t in tags], source, char_level
+        )
         example.extra.update(extra)
         return example
     if text_field not in obj:
         raise _BadSentence(
-            n, f"neither {tokens_field!r} (with {tags_field!r}) nor {text_field!r} (with {entities_field!r}); "
-            f"fields: {', '.join(obj) or 'none'}"
+            n,
+            f"neither {tokens_field!r} (with {tags_field!r}) nor {text_field!r} (with {entities_field!r}); "
+            f"fields: {', '.join(obj) or 'none'}",
         )
     text = obj[text_field]
     if not isinstance(text, str) or not text.strip():
@@ -485,8 +511,9 @@ def _check_spans(spans: Any, text: str, n: int, key: str) -> list[tuple[str, int
     for a, b in zip(entities, entities[1:]):
         if b[1] < a[2]:
             raise _BadSentence(
-                n, f"entities overlap: {a[0]} {text[a[1]:a[2]]!r} ({a[1]}-{a[2]}) and {b[0]} {text[b[1]:b[2]]!r} "
-                f"({b[1]}-{b[2]}); flat NER needs disjoint spans, keep one"
+                n,
+                f"entities overlap: {a[0]} {text[a[1] : a[2]]!r} ({a[1]}-{a[2]}) and {b[0]} {text[b[1] : b[2]]!r} "
+                f"({b[1]}-{b[2]}); flat NER needs disjoint spans, keep one",
             )
     return entities
 
@@ -494,7 +521,7 @@ def _check_spans(spans: Any, text: str, n: int, key: str) -> list[tuple[str, int
 def span_example(
     text: str, entities: Sequence[tuple[str, int, int]], source: str, char_level: bool = False, tagged: bool = True
 ) -> TokenExample:
-    """Words of `text` (whitespace-split, also cut at each entity boundary) with BIO tags of the entities.
+    """Words of `text` (`split_words`, also cut at each entity boundary) with BIO tags of the entities.
 
     Args:
         text: the raw text.
@@ -505,7 +532,7 @@ def span_example(
     """
     cuts = sorted({c for _, s, e in entities for c in (s, e)})
     spans: list[tuple[int, int]] = []
-    for start, end in split_on_whitespace(text, char_level):
+    for start, end in split_words(text, char_level):
         inner = [c for c in cuts if start < c < end]
         edges = [start, *inner, end]
         spans.extend(zip(edges, edges[1:]))
@@ -516,12 +543,6 @@ def span_example(
     ends = {e: i + 1 for i, (_, e) in enumerate(spans)}
     word_entities = [(t, starts[s], ends[e]) for t, s, e in entities]
     return TokenExample(words, entities_to_tags(word_entities, len(words), "BIO"), source, text, spans)
-
-
-def split_on_whitespace(text: str, char_level: bool = False) -> list[tuple[int, int]]:
-    if char_level:
-        return [(i, i + 1) for i, ch in enumerate(text) if not ch.isspace()]
-    return [m.span() for m in re.finditer(r"\S+", text)]
 
 
 def write_token_examples(path: str | os.PathLike[str], examples: Sequence[TokenExample]) -> int:
@@ -561,8 +582,12 @@ def split_token_examples(
         for t in types:
             frequency[t] = frequency.get(t, 0) + 1
     proxies = [
-        Example(text="", label=min(types, key=lambda t: (frequency[t], t)) if types else "(none)", source=ex.source,
-                extra={"index": i})
+        Example(
+            text="",
+            label=min(types, key=lambda t: (frequency[t], t)) if types else "(none)",
+            source=ex.source,
+            extra={"index": i},
+        )
         for i, (ex, types) in enumerate(zip(examples, types_of))
     ]
     parts = stratified_split(proxies, fractions, seed=seed)
@@ -597,9 +622,12 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         types of the training data.
     """
     options = dict(
-        scheme=getattr(config, "scheme", "BIO"), tag_column=getattr(config, "tag_column", -1),
-        char_level=getattr(config, "char_level", False), repair=getattr(config, "repair_tags", False),
-        skip_bad_rows=config.skip_bad_rows, text_field=config.text_field,
+        scheme=getattr(config, "scheme", "BIO"),
+        tag_column=getattr(config, "tag_column", -1),
+        char_level=getattr(config, "char_level", False),
+        repair=getattr(config, "repair_tags", False),
+        skip_bad_rows=config.skip_bad_rows,
+        text_field=config.text_field,
     )
     skipped: list[str] = []
     repaired: list[str] = []
@@ -607,9 +635,14 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         if config.train:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
         if datasets_module is None:
-            from finegrain import ner_datasets as datasets_module
+            datasets_module = _datasets_module(config.dataset)
         pool = datasets_module.load(config.dataset, **config.dataset_options)
         origin = f"dataset {config.dataset}"
+        if pool and not isinstance(pool[0], TokenExample):
+            raise FinegrainError(
+                f"data.dataset: {config.dataset!r} is a classification dataset, not tagged words; "
+                "for task: ner use wnut16, peoples_daily_ner or data.train"
+            )
     elif config.train:
         result = read_token_examples(config.train, **options)
         pool, origin = result.examples, config.train
@@ -649,3 +682,16 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
     origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
     origins["train"] = origin
     return TokenSplits(train, parts.get("validation", []), parts.get("test", []), labels, skipped, origins, repaired)
+
+
+def _datasets_module(name: str):
+    # The NER sets live in finegrain.ner_datasets until they are merged into finegrain.datasets.
+    from finegrain import datasets
+
+    if name not in datasets.DATASETS:
+        try:
+            from finegrain import ner_datasets
+        except ImportError:
+            return datasets
+        return ner_datasets
+    return datasets

@@ -119,11 +119,7 @@ def _default_entities(tags: Sequence[str]) -> list[Entity]:
             or (prev_prefix in "BI" and prefix in "BSO")
             or (prev_prefix != "O" and prev_type != type_)
         )
-        starts = (
-            prefix in "BS"
-            or (prev_prefix in "ESO" and prefix in "IE")
-            or (prefix != "O" and prev_type != type_)
-        )
+        starts = prefix in "BS" or (prev_prefix in "ESO" and prefix in "IE") or (prefix != "O" and prev_type != type_)
         if ends:
             entities.append((prev_type, begin, i))
         if starts:
@@ -235,10 +231,14 @@ def check_tags(tags: Sequence[str], scheme: str = "BIO") -> list[tuple[int, str]
         elif scheme == "BIO" and prefix == "I" and (prev[1] != type_ or prev[0] not in "BI"):
             problems.append((i, f"{tags[i]} after {_show(tags, i - 1)}; an entity starts with B-{type_}"))
         elif scheme == "IOB1" and prefix == "B" and (prev[1] != type_ or prev[0] not in "BI"):
-            problems.append((i, f"{tags[i]} after {_show(tags, i - 1)}; IOB1 uses B- only right after an entity of the same type"))
+            problems.append(
+                (i, f"{tags[i]} after {_show(tags, i - 1)}; IOB1 uses B- only right after an entity of the same type")
+            )
         elif scheme == "BIOES":
             if prefix in "IE" and (prev[1] != type_ or prev[0] not in "BI"):
-                problems.append((i, f"{tags[i]} after {_show(tags, i - 1)}; an entity starts with B-{type_} or S-{type_}"))
+                problems.append(
+                    (i, f"{tags[i]} after {_show(tags, i - 1)}; an entity starts with B-{type_} or S-{type_}")
+                )
             elif prefix in "BI" and (nxt[1] != type_ or nxt[0] not in "IE"):
                 problems.append((i, f"{tags[i]} before {_show(tags, i + 1)}; an entity ends with E-{type_}"))
     return problems
@@ -319,11 +319,15 @@ def entity_metrics(
     predicted = np.array([len(pred_sets.get(t, set())) for t in types], dtype=np.int64)
     support = np.array([len(true_sets.get(t, set())) for t in types], dtype=np.int64)
     precision, recall, f1 = _prf(tp, predicted, support)
-    micro_p, micro_r, micro_f = (float(x[0]) for x in _prf(tp.sum(keepdims=True), predicted.sum(keepdims=True),
-                                                             support.sum(keepdims=True)))
+    micro_p, micro_r, micro_f = (
+        float(x[0]) for x in _prf(tp.sum(keepdims=True), predicted.sum(keepdims=True), support.sum(keepdims=True))
+    )
     total = int(support.sum())
     if total:
-        weighted = {k: float(np.average(v, weights=support)) for k, v in zip(("precision", "recall", "f1"), (precision, recall, f1))}
+        weighted = {
+            k: float(np.average(v, weights=support))
+            for k, v in zip(("precision", "recall", "f1"), (precision, recall, f1))
+        }
     else:  # seqeval's answer when there is no gold entity
         weighted = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     return {
@@ -332,7 +336,12 @@ def entity_metrics(
         "num_examples": len(y_true),
         "labels": types,
         "per_class": {
-            t: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            t: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, t in enumerate(types)
         },
         "micro": {"precision": micro_p, "recall": micro_r, "f1": micro_f, "support": total},
@@ -351,7 +360,9 @@ def entity_metrics(
     }
 
 
-def _entity_sets(sequences: Sequence[Sequence[str]], mode: str, scheme: str | None) -> dict[str, set[tuple[int, int, int]]]:
+def _entity_sets(
+    sequences: Sequence[Sequence[str]], mode: str, scheme: str | None
+) -> dict[str, set[tuple[int, int, int]]]:
     by_type: dict[str, set[tuple[int, int, int]]] = {}
     for k, tags in enumerate(sequences):
         for type_, start, end in tags_to_entities(tags, mode, scheme):

@@ -84,6 +84,7 @@ class ClassificationTask:
     """Head, collate function, loss, predictions and metrics for text classification."""
 
     name = "classification"
+    peft_task_type = "SEQ_CLS"
 
     def __init__(
         self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None
@@ -162,7 +163,7 @@ class ClassificationTask:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
 
-    def decode(self, probs: torch.Tensor) -> list[dict[str, Any]]:
+    def decode(self, probs: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
         """Per example: the label (or labels) and the probability of every label."""
         results = []
         for row in probs.tolist():

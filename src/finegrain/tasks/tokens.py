@@ -47,7 +47,6 @@ from finegrain.evaluate.entities import (
     entity_errors,
     entity_metrics,
     normalize_scheme,
-    parse_tag,
     tag_set,
     tags_to_entities,
 )
@@ -89,7 +88,10 @@ def encode_words(
         for i, word in enumerate(ex.words):
             spaced = i > 0 and ex.offsets[i][0] > ex.offsets[i - 1][1]
             pieces.append(" " + word if spaced else word)
-    encoded = tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []
+    # Words repeat (characters of Chinese text most of all): encode each distinct piece once.
+    distinct = list(dict.fromkeys(pieces))
+    ids_of = dict(zip(distinct, tokenizer.encode_batch(distinct, add_special_tokens=False) if distinct else []))
+    encoded = [ids_of[piece] for piece in pieces]
     bos = [tokenizer.bos_token_id] if tokenizer.add_bos and tokenizer.bos_token_id is not None else []
     results, k = [], 0
     for ex in examples:
@@ -128,8 +130,8 @@ class TokenClassifier(nn.Module):
         """Tag logits (B, T, C) for right-padded `input_ids` (B, T) and `lengths` (B,).
 
         With `start_layer` > 0 the batch holds `hidden` (B, T, H), the cached output of the layers
-        below. With `output_length` in the batch the logits are zero-padded to that many positions,
-        so the rows of batches of different lengths stack (`predict_outputs` does).
+        below. Logits at padding are 0; with `output_length` in the batch they are zero-padded to that
+        many positions, so the rows of batches of different lengths stack (`predict_outputs` does).
         """
         lengths = batch["lengths"]
         x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
@@ -138,7 +140,8 @@ class TokenClassifier(nn.Module):
         # Right padding cannot reach real tokens under a causal mask; without one it must be masked.
         mask = None if self.model.config.causal else real
         x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
-        logits = self.score(self.dropout(x))  # (B, T, C)
+        # Zero at padding, so that an example's outputs do not depend on the batch it came in.
+        logits = self.score(self.dropout(x)).masked_fill(~real[..., None], 0.0)  # (B, T, C)
         width = int(batch.get("output_length", T))
         if width > T:
             logits = F.pad(logits, (0, 0, 0, width - T))  # (B, width, C)
@@ -196,7 +199,9 @@ class TokenClassificationTask:
         """Tokenize sentences word by word; labelled tokens get their word's tag index (in `scheme`)."""
         self.output_length = max(self.output_length, max_length)
         items = []
-        for ex, (ids, positions, truncated) in zip(examples, encode_words(tokenizer, examples, max_length, self.subword)):
+        for ex, (ids, positions, truncated) in zip(
+            examples, encode_words(tokenizer, examples, max_length, self.subword)
+        ):
             targets = None
             if ex.tags is not None:
                 if len(ex.tags) != len(ex.words):
@@ -210,12 +215,16 @@ class TokenClassificationTask:
             items.append(TokenEncoded(ids, positions, targets, ex, truncated))
         return items
 
-    def examples_from_inputs(self, inputs: Sequence[str | Sequence[str]], char_level: bool = False) -> list[TokenExample]:
-        """Unlabelled sentences from raw texts (split into words) or from lists of words."""
+    def examples_from_inputs(
+        self, inputs: Sequence[str | Sequence[str] | TokenExample], char_level: bool = False
+    ) -> list[TokenExample]:
+        """Sentences to predict: raw texts (split by `split_words`), lists of words, or `TokenExample`s as they are."""
         examples = []
         for i, value in enumerate(inputs):
             source = f"input:{i + 1}"
-            if isinstance(value, str):
+            if isinstance(value, TokenExample):
+                examples.append(value)
+            elif isinstance(value, str):
                 examples.append(TokenExample.from_text(value, source, char_level))
             else:
                 words = [str(w) for w in value]
@@ -224,7 +233,9 @@ class TokenClassificationTask:
                 examples.append(TokenExample.from_words(words, None, source, char_level))
         return examples
 
-    def collate(self, items: list[TokenEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def collate(
+        self, items: list[TokenEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Right-pad a batch; with `hidden` (cached lower-layer states), pad those instead of ids."""
         lengths = torch.tensor([len(e.input_ids) for e in items])
         T = int(lengths.max())
@@ -273,8 +284,11 @@ class TokenClassificationTask:
         if not (targets != IGNORE_INDEX).any():
             return logits.sum() * 0.0  # every word cut off: nothing to learn, but a graph to backprop
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weight=self.class_weights,
-            ignore_index=IGNORE_INDEX, label_smoothing=self.head.label_smoothing,
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            weight=self.class_weights,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.head.label_smoothing,
         )
 
     # -- outputs ---------------------------------------------------------------------------
@@ -293,7 +307,9 @@ class TokenClassificationTask:
         for row, item in zip(probs, items):
             ex = item.example
             kept = [i for i, p in enumerate(item.positions) if p >= 0]
-            word_probs = row[[item.positions[i] for i in kept]].double().numpy() if kept else np.zeros((0, len(self.tags)))
+            word_probs = (
+                row[[item.positions[i] for i in kept]].double().numpy() if kept else np.zeros((0, len(self.tags)))
+            )
             if self.decoding == "viterbi" and kept:
                 path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
             else:
@@ -306,16 +322,23 @@ class TokenClassificationTask:
             entities = []
             for type_, first, end in tags_to_entities(tags):
                 start, stop = ex.offsets[first][0], ex.offsets[end - 1][1]
-                entities.append({
-                    "type": type_, "start": start, "end": stop, "text": ex.text[start:stop], "words": [first, end],
-                    "score": round(sum(confidence[first:end]) / (end - first), 6),
-                })
-            results.append({"words": ex.words, "tags": tags, "entities": entities,
-                            "truncated_words": item.truncated_words})
+                entities.append(
+                    {
+                        "type": type_,
+                        "start": start,
+                        "end": stop,
+                        "text": ex.text[start:stop],
+                        "words": [first, end],
+                        "score": round(sum(confidence[first:end]) / (end - first), 6),
+                    }
+                )
+            results.append(
+                {"words": ex.words, "tags": tags, "entities": entities, "truncated_words": item.truncated_words}
+            )
         return results
 
     def metrics(self, predictions: list[dict[str, Any]], gold: list[Sequence[str]]) -> dict[str, Any]:
-        """Entity-level scores in seqeval's default mode (conlleval), plus strict-mode micro scores and an error breakdown.
+        """Entity-level scores in seqeval's default mode (conlleval), strict-mode micro scores, an error breakdown.
 
         Args:
             predictions: from `decode`.
@@ -357,8 +380,3 @@ def viterbi(scores: np.ndarray, first: np.ndarray, pairs: np.ndarray, last: np.n
     for best in reversed(back):
         path.append(int(best[path[-1]]))
     return path[::-1]
-
-
-def tag_types(tags: Sequence[str]) -> list[str]:
-    """The entity types named in a list of tags, in first-seen order (`O` and prefixes dropped)."""
-    return list(dict.fromkeys(parse_tag(t)[1] for t in tags if t != "O"))
