@@ -19,6 +19,7 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
+from finegrain.tasks import class_weights
 
 
 @dataclass
@@ -136,21 +137,8 @@ class ClassificationTask:
         return SequenceClassifier(backbone, len(self.labels), self.head.pooling)
 
     def set_class_weights(self, train: list[Encoded]) -> None:
-        weights = self.head.class_weights
-        if weights is None:
-            return
-        if weights == "balanced":
-            counts = Counter(t for e in train for t in (e.target if self.multi_label else [e.target]))
-            total = sum(counts.values())
-            values = [total / (len(self.labels) * max(counts.get(i, 0), 1)) for i in range(len(self.labels))]
-        elif isinstance(weights, dict):
-            unknown = [k for k in weights if k not in self.index]
-            if unknown:
-                raise FinegrainError(f"head.class_weights: unknown label '{unknown[0]}'; labels are {', '.join(self.labels)}")
-            values = [float(weights.get(label, 1.0)) for label in self.labels]
-        else:
-            raise FinegrainError("head.class_weights: use 'balanced' or a mapping {label: weight}")
-        self.class_weights = torch.tensor(values)
+        counts = Counter(t for e in train for t in (e.target if self.multi_label else [e.target]))
+        self.class_weights = class_weights(self.head.class_weights, self.labels, counts)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         targets = batch["targets"]

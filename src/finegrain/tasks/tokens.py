@@ -51,6 +51,7 @@ from finegrain.evaluate.entities import (
     tags_to_entities,
 )
 from finegrain.model.llama import LlamaModel
+from finegrain.tasks import class_weights
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: tokens that carry no label
 
@@ -261,21 +262,8 @@ class TokenClassificationTask:
 
     def set_class_weights(self, train: list[TokenEncoded]) -> None:
         """Weights per tag from `head.class_weights`: "balanced" (inverse frequency) or {tag: weight}."""
-        weights = self.head.class_weights
-        if weights is None:
-            return
-        if weights == "balanced":
-            counts = Counter(t for item in train for t in (item.targets or []) if t != IGNORE_INDEX)
-            total = sum(counts.values())
-            values = [total / (len(self.tags) * max(counts.get(i, 0), 1)) for i in range(len(self.tags))]
-        elif isinstance(weights, dict):
-            unknown = [k for k in weights if k not in self.index]
-            if unknown:
-                raise FinegrainError(f"head.class_weights: unknown tag '{unknown[0]}'; tags are {', '.join(self.tags)}")
-            values = [float(weights.get(tag, 1.0)) for tag in self.tags]
-        else:
-            raise FinegrainError("head.class_weights: use 'balanced' or a mapping {tag: weight}")
-        self.class_weights = torch.tensor(values)
+        counts = Counter(t for item in train for t in (item.targets or []) if t != IGNORE_INDEX)
+        self.class_weights = class_weights(self.head.class_weights, self.tags, counts)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the labelled tokens of the batch."""

@@ -1,0 +1,31 @@
+"""Tasks: each gives a head, a collate function, a loss, decoding and metrics to the one training loop."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from finegrain.errors import FinegrainError
+
+
+def class_weights(spec: Any, names: list[str], counts: Counter) -> torch.Tensor | None:
+    """Loss weights per class from `head.class_weights`.
+
+    Args:
+        spec: None, "balanced" (inverse frequency, as scikit-learn's) or {name: weight}.
+        names: the classes (or tags) in head order.
+        counts: training occurrences by class index (used by "balanced").
+    """
+    if spec is None:
+        return None
+    if spec == "balanced":
+        total = sum(counts.values())
+        return torch.tensor([total / (len(names) * max(counts.get(i, 0), 1)) for i in range(len(names))])
+    if isinstance(spec, dict):
+        unknown = [k for k in spec if k not in names]
+        if unknown:
+            raise FinegrainError(f"head.class_weights: unknown label '{unknown[0]}'; labels are {', '.join(names)}")
+        return torch.tensor([float(spec.get(name, 1.0)) for name in names])
+    raise FinegrainError("head.class_weights: use 'balanced' or a mapping {label: weight}")
