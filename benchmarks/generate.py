@@ -5,7 +5,9 @@
 Each side runs in its own process (peak RSS is its own) and reports prefill tokens/s (prompt
 tokens over the time to the first new token), decode tokens/s (new tokens after the first
 over the time they took, every sequence forced to the full length) and peak RSS, at batch 1
-and batch 8. The last line: `decode speedup vs transformers: X.XX` (batch 1).
+and batch 8: finegrain in float32 (exact) and with int8 weights (`finegrain generate --int8`,
+an approximation), transformers in float32. The last line: `decode speedup vs transformers:
+X.XX` (batch 1, int8; the float32 ratio follows in brackets).
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def finegrain_side(args) -> dict:
     from finegrain import load_model
     from finegrain.generation import generate
 
-    model, tokenizer = load_model(progress=False, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(progress=False)
+    if args.int8:
+        from finegrain.model.quantize import quantize_int8
+
+        quantize_int8(model)
     timings = {}
     for batch in args.batches:
         prompts = PROMPTS[:batch]
@@ -101,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer new tokens, batch 1 only: under 2 minutes")
     parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", help="finegrain's weight dtype (float32, bfloat16)")
+    parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["finegrain", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,20 +121,28 @@ def main() -> None:
     facts = machine_facts()
     print_facts(facts)
     print(f"matmul ceiling: {matmul_ceiling_gflops():.1f} GFLOP/s (fp32, {facts['threads']} threads)")
-    passed = ["--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--batches", *map(str, args.batches)]
-    ours = run_side(__file__, "finegrain", passed)
-    theirs = run_side(__file__, "transformers", passed)
+    passed = ["--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
+    sides = {
+        "finegrain": run_side(__file__, "finegrain", passed),
+        "finegrain int8": run_side(__file__, "finegrain", [*passed, "--int8"]),
+        "transformers": run_side(__file__, "transformers", passed),
+    }
+    theirs = sides["transformers"]
     print(f"{'':>14} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
-    for name, result in (("finegrain", ours), ("transformers", theirs)):
+    for name, result in sides.items():
         for batch in args.batches:
             row = result[f"batch{batch}"]
             print(f"{name:>14} {batch:>5} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.2f} {result['peak_rss_mb']:>12}")
-    for batch in args.batches:
-        a, b = ours[f"batch{batch}"], theirs[f"batch{batch}"]
-        print(f"batch {batch}: prefill x{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}, "
-              f"decode x{a['decode_tok_s'] / b['decode_tok_s']:.2f}")
-    print(f"peak RSS ratio: {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
-    print(f"decode speedup vs transformers: {ours['batch1']['decode_tok_s'] / theirs['batch1']['decode_tok_s']:.2f}")
+    ratio = {}
+    for name in ("finegrain", "finegrain int8"):
+        for batch in args.batches:
+            a, b = sides[name][f"batch{batch}"], theirs[f"batch{batch}"]
+            print(f"{name}, batch {batch}: prefill x{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}, "
+                  f"decode x{a['decode_tok_s'] / b['decode_tok_s']:.2f}")
+        print(f"{name}: peak RSS x{sides[name]['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
+        ratio[name] = sides[name]["batch1"]["decode_tok_s"] / theirs["batch1"]["decode_tok_s"]
+    print(f"decode speedup vs transformers: {ratio['finegrain int8']:.2f} "
+          f"(batch 1, int8 weights, opt-in approximation; exact float32: {ratio['finegrain']:.2f})")
 
 
 if __name__ == "__main__":
