@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ class HFCheckpoint:
     config: LlamaConfig
     state_dict: dict[str, torch.Tensor]
     tensor_types: dict[str, int]  # dtype name -> number of tensors, as stored
-    generation_config: dict[str, Any] = field(default_factory=dict)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -50,16 +49,16 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype = torch.float32) -> HFCheckpoint:
-    """Read config.json, generation_config.json and all safetensors weights of a checkpoint directory."""
+    """Read config.json and all safetensors weights of a checkpoint directory.
+
+    The tokenizer files and generation_config.json (extra end-of-turn ids) are the tokenizer's.
+    """
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FinegrainError(f"{config_path}: not found; a Hugging Face model directory needs config.json")
     hf_config = read_json(config_path)
     config = LlamaConfig.from_hf(hf_config)
-    generation_config = {}
-    if (directory / "generation_config.json").exists():
-        generation_config = read_json(directory / "generation_config.json")
 
     state_dict: dict[str, torch.Tensor] = {}
     tensor_types: dict[str, int] = {}
@@ -78,4 +77,4 @@ def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype
             ) from e
     if "lm_head.weight" not in state_dict:
         config.tie_word_embeddings = True
-    return HFCheckpoint(config, state_dict, tensor_types, generation_config)
+    return HFCheckpoint(config, state_dict, tensor_types)
