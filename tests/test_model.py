@@ -5,7 +5,6 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from finegrain.checkpoint.load import load_model
 from finegrain.model.config import LlamaConfig
 from finegrain.model.llama import Llama
 

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 import finegrain
 from finegrain.cli import main
 from finegrain.config import load_config
-from finegrain.errors import FinegrainError
 from finegrain.run import build
 
 POSITIVE = ["great fun film", "a gripping story", "good cast and a fine script", "the actors were great"]

@@ -19,7 +19,7 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import class_weights
+from finegrain.tasks import class_weights, pad_inputs
 
 
 @dataclass
@@ -111,16 +111,7 @@ class ClassificationTask:
 
     def collate(self, items: list[Encoded], pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Right-pad a batch; with `hidden` (cached lower-layer states), pad those instead of ids."""
-        lengths = torch.tensor([len(e.input_ids) for e in items])
-        T = int(lengths.max())
-        batch: dict[str, torch.Tensor] = {"lengths": lengths}
-        if hidden is None:
-            input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-            for row, item in enumerate(items):
-                input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-            batch["input_ids"] = input_ids
-        else:
-            batch["hidden"] = nn.utils.rnn.pad_sequence([h.float() for h in hidden], batch_first=True)
+        batch = pad_inputs(items, pad_id, hidden)
         if items[0].target is not None:
             if self.multi_label:
                 targets = torch.zeros(len(items), len(self.labels))

@@ -51,7 +51,7 @@ from finegrain.evaluate.entities import (
     tags_to_entities,
 )
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import class_weights
+from finegrain.tasks import class_weights, pad_inputs
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: tokens that carry no label
 
@@ -238,16 +238,9 @@ class TokenClassificationTask:
         self, items: list[TokenEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """Right-pad a batch; with `hidden` (cached lower-layer states), pad those instead of ids."""
-        lengths = torch.tensor([len(e.input_ids) for e in items])
-        T = int(lengths.max())
-        batch: dict[str, torch.Tensor] = {"lengths": lengths, "output_length": torch.tensor(max(self.output_length, T))}
-        if hidden is None:
-            input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-            for row, item in enumerate(items):
-                input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-            batch["input_ids"] = input_ids
-        else:
-            batch["hidden"] = nn.utils.rnn.pad_sequence([h.float() for h in hidden], batch_first=True)
+        batch = pad_inputs(items, pad_id, hidden)
+        T = int(batch["lengths"].max())
+        batch["output_length"] = torch.tensor(max(self.output_length, T))
         if items[0].targets is not None:
             targets = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
             for row, item in enumerate(items):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain.tasks import pad_inputs
 from finegrain.train.batching import sorted_batches
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -46,14 +47,11 @@ def compute_prefix(
     backbone.eval()
     batches = sorted_batches(lengths, batch_size)
     for batch in tqdm(batches, desc=f"caching layers 0-{end_layer - 1}", unit="batch", disable=not progress, leave=False):
-        T = max(lengths[i] for i in batch)
-        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        real = torch.zeros(len(batch), T, dtype=torch.bool)
-        for row, i in enumerate(batch):
-            input_ids[row, : lengths[i]] = torch.tensor(items[i].input_ids)
-            real[row, : lengths[i]] = True
+        inputs = pad_inputs([items[i] for i in batch], pad_id)
+        T = inputs["input_ids"].shape[1]
+        real = torch.arange(T)[None, :] < inputs["lengths"][:, None]  # (B, T)
         mask = None if backbone.config.causal else real
-        hidden = backbone.run_layers(backbone.embed_tokens(input_ids), attention_mask=mask, end=end_layer)
+        hidden = backbone.run_layers(backbone.embed_tokens(inputs["input_ids"]), attention_mask=mask, end=end_layer)
         for row, i in enumerate(batch):
             out[i] = hidden[row, : lengths[i]].clone()
     backbone.train(was_training)
