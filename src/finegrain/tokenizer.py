@@ -581,10 +581,8 @@ def _compile_chat_template(source: str) -> jinja2.Template:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FinegrainError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    """An optional JSON object file of a model directory: {} when absent (or not an object)."""
+    from finegrain.checkpoint.hf import read_json
+
+    value = read_json(path) if path.is_file() else {}
     return value if isinstance(value, dict) else {}

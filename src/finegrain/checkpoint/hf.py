@@ -30,6 +30,8 @@ def read_json(path: Path) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise FinegrainError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); restore the file from its source") from e
+    except UnicodeDecodeError as e:
+        raise FinegrainError(f"{path}: not UTF-8 text ({e.reason}); restore the file from its source") from e
 
 
 def safetensors_files(directory: Path) -> list[Path]:
