@@ -20,7 +20,7 @@ def test_last_token_and_mean_pooling_ignore_padding(tiny_model_dir):
     llama, tokenizer = load_model(tiny_model_dir, progress=False)
     for pooling in ("last", "mean"):
         task = ClassificationTask(["a", "b"], head=HeadConfig(pooling=pooling))
-        model = task.build_model(llama.model).eval()
+        model = task.build_model(llama).eval()
         items = task.encode(tokenizer, [Example("a short one", "a", "x:1"), Example("a much longer text than that", "b", "x:2")], 32)
         with torch.no_grad():
             together = model(task.collate(items, tokenizer.pad_token_id))
@@ -32,7 +32,7 @@ def test_bidirectional_classifier_ignores_padding(tiny_model_dir):
     llama, tokenizer = load_model(tiny_model_dir, progress=False)
     llama.model.config.causal = False
     task = ClassificationTask(["a", "b"])
-    model = task.build_model(llama.model).eval()
+    model = task.build_model(llama).eval()
     items = task.encode(tokenizer, [Example("short", "a", "x:1"), Example("a much longer text than that", "b", "x:2")], 32)
     with torch.no_grad():
         together = model(task.collate(items, tokenizer.pad_token_id))

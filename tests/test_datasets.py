@@ -129,7 +129,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_names_and_credits() -> None:
-    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec"]
+    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec", "vader"]
     table = datasets.credits()
     for info in datasets.DATASETS.values():
         assert info.licence in table and f"{info.package}=={info.version}" in table

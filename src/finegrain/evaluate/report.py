@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -524,3 +525,95 @@ def _save(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return Path(out_png)
+
+
+# --- reports of any task --------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A table of a report: a heading, column names and rows of cells (numbers are formatted)."""
+
+    heading: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def write_report(
+    out_dir: str | os.PathLike[str], title: str, summary: str, tables: Sequence[Table] = (),
+    images: Sequence[tuple[str, str]] = (),
+) -> dict[str, Path]:
+    """Write `report.md` and a self-contained `report.html` for any task's metrics.
+
+    Args:
+        out_dir: the run directory (or any directory).
+        title: the report's heading.
+        summary: one line of headline figures.
+        tables: the tables, in order.
+        images: (PNG file name in `out_dir`, caption); the learning curve is added when present.
+            Missing files are left out.
+
+    Returns:
+        The files written, by kind (`"markdown"`, `"html"`).
+    """
+    out = Path(out_dir)
+    images = [*images, ("learning_curve.png", "Learning curve")]
+    images = [(name, caption) for name, caption in dict(images).items() if (out / name).is_file()]
+
+    md = [f"# {_md_cell(title)}", "", _md_cell(summary)]
+    for table in tables:
+        md += ["", f"## {_md_cell(table.heading)}", "", "| " + " | ".join(map(_md_cell, table.columns)) + " |"]
+        md.append("|" + "---|" * len(table.columns))
+        md += ["| " + " | ".join(_md_cell(_cell(v)) for v in row) + " |" for row in table.rows]
+    for name, caption in images:
+        md += ["", f"## {caption}", "", f"![{caption}]({name})"]
+
+    e = html.escape
+    page = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+        f"<style>\n{_CSS}\n</style></head><body>", f"<h1>{e(title)}</h1>", f'<p class="summary">{e(summary)}</p>',
+    ]
+    for table in tables:
+        page += [f"<h2>{e(table.heading)}</h2>", "<table><thead><tr>"]
+        page.append("".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr></thead><tbody>")
+        for row in table.rows:
+            page.append(
+                "<tr>" + "".join(
+                    f"<td class=num>{e(_cell(v))}</td>" if _is_number(v) else f"<td>{e(_cell(v))}</td>" for v in row
+                ) + "</tr>"
+            )
+        page.append("</tbody></table>")
+    for name, caption in images:
+        page += [f"<h2>{e(caption)}</h2>", _html_image(caption, base64.b64encode((out / name).read_bytes()).decode("ascii"))]
+    page.append("</body></html>")
+    return {
+        "markdown": atomic_write_text(out / "report.md", "\n".join(md) + "\n"),
+        "html": atomic_write_text(out / "report.html", "\n".join(page) + "\n"),
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float) and _is_number(value):
+        return _number(value, 4)
+    return "n/a" if value is None else str(value)
+
+
+def plot_bars(
+    out_png: str | os.PathLike[str], title: str, groups: Sequence[str], series: dict[str, Sequence[float]],
+    ylabel: str = "", reference: Sequence[float] | None = None,
+) -> Path:
+    """A grouped bar chart: one group per name in `groups`, one bar per series; `reference`
+    (one value per group) is drawn as a dashed line, e.g. the true mean beside predictions."""
+    fig = _figure((max(4.5, 0.9 * len(groups) + 2), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    positions = range(len(groups))
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([p + (k - (len(series) - 1) / 2) * width for p in positions], values, width, label=name)
+    if reference is not None:
+        ax.plot(list(positions), reference, "k--", marker="o", linewidth=1, label="reference")
+    ax.set_xticks(list(positions), [_shorten(g, 18) for g in groups], rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False)
+    return _save(fig, out_png)

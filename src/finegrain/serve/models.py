@@ -30,11 +30,17 @@ from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama, LlamaModel
 from finegrain.tokenizer import Tokenizer
 
-# The endpoint each task answers on. Tasks that are valid in a run config but not here yet
-# (token classification, relations, QA) are refused with a clear message at start-up.
-TASK_ENDPOINTS = {"classification": "/v1/classify"}
-GENERATIVE_TASKS = ("instruct",)  # runs whose adapter steers the language model itself
+# The endpoint each task answers on; generative runs answer on GENERATE_ENDPOINTS.
+TASK_ENDPOINTS = {
+    "classification": "/v1/classify",
+    "regression": "/v1/regress",
+    "ner": "/v1/ner",
+    "relation": "/v1/relation",
+    "qa": "/v1/qa",
+}
+GENERATIVE_TASKS = ("instruct",)  # runs whose adapter (LoRA only, no head) steers the language model itself
 GENERATE_ENDPOINTS = ("/v1/generate", "/v1/chat/completions")
+LABELLED_TASKS = ("classification", "ner", "relation")  # whose labels.json lists classes (regression: mean, std)
 
 
 class SwitchLinear(nn.Module):
@@ -136,15 +142,25 @@ class AdapterBank:
                 self.active.name = None
 
 
-def backbone_view(backbone: LlamaModel, num_layers: int | None, causal: bool) -> LlamaModel:
-    """A `LlamaModel` that shares every tensor of `backbone` but runs only its first `num_layers`
-    layers, with its own causal flag: what `finegrain.run.build` cuts, without a copy."""
-    view = copy.copy(backbone)
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A second module object holding the same children, parameters and buffers (no tensor is
+    copied); assigning a child or attribute on it leaves `module` as it was."""
+    view = copy.copy(module)
     for attribute in ("_modules", "_parameters", "_buffers"):
-        setattr(view, attribute, dict(getattr(backbone, attribute)))
-    count = len(backbone.layers) if num_layers is None else num_layers
-    view.layers = nn.ModuleList(list(backbone.layers)[:count])
-    view.config = dataclasses.replace(backbone.config, num_layers=count, causal=causal)
+        setattr(view, attribute, dict(getattr(module, attribute)))
+    return view
+
+
+def llama_view(llama: Llama, num_layers: int | None, causal: bool) -> Llama:
+    """A `Llama` that shares every tensor of `llama`, but whose decoder runs only its first
+    `num_layers` layers with its own causal flag: what `finegrain.run.build` cuts, without a copy.
+    A task's `build_model` takes it where training passes the loaded base."""
+    backbone = shallow_copy(llama.model)
+    count = len(llama.model.layers) if num_layers is None else num_layers
+    backbone.layers = nn.ModuleList(list(llama.model.layers)[:count])
+    backbone.config = dataclasses.replace(llama.model.config, num_layers=count, causal=causal)
+    view = shallow_copy(llama)
+    view.model, view.config = backbone, backbone.config
     return view
 
 
@@ -169,19 +185,26 @@ class ServedBase:
 
 @dataclass
 class ServedRun:
-    """A fine-tuned run: its task, head and config, on a shared base."""
+    """A fine-tuned run: its config and, once loaded, its task and task model on a shared base.
+
+    Generative runs have no task model: generation runs the base with the run's adapter.
+    """
 
     name: str
     run_dir: Path
     config: Any  # finegrain.config.RunConfig
     base: ServedBase | None = None
-    task: Any = None  # finegrain.tasks.classification.ClassificationTask
-    classifier: nn.Module | None = None
+    task: Any = None  # a finegrain.tasks.Task
+    model: nn.Module | None = None  # the task's model (`task.build_model`) on a view of the base
     adapter_bytes: int = 0
 
     @property
+    def generative(self) -> bool:
+        return self.config.task in GENERATIVE_TASKS
+
+    @property
     def endpoint(self) -> str:
-        return TASK_ENDPOINTS.get(self.config.task, "/v1/generate")
+        return "/v1/chat/completions" if self.generative else TASK_ENDPOINTS[self.config.task]
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -225,8 +248,6 @@ class ModelRegistry:
             if name in self.runs:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
             config = load_run_config(run_dir)
-            if config.task not in TASK_ENDPOINTS and config.task not in GENERATIVE_TASKS:
-                raise FinegrainError(f"{run_dir}: runs of task '{config.task}' cannot be served yet")
             if not (run_dir / ADAPTER_DIR / "adapter_config.json").exists():
                 raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
             self.runs[name] = ServedRun(name, run_dir, config)
@@ -258,46 +279,49 @@ class ModelRegistry:
             self._load_run(run, by_source[run.config.model.name])
 
     def _load_run(self, run: ServedRun, base: ServedBase) -> None:
+        """Put the run's LoRA pairs into the base's bank and build its task model around a view
+        of the base, with the whole modules the adapter saved (`task.head_modules`) loaded."""
         from finegrain.peft import read_adapter
         from finegrain.run import ADAPTER_DIR
-        from finegrain.tasks.classification import ClassificationTask
+        from finegrain.tasks import task_class
 
         adapter_dir = run.run_dir / ADAPTER_DIR
         lora, tensors = read_adapter(adapter_dir)
         source = str(adapter_dir / "adapter_model.safetensors")
-        head = tensors.pop("score.weight", None)
-        unknown = [k for k in tensors if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))]
-        if unknown:
-            raise FinegrainError(f"{source}: '{unknown[0]}' is a whole module, which a shared base cannot hold; serve this run alone")
-        num_layers = run.config.model.num_layers
+        pairs = {k: v for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        whole = {k: v for k, v in tensors.items() if k not in pairs}
+        config = run.config
+        task = None
+        if not run.generative:
+            labels = json.loads((run.run_dir / "labels.json").read_text(encoding="utf-8"))
+            task = task_class(config.task).from_config(config, labels)
+        own = task.head_modules if task is not None else ()
+        shared = [k for k in whole if not k.startswith(tuple(f"{name}." for name in own))]
+        if shared:
+            raise FinegrainError(f"{source}: '{shared[0]}' is a whole module, which a shared base cannot hold; serve this run alone")
+        num_layers = config.model.num_layers
         if num_layers is not None and not 1 <= num_layers <= len(base.llama.model.layers):
             raise FinegrainError(f"{run.run_dir}: model.num_layers={num_layers} does not fit the base's {len(base.llama.model.layers)} layers")
         run.base = base
-        run.adapter_bytes = base.bank.add(run.name, tensors, lora.scaling, source)
-        if run.config.task in GENERATIVE_TASKS:
+        run.adapter_bytes = base.bank.add(run.name, pairs, lora.scaling, source)
+        if task is None:
             return
-        if head is None:
-            raise FinegrainError(f"{source}: no 'score.weight' head; a classification run saves one")
-        labels = json.loads((run.run_dir / "labels.json").read_text(encoding="utf-8"))
-        config = run.config
-        run.task = ClassificationTask(labels, config.data.multi_label, config.head, config.data.template)
-        if head.shape != (len(labels), base.llama.config.hidden_size):
-            raise FinegrainError(f"{source}: head 'score.weight' has shape {tuple(head.shape)}, not ({len(labels)}, hidden size)")
-        view = backbone_view(base.llama.model, num_layers, causal=not config.model.bidirectional)
-        classifier = run.task.build_model(view)
-        with torch.no_grad():
-            classifier.score.weight.copy_(head)
-        run.classifier = classifier.eval().requires_grad_(False)
-        run.adapter_bytes += classifier.score.weight.nbytes
+        view = llama_view(base.llama, num_layers, causal=not config.model.bidirectional)
+        model = task.build_model(view, base.tokenizer)
+        for name in own:
+            load_whole_module(model, name, whole, source)
+        run.task, run.model = task, model.eval().requires_grad_(False)
+        run.adapter_bytes += sum(t.nbytes for t in whole.values())
 
     def describe(self) -> list[dict[str, Any]]:
         """`/v1/models` entries: runs first, then base models."""
         entries = []
         for run in self.runs.values():
             entry = {"id": run.name, "task": run.config.task, "endpoint": run.endpoint, "base": base_id(run.config.model.name)}
-            if run.task is not None:
+            if run.task is not None and run.config.task in LABELLED_TASKS:
                 entry["labels"] = run.task.labels
-                entry["multi_label"] = run.task.multi_label
+            if run.config.task == "classification":
+                entry["multi_label"] = run.config.data.multi_label
             if run.base is not None:
                 entry["adapter_bytes"] = run.adapter_bytes
             entries.append(entry)
@@ -307,3 +331,24 @@ class ModelRegistry:
                 entry["parameter_bytes"] = self.bases[base_id(source)].num_bytes
             entries.append(entry)
         return entries
+
+
+def load_whole_module(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors["<name>.<key>"]` into every entry of `model.<name>`'s state dict.
+
+    Raises:
+        FinegrainError: a tensor is missing or has another shape than the module's.
+    """
+    module = model.get_submodule(name)
+    state = {}
+    for key, target in module.state_dict().items():
+        tensor = tensors.get(f"{name}.{key}")
+        if tensor is None:
+            raise FinegrainError(f"{source}: '{name}.{key}' is missing; the run's task saves its '{name}' module, save the adapter again")
+        if tensor.shape != target.shape:
+            raise FinegrainError(
+                f"{source}: '{name}.{key}' has shape {tuple(tensor.shape)}, the task's model needs {tuple(target.shape)}; "
+                "do labels.json and config.yaml belong to this adapter?"
+            )
+        state[key] = tensor
+    module.load_state_dict(state)

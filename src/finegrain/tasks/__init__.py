@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from finegrain.errors import FinegrainError
 
@@ -41,3 +45,105 @@ def pad_inputs(items: list, pad_id: int, hidden: list[torch.Tensor] | None = Non
     for row, item in enumerate(items):
         input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
     return {"lengths": lengths, "input_ids": input_ids}
+
+
+# The task of each `task:` name in a run config, imported when first used.
+TASKS = {
+    "classification": "finegrain.tasks.classification:ClassificationTask",
+    "regression": "finegrain.tasks.classification:RegressionTask",
+    "ner": "finegrain.tasks.tokens:TokenClassificationTask",
+    "relation": "finegrain.tasks.relation:RelationTask",
+    "qa": "finegrain.tasks.qa:QATask",
+    "instruct": "finegrain.tasks.instruct:InstructTask",
+}
+
+
+def task_class(name: str) -> type[Task]:
+    """The task class registered for `task: name`."""
+    if name not in TASKS:
+        raise FinegrainError(f"task: '{name}' is not one of {', '.join(TASKS)}")
+    module, _, attribute = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class Task:
+    """What every task gives the training loop, the run directory, `predict` and the server.
+
+    A task reads its data (`load_splits`, `read_file`, `examples_from_inputs`), tokenizes it
+    (`encode` → items with `input_ids`), batches it (`collate`), builds the model around the
+    base (`build_model`), scores a batch (`loss`) and turns model outputs into task-shaped
+    results (`predict`, by default `decode(probabilities(outputs), items)`) and metrics.
+
+    Attributes:
+        name: the `task:` name.
+        headline_metric: the validation metric to select by when `train.metric` is not set.
+        peft_task_type: PEFT's `task_type` of the saved adapter.
+        head_modules: modules trained and saved whole with the adapter (PEFT's `modules_to_save`).
+        labels: what `labels.json` records (classes, entity types, relation types; may be empty).
+    """
+
+    name = ""
+    headline_metric = ""
+    peft_task_type = ""
+    head_modules: tuple[str, ...] = ("score",)
+    labels: list[str] = []
+    class_weights: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, labels: list[str]) -> Task:
+        """The task for a `RunConfig` and the labels of its training data."""
+        raise NotImplementedError
+
+    @staticmethod
+    def load_splits(data: Any) -> Any:
+        """Train, validation and test examples (a `finegrain.data.load.Splits`) from a `DataConfig`."""
+        raise NotImplementedError
+
+    def read_file(self, data: Any, path: str, require_label: bool = True) -> list:
+        """Examples from a file in the run's format, for `evaluate` and `predict --input`."""
+        raise NotImplementedError
+
+    def examples_from_inputs(self, inputs: Sequence[Any], data: Any) -> list:
+        """Examples from what a Python caller or HTTP client passes (texts, dicts, examples)."""
+        raise NotImplementedError
+
+    def input_record(self, example: Any) -> dict[str, Any]:
+        """The fields of an example echoed next to its prediction by `finegrain predict`."""
+        return {"text": example.text}
+
+    def gold(self, examples: Sequence[Any]) -> list:
+        """The reference answers of labelled examples, as `metrics` takes them."""
+        return [e.label for e in examples]
+
+    def build_model(self, llama: nn.Module, tokenizer: Any) -> nn.Module:
+        """The trainable model around the base `Llama`; its decoder must be `.model`."""
+        raise NotImplementedError
+
+    def set_class_weights(self, train: list) -> None:
+        """Loss weights from the training items (`head.class_weights`); nothing by default."""
+
+    def predict(
+        self, model: nn.Module, items: list, pad_id: int, batch_size: int = 64,
+        hidden: list[torch.Tensor] | None = None, start_layer: int = 0, progress: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Task-shaped predictions of `model` for encoded items (one per example)."""
+        from finegrain.train.trainer import predict_outputs
+
+        outputs = predict_outputs(model, self, items, pad_id, batch_size, hidden, start_layer, progress)
+        return self.decode(self.probabilities(outputs), items)
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().softmax(-1)
+
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], split: str, title: str) -> None:
+        """Human-readable reports of a split's metrics next to `metrics.json`."""
+        from finegrain.evaluate.report import write_classification_report
+
+        write_classification_report(run_dir, metrics, split_name=split, title=title)
+
+    @staticmethod
+    def report_text(metrics: dict[str, Any]) -> str:
+        """The metrics as a terminal table."""
+        from finegrain.evaluate.report import format_report_text
+
+        return format_report_text(metrics)

@@ -19,7 +19,7 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import class_weights, pad_inputs
+from finegrain.tasks import Task, class_weights, pad_inputs
 
 
 @dataclass
@@ -81,7 +81,7 @@ class SequenceClassifier(nn.Module):
         return self.score(pooled)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Head, collate function, loss, predictions and metrics for text classification."""
 
     name = "classification"
@@ -98,7 +98,38 @@ class ClassificationTask:
         self.head = head or HeadConfig()
         self.class_weights: torch.Tensor | None = None
 
+    @classmethod
+    def from_config(cls, config, labels: list[str]) -> ClassificationTask:
+        return cls(labels, config.data.multi_label, config.head, config.data.template)
+
     # -- data ------------------------------------------------------------------------------
+
+    @staticmethod
+    def load_splits(data):
+        from finegrain.data.load import load_splits
+
+        return load_splits(data)
+
+    def read_file(self, data, path: str, require_label: bool = True) -> list:
+        from finegrain.data.load import read_file
+        from finegrain.data.readers import check_labels
+
+        examples = read_file(data, str(path), require_label).examples
+        if require_label:
+            examples = check_labels(examples, self.labels, str(path), data.skip_bad_rows).examples
+        if not examples:
+            raise FinegrainError(f"{path}: no usable examples")
+        return examples
+
+    def examples_from_inputs(self, inputs, data) -> list:
+        from finegrain.data.readers import Example
+
+        examples = []
+        for i, text in enumerate(inputs):
+            if not isinstance(text, str) or not text.strip():
+                raise FinegrainError(f"input:{i + 1}: expected a non-empty text, got {text!r}")
+            examples.append(Example(text=text, label=None, source=f"input:{i + 1}"))
+        return examples
 
     def encode(self, tokenizer, examples: list, max_length: int) -> list[Encoded]:
         ids = encode_texts(tokenizer, [e.text for e in examples], max_length, self.template)
@@ -124,8 +155,8 @@ class ClassificationTask:
 
     # -- model -----------------------------------------------------------------------------
 
-    def build_model(self, backbone: LlamaModel) -> SequenceClassifier:
-        return SequenceClassifier(backbone, len(self.labels), self.head.pooling)
+    def build_model(self, llama, tokenizer=None) -> SequenceClassifier:
+        return SequenceClassifier(llama.model, len(self.labels), self.head.pooling)
 
     def set_class_weights(self, train: list[Encoded]) -> None:
         counts = Counter(t for e in train for t in (e.target if self.multi_label else [e.target]))
@@ -161,3 +192,115 @@ class ClassificationTask:
         if self.multi_label:
             return multilabel_metrics(gold, predicted, self.labels)
         return classification_metrics(gold, predicted, self.labels)
+
+
+class RegressionTask(ClassificationTask):
+    """A number per text: one output on the last real token, mean squared error.
+
+    The head predicts the target standardised by the training data's mean and standard
+    deviation (kept in `labels.json` as `["<label field>", mean, std]`), so its initial
+    outputs are already on the targets' scale whatever their units.
+    """
+
+    name = "regression"
+    peft_task_type = "SEQ_CLS"
+
+    def __init__(self, labels: list, head: HeadConfig | None = None, template: str | None = None):
+        super().__init__(["score"], False, head, template)
+        self.headline_metric = "neg_mse"  # selecting needs "higher is better"; metrics also hold mse, r2, pearson
+        self.labels = list(labels)
+        self.mean = float(labels[1]) if len(labels) > 1 else 0.0
+        self.std = float(labels[2]) if len(labels) > 2 else 1.0
+
+    @classmethod
+    def from_config(cls, config, labels: list) -> RegressionTask:
+        return cls(labels, config.head, config.data.template)
+
+    @staticmethod
+    def load_splits(data):
+        from finegrain.data.load import load_splits
+
+        splits = load_splits(data, regression=True)
+        values = torch.tensor([e.label for e in splits.train], dtype=torch.float64)
+        std = float(values.std()) if len(values) > 1 else 1.0
+        splits.labels = [data.label_field, round(float(values.mean()), 6), round(std if std > 0 else 1.0, 6)]
+        return splits
+
+    def read_file(self, data, path: str, require_label: bool = True) -> list:
+        from finegrain.data.load import read_file
+
+        examples = read_file(data, str(path), require_label, regression=True).examples
+        if not examples:
+            raise FinegrainError(f"{path}: no usable examples")
+        return examples
+
+    def target(self, label: Any) -> float:
+        return (float(label) - self.mean) / self.std
+
+    def collate(self, items: list[Encoded], pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        batch = pad_inputs(items, pad_id, hidden)
+        if items[0].target is not None:
+            batch["targets"] = torch.tensor([item.target for item in items], dtype=torch.float32)
+        return batch
+
+    def build_model(self, llama, tokenizer=None) -> SequenceClassifier:
+        return SequenceClassifier(llama.model, 1, self.head.pooling)
+
+    def set_class_weights(self, train: list[Encoded]) -> None:
+        if self.head.class_weights is not None:
+            raise FinegrainError("head.class_weights: regression has no classes; remove the key")
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.mse_loss(logits[:, 0], batch["targets"])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float()[:, 0] * self.std + self.mean  # back in the targets' units
+
+    def decode(self, values: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
+        """Per example: the predicted `value`."""
+        return [{"value": round(v, 6)} for v in values.tolist()]
+
+    def metrics(self, predictions: list[dict[str, Any]], gold: list[Any]) -> dict[str, Any]:
+        from finegrain.evaluate.metrics import regression_metrics
+
+        truth = [float(g) for g in gold]
+        predicted = [p["value"] for p in predictions]
+        metrics = regression_metrics(truth, predicted)
+        metrics["neg_mse"] = -metrics["mse"]
+        metrics["by_range"] = _by_range(truth, predicted)
+        return metrics
+
+    def write_report(self, run_dir, metrics: dict[str, Any], split: str, title: str) -> None:
+        """report.md/html: the error and correlation figures, and predictions by range of the true value (PNG)."""
+        from finegrain.evaluate.report import Table, plot_bars, write_report
+
+        ranges = metrics["by_range"]
+        names = [f"{r['low']:.2f} to {r['high']:.2f}" for r in ranges]
+        plot_bars(
+            run_dir / "by_range.png", f"{split}: mean prediction by range of the true value", names,
+            {"mean predicted": [r["mean_predicted"] for r in ranges]}, "value", [r["mean_true"] for r in ranges],
+        )
+        keys = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
+        summary = f"split: {split} · {metrics['num_examples']:,} examples · " + " · ".join(
+            f"{k} {metrics[k]:.4f}" for k in keys if metrics[k] is not None
+        )
+        rows = [[n, r["count"], r["mean_true"], r["mean_predicted"], r["mae"]] for n, r in zip(names, ranges)]
+        table = Table("By range of the true value", ["true value", "examples", "mean true", "mean predicted", "mae"], rows)
+        write_report(run_dir, title, summary, [table], [("by_range.png", "Mean prediction by range of the true value")])
+
+
+def _by_range(truth: list[float], predicted: list[float], bins: int = 5) -> list[dict[str, Any]]:
+    """Examples grouped into (at most) `bins` equal-count ranges of the true value: count, means, MAE.
+
+    Shows what a single correlation hides: predictions pulled towards the mean at the extremes.
+    """
+    order = sorted(range(len(truth)), key=truth.__getitem__)
+    groups = [order[len(order) * b // bins : len(order) * (b + 1) // bins] for b in range(bins)]
+    rows = []
+    for group in (g for g in groups if g):
+        t, p = [truth[i] for i in group], [predicted[i] for i in group]
+        rows.append({
+            "low": t[0], "high": t[-1], "count": len(group), "mean_true": sum(t) / len(t),
+            "mean_predicted": sum(p) / len(p), "mae": sum(abs(a - b) for a, b in zip(t, p)) / len(t),
+        })
+    return rows

@@ -51,7 +51,7 @@ from finegrain.evaluate.entities import (
     tags_to_entities,
 )
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import class_weights, pad_inputs
+from finegrain.tasks import Task, class_weights, pad_inputs
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: tokens that carry no label
 
@@ -149,7 +149,7 @@ class TokenClassifier(nn.Module):
         return logits
 
 
-class TokenClassificationTask:
+class TokenClassificationTask(Task):
     """Head, collate function, loss, decoding and entity metrics for NER and other word tagging.
 
     Args:
@@ -194,7 +194,33 @@ class TokenClassificationTask:
         self.output_length = 0  # the longest `max_length` encoded so far: predict_outputs stacks rows this wide
         self._first, self._pairs, self._last = allowed_transitions(self.tags, self.scheme)
 
+    @classmethod
+    def from_config(cls, config, labels: list[str]) -> TokenClassificationTask:
+        head = config.head
+        return cls(labels, head.scheme, head, head.subword, head.decoding)
+
     # -- data ------------------------------------------------------------------------------
+
+    @staticmethod
+    def load_splits(data):
+        from finegrain.data.conll import load_token_splits
+
+        return load_token_splits(data)
+
+    def read_file(self, data, path: str, require_label: bool = True) -> list[TokenExample]:
+        from finegrain.data.conll import read_token_examples
+
+        examples = read_token_examples(
+            path, require_tags=require_label, scheme=data.scheme, tag_column=data.tag_column,
+            char_level=data.char_level, repair=data.repair_tags, skip_bad_rows=data.skip_bad_rows,
+            text_field=data.text_field,
+        ).examples
+        if not examples:
+            raise FinegrainError(f"{path}: no usable sentences")
+        return examples
+
+    def gold(self, examples: Sequence[TokenExample]) -> list:
+        return [e.tags for e in examples]
 
     def encode(self, tokenizer, examples: Sequence[TokenExample], max_length: int) -> list[TokenEncoded]:
         """Tokenize sentences word by word; labelled tokens get their word's tag index (in `scheme`)."""
@@ -216,10 +242,9 @@ class TokenClassificationTask:
             items.append(TokenEncoded(ids, positions, targets, ex, truncated))
         return items
 
-    def examples_from_inputs(
-        self, inputs: Sequence[str | Sequence[str] | TokenExample], char_level: bool = False
-    ) -> list[TokenExample]:
+    def examples_from_inputs(self, inputs: Sequence[str | Sequence[str] | TokenExample], data) -> list[TokenExample]:
         """Sentences to predict: raw texts (split by `split_words`), lists of words, or `TokenExample`s as they are."""
+        char_level = data.char_level
         examples = []
         for i, value in enumerate(inputs):
             source = f"input:{i + 1}"
@@ -250,8 +275,8 @@ class TokenClassificationTask:
 
     # -- model -----------------------------------------------------------------------------
 
-    def build_model(self, backbone: LlamaModel) -> TokenClassifier:
-        return TokenClassifier(backbone, len(self.tags), self.dropout)
+    def build_model(self, llama, tokenizer=None) -> TokenClassifier:
+        return TokenClassifier(llama.model, len(self.tags), self.dropout)
 
     def set_class_weights(self, train: list[TokenEncoded]) -> None:
         """Weights per tag from `head.class_weights`: "balanced" (inverse frequency) or {tag: weight}."""
@@ -273,9 +298,6 @@ class TokenClassificationTask:
         )
 
     # -- outputs ---------------------------------------------------------------------------
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(-1)
 
     def decode(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[dict[str, Any]]:
         """Per sentence: `words`, their `tags`, the `entities` and `truncated_words`.

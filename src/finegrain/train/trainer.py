@@ -74,11 +74,11 @@ class Trainer:
     Args:
         model: a task model whose `forward(batch, start_layer)` returns outputs for `task.loss`;
             its decoder is `model.model`.
-        task: gives `collate(items, pad_id, hidden)` and `loss(outputs, batch)`.
+        task: gives `collate(items, pad_id, hidden)`, `loss(outputs, batch)` and `predict(...)`.
         train: encoded training items (each with `input_ids`).
         validation: encoded validation items, or an empty list.
-        score: turns the model's outputs on `validation` into metrics (a dict; numbers at its top
-            level and in its `macro`/`micro`/`weighted` sections are logged).
+        score: turns the task's predictions on `validation` (`task.predict`) into metrics (a dict;
+            numbers at its top level and in its `macro`/`micro`/`weighted` sections are logged).
         run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go.
     """
 
@@ -91,7 +91,7 @@ class Trainer:
         run_dir: Path,
         pad_id: int,
         validation: list = (),
-        score: Callable[[torch.Tensor], dict[str, Any]] | None = None,
+        score: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
         progress: bool = True,
     ):
         self.model, self.task, self.train_items, self.config = model, task, train, config
@@ -137,7 +137,7 @@ class Trainer:
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
             self.hidden, self.validation_hidden = (
-                compute_prefix(self.model.model, items, self.start_layer, self.pad_id,
+                compute_prefix(self.model.model, self.task, items, self.start_layer, self.pad_id,
                                self.config.eval_batch_size, self.progress)
                 for items in (self.train_items, self.validation_items)
             )
@@ -221,11 +221,11 @@ class Trainer:
     def _validate(self) -> None:
         if self.score is None or not self.validation_items:
             return
-        outputs = predict_outputs(
-            self.model, self.task, self.validation_items, self.pad_id, self.config.eval_batch_size,
+        predictions = self.task.predict(
+            self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
             self.validation_hidden, self.start_layer,
         )
-        metrics = self.score(outputs)
+        metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
         if name not in flat:
