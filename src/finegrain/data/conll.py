@@ -615,7 +615,7 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
 
     Args:
         config: a `DataConfig` with the NER keys (`scheme`, `tag_column`, `repair_tags`, `char_level`).
-        datasets_module: where bundled datasets are loaded from (default `finegrain.ner_datasets`).
+        datasets_module: where bundled datasets are loaded from (default `finegrain.datasets`).
 
     Returns:
         `TokenSplits` (`finegrain.data.load.Splits` plus `repaired`) whose `labels` are the entity
@@ -635,7 +635,7 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         if config.train:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
         if datasets_module is None:
-            datasets_module = _datasets_module(config.dataset)
+            from finegrain import datasets as datasets_module
         pool = datasets_module.load(config.dataset, **config.dataset_options)
         origin = f"dataset {config.dataset}"
         if pool and not isinstance(pool[0], TokenExample):
@@ -682,16 +682,3 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
     origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
     origins["train"] = origin
     return TokenSplits(train, parts.get("validation", []), parts.get("test", []), labels, skipped, origins, repaired)
-
-
-def _datasets_module(name: str):
-    # The NER sets live in finegrain.ner_datasets until they are merged into finegrain.datasets.
-    from finegrain import datasets
-
-    if name not in datasets.DATASETS:
-        try:
-            from finegrain import ner_datasets
-        except ImportError:
-            return datasets
-        return ner_datasets
-    return datasets

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finegrain import datasets
 from finegrain.config import DataConfig
 from finegrain.data.readers import Example, check_labels, read_examples
 from finegrain.data.split import infer_labels, stratified_split, stratified_subset
@@ -35,11 +34,15 @@ def load_splits(config: DataConfig, regression: bool = False) -> Splits:
     error (or a skipped row with `skip_bad_rows`). With `regression`, labels are numbers and
     the splits are stratified by value bins; `labels` is then `[data.label_field]`.
     """
+    from finegrain import datasets  # imports the NER sets, whose reader imports this module
+
     skipped: list[str] = []
     if config.dataset:
         if config.train:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
         pool, origin = datasets.load(config.dataset, **config.dataset_options), f"dataset {config.dataset}"
+        if pool and not isinstance(pool[0], Example):
+            raise FinegrainError(f"data.dataset: {config.dataset!r} is a set of tagged words; train it with task: ner")
     elif config.train:
         result = read_file(config, config.train, regression=regression)
         pool, origin = result.examples, config.train

