@@ -86,17 +86,3 @@ def test_real_model_batched_equals_single():
     assert batched == [generate(model, tokenizer, p, max_new_tokens=6) for p in prompts]
     assert "Paris" in batched[0]
 
-
-def test_int8_decoding_stays_close_to_float32(tiny_model_dir):
-    from finegrain.model.quantize import quantize_int8
-
-    model, tokenizer = load_model(tiny_model_dir, progress=False)
-    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.")])
-    with torch.no_grad():
-        reference = model(ids)
-        quantize_int8(model)
-        quantized = model(ids)
-    assert not isinstance(model.lm_head, torch.nn.Linear)  # really swapped
-    error = (quantized - reference).abs().max() / reference.abs().max()
-    assert 0 < error < 0.05
-    assert isinstance(generate(model, tokenizer, "The capital", max_new_tokens=4), str)

@@ -1,5 +1,7 @@
 """Our LLaMA against transformers' LlamaForCausalLM, loaded from a checkpoint transformers saved."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -92,6 +94,33 @@ def test_kv_cache_equals_full_forward(tiny_model):
             steps.append(tiny_model(input_ids[:, t : t + 1], input_pos=torch.tensor([t])))
         tiny_model.clear_cache()
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
+def test_fused_projections_equal_separate(tiny_config, bias):
+    torch.manual_seed(0)
+    separate = Llama(tiny_config.replace(attention_bias=bias)).eval()
+    randomize_biases(separate)
+    fused = copy.deepcopy(separate)
+    fused.fuse_projections()
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    input_ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        expected = separate(input_ids)
+        assert_close(fused(input_ids), expected, atol=1e-4, rtol=0)
+        fused.setup_cache(batch_size=2, max_len=12)
+        steps = [fused(input_ids[:, :5], input_pos=torch.arange(5))]
+        steps += [fused(input_ids[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(5, 12)]
+    assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_fusing_refuses_an_adapter_layer(tiny_model):
+    from finegrain.peft.base import apply_lora
+    from finegrain.peft.lora import LoraConfig
+
+    apply_lora(tiny_model, LoraConfig(r=2, targets=("q_proj",)))
+    with pytest.raises(TypeError, match="merge adapters"):
+        tiny_model.fuse_projections()
 
 
 def test_bidirectional_attention_sees_the_future(tiny_config):

@@ -86,6 +86,8 @@ def generate(
     for i, ids in enumerate(encoded):
         input_ids[i, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         mask[i, : P - len(ids)] = 0
+    if all(len(ids) == P for ids in encoded):
+        mask = None  # no padding: the model builds no mask for a decoding step
 
     eos_ids = torch.tensor([] if ignore_eos else sorted(tokenizer.eos_token_ids), dtype=torch.long, device=device)
     seen = input_ids.clone()

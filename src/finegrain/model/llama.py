@@ -52,14 +52,13 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's `x * cos + rotate_half(x) * sin`, with rotate_half's negation folded into the sine.
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hd); cos, sin: (B, 1, T, hd)
-    return x * cos + rotate_half(x) * sin
+    x: (B, nh, T, hd); cos, signed_sin: (B, 1, T, hd), signed_sin = cat(-sin1, sin2). `roll` swaps
+    the halves in one op where rotate_half takes a chunk, a negation and a cat, in every layer.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -72,7 +71,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, once `fuse_projections` ran
         self.kv_cache: KVCache | None = None
+
+    def fuse_projections(self) -> None:
+        """Replace q_proj, k_proj, v_proj by one `qkv_proj` (for inference: see `Llama.fuse_projections`)."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -84,9 +89,14 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
@@ -102,9 +112,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, once `fuse_projections` ran
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one `gate_up_proj` (see `Llama.fuse_projections`)."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_linears(*linears: nn.Module) -> nn.Linear:
+    """One `nn.Linear` whose output is the outputs of `linears` (same input) concatenated."""
+    others = [type(linear).__name__ for linear in linears if type(linear) is not nn.Linear]
+    if others:
+        raise TypeError(f"cannot fuse a {others[0]}; merge adapters into the weights first")
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -177,9 +211,11 @@ class LlamaModel(nn.Module):
         return x
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (B, 1, T, hd) at `position_ids` (see `apply_rope`)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, hd)
+        return cos[:, None].to(dtype), signed_sin[:, None].to(dtype)
 
     def _mask(self, B, T, attention_mask, input_pos, device) -> tuple[torch.Tensor | None, bool]:
         """The boolean attention mask (B, 1, T, S), or None with `is_causal` when SDPA can build it."""
@@ -187,6 +223,8 @@ class LlamaModel(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask, False
         cached = input_pos is not None and self.layers[0].self_attn.kv_cache is not None
+        if cached and T == 1 and attention_mask is None:
+            return None, False  # one new token, after every cached one: it may see them all
         if not cached:
             if attention_mask is None:
                 return None, causal
@@ -252,6 +290,17 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, max_len, attn.num_kv_heads, attn.head_dim, dtype).to(device)
+
+    def fuse_projections(self) -> None:
+        """Compute q, k, v in one matmul and gate, up in another, in every layer, for inference.
+
+        Fewer, larger matmuls decode faster (each call has a fixed cost). The separate modules are
+        removed, so the state dict no longer loads into a `Llama`: fuse a model only to generate,
+        after merging any adapters.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
