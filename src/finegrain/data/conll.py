@@ -39,7 +39,7 @@ from operator import add
 from pathlib import Path
 from typing import IO, Any
 
-from finegrain.data.load import Splits
+from finegrain.data.load import SPLITS, Splits, carve_splits, origins, read_given
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import (
     check_tags,
@@ -631,6 +631,12 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
     )
     skipped: list[str] = []
     repaired: list[str] = []
+
+    def read(path: str):
+        result = read_token_examples(path, **options)
+        repaired.extend(result.repaired)
+        return result
+
     if config.dataset:
         if config.train:
             raise FinegrainError("data: set either data.dataset or data.train, not both")
@@ -644,34 +650,18 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
                 "for task: ner use wnut16, peoples_daily_ner or data.train"
             )
     elif config.train:
-        result = read_token_examples(config.train, **options)
+        result = read(config.train)
         pool, origin = result.examples, config.train
         skipped += result.skipped
-        repaired += result.repaired
     else:
         raise FinegrainError("data: no training data; set data.dataset or data.train")
 
-    parts: dict[str, list[TokenExample]] = {}
-    for name in ("validation", "test"):
-        path = getattr(config, name)
-        if path:
-            result = read_token_examples(path, **options)
-            parts[name] = result.examples
-            skipped += result.skipped
-            repaired += result.repaired
-    fixed = config.dataset and all("split" in ex.extra for ex in pool)
-    if fixed:
-        by_split = {name: [ex for ex in pool if ex.extra["split"] == name] for name in ("train", "validation", "test")}
-        parts = {**by_split, **parts}
+    given, skipped_given = read_given(config, read)
+    skipped += skipped_given
+    if config.dataset and all("split" in ex.extra for ex in pool):  # the dataset's fixed split
+        parts = {name: [ex for ex in pool if ex.extra["split"] == name] for name in SPLITS} | given
     else:
-        wanted = ["train"] + [name for name in ("validation", "test") if name not in parts]
-        fractions = dict(zip(("train", "validation", "test"), config.split))
-        if len(wanted) > 1:
-            total = sum(fractions[name] for name in wanted)
-            pieces = split_token_examples(pool, [fractions[name] / total for name in wanted], seed=config.split_seed)
-            parts.update(zip(wanted, pieces))
-        else:
-            parts["train"] = list(pool)
+        parts = carve_splits(config, pool, given, split=split_token_examples)
     train = parts["train"]
     if config.max_train_examples is not None and config.max_train_examples < len(train):
         keep = config.max_train_examples / len(train)
@@ -679,6 +669,4 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
     labels = entity_types(train)
     if not labels:
         raise FinegrainError(f"{origin}: the training data has no entities; check data.tag_column and the tags")
-    origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
-    origins["train"] = origin
-    return TokenSplits(train, parts.get("validation", []), parts.get("test", []), labels, skipped, origins, repaired)
+    return TokenSplits(train, parts["validation"], parts["test"], labels, skipped, origins(config, origin), repaired)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from finegrain.config import DataConfig
 from finegrain.data.readers import Example, check_labels, read_examples
@@ -25,6 +26,39 @@ def read_file(config: DataConfig, path: str, require_label: bool = True, regress
         path, text_field=config.text_field, label_field=config.label_field, multi_label=config.multi_label,
         skip_bad_rows=config.skip_bad_rows, require_label=require_label, regression=regression,
     )
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def read_given(config: DataConfig, read: Callable[[str], Any]) -> tuple[dict[str, list], list[str]]:
+    """The validation and test files that `config` names, each read with `read(path)` (which
+    returns a result with `examples` and `skipped`), and the skipped-row lines of all of them."""
+    given, skipped = {}, []
+    for name in SPLITS[1:]:
+        path = getattr(config, name)
+        if path:
+            result = read(path)
+            given[name] = result.examples
+            skipped += result.skipped
+    return given, skipped
+
+
+def carve_splits(config: DataConfig, pool: list, given: dict[str, list], split: Callable = stratified_split) -> dict[str, list]:
+    """Train, validation and test parts: those in `given` as they are, the others cut out of the
+    training `pool` in the proportions of `data.split` by `split(pool, fractions, seed=...)`."""
+    fractions = dict(zip(SPLITS, config.split))
+    wanted = ["train"] + [name for name in SPLITS[1:] if name not in given]
+    parts = {"train": list(pool)}
+    if len(wanted) > 1:
+        total = sum(fractions[name] for name in wanted)
+        parts = dict(zip(wanted, split(pool, [fractions[name] / total for name in wanted], seed=config.split_seed)))
+    return {**parts, **given}
+
+
+def origins(config: DataConfig, origin: str) -> dict[str, str]:
+    """Where each split came from: its file, or the part of `origin` it was split off."""
+    return {"train": origin, **{name: getattr(config, name) or f"{origin} ({name} split)" for name in SPLITS[1:]}}
 
 
 def load_splits(config: DataConfig, regression: bool = False) -> Splits:
@@ -52,38 +86,29 @@ def load_splits(config: DataConfig, regression: bool = False) -> Splits:
     if not pool:
         raise FinegrainError(f"{origin}: no usable examples")
 
-    given = {}
-    for name in ("validation", "test"):
-        path = getattr(config, name)
-        if path:
-            result = read_file(config, path, regression=regression)
-            given[name] = result.examples
-            skipped += result.skipped
-
-    # Carve the splits that were not given out of the training pool, stratified by label.
-    fractions = dict(zip(("train", "validation", "test"), config.split))
-    wanted = ["train"] + [name for name in ("validation", "test") if name not in given]
-    parts = {"train": pool}
-    if len(wanted) > 1:
-        total = sum(fractions[name] for name in wanted)
-        pieces = stratified_split(pool, [fractions[name] / total for name in wanted], seed=config.split_seed)
-        parts = dict(zip(wanted, pieces))
-    parts.update(given)
+    given, skipped_given = read_given(config, lambda path: read_file(config, path, regression=regression))
+    skipped += skipped_given
+    parts = carve_splits(config, pool, given)
     train = parts["train"]
     if config.max_train_examples is not None:
         train = stratified_subset(train, min(config.max_train_examples, len(train)), seed=config.split_seed)
     if regression:
         if not all(isinstance(e.label, float) for e in train):
             raise FinegrainError(f"{origin}: task regression needs numeric labels in '{config.label_field}'")
-        origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
-        return Splits(train, parts["validation"], parts["test"], [config.label_field], skipped, {"train": origin, **origins})
+        return Splits(train, parts["validation"], parts["test"], [config.label_field], skipped, origins(config, origin))
     labels = infer_labels(train)
     if len(labels) < 2 and not config.multi_label:
         raise FinegrainError(f"{origin}: the training data has {len(labels)} label(s); classification needs at least 2")
-    for name in ("validation", "test"):
+    skipped += check_split_labels(config, parts, labels, origin)
+    return Splits(train, parts["validation"], parts["test"], labels, skipped, origins(config, origin))
+
+
+def check_split_labels(config: DataConfig, parts: dict[str, list], labels: list[str], origin: str) -> list[str]:
+    """Drop (with `skip_bad_rows`) or refuse validation and test examples whose label is not in
+    `labels`, in place; returns the skipped-row lines."""
+    skipped = []
+    for name in SPLITS[1:]:
         checked = check_labels(parts[name], labels, getattr(config, name) or origin, skip_bad_rows=config.skip_bad_rows)
         parts[name] = checked.examples
         skipped += checked.skipped
-    origins = {name: (getattr(config, name) or f"{origin} ({name} split)") for name in ("validation", "test")}
-    origins["train"] = origin
-    return Splits(train, parts["validation"], parts["test"], labels, skipped, origins)
+    return skipped

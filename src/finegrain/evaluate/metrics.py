@@ -21,7 +21,10 @@ __all__ = ["classification_metrics", "multilabel_metrics", "regression_metrics"]
 
 
 def classification_metrics(
-    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    labels: Sequence[str] | None = None,
+    average_labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, per-class and averaged precision/recall/F1, and the confusion matrix.
 
@@ -36,6 +39,9 @@ def classification_metrics(
         y_true: the true class of each example.
         y_pred: the predicted class of each example.
         labels: the classes, in report order; default the sorted classes seen in either.
+        average_labels: the classes the averages run over (scikit-learn's `labels=` of
+            `precision_recall_fscore_support`); default all of `labels`. Relation extraction
+            leaves out its no-relation class: predicting it is then neither a hit nor a false alarm.
 
     Returns:
         `task`, `num_examples`, `accuracy`, `labels`, `per_class` (label -> `precision`,
@@ -68,13 +74,14 @@ def classification_metrics(
 
     n = len(y_true)
     correct = int((true_index == pred_index).sum())
+    keep = [index[label] for label in (labels if average_labels is None else average_labels)]
     return {
         "task": "classification",
         "num_examples": n,
         "accuracy": correct / n if n else 0.0,
         "labels": labels,
         "per_class": _per_class(labels, precision, recall, f1, support),
-        **_averages(tp, predicted, support, precision, recall, f1),
+        **_averages(*(values[keep] for values in (tp, predicted, support, precision, recall, f1))),
         "confusion_matrix": confusion.tolist(),
         "num_outside_labels": int((~inside).sum()),
     }
