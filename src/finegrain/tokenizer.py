@@ -240,6 +240,15 @@ class Tokenizer:
         """`encode` for many texts at once (in parallel, inside `tokenizers`)."""
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids of each text (no special tokens) and each token's (start, end) characters in it.
+
+        `end` is exclusive. Byte-level tokens keep the space before a word (" Paris" is (3, 9));
+        tokens that hold only part of a character's bytes all span the whole character.
+        """
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, [tuple(o) for o in e.offsets]) for e in encodings]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; `skip_special_tokens` drops BOS, EOS, `<|im_start|>` and the like."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
