@@ -116,7 +116,8 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         "task": config.task,
         "labels": splits.labels,
         "train": {
-            "examples": len(train_items),
+            "examples": len(splits.train),
+            "rows": len(train_items),  # what the model trains on: QA windows, packed instruct rows
             "steps": state.step,
             "epochs": round(state.step / trainer.steps_per_epoch, 3),
             "best_step": state.best_step,
