@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -24,29 +25,101 @@ LOOPBACK = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
 
 
-def train_run(model_dir: Path, directory: Path, labels: dict[str, list[str]], seed: int = 0, **data) -> Path:
-    """Train a tiny classification run whose labels are told apart by their words."""
-    import random
+EXAMPLE_DATA = HERE.parent / "examples" / "data"
 
+
+def train_task_run(
+    model_dir: Path, directory: Path, task: str, train_file: Path, seed: int = 0, sections: dict | None = None, **data
+) -> Path:
+    """Train a tiny run of `task` on `train_file` through `finegrain train`; returns its directory.
+
+    `sections` updates config sections (`{"train": {"epochs": 3}, "qa": {...}}`); `data` adds keys to `data:`.
+    """
     from finegrain.cli import main
 
+    config = {
+        "task": task,
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(train_file), "max_length": 16, **data},
+        "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [-1]},
+        "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "threads": 1, "eval_every": 100, "seed": seed},
+    }
+    for section, values in (sections or {}).items():
+        config[section] = {**config.get(section, {}), **values}
+    config_file = directory.with_suffix(".yaml")
+    config_file.write_text(yaml.safe_dump(config))
+    assert main(["train", str(config_file), "--output", str(directory)]) == 0
+    return directory
+
+
+def train_run(model_dir: Path, directory: Path, labels: dict[str, list[str]], seed: int = 0, **data) -> Path:
+    """Train a tiny classification run whose labels are told apart by their words."""
     rng = random.Random(seed)
     rows = []
     for _ in range(60):
         label = rng.choice(sorted(labels))
         rows.append({"text": " and ".join(rng.sample(labels[label], 2)), "label": label})
-    data_file = directory.with_suffix(".jsonl")
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": str(data_file), "max_length": 16, **data},
-        "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [-1]},
-        "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "threads": 1, "eval_every": 100, "seed": seed},
-    }
-    config_file = directory.with_suffix(".yaml")
-    config_file.write_text(yaml.safe_dump(config))
-    assert main(["train", str(config_file), "--output", str(directory)]) == 0
-    return directory
+    return train_task_run(model_dir, directory, "classification", write_jsonl(directory, rows), seed, **data)
+
+
+def train_regression_run(model_dir: Path, directory: Path, words: dict[str, float]) -> Path:
+    """Train a tiny regression run: a text's target is the sum of its words' values."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(60):
+        chosen = rng.sample(sorted(words), 2)
+        rows.append({"text": " ".join(chosen), "label": sum(words[w] for w in chosen)})
+    return train_task_run(model_dir, directory, "regression", write_jsonl(directory, rows))
+
+
+def train_ner_run(model_dir: Path, directory: Path, entities: dict[str, list[str]], filler: list[str]) -> Path:
+    """Train a tiny NER run on sentences of filler words and entities of the given types."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(80):
+        for _ in range(rng.randint(2, 6)):
+            kind = rng.choice([*sorted(entities), None, None])
+            words = rng.choice(entities[kind]).split() if kind else [rng.choice(filler)]
+            tags = [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1) if kind else ["O"]
+            lines += [f"{w}\t{t}\n" for w, t in zip(words, tags)]
+        lines.append("\n")
+    train_file = directory.with_suffix(".conll")
+    train_file.write_text("".join(lines))
+    return train_task_run(model_dir, directory, "ner", train_file, sections={"train": {"epochs": 3, "lr": 1e-2}}, max_length=24)
+
+
+def train_relation_run(model_dir: Path, directory: Path) -> Path:
+    """Train a tiny relation run on the SemEval-format fixture of examples/data/semeval."""
+    semeval = EXAMPLE_DATA / "semeval"
+    return train_task_run(
+        model_dir, directory, "relation", semeval / "train.txt", sections={"train": {"epochs": 2}},
+        validation=str(semeval / "validation.txt"), test=str(semeval / "test.txt"), max_length=48,
+    )
+
+
+def train_qa_run(model_dir: Path, directory: Path) -> Path:
+    """Train a tiny extractive QA run on the SQuAD-format fixture of examples/data/squad; contexts
+    take several 128-token windows."""
+    squad = EXAMPLE_DATA / "squad"
+    return train_task_run(
+        model_dir, directory, "qa", squad / "train.json", sections={"qa": {"stride": 16, "max_answer_length": 12}},
+        validation=str(squad / "dev.json"), test=str(squad / "test.json"), max_length=128,
+    )
+
+
+def train_instruct_run(model_dir: Path, directory: Path) -> Path:
+    """Train a tiny instruct run (LoRA only, no head) on the chat fixture of examples/data/instruct."""
+    chat = EXAMPLE_DATA / "instruct"
+    return train_task_run(
+        model_dir, directory, "instruct", chat / "train.jsonl", sections={"instruct": {"max_new_tokens": 8}},
+        validation=str(chat / "validation.jsonl"), test=str(chat / "test.jsonl"), max_length=64,
+    )
+
+
+def write_jsonl(directory: Path, rows: list[dict]) -> Path:
+    path = directory.with_suffix(".jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 class Server:
@@ -117,7 +190,7 @@ def _slow_main(argv: list[str]) -> int:
 
     class SlowEngine(Engine):
         def run(self, key, jobs):
-            if key[0] == "classify":
+            if key[0] == "task":
                 for job in jobs:
                     for item in job.payload:
                         text = self.registry.runs[key[1]].tokenizer.decode(item.input_ids)

@@ -1,13 +1,19 @@
 """`finegrain serve`: real uvicorn on 127.0.0.1 in a subprocess, a tiny model, real HTTP clients.
 
-Two classification runs share one base in the main server; a second server whose engine sleeps
-on "sleep:N" texts makes queueing (429), timeouts (504), rate limits and the SIGTERM drain
-deterministic. Answers are checked against `finegrain.load(run).predict` and `generate`.
+Two classification runs and a run each of NER, regression, relation and QA share one base in
+the main server; a
+second server whose engine sleeps on "sleep:N" texts makes queueing (429), timeouts (504), rate
+limits and the SIGTERM drain deterministic. Answers are checked against
+`finegrain.load(run).predict` and `generate`.
 """
 
 import http.client
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +22,10 @@ import pytest
 
 import finegrain
 from finegrain.errors import FinegrainError
-from serve_helpers import LOOPBACK, Server, train_run
+from serve_helpers import (
+    EXAMPLE_DATA, LOOPBACK, Server, train_instruct_run, train_ner_run, train_qa_run, train_regression_run,
+    train_relation_run, train_run,
+)
 
 KEY = "test-key-0123456789abcdef"
 OTHER_KEY = "other-key-0123456789abcdef"
@@ -25,6 +34,10 @@ SENTIMENT = {"fresh": ["great fun film", "a gripping story", "good cast"], "rott
 TOPIC = {"film": ["the movie", "the actors", "the cast"], "food": ["the soup", "a fine bread", "good cheese"],
          "sport": ["the match", "a great goal", "the team"]}
 TEXTS = ["great fun film and good cast", "dull and slow", "the soup and a fine bread", "the match"]
+ENTITIES = {"LOC": ["Paris", "London", "New York"], "PER": ["Anna Smith", "John", "the actors"]}
+FILLER = ["the", "film", "was", "good", "in", "and", "story", "."]
+SENTENCES = ["Anna Smith was in Paris .", "the film was good in London", "John and the actors", "New York"]
+STARS = {"great": 2.0, "good": 1.0, "fine": 0.5, "slow": -0.5, "dull": -1.0, "bad": -2.0}
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +46,18 @@ def runs(tiny_model_dir, tmp_path_factory):
     return {
         "sentiment": train_run(tiny_model_dir, root / "sentiment", SENTIMENT),
         "topic": train_run(tiny_model_dir, root / "topic", TOPIC, seed=1),
+        "entities": train_ner_run(tiny_model_dir, root / "entities", ENTITIES, FILLER),
+        "stars": train_regression_run(tiny_model_dir, root / "stars", STARS),
+        "semeval": train_relation_run(tiny_model_dir, root / "semeval"),
+        "squad": train_qa_run(tiny_model_dir, root / "squad"),
+        "assistant": train_instruct_run(tiny_model_dir, root / "assistant"),
     }
 
 
 @pytest.fixture(scope="module")
 def server(runs):
     server = Server(
-        [f"sentiment={runs['sentiment']}", f"topic={runs['topic']}", "--max-texts", "8", "--max-tokens-per-text", "64",
+        [*(f"{name}={run_dir}" for name, run_dir in runs.items()), "--max-texts", "8", "--max-tokens-per-text", "320",
          "--max-new-tokens", "16", "--max-body-bytes", "20000", "--max-queue", "64", "--log-bodies"],
         env={"FINEGRAIN_API_KEYS": f"{KEY},{OTHER_KEY}"},
     )
@@ -66,8 +84,8 @@ def assert_same_predictions(served, expected):
 
 
 def test_classify_each_adapter_like_its_predictor(client, runs):
-    for name, run_dir in runs.items():
-        expected = finegrain.load(run_dir).predict(TEXTS)
+    for name in ("sentiment", "topic"):
+        expected = finegrain.load(runs[name]).predict(TEXTS)
         response = client.post("/v1/classify", json={"texts": TEXTS, "model": name})
         assert response.status_code == 200, response.text
         assert response.json()["model"] == name
@@ -77,27 +95,180 @@ def test_classify_each_adapter_like_its_predictor(client, runs):
     assert response.status_code == 422 and response.json()["error"]["param"] == "model"
 
 
-def test_second_adapter_costs_only_its_own_tensors(runs):
+def assert_same_taggings(served, expected):
+    for a, b in zip(served, expected, strict=True):
+        assert (a["words"], a["tags"], a["truncated_words"]) == (b["words"], b["tags"], b["truncated_words"])
+        assert [{**e, "score": None} for e in a["entities"]] == [{**e, "score": None} for e in b["entities"]]
+        for x, y in zip(a["entities"], b["entities"]):
+            assert abs(x["score"] - y["score"]) < 1e-4
+
+
+def test_ner_like_its_predictor_alone_and_in_batches(client, runs):
+    expected = finegrain.load(runs["entities"]).predict(SENTENCES)
+    assert any(p["entities"] for p in expected)  # the run learnt something to compare
+    response = client.post("/v1/ner", json={"texts": SENTENCES})  # the only NER run: no model needed
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "entities"
+    assert_same_taggings(response.json()["predictions"], expected)
+    for prediction, text in zip(response.json()["predictions"], SENTENCES):
+        for entity in prediction["entities"]:
+            assert text[entity["start"] : entity["end"]] == entity["text"]
+
+    # Concurrent one-text requests run as shared batches; each still gets its own answer.
+    answers: dict[int, list] = {}
+
+    def send(i: int) -> None:
+        answers[i] = client.post("/v1/ner", json={"texts": [SENTENCES[i % len(SENTENCES)]]}).json()["predictions"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, served in answers.items():
+        assert_same_taggings(served, [expected[i % len(SENTENCES)]])
+    assert len(answers) == 12
+
+
+def test_regress_like_its_predictor(client, runs):
+    texts = ["great good", "dull bad", "fine slow"]
+    expected = finegrain.load(runs["stars"]).predict(texts)
+    response = client.post("/v1/regress", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"]
+    assert [abs(a["value"] - b["value"]) < 1e-4 for a, b in zip(served, expected, strict=True)] == [True] * 3
+    # A regression run does not answer /v1/classify, and the 422 says where it does answer.
+    wrong = client.post("/v1/classify", json={"texts": texts, "model": "stars"})
+    assert wrong.status_code == 422 and "it answers on /v1/regress" in wrong.json()["error"]["message"]
+
+
+RELATION_ITEMS = [
+    {"text": "This oil is extracted from olives grown on the hills.", "head": [5, 8], "tail": [27, 33]},
+    {"text": "After the storm, the sun came out.", "head": [10, 15], "tail": [21, 24]},
+]
+
+
+def test_relation_like_its_predictor(client, runs):
+    expected = finegrain.load(runs["semeval"]).predict(RELATION_ITEMS)
+    response = client.post("/v1/relation", json={"items": RELATION_ITEMS})
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"]
+    assert_same_predictions(served, expected)
+    assert served[0]["head"] == {"start": 5, "end": 8, "text": "oil"} and served[0]["tail"]["text"] == "olives"
+    assert [p["head"] for p in served] == [p["head"] for p in expected]
+
+    # The relation run's <e1> markers are its own tokens: a classifier on the same base reads "<e1>" as text.
+    texts = ["great fun <e1> film", "dull </e2> and slow"]
+    classified = client.post("/v1/classify", json={"texts": texts, "model": "sentiment"})
+    assert classified.status_code == 200, classified.text
+    assert_same_predictions(classified.json()["predictions"], finegrain.load(runs["sentiment"]).predict(texts))
+
+
+def qa_items() -> list[dict]:
+    data = json.loads((EXAMPLE_DATA / "squad" / "test.json").read_text())
+    return [{"question": q["question"], "context": paragraph["context"]}
+            for article in data["data"] for paragraph in article["paragraphs"] for q in paragraph["qas"]]
+
+
+def test_qa_like_its_predictor_alone_and_in_batches(client, runs, server):
+    items = qa_items()[:6]
+    predictor = finegrain.load(runs["squad"])
+    expected = predictor.predict(items)
+    examples = predictor.task.examples_from_inputs(items, predictor.config.data)
+    windows = predictor.task.encode(predictor.tokenizer, examples, predictor.config.data.max_length)
+    assert len(windows) > len(items)  # contexts take several windows each
+
+    def same(served, wanted):
+        assert [(p["answer"], p["start"], p["end"]) for p in served] == [(p["answer"], p["start"], p["end"]) for p in wanted]
+        assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(served, wanted, strict=True))
+
+    response = client.post("/v1/qa", json={"items": items, "model": "squad"})
+    assert response.status_code == 200, response.text
+    same(response.json()["predictions"], expected)
+    for prediction, item in zip(response.json()["predictions"], items):
+        if prediction["start"] is not None:
+            assert item["context"][prediction["start"] : prediction["end"]] == prediction["answer"]
+
+    # One-question requests sent together share batches; each gets its own question's answer
+    # (the windows of one request never merge with another's).
+    answers: dict[int, list] = {}
+
+    def send(i: int) -> None:
+        answers[i] = client.post("/v1/qa", json={"items": [items[i]]}).json()["predictions"]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(len(items)):
+        same(answers[i], [expected[i]])
+    assert "finegrain_batch_size_bucket" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_length_groups_bound_padding():
+    from finegrain.serve.engine import length_groups
+
+    lengths = [10, 60, 12, 11, 58, 30, 9, 10, 1]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        sizes = [lengths[i] for i in group]
+        assert sizes == sorted(sizes, reverse=True)
+        assert len(group) == 1 or sizes[0] * len(sizes) <= 1.25 * sum(sizes)
+    assert [len(g) for g in groups] == [3, 5, 1]  # 60 58 30 | 12 11 10 10 9 | 1
+    assert length_groups([7] * 32) == [list(range(32))]
+
+
+def test_adapters_a_shared_base_cannot_hold_are_refused(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finegrain.serve.models import ModelRegistry
+
+    def altered(name: str, change) -> ModelRegistry:
+        run_dir = tmp_path / name
+        shutil.copytree(runs["entities"], run_dir)
+        weights = run_dir / "adapter" / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        change(tensors)
+        save_file(tensors, weights)
+        return ModelRegistry([(name, run_dir)])
+
+    embeddings = altered("embeddings", lambda t: t.update({"base_model.model.model.norm.weight": t["base_model.model.score.bias"].clone()}))
+    with pytest.raises(FinegrainError, match="'model.norm.weight' is a whole module, which a shared base cannot hold"):
+        embeddings.load()
+    no_bias = altered("no-bias", lambda t: t.pop("base_model.model.score.bias"))
+    with pytest.raises(FinegrainError, match="'score.bias' is missing"):
+        no_bias.load()
+
+
+def test_every_adapter_costs_only_its_own_tensors(runs):
     from finegrain.peft import read_adapter
     from finegrain.serve.models import ModelRegistry
 
-    registry = ModelRegistry(list(runs.items()))
+    registry = ModelRegistry(list(runs.items()))  # classification, NER, regression, relation, QA, instruct
     registry.load()
     base = registry.bases["tiny-llama"]
-    sentiment, topic = registry.runs["sentiment"], registry.runs["topic"]
-    assert sentiment.base is topic.base is base  # one copy of the base
+    assert registry.runs["assistant"].model is None  # a generative run: the base with its LoRA generates
+    served = [run for run in registry.runs.values() if run.model is not None]
+    assert all(run.base is base for run in served)  # one copy of the base
     shared = base.llama.model.layers[0].mlp.up_proj.weight
-    for run in (sentiment, topic):
-        assert run.classifier.model.layers[0].mlp.up_proj.weight.data_ptr() == shared.data_ptr()
-        _, tensors = read_adapter(run.run_dir / "adapter")
+    for run in served:
+        assert run.model.model.layers[0].mlp.up_proj.weight.data_ptr() == shared.data_ptr()
+        _, tensors = read_adapter(run.run_dir / "adapter")  # LoRA pairs and the whole head modules
         assert run.adapter_bytes == sum(t.nbytes for t in tensors.values())
-    tensors = {id(t): t for m in (base.llama, sentiment.classifier, topic.classifier) for t in m.parameters()}
+    tensors = {id(t): t for m in (base.llama, *(run.model for run in served)) for t in m.parameters()}
     held = sum(t.nbytes for t in tensors.values()) + sum(
         A.nbytes + B.nbytes for m in base.llama.modules() for A, B, _ in getattr(m, "adapters", {}).values()
     )
-    assert held == base.num_bytes + sentiment.adapter_bytes + topic.adapter_bytes
-    print(f"\nbase {base.num_bytes} bytes; second adapter adds {topic.adapter_bytes} bytes "
+    assert held == base.num_bytes + sum(run.adapter_bytes for run in registry.runs.values())
+    topic = registry.runs["topic"]
+    print(f"\nbase {base.num_bytes} bytes; a second classification adapter adds {topic.adapter_bytes} bytes "
           f"({100 * topic.adapter_bytes / base.num_bytes:.1f}% of the base)")
+    # Only the relation run, whose markers are tokens of its own, holds a tokenizer of its own.
+    assert [run.name for run in served if run.own_tokenizer is not None] == ["semeval"]
     # The bank leaves no adapter switched on between batches.
     assert base.bank.active.name is None
 
@@ -107,7 +278,7 @@ def test_generate_and_chat(client, server, tiny_model_dir):
 
     model, tokenizer = finegrain.load_model(tiny_model_dir, progress=False)
     expected = generate(model, tokenizer, "The capital of France", max_new_tokens=8)
-    response = client.post("/v1/generate", json={"prompt": "The capital of France", "max_new_tokens": 8})
+    response = client.post("/v1/generate", json={"prompt": "The capital of France", "max_new_tokens": 8, "model": "tiny-llama"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["text"] == expected and body["model"] == "tiny-llama"
@@ -132,10 +303,28 @@ def test_generate_and_chat(client, server, tiny_model_dir):
     assert done and "".join(pieces) == answer
 
 
-def test_openai_client(server):
+def test_instruct_run_generates_like_its_predictor(client, runs):
+    predictor = finegrain.load(runs["assistant"])
+    question = "What is the plural of \"child\"?"
+    expected = predictor.predict([question])[0]["generated"]
+    request = {"model": "assistant", "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}
+    chat = client.post("/v1/chat/completions", json=request)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == expected
+    # The adapter is switched on for its own requests only: the base model answers as the bare model.
+    bare = client.post("/v1/chat/completions", json={**request, "model": "tiny-llama"}).json()
+    base_model, tokenizer = finegrain.load_model(predictor.config.model.name, progress=False)
+    from finegrain.generation import generate
+
+    assert bare["choices"][0]["message"]["content"] == generate(base_model, tokenizer, question, max_new_tokens=8, chat=True)
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["assistant"]["task"] == "instruct" and models["assistant"]["endpoint"] == "/v1/chat/completions"
+
+
+def test_openai_client(server, runs):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-    assert {m.id for m in client.models.list()} == {"sentiment", "topic", "tiny-llama"}
+    assert {m.id for m in client.models.list()} == {*runs, "tiny-llama"}
     messages = [{"role": "user", "content": "Hello"}]
     completion = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=5, temperature=0)
     text = completion.choices[0].message.content
@@ -149,13 +338,42 @@ def test_openai_client(server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-0123456789", max_retries=0).models.list()
 
 
+def documented_blocks(language: str) -> list[str]:
+    """The ```language blocks of the "Clients" section of docs/SERVING.md."""
+    text = (EXAMPLE_DATA.parent.parent / "docs" / "SERVING.md").read_text()
+    section = text.split("\n## Clients\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+
+
+def test_documented_clients_work(server):
+    pytest.importorskip("openai")
+    pytest.importorskip("requests")
+    env = {**os.environ, "FINEGRAIN_API_KEYS": KEY}
+    outputs = {}
+    for language, command in (("bash", ["bash", "-euo", "pipefail", "-c"]), ("python", [sys.executable, "-c"])):
+        for i, block in enumerate(documented_blocks(language)):
+            # The documented server's address and base model; its run names are the test server's.
+            script = block.replace("http://127.0.0.1:8000", server.url).replace("smollm2-135m", "tiny-llama")
+            result = subprocess.run([*command, script], env=env, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert '"error"' not in result.stdout, result.stdout[-2000:]
+            outputs[f"{language}.{i}"] = result.stdout
+    assert set(outputs) == {"bash.0", "python.0", "python.1"}
+    assert outputs["bash.0"].count('"predictions"') == 4 and "data: [DONE]" in outputs["bash.0"]
+    assert outputs["python.0"].splitlines()[0] in SENTIMENT  # the label of the first call
+    assert "tiny-llama" in outputs["python.1"].splitlines()[0]  # the model list
+
+
 def test_models_health_ready_metrics(client, server):
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["sentiment"]["labels"] == ["fresh", "rotten"] and models["topic"]["endpoint"] == "/v1/classify"
     assert models["topic"]["adapter_bytes"] < models["tiny-llama"]["parameter_bytes"] / 10
+    assert models["entities"]["labels"] == ["LOC", "PER"] and models["entities"]["endpoint"] == "/v1/ner"
+    assert models["stars"]["endpoint"] == "/v1/regress" and "labels" not in models["stars"]
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}  # no key needed
     assert httpx.get(f"{server.url}/readyz").status_code == 200
-    assert "/v1/classify" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/regress", "/v1/ner", "/v1/relation", "/v1/qa", "/v1/generate", "/v1/chat/completions"} <= set(paths)
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("finegrain_requests_total{endpoint=\"/v1/classify\",status=\"200\"}", "finegrain_request_duration_seconds_bucket",
                  "finegrain_batch_size_count", "finegrain_queue_depth", "finegrain_generated_tokens_total{model=\"tiny-llama\"}"):
@@ -206,7 +424,7 @@ def test_non_loopback_host_without_keys_is_refused_before_binding(runs, monkeypa
         ({"texts": [""], "model": "sentiment"}, 422, "texts.0: String should have at least 1 character"),
         ({"texts": [], "model": "sentiment"}, 422, "texts: List should have at least 1 item"),
         ({"texts": ["a"] * 9, "model": "sentiment"}, 422, "--max-texts"),
-        ({"texts": ["ok", "great fun film " * 30], "model": "sentiment"}, 422, "over the limit of 64 tokens per text (--max-tokens-per-text)"),
+        ({"texts": ["ok", "great fun film " * 50], "model": "sentiment"}, 422, "over the limit of 320 tokens per text (--max-tokens-per-text)"),
         ({"texts": ["\ud800"], "model": "sentiment"}, 422, "texts.0: Input should be a valid string"),
         ({"texts": ["a"], "model": "nope"}, 404, "model 'nope' is not served"),
         ({"texts": ["a"], "model": "tiny-llama"}, 422, "'tiny-llama' is a generation model"),
@@ -223,9 +441,41 @@ def test_classify_refusals(client, body, status, message):
 
 
 @pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/ner", {"texts": ["  "]}, 422, "texts.0: empty text; every input needs some words"),
+        ("/v1/ner", {"texts": ["Paris"] * 9}, 422, "texts: 9 texts, over the limit of 8 per request (--max-texts)"),
+        ("/v1/ner", {"texts": ["Paris", "film " * 200]}, 422, "over the limit of 320 tokens per text (--max-tokens-per-text)"),
+        ("/v1/ner", {"texts": ["Paris"], "model": "sentiment"}, 422, "model: 'sentiment' is a classification model; it answers on /v1/classify"),
+        ("/v1/ner", {"texts": [["Paris"]]}, 422, "texts.0: Input should be a valid string"),
+        ("/v1/regress", {"texts": ["great"], "model": "entities"}, 422, "model: 'entities' is a ner model; it answers on /v1/ner"),
+        ("/v1/regress", {"texts": ["great"], "model": "nope"}, 404, "model 'nope' is not served"),
+        ("/v1/relation", {"items": [{"text": "oil from olives", "head": [0, 3], "tail": [9, 40]}]}, 422,
+         "items.0: 'tail' [9, 40] is outside the text (the text has 15 characters)"),
+        ("/v1/relation", {"items": [{"text": "oil from olives", "head": [0, 3], "tail": [1, 5]}]}, 422, "items.0: "),
+        ("/v1/relation", {"items": [{"text": "oil <e1> olives", "head": [0, 3], "tail": [9, 15]}]}, 422,
+         "items.0: the text contains '<e1>'"),
+        ("/v1/relation", {"items": [{"text": "oil", "head": [0, 3, 4], "tail": [0, 1]}]}, 422, "items.0.head: List should have at most 2 items"),
+        ("/v1/relation", {"items": [{"text": "oil", "head": [-1, 3], "tail": [0, 1]}]}, 422, "items.0.head.0: Input should be greater than or equal to 0"),
+        ("/v1/qa", {"items": [{"question": "Who?", "context": " "}]}, 422, "items.0: 'context' must be a non-empty text"),
+        ("/v1/qa", {"items": [{"question": "Who?"}]}, 422, "items.0.context: Field required"),
+        ("/v1/qa", {"items": [{"question": "Who?", "context": "the film " * 100}]}, 422,
+         "over the limit of 320 tokens per text"),
+        ("/v1/qa", {"items": [{"question": "Who " * 50, "context": "Paris"}]}, 422, "items.0: the question and prompt take"),
+    ],
+)
+def test_task_refusals(client, path, body, status, message):
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+    if status == 422:
+        assert response.json()["error"]["message"].split(":")[0] == response.json()["error"]["param"]
+
+
+@pytest.mark.parametrize(
     "path, body, message",
     [
-        ("/v1/generate", {"prompt": "hi", "max_new_tokens": 17}, "max_new_tokens: 17 is over the limit of 16 (--max-new-tokens)"),
+        ("/v1/generate", {"prompt": "hi", "max_new_tokens": 17, "model": "tiny-llama"}, "max_new_tokens: 17 is over the limit of 16 (--max-new-tokens)"),
         ("/v1/generate", {"prompt": "hi", "temperature": -1}, "temperature: Input should be greater than or equal to 0"),
         ("/v1/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop: List should have at most 4 items"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n: Input should be less than or equal to 1"),
@@ -272,9 +522,10 @@ def test_load_2000_requests_16_concurrent(server):
         connection = http.client.HTTPConnection(LOOPBACK, server.port, timeout=60)
         headers = {**AUTH, "Content-Type": "application/json"}
         for i in range(n):
-            body = json.dumps({"texts": [TEXTS[i % len(TEXTS)]], "model": ("sentiment", "topic")[i % 2]})
+            path, model = (("/v1/classify", "sentiment"), ("/v1/classify", "topic"), ("/v1/ner", "entities"))[i % 3]
+            body = json.dumps({"texts": [(TEXTS if path == "/v1/classify" else SENTENCES)[i % 4]], "model": model})
             started = time.perf_counter()
-            connection.request("POST", "/v1/classify", body, headers)
+            connection.request("POST", path, body, headers)
             response = connection.getresponse()
             response.read()
             latencies.append(time.perf_counter() - started)

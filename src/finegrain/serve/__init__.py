@@ -2,7 +2,7 @@
 
     models.py    one copy of each base model, adapters switched per batch (`ModelRegistry`)
     batching.py  bounded queue + one worker thread that runs requests in dynamic batches
-    engine.py    what a batch runs: classification, generation
+    engine.py    what a batch runs: a task's forward pass and decoding, or generation
     app.py       the FastAPI app: endpoints, errors, request logs, metrics
     security.py  API keys, rate limits, body limits, where the server may listen
     metrics.py   Prometheus text format

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,13 +29,15 @@ from finegrain.serve.settings import ServeSettings
 from finegrain.serve.engine import Engine, GenerationWork
 from finegrain.serve.logs import log, mask_pii
 from finegrain.serve.metrics import Metrics
-from finegrain.serve.models import GENERATE_ENDPOINTS, GENERATIVE_TASKS, ModelRegistry
+from finegrain.serve.models import GENERATE_ENDPOINTS, TASK_ENDPOINTS, ModelRegistry
 from finegrain.serve.schemas import (
-    ChatRequest, ChatResponse, ClassifyRequest, ClassifyResponse, ErrorBody, GenerateRequest, GenerateResponse, ModelList,
+    ChatRequest, ChatResponse, ClassifyResponse, ErrorBody, GenerateRequest, GenerateResponse, ModelList, NerResponse,
+    QARequest, QAResponse, RegressResponse, RelationRequest, RelationResponse, TextsRequest,
 )
 from finegrain.serve.security import ApiKeys, Gate, RateLimiter, error_body
 
-PATHS = ("/v1/classify", *GENERATE_ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+PATHS = (*TASK_ENDPOINTS.values(), *GENERATE_ENDPOINTS, "/v1/models", "/healthz", "/readyz", "/metrics",
+         "/openapi.json", "/docs")
 
 
 class ServeError(Exception):
@@ -56,6 +59,15 @@ class ServeError(Exception):
 
 def limit_error(param: str, message: str) -> ServeError:
     return ServeError(422, f"{param}: {message}", param)
+
+
+def input_error(exc: FinegrainError, field: str) -> ServeError:
+    """A task's error about its N-th input ("input:N: ...", as `examples_from_inputs` and `encode`
+    name them) as a 422 about the request field that holds it ("texts.<N-1>: ...")."""
+    match = re.match(r"input:(\d+): (.*)", str(exc), re.DOTALL)
+    if match is None:
+        return limit_error(field, str(exc))
+    return limit_error(f"{field}.{int(match[1]) - 1}", match[2])
 
 
 ERRORS = {
@@ -113,7 +125,8 @@ def create_app(
 
     app = FastAPI(
         title="finegrain", version=_version(), lifespan=lifespan,
-        description="Fine-tuned LLaMA-family models: classification and generation. `/v1` routes need `Authorization: Bearer <key>` when the server has keys.",
+        description="Fine-tuned LLaMA-family models: classification, regression, NER, relations, QA and generation. "
+                    "`/v1` routes need `Authorization: Bearer <key>` when the server has keys.",
     )
     app.state.registry, app.state.batcher, app.state.metrics, app.state.serve = registry, batcher, metrics, state
     app.state.settings = settings
@@ -145,7 +158,7 @@ def create_app(
 
     def serving(endpoint: str) -> list[str]:
         if endpoint in GENERATE_ENDPOINTS:
-            runs = [n for n, r in registry.runs.items() if r.config.task in GENERATIVE_TASKS]
+            runs = [n for n, r in registry.runs.items() if r.generative]
             return runs + [e["id"] for e in registry.describe() if e["task"] == "generation"]
         return [n for n, r in registry.runs.items() if r.endpoint == endpoint]
 
@@ -180,36 +193,84 @@ def create_app(
         except FinegrainError as exc:
             raise ServeError(422, str(exc)) from None
 
-    def count_tokens(tokenizer, texts: list[str], param: str) -> list[list[int]]:
-        encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
-        for i, ids in enumerate(encoded):
+    def count_tokens(tokenizer, fields: list[tuple[str, str]]) -> None:
+        """Refuse any (param, text) pair over --max-tokens-per-text."""
+        encoded = tokenizer.encode_batch([text for _, text in fields], add_special_tokens=False)
+        for (param, _), ids in zip(fields, encoded):
             if len(ids) > settings.max_tokens_per_text:
-                where = f"{param}.{i}" if len(texts) > 1 or param == "texts" else param
-                raise limit_error(where, f"{len(ids)} tokens, over the limit of {settings.max_tokens_per_text} tokens per text (--max-tokens-per-text)")
-        return encoded
+                raise limit_error(param, f"{len(ids)} tokens, over the limit of {settings.max_tokens_per_text} tokens per text (--max-tokens-per-text)")
+
+    async def answer(endpoint: str, model: str | None, field: str, inputs: list, texts: list[tuple[str, str]]):
+        """The run answering `endpoint` and its predictions, one per input.
+
+        Args:
+            field: the request field that holds the inputs ("texts", "items").
+            inputs: what the task's `examples_from_inputs` takes (texts, or dicts of the items).
+            texts: every string of the inputs with its param ("items.0.context"), for the token limit.
+        """
+        started = time.monotonic()
+        name = pick(model, endpoint)
+        if len(inputs) > settings.max_texts:
+            raise limit_error(field, f"{len(inputs)} {field}, over the limit of {settings.max_texts} per request (--max-texts)")
+        run = registry.runs[name]
+        count_tokens(run.tokenizer, texts)
+        try:
+            examples = run.task.examples_from_inputs(inputs, run.config.data)
+            items = run.task.encode(run.tokenizer, examples, run.config.data.max_length)
+        except FinegrainError as exc:
+            raise input_error(exc, field) from None
+        if any(not item.input_ids for item in items):
+            raise limit_error(field, "an input encodes to no tokens; send some text")
+        return name, await submit(("task", name), items, len(items), started)
 
     # -- task endpoints --------------------------------------------------------------------
 
-    if "/v1/classify" in registry.endpoints():
+    endpoints = registry.endpoints()
+
+    def numbered(field: str, values: list[str]) -> list[tuple[str, str]]:
+        return [(f"{field}.{i}", value) for i, value in enumerate(values)]
+
+    if "/v1/classify" in endpoints:
 
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["tasks"])
-        async def classify(body: ClassifyRequest) -> ClassifyResponse:
-            """Label each text with a classification run: the label and every label's probability."""
-            from finegrain.data.readers import Example
-
-            started = time.monotonic()
-            name = pick(body.model, "/v1/classify")
-            if len(body.texts) > settings.max_texts:
-                raise limit_error("texts", f"{len(body.texts)} texts, over the limit of {settings.max_texts} per request (--max-texts)")
-            run = registry.runs[name]
-            count_tokens(run.tokenizer, body.texts, "texts")
-            examples = [Example(text=t, label=None, source=f"texts.{i}") for i, t in enumerate(body.texts)]
-            items = run.task.encode(run.tokenizer, examples, run.config.data.max_length)
-            for i, item in enumerate(items):
-                if not item.input_ids:
-                    raise limit_error(f"texts.{i}", "encodes to no tokens; send some text")
-            predictions = await submit(("classify", name), items, len(items), started)
+        async def classify(body: TextsRequest) -> ClassifyResponse:
+            """Label each text with a classification run: the label (labels, multi-label) and every label's probability."""
+            name, predictions = await answer("/v1/classify", body.model, "texts", body.texts, numbered("texts", body.texts))
             return ClassifyResponse(model=name, predictions=predictions)
+
+    if "/v1/regress" in endpoints:
+
+        @app.post("/v1/regress", response_model=RegressResponse, responses=ERRORS, tags=["tasks"])
+        async def regress(body: TextsRequest) -> RegressResponse:
+            """Score each text with a regression run: the predicted `value`."""
+            name, predictions = await answer("/v1/regress", body.model, "texts", body.texts, numbered("texts", body.texts))
+            return RegressResponse(model=name, predictions=predictions)
+
+    if "/v1/ner" in endpoints:
+
+        @app.post("/v1/ner", response_model=NerResponse, responses=ERRORS, tags=["tasks"])
+        async def ner(body: TextsRequest) -> NerResponse:
+            """Tag each text's words with an NER run: words, tags and the entities with character offsets."""
+            name, predictions = await answer("/v1/ner", body.model, "texts", body.texts, numbered("texts", body.texts))
+            return NerResponse(model=name, predictions=predictions)
+
+    if "/v1/relation" in endpoints:
+
+        @app.post("/v1/relation", response_model=RelationResponse, responses=ERRORS, tags=["tasks"])
+        async def relation(body: RelationRequest) -> RelationResponse:
+            """Classify the relation between the head and tail spans of each text with a relation run."""
+            texts = [(f"items.{i}.text", item.text) for i, item in enumerate(body.items)]
+            name, predictions = await answer("/v1/relation", body.model, "items", [item.model_dump() for item in body.items], texts)
+            return RelationResponse(model=name, predictions=predictions)
+
+    if "/v1/qa" in endpoints:
+
+        @app.post("/v1/qa", response_model=QAResponse, responses=ERRORS, tags=["tasks"])
+        async def qa(body: QARequest) -> QAResponse:
+            """Answer each question with a span of its context, with an extractive QA run."""
+            texts = [(f"items.{i}.{key}", getattr(item, key)) for i, item in enumerate(body.items) for key in ("question", "context")]
+            name, predictions = await answer("/v1/qa", body.model, "items", [item.model_dump() for item in body.items], texts)
+            return QAResponse(model=name, predictions=predictions)
 
     # -- generation ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""What the batching thread runs: classification batches and generation, on the shared models."""
+"""What the batching thread runs: task batches (classification, NER, ...) and generation, on the shared models."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class GenerationWork:
 
 
 class Engine:
-    """Runs one batch: `run(key, jobs)`, with key `("classify", run_name)` or `("generate", model, ...)`.
+    """Runs one batch: `run(key, jobs)`, with key `("task", run_name)` or `("generate", model, ...)`.
 
     Args:
         registry: the loaded models.
@@ -40,23 +40,33 @@ class Engine:
     def run(self, key: Hashable, jobs: list[Job]) -> list[Any]:
         kind = key[0]  # type: ignore[index]
         with torch.inference_mode():
-            if kind == "classify":
-                return self.classify(key[1], jobs)  # type: ignore[index]
+            if kind == "task":
+                return self.predict(key[1], jobs)  # type: ignore[index]
             return self.generate(jobs)
 
-    def classify(self, name: str, jobs: list[Job]) -> list[list[dict[str, Any]]]:
-        """Label the encoded texts of every job in one forward pass."""
+    def predict(self, name: str, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        """The task's predictions for every job's encoded items.
+
+        The items of all jobs run together, in forward passes of similar lengths (`length_groups`);
+        each job's outputs are then decoded on their own by the task (`task.decode`, as
+        `task.predict` does: Viterbi for NER, windows merged into one answer for QA). Decoding per
+        job keeps what a task groups by, such as QA windows by their question's index in one
+        `encode` call, within the request it came from.
+        """
+        from finegrain.train.trainer import predict_outputs
+
         run = self.registry.runs[name]
         items = [item for job in jobs for item in job.payload]
-        # One right-padded batch: texts are short (at most data.max_length) and the batch at most
-        # --max-batch, so padding costs little; the classifier is in eval mode for good.
-        batch = run.task.collate(items, run.tokenizer.pad_token_id)
+        rows: list[torch.Tensor | None] = [None] * len(items)
         with run.base.bank.use(name):
-            logits = run.classifier(batch)
-        predictions = run.task.decode(run.task.probabilities(logits))
+            for group in length_groups([len(item.input_ids) for item in items]):
+                outputs = predict_outputs(run.model, run.task, [items[i] for i in group], run.tokenizer.pad_token_id, len(group))
+                for i, row in zip(group, outputs):
+                    rows[i] = row
+        scores = run.task.probabilities(torch.stack(rows))  # type: ignore[arg-type]
         results, start = [], 0
         for job in jobs:
-            results.append(predictions[start : start + len(job.payload)])
+            results.append(run.task.decode(scores[start : start + len(job.payload)], job.payload))
             start += len(job.payload)
         return results
 
@@ -88,3 +98,23 @@ class Engine:
         for text in texts:
             self.metrics.tokens.inc(first.model, amount=len(tokenizer.encode(text, add_special_tokens=False)))
         return texts
+
+
+def length_groups(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of rows, longest first, cut into groups to run as one right-padded batch each.
+
+    A row joins the current group while the group's padded size (its longest row times its rows)
+    stays within `1 + max_padding` times its real tokens: on a CPU a forward pass costs about what
+    its padded tokens cost, so a batch of a 60-token text and seven 10-token ones would spend
+    most of its time on padding, while similar lengths share a pass almost for free.
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= (1 + max_padding) * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups

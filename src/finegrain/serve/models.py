@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.model.llama import Llama, LlamaModel
+from finegrain.model.llama import Llama
 from finegrain.tokenizer import Tokenizer
 
 # The endpoint each task answers on; generative runs answer on GENERATE_ENDPOINTS.
@@ -151,6 +151,15 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     return view
 
 
+def copy_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A tokenizer like `tokenizer` whose vocabulary can grow (`add_special_tokens`) on its own."""
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    twin = copy.copy(tokenizer)
+    twin.backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    return twin
+
+
 def llama_view(llama: Llama, num_layers: int | None, causal: bool) -> Llama:
     """A `Llama` that shares every tensor of `llama`, but whose decoder runs only its first
     `num_layers` layers with its own causal flag: what `finegrain.run.build` cuts, without a copy.
@@ -196,6 +205,7 @@ class ServedRun:
     base: ServedBase | None = None
     task: Any = None  # a finegrain.tasks.Task
     model: nn.Module | None = None  # the task's model (`task.build_model`) on a view of the base
+    own_tokenizer: Tokenizer | None = None  # when the task added tokens (relation markers): the run's own copy
     adapter_bytes: int = 0
 
     @property
@@ -209,7 +219,7 @@ class ServedRun:
     @property
     def tokenizer(self) -> Tokenizer:
         assert self.base is not None
-        return self.base.tokenizer
+        return self.own_tokenizer if self.own_tokenizer is not None else self.base.tokenizer
 
 
 def parse_run_arguments(arguments: list[str]) -> list[tuple[str, Path]]:
@@ -298,7 +308,10 @@ class ModelRegistry:
         own = task.head_modules if task is not None else ()
         shared = [k for k in whole if not k.startswith(tuple(f"{name}." for name in own))]
         if shared:
-            raise FinegrainError(f"{source}: '{shared[0]}' is a whole module, which a shared base cannot hold; serve this run alone")
+            raise FinegrainError(
+                f"{source}: '{shared[0]}' is a whole module, which a shared base cannot hold; "
+                "serve runs whose adapters save only LoRA pairs and their task's head"
+            )
         num_layers = config.model.num_layers
         if num_layers is not None and not 1 <= num_layers <= len(base.llama.model.layers):
             raise FinegrainError(f"{run.run_dir}: model.num_layers={num_layers} does not fit the base's {len(base.llama.model.layers)} layers")
@@ -307,10 +320,15 @@ class ModelRegistry:
         if task is None:
             return
         view = llama_view(base.llama, num_layers, causal=not config.model.bidirectional)
-        model = task.build_model(view, base.tokenizer)
+        tokenizer = copy_tokenizer(base.tokenizer)
+        model = task.build_model(view, tokenizer)
         for name in own:
             load_whole_module(model, name, whole, source)
         run.task, run.model = task, model.eval().requires_grad_(False)
+        # Tokens a task adds (relation's <e1> markers) must not reach other runs or generation,
+        # whose embeddings have no row for them: only such a run keeps a tokenizer of its own.
+        if tokenizer.vocab_size != base.tokenizer.vocab_size:
+            run.own_tokenizer = tokenizer
         run.adapter_bytes += sum(t.nbytes for t in whole.values())
 
     def describe(self) -> list[dict[str, Any]]:

@@ -27,8 +27,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ClassifyRequest(Strict):
-    texts: list[NonEmptyText] = Field(min_length=1, description="The texts to label (at most --max-texts).")
+class TextsRequest(Strict):
+    """The body of `/v1/classify`, `/v1/regress` and `/v1/ner`."""
+
+    texts: list[NonEmptyText] = Field(min_length=1, description="The texts (at most --max-texts).")
     model: ModelName | None = Field(None, description="The run to use (see /v1/models); optional when one serves this endpoint.")
 
 
@@ -40,6 +42,90 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     predictions: list[Prediction]
+
+
+class Value(BaseModel):
+    value: float = Field(description="The predicted number, in the units of the training targets.")
+
+
+class RegressResponse(BaseModel):
+    model: str
+    predictions: list[Value]
+
+
+class Entity(BaseModel):
+    type: str
+    start: int = Field(description="Character offset of the first character in the text.")
+    end: int = Field(description="Character offset just past the last character (exclusive).")
+    text: str
+    words: list[int] = Field(description="[first, end) word indices.")
+    score: float = Field(description="The mean probability of the entity's word tags.")
+
+
+class Tagging(BaseModel):
+    words: list[str]
+    tags: list[str] = Field(description="One tag per word, in the run's scheme (BIO, BIOES or IO).")
+    entities: list[Entity]
+    truncated_words: int = Field(description="Words past the run's data.max_length, tagged O.")
+
+
+class NerResponse(BaseModel):
+    model: str
+    predictions: list[Tagging]
+
+
+Span = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2, description="[start, end) character offsets.")]
+
+
+class RelationItem(Strict):
+    text: NonEmptyText = Field(description="The text, without <e1>/<e2> markers: the spans mark the entities.")
+    head: Span
+    tail: Span
+
+
+class RelationRequest(Strict):
+    items: list[RelationItem] = Field(min_length=1, description="Texts with two marked entities (at most --max-texts).")
+    model: ModelName | None = Field(None, description="The relation run to use (see /v1/models).")
+
+
+class Mention(BaseModel):
+    start: int
+    end: int = Field(description="Exclusive.")
+    text: str
+
+
+class Relation(BaseModel):
+    label: str = Field(description="The relation type, or the run's no-relation label.")
+    probabilities: dict[str, float]
+    head: Mention
+    tail: Mention
+
+
+class RelationResponse(BaseModel):
+    model: str
+    predictions: list[Relation]
+
+
+class QAItem(Strict):
+    question: NonEmptyText
+    context: NonEmptyText
+
+
+class QARequest(Strict):
+    items: list[QAItem] = Field(min_length=1, description="Questions about contexts (at most --max-texts).")
+    model: ModelName | None = Field(None, description="The QA run to use (see /v1/models).")
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="The answer span of the context.")
+    start: int | None = Field(description="Its character offset in the context.")
+    end: int | None = Field(description="Character offset just past it (exclusive).")
+    score: float
+
+
+class QAResponse(BaseModel):
+    model: str
+    predictions: list[Answer]
 
 
 class Sampling(Strict):

@@ -1,0 +1,301 @@
+"""Serving classification over HTTP: finegrain with dynamic batching, finegrain one text per batch,
+and a plain `transformers` pipeline served the same way.
+
+    python benchmarks/serve.py [--quick] [--requests 2000] [--concurrency 16]
+
+One classification run is trained first (the default model, SmolLM2-135M dequantized to float32;
+LoRA r=8 alpha=16 on q_proj/v_proj of all 30 layers; a linear head on the last token; Rotten
+Tomatoes snippets, at most 64 tokens; 64 training texts, 16 with --quick). It is then served three
+ways, each by real uvicorn on 127.0.0.1 in its own process with the same torch threads:
+
+    finegrain (dynamic)    `finegrain serve RUN` with its defaults (--max-batch 32, --batch-wait-ms 5)
+    finegrain (batch 1)    the same with --max-batch 1: every request is a forward pass of its own
+    transformers pipeline  a minimal FastAPI app (this file, `--side transformers`): the same
+                           GGUF through `AutoModelForSequenceClassification`, the run's adapter
+                           through `PeftModel.from_pretrained` (unmerged, as finegrain keeps it),
+                           `pipeline("text-classification")` called per request on one worker at a
+                           time, as finegrain's batcher thread runs the model
+
+The same client (`--concurrency` threads, each with its own keep-alive `http.client` connection,
+one test-split text per request, requests spread evenly) sends `--requests` requests to each,
+after a warm-up; the table gives requests/s, p50 and p99 latency, and the mean batch the server
+ran (finegrain's /metrics). Before the load, 8 texts are classified by every server and the labels
+compared with finegrain's, to check that the three serve the same model. Last line:
+`serve throughput ratio: dynamic/batch-1 xA.AA, dynamic/transformers xB.BB`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts, print_facts  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+MAX_LENGTH = 64
+CHECK_TEXTS = 8
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def train_run(directory: Path, n_train: int, n_test: int) -> tuple[Path, list[str], float]:
+    """Train the classification run; returns its directory, the test texts and the training seconds."""
+    from finegrain.config import RunConfig, from_dict
+    from finegrain.data.readers import write_examples
+    from finegrain.datasets import rotten_tomatoes_peer_split
+    from finegrain.run import train
+
+    train_examples, test_examples = rotten_tomatoes_peer_split(n_train, n_test)
+    write_examples(directory / "train.jsonl", train_examples)
+    config = from_dict(RunConfig, {
+        "model": {"name": None},
+        "data": {"train": str(directory / "train.jsonl"), "split": [1.0, 0.0, 0.0], "max_length": MAX_LENGTH},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
+        "train": {"epochs": 1, "lr": 3e-4, "batch_size": 16, "seed": 0},
+        "output": str(directory / "run"),
+    }, "benchmark")
+    results = train(config, progress=False)
+    return directory / "run", [e.text for e in test_examples], results["train"]["total_seconds"]
+
+
+# ---------------------------------------------------------------------------------------------- the transformers side
+
+
+def transformers_side(args) -> None:
+    """Serve the run with a transformers pipeline behind a minimal FastAPI app until SIGTERM."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from finegrain.checkpoint.load import resolve_model
+
+    torch.set_num_threads(args.threads)
+    labels = json.loads(Path(args.run, "labels.json").read_text())
+    gguf = resolve_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token_id = 2
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, num_labels=len(labels), dtype=torch.float32,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )
+    model.config.pad_token_id = 2
+    model = PeftModel.from_pretrained(model, Path(args.run, "adapter")).eval()
+    classify = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
+    lock = threading.Lock()  # one forward pass at a time, as finegrain's worker thread
+    app = FastAPI()
+
+    @app.get("/readyz")
+    def ready() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/v1/classify")
+    def predict(body: dict) -> dict:
+        with lock, torch.inference_mode():
+            scored = classify(body["texts"], truncation=True, max_length=MAX_LENGTH)
+        predictions = []
+        for scores in scored:
+            probabilities = {s["label"]: round(s["score"], 6) for s in scores}
+            predictions.append({"label": max(probabilities, key=probabilities.get), "probabilities": probabilities})
+        return {"predictions": predictions}
+
+    uvicorn.run(app, host=LOOPBACK, port=args.port, log_level="warning", access_log=False)
+
+
+# ---------------------------------------------------------------------------------------------- servers and load
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process on a free loopback port; `stop()` ends it with SIGTERM."""
+
+    def __init__(self, name: str, command: list[str], log: Path):
+        self.name, self.port = name, free_port()
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=5)
+                connection.request("GET", "/readyz")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} was not ready within {timeout:g} s")
+
+    def get(self, path: str) -> str:
+        connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=30)
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def classify_one(connection: http.client.HTTPConnection, text: str) -> dict | None:
+    """The prediction for one text; None when the server answered anything but 200."""
+    body = json.dumps({"texts": [text]})
+    connection.request("POST", "/v1/classify", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = response.read()
+    return json.loads(payload)["predictions"][0] if response.status == 200 else None
+
+
+def load(port: int, texts: list[str], requests: int, concurrency: int) -> dict:
+    """Send `requests` one-text requests from `concurrency` threads: requests/s, latency
+    percentiles (of answered requests) and the number of failed ones."""
+    latencies: list[float] = []
+    failures: list[int] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            started = time.perf_counter()
+            if classify_one(connection, texts[i % len(texts)]) is None:
+                failures.append(i)
+            else:
+                latencies.append(time.perf_counter() - started)
+        connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    if not latencies:
+        raise SystemExit(f"every request to port {port} failed")
+    return {
+        "rps": len(latencies) / seconds,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "failed": len(failures),
+    }
+
+
+def batch_totals(server: Server) -> tuple[float, float]:
+    """The sum and count of finegrain's `finegrain_batch_size` histogram: texts and batches run so far."""
+    values = dict.fromkeys(("finegrain_batch_size_sum", "finegrain_batch_size_count"), 0.0)
+    for line in server.get("/metrics").splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values["finegrain_batch_size_sum"], values["finegrain_batch_size_count"]
+
+
+def measure(server: Server, texts: list[str], args) -> tuple[dict, list[str]]:
+    """Labels of the check texts, a warm-up, then the load (with finegrain's mean batch during it)."""
+    server.wait_ready()
+    connection = http.client.HTTPConnection(LOOPBACK, server.port, timeout=120)
+    labels = [(classify_one(connection, text) or {}).get("label") for text in texts[:CHECK_TEXTS]]
+    connection.close()
+    load(server.port, texts, args.concurrency, args.concurrency)  # warm-up: every connection once
+    finegrain = server.name.startswith("finegrain")
+    before = batch_totals(server) if finegrain else None
+    result = load(server.port, texts, args.requests, args.concurrency)
+    if before is not None:
+        after = batch_totals(server)
+        result["batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+    return result, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 training texts, 32 requests per server: about 2 minutes")
+    parser.add_argument("--requests", type=int, default=None, help="requests per server (default 1000; 32 with --quick)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each server")
+    parser.add_argument("--side", choices=["transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "transformers":
+        transformers_side(args)
+        return
+    args.requests = args.requests or (32 if args.quick else 1000)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print_facts(machine_facts())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        run_dir, texts, train_s = train_run(tmp_path, 16 if args.quick else 64, 500)
+        print(f"run: SmolLM2-135M float32, LoRA r=8 on q_proj/v_proj of 30 layers, 2 labels, trained in {train_s:.1f} s", flush=True)
+        print(f"load: {args.requests} requests of one Rotten Tomatoes text each (at most {MAX_LENGTH} tokens), "
+              f"{args.concurrency} concurrent clients; servers use {args.threads} torch threads", flush=True)
+        # A long --timeout: an overloaded machine shows as latency, not as 504s.
+        serve = [sys.executable, "-m", "finegrain.serve", f"bench={run_dir}", "--host", LOOPBACK, "--timeout", "600",
+                 "--threads", str(args.threads), "--max-queue", "4096", "--log-level", "warning"]
+        servers = {
+            "finegrain (dynamic)": serve,
+            "finegrain (batch 1)": [*serve, "--max-batch", "1"],
+            "transformers pipeline": [sys.executable, __file__, "--side", "transformers", "--run", str(run_dir),
+                                      "--threads", str(args.threads)],
+        }
+        results, labels = {}, {}
+        for name, command in servers.items():
+            server = Server(name, command, tmp_path / f"{name.split()[0]}-{len(results)}.log")
+            try:
+                results[name], labels[name] = measure(server, texts, args)
+            finally:
+                server.stop()
+
+    print(f"{'':>22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11} {'failed':>7}")
+    for name, r in results.items():
+        batch = f"{r['batch']:.1f}" if "batch" in r else "1"
+        print(f"{name:>22} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {batch:>11} {r['failed']:>7}")
+    reference = labels["finegrain (dynamic)"]
+    agree = ", ".join(
+        f"{name} {sum(a == b for a, b in zip(reference, found))}/{len(reference)}"
+        for name, found in labels.items() if name != "finegrain (dynamic)"
+    )
+    print(f"labels agree with finegrain (dynamic) on {CHECK_TEXTS} texts: {agree}")
+    dynamic = results["finegrain (dynamic)"]["rps"]
+    print(f"serve throughput ratio: dynamic/batch-1 x{dynamic / results['finegrain (batch 1)']['rps']:.2f}, "
+          f"dynamic/transformers x{dynamic / results['transformers pipeline']['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
