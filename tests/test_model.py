@@ -123,6 +123,18 @@ def test_fusing_refuses_an_adapter_layer(tiny_model):
         tiny_model.fuse_projections()
 
 
+def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    plain = Llama(tiny_config).train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.model.gradient_checkpointing = True
+    input_ids = torch.randint(0, 128, (2, 12))
+    for model in (plain, recomputed):
+        model(input_ids).logsumexp(-1).mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
+
+
 def test_bidirectional_attention_sees_the_future(tiny_config):
     torch.manual_seed(0)
     causal = Llama(tiny_config).eval()

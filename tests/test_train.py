@@ -94,6 +94,27 @@ def test_only_adapter_and_head_train(tiny_model_dir, tmp_path):
     }
 
 
+def test_bf16_autocast_only_where_the_cpu_has_it(tiny_model_dir, tmp_path, monkeypatch):
+    """train.bf16 trains in bf16 on a CPU with native bf16; elsewhere it warns and stays float32."""
+    import finegrain.cpu
+    import finegrain.train.trainer
+
+    data = write_data(tmp_path / "data.jsonl", 40)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, bf16=True)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert main(["train", str(config), "--output", str(tmp_path / "float32")]) == 0
+
+    dtypes = set()
+    monkeypatch.setattr(finegrain.cpu, "native_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(finegrain.train.trainer, "native_bf16", lambda cpuinfo=None: True)
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: dtypes.add(forward(self, x).dtype) or forward(self, x))
+    assert main(["train", str(config), "--output", str(tmp_path / "bf16")]) == 0
+    assert torch.bfloat16 in dtypes  # the training steps ran in bf16 ...
+    adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # ... on float32 weights
+
+
 @pytest.mark.parametrize("num_layers", [None, 1], ids=["whole-model", "cut-to-1-layer"])
 def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path, num_layers):
     """The run's adapter directory is a PEFT SEQ_CLS adapter: peft reproduces our class logits."""

@@ -117,6 +117,7 @@ class TrainConfig:
     threads: int | None = None
     prefix_cache: bool = True  # run frozen layers below the lowest adapted layer once, not every epoch
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
+    bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
 
 
 @dataclass

@@ -80,6 +80,8 @@ class Task:
         peft_task_type: PEFT's `task_type` of the saved adapter.
         head_modules: modules trained and saved whole with the adapter (PEFT's `modules_to_save`).
         labels: what `labels.json` records (classes, entity types, relation types; may be empty).
+        predicts_from_prefix: `predict` reads cached lower-layer states (`hidden`); a generative
+            task runs the whole model, so the trainer caches no validation prefix for it.
     """
 
     name = ""
@@ -87,6 +89,7 @@ class Task:
     peft_task_type = ""
     head_modules: tuple[str, ...] = ("score",)
     labels: list[str] = []
+    predicts_from_prefix = True
     class_weights: torch.Tensor | None = None
 
     @classmethod

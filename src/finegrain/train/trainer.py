@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
 from finegrain.config import TrainConfig
+from finegrain.cpu import native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.train.batching import bucketed_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -100,6 +102,9 @@ class Trainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
+        if config.bf16 and not native_bf16():
+            warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
+                          "slower than float32; training stays float32", stacklevel=2)
         self.start_layer = 0
         if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
@@ -136,11 +141,13 @@ class Trainer:
             self.metrics_path.unlink()
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
-            self.hidden, self.validation_hidden = (
-                compute_prefix(self.model.model, self.task, items, self.start_layer, self.pad_id,
-                               self.config.eval_batch_size, self.progress)
-                for items in (self.train_items, self.validation_items)
-            )
+            def prefix(items: list) -> list[torch.Tensor]:
+                return compute_prefix(self.model.model, self.task, items, self.start_layer, self.pad_id,
+                                      self.config.eval_batch_size, self.progress)
+
+            self.hidden = prefix(self.train_items)
+            if self.task.predicts_from_prefix:
+                self.validation_hidden = prefix(self.validation_items)
         self.model.train()
         bar = tqdm(
             total=self.total_steps, initial=self.state.step, desc="training", unit="step",
@@ -201,8 +208,9 @@ class Trainer:
             items = [self.train_items[i] for i in indices]
             hidden = [self.hidden[i] for i in indices] if self.hidden is not None else None
             batch = self.task.collate(items, self.pad_id, hidden)
-            outputs = self.model(batch, start_layer=self.start_layer)
-            loss = self.task.loss(outputs, batch)
+            with training_autocast(self.config.bf16):
+                outputs = self.model(batch, start_layer=self.start_layer)
+                loss = self.task.loss(outputs, batch)
             (loss * len(indices) / total_items).backward()
             loss_sum += loss.item() * len(indices)
             tokens += int(batch["lengths"].sum())

@@ -1,0 +1,42 @@
+"""What this CPU does natively, read from /proc/cpuinfo: decides whether bf16 autocast pays.
+
+On a CPU without bf16 instructions (AVX-512 BF16 or AMX), bf16 matmuls are emulated in
+float32 with extra conversions: slower than plain float32 and less exact, so finegrain keeps
+float32 there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The feature flags of the first CPU listed in `cpuinfo`; empty where the file is missing (not Linux)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """True when the CPU computes bf16 natively (the `avx512_bf16` or `amx_bf16` flag)."""
+    return bool(cpu_flags(cpuinfo) & BF16_FLAGS)
+
+
+def training_autocast(requested: bool, cpuinfo: Path = CPUINFO) -> torch.autocast:
+    """bf16 autocast when `requested` (`train.bf16`) and the CPU has native bf16, else disabled.
+
+    Weights stay float32 (so saved adapters and the optimizer are unaffected); inside the
+    context, matmuls run in bf16 and reductions such as the loss stay float32.
+    """
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=requested and native_bf16(cpuinfo))
