@@ -246,6 +246,9 @@ def test_load_token_splits_from_files_and_from_a_fixed_split(tmp_path):
 
     splits = load_token_splits(DataConfig(dataset="fake", max_train_examples=5), datasets_module=Bundled)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (5, 10, 10)
+    capped = load_token_splits(DataConfig(dataset="fake", max_eval_examples=4), datasets_module=Bundled)
+    assert (len(capped.train), len(capped.validation), len(capped.test)) == (10, 4, 4)
+    assert {e.source for e in capped.test} < {e.source for e in splits.test}  # a sample of the same split
 
     class Classification:
         @staticmethod

@@ -344,3 +344,17 @@ def test_infer_labels() -> None:
     assert infer_labels(multi) == ["y", "z"]
     with pytest.raises(ValueError):
         infer_labels([Example("x", 0.5, "f:1")])
+
+
+def test_max_eval_examples_caps_validation_and_test_with_a_stratified_sample(tmp_path) -> None:
+    from finegrain.config import DataConfig
+    from finegrain.data.load import load_splits
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": "ab"[i % 2]}) + "\n" for i in range(200)))
+    full = load_splits(DataConfig(train=str(path)))
+    capped = load_splits(DataConfig(train=str(path), max_eval_examples=6))
+    assert (len(capped.train), len(capped.validation), len(capped.test)) == (160, 6, 6)
+    assert [e.text for e in capped.train] == [e.text for e in full.train]
+    assert {e.text for e in capped.test} < {e.text for e in full.test}
+    assert sorted(e.label for e in capped.test) == ["a", "a", "a", "b", "b", "b"]

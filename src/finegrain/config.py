@@ -41,6 +41,7 @@ class DataConfig:
     max_length: int = 64  # tokens per text; longer texts are truncated
     template: str | None = None  # wraps each text, e.g. "Review: {text}\nSentiment:"; the text is what gets cut
     max_train_examples: int | None = None
+    max_eval_examples: int | None = None  # cap validation and test each: a sample drawn like the splits
     skip_bad_rows: bool = False
     # task: ner
     scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES) or IO
@@ -116,6 +117,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     prefix_cache: bool = True  # run frozen layers below the lowest adapted layer once, not every epoch
+    prefix_cache_dtype: str = "float32"  # float32 (exact) | bfloat16 (half the memory, an approximation)
+    prefix_cache_ram_mb: int = 4096  # a larger cache lives in a memory-mapped file in the run directory
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
     bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
 
@@ -221,6 +224,7 @@ def validate(config: RunConfig, where: str) -> None:
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
+        (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),

@@ -39,7 +39,7 @@ from operator import add
 from pathlib import Path
 from typing import IO, Any
 
-from finegrain.data.load import SPLITS, Splits, carve_splits, origins, read_given
+from finegrain.data.load import SPLITS, Splits, carve_splits, limit_splits, origins, read_given
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import (
     check_tags,
@@ -662,10 +662,8 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         parts = {name: [ex for ex in pool if ex.extra["split"] == name] for name in SPLITS} | given
     else:
         parts = carve_splits(config, pool, given, split=split_token_examples)
+    parts = limit_splits(config, parts, split_token_examples)
     train = parts["train"]
-    if config.max_train_examples is not None and config.max_train_examples < len(train):
-        keep = config.max_train_examples / len(train)
-        train = split_token_examples(train, (keep, 1 - keep), seed=config.split_seed)[0]
     labels = entity_types(train)
     if not labels:
         raise FinegrainError(f"{origin}: the training data has no entities; check data.tag_column and the tags")

@@ -56,6 +56,23 @@ def carve_splits(config: DataConfig, pool: list, given: dict[str, list], split: 
     return {**parts, **given}
 
 
+def sample(examples: list, limit: int | None, seed: int, split: Callable | None = None) -> list:
+    """At most `limit` of `examples`, drawn as `split(examples, fractions, seed=...)` draws a part
+    (default: stratified by label), or all of them."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    if split is None:
+        return stratified_subset(examples, limit, seed=seed)
+    return split(examples, (limit / len(examples), 1 - limit / len(examples)), seed=seed)[0]
+
+
+def limit_splits(config: DataConfig, parts: dict[str, list], split: Callable | None = None) -> dict[str, list]:
+    """`parts` with train cut to `data.max_train_examples` and validation and test each to
+    `data.max_eval_examples` (a large held-out set costs a CPU more than training)."""
+    limits = {"train": config.max_train_examples, "validation": config.max_eval_examples, "test": config.max_eval_examples}
+    return {name: sample(parts[name], limits[name], config.split_seed, split) for name in SPLITS}
+
+
 def origins(config: DataConfig, origin: str) -> dict[str, str]:
     """Where each split came from: its file, or the part of `origin` it was split off."""
     return {"train": origin, **{name: getattr(config, name) or f"{origin} ({name} split)" for name in SPLITS[1:]}}
@@ -88,10 +105,8 @@ def load_splits(config: DataConfig, regression: bool = False) -> Splits:
 
     given, skipped_given = read_given(config, lambda path: read_file(config, path, regression=regression))
     skipped += skipped_given
-    parts = carve_splits(config, pool, given)
+    parts = limit_splits(config, carve_splits(config, pool, given))
     train = parts["train"]
-    if config.max_train_examples is not None:
-        train = stratified_subset(train, min(config.max_train_examples, len(train)), seed=config.split_seed)
     if regression:
         if not all(isinstance(e.label, float) for e in train):
             raise FinegrainError(f"{origin}: task regression needs numeric labels in '{config.label_field}'")

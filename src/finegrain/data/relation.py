@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finegrain.data.load import Splits, carve_splits, check_split_labels, origins, read_given
+from finegrain.data.load import Splits, carve_splits, check_split_labels, limit_splits, origins, read_given
 from finegrain.data.readers import ReadResult, read_examples
-from finegrain.data.split import infer_labels, stratified_subset
+from finegrain.data.split import infer_labels
 from finegrain.errors import FinegrainError
 
 __all__ = [
@@ -285,10 +285,8 @@ def load_relation_splits(data) -> Splits:
 
     result = read(data.train)
     given, skipped = read_given(data, read)
-    parts = carve_splits(data, result.examples, given)
+    parts = limit_splits(data, carve_splits(data, result.examples, given))
     train = parts["train"]
-    if data.max_train_examples is not None:
-        train = stratified_subset(train, min(data.max_train_examples, len(train)), seed=data.split_seed)
     labels = infer_labels(train)
     if len(labels) < 2:
         raise FinegrainError(f"{data.train}: the training data has {len(labels)} relation(s); at least 2 are needed")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from finegrain.data.load import Splits, carve_splits, origins, read_given
+from finegrain.data.load import Splits, carve_splits, limit_splits, origins, read_given
 from finegrain.errors import FinegrainError
 
 __all__ = ["Answer", "QAExample", "QAReadResult", "load_qa_splits", "read_squad", "split_qa_examples"]
@@ -325,9 +325,5 @@ def load_qa_splits(config) -> Splits:
     if not result.examples:
         raise FinegrainError(f"{config.train}: no usable questions")
     given, skipped = read_given(config, lambda path: read_squad(path, config.skip_bad_rows))
-    parts = carve_splits(config, result.examples, given, split=split_qa_examples)
-    train = parts["train"]
-    if config.max_train_examples is not None and config.max_train_examples < len(train):
-        keep = config.max_train_examples / len(train)
-        train = split_qa_examples(train, (keep, 1 - keep), seed=config.split_seed)[0]
-    return Splits(train, parts["validation"], parts["test"], [], result.skipped + skipped, origins(config, config.train))
+    parts = limit_splits(config, carve_splits(config, result.examples, given, split_qa_examples), split_qa_examples)
+    return Splits(parts["train"], parts["validation"], parts["test"], [], result.skipped + skipped, origins(config, config.train))

@@ -256,39 +256,25 @@ class InstructTask(Task):
     @staticmethod
     def load_splits(data):
         """Conversations of `data.train` (and `data.validation`/`data.test`, else split off train)."""
-        from finegrain.data.load import Splits
-        from finegrain.data.split import stratified_split, stratified_subset
+        from finegrain.data.load import Splits, carve_splits, limit_splits, origins, read_given
         from finegrain.evaluate.generation import label_set
 
         if data.dataset:
             raise FinegrainError("data.dataset: task instruct has no bundled dataset; set data.train to a chat JSONL file")
         if not data.train:
             raise FinegrainError("data.train: task instruct needs a chat JSONL file of conversations")
-        parts, skipped = {}, []
-        for name in ("train", "validation", "test"):
-            path = getattr(data, name)
-            if path:
-                result = read_chat_examples(path, require_reference=True, skip_bad_rows=data.skip_bad_rows)
-                if not result.examples:
-                    raise FinegrainError(f"{path}: no usable conversations")
-                parts[name] = result.examples
-                skipped += result.skipped
+        def read(path: str):
+            result = read_chat_examples(path, require_reference=True, skip_bad_rows=data.skip_bad_rows)
+            if not result.examples:
+                raise FinegrainError(f"{path}: no usable conversations")
+            return result
+
         # Splits not given as files come out of train, stratified by reference (labels stay spread).
-        missing = [name for name in ("validation", "test") if name not in parts]
-        if missing:
-            fractions = dict(zip(("train", "validation", "test"), data.split))
-            wanted = ["train", *missing]
-            total = sum(fractions[name] for name in wanted)
-            pieces = stratified_split(parts["train"], [fractions[name] / total for name in wanted], seed=data.split_seed)
-            parts.update(zip(wanted, pieces))
-        train = parts["train"]
-        if data.max_train_examples is not None:
-            train = stratified_subset(train, min(data.max_train_examples, len(train)), seed=data.split_seed)
-        origin = {name: getattr(data, name) or f"{data.train} ({name} split)" for name in ("validation", "test")}
-        return Splits(
-            train, parts["validation"], parts["test"], label_set([e.label for e in train]), skipped,
-            {"train": data.train, **origin},
-        )
+        result = read(data.train)
+        given, skipped = read_given(data, read)
+        parts = limit_splits(data, carve_splits(data, result.examples, given))
+        labels = label_set([e.label for e in parts["train"]])
+        return Splits(parts["train"], parts["validation"], parts["test"], labels, result.skipped + skipped, origins(data, data.train))
 
     def read_file(self, data, path: str, require_label: bool = True) -> list[ChatExample]:
         examples = read_chat_examples(path, require_reference=require_label, skip_bad_rows=data.skip_bad_rows).examples
