@@ -2,13 +2,19 @@
 
 When only the upper decoder layers are adapted, the layers below the lowest adapted one
 compute the same thing every epoch. Their output is computed once per example and kept;
-training then runs only the upper layers. Results are unchanged (float32 storage).
+training then runs only the upper layers. Results are unchanged with float32 storage (the
+default); bfloat16 storage halves the memory at the cost of rounding the cached states (an
+opt-in approximation). All states sit in one (tokens, hidden) tensor, in RAM or, when larger
+than a limit, in a memory-mapped file whose pages the OS moves to and from disk as needed.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -37,16 +43,37 @@ def lowest_trainable_layer(model: nn.Module, num_layers: int) -> int:
 
 
 @torch.no_grad()
+def cache_storage(rows: int, width: int, dtype: torch.dtype, spill_dir: Path | None = None,
+                  ram_limit_bytes: int | None = None) -> torch.Tensor:
+    """An uninitialised (rows, width) tensor: in RAM, or, when it is larger than `ram_limit_bytes`,
+    mapped from a file in `spill_dir`. The file is unlinked at once (its pages stay mapped until
+    the tensor is freed), so nothing is left on disk whatever happens to the process."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if spill_dir is None or ram_limit_bytes is None or rows * width * itemsize <= ram_limit_bytes:
+        return torch.empty(rows, width, dtype=dtype)
+    with tempfile.NamedTemporaryFile(dir=spill_dir, prefix=".prefix-cache-") as file:
+        file.truncate(rows * width * itemsize)
+        # numpy has no bfloat16: map 2-byte elements as int16 and reinterpret them.
+        mapped = np.memmap(file.name, dtype=np.float32 if itemsize == 4 else np.int16, mode="r+", shape=(rows, width))
+    return torch.from_numpy(mapped).view(dtype)
+
+
+@torch.no_grad()
 def compute_prefix(
-    backbone: nn.Module, task, items: list, end_layer: int, pad_id: int, batch_size: int = 64, progress: bool = True
+    backbone: nn.Module, task, items: list, end_layer: int, pad_id: int, batch_size: int = 64, progress: bool = True,
+    dtype: torch.dtype = torch.float32, spill_dir: Path | None = None, ram_limit_bytes: int | None = None,
 ) -> list[torch.Tensor]:
-    """Hidden states (T_i, H) of every item after decoder layers [0, end_layer).
+    """Hidden states (T_i, H) of every item after decoder layers [0, end_layer), stored as `dtype`.
 
     Batches come from `task.collate`; an `attention_mask` or `position_ids` it returns (packed
-    rows) reach the layers as they will in training.
+    rows) reach the layers as they will in training. The states are views of one tensor
+    (`cache_storage`: in RAM up to `ram_limit_bytes`, else memory-mapped in `spill_dir`), with
+    no autograd history: they are constants of the training that follows.
     """
-    out: list[torch.Tensor | None] = [None] * len(items)
     lengths = [len(item.input_ids) for item in items]
+    starts = np.cumsum([0, *lengths]).tolist()
+    storage = cache_storage(starts[-1], backbone.config.hidden_size, dtype, spill_dir, ram_limit_bytes)
+    out = [storage[starts[i] : starts[i + 1]] for i in range(len(items))]
     was_training = backbone.training
     backbone.eval()
     batches = sorted_batches(lengths, batch_size)
@@ -61,6 +88,6 @@ def compute_prefix(
             position_ids=inputs.get("position_ids"), end=end_layer,
         )
         for row, i in enumerate(batch):
-            out[i] = hidden[row, : lengths[i]].clone()
+            out[i].copy_(hidden[row, : lengths[i]])
     backbone.train(was_training)
-    return out  # type: ignore[return-value]
+    return out

@@ -142,8 +142,11 @@ class Trainer:
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
             def prefix(items: list) -> list[torch.Tensor]:
-                return compute_prefix(self.model.model, self.task, items, self.start_layer, self.pad_id,
-                                      self.config.eval_batch_size, self.progress)
+                return compute_prefix(
+                    self.model.model, self.task, items, self.start_layer, self.pad_id, self.config.eval_batch_size,
+                    self.progress, getattr(torch, self.config.prefix_cache_dtype), self.run_dir,
+                    self.config.prefix_cache_ram_mb * 2**20,
+                )
 
             self.hidden = prefix(self.train_items)
             if self.task.predicts_from_prefix:
