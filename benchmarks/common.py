@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: machine facts, the matmul ceiling, peak RSS, side-by-side subprocesses."""
+"""Shared by the benchmarks: machine facts, the matmul ceiling, peak RSS, side-by-side
+subprocesses, and the transformers+PEFT peer of the Rotten Tomatoes classification runs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+# Parameters of one SmolLM2-135M decoder layer: q and o (576 x 576), k and v (576 x 192),
+# gate, up and down (576 x 1536); norms are negligible. 30 layers: 106 M without embeddings.
+SMOLLM2_LAYER_PARAMS = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+SMOLLM2_LAYERS = 30
+LABELS = {"fresh": 1, "rotten": 0}  # the peer's class indices
 
 
 def machine_facts() -> dict:
@@ -42,6 +50,13 @@ def matmul_ceiling_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def ceiling_share(tokens_per_s: float, layers: int, ceiling_gflops: float) -> float:
+    """Percent of the matmul ceiling reached by LoRA training through `layers` SmolLM2 layers at
+    `tokens_per_s` (a frozen layer costs ~4 FLOPs per parameter per token: forward, and the
+    backward pass to its input)."""
+    return 100 * 4 * SMOLLM2_LAYER_PARAMS * layers * tokens_per_s / (ceiling_gflops * 1e9)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -60,3 +75,94 @@ def run_side(script: str, side: str, args: list[str]) -> dict:
 
 def print_facts(facts: dict) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+
+
+def write_peer_split(directory: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """The peer's train/test split (`rotten_tomatoes_peer_split`) as train.jsonl and test.jsonl."""
+    from finegrain.data.readers import write_examples
+    from finegrain.datasets import rotten_tomatoes_peer_split
+
+    train_examples, test_examples = rotten_tomatoes_peer_split(n_train, n_test)
+    paths = Path(directory, "train.jsonl"), Path(directory, "test.jsonl")
+    write_examples(paths[0], train_examples)
+    write_examples(paths[1], test_examples)
+    return paths
+
+
+def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int = 32) -> dict:
+    """transformers+PEFT LoRA classification: the loop of /work/shared/peer/hf_peft_rotten_tomatoes.py.
+
+    SmolLM2 GGUF dequantized to float32, LoRA r=8 alpha=16 dropout=0.05 on q_proj/v_proj of all
+    30 layers (task SEQ_CLS), AdamW lr 3e-4, batch 16 in shuffled order padded to its longest
+    text (left padding), at most 64 tokens; the global `random` and torch seeds follow the
+    script's, so its 2,000 x 2 run reproduces the 0.830 it reports.
+
+    Returns:
+        load_s, train_s (the loop only), tokens_per_s (real tokens), eval_s, accuracy,
+        macro_f1, predictions (labels of the test examples in split order), peak_rss_mb.
+    """
+    import random
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finegrain.checkpoint.load import resolve_model
+    from finegrain.datasets import rotten_tomatoes, rotten_tomatoes_peer_split
+    from finegrain.evaluate.metrics import classification_metrics
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    train_examples, test_examples = rotten_tomatoes_peer_split(n_train, n_test)
+    # The script shuffles all rows with the global generator after random.seed(0), and its
+    # epoch shuffles continue from there; a shuffle's draws depend only on the list's length.
+    random.seed(0)
+    random.shuffle(list(range(len(rotten_tomatoes()))))
+    train = [(e.text, LABELS[e.label]) for e in train_examples]
+    test = [(e.text, LABELS[e.label]) for e in test_examples]
+    gguf = resolve_model(None)  # the default model's GGUF
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.pad_token_id = 2
+    tok.padding_side = "left"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, num_labels=2, dtype=torch.float32
+    )
+    model.config.pad_token_id = 2
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.0)
+    load_s = time.perf_counter() - started
+    batch, ntok = 16, 0
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        random.shuffle(train)
+        for i in range(0, len(train), batch):
+            rows = train[i : i + batch]
+            enc = tok([t for t, _ in rows], return_tensors="pt", padding=True, truncation=True, max_length=64)
+            out = model(**enc, labels=torch.tensor([y for _, y in rows]))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ntok += int(enc.attention_mask.sum())
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model.eval()
+    predicted = []
+    with torch.no_grad():
+        for i in range(0, len(test), eval_batch):
+            enc = tok([t for t, _ in test[i : i + eval_batch]], return_tensors="pt", padding=True, truncation=True, max_length=64)
+            predicted += model(**enc).logits.argmax(-1).tolist()
+    eval_s = time.perf_counter() - start
+    names = {v: k for k, v in LABELS.items()}
+    predictions = [names[p] for p in predicted]
+    metrics = classification_metrics([e.label for e in test_examples], predictions, sorted(LABELS))
+    return {
+        "load_s": round(load_s, 2),
+        "train_s": round(train_s, 2),
+        "tokens_per_s": round(ntok / train_s, 1),
+        "eval_s": round(eval_s, 2),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro"]["f1"],
+        "predictions": predictions,
+        "peak_rss_mb": round(peak_rss_mb()),
+    }

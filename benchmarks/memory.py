@@ -1,0 +1,132 @@
+"""Peak memory of LoRA fine-tuning a 1B-parameter LLaMA, with and without activation checkpointing.
+
+    python benchmarks/memory.py [--quick] [--steps 2] [--batch-size 8] [--length 128]
+
+The model has TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads / 4 kv heads, FFN
+5632, vocabulary 32000) with random float32 weights; the task is sequence classification
+(2 classes, random labels) with LoRA r=8 on every linear layer of every layer, so the whole
+decoder is back-propagated through (no frozen prefix). Training is finegrain's own `Trainer`
+with `ClassificationTask`, `--steps` optimizer steps at `--batch-size` x `--length` tokens,
+once with `train.activation_checkpointing` off and once on, each in its own process: the
+peak RSS it reports is that run's own, model construction included. `--quick` (under 2
+minutes) takes one step at batch 2 x 64 tokens: it shows the weights' share of the peak, not
+the activations of the full batch. Last line: `memory: peak RSS X GB (under 12) without,
+Y GB (under 12) with activation checkpointing, step time xR.RR` (OVER where a run exceeds 12 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts, matmul_ceiling_gflops, peak_rss_mb, print_facts, run_side  # noqa: E402
+
+LIMIT_GB = 12
+
+
+def one_billion():
+    """TinyLlama-1.1B's architecture (LlamaConfig of finegrain)."""
+    from finegrain.model.config import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+        rms_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+
+
+def train_side(args) -> dict:
+    """Build the model, train `args.steps` steps, report parameters, peak RSS and step times."""
+    import torch
+
+    from finegrain.config import TrainConfig
+    from finegrain.model.llama import Llama
+    from finegrain.peft import LoraConfig, apply_lora
+    from finegrain.tasks.classification import ClassificationTask, Encoded
+    from finegrain.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    config = one_billion()
+    start = time.perf_counter()
+    llama = Llama(config)
+    parameters = llama.num_parameters()
+    task = ClassificationTask(["negative", "positive"])
+    model = task.build_model(llama)  # the backbone and a head; the LM head is dropped with `llama`
+    del llama
+    decoder_parameters = sum(p.numel() for p in model.model.layers.parameters())
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05, targets="all-linear"))
+    model.score.requires_grad_(True)
+    model.model.gradient_checkpointing = args.checkpointing
+    build_s = time.perf_counter() - start
+    rss_built = peak_rss_mb()
+
+    generator = torch.Generator().manual_seed(0)
+    items = [
+        Encoded(torch.randint(3, config.vocab_size, (args.length,), generator=generator).tolist(), i % 2)
+        for i in range(args.steps * args.batch_size)
+    ]
+    train = TrainConfig(epochs=1, lr=1e-4, batch_size=args.batch_size, warmup_ratio=0.0, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, task, items, train, Path(tmp), pad_id=0, progress=False)
+        state = trainer.fit()
+        tokens_per_s = [json.loads(line)["tokens_per_s"] for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    # metrics.jsonl holds the running tokens/s after each step; each step trains B x T tokens.
+    elapsed = [(k + 1) * args.batch_size * args.length / tps for k, tps in enumerate(tokens_per_s)]
+    step_s = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    return {
+        "parameters": parameters,
+        "decoder_parameters": decoder_parameters,
+        "trained_parameters": sum(p.numel() for p in trainer.trainable.values()),
+        "build_s": round(build_s, 1),
+        "rss_built_mb": round(rss_built),
+        "step_s": [round(s, 1) for s in step_s],
+        "train_s": round(state.train_seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="under 2 minutes: 1 step at batch 2 x 64 tokens")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps each way (default 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8")
+    parser.add_argument("--length", type=int, default=None, help="tokens per example (default 128)")
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["train"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (1 if args.quick else 2)
+    args.batch_size = args.batch_size or (2 if args.quick else 8)
+    args.length = args.length or (64 if args.quick else 128)
+    if args.side:
+        print(json.dumps(train_side(args)))
+        return
+
+    print_facts(machine_facts())
+    ceiling = matmul_ceiling_gflops()
+    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.steps} steps at batch {args.batch_size} x {args.length} tokens")
+    passed = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--length", str(args.length)]
+    runs = {"off": run_side(__file__, "train", passed), "on": run_side(__file__, "train", [*passed, "--checkpointing"])}
+    print(f"model: {runs['off']['parameters'] / 1e9:.2f} B parameters (LM head included; the classifier drops it), "
+          f"{runs['off']['trained_parameters'] / 1e6:.1f} M trained (LoRA r=8 all-linear and the head)")
+    print(f"{'checkpointing':>14} {'build s':>8} {'RSS built MB':>13} {'peak RSS MB':>12} {'step s':>14} {'ceiling %':>10}")
+    # 4 FLOPs per decoder parameter per token; embeddings are a lookup, the LM head never runs.
+    flops_per_step = 4 * runs["off"]["decoder_parameters"] * args.batch_size * args.length
+    for name, r in runs.items():
+        share = 100 * flops_per_step / (sum(r["step_s"]) / len(r["step_s"])) / (ceiling * 1e9)
+        print(f"{name:>14} {r['build_s']:>8.1f} {r['rss_built_mb']:>13} {r['peak_rss_mb']:>12} "
+              f"{' '.join(f'{s:.1f}' for s in r['step_s']):>14} {share:>9.1f}%")
+    off, on = runs["off"], runs["on"]
+
+    def verdict(r: dict) -> str:
+        return f"{r['peak_rss_mb'] / 1024:.2f} GB ({'under' if r['peak_rss_mb'] / 1024 < LIMIT_GB else 'OVER'} {LIMIT_GB})"
+
+    print(f"memory: peak RSS {verdict(off)} without, {verdict(on)} with activation checkpointing, step time "
+          f"x{on['train_s'] / off['train_s']:.2f} with checkpointing")
+
+
+if __name__ == "__main__":
+    main()
