@@ -2,6 +2,8 @@
 
     python benchmarks/compile.py [--quick] [--steps 40]
 
+(`--quick` takes about 3 minutes on 2 cores, not 2: compilation alone takes ~2.)
+
 The step is the main job's (examples/rotten_tomatoes.yaml): the top 6 of 20 kept layers with
 LoRA r=8 on every linear layer and the classification head, on cached states of the 14 frozen
 layers below, batches of 16 Rotten Tomatoes texts sorted by length (as the trainer's buckets
@@ -68,7 +70,7 @@ def run(model, task, items, hidden, batches, start, pad_id, steps: int, warmup: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 timed steps: under 2 minutes with compilation")
+    parser.add_argument("--quick", action="store_true", help="16 timed steps per mode: about 3 minutes, 2 of them compiling")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 40)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps per mode (default: every batch once)")
     args = parser.parse_args()
