@@ -140,6 +140,18 @@ TRAIN_FLAGS = {
 }
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Which layers to keep and adapt, from a linear probe of each layer of the frozen model."""
+    from finegrain.atomic import atomic_write_json
+    from finegrain.config import load_config
+    from finegrain.train.probe import probe_layers, probe_text
+
+    result = probe_layers(load_config(args.config, list(args.set or [])), args.examples)
+    print(probe_text(result))
+    if args.output:
+        atomic_write_json(args.output, result)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
     from finegrain import load
@@ -273,6 +285,13 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and count them instead of stopping")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("probe", help="propose model.num_layers and lora.layers from a linear probe of every layer")
+    p.add_argument("config", nargs="?", help="a YAML run config of a classification task")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.train=my.jsonl")
+    p.add_argument("--examples", type=int, default=400, help="training and validation examples each (default 400)")
+    p.add_argument("--output", help="also write the table and proposal as JSON here")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir")

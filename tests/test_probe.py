@@ -1,0 +1,44 @@
+"""The layer probe: a linear classifier per layer of the frozen model, and what it proposes."""
+
+import json
+
+import torch
+import yaml
+
+from finegrain.cli import main
+from finegrain.train.probe import ridge_accuracy
+
+
+def test_ridge_accuracy_separates_what_is_linearly_separable():
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (200,))
+    x = torch.randn(200, 8)
+    x[:, 3] += 3 * (2 * y - 1)  # one feature with a clear margin between the classes
+    assert ridge_accuracy(x[:100], y[:100], x[100:], y[100:], 2) > 0.95
+    noise = torch.randint(0, 2, (200,))
+    assert ridge_accuracy(x[:100], noise[:100], x[100:], noise[100:], 2) < 0.75  # no signal, no score
+
+
+def test_probe_cli_writes_a_table_and_a_proposal(tiny_model_dir, tmp_path, capsys):
+    # Two classes told apart by their first token: an embedding-level signal every layer keeps.
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film number {i}", "label": "ab"[i % 2]} for i in range(80)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "probe.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "data": {"train": str(data), "max_length": 16}}))
+    out = tmp_path / "probe.json"
+    assert main(["probe", str(config), "--examples", "40", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["accuracy"]) == 3  # embeddings and the tiny model's 2 layers
+    assert all(0 <= a <= 1 for a in result["accuracy"]) and max(result["accuracy"]) >= 0.75
+    best = result["best_layer"]
+    assert result["accuracy"][best] == max(result["accuracy"][1:])
+    assert result["proposal"] == {"model.num_layers": best, "lora.layers": list(range(-best, 0))}
+    assert f"model.num_layers={best}" in capsys.readouterr().out
+
+
+def test_probe_refuses_other_tasks(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "probe.yaml"
+    config.write_text(yaml.safe_dump({"task": "ner", "model": {"name": str(tiny_model_dir)}, "data": {"dataset": "wnut16"}}))
+    assert main(["probe", str(config)]) != 0
+    assert "probe reads single-label classification data" in capsys.readouterr().err
