@@ -105,6 +105,7 @@ class Trainer:
         if config.bf16 and not native_bf16():
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
+        self.autocast = training_autocast(config.bf16)  # decided once: /proc/cpuinfo is not read per step
         self.start_layer = 0
         if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
@@ -211,7 +212,7 @@ class Trainer:
             items = [self.train_items[i] for i in indices]
             hidden = [self.hidden[i] for i in indices] if self.hidden is not None else None
             batch = self.task.collate(items, self.pad_id, hidden)
-            with training_autocast(self.config.bf16):
+            with self.autocast:
                 outputs = self.model(batch, start_layer=self.start_layer)
                 loss = self.task.loss(outputs, batch)
             (loss * len(indices) / total_items).backward()
