@@ -32,6 +32,7 @@ from finegrain.peft import (
     unload_lora,
     unmerge_lora,
 )
+from finegrain.peft.lora import LoraMatmul, keep_mask
 
 # peft calls a transformers API that transformers 5 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -156,6 +157,34 @@ def test_dropout_touches_only_the_adapter_and_grads_reach_only_the_adapter(ours,
     ours(input_ids).logsumexp(-1).mean().backward()
     q = ours.model.layers[0].self_attn.q_proj
     assert q.weight.grad is None and q.lora_A.weight.grad is not None and q.lora_B.weight.grad is not None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_autograd_function_equals_autograd_on_the_plain_expression(dropout):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.double, requires_grad=True)
+    weight, bias = torch.randn(4, 7, dtype=torch.double), torch.randn(4, dtype=torch.double)
+    A = torch.randn(2, 7, dtype=torch.double, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.double, requires_grad=True)
+    keep = keep_mask(x.shape, dropout, x.device) if dropout else None
+    dropped = x if keep is None else x * keep / (1 - dropout)
+    plain = x @ weight.T + bias + dropped @ A.T @ B.T * 1.5
+    ours = LoraMatmul.apply(x, weight, bias, A, B, 1.5 / (1 - dropout), keep)
+    assert_close(ours, plain)
+    grad = torch.randn_like(plain)
+    assert_close(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(plain, (x, A, B), grad))
+    assert torch.autograd.gradcheck(lambda x, A, B: LoraMatmul.apply(x, weight, bias, A, B, 1.5, keep), (x, A, B))
+
+
+def test_keep_mask_drops_each_element_with_probability_p():
+    torch.manual_seed(0)
+    for p in (0.05, 0.5):
+        keep = keep_mask((400, 1001), p, torch.device("cpu"))
+        assert keep.shape == (400, 1001) and keep.dtype == torch.bool
+        assert abs((~keep).float().mean().item() - p) < 0.003  # 400,400 draws: standard error <= 0.0008
+        # Every 16-bit lane of the 64-bit draws, the 15-bit top one included, drops at rate p.
+        lanes = (~keep).flatten()[: 400 * 1000].view(-1, 4).float().mean(0)
+        assert (lanes - p).abs().max() < 0.006
 
 
 def test_all_linear_targets_every_decoder_linear_but_never_lm_head(ours):

@@ -8,7 +8,7 @@ import transformers
 from torch.testing import assert_close
 
 from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama
+from finegrain.model.llama import Llama, RMSNormFunction, SwiGLUFunction
 
 LLAMA3_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -133,6 +133,22 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
         model(input_ids).logsumexp(-1).mean().backward()
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_rms_norm_and_swiglu_functions_equal_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.double, requires_grad=True)
+    gate = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
+    up = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
+    pairs = [
+        (RMSNormFunction.apply(x, weight, 1e-5), torch.nn.functional.rms_norm(x, (8,), weight, 1e-5), (x, weight)),
+        (SwiGLUFunction.apply(gate, up), torch.nn.functional.silu(gate) * up, (gate, up)),
+    ]
+    for ours, plain, inputs in pairs:
+        assert_close(ours, plain)
+        grad = torch.randn_like(plain)
+        assert_close(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(plain, inputs, grad))
 
 
 def test_bidirectional_attention_sees_the_future(tiny_config):
