@@ -18,6 +18,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_metrics
 from finegrain.peft import LoraConfig, apply_lora, lora_layers, save_adapter
 from finegrain.tasks.tokens import IGNORE_INDEX, TokenClassificationTask, TokenClassifier
+from finegrain.train.batching import micro_batches
 from finegrain.train.trainer import Trainer, predict_outputs
 
 CITIES = ["Paris", "London", "Rome"]
@@ -340,3 +341,24 @@ def test_cli_train_evaluate_predict_ner(tiny_model_dir, tmp_path, capsys):
 
     predictions = finegrain.load(run_dir).predict(["John was in Rome", ["Anna", "Smith"]])
     assert [len(p["tags"]) for p in predictions] == [4, 2]
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(backbone_and_tokenizer, tmp_path):
+    # A token-level mean with class weights: each piece's mean must be weighted by its labelled
+    # tokens' weights, not by its examples, for the pieces to add up to the batch's gradient.
+    backbone, tokenizer = backbone_and_tokenizer
+    task = TokenClassificationTask(["LOC", "PER"])
+    task.class_weights = torch.linspace(0.5, 2.0, len(task.tags))
+    model = task.build_model(SimpleNamespace(model=backbone)).eval()  # eval: no dropout
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear", modules_to_save=["score"]))
+    items = task.encode(tokenizer, sentences(12, seed=3), 32)
+    batch = sorted(range(12), key=lambda i: len(items[i].input_ids))
+    assert len(micro_batches(batch, [len(i.input_ids) for i in items], 40)) >= 3
+    grads = {}
+    for budget in (None, 40):
+        config = TrainConfig(batch_size=12, micro_batch_tokens=budget, threads=1)
+        trainer = Trainer(model, task, items, config, tmp_path / str(budget), tokenizer.pad_token_id, progress=False)
+        trainer.optimizer.step = lambda: grads.setdefault(budget, {n: p.grad.clone() for n, p in trainer.trainable.items()})
+        trainer._step([batch])
+    for name, grad in grads[None].items():
+        assert_close(grads[40][name], grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -105,6 +105,7 @@ class TrainConfig:
     head_lr: float | None = None  # defaults to lr
     batch_size: int = 16
     grad_accum: int = 1
+    micro_batch_tokens: int | None = 512  # a batch runs in pieces of at most this many padded tokens: less memory, same gradient
     schedule: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
@@ -229,6 +230,8 @@ def validate(config: RunConfig, where: str) -> None:
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
+        (config.train.micro_batch_tokens is None or config.train.micro_batch_tokens >= 1, "train.micro_batch_tokens",
+         "at least 1, or null for whole batches"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
         (config.data.template is None or config.data.template.count("{text}") == 1, "data.template", "a string with {text} once"),

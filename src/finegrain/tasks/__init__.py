@@ -13,6 +13,8 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss
+
 
 def class_weights(spec: Any, names: list[str], counts: Counter) -> torch.Tensor | None:
     """Loss weights per class from `head.class_weights`.
@@ -124,6 +126,19 @@ class Task:
 
     def set_class_weights(self, train: list) -> None:
         """Loss weights from the training items (`head.class_weights`); nothing by default."""
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """What `loss` averages over in `batch`: its labelled positions (their class weights, with
+        `head.class_weights`), or its examples when the targets are not class indices.
+
+        The trainer weighs each micro-batch's mean loss by this, so a batch cut into pieces, or
+        accumulated over several, gets the gradient of one mean over all of it.
+        """
+        targets = batch.get("targets")
+        if targets is None or targets.is_floating_point():
+            return float(len(batch["lengths"]))
+        labelled = targets[targets != IGNORE_INDEX]
+        return float(labelled.numel() if self.class_weights is None else self.class_weights[labelled].sum())
 
     def predict(
         self, model: nn.Module, items: list, pad_id: int, batch_size: int = 64,

@@ -47,9 +47,8 @@ from tqdm import tqdm
 from finegrain.data.chat import ChatExample, check_messages, messages_from_record, read_chat_examples
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
-from finegrain.tasks import Task, pad_inputs
+from finegrain.tasks import IGNORE_INDEX, Task, pad_inputs
 
-IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss (as in tasks.tokens)
 LOSS_CHUNK = 1024  # target tokens projected onto the vocabulary at a time
 EXAMPLES_SHOWN = 8  # examples kept in the metrics for the report
 

@@ -51,9 +51,7 @@ from finegrain.evaluate.entities import (
     tags_to_entities,
 )
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import Task, class_weights, pad_inputs
-
-IGNORE_INDEX = -100  # cross_entropy's default ignore_index: tokens that carry no label
+from finegrain.tasks import IGNORE_INDEX, Task, class_weights, pad_inputs
 
 
 @dataclass

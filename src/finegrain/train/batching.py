@@ -25,6 +25,22 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def micro_batches(batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """A batch (indices sorted by length) cut into consecutive pieces of at most `max_tokens`
+    padded tokens (rows times the longest row) each; a piece holds at least one row."""
+    if not max_tokens:
+        return [batch]
+    pieces: list[list[int]] = [[]]
+    longest = 0
+    for i in batch:
+        if pieces[-1] and (len(pieces[-1]) + 1) * max(longest, lengths[i]) > max_tokens:
+            pieces.append([])
+            longest = 0
+        pieces[-1].append(i)
+        longest = max(longest, lengths[i])
+    return pieces
+
+
 def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches for inference: longest first, so memory peaks early and padding stays minimal."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

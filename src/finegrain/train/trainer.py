@@ -30,7 +30,7 @@ from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
 from finegrain.config import TrainConfig
 from finegrain.cpu import native_bf16, training_autocast
 from finegrain.errors import FinegrainError
-from finegrain.train.batching import bucketed_batches, sorted_batches
+from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 
 
@@ -205,25 +205,31 @@ class Trainer:
             self._save_best()  # no validation data: the last weights are the best we have
 
     def _step(self, group: list[list[int]]) -> tuple[float, int, float]:
+        """One optimizer step on a group of `grad_accum` batches, each run in micro-batches of at
+        most `micro_batch_tokens`; each piece's mean loss is weighted by its share of the
+        group's loss terms, so the gradient is that of one mean loss over the group."""
         start = time.perf_counter()
-        total_items = sum(len(b) for b in group)
-        loss_sum, tokens = 0.0, 0
+        pieces = []
         for indices in group:
-            items = [self.train_items[i] for i in indices]
-            hidden = [self.hidden[i] for i in indices] if self.hidden is not None else None
-            batch = self.task.collate(items, self.pad_id, hidden)
+            for piece in micro_batches(indices, self.lengths, self.config.micro_batch_tokens):
+                hidden = [self.hidden[i] for i in piece] if self.hidden is not None else None
+                batch = self.task.collate([self.train_items[i] for i in piece], self.pad_id, hidden)
+                pieces.append((batch, self.task.loss_weight(batch)))
+        total = sum(weight for _, weight in pieces) or 1.0  # 0: nothing labelled, every loss is 0
+        loss_sum, tokens = 0.0, 0
+        for batch, weight in pieces:
             with self.autocast:
                 outputs = self.model(batch, start_layer=self.start_layer)
                 loss = self.task.loss(outputs, batch)
-            (loss * len(indices) / total_items).backward()
-            loss_sum += loss.item() * len(indices)
+            (loss * weight / total).backward()
+            loss_sum += loss.item() * weight
             tokens += int(batch["lengths"].sum())
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.trainable.values(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / total_items, tokens, time.perf_counter() - start
+        return loss_sum / total, tokens, time.perf_counter() - start
 
     def _epoch_progress(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
