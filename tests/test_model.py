@@ -139,12 +139,13 @@ def test_rms_norm_and_swiglu_functions_equal_autograd():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
     weight = torch.randn(8, dtype=torch.double, requires_grad=True)
+    with_zero = torch.cat([torch.zeros(1, dtype=torch.double), weight[1:].detach()]).requires_grad_()  # input kept
     gate = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
     up = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
     pairs = [
-        (RMSNormFunction.apply(x, weight, 1e-5), torch.nn.functional.rms_norm(x, (8,), weight, 1e-5), (x, weight)),
-        (SwiGLUFunction.apply(gate, up), torch.nn.functional.silu(gate) * up, (gate, up)),
-    ]
+        (RMSNormFunction.apply(x, w, 1e-5), torch.nn.functional.rms_norm(x, (8,), w, 1e-5), (x, w))
+        for w in (weight, with_zero)
+    ] + [(SwiGLUFunction.apply(gate, up), torch.nn.functional.silu(gate) * up, (gate, up))]
     for ours, plain, inputs in pairs:
         assert_close(ours, plain)
         grad = torch.randn_like(plain)
