@@ -105,7 +105,7 @@ class TrainConfig:
     head_lr: float | None = None  # defaults to lr
     batch_size: int = 16
     grad_accum: int = 1
-    micro_batch_tokens: int | None = 512  # a batch runs in pieces of at most this many padded tokens: less memory, same gradient
+    micro_batch_tokens: int | None = 320  # a batch runs in pieces of at most this many padded tokens: less memory, same gradient
     schedule: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
