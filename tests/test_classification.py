@@ -13,6 +13,7 @@ from finegrain.cli import main
 from finegrain.config import HeadConfig
 from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
+from finegrain.peft import LoraConfig, apply_lora, lora_layers
 from finegrain.tasks.classification import ClassificationTask, encode_texts
 
 
@@ -38,6 +39,30 @@ def test_bidirectional_classifier_ignores_padding(tiny_model_dir):
         together = model(task.collate(items, tokenizer.pad_token_id))
         alone = torch.cat([model(task.collate([item], tokenizer.pad_token_id)) for item in items])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_last_layer_for_one_row_equals_the_full_layer(tiny_model_dir, causal):
+    # A classifier reads one position per sequence, so its last layer computes that one alone.
+    llama, _ = load_model(tiny_model_dir, progress=False)
+    llama.double()  # float64, so that only a real difference shows
+    backbone = llama.model
+    backbone.config.causal = causal
+    apply_lora(llama, LoraConfig(r=2, targets="all-linear"))
+    with torch.no_grad():
+        for layer in lora_layers(llama).values():
+            layer.lora_B.weight.normal_(std=0.1)  # an update of the size training makes
+    lengths = torch.tensor([3, 7, 5])
+    x = backbone.embed_tokens(torch.randint(0, 100, (3, 7)))
+    real = torch.arange(7)[None, :] < lengths[:, None]
+    mask = None if causal else real
+    full = backbone.run_layers(x, attention_mask=mask)[torch.arange(3), lengths - 1]
+    one = backbone.run_layers(x, attention_mask=mask, rows=lengths - 1)[:, 0]
+    torch.testing.assert_close(one, full, atol=1e-8, rtol=1e-8)
+    params = [p for p in llama.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(out.square().sum(), params) for out in (full, one)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-8)
 
 
 def test_losses_match_torch_definitions():

@@ -132,8 +132,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         is_causal: bool,
         input_pos: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output (B, T, H); with `rows` (B,), only the queries at those positions: (B, 1, H)."""
         B, T, _ = x.shape
+        if rows is not None:
+            return self._attend_rows(x, cos, sin, mask, is_causal, rows)
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
@@ -149,6 +153,28 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _attend_rows(self, x, cos, sin, mask, is_causal, rows) -> torch.Tensor:
+        """One query per sequence, at `rows` (B,), over the keys and values of every position."""
+        B, T, _ = x.shape
+        batch = torch.arange(B, device=x.device)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x[batch, rows][:, None]), self.k_proj(x), self.v_proj(x)
+        else:  # fused for inference: every query is computed, one kept
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+            q = q[batch, rows][:, None]
+        q = q.view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos[batch, :, rows][:, :, None], sin[batch, :, rows][:, :, None])
+        k = apply_rope(k, cos, sin)
+        if mask is not None:
+            mask = mask[batch, :, rows][:, :, None] if mask.shape[2] == T else mask  # (B, 1, 1, S)
+        elif is_causal:
+            mask = (torch.arange(T, device=x.device)[None, :] <= rows[:, None])[:, None, None]  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -196,8 +222,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, input_pos=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos)
+    def forward(self, x, cos, sin, mask, is_causal, input_pos=None, rows=None) -> torch.Tensor:
+        """Hidden states (B, T, H); with `rows` (B,), only those at one position per sequence: (B, 1, H)."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos, rows)
+        x = (x if rows is None else x[torch.arange(len(rows), device=x.device), rows][:, None]) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -238,23 +266,27 @@ class LlamaModel(nn.Module):
         input_pos: torch.Tensor | None = None,
         start: int = 0,
         end: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run decoder layers `start` to `end` on hidden states x (B, T, H); no final norm.
 
         Lets a trainer run the frozen lower layers once and only the adapted upper layers per epoch.
+        `rows` (B,): the one position per sequence whose output the caller reads (a classifier's
+        last token); the last layer then computes only that position (its keys and values still
+        come from every position) and the result is (B, 1, H).
         """
         B, T, _ = x.shape
         if position_ids is None:
             position_ids = default_position_ids(B, T, attention_mask, input_pos, x.device)
         cos, sin = self._rope(position_ids, x.dtype)
         mask, is_causal = self._mask(B, T, attention_mask, input_pos, x.device)
-        for layer in self.layers[start:end]:
+        layers = self.layers[start:end]
+        for i, layer in enumerate(layers):
+            args = (x, cos, sin, mask, is_causal, input_pos, rows if i == len(layers) - 1 else None)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, is_causal, input_pos, use_reentrant=False
-                )
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, input_pos)
+                x = layer(*args)
         return x
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,8 +160,8 @@ class LoraLinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         A, B = self.lora_A.weight, self.lora_B.weight
-        plain = x.dtype == self.weight.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
-        if plain and not self.weight.requires_grad:
+        same_dtype = x.dtype == self.weight.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
+        if same_dtype and not self.weight.requires_grad:
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             keep = keep_mask(x.shape, p, x.device) if p > 0 else None
             return LoraMatmul.apply(x, self.weight, self.bias, A, B, self.scaling / (1 - p), keep)

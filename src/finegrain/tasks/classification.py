@@ -73,12 +73,12 @@ class SequenceClassifier(nn.Module):
         real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
         # Right padding cannot reach real tokens under a causal mask, so none is needed there.
         mask = None if self.model.config.causal else real
-        x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
         if self.pooling == "mean":
+            x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
             pooled = (x * real[..., None]).sum(1) / lengths[:, None]
-        else:
-            pooled = x[torch.arange(B, device=x.device), lengths - 1]  # (B, H)
-        return self.score(pooled)
+        else:  # the last layer runs for the last token alone: no other position reaches the head
+            pooled = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1))[:, 0]
+        return self.score(pooled)  # (B, C)
 
 
 class ClassificationTask(Task):
