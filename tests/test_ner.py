@@ -343,6 +343,15 @@ def test_cli_train_evaluate_predict_ner(tiny_model_dir, tmp_path, capsys):
     assert [len(p["tags"]) for p in predictions] == [4, 2]
 
 
+def test_micro_batches_are_the_fewest_equal_pieces_within_the_budget():
+    assert micro_batches(list(range(16)), [26] * 16, None) == [list(range(16))]
+    assert micro_batches(list(range(16)), [10] * 16, 320) == [list(range(16))]
+    assert micro_batches(list(range(16)), [26] * 16, 320) == [list(range(8)), list(range(8, 16))]  # not 12 + 4
+    assert [len(p) for p in micro_batches(list(range(16)), [64] * 16, 320)] == [4, 4, 4, 4]
+    assert micro_batches([0, 1, 2, 3, 4], [1, 2, 3, 4, 100], 250) == [[0, 1, 2], [3, 4]]
+    assert micro_batches([0, 1], [500, 500], 320) == [[0], [1]]  # a row longer than the budget runs alone
+
+
 def test_micro_batches_give_the_gradient_of_the_whole_batch(backbone_and_tokenizer, tmp_path):
     # A token-level mean with class weights: each piece's mean must be weighted by its labelled
     # tokens' weights, not by its examples, for the pieces to add up to the batch's gradient.

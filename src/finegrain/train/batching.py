@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 
@@ -26,18 +27,17 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
 
 
 def micro_batches(batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
-    """A batch (indices sorted by length) cut into consecutive pieces of at most `max_tokens`
-    padded tokens (rows times the longest row) each; a piece holds at least one row."""
+    """A batch (indices sorted by length) cut into the fewest consecutive pieces of equal row
+    counts whose padded size (rows times the longest row) stays within `max_tokens`; a piece
+    holds at least one row. Equal pieces: a small leftover piece would cost nearly as much as
+    a full one."""
     if not max_tokens:
         return [batch]
-    pieces: list[list[int]] = [[]]
-    longest = 0
-    for i in batch:
-        if pieces[-1] and (len(pieces[-1]) + 1) * max(longest, lengths[i]) > max_tokens:
-            pieces.append([])
-            longest = 0
-        pieces[-1].append(i)
-        longest = max(longest, lengths[i])
+    for count in range(1, len(batch) + 1):
+        size = math.ceil(len(batch) / count)
+        pieces = [batch[i : i + size] for i in range(0, len(batch), size)]
+        if all(len(piece) * max(lengths[i] for i in piece) <= max_tokens for piece in pieces):
+            break
     return pieces
 
 
