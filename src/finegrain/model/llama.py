@@ -157,17 +157,17 @@ class Attention(nn.Module):
     def _attend_rows(self, x, cos, sin, mask, is_causal, rows) -> torch.Tensor:
         """One query per sequence, at `rows` (B,), over the keys and values of every position."""
         B, T, _ = x.shape
-        batch = torch.arange(B, device=x.device)
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x[batch, rows][:, None]), self.k_proj(x), self.v_proj(x)
+            q, k, v = self.q_proj(at_rows(x, rows)), self.k_proj(x), self.v_proj(x)
         else:  # fused for inference: every query is computed, one kept
             kv_size = self.num_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
-            q = q[batch, rows][:, None]
+            q = at_rows(q, rows)
         q = q.view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos[batch, :, rows][:, :, None], sin[batch, :, rows][:, :, None])
+        batch = torch.arange(B, device=x.device)
+        q = apply_rope(q, cos[batch, :, rows][:, :, None], sin[batch, :, rows][:, :, None])  # (B, 1, 1, hd) angles
         k = apply_rope(k, cos, sin)
         if mask is not None:
             mask = mask[batch, :, rows][:, :, None] if mask.shape[2] == T else mask  # (B, 1, 1, S)
@@ -200,6 +200,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at one position per sequence, `rows` (B,): (B, 1, ...)."""
+    return x[torch.arange(len(rows), device=x.device), rows][:, None]
+
+
 def fuse_linears(*linears: nn.Module) -> nn.Linear:
     """One `nn.Linear` whose output is the outputs of `linears` (same input) concatenated."""
     others = [type(linear).__name__ for linear in linears if type(linear) is not nn.Linear]
@@ -225,7 +230,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, is_causal, input_pos=None, rows=None) -> torch.Tensor:
         """Hidden states (B, T, H); with `rows` (B,), only those at one position per sequence: (B, 1, H)."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos, rows)
-        x = (x if rows is None else x[torch.arange(len(rows), device=x.device), rows][:, None]) + attended
+        x = (x if rows is None else at_rows(x, rows)) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

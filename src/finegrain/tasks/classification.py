@@ -69,7 +69,7 @@ class SequenceClassifier(nn.Module):
         """
         lengths = batch["lengths"]
         x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
-        B, T, _ = x.shape
+        T = x.shape[1]
         real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
         # Right padding cannot reach real tokens under a causal mask, so none is needed there.
         mask = None if self.model.config.causal else real
@@ -77,7 +77,8 @@ class SequenceClassifier(nn.Module):
             x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
             pooled = (x * real[..., None]).sum(1) / lengths[:, None]
         else:  # the last layer runs for the last token alone: no other position reaches the head
-            pooled = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1))[:, 0]
+            last = self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1)  # (B, 1, H)
+            pooled = self.model.norm(last[:, 0])
         return self.score(pooled)  # (B, C)
 
 

@@ -31,7 +31,7 @@ def micro_batches(batch: list[int], lengths: list[int], max_tokens: int | None) 
     counts whose padded size (rows times the longest row) stays within `max_tokens`; a piece
     holds at least one row. Equal pieces: a small leftover piece would cost nearly as much as
     a full one."""
-    if not max_tokens:
+    if not max_tokens or len(batch) <= 1:
         return [batch]
     for count in range(1, len(batch) + 1):
         size = math.ceil(len(batch) / count)
