@@ -101,12 +101,17 @@ def test_bf16_autocast_only_where_the_cpu_has_it(tiny_model_dir, tmp_path, monke
 
     data = write_data(tmp_path / "data.jsonl", 40)
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, bf16=True)
+
+    def cpu_has_bf16(value: bool) -> None:  # whatever this machine's CPU has
+        for module in (finegrain.cpu, finegrain.train.trainer):
+            monkeypatch.setattr(module, "native_bf16", lambda cpuinfo=None: value)
+
+    cpu_has_bf16(False)
     with pytest.warns(UserWarning, match="no native bf16"):
         assert main(["train", str(config), "--output", str(tmp_path / "float32")]) == 0
 
+    cpu_has_bf16(True)
     dtypes = set()
-    monkeypatch.setattr(finegrain.cpu, "native_bf16", lambda cpuinfo=None: True)
-    monkeypatch.setattr(finegrain.train.trainer, "native_bf16", lambda cpuinfo=None: True)
     forward = torch.nn.Linear.forward
     monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: dtypes.add(forward(self, x).dtype) or forward(self, x))
     assert main(["train", str(config), "--output", str(tmp_path / "bf16")]) == 0
