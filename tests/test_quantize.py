@@ -1,10 +1,14 @@
 """Int8 weights (an opt-in approximation): close to float32, never taken for it."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from finegrain.checkpoint.load import load_model
 from finegrain.generation import generate
+from finegrain.model import native
+from finegrain.model.llama import Llama
 from finegrain.model.quantize import Int8Linear, quantize_int8
 
 
@@ -40,3 +44,81 @@ def test_int8_model_stays_close_to_float32(tiny_model_dir):
         error = (logits - reference).abs().max() / reference.abs().max()
         assert 0 < error < 0.05
     assert generate(model, tokenizer, prompt, max_new_tokens=4) == reference_text
+
+
+def _int8_tiny_model(tiny_config, bias: bool):
+    config = dataclasses.replace(tiny_config, attention_bias=bias, attention_out_bias=bias)
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0, 0.2)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.2)
+    return quantize_int8(model)
+
+
+def test_c_matmul_equals_the_pytorch_fallback(monkeypatch):
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(72, 40, bias=True))  # 72: not a multiple of the vector width
+    for rows in (1, 3, 4, 9):  # one row, a block of four, and the ragged mixes
+        x = torch.randn(rows, 72)
+        native_out = layer(x)
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "library", lambda: None)
+            fallback = layer(x)
+        torch.testing.assert_close(native_out, fallback, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_c_decoding_step_equals_the_pytorch_step(tiny_config, bias):
+    model = _int8_tiny_model(tiny_config, bias)
+    assert model.int8_decoder is not None
+    # 5 sequences: the C matmul's block of four rows and a single row, in every step
+    ids = torch.randint(0, tiny_config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding, as `generate` batches prompts
+    mask[2, :1] = 0
+
+    def decode(decoder):
+        model.int8_decoder = decoder
+        model.setup_cache(batch_size=5, max_len=12)
+        with torch.inference_mode():
+            steps = [model(ids[:, :5], attention_mask=mask, input_pos=torch.arange(5))]
+            steps += [model(ids[:, t : t + 1], attention_mask=mask, input_pos=torch.tensor([t])) for t in range(5, 12)]
+        model.clear_cache()
+        return torch.cat(steps, dim=1)
+
+    decoder, calls = model.int8_decoder, []
+
+    def counting(*args):
+        calls.append(args)
+        return decoder(*args)
+
+    in_c = decode(counting)
+    in_pytorch = decode(None)
+    assert len(calls) == 7  # every one-token step ran in C
+    torch.testing.assert_close(in_c, in_pytorch, rtol=1e-5, atol=1e-5)
+
+
+def test_c_decoding_step_refuses_a_slot_outside_the_cache(tiny_config):
+    model = _int8_tiny_model(tiny_config, bias=False)
+    model.setup_cache(batch_size=1, max_len=4)
+    with torch.inference_mode(), pytest.raises(IndexError, match="does not fit the KV cache"):
+        model(torch.tensor([[5]]), input_pos=torch.tensor([4]))
+
+
+def test_without_a_compiler_int8_falls_back_to_pytorch(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build its int8 kernels.*Install a C compiler"):
+            quantize_int8(tiny_model)
+        assert tiny_model.int8_decoder is None
+        assert list((tmp_path / "native").iterdir()) == []  # no half-written library left behind
+        with torch.no_grad():
+            assert tiny_model(torch.tensor([[1, 5, 7]])).shape == (1, 3, 128)
+    finally:
+        native.library.cache_clear()

@@ -352,6 +352,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.int8_decoder = None  # set by `quantize_int8`: one-token cached steps run in C
 
     def forward(
         self,
@@ -362,6 +363,10 @@ class Llama(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only with `last_only`."""
+        if self.int8_decoder is not None and input_ids.shape[1] == 1 and input_pos is not None and position_ids is None:
+            logits = self.int8_decoder(input_ids, attention_mask, input_pos)
+            if logits is not None:
+                return logits
         hidden = self.model(input_ids, attention_mask, position_ids, input_pos)
         if last_only:
             hidden = hidden[:, -1:]
