@@ -6,8 +6,9 @@ Each side runs in its own process (peak RSS is its own) and reports prefill toke
 tokens over the time to the first new token), decode tokens/s (new tokens after the first
 over the time they took, every sequence forced to the full length; each the best of 3 runs)
 and peak RSS, at batch 1 and batch 8: finegrain in float32 (exact) and with int8 weights
-(`finegrain generate --int8`, an approximation: fused q/k/v and gate/up projections, every
-matmul the output head included in fbgemm int8), transformers in float32; and, when
+(`finegrain generate --int8`, an approximation: int8 weights, fused q/k/v and gate/up
+projections, each decoding step run whole in finegrain's C kernels), transformers in
+float32; and, when
 `llama-cpp-python` is installed (optional: its install compiles llama.cpp, ~35 minutes on one
 core), llama.cpp on the same Q4_1 GGUF at batch 1.
 The last line: `decode speedup vs transformers: X.XX` (batch 1, int8; the float32 ratio follows

@@ -3,7 +3,8 @@
 At batch 1 decoding reads every weight once per token, so its speed is set by memory
 bandwidth; int8 weights are a quarter of float32's bytes. Each linear layer becomes an
 `Int8Linear`: int8 weights with one scale per output channel, float32 activations and sums.
-Its matmul is finegrain's C kernel (`int8_decode.c`, built on first use); decoding steps of a
+Its matmul is finegrain's C kernel (`int8_decode.c`, built on first use; for long prompts a
+float32 GEMM on the dequantized weights); decoding steps of a
 quantized model run whole in that C code (`Int8Decoder`), since at batch 1 PyTorch's
 dispatch of ~25 small operations per layer costs as much as the matmuls. Outputs differ from
 float32 by the weights' rounding only, so this is for generation and serving, never for the
@@ -47,11 +48,13 @@ class Int8Linear(nn.Module):
         return self._native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
         lib = native.library()
-        if lib is None:  # no compiler: the same sums in PyTorch, with the weights dequantized per call
+        if lib is None or rows.shape[0] >= 32:
+            # The same sums with the weights dequantized per call: the fallback without a compiler,
+            # and faster for long prompts, where the float32 GEMM reuses each weight across many rows.
             y = F.linear(x.float(), self.weight.float()) * self.scale
             return y if self.bias is None else y + self.bias
-        rows = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.empty(rows.shape[0], self.out_features)
         lib.fg_int8_linear(ctypes.byref(self.native()), rows.data_ptr(), y.data_ptr(), rows.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
