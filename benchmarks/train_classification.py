@@ -1,6 +1,6 @@
 """LoRA sequence classification on Rotten Tomatoes: finegrain against transformers+PEFT, one run.
 
-    python benchmarks/train_classification.py [--quick] [--train 2000] [--epochs 2]
+    python benchmarks/train_classification.py [--quick] [--train 2000] [--epochs 2] [--bf16]
 
 Both sides use the same data (the peer's split: fresh/rotten rows shuffled with
 random.seed(0), the first N train, the last 1,000 test), the default model (the SmolLM2 GGUF,
@@ -10,7 +10,9 @@ at most 64 tokens, seed 0. The peer side is /work/shared/peer/hf_peft_rotten_tom
 loop. Each side runs in its own process; the table shows training tokens/s (real tokens,
 padding not counted), training wall time, peak RSS, test accuracy and macro-F1, and the
 share of the machine's matmul ceiling that training reaches (4 FLOPs per base parameter per
-token). Last line: `train speedup vs transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`.
+token). `--bf16` adds a finegrain run with `train.bf16` (bf16 autocast, an opt-in
+approximation that pays on CPUs with native bf16) and its ratios. Last line: `train speedup
+vs transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def finegrain_side(args) -> dict:
             "data": {"train": str(train_path), "test": str(test_path), "split": [1.0, 0.0, 0.0], "max_length": 64},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
             "train": {"epochs": args.epochs, "lr": 3e-4, "batch_size": 16, "schedule": "constant",
-                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": 0},
+                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": 0,
+                      "bf16": args.bf16},
             "output": str(Path(tmp, "run")),
         }, "benchmark")
         results = train(config, progress=False)
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=None, help="training examples (default 2000)")
     parser.add_argument("--test", type=int, default=None, help="test examples (default 1000)")
     parser.add_argument("--epochs", type=int, default=None, help="default 2")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run finegrain with train.bf16 (bf16 autocast, an opt-in approximation; CPUs with native bf16)")
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.train = args.train or (128 if args.quick else 2000)
@@ -76,7 +81,10 @@ def main() -> None:
     ceiling = matmul_ceiling_gflops()
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs)]
-    sides = {"finegrain": run_side(__file__, "finegrain", passed), "transformers+peft": run_side(__file__, "peer", passed)}
+    sides = {"finegrain": run_side(__file__, "finegrain", passed)}
+    if args.bf16:
+        sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
+    sides["transformers+peft"] = run_side(__file__, "peer", passed)
     print(f"{'':>18} {'tokens/s':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} {'macro-F1':>9} {'ceiling %':>10}")
     for name, r in sides.items():
         share = ceiling_share(r["tokens_per_s"], SMOLLM2_LAYERS, ceiling)
@@ -85,6 +93,10 @@ def main() -> None:
     ours, peer = sides["finegrain"], sides["transformers+peft"]
     print(f"ratios: tokens/s x{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
           f"peak RSS x{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {ours['accuracy'] - peer['accuracy']:+.3f}")
+    if args.bf16:
+        bf16 = sides["finegrain bf16"]
+        print(f"bf16 autocast (opt-in approximation) ratios: tokens/s x{bf16['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
+              f"peak RSS x{bf16['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {bf16['accuracy'] - peer['accuracy']:+.3f}")
     print(f"train speedup vs transformers+peft: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f} "
           f"(accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
 

@@ -176,6 +176,29 @@ def test_lora_autograd_function_equals_autograd_on_the_plain_expression(dropout)
     assert torch.autograd.gradcheck(lambda x, A, B: LoraMatmul.apply(x, weight, bias, A, B, 1.5, keep), (x, A, B))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32-base", "bf16-base"])
+def test_under_bf16_autocast_lora_computes_in_bf16_with_float32_adapter_grads(weight_dtype):
+    """train.bf16: the lean path runs what autocast runs for the plain expression, in bf16,
+    with a float32 or a bf16-held frozen base (FrozenWeightsInBF16)."""
+    torch.manual_seed(0)
+    layer = LoraLinear.from_linear(nn.Linear(64, 48, bias=True), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 64)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = nn.functional.linear(x, layer.weight, layer.bias) + nn.functional.linear(nn.functional.linear(x, A), B) * 2
+    layer.weight.data = layer.weight.data.to(weight_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = layer(x)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert_close(ours.float(), plain.float(), atol=0.05, rtol=0.02)
+    grad = torch.randn_like(plain)
+    ours_grads = torch.autograd.grad(ours, (A, B), grad)
+    assert {g.dtype for g in ours_grads} == {torch.float32}
+    for ours_grad, plain_grad in zip(ours_grads, torch.autograd.grad(plain, (A, B), grad)):
+        assert_close(ours_grad, plain_grad, atol=0.05 * plain_grad.abs().max().item(), rtol=0.02)
+
+
 def test_keep_mask_drops_each_element_with_probability_p():
     torch.manual_seed(0)
     for p in (0.05, 0.5):

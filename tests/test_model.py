@@ -8,7 +8,7 @@ import transformers
 from torch.testing import assert_close
 
 from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama, RMSNormFunction, SwiGLUFunction
+from finegrain.model.llama import Llama, RMSNormFunction, SwiGLUFunction, attention
 
 LLAMA3_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -172,3 +172,14 @@ def _load_weights_only(directory):
 
     checkpoint = load_hf_dir(directory, progress=False)
     return build_model(checkpoint.config, checkpoint.state_dict)
+
+
+def test_attention_runs_in_float32_under_bf16_autocast():
+    """train.bf16 keeps attention float32 (PyTorch's bf16 attention backward is ~4x slower on a CPU)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k.bfloat16(), v.bfloat16(), is_causal=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)  # k and v rounded to bf16, no more

@@ -40,3 +40,32 @@ def training_autocast(requested: bool, cpuinfo: Path = CPUINFO) -> torch.autocas
     context, matmuls run in bf16 and reductions such as the loss stay float32.
     """
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=requested and native_bf16(cpuinfo))
+
+
+class FrozenWeightsInBF16:
+    """Holds a model's frozen matrices (its linear layers' weights) in bf16 while `hold()`.
+
+    Under bf16 autocast every linear layer casts its float32 weight to bf16 in every forward,
+    ~18% of a bf16 LoRA step on the default model; weights held in bf16 give the same matmuls
+    without those copies. Embedding tables stay float32 (a lookup is no matmul, and a tied
+    output head shares the table). `release()` puts the float32 originals back, bit for bit.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        unique = {id(p): p for p in model.parameters()}.values()
+        self.params = [p for p in unique if p.dim() == 2 and not p.requires_grad and p.dtype == torch.float32
+                       and id(p) not in tables]
+        self.originals: list[torch.Tensor] | None = None
+
+    def hold(self) -> None:
+        if self.originals is None:
+            self.originals = [p.data for p in self.params]
+            for p in self.params:
+                p.data = p.data.to(torch.bfloat16)
+
+    def release(self) -> None:
+        if self.originals is not None:
+            for p, original in zip(self.params, self.originals):
+                p.data = original
+            self.originals = None

@@ -149,9 +149,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, nh, T, hd)
+        y = attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads)
+        # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend_rows(self, x, cos, sin, mask, is_causal, rows) -> torch.Tensor:
@@ -173,7 +172,7 @@ class Attention(nn.Module):
             mask = mask[batch, :, rows][:, :, None] if mask.shape[2] == T else mask  # (B, 1, 1, S)
         elif is_causal:
             mask = (torch.arange(T, device=x.device)[None, :] <= rows[:, None])[:, None, None]  # (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
 
 
@@ -198,6 +197,18 @@ class MLP(nn.Module):
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             return self.down_proj(SwiGLUFunction.apply(gate, up))
         return self.down_proj(F.silu(gate) * up)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, in float32 under autocast.
+
+    PyTorch's bf16 attention backward on the CPU takes ~4x as long as float32's, and attention
+    holds a small share of a step's FLOPs, so bf16 training (`train.bf16`) keeps it float32.
+    """
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

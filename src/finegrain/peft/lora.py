@@ -160,12 +160,21 @@ class LoraLinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         A, B = self.lora_A.weight, self.lora_B.weight
-        same_dtype = x.dtype == self.weight.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
-        if same_dtype and not self.weight.requires_grad:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if (autocast or x.dtype == self.weight.dtype == A.dtype) and not self.weight.requires_grad:
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             keep = keep_mask(x.shape, p, x.device) if p > 0 else None
-            return LoraMatmul.apply(x, self.weight, self.bias, A, B, self.scaling / (1 - p), keep)
-        # A half-precision base with a float32 adapter, or autocast: plain autograd.
+            if not autocast:
+                return LoraMatmul.apply(x, self.weight, self.bias, A, B, self.scaling / (1 - p), keep)
+            # Every matmul in autocast's dtype, as autocast would run F.linear; A and B stay float32
+            # parameters (their gradients come back through the casts).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return LoraMatmul.apply(
+                    x.to(dtype), self.weight.to(dtype), bias, A.to(dtype), B.to(dtype), self.scaling / (1 - p), keep
+                )
+        # A half-precision base with a float32 adapter: plain autograd.
         # Two thin matmuls, (..., in) -> (..., r) -> (..., out); the (out, in) update is never built.
         y = F.linear(x, self.weight, self.bias)
         update = self.lora_B(self.lora_A(self.dropout(x).to(A.dtype)))

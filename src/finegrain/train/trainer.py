@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
 from finegrain.config import TrainConfig
-from finegrain.cpu import native_bf16, training_autocast
+from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -102,10 +102,12 @@ class Trainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
-        if config.bf16 and not native_bf16():
+        bf16 = config.bf16 and native_bf16()  # decided once: /proc/cpuinfo is not read per step
+        if config.bf16 and not bf16:
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
-        self.autocast = training_autocast(config.bf16)  # decided once: /proc/cpuinfo is not read per step
+        self.autocast = training_autocast(bf16)
+        self.bf16_weights = FrozenWeightsInBF16(model) if bf16 else None
         self.start_layer = 0
         if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
@@ -158,8 +160,12 @@ class Trainer:
             disable=not self.progress, dynamic_ncols=True,
         )
         try:
+            if self.bf16_weights is not None:
+                self.bf16_weights.hold()
             self._loop(bar)
         finally:
+            if self.bf16_weights is not None:
+                self.bf16_weights.release()
             bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -239,10 +245,16 @@ class Trainer:
     def _validate(self) -> None:
         if self.score is None or not self.validation_items:
             return
-        predictions = self.task.predict(
-            self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
-            self.validation_hidden, self.start_layer,
-        )
+        if self.bf16_weights is not None:
+            self.bf16_weights.release()  # validation predicts in float32, like the final test
+        try:
+            predictions = self.task.predict(
+                self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
+                self.validation_hidden, self.start_layer,
+            )
+        finally:
+            if self.bf16_weights is not None:
+                self.bf16_weights.hold()
         metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
