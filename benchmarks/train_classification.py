@@ -10,9 +10,10 @@ at most 64 tokens, seed 0. The peer side is /work/shared/peer/hf_peft_rotten_tom
 loop. Each side runs in its own process; the table shows training tokens/s (real tokens,
 padding not counted), training wall time, peak RSS, test accuracy and macro-F1, and the
 share of the machine's matmul ceiling that training reaches (4 FLOPs per base parameter per
-token). `--bf16` adds a finegrain run with `train.bf16` (bf16 autocast, an opt-in
-approximation that pays on CPUs with native bf16) and its ratios. Last line: `train speedup
-vs transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32.
+token; a float32 count, so bf16 runs can pass 100%). `--bf16` adds both sides under bf16
+autocast (finegrain's `train.bf16`, an opt-in approximation that pays on CPUs with native
+bf16; the peer's forward in `torch.autocast`) and their ratios. Last line: `train speedup vs
+transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def finegrain_side(args) -> dict:
 
 
 def peer_side(args) -> dict:
-    return peer_classification(args.train, args.test, args.epochs)
+    return peer_classification(args.train, args.test, args.epochs, bf16=args.bf16)
 
 
 def main() -> None:
@@ -81,10 +82,10 @@ def main() -> None:
     ceiling = matmul_ceiling_gflops()
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs)]
-    sides = {"finegrain": run_side(__file__, "finegrain", passed)}
+    sides = {"finegrain": run_side(__file__, "finegrain", passed), "transformers+peft": run_side(__file__, "peer", passed)}
     if args.bf16:
         sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
-    sides["transformers+peft"] = run_side(__file__, "peer", passed)
+        sides["transformers+peft bf16"] = run_side(__file__, "peer", [*passed, "--bf16"])
     print(f"{'':>18} {'tokens/s':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} {'macro-F1':>9} {'ceiling %':>10}")
     for name, r in sides.items():
         share = ceiling_share(r["tokens_per_s"], SMOLLM2_LAYERS, ceiling)
@@ -94,9 +95,11 @@ def main() -> None:
     print(f"ratios: tokens/s x{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
           f"peak RSS x{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {ours['accuracy'] - peer['accuracy']:+.3f}")
     if args.bf16:
-        bf16 = sides["finegrain bf16"]
-        print(f"bf16 autocast (opt-in approximation) ratios: tokens/s x{bf16['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
-              f"peak RSS x{bf16['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {bf16['accuracy'] - peer['accuracy']:+.3f}")
+        ours16, peer16 = sides["finegrain bf16"], sides["transformers+peft bf16"]
+        print(f"bf16 against bf16: tokens/s x{ours16['tokens_per_s'] / peer16['tokens_per_s']:.2f}, "
+              f"peak RSS x{ours16['peak_rss_mb'] / peer16['peak_rss_mb']:.2f}, "
+              f"accuracy {ours16['accuracy'] - peer16['accuracy']:+.3f}; finegrain bf16 against the float32 peer: "
+              f"tokens/s x{ours16['tokens_per_s'] / peer['tokens_per_s']:.2f}")
     print(f"train speedup vs transformers+peft: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f} "
           f"(accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
 

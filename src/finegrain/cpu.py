@@ -7,6 +7,8 @@ float32 there.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,13 +51,14 @@ class FrozenWeightsInBF16:
     ~18% of a bf16 LoRA step on the default model; weights held in bf16 give the same matmuls
     without those copies. Embedding tables stay float32 (a lookup is no matmul, and a tied
     output head shares the table). `release()` puts the float32 originals back, bit for bit.
+    With `enabled=False` it holds nothing.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, enabled: bool = True):
         tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         unique = {id(p): p for p in model.parameters()}.values()
-        self.params = [p for p in unique if p.dim() == 2 and not p.requires_grad and p.dtype == torch.float32
-                       and id(p) not in tables]
+        self.params = [p for p in unique if enabled and p.dim() == 2 and not p.requires_grad
+                       and p.dtype == torch.float32 and id(p) not in tables]
         self.originals: list[torch.Tensor] | None = None
 
     def hold(self) -> None:
@@ -69,3 +72,14 @@ class FrozenWeightsInBF16:
             for p, original in zip(self.params, self.originals):
                 p.data = original
             self.originals = None
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """The float32 weights inside the block (validation predicts in float32), held again after it."""
+        held = self.originals is not None
+        self.release()
+        try:
+            yield
+        finally:
+            if held:
+                self.hold()

@@ -2,13 +2,12 @@
 
 At batch 1 decoding reads every weight once per token, so its speed is set by memory
 bandwidth; int8 weights are a quarter of float32's bytes. Each linear layer becomes an
-`Int8Linear`: int8 weights with one scale per output channel, float32 activations and sums.
-Its matmul is finegrain's C kernel (`int8_decode.c`, built on first use; for long prompts a
-float32 GEMM on the dequantized weights); decoding steps of a
-quantized model run whole in that C code (`Int8Decoder`), since at batch 1 PyTorch's
-dispatch of ~25 small operations per layer costs as much as the matmuls. Outputs differ from
-float32 by the weights' rounding only, so this is for generation and serving, never for the
-parity tests or training.
+`Int8Linear`: int8 weights with one scale per output channel, float32 activations and sums,
+multiplied by finegrain's C kernel (`int8_decode.c`, built on first use; long prompts use a
+float32 GEMM on the dequantized weights). A decoding step of a quantized model runs whole in
+that C code (`Int8Decoder`): at batch 1 PyTorch's dispatch of ~25 small operations per layer
+costs as much as the matmuls. Outputs differ from float32 by the weights' rounding only, so
+this is for generation and serving, never for the parity tests or training.
 """
 
 from __future__ import annotations
@@ -74,6 +73,7 @@ class Int8Decoder:
         self.lib, self.model = lib, model
         self.caches: list[weakref.ref] = []  # the KV caches the C view points at
         self.view: native.Model | None = None
+        self.layers, self.inv_freq, self.batch_size = None, None, 0  # the C view's arrays, set by `_bind`
 
     def _bind(self) -> bool:
         """Point the C view at the model's weights and current KV caches (again whenever the caches

@@ -107,7 +107,7 @@ class Trainer:
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
         self.autocast = training_autocast(bf16)
-        self.bf16_weights = FrozenWeightsInBF16(model) if bf16 else None
+        self.bf16_weights = FrozenWeightsInBF16(model, enabled=bf16)
         self.start_layer = 0
         if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
@@ -160,12 +160,10 @@ class Trainer:
             disable=not self.progress, dynamic_ncols=True,
         )
         try:
-            if self.bf16_weights is not None:
-                self.bf16_weights.hold()
+            self.bf16_weights.hold()
             self._loop(bar)
         finally:
-            if self.bf16_weights is not None:
-                self.bf16_weights.release()
+            self.bf16_weights.release()
             bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -245,16 +243,11 @@ class Trainer:
     def _validate(self) -> None:
         if self.score is None or not self.validation_items:
             return
-        if self.bf16_weights is not None:
-            self.bf16_weights.release()  # validation predicts in float32, like the final test
-        try:
+        with self.bf16_weights.released():  # validation predicts in float32, like the final test
             predictions = self.task.predict(
                 self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
                 self.validation_hidden, self.start_layer,
             )
-        finally:
-            if self.bf16_weights is not None:
-                self.bf16_weights.hold()
         metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
