@@ -61,3 +61,14 @@ def test_frozen_weights_in_bf16_hold_only_the_frozen_matrices_and_release_them_b
     weights.release()
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+
+def test_frozen_weights_in_bf16_leave_skipped_modules_float32(tiny_config):
+    model = Llama(tiny_config)  # all frozen: nothing trains
+    model.requires_grad_(False)
+    weights = FrozenWeightsInBF16(model, skip=model.model.layers[:1])  # below a trainer's start_layer
+    weights.hold()
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    weights.release()
+    assert not FrozenWeightsInBF16(model, enabled=False).params

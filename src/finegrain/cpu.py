@@ -8,7 +8,7 @@ float32 there.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,15 +50,16 @@ class FrozenWeightsInBF16:
     Under bf16 autocast every linear layer casts its float32 weight to bf16 in every forward,
     ~18% of a bf16 LoRA step on the default model; weights held in bf16 give the same matmuls
     without those copies. Embedding tables stay float32 (a lookup is no matmul, and a tied
-    output head shares the table). `release()` puts the float32 originals back, bit for bit.
-    With `enabled=False` it holds nothing.
+    output head shares the table), and so do the modules in `skip`. `release()` puts the
+    float32 originals back, bit for bit. With `enabled=False` it holds nothing.
     """
 
-    def __init__(self, model: torch.nn.Module, enabled: bool = True):
-        tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    def __init__(self, model: torch.nn.Module, enabled: bool = True, skip: Iterable[torch.nn.Module] = ()):
+        kept = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        kept |= {id(p) for module in skip for p in module.parameters()}
         unique = {id(p): p for p in model.parameters()}.values()
         self.params = [p for p in unique if enabled and p.dim() == 2 and not p.requires_grad
-                       and p.dtype == torch.float32 and id(p) not in tables]
+                       and p.dtype == torch.float32 and id(p) not in kept]
         self.originals: list[torch.Tensor] | None = None
 
     def hold(self) -> None:

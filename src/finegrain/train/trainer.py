@@ -107,10 +107,11 @@ class Trainer:
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
         self.autocast = training_autocast(bf16)
-        self.bf16_weights = FrozenWeightsInBF16(model, enabled=bf16)
         self.start_layer = 0
         if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
+        # Layers below start_layer never run in a training step (their outputs are cached).
+        self.bf16_weights = FrozenWeightsInBF16(model, enabled=bf16, skip=model.model.layers[: self.start_layer])
         self.lengths = [len(item.input_ids) for item in train]
         self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
