@@ -89,7 +89,7 @@ def main() -> None:
     print(f"{'':>18} {'tokens/s':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} {'macro-F1':>9} {'ceiling %':>10}")
     for name, r in sides.items():
         share = ceiling_share(r["tokens_per_s"], SMOLLM2_LAYERS, ceiling)
-        print(f"{name:>18} {r['tokens_per_s']:>9.1f} {r['train_s']:>8.1f} {r['peak_rss_mb']:>12} "
+        print(f"{name:>22} {r['tokens_per_s']:>9.1f} {r['train_s']:>8.1f} {r['peak_rss_mb']:>12} "
               f"{r['accuracy']:>9.3f} {r['macro_f1']:>9.3f} {share:>9.1f}%")
     ours, peer = sides["finegrain"], sides["transformers+peft"]
     print(f"ratios: tokens/s x{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
