@@ -22,12 +22,19 @@ def tiny_config() -> LlamaConfig:
 
 @pytest.fixture
 def tiny_model(tiny_config) -> Llama:
+    return random_llama(tiny_config)
+
+
+def random_llama(config: LlamaConfig) -> Llama:
+    """A Llama in eval mode whose matrices and biases are N(0, 0.2) (seed 0): far from an identity."""
     torch.manual_seed(0)
-    model = Llama(tiny_config).eval()
+    model = Llama(config).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0, 0.2)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.2)
     return model
 
 

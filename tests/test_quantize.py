@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import random_llama
 
 from finegrain.checkpoint.load import load_model
 from finegrain.generation import generate
 from finegrain.model import native
-from finegrain.model.llama import Llama
 from finegrain.model.quantize import Int8Linear, quantize_int8
 
 
@@ -47,16 +47,7 @@ def test_int8_model_stays_close_to_float32(tiny_model_dir):
 
 
 def _int8_tiny_model(tiny_config, bias: bool):
-    config = dataclasses.replace(tiny_config, attention_bias=bias, attention_out_bias=bias)
-    torch.manual_seed(0)
-    model = Llama(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.normal_(0, 0.2)
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.2)
-    return quantize_int8(model)
+    return quantize_int8(random_llama(dataclasses.replace(tiny_config, attention_bias=bias, attention_out_bias=bias)))
 
 
 def test_c_matmul_equals_the_pytorch_fallback(monkeypatch):

@@ -117,14 +117,24 @@ void fg_int8_linear(const Linear *linear, const float *x, float *y, int64_t M)
     }
 }
 
-static void rms_norm(const float *x, const float *weight, float eps, int64_t H, float *out)
+/* out = rms_norm(x) * weight for each of `rows` rows of H. */
+static void rms_norm(const float *x, const float *weight, float eps, int64_t rows, int64_t H, float *out)
 {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < H; i++)
-        sum += x[i] * x[i];
-    const float rstd = 1.0f / sqrtf(sum / (float)H + eps);
-    for (int64_t i = 0; i < H; i++)
-        out[i] = x[i] * rstd * weight[i];
+    for (int64_t r = 0; r < rows; r++, x += H, out += H) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < H; i++)
+            sum += x[i] * x[i];
+        const float rstd = 1.0f / sqrtf(sum / (float)H + eps);
+        for (int64_t i = 0; i < H; i++)
+            out[i] = x[i] * rstd * weight[i];
+    }
+}
+
+/* The residual connection: x += y, n values. */
+static void add(float *x, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] += y[i];
 }
 
 /* Hugging Face's rotate-half rotary embedding of one head, in place. */
@@ -199,8 +209,7 @@ void fg_decode_step(const Model *model, float *x, int64_t batch, const int64_t *
 
     for (int64_t l = 0; l < model->num_layers; l++) {
         const Layer *layer = &model->layers[l];
-        for (int64_t b = 0; b < batch; b++)
-            rms_norm(x + b * H, layer->input_norm, model->eps, H, normed + b * H);
+        rms_norm(x, layer->input_norm, model->eps, batch, H, normed);
         fg_int8_linear(&layer->qkv, normed, qkv, batch);
         for (int64_t b = 0; b < batch; b++) {
             float *q = qkv + b * qkv_size, *k = q + nh * hd, *v = k + nkv * hd;
@@ -221,11 +230,9 @@ void fg_decode_step(const Model *model, float *x, int64_t batch, const int64_t *
             }
         }
         fg_int8_linear(&layer->o, attn, delta, batch);
-        for (int64_t i = 0; i < batch * H; i++)
-            x[i] += delta[i];
+        add(x, delta, batch * H);
 
-        for (int64_t b = 0; b < batch; b++)
-            rms_norm(x + b * H, layer->post_norm, model->eps, H, normed + b * H);
+        rms_norm(x, layer->post_norm, model->eps, batch, H, normed);
         fg_int8_linear(&layer->gate_up, normed, gate_up, batch);
         for (int64_t b = 0; b < batch; b++)
             for (int64_t i = 0; i < I; i++) {
@@ -233,10 +240,8 @@ void fg_decode_step(const Model *model, float *x, int64_t batch, const int64_t *
                 hidden[b * I + i] = g / (1.0f + expf(-g)) * u;
             }
         fg_int8_linear(&layer->down, hidden, delta, batch);
-        for (int64_t i = 0; i < batch * H; i++)
-            x[i] += delta[i];
+        add(x, delta, batch * H);
     }
-    for (int64_t b = 0; b < batch; b++)
-        rms_norm(x + b * H, model->final_norm, model->eps, H, normed + b * H);
+    rms_norm(x, model->final_norm, model->eps, batch, H, normed);
     fg_int8_linear(&model->lm_head, normed, logits, batch);
 }
