@@ -16,7 +16,6 @@ import os
 import platform
 import shlex
 import subprocess
-import sysconfig
 import warnings
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    return shlex.split(os.environ.get("CC") or "cc")  # not sysconfig's CC: that names the compiler of Python's own build
 
 
 def _cpu_identity() -> str:
