@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny random LLaMA (2 layers, hidden 64, 4 heads, 2 kv heads) in float32."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -9,6 +12,9 @@ from finegrain.model.llama import Llama
 # Tiny matrices gain nothing from a second thread, and two threads fighting over two busy
 # cores make each small matmul orders of magnitude slower.
 torch.set_num_threads(1)
+
+# The int8 C kernels are built into a cache directory: the tests' own, not the user's.
+os.environ.setdefault("FINEGRAIN_CACHE", os.path.join(tempfile.gettempdir(), "finegrain-test-cache"))
 
 
 @pytest.fixture
