@@ -52,10 +52,12 @@ class Int8Linear(nn.Module):
         if lib is None or rows.shape[0] >= 32:
             # The same sums with the weights dequantized per call: the fallback without a compiler,
             # and faster for long prompts, where the float32 GEMM reuses each weight across many rows.
-            y = F.linear(x.float(), self.weight.float()) * self.scale
-            return y if self.bias is None else y + self.bias
-        y = torch.empty(rows.shape[0], self.out_features)
-        lib.fg_int8_linear(ctypes.byref(self.native()), rows.data_ptr(), y.data_ptr(), rows.shape[0])
+            y = F.linear(rows, self.weight.float()) * self.scale
+            if self.bias is not None:
+                y += self.bias
+        else:
+            y = torch.empty(rows.shape[0], self.out_features)
+            lib.fg_int8_linear(ctypes.byref(self.native()), rows.data_ptr(), y.data_ptr(), rows.shape[0])
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
