@@ -17,6 +17,7 @@ from torch.testing import assert_close
 from finegrain.errors import FinegrainError
 from finegrain.model.config import LlamaConfig
 from finegrain.model.llama import Llama
+from finegrain.model.linear import Linear
 from finegrain.peft import (
     METHODS,
     LoraConfig,
@@ -276,7 +277,7 @@ def test_unload_leaves_plain_linears_with_the_update_merged(ours, input_ids):
     with torch.no_grad():
         expected = ours(input_ids)
         unload_lora(ours)
-        assert type(ours.model.layers[0].self_attn.q_proj) is nn.Linear and not lora_layers(ours)
+        assert type(ours.model.layers[0].self_attn.q_proj) is Linear and not lora_layers(ours)
         assert_close(ours(input_ids), expected, atol=1e-5, rtol=1e-5)
 
 

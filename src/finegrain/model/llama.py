@@ -15,6 +15,7 @@ from torch import nn
 
 from finegrain.model.config import LlamaConfig
 from finegrain.model.kv_cache import KVCache
+from finegrain.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -112,10 +113,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.q_proj = Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_out_bias)
         self.qkv_proj: nn.Module | None = None  # q, k, v in one matmul, once `fuse_projections` ran
         self.kv_cache: KVCache | None = None
 
@@ -179,9 +180,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, once `fuse_projections` ran
 
     def fuse_projections(self) -> None:
@@ -216,14 +217,14 @@ def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(len(rows), device=x.device), rows][:, None]
 
 
-def fuse_linears(*linears: nn.Module) -> nn.Linear:
-    """One `nn.Linear` whose output is the outputs of `linears` (same input) concatenated."""
-    others = [type(linear).__name__ for linear in linears if type(linear) is not nn.Linear]
+def fuse_linears(*linears: nn.Module) -> Linear:
+    """One `Linear` whose output is the outputs of `linears` (same input) concatenated."""
+    others = [type(linear).__name__ for linear in linears if not isinstance(linear, nn.Linear)]
     if others:
         raise TypeError(f"cannot fuse a {others[0]}; merge adapters into the weights first")
     weight = torch.cat([linear.weight.detach() for linear in linears])
     has_bias = linears[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
@@ -360,7 +361,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.int8_decoder = None  # set by `quantize_int8`: one-token cached steps run in C

@@ -16,10 +16,10 @@ import ctypes
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finegrain.model import native
+from finegrain.model.linear import matmul_t
 from finegrain.model.llama import Llama, default_position_ids
 
 
@@ -52,7 +52,7 @@ class Int8Linear(nn.Module):
         if lib is None or rows.shape[0] >= 32:
             # The same sums with the weights dequantized per call: the fallback without a compiler,
             # and faster for long prompts, where the float32 GEMM reuses each weight across many rows.
-            y = F.linear(rows, self.weight.float()) * self.scale
+            y = matmul_t(rows, self.weight.float()) * self.scale
             if self.bias is not None:
                 y += self.bias
         else:
@@ -139,7 +139,7 @@ def quantize_int8(model: Llama) -> Llama:
     model.fuse_projections()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
     lib = native.library()
     if lib is not None and model.model.embed_tokens.weight.dtype == torch.float32:

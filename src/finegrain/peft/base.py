@@ -23,6 +23,7 @@ from torch import nn
 
 from finegrain.atomic import atomic_path, atomic_write_text
 from finegrain.errors import FinegrainError
+from finegrain.model.linear import Linear
 from finegrain.peft.lora import LoraConfig, LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -158,13 +159,13 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every `LoraLinear` by a plain `nn.Linear`, with the adapter merged in (or dropped if not `merge`)."""
+    """Replace every `LoraLinear` by a plain `Linear`, with the adapter merged in (or dropped if not `merge`)."""
     for name, layer in lora_layers(model).items():
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight = layer.weight
         linear.bias = layer.bias
         parent_name, _, child_name = name.rpartition(".")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import FinegrainError
+from finegrain.model.linear import linear, matmul_t
 
 INITS = ("default", "gaussian")
 
@@ -158,7 +159,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         A, B = self.lora_A.weight, self.lora_B.weight
         autocast = torch.is_autocast_enabled(x.device.type)
         if (autocast or x.dtype == self.weight.dtype == A.dtype) and not self.weight.requires_grad:
@@ -219,7 +220,7 @@ class LoraMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         a = (x2 if keep is None else x2 * keep.view_as(x2)) @ lora_A.t()  # (N, r)
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, out)
+        y = matmul_t(x2, weight, bias)  # (N, out)
         y.addmm_(a, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x2, keep, a, weight, lora_A, lora_B)
         ctx.scaling = scaling
@@ -234,7 +235,7 @@ class LoraMatmul(torch.autograd.Function):
         grad_A = grad_a.t() @ (x2 if keep is None else x2 * keep.view_as(x2))  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight  # (N, in)
+            grad_x = matmul_t(g, weight.t())  # (N, in)
             if keep is None:
                 grad_x.addmm_(grad_a, lora_A)
             else:

@@ -1,0 +1,93 @@
+"""Linear layers whose float32 CPU matmuls run in oneDNN.
+
+PyTorch runs a float32 `F.linear` on the CPU through MKL's sgemm. For the shapes of LoRA
+training and batched inference (tens to a thousand rows against 192- to 1536-wide weights),
+the oneDNN matmul that PyTorch also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel
+inductor calls) ran 1.1-1.8x faster on both hosts of docs/PERFORMANCE.md, in float32, to the
+same rounding (a different summation order). It reads the weight as it is, transposed views
+included, so the backward pass of a frozen layer, grad @ W, is the same op on W's transpose
+and needs no second copy of W.
+
+The op has no gradient formula, so it serves frozen weights only; trainable ones, other
+dtypes, autocast, few rows (decoding) and builds without oneDNN keep `F.linear`.
+`FINEGRAIN_ONEDNN=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_ROWS = 32  # below this (decoding), MKL is as fast or faster
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """oneDNN's linear op is present and agrees with `F.linear` on a small product."""
+    if os.environ.get("FINEGRAIN_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = torch.linspace(-1, 1, MIN_ROWS * 8).view(MIN_ROWS, 8)  # no random draw: seeded runs stay as they were
+        w = torch.linspace(-1, 1, 32).view(4, 8)
+        return torch.allclose(_onednn(x, w, None), F.linear(x, w), atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and not torch.is_autocast_enabled("cpu")
+        and onednn_available()
+    )
+
+
+def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) with no autograd: (..., in) x (out, in) -> (..., out).
+
+    For frozen weights inside autograd functions; `weight` may be a transposed view.
+    """
+    if x.numel() >= MIN_ROWS * x.shape[-1] and _fits(x, weight, bias):
+        return _onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class FrozenLinearFunction(torch.autograd.Function):
+    """x W^T + b for a frozen W and b: the backward pass returns the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return matmul_t(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return matmul_t(grad, weight.t()), None, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, with oneDNN's matmul in both passes where no gradient reaches the weight or bias."""
+    frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not torch.is_grad_enabled() or (frozen and not x.requires_grad):
+        return matmul_t(x, weight, bias)
+    if frozen and _fits(x, weight, bias):
+        return FrozenLinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose frozen float32 matmuls run in oneDNN (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
