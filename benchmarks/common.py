@@ -39,14 +39,22 @@ def machine_facts() -> dict:
 
 
 def matmul_ceiling_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of a large fp32 matmul on all cores: the dense-compute ceiling of this machine."""
+    """GFLOP/s of a large fp32 matmul on all cores: the dense-compute ceiling of this machine.
+
+    The faster of PyTorch's two CPU matmuls: MKL's (`a @ b`) and oneDNN's, which finegrain's
+    frozen linear layers use (on Zen 4, 2048^3 ran at ~180 and ~215 GFLOP/s).
+    """
+    from finegrain.model.linear import matmul_t, onednn_available
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    products = [lambda: a @ b] + ([lambda: matmul_t(a, b)] if onednn_available() else [])
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
 
