@@ -3,8 +3,8 @@
 PyTorch runs a float32 `F.linear` on the CPU through MKL's sgemm. For the shapes of LoRA
 training and batched inference (tens to a thousand rows against 192- to 1536-wide weights),
 the oneDNN matmul that PyTorch also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel
-inductor calls) ran 1.1-1.8x faster on both hosts of docs/PERFORMANCE.md, in float32, to the
-same rounding (a different summation order). It reads the weight as it is, transposed views
+inductor calls) ran 1.1-1.8x faster on the Zen 4 host of docs/PERFORMANCE.md, in float32, to
+the same rounding (a different summation order). It reads the weight as it is, transposed views
 included, so the backward pass of a frozen layer, grad @ W, is the same op on W's transpose
 and needs no second copy of W.
 
