@@ -206,7 +206,7 @@ def test_keep_mask_drops_each_element_with_probability_p():
         keep = keep_mask((400, 1001), p, torch.device("cpu"))
         assert keep.shape == (400, 1001) and keep.dtype == torch.bool
         assert abs((~keep).float().mean().item() - p) < 0.003  # 400,400 draws: standard error <= 0.0008
-        # Every 16-bit lane of the 64-bit draws, the 15-bit top one included, drops at rate p.
+        # Every 16-bit lane of the 64-bit draws, the top one included, drops at rate p.
         lanes = (~keep).flatten()[: 400 * 1000].view(-1, 4).float().mean(0)
         assert (lanes - p).abs().max() < 0.006
 
