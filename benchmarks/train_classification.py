@@ -1,6 +1,6 @@
 """LoRA sequence classification on Rotten Tomatoes: finegrain against transformers+PEFT, one run.
 
-    python benchmarks/train_classification.py [--quick] [--train 2000] [--epochs 2] [--bf16]
+    python benchmarks/train_classification.py [--quick] [--train 2000] [--epochs 2] [--bf16] [--pairs 1]
 
 Both sides use the same data (the peer's split: fresh/rotten rows shuffled with
 random.seed(0), the first N train, the last 1,000 test), the default model (the SmolLM2 GGUF,
@@ -13,7 +13,10 @@ share of the machine's matmul ceiling that training reaches (4 FLOPs per base pa
 token; a float32 count, so bf16 runs can pass 100%). `--bf16` adds both sides under bf16
 autocast (finegrain's `train.bf16`, an opt-in approximation that pays on CPUs with native
 bf16; the peer's forward in `torch.autocast`) and their ratios. Last line: `train speedup vs
-transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32.
+transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32. A shared host
+drifts by ±10-20% over minutes; `--pairs N` runs N float32 pairs one after the other
+(finegrain, peer, finegrain, peer, ...), prints each pair's ratios, and the last line gives
+the median pair's ratio and all N.
 """
 
 from __future__ import annotations
@@ -68,8 +71,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default 2")
     parser.add_argument("--bf16", action="store_true",
                         help="also run finegrain with train.bf16 (bf16 autocast, an opt-in approximation; CPUs with native bf16)")
+    parser.add_argument("--pairs", type=int, default=1, help="float32 (finegrain, peer) pairs to run in turn (default 1)")
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs: must be at least 1, got {args.pairs}")
     args.train = args.train or (128 if args.quick else 2000)
     args.test = args.test or (128 if args.quick else 1000)
     args.epochs = args.epochs or (1 if args.quick else 2)
@@ -82,7 +88,11 @@ def main() -> None:
     ceiling = matmul_ceiling_gflops()
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs)]
-    sides = {"finegrain": run_side(__file__, "finegrain", passed), "transformers+peft": run_side(__file__, "peer", passed)}
+    pairs = [(run_side(__file__, "finegrain", passed), run_side(__file__, "peer", passed)) for _ in range(args.pairs)]
+    sides = {}
+    for i, (ours, peer) in enumerate(pairs):
+        suffix = f" #{i + 1}" if args.pairs > 1 else ""
+        sides[f"finegrain{suffix}"], sides[f"transformers+peft{suffix}"] = ours, peer
     if args.bf16:
         sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
         sides["transformers+peft bf16"] = run_side(__file__, "peer", [*passed, "--bf16"])
@@ -91,17 +101,21 @@ def main() -> None:
         share = ceiling_share(r["tokens_per_s"], SMOLLM2_LAYERS, ceiling)
         print(f"{name:>22} {r['tokens_per_s']:>9.1f} {r['train_s']:>8.1f} {r['peak_rss_mb']:>12} "
               f"{r['accuracy']:>9.3f} {r['macro_f1']:>9.3f} {share:>9.1f}%")
-    ours, peer = sides["finegrain"], sides["transformers+peft"]
-    print(f"ratios: tokens/s x{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}, "
-          f"peak RSS x{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {ours['accuracy'] - peer['accuracy']:+.3f}")
+    speedups = [ours["tokens_per_s"] / peer["tokens_per_s"] for ours, peer in pairs]
+    for i, (ours, peer) in enumerate(pairs):
+        print(f"ratios{f' #{i + 1}' if args.pairs > 1 else ''}: tokens/s x{speedups[i]:.2f}, "
+              f"peak RSS x{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {ours['accuracy'] - peer['accuracy']:+.3f}")
     if args.bf16:
         ours16, peer16 = sides["finegrain bf16"], sides["transformers+peft bf16"]
         print(f"bf16 against bf16: tokens/s x{ours16['tokens_per_s'] / peer16['tokens_per_s']:.2f}, "
               f"peak RSS x{ours16['peak_rss_mb'] / peer16['peak_rss_mb']:.2f}, "
               f"accuracy {ours16['accuracy'] - peer16['accuracy']:+.3f}; finegrain bf16 against the float32 peer: "
-              f"tokens/s x{ours16['tokens_per_s'] / peer['tokens_per_s']:.2f}")
-    print(f"train speedup vs transformers+peft: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f} "
-          f"(accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
+              f"tokens/s x{ours16['tokens_per_s'] / pairs[0][1]['tokens_per_s']:.2f}")
+    median = sorted(range(len(pairs)), key=lambda i: speedups[i])[(len(pairs) - 1) // 2]  # the lower middle for even N
+    ours, peer = pairs[median]
+    each = f"median of {len(pairs)} pairs: {', '.join(f'{r:.2f}' for r in speedups)}; " if len(pairs) > 1 else ""
+    print(f"train speedup vs transformers+peft: {speedups[median]:.2f} "
+          f"({each}accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,8 @@ def test_keep_mask_drops_each_element_with_probability_p():
         # Every 16-bit lane of the 64-bit draws, the top one included, drops at rate p.
         lanes = (~keep).flatten()[: 400 * 1000].view(-1, 4).float().mean(0)
         assert (lanes - p).abs().max() < 0.006
+    # p within 2**-17 of 1 rounds to 1 - 2**-16, not past the 16-bit range (which would keep everything).
+    assert (~keep_mask((400, 1001), 1 - 1e-6, torch.device("cpu"))).float().mean().item() > 0.999
 
 
 def test_all_linear_targets_every_decoder_linear_but_never_lm_head(ours):

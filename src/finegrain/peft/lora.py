@@ -248,11 +248,13 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
     `bernoulli_` calls the generator once per element, which costs 7% of a LoRA training
     step; here one 64-bit draw, uniform over all 2**64 values, gives four elements of 16
-    random bits each. Each element is dropped with probability p rounded to a multiple of 2**-16.
+    random bits each. Each element is dropped with probability p rounded to a multiple of 2**-16
+    (at most 1 - 2**-16).
     """
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    return (bits.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)  # lanes uniform on [-2**15, 2**15)
+    least_kept = min(round(p * 65536), 65535) - 32768  # lanes are uniform on [-2**15, 2**15)
+    return (bits.view(torch.int16)[:n] >= least_kept).view(shape)
 
 
 def as_bytes(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
