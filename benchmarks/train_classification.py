@@ -89,10 +89,10 @@ def main() -> None:
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs)]
     pairs = [(run_side(__file__, "finegrain", passed), run_side(__file__, "peer", passed)) for _ in range(args.pairs)]
+    numbers = [f" #{i + 1}" if args.pairs > 1 else "" for i in range(args.pairs)]
     sides = {}
-    for i, (ours, peer) in enumerate(pairs):
-        suffix = f" #{i + 1}" if args.pairs > 1 else ""
-        sides[f"finegrain{suffix}"], sides[f"transformers+peft{suffix}"] = ours, peer
+    for number, (ours, peer) in zip(numbers, pairs):
+        sides[f"finegrain{number}"], sides[f"transformers+peft{number}"] = ours, peer
     if args.bf16:
         sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
         sides["transformers+peft bf16"] = run_side(__file__, "peer", [*passed, "--bf16"])
@@ -102,8 +102,8 @@ def main() -> None:
         print(f"{name:>22} {r['tokens_per_s']:>9.1f} {r['train_s']:>8.1f} {r['peak_rss_mb']:>12} "
               f"{r['accuracy']:>9.3f} {r['macro_f1']:>9.3f} {share:>9.1f}%")
     speedups = [ours["tokens_per_s"] / peer["tokens_per_s"] for ours, peer in pairs]
-    for i, (ours, peer) in enumerate(pairs):
-        print(f"ratios{f' #{i + 1}' if args.pairs > 1 else ''}: tokens/s x{speedups[i]:.2f}, "
+    for number, speedup, (ours, peer) in zip(numbers, speedups, pairs):
+        print(f"ratios{number}: tokens/s x{speedup:.2f}, "
               f"peak RSS x{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, accuracy {ours['accuracy'] - peer['accuracy']:+.3f}")
     if args.bf16:
         ours16, peer16 = sides["finegrain bf16"], sides["transformers+peft bf16"]
