@@ -93,7 +93,8 @@ def test_kv_cache_equals_full_forward(tiny_model):
         for t in range(5, 12):
             steps.append(tiny_model(input_ids[:, t : t + 1], input_pos=torch.tensor([t])))
         tiny_model.clear_cache()
-    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    # The full forward runs finegrain's C attention, the cached steps PyTorch's: two float32 roundings.
+    assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])

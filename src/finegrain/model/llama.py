@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.model import fused
 from finegrain.model.config import LlamaConfig
 from finegrain.model.kv_cache import KVCache
 from finegrain.model.linear import Linear
@@ -45,7 +46,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd: (..., 1)
+        y, rstd = fused.rms_norm(x, weight, eps) or torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         ctx.from_output = bool(weight.all())
         ctx.save_for_backward(y if ctx.from_output else x, weight, rstd)
         return y
@@ -53,6 +54,10 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         kept, weight, rstd = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            grad_x = fused.rms_norm_backward(grad, kept, weight, rstd, ctx.from_output)
+            if grad_x is not None:
+                return grad_x, None, None
         normed = kept / weight if ctx.from_output else kept * rstd
         grad_normed = grad * weight
         # d/dx of x * rstd: rstd * (g - normed * mean(g * normed)), over the last dimension.
@@ -68,11 +73,15 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        y = fused.swiglu(gate, up)
+        return F.silu(gate) * up if y is None else y
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        grads = fused.swiglu_backward(grad, gate, up)
+        if grads is not None:
+            return grads
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
@@ -144,11 +153,16 @@ class Attention(nn.Module):
         else:
             kv_size = self.num_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        cached = self.kv_cache is not None and input_pos is not None
+        if mask is None and is_causal and not cached:  # training and scoring: rotary + attention in C
+            y = fused.rope_attention(q, k, v, cos, sin, self.num_heads, self.num_kv_heads)
+            if y is not None:
+                return self.o_proj(y)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and input_pos is not None:
+        if cached:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
         y = attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads)
         # (B, nh, T, hd)

@@ -1,4 +1,5 @@
-"""finegrain's C kernels (int8_decode.c): built with the system's C compiler on first use, loaded with ctypes.
+"""finegrain's C kernels (int8_decode.c, train_kernels.c): built with the system's C compiler on
+first use, loaded with ctypes.
 
 The library is compiled for this CPU (`-march=native`) into finegrain's cache directory
 (`$FINEGRAIN_CACHE`, else `$XDG_CACHE_HOME/finegrain` or `~/.cache/finegrain`), under a name
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from finegrain.atomic import atomic_path
 
-SOURCE = Path(__file__).with_name("int8_decode.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_decode.c", "train_kernels.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -64,11 +65,13 @@ def _cpu_identity() -> str:
 
 def _build() -> Path:
     command = _compiler() + FLAGS
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(command).encode(), _cpu_identity().encode()]))
-    target = cache_dir() / "native" / f"int8_decode-{key.hexdigest()[:16]}.so"
+    parts = [source.read_bytes() for source in SOURCES] + [" ".join(command).encode(), _cpu_identity().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    target = cache_dir() / "native" / f"kernels-{key}.so"
     if not target.exists():
         with atomic_path(target) as tmp:
-            result = subprocess.run(command + [str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+            sources = [str(source) for source in SOURCES]
+            result = subprocess.run(command + sources + ["-o", str(tmp)], capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
                 raise OSError(f"`{' '.join(command)}` failed: {first_error[:300]}")
@@ -87,7 +90,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"finegrain could not build its int8 kernels ({error}); int8 layers use slower PyTorch matmuls. "
+            f"finegrain could not build its C kernels ({error}); int8 decoding and float32 training use slower "
+            "PyTorch code. "
             "Install a C compiler with OpenMP (gcc), or point CC at one.",
             RuntimeWarning, stacklevel=2,
         )
@@ -99,4 +103,20 @@ def library() -> ctypes.CDLL | None:
     lib.fg_decode_workspace.restype = int64
     lib.fg_decode_step.argtypes = [ctypes.POINTER(Model), pointer, int64, pointer, int64, pointer, int64, pointer, pointer]
     lib.fg_decode_step.restype = None
+    floats, u64, i32 = ctypes.c_float, ctypes.c_uint64, ctypes.c_int32
+    signatures = {
+        "fg_attention_forward": [pointer] * 5 + [int64] * 5 + [floats] + [pointer] * 4,
+        "fg_attention_backward": [pointer] * 7 + [int64] * 5 + [floats] + [pointer] * 3,
+        "fg_swiglu_forward": [pointer] * 3 + [int64],
+        "fg_swiglu_backward": [pointer] * 5 + [int64],
+        "fg_rms_norm_forward": [pointer, pointer, floats, int64, int64, pointer, pointer],
+        "fg_rms_norm_backward": [pointer] * 4 + [int64] * 3 + [pointer],
+        "fg_keep_mask": [pointer, int64, u64, i32],
+        "fg_lora_down": [pointer] * 4 + [int64] * 3,
+        "fg_lora_grad_A": [pointer] * 4 + [int64] * 3,
+        "fg_lora_grad_x": [pointer] * 4 + [int64] * 3,
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
     return lib

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.errors import FinegrainError
+from finegrain.model import fused
 from finegrain.model.linear import linear, matmul_t
 
 INITS = ("default", "gaussian")
@@ -218,7 +219,9 @@ class LoraMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, keep):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        a = (x2 if keep is None else x2 * as_bytes(keep, x2)) @ lora_A.t()  # (N, r)
+        a = None if keep is None else fused.lora_down(x2, keep, lora_A)
+        if a is None:
+            a = (x2 if keep is None else x2 * as_bytes(keep, x2)) @ lora_A.t()  # (N, r)
         y = matmul_t(x2, weight, bias)  # (N, out)
         y.addmm_(a, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x2, keep, a, weight, lora_A, lora_B)
@@ -231,13 +234,15 @@ class LoraMatmul(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_a = (g @ lora_B).mul_(ctx.scaling)  # (N, r)
         grad_B = (g.t() @ a).mul_(ctx.scaling)  # (out, r)
-        grad_A = grad_a.t() @ (x2 if keep is None else x2 * as_bytes(keep, x2))  # (r, in)
+        grad_A = None if keep is None else fused.lora_grad_A(grad_a, x2, keep)
+        if grad_A is None:
+            grad_A = grad_a.t() @ (x2 if keep is None else x2 * as_bytes(keep, x2))  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = matmul_t(g, weight.t())  # (N, in)
             if keep is None:
                 grad_x.addmm_(grad_a, lora_A)
-            else:
+            elif not fused.lora_add_grad_x(grad_x, grad_a, lora_A, keep):
                 grad_x.add_((grad_a @ lora_A).mul_(as_bytes(keep, x2)))
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
         return grad_x, None, None, grad_A, grad_B, None, None
@@ -249,11 +254,15 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     `bernoulli_` calls the generator once per element, which costs 7% of a LoRA training
     step; here one 64-bit draw, uniform over all 2**64 values, gives four elements of 16
     random bits each. Each element is dropped with probability p rounded to a multiple of 2**-16
-    (at most 1 - 2**-16).
+    (at most 1 - 2**-16). On the CPU the C kernel hashes a counter instead (`fused.keep_mask`),
+    in one pass over the mask.
     """
+    least_kept = min(round(p * 65536), 65535) - 32768  # lanes are uniform on [-2**15, 2**15)
+    keep = fused.keep_mask(shape, least_kept) if device.type == "cpu" else None
+    if keep is not None:
+        return keep
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    least_kept = min(round(p * 65536), 65535) - 32768  # lanes are uniform on [-2**15, 2**15)
     return (bits.view(torch.int16)[:n] >= least_kept).view(shape)
 
 
