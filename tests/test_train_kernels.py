@@ -30,7 +30,7 @@ def reference_attention(q, k, v, cos, sin, nh, nkv):
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 
-@pytest.mark.parametrize("B,T,nh,nkv,hd", [(3, 13, 4, 2, 16), (2, 1, 4, 4, 32), (2, 64, 6, 2, 16), (1, 40, 9, 3, 64)])
+@pytest.mark.parametrize("B,T,nh,nkv,hd", [(3, 13, 4, 2, 16), (2, 1, 4, 4, 32), (2, 64, 6, 2, 16), (1, 40, 9, 3, 64), (1, 128, 4, 2, 16)])
 def test_attention_equals_rope_and_sdpa_with_gradients(B, T, nh, nkv, hd):
     torch.manual_seed(0)
     q = (torch.randn(B, T, nh * hd) * 2).requires_grad_()
