@@ -1,15 +1,16 @@
 /* Fused float32 kernels for LoRA training on the CPU.
  *
  * Built with int8_decode.c by finegrain/model/native.py (`cc -O3 -march=native -fopenmp`) and
- * called through ctypes from llama.py and peft/lora.py. In a training step, outside its
+ * called through ctypes from fused.py. In a training step, outside its
  * matmuls, a decoder layer runs ~30 small PyTorch operations, each a pass over memory and a
  * few microseconds of dispatch: rotary embeddings, attention for a few dozen tokens, SwiGLU,
- * RMSNorm's backward, LoRA dropout. Each kernel here does one of those jobs in one pass.
+ * RMSNorm, LoRA dropout. Each kernel here does one of those jobs in one pass.
  *
  * Plain C loops over fixed-width blocks, which the compiler vectorises for the CPU at hand;
  * OpenMP on torch's own libgomp (already loaded by the process, so the same threads).
- * Every kernel computes what the PyTorch code it replaces computes, in float32, to rounding;
- * tests/test_train_kernels.py checks each against that code.
+ * Every kernel computes what the PyTorch code it replaces computes, in float32, to rounding,
+ * except the dropout mask, which comes from another generator; tests/test_train_kernels.py
+ * checks each against that code.
  */
 
 #include <math.h>
