@@ -19,6 +19,7 @@ from sklearn.metrics import (
 )
 
 from finegrain.evaluate import classification_metrics, multilabel_metrics, regression_metrics
+from finegrain.evaluate.metrics import higher_is_better
 
 LABELS = ["ant", "bee", "cat", "dog", "eel", "fox"]
 
@@ -156,3 +157,25 @@ def test_regression_degenerate_inputs() -> None:
         regression_metrics([], [])
     with pytest.raises(ValueError):
         regression_metrics([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("accuracy", True),
+        ("macro.f1", True),
+        ("r2", True),
+        ("neg_mse", True),
+        ("exact_match", True),
+        ("mse", False),
+        ("rmse", False),
+        ("mae", False),
+        ("loss", False),
+        ("train_loss", False),
+        ("validation.loss", False),
+        ("hamming_loss", False),
+        ("perplexity", False),
+    ],
+)
+def test_higher_is_better(name: str, expected: bool) -> None:
+    assert higher_is_better(name) is expected

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report
 
+import finegrain.evaluate.report as report_module
 from finegrain.errors import FinegrainError
 from finegrain.evaluate import (
     classification_metrics,
@@ -141,3 +142,37 @@ def test_learning_curve_reads_logs_robustly(tmp_path: Path) -> None:
     with pytest.raises(FinegrainError, match="file not found"):
         plot_learning_curve(tmp_path / "missing.jsonl", tmp_path / "curve.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png", "metrics.jsonl"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    ("metric_name", "values", "best_step"),
+    [
+        ("neg_mse", [-0.9, -0.1, -0.5], 20),  # higher is better: -0.1 is the best, not -0.9
+        ("rmse", [0.9, 0.1, 0.5], 20),
+        ("macro.f1", [0.2, 0.7, 0.9], 30),
+        ("loss", [0.3, 0.2, 0.4], 20),
+    ],
+)
+def test_learning_curve_star_on_best_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric_name: str, values: list[float], best_step: int
+) -> None:
+    log = tmp_path / "metrics.jsonl"
+    records = [{"step": 10 * (i + 1), "split": "validation", **_nested(metric_name, v)} for i, v in enumerate(values)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = []
+    real_save = report_module._save
+    monkeypatch.setattr(report_module, "_save", lambda fig, out: drawn.append(fig) or real_save(fig, out))
+    plot_learning_curve(log, tmp_path / "curve.png", metric_name)
+    stars = [line for ax in drawn[0].axes for line in ax.get_lines() if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [best_step]
+
+
+def _nested(dotted: str, value: float) -> dict:
+    """{"macro": {"f1": v}} for "macro.f1", as the training log writes nested metrics."""
+    record: dict = {}
+    inner = record
+    *parents, last = dotted.split(".")
+    for part in parents:
+        inner = inner.setdefault(part, {})
+    inner[last] = value
+    return record

@@ -17,7 +17,35 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "multilabel_metrics", "regression_metrics"]
+__all__ = ["classification_metrics", "higher_is_better", "multilabel_metrics", "regression_metrics"]
+
+# Words that make a metric an error to minimise. Matched against whole "_"-separated words of
+# the last dotted part, so "mse" hits "val_mse" but not a name that merely contains the letters.
+_LOWER_IS_BETTER_WORDS = frozenset(
+    {"loss", "mse", "rmse", "mae", "mape", "error", "err", "perplexity", "ppl", "nll", "wer", "cer", "hamming"}
+)
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of the metric `name` is better: the one place that says so.
+
+    Model selection, early stopping and the learning curve's "best" star all ask this, so a
+    metric cannot be maximised in one place and minimised in another. Loss-like names
+    (`loss`, `mse`, `rmse`, `mae`, `perplexity`, `hamming_loss`, `error`...) are lower-is-better;
+    `neg_*` names (regression's `neg_mse`, negated so that selection can maximise it) and
+    everything else (accuracy, F1, r2, exact match...) are higher-is-better. A dotted name
+    (`macro.f1`, `validation.loss`) is judged by its last part.
+
+    Args:
+        name: the metric's name, as in `metrics.json` or the training log.
+
+    Returns:
+        True when larger is better.
+    """
+    last = name.rsplit(".", 1)[-1].strip().lower()
+    if last.startswith("neg_"):
+        return True
+    return not (_LOWER_IS_BETTER_WORDS & set(last.replace("-", "_").split("_")))
 
 
 def classification_metrics(

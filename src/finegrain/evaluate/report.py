@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from finegrain.atomic import atomic_path, atomic_write_text
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.metrics import higher_is_better
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -283,13 +284,9 @@ def plot_learning_curve(
             label=f"validation {metric_name}",
         )
         handles.append(line)
-        # "Best" means highest except for metrics where lower is better.
-        lower_is_better = any(word in metric_name.lower() for word in ("loss", "error", "mse", "mae", "perplexity"))
-        best = (
-            min(range(len(values)), key=values.__getitem__)
-            if lower_is_better
-            else max(range(len(values)), key=values.__getitem__)
-        )
+        # The direction comes from the one rule the trainer also uses (neg_mse is maximised).
+        pick = max if higher_is_better(metric_name) else min
+        best = pick(range(len(values)), key=values.__getitem__)
         (marker,) = right.plot(
             [metric_steps[best]],
             [values[best]],
