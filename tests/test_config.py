@@ -50,3 +50,42 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.split=[a,b,c]", r"--set data.split=\[a,b,c\]: 'data.split\[0\]' must be float, not 'a'"),
+        ("lora.layers=[x]", r"--set lora.layers=\[x\]: 'lora.layers\[0\]' must be int, not 'x'"),
+        ("train.epochs=.inf", r"--set train.epochs=.inf: 'train.epochs' must be a finite number"),
+        ("train.lr=.nan", r"--set train.lr=.nan: 'train.lr' must be a finite number"),
+        ("head.class_weights={ham: abc}", r"'head.class_weights.ham' must be float, not 'abc'"),
+        ("lora.targets=[q_proj, 3]", r"'lora.targets\[1\]' must be str"),
+    ],
+)
+def test_wrongly_typed_items_name_the_key(override, message):
+    with pytest.raises(FinegrainError, match=message):
+        load_config(None, ["data.dataset=sms_spam", override])
+
+
+def test_item_types_accept_good_values():
+    config = load_config(None, ["data.dataset=sms_spam", "data.split=[0.5, 0.25, 0.25]", "head.class_weights={ham: 1, spam: 2.5}"])
+    assert config.data.split == [0.5, 0.25, 0.25] and config.head.class_weights == {"ham": 1.0, "spam": 2.5}
+
+
+def test_yaml_errors_name_the_line_not_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\nhead:\n  class_weights: {ham: abc}\ntrain:\n  lrr: 1\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:4: 'head.class_weights.ham' must be float") as info:
+        load_config(path)
+    assert "--set" not in str(info.value)
+    path.write_text("data:\n  dataset: sms_spam\ntrain:\n  epochs: 1\n  lrr: 1\n")
+    for overrides in ([], ["train.lr=0.1"]):  # a --set of another key does not move the blame
+        with pytest.raises(FinegrainError, match=r"c.yaml:5: unknown key 'train.lrr'") as info:
+            load_config(path, overrides)
+        assert "--set" not in str(info.value)
+    with pytest.raises(FinegrainError, match=r"--set train.lrr=1: unknown key 'train.lrr'"):
+        load_config(None, ["data.dataset=sms_spam", "train.lrr=1"])
+    path.write_text("data:\n  dataset: sms_spam\n  split: [0.5, 0.6, 0.1]\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:3: 'data.split' must be three fractions"):
+        load_config(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,7 +39,10 @@ class DataConfig:
     multi_label: bool = False
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # when only `train` (or `dataset`) is given
     split_seed: int = 0
-    max_length: int = 64  # tokens per text; longer texts are truncated
+    max_length: int = 64  # tokens per text; longer texts follow data.long_texts (the run reports how many)
+    long_texts: str = "truncate"  # classification: truncate (keep the start) | head_tail | windows
+    window_stride: int | None = None  # long_texts: windows: text tokens between window starts; null: half a window
+    max_windows: int = 8  # long_texts: windows: at most this many windows per text (the rest is cut)
     template: str | None = None  # wraps each text, e.g. "Review: {text}\nSentiment:"; the text is what gets cut
     max_train_examples: int | None = None
     max_eval_examples: int | None = None  # cap validation and test each: a sample drawn like the splits
@@ -122,6 +126,10 @@ class TrainConfig:
     prefix_cache_ram_mb: int = 4096  # a larger cache lives in a memory-mapped file in the run directory
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
     bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
+    # auto: `finegrain train` chooses every recipe key this config leaves unset from the data
+    # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
+    recipe: str = "auto"
+    time_budget: float | None = 15.0  # minutes the recipe plans a run for (estimated layer passes); null: no limit
 
 
 @dataclass
@@ -141,58 +149,103 @@ class RunConfig:
 TASKS = ("classification", "regression", "ner", "relation", "qa", "instruct")  # see finegrain.tasks.TASKS
 
 
-def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
-    """Build dataclass `cls` from `values`, rejecting unknown keys with the nearest valid one."""
+def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
+    """Build dataclass `cls` from `values`, rejecting unknown keys with the nearest valid one.
+
+    `sources` maps a dotted key to where it was set (`c.yaml:12`, `--set train.lr=...`), so an
+    error names that place rather than the whole file."""
     if not isinstance(values, dict):
         raise FinegrainError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values")
+    sources = sources or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        at = sources.get(f"{prefix}{key}", where)
         if key not in fields:
             nearest = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{nearest[0]}'?" if nearest else f"; valid keys: {', '.join(fields)}"
-            raise FinegrainError(f"{where}: unknown key '{prefix}{key}'{hint}")
+            raise FinegrainError(f"{at}: unknown key '{prefix}{key}'{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, where, f"{prefix}{key}.")
+            kwargs[key] = from_dict(hint, value or {}, at, f"{prefix}{key}.", sources)
         else:
-            kwargs[key] = _check_type(value, hint, where, f"{prefix}{key}")
+            kwargs[key] = _check_type(value, hint, at, f"{prefix}{key}")
     return cls(**kwargs)
 
 
 def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
-    """Accept `value` if it fits `hint` (ints count as floats); else a one-line error."""
+    """Accept `value` if it fits `hint` (ints count as floats; list and dict items are checked
+    too, so a wrong item is named here rather than failing as a TypeError later); else a one-line error."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         origin = typing.get_origin(option) or option
         if option is type(None) and value is None:
             return None
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if origin is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        if origin is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)  # YAML 1.1 reads 3e-4 as a string
             except ValueError:
-                pass
+                continue
+            if not math.isfinite(number):  # .inf / .nan: epochs=.inf would overflow far from here
+                raise FinegrainError(f"{where}: '{key}' must be a finite number, not {value!r}")
+            return number
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if origin in (str, bool, list, dict) and isinstance(value, origin):
+        if origin in (str, bool) and isinstance(value, origin):
             return value
+        if origin in (list, dict) and isinstance(value, origin):
+            return _check_items(value, typing.get_args(option), where, key)
     expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
     raise FinegrainError(f"{where}: '{key}' must be {expected}, not {value!r}")
+
+
+def _check_items(value: list | dict, args: tuple, where: str, key: str) -> list | dict:
+    """The items of a `list[X]` or the values of a `dict[str, X]`, each checked against X."""
+    item = args[-1] if args else Any
+    if item is Any:
+        return value
+    if isinstance(value, list):
+        return [_check_type(v, item, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    return {k: _check_type(v, item, where, f"{key}.{k}") for k, v in value.items()}
+
+
+def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, str]:
+    """`path:LINE` of every key in a composed YAML mapping, by dotted key, for error messages."""
+    lines: dict[str, str] = {}
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        lines[key] = f"{path}:{key_node.start_mark.line + 1}"
+        lines.update(_key_lines(value_node, path, f"{key}."))
+    return lines
+
+
+def explicit_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every dotted key a config mapping sets (a section counts only through its keys)."""
+    keys = set()
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in ("dataset_options", "class_weights"):
+            keys |= explicit_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults) and apply `section.key=value` overrides."""
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> the file line or the --set that gave it
     where = str(path) if path else "config"
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise FinegrainError(f"{path}: config file not found; pass a YAML file such as examples/rotten_tomatoes.yaml")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            values = yaml.safe_load(text) or {}
+            sources = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), path)
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             at = f":{line + 1}" if line is not None else ""
@@ -207,14 +260,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise FinegrainError(f"--set {override}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-        where = f"{where} (with --set)" if "--set" not in where else where
-    config = from_dict(RunConfig, values, where)
-    validate(config, where)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise FinegrainError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+        sources = {k: v for k, v in sources.items() if not k.startswith(f"{key.strip()}.")}
+        sources[key.strip()] = f"--set {override}"
+    config = from_dict(RunConfig, values, where, sources=sources)
+    validate(config, where, sources)
     return config
 
 
-def validate(config: RunConfig, where: str) -> None:
+def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
         (config.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
         (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
@@ -228,19 +285,25 @@ def validate(config: RunConfig, where: str) -> None:
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         (config.train.lr > 0, "train.lr", "above 0"),
+        (config.train.recipe in ("auto", "off"), "train.recipe", "auto or off"),
+        (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
         (config.train.micro_batch_tokens is None or config.train.micro_batch_tokens >= 1, "train.micro_batch_tokens",
          "at least 1, or null for whole batches"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
+        (config.data.long_texts in ("truncate", "head_tail", "windows"), "data.long_texts", "truncate, head_tail or windows"),
+        (config.data.window_stride is None or config.data.window_stride >= 1, "data.window_stride",
+         "at least 1 token, or null for half a window"),
+        (config.data.max_windows >= 1, "data.max_windows", "at least 1"),
         (config.data.template is None or config.data.template.count("{text}") == 1, "data.template", "a string with {text} once"),
         (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
         (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),
     ]
     for ok, key, expected in checks:
         if not ok:
-            raise FinegrainError(f"{where}: '{key}' must be {expected}")
+            raise FinegrainError(f"{(sources or {}).get(key, where)}: '{key}' must be {expected}")
     if not (config.data.dataset or config.data.train):
         raise FinegrainError(f"{where}: no training data; set data.dataset (e.g. rotten_tomatoes) or data.train (a file)")
 
