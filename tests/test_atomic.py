@@ -115,3 +115,63 @@ def test_atomic_dir_over_a_file_is_a_user_error(tmp_path: Path) -> None:
     target.write_text("a file")
     with pytest.raises(FinegrainError, match="exists and is a file"), atomic_dir(target):
         pass
+
+
+def _run_and_sigkill(code: str) -> None:
+    """Run `code` in a fresh Python that SIGKILLs itself where the code says `die()`."""
+    import signal
+    import subprocess
+    import sys
+
+    prelude = "import os, signal\nfrom pathlib import Path\nfrom finegrain.atomic import *\ndie = lambda: os.kill(os.getpid(), signal.SIGKILL)\n"
+    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+def test_remove_stale_temps_after_a_kill_mid_write(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    atomic_write_bytes(run / "adapter" / "adapter_model.safetensors", b"old")
+    atomic_write_text(run / "checkpoint" / "state.json", "{}")
+    _run_and_sigkill(
+        f"with atomic_path(Path({str(run)!r}) / 'adapter' / 'adapter_model.safetensors') as tmp:\n"
+        "    tmp.write_bytes(b'half')\n    die()\n"
+    )
+    _run_and_sigkill(f"with atomic_dir(Path({str(run)!r}) / 'checkpoint') as tmp:\n    (tmp / 'state.json').write_text('x')\n    die()\n")
+    left = sorted(p.name for p in run.rglob(".*"))
+    assert len(left) == 2 and all(".tmp" in name for name in left), left
+    removed = atomic.remove_stale_temps(run)
+    assert len(removed) == 2
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
+        "adapter", "adapter/adapter_model.safetensors", "checkpoint", "checkpoint/state.json"]
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"old"
+
+
+def test_remove_stale_temps_puts_back_a_directory_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / ".checkpoint.0123abcd.old").mkdir()  # killed between moving aside and renaming in
+    (tmp_path / ".checkpoint.0123abcd.old" / "state.json").write_text("{}")
+    (tmp_path / ".lock").write_text("keep")  # not a temporary
+    atomic.remove_stale_temps(tmp_path)
+    assert (tmp_path / "checkpoint" / "state.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoint"]
+
+
+def test_exclusive_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path: Path) -> None:
+    with atomic.exclusive_lock(tmp_path, "finegrain train"):
+        with pytest.raises(FinegrainError, match=r"in use by finegrain train \(pid \d+\); wait for it"):
+            with atomic.exclusive_lock(tmp_path):
+                pass
+    _run_and_sigkill(f"with exclusive_lock(Path({str(tmp_path)!r})):\n    die()\n")
+    with atomic.exclusive_lock(tmp_path):  # the kernel dropped the killed process's lock
+        pass
+
+
+def test_fault_point_kills_only_at_the_named_phase_and_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINEGRAIN_FAULT", "phase_a:2")
+    monkeypatch.setattr(atomic, "_FAULT_HITS", {})
+    killed = []
+    monkeypatch.setattr(atomic.os, "kill", lambda pid, sig: killed.append(sig))
+    atomic.fault_point("phase_b")
+    atomic.fault_point("phase_a")
+    assert killed == []
+    atomic.fault_point("phase_a")
+    assert len(killed) == 1

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,10 @@ from typing import Any
 
 from finegrain.errors import FinegrainError
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+    "exclusive_lock", "fault_point", "recover_dir", "remove_stale_temps",
+]
 
 
 def _read_umask() -> int:
@@ -220,3 +225,103 @@ def recover_dir(path: str | os.PathLike[str]) -> Path:
     for aside in asides:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+# The names the functions above give their temporaries: `.NAME.XXXXXXXX.tmp[.suffix]` (mkstemp
+# and mkdtemp draw 8 characters from [a-z0-9_]) and `.NAME.XXXXXXXX.old` for a directory moved aside.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
+_ASIDE_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.old$")
+_PREFIX_CACHE_NAME = re.compile(r"^\.prefix-cache-")  # finegrain.train.prefix_cache, unlinked at once unless killed
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what atomic writes killed half-way left in `directory` and below; returns what went.
+
+    A SIGKILL inside `atomic_path` or `atomic_dir` leaves a hidden temporary that no later
+    write reuses (each draws a new name), so without this they pile up. A directory moved aside
+    by `atomic_dir` is put back by `recover_dir` when it is the only copy, never deleted blind.
+    Call it only while nothing else writes into `directory` (hold `exclusive_lock`).
+    """
+    root = Path(directory)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for parent, dirs, files in os.walk(root):
+        for name in list(dirs):
+            aside = _ASIDE_NAME.match(name)
+            if aside:
+                recover_dir(Path(parent, aside.group(1)))
+                dirs.remove(name)
+            elif _TEMP_NAME.match(name):
+                shutil.rmtree(Path(parent, name), ignore_errors=True)
+                removed.append(Path(parent, name))
+                dirs.remove(name)
+        for name in files:
+            if _TEMP_NAME.match(name) or _PREFIX_CACHE_NAME.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(parent, name).unlink()
+                removed.append(Path(parent, name))
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike[str], what: str = "process") -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (a `.lock` file inside it) for the block's lifetime.
+
+    `flock` is released by the kernel when the process dies, however it dies, so a SIGKILL
+    leaves no stale lock. A second holder gets a FinegrainError at once instead of waiting.
+    Where `fcntl` does not exist (Windows) the block runs unlocked.
+
+    Args:
+        directory: created if missing.
+        what: what holds the lock, for the message (e.g. "finegrain train").
+
+    Raises:
+        FinegrainError: another process holds the lock.
+    """
+    root = Path(directory)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield root
+        return
+    _prepare_parent(root / ".lock")
+    with open(root / ".lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FinegrainError(
+                f"{root}: in use by {holder}; wait for it to end or choose another directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (pid {os.getpid()})")
+        handle.flush()
+        try:
+            yield root
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(phase: str) -> None:
+    """Test-only: SIGKILL this process here when FINEGRAIN_FAULT names `phase`.
+
+    `FINEGRAIN_FAULT=adapter_write` kills at the first pass through `fault_point("adapter_write")`,
+    `FINEGRAIN_FAULT=train_step:3` at the third. tests/test_faults.py uses it to kill a real
+    `finegrain train` at a chosen moment of a run; unset (always, outside those tests) it costs one
+    dictionary lookup.
+    """
+    wanted = os.environ.get("FINEGRAIN_FAULT")
+    if not wanted:
+        return
+    name, _, count = wanted.partition(":")
+    if name != phase:
+        return
+    _FAULT_HITS[phase] = _FAULT_HITS.get(phase, 0) + 1
+    if _FAULT_HITS[phase] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
