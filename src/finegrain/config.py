@@ -47,6 +47,9 @@ class DataConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None  # cap validation and test each: a sample drawn like the splits
     skip_bad_rows: bool = False
+    # classification: also fit the majority class and TF-IDF + linear SVM on the same splits,
+    # shown beside finegrain's scores in metrics.json and the report (seconds on 10k documents)
+    baselines: bool = True
     # task: ner
     scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES) or IO
     tag_column: int = -1  # CoNLL files: the column holding the tag (0-based; -1 the last)

@@ -2,8 +2,9 @@
 
 The numbers match scikit-learn (`classification_report`, `precision_recall_fscore_support`,
 `confusion_matrix`, `hamming_loss`, `r2_score` with `zero_division=0`); the tests check
-that on random data. scikit-learn is only a test dependency: it is large, and these few
-formulas do not justify installing it with finegrain.
+that on random data. They stay in numpy although scikit-learn is now installed with
+finegrain (for the baselines): importing it takes about a second, which `finegrain predict`
+and `serve` should not pay for a few formulas.
 
 Every function returns a plain dict of Python numbers, ready for `json.dumps`:
 `{"task": ..., "num_examples": ..., <metrics>}`.

@@ -350,6 +350,8 @@ def _md_cell(text: str) -> str:
 
 def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list[tuple[str, str]]) -> str:
     out = [f"# {_md_cell(title)}", "", _summary(metrics, split_name), ""]
+    if metrics.get("baselines", {}).get("warning"):
+        out += [f"**{_md_cell(metrics['baselines']['warning'])}** (see [Against baselines](#against-baselines))", ""]
     out += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
     for name, scores, is_average in _score_rows(metrics):
         cell = f"**{_md_cell(name)}**" if is_average else _md_cell(name)
@@ -357,6 +359,11 @@ def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list
         out.append(f"| {cell} | {p:.4f} | {r:.4f} | {f:.4f} | {scores['support']} |")
     if metrics.get("num_outside_labels"):
         out += ["", f"{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong)."]
+    if metrics.get("baselines"):
+        columns, rows, notes = _baseline_table(metrics)
+        out += ["", "## Against baselines", ""] + [f"{_md_cell(note)}  " for note in notes] + [""]
+        out += ["| " + " | ".join(map(_md_cell, columns)) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+        out += ["| " + " | ".join(_md_cell(_cell(v)) for v in row) + " |" for row in rows]
     if "confusion_matrix" in metrics:
         labels = [_md_cell(str(label)) for label in metrics["labels"]]
         out += ["", "## Confusion matrix", "", "Rows: true label; columns: predicted label.", ""]
@@ -382,6 +389,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
        padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 .summary { color: #555; }
+.warning { color: #a40000; font-weight: bold; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -402,6 +410,7 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
         f"<style>\n{_CSS}\n</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p class="summary">{e(_summary(metrics, split_name))}</p>',
+        *(f"<p class=warning>{e(w)}</p>" for w in [metrics.get("baselines", {}).get("warning")] if w),
         "<table><thead><tr><th>label</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr></thead>",
         "<tbody>",
     ]
@@ -414,6 +423,8 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
     out.append("</tbody></table>")
     if metrics.get("num_outside_labels"):
         out.append(f"<p>{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong).</p>")
+    if metrics.get("baselines"):
+        out += _html_baselines(metrics)
     if "confusion_matrix" in metrics:
         out += _html_confusion(metrics)
         out += [_html_image(caption, data) for name, caption, data in images if name == "confusion_matrix.png"]
@@ -433,6 +444,49 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
             out += [f"<h2>{e(caption)}</h2>", _html_image(caption, data)]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[str]]:
+    """finegrain beside the baselines (`metrics["baselines"]`, from `add_baselines`): the columns,
+    the rows (headline scores, F1 of each class, seconds) and the lines to print above them
+    (which split and texts, a skipped baseline). The warning that TF-IDF wins goes at the top."""
+    baselines = metrics["baselines"]
+    tfidf, majority = baselines["tfidf"], baselines["majority"]
+    predicts = majority.get("predicts")
+    if isinstance(predicts, list):  # multi-label: the labels most training examples have
+        predicts = ", ".join(map(str, predicts)) or "no label"
+    columns = ["", "finegrain", f"TF-IDF ({tfidf.get('features', 'n-grams')}) + linear SVM", f"majority ({predicts})"]
+    if metrics.get("task") == "multilabel":
+        ours = {"subset accuracy": metrics["subset_accuracy"], "micro-F1": metrics["micro"]["f1"]}
+        keys = {"subset accuracy": "subset_accuracy", "micro-F1": "micro_f1"}
+    else:
+        ours, keys = {"accuracy": metrics["accuracy"]}, {"accuracy": "accuracy"}
+    ours["macro-F1"], keys["macro-F1"] = metrics["macro"]["f1"], "macro_f1"
+    rows = [[name, value, tfidf.get(keys[name]), majority.get(keys[name])] for name, value in ours.items()]
+    for label, scores in metrics["per_class"].items():
+        rows.append([f"F1 {label}", scores["f1"], tfidf.get("per_class", {}).get(label), majority["per_class"].get(label)])
+    seconds = (baselines.get("finegrain_seconds"), tfidf.get("seconds"), majority.get("seconds"))
+    rows.append(["seconds", *(None if t is None else f"{t:.1f}" if t >= 1 else f"{t:.3f}" for t in seconds)])
+    notes = [
+        f"Fitted on the same training split and scored on the same {baselines['split']} split as finegrain, "
+        "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
+    ]
+    if "skipped" in tfidf:
+        notes.append(f"TF-IDF baseline skipped: {tfidf['skipped']}")
+    return columns, rows, notes
+
+
+def _html_baselines(metrics: dict[str, Any]) -> list[str]:
+    e = html.escape
+    columns, rows, notes = _baseline_table(metrics)
+    out = ["<h2>Against baselines</h2>"]
+    out += [f"<p>{e(note)}</p>" for note in notes]
+    out.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr></thead><tbody>")
+    for row in rows:
+        cells = "".join(f"<td class=num>{e(_cell(v))}</td>" for v in row[1:])
+        out.append(f"<tr><td>{e(row[0])}</td>{cells}</tr>")
+    out.append("</tbody></table>")
+    return out
 
 
 def _html_image(caption: str, base64_png: str) -> str:
