@@ -24,6 +24,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
 from finegrain.tasks import task_class
 from finegrain.train.trainer import Trainer, seed_everything
@@ -136,6 +137,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         results["test"] = task.metrics(predictions, task.gold(splits.test))
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
+    add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own
     if splits.skipped:
         atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")
     write_results(run_dir, results, task, config.train.metric or task.headline_metric)
@@ -150,7 +152,8 @@ def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> 
         plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", metric)
     split = "test" if "test" in results else "validation"
     if split in results:
-        task.write_report(run_dir, results[split], split, f"{task.name}: {split}")
+        metrics = {**results[split], "baselines": results["baselines"]} if "baselines" in results else results[split]
+        task.write_report(run_dir, metrics, split, f"{task.name}: {split}")
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
