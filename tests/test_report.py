@@ -176,3 +176,36 @@ def _nested(dotted: str, value: float) -> dict:
         inner = inner.setdefault(part, {})
     inner[last] = value
     return record
+
+
+def test_confusion_matrix_readable_with_50_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = []
+    real_save = report_module._save
+    monkeypatch.setattr(report_module, "_save", lambda fig, out: drawn.append(fig) or real_save(fig, out))
+    rng = np.random.default_rng(2)
+    sizes, figures, reports = {}, {}, {}
+    for n in (8, 50):
+        labels = [f"{('ABBR', 'DESC', 'ENTY', 'HUM', 'LOC', 'NUM')[i % 6]}:fine_{i:02d}" for i in range(n)]
+        skew = rng.dirichlet(np.full(n, 0.5))  # imbalanced, some classes absent from the split
+        y_true = [str(x) for x in rng.choice(labels, size=600, p=skew)]
+        y_pred = [t if rng.random() < 0.6 else str(rng.choice(labels)) for t in y_true]
+        metrics = classification_metrics(y_true, y_pred, labels)
+        written = write_classification_report(tmp_path / str(n), metrics)
+        sizes[n], figures[n], reports[n] = _png_size(written["confusion_matrix"]), drawn[-1], (metrics, written)
+
+    assert sizes[50][0] > sizes[8][0] and sizes[50][1] > sizes[8][1]  # the figure scales with the classes
+    assert max(sizes[50]) < 2200  # ... up to a screen's size
+    metrics, written = reports[50]
+    ax = figures[50].axes[0]
+    nonzero = sum(count > 0 for row in metrics["confusion_matrix"] for count in row)
+    assert len(ax.texts) == nonzero and all(t.get_fontsize() <= 6 for t in ax.texts)  # counts where they fit
+    assert len(figures[8].axes[0].texts) == 8 * 8  # few classes: every cell, zeros too
+    support = metrics["per_class"][metrics["labels"][0]]["support"]
+    assert ax.get_yticklabels()[0].get_text() == f"{metrics['labels'][0]} ({support})"
+    assert all(label.get_rotation() == 90 for label in ax.get_xticklabels())
+
+    markdown = written["markdown"].read_text()
+    assert "50 classes: too many for a table" in markdown and "| true \\ predicted |" not in markdown
+    mistakes = markdown.split("## Most frequent mistakes")[1].split("\n## ")[0]
+    assert mistakes.count("\n| ") - 1 == 25  # the 25 most confused pairs, under the header row
+    assert "| true \\ predicted |" in reports[8][1]["markdown"].read_text()

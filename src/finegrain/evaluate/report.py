@@ -41,8 +41,17 @@ _AVERAGE_ROWS = (
     ("samples", "samples avg"),
 )
 _PLOTS = (("confusion_matrix.png", "Confusion matrix"), ("learning_curve.png", "Learning curve"))
-# Beyond this many classes the cells are too small for numbers; the colours still read.
+# Beyond this many classes only the non-zero counts are printed; beyond the second, none
+# (the cells are too small for digits; the colours still read).
 _MAX_ANNOTATED_LABELS = 30
+_MAX_COUNTED_LABELS = 100
+# Beyond this many classes the report holds no matrix table (it would be hundreds of columns
+# wide): the figure and the list of most frequent mistakes say the same, readably.
+_MAX_TABLE_LABELS = 20
+_LARGE_MATRIX_NOTE = (
+    "{} classes: too many for a table; see the figure, the most frequent mistakes below, "
+    "and `confusion_matrix` in metrics.json (rows: true label; columns: predicted, in label order)."
+)
 
 
 def format_report_text(metrics: dict[str, Any], digits: int = 4) -> str:
@@ -131,11 +140,14 @@ def write_classification_report(
 
 
 def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Draw the confusion matrix: colours are row-normalised, cells show counts.
+    """Draw the confusion matrix: colours are row-normalised (recall), cells show counts.
 
     Normalising each row (the fraction of each true class predicted as each class) keeps
-    a rare class readable next to a frequent one; the count in each cell keeps the sizes
-    honest. Long labels are shortened, and the figure grows with the number of classes.
+    a rare class readable next to a frequent one; the count in each cell, and each true
+    class's support beside its name, keep the sizes honest. The figure grows with the number
+    of classes up to a screen's size; beyond that the cells shrink, the tick labels get
+    smaller and turn upright, a faint grid keeps rows and columns followable, and counts are
+    printed only where they fit (past 30 classes only the non-zero ones, past 100 none).
 
     Args:
         metrics: a dict from `classification_metrics`.
@@ -148,11 +160,13 @@ def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[st
     import numpy as np
 
     labels = [_shorten(str(label), 24) for label in metrics["labels"]]
-    counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64).reshape(len(labels), len(labels))
+    n = len(labels)
+    counts = np.asarray(metrics["confusion_matrix"], dtype=np.int64).reshape(n, n)
     row_totals = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_totals, out=np.zeros(counts.shape), where=row_totals > 0)
-    n = len(labels)
-    longest = max([len(label) for label in labels] + [1])
+    supports = [scores["support"] for scores in metrics["per_class"].values()]
+    true_labels = [f"{label} ({support})" for label, support in zip(labels, supports)]
+    longest = max([len(label) for label in true_labels] + [1])
     # Cells of ~0.5 inch fit a 4-digit count; past ~28 classes the cells shrink rather
     # than the figure outgrowing a screen. Room on the left/bottom for the labels.
     side = min(14.0, max(3.5, 0.5 * n)) + 0.08 * longest
@@ -160,17 +174,25 @@ def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[st
     ax = fig.add_subplot()
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    colorbar.set_label("fraction of the true class")
-    tick_size = 10 if n <= 12 else 8 if n <= 30 else 7
-    ax.set_xticks(range(n), labels, rotation=45 if n > 3 or longest > 8 else 0, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), labels)
+    colorbar.set_label("fraction of the true class (recall on the diagonal)")
+    tick_size = 10 if n <= 12 else 8 if n <= 30 else 6 if n <= 60 else 5
+    rotation = 0 if n <= 3 and longest <= 8 else 45 if n <= 30 else 90
+    ax.set_xticks(range(n), labels, rotation=rotation, ha="right" if rotation else "center", rotation_mode="anchor")
+    ax.set_yticks(range(n), true_labels)
     ax.tick_params(labelsize=tick_size)
+    if n > 12:  # faint cell borders: the eye loses its row across dozens of columns without them
+        ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+        ax.grid(which="minor", color="#d8d8d8", linewidth=0.4)
+        ax.tick_params(which="minor", length=0)
     ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    if n <= _MAX_ANNOTATED_LABELS:
-        font_size = 11 if n <= 6 else 9 if n <= 12 else 8 if n <= 20 else 7
+    ax.set_ylabel("true label (support)")
+    font_size = _count_font_size(n)
+    if font_size:
         for i in range(n):
             for j in range(n):
+                if n > _MAX_ANNOTATED_LABELS and not counts[i, j]:
+                    continue  # dozens of zeros per row hide the counts that matter
                 # Percentages only where there is room, i.e. few classes.
                 share = f"\n{fractions[i, j]:.0%}" if n <= 8 and row_totals[i, 0] else ""
                 ax.text(
@@ -186,6 +208,18 @@ def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[st
     heading = title or "Confusion matrix"
     ax.set_title(f"{heading}\naccuracy {metrics['accuracy']:.4f} on {metrics['num_examples']:,} examples", fontsize=11)
     return _save(fig, out_png)
+
+
+def _count_font_size(num_labels: int) -> float | None:
+    """The font size of the counts in the cells, or None where cells are too small for digits.
+
+    The figure stops growing at ~28 classes, so a cell is ~14 in / n wide: at 60 classes
+    ~17 points, room for a 4-digit count in 6 points; at 100, ~10 points, 2 digits in 5.
+    """
+    for most, size in ((6, 11), (12, 9), (20, 8), (30, 7), (60, 6), (_MAX_COUNTED_LABELS, 5)):
+        if num_labels <= most:
+            return size
+    return None
 
 
 def plot_learning_curve(
@@ -330,9 +364,13 @@ def _score_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool
     return rows
 
 
-def _confused_pairs(metrics: dict[str, Any], limit: int = 10) -> list[tuple[str, str, int, float]]:
-    """The most frequent mistakes: (true, predicted, count, share of the true class)."""
+def _confused_pairs(metrics: dict[str, Any]) -> list[tuple[str, str, int, float]]:
+    """The most frequent mistakes: (true, predicted, count, share of the true class).
+
+    Ten of them; 25 past 20 classes, where the report shows no matrix table and this list is
+    how one reads which classes are taken for which."""
     labels = metrics["labels"]
+    limit = 10 if len(labels) <= _MAX_TABLE_LABELS else 25
     matrix = metrics["confusion_matrix"]
     pairs = []
     for i, row in enumerate(matrix):
@@ -366,11 +404,15 @@ def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list
         out += ["| " + " | ".join(_md_cell(_cell(v)) for v in row) + " |" for row in rows]
     if "confusion_matrix" in metrics:
         labels = [_md_cell(str(label)) for label in metrics["labels"]]
-        out += ["", "## Confusion matrix", "", "Rows: true label; columns: predicted label.", ""]
-        out.append("| true \\ predicted | " + " | ".join(labels) + " |")
-        out.append("|---|" + "---:|" * len(labels))
-        for label, row in zip(labels, metrics["confusion_matrix"]):
-            out.append(f"| **{label}** | " + " | ".join(str(c) for c in row) + " |")
+        out += ["", "## Confusion matrix", ""]
+        if len(labels) > _MAX_TABLE_LABELS:
+            out.append(_LARGE_MATRIX_NOTE.format(len(labels)))
+        else:
+            out += ["Rows: true label; columns: predicted label.", ""]
+            out.append("| true \\ predicted | " + " | ".join(labels) + " |")
+            out.append("|---|" + "---:|" * len(labels))
+            for label, row in zip(labels, metrics["confusion_matrix"]):
+                out.append(f"| **{label}** | " + " | ".join(str(c) for c in row) + " |")
         if any(file_name == "confusion_matrix.png" for file_name, _ in images):
             out += ["", "![Confusion matrix](confusion_matrix.png)"]
         pairs = _confused_pairs(metrics)
@@ -496,6 +538,8 @@ def _html_image(caption: str, base64_png: str) -> str:
 def _html_confusion(metrics: dict[str, Any]) -> list[str]:
     e = html.escape
     labels = [str(label) for label in metrics["labels"]]
+    if len(labels) > _MAX_TABLE_LABELS:
+        return ["<h2>Confusion matrix</h2>", f"<p>{e(_LARGE_MATRIX_NOTE.format(len(labels)))}</p>"]
     out = [
         "<h2>Confusion matrix</h2>",
         "<p>Rows: true label; columns: predicted label. Shade: fraction of the true class.</p>",
