@@ -30,7 +30,17 @@ def reference_attention(q, k, v, cos, sin, nh, nkv):
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 
-@pytest.mark.parametrize("B,T,nh,nkv,hd", [(3, 13, 4, 2, 16), (2, 1, 4, 4, 32), (2, 64, 6, 2, 16), (1, 40, 9, 3, 64), (1, 128, 4, 2, 16)])
+ATTENTION_SHAPES = [
+    (3, 13, 4, 2, 16), (2, 1, 4, 4, 32), (2, 64, 6, 2, 16), (1, 40, 9, 3, 64), (1, 128, 4, 2, 16),
+    # past one block of 64 queries: partial last blocks, odd lengths, GQA groups of 3 and 2
+    (2, 129, 6, 2, 16), (1, 200, 9, 3, 64), (2, 255, 4, 2, 32), (1, 256, 9, 3, 64), (1, 333, 6, 3, 16),
+    (1, 512, 9, 3, 64),
+    # eight or more (sequence, KV head) pairs: the kernel splits work by pair, not by query block
+    (4, 150, 4, 2, 16), (8, 37, 6, 3, 16),
+]
+
+
+@pytest.mark.parametrize("B,T,nh,nkv,hd", ATTENTION_SHAPES)
 def test_attention_equals_rope_and_sdpa_with_gradients(B, T, nh, nkv, hd):
     torch.manual_seed(0)
     q = (torch.randn(B, T, nh * hd) * 2).requires_grad_()
@@ -44,6 +54,20 @@ def test_attention_equals_rope_and_sdpa_with_gradients(B, T, nh, nkv, hd):
     grad = torch.randn_like(plain)
     for ours_grad, plain_grad in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(plain, (q, k, v), grad)):
         assert_close(ours_grad, plain_grad, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,nh,nkv,hd", ATTENTION_SHAPES)
+def test_attention_without_autograd_equals_rope_and_sdpa(B, T, nh, nkv, hd):
+    """The forward-only path (prefix cache, scoring) keeps nothing and computes the same output."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(B, T, nh * hd) * 2, torch.randn(B, T, nkv * hd) * 2, torch.randn(B, T, nkv * hd)
+    cos, sin = rope_tables(B, T, hd)
+    with torch.no_grad():
+        ours = fused.rope_attention(q, k, v, cos, sin, nh, nkv)
+    assert ours.grad_fn is None
+    assert_close(ours, reference_attention(q, k, v, cos, sin, nh, nkv), atol=2e-5, rtol=1e-5)
+    with_autograd = fused.rope_attention(q.requires_grad_(), k, v, cos, sin, nh, nkv)
+    assert torch.equal(ours, with_autograd.detach())
 
 
 def test_attention_declines_what_it_does_not_compute():

@@ -14,10 +14,10 @@ import torch
 
 from finegrain.model import native
 
-# Longest sequence for the C attention: each (sequence, KV head) computes its T x T scores whole.
-# Against RoPE + PyTorch's flash attention, forward and backward over 320 tokens (Zen 4), it
-# ran 2.3x as fast at 32 tokens, 2.0x at 64, 1.6x at 128 and 1.1x at 256.
-MAX_ATTENTION_LENGTH = 128
+# Longest sequence for the C attention. It works on blocks of 64 queries and skips the causally
+# masked key blocks; see docs/PERFORMANCE.md for its speed against RoPE + PyTorch's flash
+# attention at 32-512 tokens. Longer sequences go to SDPA.
+MAX_ATTENTION_LENGTH = 512
 
 
 def kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -34,15 +34,22 @@ def rope_attention(q, k, v, cos, sin, num_heads: int, num_kv_heads: int) -> torc
     """Causal attention over rotary-embedded q, k and v: (B, T, nh*hd) from the projections
     q (B, T, nh*hd) and k, v (B, T, nkv*hd), with cos and signed sin (B, 1, T, hd) as
     `apply_rope` takes them; what `Attention.forward` computes between the projections and
-    o_proj when there is no mask and no cache. None for long sequences or odd head sizes."""
+    o_proj when there is no mask and no cache. None for long sequences or odd head sizes.
+    Without autograd (the prefix-cache pass, scoring) nothing is kept for a backward pass."""
     B, T, width = q.shape
     head_dim = width // num_heads
     if T > MAX_ATTENTION_LENGTH or head_dim % 16 or cos.shape[-1] != head_dim:
         return None
-    cos, sin = cos.expand(B, 1, T, head_dim).reshape(B, T, head_dim), sin.expand(B, 1, T, head_dim).reshape(B, T, head_dim)
-    if kernels(q, k, v, cos, sin) is None:
+    cos, sin = (table.expand(B, 1, T, head_dim).reshape(B, T, head_dim).contiguous() for table in (cos, sin))
+    lib = kernels(q, k, v, cos, sin)
+    if lib is None:
         return None
-    return RopeAttention.apply(q, k, v, cos, sin, num_heads, num_kv_heads)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return RopeAttention.apply(q, k, v, cos, sin, num_heads, num_kv_heads)
+    out = torch.empty_like(q)
+    lib.fg_attention_forward(*_pointers(q, k, v, cos, sin), B, T, num_heads, num_kv_heads, head_dim, head_dim**-0.5,
+                             out.data_ptr(), None, None, None)
+    return out
 
 
 class RopeAttention(torch.autograd.Function):

@@ -148,106 +148,226 @@ static float softmax_row(float *restrict row, int64_t t, int64_t Tp, float scale
 
 static int64_t padded(int64_t T) { return (T + VW - 1) / VW * VW; }
 
-/* Causal grouped-query attention with rotary embeddings, for short sequences.
+#define QB 64 /* queries per block: a block's scores (QB x T) stay in L2 up to T = 512 and beyond */
+#define GROUP_ITEMS 8 /* at least this many (sequence, KV head) pairs: one work item each (see below) */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One (sequence, KV head)'s rotated keys kr (T, hd), from k (rows ld_kv apart) unless k is NULL
+ * (kr already holds them), and their transpose kT (hd, Tp), zero past T; with vT, v's transpose. */
+static void prepare_keys(const float *k, const float *v, const float *cb, const float *sb, int64_t T, int64_t ld_kv,
+                         int64_t hd, float *kr, float *kT, float *vT)
+{
+    if (k)
+        for (int64_t t = 0; t < T; t++)
+            rope(k + t * ld_kv, cb + t * hd, sb + t * hd, kr + t * hd, hd);
+    transpose(kr, T, hd, hd, kT, padded(T));
+    if (vT)
+        transpose(v, T, hd, ld_kv, vT, padded(T));
+}
+
+/* Queries t0 .. t0+rows-1 of one (sequence, head): q rows ld_q apart, rotated into qr (rows, hd);
+ * their scores against the keys up to the last of them only (kT: hd x Tp; the keys past it are
+ * masked for every query of the block), the softmax (log-sum-exp into lse[t] unless NULL), and
+ * the output rows into out, ld_out apart. cb, sb, q, v, lse and out point at position 0. */
+static void attention_forward_block(const float *q, int64_t ld_q, const float *cb, const float *sb, const float *kT,
+                                    int64_t Tp, const float *v, int64_t ld_kv, int64_t t0, int64_t rows, int64_t hd,
+                                    float scale, float *qr, float *S, float *lse, float *out, int64_t ld_out)
+{
+    int64_t keys = t0 + rows, kp = padded(keys);
+    for (int64_t i = 0; i < rows; i++)
+        rope(q + (t0 + i) * ld_q, cb + (t0 + i) * hd, sb + (t0 + i) * hd, qr + i * hd, hd);
+    gemm(rows, kp, hd, qr, hd, kT, Tp, S, kp, 0); /* scores */
+    for (int64_t i = 0; i < rows; i++) {
+        float row_lse = softmax_row(S + i * kp, t0 + i, kp, scale, NULL);
+        if (lse)
+            lse[t0 + i] = row_lse;
+    }
+    gemm(rows, hd, keys, S, kp, v, ld_kv, out + t0 * ld_out, ld_out, 0);
+}
+
+/* Causal grouped-query attention with rotary embeddings.
  *
  * q (B, T, nh*hd), k and v (B, T, nkv*hd): the projections as the linear layers return them;
  * cos and sin (B, T, hd) (sin signed as in apply_rope). Writes out (B, T, nh*hd), ready for
  * o_proj, and for the backward pass q_rot (B, nh, T, hd), k_rot (B, nkv, T, hd) and the
- * log-sum-exp of each query's scores, lse (B, nh, T). hd % VW == 0. Work is split over
- * (sequence, KV head); each computes its T x T scores whole (T is short: see fused.py).
+ * log-sum-exp of each query's scores, lse (B, nh, T); q_rot, k_rot and lse may be NULL (no
+ * backward pass to come: nothing is kept). hd % VW == 0.
+ *
+ * Queries go in blocks of QB; a block's scores reach only the keys up to its last query, so
+ * the causally masked key blocks above the diagonal are never computed. With many
+ * (sequence, KV head) pairs (short texts, many per batch) each pair is one work item, its
+ * keys rotated and transposed once for its group of heads; with few (long texts), keys are
+ * prepared first and each (block, sequence, head) is a work item, heavier blocks first.
  */
 void fg_attention_forward(const float *q, const float *k, const float *v, const float *cos, const float *sin,
                           int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hd, float scale, float *out,
                           float *q_rot, float *k_rot, float *lse)
 {
-    int64_t group = nh / nkv, Tp = padded(T);
+    int64_t group = nh / nkv, Tp = padded(T), blocks = (T + QB - 1) / QB, by_group = B * nkv >= GROUP_ITEMS;
+    int64_t ld_q = nh * hd, ld_kv = nkv * hd;
+    float *kT_all = by_group ? NULL : malloc(sizeof(float) * (size_t)(B * nkv * hd * Tp));
+    float *own_k_rot = k_rot ? NULL : malloc(sizeof(float) * (size_t)(B * nkv * T * hd));
+    float *kr_all = k_rot ? k_rot : own_k_rot;
 #pragma omp parallel
     {
-        float *kT = malloc(sizeof(float) * (size_t)(hd * Tp));
-        float *S = malloc(sizeof(float) * (size_t)(T * Tp));
+        float *S = malloc(sizeof(float) * (size_t)(QB * Tp));
+        float *q_block = malloc(sizeof(float) * (size_t)(QB * hd));
+        float *kT_own = by_group ? malloc(sizeof(float) * (size_t)(hd * Tp)) : NULL;
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < B; b++)
             for (int64_t g = 0; g < nkv; g++) {
                 const float *cb = cos + b * T * hd, *sb = sin + b * T * hd;
-                float *kr = k_rot + (b * nkv + g) * T * hd;
-                for (int64_t t = 0; t < T; t++)
-                    rope(k + ((b * T + t) * nkv + g) * hd, cb + t * hd, sb + t * hd, kr + t * hd, hd);
-                transpose(kr, T, hd, hd, kT, Tp);
-                for (int64_t h = g * group; h < (g + 1) * group; h++) {
-                    float *qr = q_rot + (b * nh + h) * T * hd;
-                    for (int64_t t = 0; t < T; t++)
-                        rope(q + ((b * T + t) * nh + h) * hd, cb + t * hd, sb + t * hd, qr + t * hd, hd);
-                    gemm(T, Tp, hd, qr, hd, kT, Tp, S, Tp, 0); /* scores */
-                    for (int64_t t = 0; t < T; t++)
-                        lse[(b * nh + h) * T + t] = softmax_row(S + t * Tp, t, Tp, scale, NULL);
-                    gemm(T, hd, T, S, Tp, v + b * T * nkv * hd + g * hd, nkv * hd, out + b * T * nh * hd + h * hd,
-                         nh * hd, 0);
-                }
+                float *kT = by_group ? kT_own : kT_all + (b * nkv + g) * hd * Tp;
+                prepare_keys(k + b * T * ld_kv + g * hd, NULL, cb, sb, T, ld_kv, hd, kr_all + (b * nkv + g) * T * hd,
+                             kT, NULL);
+                for (int64_t h = g * group; by_group && h < (g + 1) * group; h++)
+                    for (int64_t blk = 0; blk < blocks; blk++) {
+                        int64_t t0 = blk * QB;
+                        float *qr = q_rot ? q_rot + ((b * nh + h) * T + t0) * hd : q_block;
+                        attention_forward_block(q + b * T * ld_q + h * hd, ld_q, cb, sb, kT, Tp,
+                                                v + b * T * ld_kv + g * hd, ld_kv, t0, min64(QB, T - t0), hd, scale,
+                                                qr, S, lse ? lse + (b * nh + h) * T : NULL,
+                                                out + b * T * ld_q + h * hd, ld_q);
+                    }
             }
-        free(kT);
+        if (!by_group) {
+#pragma omp for collapse(3) schedule(dynamic)
+            for (int64_t last = 0; last < blocks; last++)
+                for (int64_t b = 0; b < B; b++)
+                    for (int64_t h = 0; h < nh; h++) {
+                        int64_t g = h / group, t0 = (blocks - 1 - last) * QB;
+                        float *qr = q_rot ? q_rot + ((b * nh + h) * T + t0) * hd : q_block;
+                        attention_forward_block(q + b * T * ld_q + h * hd, ld_q, cos + b * T * hd, sin + b * T * hd,
+                                                kT_all + (b * nkv + g) * hd * Tp, Tp, v + b * T * ld_kv + g * hd,
+                                                ld_kv, t0, min64(QB, T - t0), hd, scale, qr, S,
+                                                lse ? lse + (b * nh + h) * T : NULL, out + b * T * ld_q + h * hd, ld_q);
+                    }
+        }
         free(S);
+        free(q_block);
+        free(kT_own);
+    }
+    free(kT_all);
+    free(own_k_rot);
+}
+
+/* One (sequence, head)'s share of the backward pass: its q's gradient into dq (rows ld_q apart,
+ * rotated back), and its (rotated) k's and v's into dk_h (T, hd) and dv_h (rows ld_dv apart).
+ * Query blocks run last to first: the last block reaches every key and writes dk_h and dv_h
+ * (adds to them with `add`), the others add to the keys they reach. */
+static void attention_backward_head(const float *doh, int64_t ld_out, const float *qr, const float *kr,
+                                    const float *kT, const float *vT, const float *lse, const float *cb,
+                                    const float *sb, int64_t T, int64_t hd, float scale, float *dq, int64_t ld_q,
+                                    float *dk_h, float *dv_h, int64_t ld_dv, int add, float *P, float *dS,
+                                    float *flip, float *dqr)
+{
+    int64_t Tp = padded(T), blocks = (T + QB - 1) / QB;
+    for (int64_t blk = blocks - 1; blk >= 0; blk--) {
+        int64_t t0 = blk * QB, rows = min64(QB, T - t0), keys = t0 + rows, kp = padded(keys);
+        const float *qb = qr + t0 * hd, *dob = doh + t0 * ld_out;
+        int accumulate = add || blk != blocks - 1;
+        gemm(rows, kp, hd, qb, hd, kT, Tp, P, kp, 0);
+        for (int64_t i = 0; i < rows; i++)
+            softmax_row(P + i * kp, t0 + i, kp, scale, lse + t0 + i);
+        gemm(rows, kp, hd, dob, ld_out, vT, Tp, dS, kp, 0); /* dP = dO V^T */
+        for (int64_t i = 0; i < rows; i++) {                 /* dS = P * (dP - rowsum(P * dP)) * scale */
+            float *p = P + i * kp, *ds = dS + i * kp, rowdot = 0.0f;
+#pragma omp simd reduction(+ : rowdot)
+            for (int64_t s = 0; s < kp; s++)
+                rowdot += p[s] * ds[s];
+            for (int64_t s = 0; s < kp; s++)
+                ds[s] = p[s] * (ds[s] - rowdot) * scale;
+        }
+        gemm(rows, hd, keys, dS, kp, kr, hd, dqr, hd, 0); /* dQ = dS K */
+        for (int64_t i = 0; i < rows; i++)
+            rope_backward(dqr + i * hd, cb + (t0 + i) * hd, sb + (t0 + i) * hd, dq + (t0 + i) * ld_q, hd);
+        transpose(dS, rows, keys, kp, flip, rows);
+        gemm(keys, hd, rows, flip, rows, qb, hd, dk_h, hd, accumulate); /* dK += dS^T Q */
+        transpose(P, rows, keys, kp, flip, rows);
+        gemm(keys, hd, rows, flip, rows, dob, ld_out, dv_h, ld_dv, accumulate); /* dV += P^T dO */
     }
 }
 
-/* Gradients of fg_attention_forward's inputs q, k, v (same layouts), overwritten, from dout. */
+/* Gradients of fg_attention_forward's inputs q, k, v (same layouts), overwritten, from dout.
+ * Work is split as in the forward pass: by (sequence, KV head), whose heads add into the
+ * group's key and value gradients in turn; or, with few pairs, by (sequence, head), each
+ * head's key and value gradients in a buffer of its own, summed over the group at the end in
+ * head order. Either way the result does not depend on the number of threads. */
 void fg_attention_backward(const float *dout, const float *q_rot, const float *k_rot, const float *v, const float *lse,
                            const float *cos, const float *sin, int64_t B, int64_t T, int64_t nh, int64_t nkv,
                            int64_t hd, float scale, float *dq, float *dk, float *dv)
 {
-    int64_t group = nh / nkv, Tp = padded(T);
+    int64_t group = nh / nkv, Tp = padded(T), by_group = B * nkv >= GROUP_ITEMS, ld_q = nh * hd, ld_kv = nkv * hd;
+    size_t keys_size = sizeof(float) * (size_t)((by_group ? 1 : B * nkv) * hd * Tp);
+    float *kT_all = by_group ? NULL : malloc(keys_size), *vT_all = by_group ? NULL : malloc(keys_size);
+    float *dk_heads = by_group ? NULL : malloc(sizeof(float) * (size_t)(B * nh * T * hd));
+    float *dv_heads = by_group ? NULL : malloc(sizeof(float) * (size_t)(B * nh * T * hd));
 #pragma omp parallel
     {
-        float *kT = malloc(sizeof(float) * (size_t)(hd * Tp));
-        float *vT = malloc(sizeof(float) * (size_t)(hd * Tp));
-        float *P = malloc(sizeof(float) * (size_t)(T * Tp));
-        float *dS = malloc(sizeof(float) * (size_t)(T * Tp));
-        float *flip = malloc(sizeof(float) * (size_t)(T * Tp));
-        float *dqr = malloc(sizeof(float) * (size_t)(T * hd));
-        float *dkr = malloc(sizeof(float) * (size_t)(T * hd));
+        float *P = malloc(sizeof(float) * (size_t)(QB * Tp));
+        float *dS = malloc(sizeof(float) * (size_t)(QB * Tp));
+        float *flip = malloc(sizeof(float) * (size_t)(QB * Tp));
+        float *dqr = malloc(sizeof(float) * (size_t)(QB * hd));
+        float *kT_own = by_group ? malloc(keys_size) : NULL, *vT_own = by_group ? malloc(keys_size) : NULL;
+        float *dkr = malloc(sizeof(float) * (size_t)((by_group ? T : 1) * hd));
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < B; b++)
             for (int64_t g = 0; g < nkv; g++) {
-                const float *cb = cos + b * T * hd, *sb = sin + b * T * hd;
-                const float *kr = k_rot + (b * nkv + g) * T * hd;
-                const float *vg = v + b * T * nkv * hd + g * hd;
-                float *dvg = dv + b * T * nkv * hd + g * hd;
-                transpose(kr, T, hd, hd, kT, Tp);
-                transpose(vg, T, hd, nkv * hd, vT, Tp);
-                for (int64_t h = g * group; h < (g + 1) * group; h++) {
-                    const float *qr = q_rot + (b * nh + h) * T * hd;
-                    const float *doh = dout + b * T * nh * hd + h * hd;
-                    int first = h == g * group; /* the group's first head writes dk, dv; the others add */
-                    gemm(T, Tp, hd, qr, hd, kT, Tp, P, Tp, 0);
-                    for (int64_t t = 0; t < T; t++)
-                        softmax_row(P + t * Tp, t, Tp, scale, lse + (b * nh + h) * T + t);
-                    gemm(T, Tp, hd, doh, nh * hd, vT, Tp, dS, Tp, 0); /* dP = dO V^T */
-                    for (int64_t t = 0; t < T; t++) {                 /* dS = P * (dP - rowsum(P * dP)) * scale */
-                        float *p = P + t * Tp, *ds = dS + t * Tp, rowdot = 0.0f;
-#pragma omp simd reduction(+ : rowdot)
-                        for (int64_t s = 0; s < Tp; s++)
-                            rowdot += p[s] * ds[s];
-                        for (int64_t s = 0; s < Tp; s++)
-                            ds[s] = p[s] * (ds[s] - rowdot) * scale;
-                    }
-                    gemm(T, hd, T, dS, Tp, kr, hd, dqr, hd, 0); /* dQ = dS K */
-                    for (int64_t t = 0; t < T; t++)
-                        rope_backward(dqr + t * hd, cb + t * hd, sb + t * hd, dq + ((b * T + t) * nh + h) * hd, hd);
-                    transpose(dS, T, T, Tp, flip, Tp);
-                    gemm(T, hd, T, flip, Tp, qr, hd, dkr, hd, !first); /* dK += dS^T Q */
-                    transpose(P, T, T, Tp, flip, Tp);
-                    gemm(T, hd, T, flip, Tp, doh, nh * hd, dvg, nkv * hd, !first); /* dV += P^T dO */
-                }
-                for (int64_t s = 0; s < T; s++)
-                    rope_backward(dkr + s * hd, cb + s * hd, sb + s * hd, dk + ((b * T + s) * nkv + g) * hd, hd);
+                int64_t bg = b * nkv + g;
+                const float *cb = cos + b * T * hd, *sb = sin + b * T * hd, *kr = k_rot + bg * T * hd;
+                float *kT = by_group ? kT_own : kT_all + bg * hd * Tp, *vT = by_group ? vT_own : vT_all + bg * hd * Tp;
+                prepare_keys(NULL, v + b * T * ld_kv + g * hd, cb, sb, T, ld_kv, hd, (float *)kr, kT, vT);
+                for (int64_t h = g * group; by_group && h < (g + 1) * group; h++)
+                    attention_backward_head(dout + b * T * ld_q + h * hd, ld_q, q_rot + (b * nh + h) * T * hd, kr, kT,
+                                            vT, lse + (b * nh + h) * T, cb, sb, T, hd, scale,
+                                            dq + b * T * ld_q + h * hd, ld_q, dkr, dv + b * T * ld_kv + g * hd, ld_kv,
+                                            h != g * group, P, dS, flip, dqr);
+                for (int64_t s = 0; by_group && s < T; s++)
+                    rope_backward(dkr + s * hd, cb + s * hd, sb + s * hd, dk + (b * T + s) * ld_kv + g * hd, hd);
             }
-        free(kT);
-        free(vT);
+        if (!by_group) {
+#pragma omp for collapse(2) schedule(dynamic)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < nh; h++) {
+                    int64_t bh = b * nh + h, bg = b * nkv + h / group;
+                    attention_backward_head(dout + b * T * ld_q + h * hd, ld_q, q_rot + bh * T * hd, k_rot + bg * T * hd,
+                                            kT_all + bg * hd * Tp, vT_all + bg * hd * Tp, lse + bh * T,
+                                            cos + b * T * hd, sin + b * T * hd, T, hd, scale,
+                                            dq + b * T * ld_q + h * hd, ld_q, dk_heads + bh * T * hd,
+                                            dv_heads + bh * T * hd, hd, 0, P, dS, flip, dqr);
+                }
+#pragma omp for collapse(3) schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t g = 0; g < nkv; g++)
+                    for (int64_t s = 0; s < T; s++) {
+                        float *dvs = dv + (b * T + s) * ld_kv + g * hd;
+                        for (int64_t d = 0; d < hd; d++)
+                            dkr[d] = dvs[d] = 0.0f;
+                        for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                            const float *dkh = dk_heads + ((b * nh + h) * T + s) * hd;
+                            const float *dvh = dv_heads + ((b * nh + h) * T + s) * hd;
+                            for (int64_t d = 0; d < hd; d++) {
+                                dkr[d] += dkh[d];
+                                dvs[d] += dvh[d];
+                            }
+                        }
+                        rope_backward(dkr, cos + (b * T + s) * hd, sin + (b * T + s) * hd,
+                                      dk + (b * T + s) * ld_kv + g * hd, hd);
+                    }
+        }
         free(P);
         free(dS);
         free(flip);
         free(dqr);
+        free(kT_own);
+        free(vT_own);
         free(dkr);
     }
+    free(kT_all);
+    free(vT_all);
+    free(dk_heads);
+    free(dv_heads);
 }
 
 /* ---------------------------------------------------------------- SwiGLU and RMSNorm */
