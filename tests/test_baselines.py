@@ -4,6 +4,7 @@ the choice of character n-grams for text without spaces, and what a run writes (
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,8 +17,9 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from sklearn.svm import LinearSVC
 
 from finegrain.cli import main
+from finegrain.config import DataConfig
 from finegrain.evaluate import classification_metrics
-from finegrain.evaluate.baselines import baseline_warning, classification_baselines, is_spaceless
+from finegrain.evaluate.baselines import add_baselines, baseline_warning, classification_baselines, is_spaceless
 from finegrain.evaluate.report import write_classification_report
 
 TOPICS = {
@@ -151,6 +153,25 @@ def test_warning_only_when_tfidf_wins(tmp_path: Path) -> None:
     assert warning in markdown and "## Against baselines" in markdown
     assert "| accuracy | 0.5000 | 1.0000 | 0.5000 |" in markdown and "| F1 pos |" in markdown
     assert "majority (neg)" in markdown and warning in written["html"].read_text()
+
+
+def test_add_baselines_scores_the_reported_split_of_classification_runs_only() -> None:
+    texts, labels = _topic_texts(90, seed=4)
+    examples = [SimpleNamespace(text=t, label=label) for t, label in zip(texts, labels)]
+    splits = SimpleNamespace(train=examples[:60], validation=examples[60:], test=[], labels=sorted(TOPICS))
+    data = DataConfig(train="x.jsonl")
+    validation = classification_metrics(labels[60:], labels[60:], sorted(TOPICS))  # a perfect model: no warning
+    results = {"task": "classification", "validation": validation, "train": {"total_seconds": 5.0}}
+    add_baselines(results, data, splits)
+    expected = classification_baselines(texts[:60], labels[:60], texts[60:], labels[60:], sorted(TOPICS))
+    assert results["baselines"]["split"] == "validation" and "warning" not in results["baselines"]
+    assert results["baselines"]["tfidf"]["per_class"] == expected["tfidf"]["per_class"]
+    assert results["baselines"]["finegrain_seconds"] == 5.0
+
+    for task in ("regression", "relation"):
+        other = {"task": task, "validation": validation}
+        add_baselines(other, data, splits)
+        assert "baselines" not in other
 
 
 # --- whole runs on the tiny model -------------------------------------------------------------
