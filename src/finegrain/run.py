@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
-from finegrain.tasks import task_class
+from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.train.trainer import Trainer, seed_everything
 
 ADAPTER_DIR = "adapter"
@@ -99,6 +100,10 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     max_length = config.data.max_length
     train_items = task.encode(tokenizer, splits.train, max_length)
     val_items = task.encode(tokenizer, splits.validation, max_length)
+    test_items = task.encode(tokenizer, splits.test, max_length) if splits.test else []
+    long_texts = long_text_summary(task, config.data, {"train": train_items, "validation": val_items, "test": test_items})
+    if long_texts and long_text_line(long_texts):  # never cut in silence
+        print(long_text_line(long_texts), flush=True)
     task.set_class_weights(train_items)
     val_gold = task.gold(splits.validation)
     eval_batch = config.train.eval_batch_size
@@ -131,9 +136,10 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     }
     if state.best_validation is not None:  # measured when the best weights were chosen
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
+    if long_texts:
+        results["data"] = long_texts
     if splits.test:
-        items = task.encode(tokenizer, splits.test, max_length)
-        predictions = task.predict(model, items, pad_id, eval_batch, progress="testing" if progress else None)
+        predictions = task.predict(model, test_items, pad_id, eval_batch, progress="testing" if progress else None)
         results["test"] = task.metrics(predictions, task.gold(splits.test))
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
@@ -179,6 +185,7 @@ class Predictor:
         self.model, self.tokenizer, self.task, _ = build(self.config, labels, progress, with_lora=False)
         load_adapter(self.model, run_dir / ADAPTER_DIR)
         self.model.eval()
+        self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)
 
     def predict(self, inputs: list, batch_size: int = 64) -> list[dict[str, Any]]:
         """Task-shaped predictions, one per input.
@@ -193,6 +200,9 @@ class Predictor:
     def predict_examples(self, examples: list, batch_size: int = 64) -> list[dict[str, Any]]:
         """Predictions for examples in the task's own type (as `read_file` returns them)."""
         items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
+        self.long_texts = long_text_summary(self.task, self.config.data, {"input": items})
+        if self.long_texts and long_text_line(self.long_texts):  # to stderr: stdout may carry the predictions
+            print(long_text_line(self.long_texts), file=sys.stderr, flush=True)
         return self.task.predict(self.model, items, self.tokenizer.pad_token_id, batch_size)
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
@@ -200,4 +210,6 @@ class Predictor:
         examples = self.task.read_file(self.config.data, str(path))
         metrics = self.task.metrics(self.predict_examples(examples), self.task.gold(examples))
         metrics["source"] = str(path)
+        if self.long_texts:
+            metrics["data"] = self.long_texts
         return metrics

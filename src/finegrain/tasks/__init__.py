@@ -37,16 +37,70 @@ def class_weights(spec: Any, names: list[str], counts: Counter) -> torch.Tensor 
     raise FinegrainError("head.class_weights: use 'balanced' or a mapping {label: weight}")
 
 
+def item_rows(item: Any) -> list[int]:
+    """The lengths of the rows an item runs as: one (its `input_ids`), or its windows'
+    (`row_lengths`, when `input_ids` holds several windows of a long text one after another)."""
+    return getattr(item, "row_lengths", None) or [len(item.input_ids)]
+
+
 def pad_inputs(items: list, pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The input part of a batch: `lengths` (B,) and right-padded `input_ids` (B, T), or, with
-    `hidden` (cached lower-layer states, one (T_i, H) per item), those padded to (B, T, H)."""
-    lengths = torch.tensor([len(item.input_ids) for item in items])
+    """The input part of a batch: `lengths` (R,) and right-padded `input_ids` (R, T), or, with
+    `hidden` (cached lower-layer states, one (T_i, H) per item), those padded to (R, T, H).
+
+    R is the number of rows: one per item, unless an item holds windows (`row_lengths`); then
+    each window is a row and `documents` (R,) gives the item (0..B-1) each row belongs to.
+    """
+    rows = [item_rows(item) for item in items]
+    lengths = torch.tensor([n for sizes in rows for n in sizes])
+    batch: dict[str, torch.Tensor] = {"lengths": lengths}
+    if any(len(sizes) > 1 for sizes in rows):
+        batch["documents"] = torch.tensor([d for d, sizes in enumerate(rows) for _ in sizes])
     if hidden is not None:
-        return {"lengths": lengths, "hidden": torch.nn.utils.rnn.pad_sequence([h.float() for h in hidden], batch_first=True)}
-    input_ids = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, item in enumerate(items):
-        input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-    return {"lengths": lengths, "input_ids": input_ids}
+        pieces = [piece.float() for h, sizes in zip(hidden, rows) for piece in h.split(sizes)]
+        batch["hidden"] = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)
+        return batch
+    ids = [item.input_ids[start : start + n] for item, sizes in zip(items, rows) for start, n in _spans(sizes)]
+    input_ids = torch.full((len(ids), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, row_ids in enumerate(ids):
+        input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
+    batch["input_ids"] = input_ids
+    return batch
+
+
+def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[str, Any] | None:
+    """metrics.json's `data` section: for each split's encoded items, how many texts were longer
+    than `data.max_length` and how many lost tokens; None for tasks that do not count them."""
+    counts = {split: task.long_text_counts(items) for split, items in splits.items()}
+    if any(c is None for c in counts.values()):
+        return None
+    summary: dict[str, Any] = {"max_length": data.max_length, "long_texts": data.long_texts}
+    summary["texts"] = {split: len(items) for split, items in splits.items()}
+    for key in ("longer", "truncated"):
+        summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]
+    if data.long_texts == "windows":
+        summary["max_windows"] = data.max_windows
+    return summary
+
+
+def long_text_line(summary: dict[str, Any]) -> str | None:
+    """One line telling how many texts did not fit and what became of them; None when all fit."""
+    longer = summary["longer"]
+    if not any(longer.values()):
+        return None
+    counts = ", ".join(f"{n} of {summary['texts'][split]} {split}" for split, n in longer.items() if summary["texts"][split])
+    line = f"long texts: {counts} texts are longer than data.max_length={summary['max_length']} tokens; "
+    mode = summary["long_texts"]
+    if mode == "windows":
+        cut = sum(summary["truncated"].values())
+        return line + f"read in overlapping windows ({cut} past data.max_windows={summary['max_windows']} were cut)"
+    kept = "their first and last tokens" if mode == "head_tail" else "their first tokens"
+    return line + f"data.long_texts={mode} kept {kept} (head_tail or windows read more of them)"
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of consecutive pieces of the given lengths."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return list(zip(starts, sizes))
 
 
 # The task of each `task:` name in a run config, imported when first used.
@@ -127,6 +181,11 @@ class Task:
     def set_class_weights(self, train: list) -> None:
         """Loss weights from the training items (`head.class_weights`); nothing by default."""
 
+    def long_text_counts(self, items: list) -> dict[str, int] | None:
+        """{"longer": texts over `data.max_length`, "truncated": texts that lost tokens} of encoded
+        items, for tasks that report it (classification, regression); None for the others."""
+        return None
+
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
         """What `loss` averages over in `batch`: its labelled positions (their class weights, with
         `head.class_weights`), or its examples when the targets are not class indices.
@@ -135,8 +194,10 @@ class Task:
         accumulated over several, gets the gradient of one mean over all of it.
         """
         targets = batch.get("targets")
-        if targets is None or targets.is_floating_point():
+        if targets is None:
             return float(len(batch["lengths"]))
+        if targets.is_floating_point():  # one row of targets per example, however many rows (windows) it runs as
+            return float(targets.shape[0])
         labelled = targets[targets != IGNORE_INDEX]
         return float(labelled.numel() if self.class_weights is None else self.class_weights[labelled].sum())
 

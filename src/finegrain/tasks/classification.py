@@ -24,10 +24,20 @@ from finegrain.tasks import Task, class_weights, pad_inputs
 
 @dataclass
 class Encoded:
-    """One tokenized example: token ids and the label as class index (or indices)."""
+    """One tokenized example: token ids and the label as class index (or indices).
+
+    With `data.long_texts: windows` a long text is several windows: `input_ids` holds them one
+    after another and `row_lengths` their lengths; each window is a row of its own in a batch.
+    """
 
     input_ids: list[int]
     target: int | list[int] | None
+    row_lengths: list[int] | None = None
+    longer: bool = False  # the text did not fit in data.max_length tokens
+    truncated: bool = False  # some of its tokens were left out (all of them are read only by windows)
+
+
+LONG_TEXTS = ("truncate", "head_tail", "windows")
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int, template: str | None = None) -> list[list[int]]:
@@ -36,19 +46,82 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, template: str | N
     Only the text is truncated, so the template's words (often the cue the last token reads,
     like "Sentiment:") always stay in full.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.add_bos else []
-    if template is None:
-        return [ids[:max_length] for ids in tokenizer.encode_batch(texts)]
-    before, after = template.split("{text}")
-    prefix = bos + (tokenizer.encode(before, add_special_tokens=False) if before else [])
-    suffix = tokenizer.encode(after, add_special_tokens=False) if after else []
+    return [rows[0] for rows, _, _ in encode_long_texts(tokenizer, texts, max_length, template)]
+
+
+def encode_long_texts(
+    tokenizer, texts: list[str], max_length: int, template: str | None = None, long_texts: str = "truncate",
+    window_stride: int | None = None, max_windows: int = 8,
+) -> list[tuple[list[list[int]], bool, bool]]:
+    """Per text: its rows of at most `max_length` ids, whether it was longer, whether tokens were left out.
+
+    What a text longer than the room the template leaves (its `budget` of tokens) becomes:
+      truncate: its first `budget` tokens (one row);
+      head_tail: its first `budget // 2` and last `budget - budget // 2` tokens (one row);
+      windows: rows reading tokens [k * stride, k * stride + budget) for k = 0, 1, ... until a
+        window reaches the end or `max_windows` are taken (the rest is left out); `stride` is
+        `window_stride`, by default half the budget.
+    Every row keeps the template's words (and BOS/EOS) in full: the cue the head reads.
+    """
+    if template is None and long_texts == "truncate":  # today's ids exactly: special tokens stay as encode puts them
+        return [([ids[:max_length]], len(ids) > max_length, len(ids) > max_length) for ids in tokenizer.encode_batch(texts)]
+    prefix, suffix, bodies = _template_parts(tokenizer, texts, template)
     budget = max_length - len(prefix) - len(suffix)
+    if budget < 1 and template is None:
+        raise FinegrainError(f"data.max_length: {max_length} leaves no room for the text beside BOS/EOS; raise it")
     if budget < 1:
         raise FinegrainError(
             f"data.template: takes {len(prefix) + len(suffix)} tokens, leaving no room for the text within "
             f"data.max_length={max_length}; raise data.max_length or shorten the template"
         )
-    return [prefix + ids[:budget] + suffix for ids in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stride = window_stride or max(1, budget // 2)
+    if long_texts == "windows" and stride > budget:
+        raise FinegrainError(
+            f"data.window_stride: {stride} tokens would skip text between windows of {budget} text tokens "
+            f"(data.max_length={max_length} less the template); lower it to at most {budget}"
+        )
+    encoded = []
+    for body in bodies:
+        if long_texts == "windows":
+            pieces = text_windows(len(body), budget, stride, max_windows)
+            chunks = [body[start:end] for start, end in pieces]
+            truncated = pieces[-1][1] < len(body)
+        else:
+            chunks = [head_tail(body, budget) if long_texts == "head_tail" else body[:budget]]
+            truncated = len(body) > budget
+        encoded.append(([prefix + chunk + suffix for chunk in chunks], len(body) > budget, truncated))
+    return encoded
+
+
+def _template_parts(tokenizer, texts: list[str], template: str | None) -> tuple[list[int], list[int], list[list[int]]]:
+    """The ids every row starts with (BOS, the template's words before the text), ends with, and each text's ids."""
+    if template is None:
+        before, after = "", ""
+    else:
+        before, after = template.split("{text}")
+    bos = [tokenizer.bos_token_id] if tokenizer.add_bos else []
+    eos = [tokenizer.eos_token_id] if tokenizer.add_eos else []
+    prefix = bos + (tokenizer.encode(before, add_special_tokens=False) if before else [])
+    suffix = (tokenizer.encode(after, add_special_tokens=False) if after else []) + (eos if template is None else [])
+    return prefix, suffix, tokenizer.encode_batch(texts, add_special_tokens=False)
+
+
+def head_tail(ids: list[int], budget: int) -> list[int]:
+    """The first `budget // 2` and the last `budget - budget // 2` of `ids` (all of them when they fit)."""
+    if len(ids) <= budget:
+        return ids
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head) :]
+
+
+def text_windows(length: int, budget: int, stride: int, max_windows: int) -> list[tuple[int, int]]:
+    """[start, end) of each window over `length` tokens: starts `stride` apart, `budget` long, at most
+    `max_windows`; the last ends at the text's end unless the cap came first."""
+    spans = [(0, min(budget, length))]
+    while spans[-1][1] < length and len(spans) < max_windows:
+        start = spans[-1][0] + stride
+        spans.append((start, min(start + budget, length)))
+    return spans
 
 
 class SequenceClassifier(nn.Module):
@@ -65,21 +138,32 @@ class SequenceClassifier(nn.Module):
         """Class logits (B, C) for a batch of right-padded `input_ids` (B, T) and `lengths` (B,).
 
         With `start_layer` > 0 the batch holds `hidden` (B, T, H): the cached output of the
-        frozen layers below `start_layer`.
+        frozen layers below `start_layer`. With `documents` (R,), the batch's R rows are windows
+        of its B texts (row r belongs to text `documents[r]`): a text's pooled state is the mean
+        of its windows' (linear, the head gives the mean of their logits too).
         """
+        pooled = self.pool(batch, start_layer)  # (R, H)
+        documents = batch.get("documents")
+        if documents is not None:
+            counts = torch.bincount(documents)  # (B,) windows per text
+            summed = pooled.new_zeros(len(counts), pooled.shape[1]).index_add(0, documents, pooled)
+            pooled = summed / counts[:, None].to(pooled.dtype)  # (B, H)
+        return self.score(pooled)  # (B, C)
+
+    def pool(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
+        """The pooled hidden state (R, H) of each row of the batch: its last real token's or the mean."""
         lengths = batch["lengths"]
-        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
+        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (R, T, H)
         T = x.shape[1]
-        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
+        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (R, T)
         # Right padding cannot reach real tokens under a causal mask, so none is needed there.
         mask = None if self.model.config.causal else real
         if self.pooling == "mean":
             x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
-            pooled = (x * real[..., None]).sum(1) / lengths[:, None]
-        else:  # the last layer runs for the last token alone: no other position reaches the head
-            last = self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1)  # (B, 1, H)
-            pooled = self.model.norm(last[:, 0])
-        return self.score(pooled)  # (B, C)
+            return (x * real[..., None]).sum(1) / lengths[:, None]
+        # The last layer runs for the last token alone: no other position reaches the head.
+        last = self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1)  # (R, 1, H)
+        return self.model.norm(last[:, 0])
 
 
 class ClassificationTask(Task):
@@ -89,10 +173,15 @@ class ClassificationTask(Task):
     peft_task_type = "SEQ_CLS"
 
     def __init__(
-        self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None
+        self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None,
+        long_texts: str = "truncate", window_stride: int | None = None, max_windows: int = 8,
     ):
+        """Args: the labels in head order; `long_texts`, `window_stride`, `max_windows`: see `encode_long_texts`."""
         self.labels = list(labels)
         self.template = template
+        if long_texts not in LONG_TEXTS:
+            raise FinegrainError(f"data.long_texts: '{long_texts}' is not one of {', '.join(LONG_TEXTS)}")
+        self.long_texts, self.window_stride, self.max_windows = long_texts, window_stride, max_windows
         self.headline_metric = "micro_f1" if multi_label else "accuracy"
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.multi_label = multi_label
@@ -101,7 +190,8 @@ class ClassificationTask(Task):
 
     @classmethod
     def from_config(cls, config, labels: list[str]) -> ClassificationTask:
-        return cls(labels, config.data.multi_label, config.head, config.data.template)
+        data = config.data
+        return cls(labels, data.multi_label, config.head, data.template, data.long_texts, data.window_stride, data.max_windows)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -133,8 +223,20 @@ class ClassificationTask(Task):
         return examples
 
     def encode(self, tokenizer, examples: list, max_length: int) -> list[Encoded]:
-        ids = encode_texts(tokenizer, [e.text for e in examples], max_length, self.template)
-        return [Encoded(i, self.target(e.label) if e.label is not None else None) for i, e in zip(ids, examples)]
+        encoded = encode_long_texts(
+            tokenizer, [e.text for e in examples], max_length, self.template, self.long_texts,
+            self.window_stride, self.max_windows,
+        )
+        items = []
+        for (rows, longer, truncated), e in zip(encoded, examples):
+            target = self.target(e.label) if e.label is not None else None
+            row_lengths = [len(row) for row in rows] if len(rows) > 1 else None
+            items.append(Encoded([i for row in rows for i in row], target, row_lengths, longer, truncated))
+        return items
+
+    def long_text_counts(self, items: list[Encoded]) -> dict[str, int]:
+        """How many items' texts were longer than `data.max_length`, and how many lost tokens."""
+        return {"longer": sum(item.longer for item in items), "truncated": sum(item.truncated for item in items)}
 
     def target(self, label: Any) -> int | list[int]:
         if self.multi_label:
@@ -206,8 +308,11 @@ class RegressionTask(ClassificationTask):
     name = "regression"
     peft_task_type = "SEQ_CLS"
 
-    def __init__(self, labels: list, head: HeadConfig | None = None, template: str | None = None):
-        super().__init__(["score"], False, head, template)
+    def __init__(
+        self, labels: list, head: HeadConfig | None = None, template: str | None = None, long_texts: str = "truncate",
+        window_stride: int | None = None, max_windows: int = 8,
+    ):
+        super().__init__(["score"], False, head, template, long_texts, window_stride, max_windows)
         self.headline_metric = "neg_mse"  # selecting needs "higher is better"; metrics also hold mse, r2, pearson
         self.labels = list(labels)
         self.mean = float(labels[1]) if len(labels) > 1 else 0.0
@@ -215,7 +320,8 @@ class RegressionTask(ClassificationTask):
 
     @classmethod
     def from_config(cls, config, labels: list) -> RegressionTask:
-        return cls(labels, config.head, config.data.template)
+        data = config.data
+        return cls(labels, config.head, data.template, data.long_texts, data.window_stride, data.max_windows)
 
     @staticmethod
     def load_splits(data):

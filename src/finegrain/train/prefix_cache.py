@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain.tasks import item_rows
 from finegrain.train.batching import sorted_batches
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -66,7 +67,9 @@ def compute_prefix(
     """Hidden states (T_i, H) of every item after decoder layers [0, end_layer), stored as `dtype`.
 
     Batches come from `task.collate`; an `attention_mask` or `position_ids` it returns (packed
-    rows) reach the layers as they will in training. The states are views of one tensor
+    rows) reach the layers as they will in training. An item that runs as several rows (the
+    windows of a long text, `documents` in the batch) gets its rows' states one after another,
+    as `pad_inputs` splits them again. The states are views of one tensor
     (`cache_storage`: in RAM up to `ram_limit_bytes`, else memory-mapped in `spill_dir`), with
     no autograd history: they are constants of the training that follows.
     """
@@ -76,7 +79,7 @@ def compute_prefix(
     out = [storage[starts[i] : starts[i + 1]] for i in range(len(items))]
     was_training = backbone.training
     backbone.eval()
-    batches = sorted_batches(lengths, batch_size)
+    batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])
     for batch in tqdm(batches, desc=f"caching layers 0-{end_layer - 1}", unit="batch", disable=not progress, leave=False):
         inputs = task.collate([items[i] for i in batch], pad_id)
         mask = inputs.get("attention_mask")
@@ -87,7 +90,11 @@ def compute_prefix(
             backbone.embed_tokens(inputs["input_ids"]), attention_mask=mask,
             position_ids=inputs.get("position_ids"), end=end_layer,
         )
-        for row, i in enumerate(batch):
-            out[i].copy_(hidden[row, : lengths[i]])
+        documents = inputs.get("documents", torch.arange(len(batch))).tolist()
+        filled = dict.fromkeys(batch, 0)  # tokens of each item written so far
+        for row, (d, n) in enumerate(zip(documents, inputs["lengths"].tolist())):
+            i = batch[d]
+            out[i][filled[i] : filled[i] + n].copy_(hidden[row, :n])
+            filled[i] += n
     backbone.train(was_training)
     return out

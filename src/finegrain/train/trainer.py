@@ -30,6 +30,7 @@ from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
 from finegrain.config import TrainConfig
 from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
+from finegrain.tasks import item_rows
 from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 
@@ -370,7 +371,7 @@ def predict_outputs(
     model.eval()
     lengths = [len(item.input_ids) for item in items]
     results: list[torch.Tensor | None] = [None] * len(items)
-    batches = sorted_batches(lengths, batch_size)
+    batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])  # windows count as rows
     for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         cached = [hidden[i] for i in indices] if hidden is not None else None
         batch = task.collate([items[i] for i in indices], pad_id, cached)
