@@ -249,3 +249,18 @@ def test_a_stride_longer_than_a_window_is_an_error_naming_the_key(tiny_model_dir
         task.encode(tokenizer, [Example(LONG, "fresh", "x:1")], 30)
     with pytest.raises(FinegrainError, match=r"data\.long_texts: 'middle'"):
         ClassificationTask(["a", "b"], long_texts="middle")
+
+
+def test_regression_reads_windows_too_and_weighs_its_loss_by_texts(tiny_model_dir):
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "task=regression",
+                                "data.long_texts=windows", "data.max_windows=4"])
+    model, tokenizer, task, _ = build(config, ["score", 0.0, 1.0], progress=False)
+    items = task.encode(tokenizer, [Example(LONG, 1.0, "x:1"), Example(SHORT, -1.0, "x:2")], 12)
+    batch = task.collate(items, tokenizer.pad_token_id)
+    assert len(batch["lengths"]) == 5 and batch["documents"].tolist() == [0, 0, 0, 0, 1]
+    with torch.no_grad():
+        outputs = model.eval()(batch)
+        alone = torch.cat([model(task.collate([item], tokenizer.pad_token_id)) for item in items])
+    assert outputs.shape == (2, 1)
+    torch.testing.assert_close(outputs, alone, atol=1e-5, rtol=1e-5)
+    assert task.loss_weight(batch) == 2.0  # two texts, not five rows
