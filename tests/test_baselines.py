@@ -84,7 +84,7 @@ def test_tfidf_and_majority_match_sklearn() -> None:
     labels = sorted(TOPICS)
     result = classification_baselines(*train, *test, labels)
 
-    word_svm = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LinearSVC(C=1.0))
+    word_svm = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LinearSVC(C=1.0, random_state=0))
     reference = _sklearn_scores(word_svm, train, test, labels)
     assert 0.6 < reference["accuracy"] < 1.0  # the set makes real mistakes to compare
     _assert_scores_equal(result["tfidf"], reference)
@@ -103,7 +103,8 @@ def test_char_ngrams_for_text_without_spaces() -> None:
 
     result = classification_baselines(*train, *test, labels)
     assert result["tfidf"]["features"] == "character 1-3-grams"
-    char_svm = make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True), LinearSVC())
+    char_tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+    char_svm = make_pipeline(char_tfidf, LinearSVC(random_state=0))
     _assert_scores_equal(result["tfidf"], _sklearn_scores(char_svm, train, test, labels))
     # Word n-grams see each sentence as one unseen token: what the detection avoids.
     words = classification_baselines(*train, *test, labels, char_level=False)["tfidf"]
@@ -121,7 +122,8 @@ def test_multilabel_baseline_matches_sklearn() -> None:
     result = classification_baselines(texts[:150], label_sets[:150], texts[150:], label_sets[150:], labels, True)
 
     binarizer = MultiLabelBinarizer(classes=labels)
-    svm = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), OneVsRestClassifier(LinearSVC()))
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    svm = make_pipeline(tfidf, OneVsRestClassifier(LinearSVC(random_state=0)))
     svm.fit(texts[:150], binarizer.fit_transform(label_sets[:150]))
     truth, guess = binarizer.transform(label_sets[150:]), svm.predict(texts[150:])
     assert result["tfidf"]["micro_f1"] == pytest.approx(f1_score(truth, guess, average="micro", zero_division=0))

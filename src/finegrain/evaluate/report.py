@@ -506,7 +506,8 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
     ours["macro-F1"], keys["macro-F1"] = metrics["macro"]["f1"], "macro_f1"
     rows = [[name, value, tfidf.get(keys[name]), majority.get(keys[name])] for name, value in ours.items()]
     for label, scores in metrics["per_class"].items():
-        rows.append([f"F1 {label}", scores["f1"], tfidf.get("per_class", {}).get(label), majority["per_class"].get(label)])
+        tfidf_f1 = tfidf.get("per_class", {}).get(label)
+        rows.append([f"F1 {label}", scores["f1"], tfidf_f1, majority["per_class"].get(label)])
     seconds = (baselines.get("finegrain_seconds"), tfidf.get("seconds"), majority.get("seconds"))
     rows.append(["seconds", *(None if t is None else f"{t:.1f}" if t >= 1 else f"{t:.3f}" for t in seconds)])
     notes = [
