@@ -86,3 +86,134 @@ def test_info_on_the_default_model(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "gguf" and info["layers"] == 30 and info["source tensor types"]["Q4_1"] == 210
     assert info["tokenizer"]["chat template"] is True
+
+
+# -- train, predict and evaluate: errors a user can cause, and the run directory they leave ----------------------
+
+
+def write_texts(path, n: int = 48):
+    """A tiny two-class JSONL file: 'good ...' is fresh, 'bad ...' is rotten."""
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i % 5}", "label": "fresh" if i % 2 else "rotten"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_train_args(model_dir, data, output) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=1",
+            "--batch-size", "8", "--set", "data.max_length=12", "--set", "train.threads=1", "--set", "lora.layers=[-1]"]
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "internal error" not in lines[0], lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """One finished run on the tiny model, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    assert main(tiny_train_args(tiny_model_dir, write_texts(root / "data.jsonl"), root / "run")) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("data.split=[a,b,c]", "data.split[0]"), ("lora.layers=[x]", "lora.layers[0]"),
+     ("train.epochs=.inf", "train.epochs"), ("head.class_weights={fresh: abc}", "head.class_weights.fresh")],
+)
+def test_bad_values_are_one_line_and_leave_no_run_dir(tiny_model_dir, tmp_path, capsys, override, key):
+    output = tmp_path / "run"
+    args = tiny_train_args(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), output)
+    assert main([*args, "--set", override]) == 1
+    one_line_error(capsys, f"'{key}'", f"--set {override}")
+    assert not output.exists()
+
+
+def test_class_weights_in_yaml_name_the_line(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  train: {tmp_path / 'd.jsonl'}\nhead:\n  class_weights: {{ham: abc}}\n")
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 1
+    assert "--set" not in one_line_error(capsys, "c.yaml:4", "'head.class_weights.ham' must be float")
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_at_a_file_or_at_another_programs_reports_is_refused(tiny_model_dir, tmp_path, capsys):
+    data = write_texts(tmp_path / "data.jsonl")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(tiny_train_args(tiny_model_dir, data, a_file)) == 1
+    one_line_error(capsys, "notes.txt", "is a file", "another --output")
+    assert a_file.read_text() == "mine"
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "report.md").write_text("# last quarter")
+    (reports / "metrics.json").write_text("{}")
+    assert main(tiny_train_args(tiny_model_dir, data, reports)) == 1
+    one_line_error(capsys, "reports", "not a finegrain run", "another --output")
+    assert (reports / "report.md").read_text() == "# last quarter" and sorted(p.name for p in reports.iterdir()) == ["metrics.json", "report.md"]
+
+
+def test_a_failed_start_can_be_started_again_or_resumed(tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()  # made beforehand, so the failed start leaves its config.yaml there
+    data = tmp_path / "data.jsonl"
+    assert main(tiny_train_args(tiny_model_dir, data, output)) == 1  # the data file is missing
+    one_line_error(capsys, "data.jsonl")
+    assert (output / "config.yaml").exists() and not (output / "checkpoint").exists()
+    write_texts(data)
+    assert main(["train", "--resume", str(output)]) == 0  # no checkpoint: from the beginning, with config.yaml
+    first = (output / "adapter" / "adapter_model.safetensors").read_bytes()
+    (output / "adapter" / "adapter_config.json").unlink()  # back to "not started": no checkpoint, no adapter
+    (output / "metrics.json").unlink()
+    import shutil
+
+    shutil.rmtree(output / "checkpoint")
+    assert main(tiny_train_args(tiny_model_dir, data, output)) == 0  # --output again starts it over
+    assert (output / "adapter" / "adapter_model.safetensors").read_bytes() == first
+    capsys.readouterr()
+    assert main(tiny_train_args(tiny_model_dir, data, output)) == 1  # now it holds a run: never overwritten
+    one_line_error(capsys, "already holds a run", "--resume")
+
+
+def test_a_finished_run_is_not_started_over(tiny_run, tiny_model_dir, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in tiny_run.rglob("*") if p.is_file()}
+    assert main(tiny_train_args(tiny_model_dir, tmp_path / "other.jsonl", tiny_run)) == 1
+    one_line_error(capsys, "already holds a run")
+    assert {p: p.read_bytes() for p in tiny_run.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_train_on_a_locked_run_dir_exits_at_once(tiny_run, capsys):
+    from finegrain.atomic import exclusive_lock
+
+    with exclusive_lock(tiny_run, "finegrain train"):  # as another `train --resume` holds it
+        assert main(["train", "--resume", str(tiny_run)]) == 1
+    one_line_error(capsys, str(tiny_run), "in use by finegrain train (pid")
+
+
+def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
+    assert main(["predict", str(tiny_run), "--input", "-"]) == 1
+    one_line_error(capsys, "standard input", "no text")
+
+
+def test_predict_never_writes_nan(tiny_run, tmp_path, capsys, monkeypatch):
+    from finegrain.run import Predictor
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "good film"}\n')
+
+    def nan_predictions(self, examples, batch_size=64):
+        return [{"label": "fresh", "probabilities": {"fresh": float("nan"), "rotten": float("nan")}} for _ in examples]
+
+    monkeypatch.setattr(Predictor, "predict_examples", nan_predictions)
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(tiny_run), "--input", str(texts), "--output", str(out)]) == 1
+    one_line_error(capsys, "input 1", "not a finite number", "--resume")
+    assert not out.exists()

@@ -173,14 +173,28 @@ def cmd_predict(args: argparse.Namespace) -> None:
         examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
     else:
         examples = task.read_file(data, args.input, require_label=False)
+    if not examples:
+        source = "standard input" if args.input == "-" else args.input
+        raise FinegrainError(f"{source}: no text to label; give one text per line (stdin) or a file with a {data.text_field} field")
     lines = [
-        json.dumps({**task.input_record(e), **p}, ensure_ascii=False)
-        for e, p in zip(examples, predictor.predict_examples(examples))
+        _json_line({**task.input_record(e), **p}, i + 1, args.run_dir)
+        for i, (e, p) in enumerate(zip(examples, predictor.predict_examples(examples)))
     ]
     if args.output:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
+
+
+def _json_line(record: dict, number: int, run_dir: str) -> str:
+    """One JSONL line; a NaN or infinity (which JSON cannot hold) is a one-line error, never written."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise FinegrainError(
+            f"input {number}: the model's output is not a finite number; {run_dir}'s adapter or base model "
+            f"is damaged: rebuild the adapter with `finegrain train --resume {run_dir}` or train again"
+        ) from None
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

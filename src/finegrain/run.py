@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from finegrain.atomic import atomic_write_json, atomic_write_text
+from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, from_dict, validate
 from finegrain.errors import FinegrainError
@@ -45,7 +45,7 @@ def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | Non
 
 def build(config: RunConfig, labels: list, progress: bool = True, with_lora: bool = True):
     """The base model cut and configured for the run, the task, the task model (with fresh LoRA)."""
-    llama, tokenizer = load_model(config.model.name, progress=progress)
+    llama, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
     backbone = llama.model
     total = len(backbone.layers)
     if config.model.num_layers is not None:
@@ -69,26 +69,117 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_lora: boo
     return model, tokenizer, task, lora
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
+# What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
+RUN_OUTPUTS = ("metrics.json", "metrics.jsonl", "report.md", "report.html", "labels.json", ADAPTER_DIR, "checkpoint",
+               "best", "confusion_matrix.png", "learning_curve.png")
+
+
+def output_dir(config: RunConfig) -> Path:
+    """The run directory `config.output` names (or a new dated one), refused when a run cannot go there."""
     run_dir = Path(config.output or f"runs/{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "config.yaml").exists():
-        raise FinegrainError(
-            f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinegrainError(f"{run_dir}: exists and is a file, not a run directory; choose another --output")
+    if run_dir.is_dir() and not (run_dir / "config.yaml").exists():
+        found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+        if found:
+            raise FinegrainError(
+                f"{run_dir}: holds {found[0]} but no config.yaml, so it is not a finegrain run and a run would "
+                "overwrite it; choose another --output (a new or empty directory)"
+            )
     return run_dir
 
 
-def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the test split, write the run directory; returns metrics.json's content."""
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
+def has_checkpoint(run_dir: Path) -> bool:
+    """A run has started once it wrote its first checkpoint; before that it can only start over."""
+    return (run_dir / "checkpoint" / "state.json").is_file()
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() or (run_dir / "metrics.json").is_file()
+
+
+def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[RunConfig, Path | None]:
+    """Decide, with the run directory locked, whether the run continues, starts over or is refused.
+
+    The rule (README, docs/RELIABILITY.md): a directory with a checkpoint or a finished adapter
+    holds a run, which only `--resume` continues and nothing overwrites. One with only what a
+    start writes (config.yaml, labels.json, a partial metrics.jsonl: a start that failed or was
+    killed before its first checkpoint) is not a run yet: `--output` starts it again with the new
+    config, `--resume` starts it again from the beginning with its config.yaml.
+
+    Returns:
+        The config to train with, and the run directory when training continues from its
+        checkpoint (None when it starts from the beginning).
+    """
+    remove_stale_temps(run_dir)  # also puts back a checkpoint a kill left moved aside
+    if resume:
         config = load_run_config(run_dir)
-    else:
-        run_dir = prepare_run_dir(config)
-        if config.model.name and Path(config.model.name).exists():
-            config.model.name = str(Path(config.model.name).resolve())
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+        if has_checkpoint(run_dir):
+            return config, run_dir
+        if is_finished(run_dir):
+            raise FinegrainError(
+                f"{run_dir}: a finished run without a checkpoint to continue from; train it again into another --output"
+            )
+        _clear_unstarted(run_dir)
+        return config, None
+    if (run_dir / "config.yaml").exists():
+        try:
+            ours = load_run_config(run_dir) is not None
+        except FinegrainError:
+            ours = False
+        if not ours or has_checkpoint(run_dir) or is_finished(run_dir):
+            raise FinegrainError(
+                f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
+            )
+        _clear_unstarted(run_dir)
+    if config.model.name and Path(config.model.name).exists():
+        config.model.name = str(Path(config.model.name).resolve())
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    return config, None
+
+
+def _clear_unstarted(run_dir: Path) -> None:
+    """Remove what a start that never reached a checkpoint left, so the next start is a clean one."""
+    import shutil
+
+    for name in ("metrics.jsonl", "labels.json", "skipped_rows.txt"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("best", "checkpoint", "tensorboard"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def _discard(run_dir: Path) -> None:
+    """Delete a run directory this call created, after an error before any checkpoint: nothing
+    in it is worth keeping, and an empty shell would only be in the way of the next try."""
+    import shutil
+
+    if not has_checkpoint(run_dir) and not is_finished(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate on the test split, write the run directory; returns metrics.json's content.
+
+    The run directory is locked while this runs: a second `train` on it fails at once. With
+    `resume_dir`, a run that never reached its first checkpoint starts again from the beginning
+    (see `open_run`). A directory this call created is removed again if it fails before a checkpoint.
+    """
+    if resume_dir is not None and not (Path(resume_dir) / "config.yaml").is_file():
+        load_run_config(resume_dir)  # the one-line "not a run directory" error, before anything is created
+    run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
+    created = not run_dir.exists()
+    with exclusive_lock(run_dir, "finegrain train"):
+        try:
+            config, resume_dir = open_run(run_dir, config, resume=resume_dir is not None)
+            return _train(config, run_dir, resume_dir, progress)
+        except Exception:
+            if created:
+                _discard(run_dir)
+            raise
+
+
+def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: bool) -> dict[str, Any]:
+    """`train` once the run directory is locked and open; `resume_dir` is set when continuing a checkpoint."""
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     seed_everything(config.train.seed)
     started = time.perf_counter()
@@ -139,6 +230,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     if long_texts:
         results["data"] = long_texts
     if splits.test:
+        fault_point("test")  # test-only (tests/test_faults.py)
         predictions = task.predict(model, test_items, pad_id, eval_batch, progress="testing" if progress else None)
         results["test"] = task.metrics(predictions, task.gold(splits.test))
         results["test"]["source"] = splits.origin["test"]

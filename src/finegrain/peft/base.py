@@ -9,19 +9,21 @@ a module in `modules_to_save` (a classification head `score`) is saved whole as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from finegrain.atomic import atomic_path, atomic_write_text
+from finegrain.atomic import atomic_path, atomic_write_text, fault_point
 from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear
 from finegrain.peft.lora import LoraConfig, LoraLinear
@@ -32,6 +34,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
 _LAYER_INDEX = re.compile(r"(?:^|.*?\.)layers\.(\d+)\.")
+DIGEST_KEY = "finegrain_sha256"  # safetensors metadata: `tensors_digest` of the file's tensors
 
 
 # ---------------------------------------------------------------------------------------------- inject
@@ -276,7 +279,8 @@ def save_adapter(
     # training state); weights first, so a config on disk never describes weights not yet there.
     directory = Path(directory)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_weights(tensors, tmp)
+        fault_point("adapter_write")
     atomic_write_text(directory / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -326,15 +330,53 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     weights_path = directory / WEIGHTS_NAME
     try:
         if weights_path.is_file():
-            tensors = load_file(weights_path)
+            tensors, digest = _read_safetensors(weights_path)
         elif (directory / LEGACY_WEIGHTS_NAME).is_file():
             weights_path = directory / LEGACY_WEIGHTS_NAME
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         else:
             raise FinegrainError(f"{weights_path}: not found; save the adapter again or copy the whole directory")
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise FinegrainError(f"{weights_path}: cannot be read ({exc}); it is corrupt, save the adapter again") from None
-    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+        raise FinegrainError(f"{weights_path}: cannot be read ({exc}); it is corrupt: {_adapter_fix(directory)}") from None
+    if weights_path.name == WEIGHTS_NAME:
+        check_weights(weights_path, tensors, digest, _adapter_fix(directory))
+    else:
+        check_weights(weights_path, tensors, None, _adapter_fix(directory))
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+    _check_ranks(weights_path, tensors, config.r, _adapter_fix(directory))
+    return config, tensors
+
+
+def verify_adapter(directory: str | os.PathLike) -> None:
+    """Refuse a corrupt adapter directory before anything uses it.
+
+    `read_adapter` (and so `load_adapter` and the server) runs the same checks on every load:
+    the file reads; its tensors match the checksum written with them (adapters saved before
+    finegrain wrote one are not checked against it); no tensor holds NaN or an infinity; each
+    LoRA matrix has the rank `adapter_config.json` gives.
+
+    Raises:
+        FinegrainError: one line naming the file and how to get a good one back.
+    """
+    read_adapter(directory)
+
+
+def _adapter_fix(directory: str | os.PathLike) -> str:
+    """How to get a good adapter back: from the run's checkpoint when it sits in a run directory."""
+    run_dir = Path(directory).parent
+    if (run_dir / "config.yaml").is_file():
+        return f"rebuild it with `finegrain train --resume {run_dir}` or train the run again"
+    return "save or copy the adapter again"
+
+
+def _check_ranks(path: Path, tensors: dict[str, torch.Tensor], r: int, fix: str) -> None:
+    """Each lora_A is (r, in) and each lora_B (out, r), as the config says."""
+    for key, tensor in tensors.items():
+        axis = 0 if key.endswith(".lora_A.weight") else 1 if key.endswith(".lora_B.weight") else None
+        if axis is not None and (tensor.dim() != 2 or tensor.shape[axis] != r):
+            raise FinegrainError(
+                f"{path}: '{key}' has shape {tuple(tensor.shape)}, which does not fit r={r} of {CONFIG_NAME}; {fix}"
+            )
 
 
 def _config_from_peft(raw: dict[str, Any], path: Path) -> LoraConfig:
@@ -419,3 +461,82 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             )
     model.load_state_dict(loadable, strict=False)
     return config
+
+
+# ---------------------------------------------------------------------------------------------- checked weights
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    It is stored in the safetensors header of the file it describes, so the check travels with
+    the file and is written in the same atomic rename (a checksum file beside it could be left
+    stale by a kill between the two writes). It covers the data, which is where a damaged
+    file goes unnoticed: a damaged header already fails to parse.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write `tensors` as a safetensors file with their digest in the metadata (see `load_weights`)."""
+    data = safetensors_bytes(tensors, metadata={"format": "pt", DIGEST_KEY: tensors_digest(tensors)})
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file as bytes, the same bytes for the same tensors in every process.
+
+    safetensors writes the metadata from a Rust hash map, whose order changes from process to
+    process: with two keys a resumed run's adapter would differ from an uninterrupted run's in
+    its header alone. The header is rewritten with the metadata keys sorted (same length).
+    """
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # never seen; the original order is still a valid file
+        return data
+    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
+
+
+def load_weights(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file written by `save_weights`, refusing it if it is damaged.
+
+    Args:
+        path: the file.
+        fix: what the user should do about a damaged file, ending the error message.
+
+    Raises:
+        FinegrainError: the file cannot be read, its tensors differ from their digest, or a
+            tensor holds NaN or an infinity.
+    """
+    path = Path(path)
+    try:
+        tensors, digest = _read_safetensors(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise FinegrainError(f"{path}: cannot be read ({str(exc).splitlines()[0]}); it is corrupt: {fix}") from None
+    check_weights(path, tensors, digest, fix)
+    return tensors
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of a safetensors file and the digest its metadata holds (None if it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        return {name: f.get_tensor(name) for name in f.keys()}, metadata.get(DIGEST_KEY)
+
+
+def check_weights(path: Path, tensors: dict[str, torch.Tensor], digest: str | None, fix: str) -> None:
+    """Refuse tensors that differ from `digest` (when there is one) or hold NaN or an infinity."""
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise FinegrainError(f"{path}: the weights do not match the checksum written with them (the file is damaged); {fix}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FinegrainError(f"{path}: tensor '{name}' holds NaN or infinite values; {fix}")

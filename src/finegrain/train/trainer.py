@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from finegrain.atomic import atomic_dir, atomic_write_text, recover_dir
+from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
 from finegrain.config import TrainConfig
 from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
+from finegrain.peft.base import load_weights, save_weights
 from finegrain.tasks import item_rows
 from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -154,6 +154,7 @@ class Trainer:
                 )
 
             self.hidden = prefix(self.train_items)
+            fault_point("prefix_cache")  # test-only (tests/test_faults.py)
             if self.task.predicts_from_prefix:
                 self.validation_hidden = prefix(self.validation_items)
         self.model.train()
@@ -186,6 +187,7 @@ class Trainer:
                     break
                 loss, tokens, seconds = self._step(group)
                 state.step += 1
+                fault_point("train_step")  # test-only (tests/test_faults.py)
                 state.batch_in_epoch += len(group)
                 state.train_seconds += seconds
                 state.train_tokens += tokens
@@ -271,14 +273,20 @@ class Trainer:
 
     def _save_best(self) -> None:
         with atomic_dir(self.run_dir / "best") as tmp:
-            save_file(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+            save_weights(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
 
     def _restore_best(self) -> None:
         path = self.run_dir / "best" / "trainable.safetensors"
         if path.exists():
-            self._load_trainable(load_file(str(path)))
+            self._load_trainable(path, _weights_fix(self.run_dir))
 
-    def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _load_trainable(self, path: Path, fix: str) -> None:
+        """Load saved trainable weights, refusing a damaged file or one of another config."""
+        tensors = load_weights(path, fix)
+        for name, param in self.trainable.items():
+            if name not in tensors or tensors[name].shape != param.shape:
+                found = tuple(tensors[name].shape) if name in tensors else "nothing"
+                raise FinegrainError(f"{path}: '{name}' is {found}, the model needs {tuple(param.shape)}; {fix}")
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(tensors[name])
@@ -304,7 +312,8 @@ class Trainer:
             "torch": torch.get_rng_state(),
         }
         with atomic_dir(self.run_dir / "checkpoint") as tmp:
-            save_file(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+            save_weights(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+            fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
             torch.save(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
                 os.path.join(tmp, "optimizer.pt"),
@@ -316,11 +325,16 @@ class Trainer:
         recover_dir(self.run_dir / "best")
         if not (directory / "state.json").exists():
             raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
-        self._load_trainable(load_file(str(directory / "trainable.safetensors")))
-        saved = torch.load(directory / "optimizer.pt", weights_only=False)
+        fix = _weights_fix(self.run_dir)
+        self._load_trainable(directory / "trainable.safetensors", fix)
+        try:
+            saved = torch.load(directory / "optimizer.pt", weights_only=False)
+            saved_state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        except Exception as exc:  # a damaged pickle raises any of a dozen types
+            raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        for key, value in json.loads((directory / "state.json").read_text(encoding="utf-8")).items():
+        for key, value in saved_state.items():
             setattr(self.state, key, value)
         random.setstate(saved["rng"]["python"])
         np.random.set_state(saved["rng"]["numpy"])
@@ -336,6 +350,11 @@ class Trainer:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _weights_fix(run_dir: Path) -> str:
+    """What to do about a damaged checkpoint: without it the run restarts from its start."""
+    return f"delete {run_dir / 'checkpoint'} and {run_dir / 'best'}, then `finegrain train --resume {run_dir}` restarts the run from its start"
 
 
 def _tensorboard_writer(directory: Path):
