@@ -89,3 +89,16 @@ def test_yaml_errors_name_the_line_not_set(tmp_path):
     path.write_text("data:\n  dataset: sms_spam\n  split: [0.5, 0.6, 0.1]\n")
     with pytest.raises(FinegrainError, match=r"c.yaml:3: 'data.split' must be three fractions"):
         load_config(path)
+
+
+def test_model_dtype_reaches_the_loaded_model(tiny_model_dir):
+    import torch
+
+    from finegrain.run import build
+
+    for dtype in ("float32", "bfloat16"):
+        config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", f"model.dtype={dtype}"])
+        model, _, task, _ = build(config, ["a", "b"], progress=False)
+        assert model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+        head = model.get_submodule(task.head_modules[0])  # stays float32 and takes the backbone's states
+        assert head(torch.ones(1, 64, dtype=getattr(torch, dtype))).dtype == torch.float32

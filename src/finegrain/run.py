@@ -57,6 +57,8 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_lora: boo
     backbone.gradient_checkpointing = config.train.activation_checkpointing
     task = task_class(config.task).from_config(config, labels)
     model = task.build_model(llama, tokenizer)
+    if config.model.dtype != "float32":
+        _heads_take_any_dtype(model, task.head_modules)
     lora = LoraConfig(
         r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
         targets=config.lora.targets, use_rslora=config.lora.rslora,
@@ -67,6 +69,19 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_lora: boo
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, lora
+
+
+def _heads_take_any_dtype(model, head_modules) -> None:
+    """Heads stay float32 (their optimizer state needs it) over a bfloat16 backbone (`model.dtype`):
+    each casts its input to its own dtype, for every task, instead of a dtype mismatch in predict."""
+    def cast(module, args):
+        dtype = next(module.parameters()).dtype
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for name in head_modules:
+        head = model.get_submodule(name)
+        if any(True for _ in head.parameters()):
+            head.register_forward_pre_hook(cast)
 
 
 # What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
