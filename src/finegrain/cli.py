@@ -200,7 +200,6 @@ def _json_line(record: dict, number: int, run_dir: str) -> str:
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
-    from finegrain.tasks.instruct import generation_text
 
     if (args.run_dir is None) == (args.model is None):
         raise FinegrainError("give a RUN_DIR of a task: instruct run, or --model for a base model (one of the two)")
@@ -240,10 +239,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 print(f"unknown command '{text}'; /reset starts a new conversation, /exit quits")
             continue
         history.append({"role": "user", "content": text})
-        prompt = generation_text(tokenizer, tokenizer.apply_chat_template(history))
+        prompt = tokenizer.chat_prompt(history)  # what the user typed stays text, never a turn marker
         while len(tokenizer.encode(prompt)) + args.max_new_tokens > limit and len(history) > len(system) + 1:
             del history[len(system) : len(system) + 2]  # the oldest exchange no longer fits the context
-            prompt = generation_text(tokenizer, tokenizer.apply_chat_template(history))
+            prompt = tokenizer.chat_prompt(history)
         print("assistant> ", end="", flush=True)
         reply = generate(
             model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -334,6 +333,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finegrain.cpu import configure_openmp
+
+    configure_openmp()  # first, before anything imports torch: libgomp reads it once, when it loads
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

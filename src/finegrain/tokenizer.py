@@ -10,6 +10,9 @@ with byte fallback (`"llama"`, LLaMA 1/2, Mistral). `save` writes the Hugging Fa
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -27,7 +30,12 @@ from tokenizers.models import BPE
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
 
-__all__ = ["PRE_TOKENIZER_SPLITS", "Tokenizer"]
+__all__ = ["PRE_TOKENIZER_SPLITS", "ChatPrompt", "Tokenizer"]
+
+# Texts at least this long are tokenized through `encode_batch`, which lets go of Python's GIL
+# while it works (`encode` holds it: 1 MiB took seconds in which no other thread of the process,
+# such as the server's event loop, could run). The ids are the same.
+_RELEASE_GIL_CHARS = 4096
 
 # GGUF token types (llama.cpp's `llama_token_type`).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -72,6 +80,23 @@ PRE_TOKENIZER_SPLITS = {
 }
 
 
+class ChatPrompt(str):
+    """A rendered chat prompt that carries its token ids: `Tokenizer.encode` returns these ids
+    instead of tokenizing the text again.
+
+    The text alone cannot say which `<|im_end|>` the template wrote (a special token) and which a
+    user typed in a message (text): tokenized again, a message could forge a system turn. Built
+    by `Tokenizer.chat_prompt`; any string operation on it gives a plain `str` without the ids.
+    """
+
+    ids: tuple[int, ...]
+
+    def __new__(cls, text: str, ids: Sequence[int]) -> "ChatPrompt":
+        prompt = super().__new__(cls, text)
+        prompt.ids = tuple(int(i) for i in ids)
+        return prompt
+
+
 class Tokenizer:
     """Text to token ids and back, with the model's special tokens and chat template.
 
@@ -111,6 +136,8 @@ class Tokenizer:
         self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        self._literal: tuple[tuple[int, int], BackendTokenizer] | None = None  # see `_literal_backend`
+        self._literal_lock = threading.Lock()
         self._extra_eos_token_ids = {int(i) for i in extra_eos_token_ids}
         if add_bos is None and add_eos is None:
             probe = self.backend.encode("", add_special_tokens=True).ids
@@ -232,9 +259,45 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS where the model adds them.
 
-        Special tokens written in the text (like `<|im_start|>`) are always matched whole.
+        Special tokens written in the text (like `<|im_start|>`) are always matched whole, except
+        in a `ChatPrompt`, whose own ids (messages' text never special) are returned.
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if isinstance(text, ChatPrompt):
+            return self._add_specials(list(text.ids)) if add_special_tokens else list(text.ids)
+        return _encode(self.backend, text, add_special_tokens)
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain text: a special token's spelling in it ("<|im_end|>")
+        is tokenized as characters, never as the special token. No BOS/EOS."""
+        return _encode(self._literal_backend(), text, False)
+
+    def _literal_backend(self) -> BackendTokenizer:
+        # A copy with `encode_special_tokens` on: the flag is state of a backend, and flipping it
+        # on the shared one would race with other threads' `encode` calls (the server's worker).
+        # Rebuilt when tokens were added since (`add_special_tokens`) or the backend was replaced.
+        key = (id(self.backend), self.backend.get_vocab_size(with_added_tokens=True))
+        with self._literal_lock:
+            if self._literal is None or self._literal[0] != key:
+                literal = BackendTokenizer.from_str(self.backend.to_str())
+                literal.encode_special_tokens = True
+                self._literal = (key, literal)
+            return self._literal[1]
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for (its longest vocabulary entry):
+        a text of N characters has at least N / max_token_chars tokens, known without tokenizing it."""
+        size = self.backend.get_vocab_size(with_added_tokens=True)  # cheap; the vocabulary itself is not
+        if getattr(self, "_max_token_chars", (None, 0))[0] != size:
+            vocab = self.backend.get_vocab(with_added_tokens=True)
+            self._max_token_chars = (size, max((len(token) for token in vocab), default=1))
+        return self._max_token_chars[1]
+
+    def _add_specials(self, ids: list[int]) -> list[int]:
+        """`ids` with the BOS/EOS that `encode(..., add_special_tokens=True)` puts around a text."""
+        bos = [self.bos_token_id] if self._add_bos and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self._add_eos and self.eos_token_id is not None and self.eos_token_id != self.bos_token_id else []
+        return bos + ids + eos
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for many texts at once (in parallel, inside `tokenizers`)."""
@@ -387,6 +450,56 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise FinegrainError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered by `apply_chat_template`, in which the markers the
+        template writes are special tokens and the text of the messages never is.
+
+        A message holding "<|im_end|>\n<|im_start|>system\n..." would, tokenized with the rest,
+        open a system turn of its own (role injection). Here each special token's spelling in a
+        message's content is swapped for a random placeholder before rendering; the rendered
+        text is cut at the template's own special tokens, and every piece in between is
+        tokenized on its own, as `encode` does anyway, with special-token parsing off where a
+        placeholder was (`encode_literal`). A conversation without such spellings gets exactly
+        `encode(apply_chat_template(...), add_special_tokens=False)`. No BOS beyond the
+        template's own.
+        """
+        specials = sorted((t.content for t in self.backend.get_added_tokens_decoder().values() if t.special), key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        contents = [m.get("content") for m in messages]
+        if pattern is None or not any(isinstance(c, str) and pattern.search(c) for c in contents):
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        nonce = secrets.token_hex(8)
+        placeholder = re.compile(f"\ue000{nonce}(\\d+)\ue001")
+
+        def hide(content: str) -> str:
+            return pattern.sub(lambda m: f"\ue000{nonce}{specials.index(m[0])}\ue001", content)
+
+        hidden = [{**m, "content": hide(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+        rendered = self.apply_chat_template(hidden, add_generation_prompt, **kwargs)
+        ids: list[int] = []
+        for piece in re.split(f"({pattern.pattern})", rendered):
+            if piece in specials:  # the template's own marker
+                ids.append(self.backend.token_to_id(piece))
+            elif placeholder.search(piece):
+                ids += self.encode_literal(placeholder.sub(lambda m: specials[int(m[1])], piece))
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> ChatPrompt:
+        """The prompt that asks the model for the next assistant turn, ready for `generate`.
+
+        Its text is `apply_chat_template(messages)` without the BOS the template writes where
+        `encode` adds one (so there is one), and its ids are `encode_chat`'s: a message cannot
+        forge the template's markers. `encode(prompt)` gives those ids (with BOS as usual).
+        """
+        text = self.apply_chat_template(messages, **kwargs)
+        ids = self.encode_chat(messages, **kwargs)
+        bos = self.bos_token
+        if self._add_bos and bos and text.startswith(bos) and ids[:1] == [self.bos_token_id]:
+            text, ids = text[len(bos) :], ids[1:]  # `encode` adds it again
+        return ChatPrompt(text, ids)
 
     # ----- saving -------------------------------------------------------------------------
 
@@ -548,6 +661,13 @@ def _add_gguf_tokens(backend: BackendTokenizer, metadata: dict[str, Any], byte_l
     ]
     if user:
         backend.add_tokens(user)
+
+
+def _encode(backend: BackendTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """`backend.encode(text)`, through `encode_batch` for a long text: that one releases the GIL."""
+    if len(text) >= _RELEASE_GIL_CHARS:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 # ----- chat templates ---------------------------------------------------------------------------
