@@ -209,3 +209,14 @@ def test_confusion_matrix_readable_with_50_classes(tmp_path: Path, monkeypatch: 
     mistakes = markdown.split("## Most frequent mistakes")[1].split("\n## ")[0]
     assert mistakes.count("\n| ") - 1 == 25  # the 25 most confused pairs, under the header row
     assert "| true \\ predicted |" in reports[8][1]["markdown"].read_text()
+
+
+def test_report_names_classes_never_predicted(tmp_path: Path) -> None:
+    labels = ["common", "rare", "rarer", "absent"]
+    y_true = ["common"] * 8 + ["rare"] * 3 + ["rarer"] * 2
+    y_pred = ["common"] * 8 + ["common", "common", "common"] + ["rare", "common"]  # rarer never predicted
+    written = write_classification_report(tmp_path, classification_metrics(y_true, y_pred, labels))
+    line = "Never predicted: 1 of 4 classes (support in the split): rarer (2)."
+    assert line in written["markdown"].read_text() and line in written["html"].read_text()
+    perfect = write_classification_report(tmp_path / "ok", classification_metrics(y_true, y_true, labels))
+    assert "Never predicted" not in perfect["markdown"].read_text()  # "absent" has no support: not a miss

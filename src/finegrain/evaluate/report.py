@@ -364,6 +364,25 @@ def _score_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool
     return rows
 
 
+def _never_predicted(metrics: dict[str, Any]) -> str:
+    """A line naming the classes present in the split that the model never predicted, rarest
+    last; empty when there are none. Imbalanced data hides them: accuracy can be 0.9 with a
+    rare class at F1 0, and in a 50-row table that zero is easy to miss."""
+    if "confusion_matrix" not in metrics:
+        return ""
+    predicted = [sum(column) for column in zip(*metrics["confusion_matrix"])]
+    missed = [
+        (str(label), scores["support"])
+        for (label, scores), count in zip(metrics["per_class"].items(), predicted)
+        if scores["support"] and not count
+    ]
+    if not missed:
+        return ""
+    missed.sort(key=lambda item: -item[1])
+    names = ", ".join(f"{label} ({support})" for label, support in missed)
+    return f"Never predicted: {len(missed)} of {len(predicted)} classes (support in the split): {names}."
+
+
 def _confused_pairs(metrics: dict[str, Any]) -> list[tuple[str, str, int, float]]:
     """The most frequent mistakes: (true, predicted, count, share of the true class).
 
@@ -397,6 +416,8 @@ def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list
         out.append(f"| {cell} | {p:.4f} | {r:.4f} | {f:.4f} | {scores['support']} |")
     if metrics.get("num_outside_labels"):
         out += ["", f"{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong)."]
+    if _never_predicted(metrics):
+        out += ["", _md_cell(_never_predicted(metrics))]
     if metrics.get("baselines"):
         columns, rows, notes = _baseline_table(metrics)
         out += ["", "## Against baselines", ""] + [f"{_md_cell(note)}  " for note in notes] + [""]
@@ -465,6 +486,8 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
     out.append("</tbody></table>")
     if metrics.get("num_outside_labels"):
         out.append(f"<p>{metrics['num_outside_labels']} predictions were not one of the labels (counted as wrong).</p>")
+    if _never_predicted(metrics):
+        out.append(f"<p>{e(_never_predicted(metrics))}</p>")
     if metrics.get("baselines"):
         out += _html_baselines(metrics)
     if "confusion_matrix" in metrics:
