@@ -31,9 +31,11 @@ def test_probe_cli_writes_a_table_and_a_proposal(tiny_model_dir, tmp_path, capsy
     result = json.loads(out.read_text())
     assert len(result["accuracy"]) == 3  # embeddings and the tiny model's 2 layers
     assert all(0 <= a <= 1 for a in result["accuracy"]) and max(result["accuracy"]) >= 0.75
-    best = result["best_layer"]
-    assert result["accuracy"][best] == max(result["accuracy"][1:])
-    assert result["proposal"] == {"model.num_layers": best, "lora.layers": list(range(-best, 0))}
+    best, pooling = result["best_layer"], result["best_pooling"]
+    f1 = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
+    assert f1[best] == max(max(result["macro_f1"][1:]), max(result["mean_macro_f1"][1:]))
+    assert result["proposal"] == {"model.num_layers": best, "lora.layers": list(range(-best, 0)), "head.pooling": pooling}
+    assert result["seconds_per_layer_token"] > 0
     assert f"model.num_layers={best}" in capsys.readouterr().out
 
 

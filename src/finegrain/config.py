@@ -132,7 +132,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
     # auto: `finegrain train` chooses every recipe key this config leaves unset from the data
     # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
-    recipe: str = "auto"
+    recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work
     time_budget: float | None = 15.0  # minutes the recipe plans a run for (estimated layer passes); null: no limit
 
 
@@ -290,7 +290,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         (config.train.lr > 0, "train.lr", "above 0"),
-        (config.train.recipe in ("auto", "off"), "train.recipe", "auto or off"),
+        (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),

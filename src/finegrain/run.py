@@ -28,6 +28,8 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
 from finegrain.tasks import long_text_line, long_text_summary, task_class
+from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
+from finegrain.train.recipe import applies as recipe_applies
 from finegrain.train.trainer import Trainer, seed_everything
 
 ADAPTER_DIR = "adapter"
@@ -43,9 +45,12 @@ def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | Non
     return resolved
 
 
-def build(config: RunConfig, labels: list, progress: bool = True, with_lora: bool = True):
-    """The base model cut and configured for the run, the task, the task model (with fresh LoRA)."""
-    llama, tokenizer = load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
+def build(config: RunConfig, labels: list, progress: bool = True, with_lora: bool = True, loaded=None):
+    """The base model cut and configured for the run, the task, the task model (with fresh LoRA).
+
+    `loaded`: the (model, tokenizer) pair already read for this config (the recipe's probe reads it).
+    """
+    llama, tokenizer = loaded or load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
     backbone = llama.model
     total = len(backbone.layers)
     if config.model.num_layers is not None:
@@ -201,7 +206,15 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
 
     splits = task_class(config.task).load_splits(config.data)
     atomic_write_json(run_dir / "labels.json", splits.labels)
-    model, tokenizer, task, lora = build(config, splits.labels, progress)
+    loaded, recipe = None, []
+    if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
+        loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
+        recipe = Recipe(config, config.explicit).plan(splits, loaded[1], loaded[0], progress)
+        validate(config, "the recipe")
+        atomic_write_text(run_dir / "config.yaml", recipe_comments(recipe) + dump_yaml(config))
+        if progress and recipe:
+            print(recipe_text(recipe), flush=True)
+    model, tokenizer, task, lora = build(config, splits.labels, progress, loaded=loaded)
     pad_id = tokenizer.pad_token_id
     max_length = config.data.max_length
     train_items = task.encode(tokenizer, splits.train, max_length)
@@ -240,6 +253,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             "skipped_rows": len(splits.skipped),
         },
     }
+    if recipe:
+        results["recipe"] = {c.key: {"value": c.value, "reason": c.reason} for c in recipe}
     if state.best_validation is not None:  # measured when the best weights were chosen
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
     if long_texts:

@@ -1,16 +1,19 @@
 """Layer-importance probe: which decoder layers carry what a classification task needs.
 
-A frozen model's last-token state after each layer is read for a sample of the training
-examples and scored by a linear classifier (ridge regression on one-hot labels, closed form,
-on standardised states) against a sample of the validation examples. Where the score peaks
-is where adapting pays: `model.num_layers` can stop there (every layer above it costs time
-and rarely helps a classifier), and LoRA on the few layers below the peak (`lora.layers`)
-lets the frozen-prefix cache skip the rest. Minutes on a CPU instead of one training run per
-candidate: the table in docs/PERFORMANCE.md was made this way.
+A frozen model's state after each layer — at the last real token and averaged over the real
+tokens — is read for a sample of the training examples and scored by a linear classifier
+(ridge regression on one-hot labels, closed form, on standardised states) against a sample of
+the validation examples. Where the score peaks is where adapting pays: `model.num_layers` can
+stop there (every layer above it costs time and rarely helps a classifier), and LoRA on the
+few layers below the peak (`lora.layers`) lets the frozen-prefix cache skip the rest. Minutes
+on a CPU instead of one training run per candidate: the table in docs/PERFORMANCE.md was made
+this way, and `finegrain train`'s recipe (finegrain.train.recipe) runs it to choose the cut,
+the pooling and the adapted layers.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -18,34 +21,47 @@ from tqdm import tqdm
 
 from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig
-from finegrain.data.load import sample
+from finegrain.data.load import Splits, sample
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.metrics import classification_metrics
 from finegrain.tasks import task_class
 from finegrain.train.batching import sorted_batches
 
 ADAPTED_LAYERS = 6  # what the proposal adapts below the peak, as the main job does
+POOLINGS = ("last", "mean")
 
 
-def last_token_states(backbone, task, items: list, pad_id: int, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """(L + 1, N, H): the embedding and every layer's output at each item's last real token."""
-    states = torch.empty(len(backbone.layers) + 1, len(items), backbone.config.hidden_size)
+def pooled_states(backbone, task, items: list, pad_id: int, batch_size: int = 32, progress: bool = True,
+                  num_layers: int | None = None) -> torch.Tensor:
+    """(2, L + 1, N, H): the embedding and the output of each of the first `num_layers` layers
+    (default all), at each item's last real token ([0]) and averaged over its real tokens ([1])."""
+    num_layers = len(backbone.layers) if num_layers is None else num_layers
+    states = torch.empty(2, num_layers + 1, len(items), backbone.config.hidden_size)
     batches = sorted_batches([len(item.input_ids) for item in items], batch_size)
     with torch.no_grad():
         for batch in tqdm(batches, desc="probing layers", unit="batch", disable=not progress, leave=False):
             inputs = task.collate([items[i] for i in batch], pad_id)
-            last = inputs["lengths"] - 1  # right padding under a causal mask: the real tokens never see it
+            lengths = inputs["lengths"]
+            last = lengths - 1  # right padding under a causal mask: the real tokens never see it
+            real = (torch.arange(inputs["input_ids"].shape[1])[None, :] < lengths[:, None])[..., None]  # (B, T, 1)
             rows = torch.arange(len(batch))
             x = backbone.embed_tokens(inputs["input_ids"])
-            states[0, batch] = x[rows, last]
-            for layer in range(len(backbone.layers)):
-                x = backbone.run_layers(x, start=layer, end=layer + 1)
-                states[layer + 1, batch] = x[rows, last]
+            for layer in range(num_layers + 1):
+                if layer:
+                    x = backbone.run_layers(x, start=layer - 1, end=layer)
+                states[0, layer, batch] = x[rows, last]
+                states[1, layer, batch] = (x * real).sum(1) / lengths[:, None]
     return states
 
 
-def ridge_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                   num_classes: int, ridge: float | None = None) -> float:
-    """Accuracy on (test_x, test_y) of ridge regression onto one-hot labels fitted on the training pair.
+def last_token_states(backbone, task, items: list, pad_id: int, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """(L + 1, N, H): the embedding and every layer's output at each item's last real token."""
+    return pooled_states(backbone, task, items, pad_id, batch_size, progress)[0]
+
+
+def ridge_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
+                  ridge: float | None = None) -> torch.Tensor:
+    """Class indices for `test_x` from ridge regression onto one-hot labels fitted on the training pair.
 
     `ridge` defaults to the number of features: with a few hundred examples of a 576-wide state
     a weak penalty fits noise (Rotten Tomatoes, 400 examples: peak accuracy 0.71 at 1, 0.78 at
@@ -57,51 +73,91 @@ def ridge_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     a, b = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1), torch.cat([b, torch.ones(len(b), 1, dtype=b.dtype)], 1)
     targets = torch.nn.functional.one_hot(train_y, num_classes).double()
     weights = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ targets)
-    return float(((b @ weights).argmax(1) == test_y).double().mean())
+    return (b @ weights).argmax(1)
 
 
-def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True) -> dict[str, Any]:
-    """Per layer, the validation accuracy of a linear probe on the frozen model's last-token states.
+def ridge_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   num_classes: int, ridge: float | None = None) -> float:
+    """Accuracy on (test_x, test_y) of `ridge_predict` fitted on the training pair."""
+    return float((ridge_predict(train_x, train_y, test_x, num_classes, ridge) == test_y).double().mean())
+
+
+def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, splits: Splits | None = None,
+                 llama=None, tokenizer=None, max_layers: int | None = None) -> dict[str, Any]:
+    """Per layer and pooling, the validation accuracy and macro-F1 of a linear probe on the frozen model.
+
+    Args:
+        examples: at most this many training and this many validation examples (stratified).
+        splits, llama, tokenizer: already loaded data and model (the recipe passes them); loaded
+            from `config` when None.
+        max_layers: probe only the first this many layers (the top ones are rarely the best cut).
 
     Returns:
-        `accuracy` (one per layer output, index 0 the embeddings), `best_layer`, the sample sizes,
-        and `proposal`: the `model.num_layers` and `lora.layers` to try.
+        `accuracy` and `macro_f1` (last-token pooling), `mean_accuracy` and `mean_macro_f1` (mean
+        pooling), one per layer output (index 0 the embeddings); `best_layer` and `best_pooling`
+        by macro-F1 (accuracy breaks ties, then the lower layer); the sample sizes;
+        `seconds_per_layer_token` (how fast this machine ran the frozen layers); and `proposal`:
+        the `model.num_layers` and `lora.layers` to try.
     """
     if config.task != "classification" or config.data.multi_label:
         raise FinegrainError(f"task: probe reads single-label classification data, not task {config.task}"
                              f"{' (multi-label)' if config.data.multi_label else ''}")
-    splits = task_class(config.task).load_splits(config.data)
+    splits = splits or task_class(config.task).load_splits(config.data)
     if not splits.validation:
         raise FinegrainError("data: the probe scores layers on validation examples; give data.validation or a split for it")
-    llama, tokenizer = load_model(config.model.name, progress=progress)
+    if llama is None:
+        llama, tokenizer = load_model(config.model.name, progress=progress)
     task = task_class(config.task).from_config(config, splits.labels)
     seed = config.data.split_seed
     parts = [sample(part, examples, seed) for part in (splits.train, splits.validation)]
     index = {label: i for i, label in enumerate(splits.labels)}
-    x, y = [], []
+    num_layers = min(max_layers or len(llama.model.layers), len(llama.model.layers))
+    x, y, tokens = [], [], 0
+    started = time.perf_counter()
     for part in parts:
         items = task.encode(tokenizer, part, config.data.max_length)
-        x.append(last_token_states(llama.model, task, items, tokenizer.pad_token_id, config.train.eval_batch_size, progress))
+        tokens += sum(len(item.input_ids) for item in items)
+        x.append(pooled_states(llama.model, task, items, tokenizer.pad_token_id, config.train.eval_batch_size,
+                               progress, num_layers))
         y.append(torch.tensor([index[e.label] for e in part]))
-    accuracy = [ridge_accuracy(x[0][k], y[0], x[1][k], y[1], len(splits.labels)) for k in range(len(x[0]))]
-    best = max(range(1, len(accuracy)), key=lambda k: (accuracy[k], -k))  # the lowest layer among equals
+    seconds = time.perf_counter() - started
+    gold = [e.label for e in parts[1]]
+    scores = {pooling: [] for pooling in POOLINGS}
+    for p, pooling in enumerate(POOLINGS):
+        for k in range(num_layers + 1):
+            predicted = ridge_predict(x[0][p, k], y[0], x[1][p, k], len(splits.labels))
+            m = classification_metrics(gold, [splits.labels[i] for i in predicted.tolist()], splits.labels)
+            scores[pooling].append((round(m["accuracy"], 4), round(m["macro"]["f1"], 4)))
+    best_pooling, best = max(
+        ((pooling, k) for pooling in POOLINGS for k in range(1, num_layers + 1)),
+        key=lambda pk: (scores[pk[0]][pk[1]][1], scores[pk[0]][pk[1]][0], -pk[1]),
+    )
     adapted = min(ADAPTED_LAYERS, best)
     return {
-        "accuracy": [round(a, 4) for a in accuracy],
+        "accuracy": [a for a, _ in scores["last"]],
+        "macro_f1": [f for _, f in scores["last"]],
+        "mean_accuracy": [a for a, _ in scores["mean"]],
+        "mean_macro_f1": [f for _, f in scores["mean"]],
         "best_layer": best,
+        "best_pooling": best_pooling,
         "train_examples": len(parts[0]),
         "validation_examples": len(parts[1]),
-        "proposal": {"model.num_layers": best, "lora.layers": list(range(-adapted, 0))},
+        "seconds_per_layer_token": seconds / max(tokens * max(num_layers, 1), 1),
+        "proposal": {"model.num_layers": best, "lora.layers": list(range(-adapted, 0)), "head.pooling": best_pooling},
     }
 
 
 def probe_text(result: dict[str, Any]) -> str:
     """The probe's table and proposal, for the terminal."""
-    lines = [f"linear probe of the last-token state ({result['train_examples']} train, "
-             f"{result['validation_examples']} validation examples)", "layer  accuracy"]
-    for k, a in enumerate(result["accuracy"]):
-        lines.append(f"{'embed' if k == 0 else k:>5}  {a:.3f}{'  <- best' if k == result['best_layer'] else ''}")
+    lines = [f"linear probe of each layer's states ({result['train_examples']} train, "
+             f"{result['validation_examples']} validation examples)",
+             "layer  last: accuracy macro-F1   mean: accuracy macro-F1"]
+    for k in range(len(result["accuracy"])):
+        best = "  <- best" if k == result["best_layer"] else ""
+        lines.append(f"{'embed' if k == 0 else k:>5}        {result['accuracy'][k]:.3f}    {result['macro_f1'][k]:.3f}"
+                     f"         {result['mean_accuracy'][k]:.3f}    {result['mean_macro_f1'][k]:.3f}{best}")
     proposal = result["proposal"]
     layers = ",".join(str(i) for i in proposal["lora.layers"])
-    lines.append(f"try: --set model.num_layers={proposal['model.num_layers']} --set lora.layers=[{layers}]")
+    lines.append(f"try: --set model.num_layers={proposal['model.num_layers']} --set lora.layers=[{layers}] "
+                 f"--set head.pooling={proposal['head.pooling']}")
     return "\n".join(lines)

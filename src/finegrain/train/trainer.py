@@ -30,6 +30,7 @@ from finegrain.config import TrainConfig
 from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
+from finegrain.evaluate.metrics import higher_is_better
 from finegrain.tasks import item_rows
 from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -257,8 +258,11 @@ class Trainer:
         state, name = self.state, self.config.metric or self.task.headline_metric
         if name not in flat:
             raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(flat)}")
-        value = float(flat[name])
+        # Stored as "higher is better", so that loss-like metrics (rmse, mae) select their lowest value.
+        value = float(flat[name]) if higher_is_better(name) else -float(flat[name])
         self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
+        if self.progress:
+            tqdm.write(validation_line(state.step, name, float(flat[name]), metrics))
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
             state.best_validation = metrics
@@ -364,6 +368,19 @@ def _tensorboard_writer(directory: Path):
     except ImportError:
         return None
     return SummaryWriter(str(directory))
+
+
+def validation_line(step: int, name: str, value: float, metrics: dict[str, Any], width: int = 12) -> str:
+    """One line for the terminal at each validation: the selection metric and, where the task has
+    classes, each class's recall, so that a class the model never predicts shows at once."""
+    line = f"validation at step {step}: {name} {value:.4f}"
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, dict) and per_class and all("recall" in v for v in per_class.values()):
+        recalls = sorted(per_class.items(), key=lambda item: item[1]["recall"])
+        shown = " ".join(f"{label[:width]} {v['recall']:.2f}" for label, v in recalls[:8])
+        more = f" (+{len(recalls) - 8} higher)" if len(recalls) > 8 else ""
+        line += f"; recall by class, lowest first: {shown}{more}"
+    return line
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,224 @@
+"""A training recipe from the data: what a config leaves unset, chosen by looking at the data.
+
+The demo recipe (examples/rotten_tomatoes.yaml) was tuned on short, balanced, binary snippets.
+On other data — long documents, many classes, rare classes — the same numbers lose to a
+one-second TF-IDF baseline. So `finegrain train` fills every key of this list that the config
+(or `--set`) left unset from rules on the training split, and says why for each:
+
+- `data.max_length`: the 95th percentile of the texts' token lengths (documents beyond 512
+  tokens keep their head and tail, `data.long_texts: head_tail`);
+- `head.class_weights`: square-root inverse frequency where the largest class outnumbers the
+  smallest 1.5 to 1 or more;
+- `train.metric`, `train.patience`, `train.eval_every`: select and stop early on validation
+  macro-F1, evaluated twice per epoch for short runs;
+- `train.epochs`: enough passes that ~2,000 examples and ~40 of the rarest class go by;
+- `train.lr`, `train.warmup_ratio`;
+- `model.num_layers`, `head.pooling`, `lora.layers`: from the layer probe
+  (finegrain.train.probe) — cut at the layer whose frozen states classify best, pool as the
+  better pooling there, adapt the top layers below it;
+- and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers,
+  fewer epochs, then shorter texts.
+
+Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
+a rerun with the same config reproduces it and any key can be overridden.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from finegrain.config import RunConfig
+from finegrain.train.probe import probe_layers
+
+RECIPE_TASKS = ("classification",)
+MIN_LENGTH, MAX_LENGTH = 32, 512
+EXAMPLES_SEEN = 2000  # examples a run should see at least (the main job's 3,163 in one epoch reached 0.84)
+RARE_SEEN = 40  # times the rarest class should go by
+MAX_EPOCHS = 10
+IMBALANCE = 1.5  # largest / smallest class count from which the loss weighs classes
+ADAPTED_LAYERS = (6, 4, 3, 2)  # tried in this order until the estimate fits the time budget
+PROBE_TOKENS = 40_000  # per split: bounds the probe's cost on long documents
+TRAIN_COST = 3.0  # a training step's forward + backward costs ~3 forward passes
+
+
+@dataclass
+class Choice:
+    """One key the recipe set: its value and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+def percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Recipe:
+    """Fills the unset keys of `config` from the training split; `choices` lists what it set."""
+
+    def __init__(self, config: RunConfig, explicit: set[str]):
+        self.config, self.explicit = config, explicit
+        self.choices: list[Choice] = []
+
+    def unset(self, key: str) -> bool:
+        return key not in self.explicit
+
+    def set(self, key: str, value: Any, reason: str) -> None:
+        section, name = key.split(".")
+        setattr(getattr(self.config, section), name, value)
+        self.choices.append(Choice(key, value, reason))
+
+    # -- the rules ---------------------------------------------------------------------------
+
+    def plan(self, splits, tokenizer, llama, progress: bool = True) -> list[Choice]:
+        """Choose every unset key; `llama` is the whole frozen base model (the probe reads it)."""
+        from finegrain.tasks.classification import encode_texts
+
+        config = self.config
+        texts = [e.text for e in splits.train]
+        lengths = [len(ids) for ids in encode_texts(tokenizer, texts, 10**9, config.data.template)]
+        self.lengths = lengths
+        self._length(lengths)
+        counts = Counter(e.label for e in splits.train)
+        self._imbalance(counts)
+        self._metric(counts)
+        self._epochs(len(splits.train), counts)
+        self._lr()
+        probe = None
+        if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset("lora.layers"):
+            probe = self._probe(splits, tokenizer, llama, progress)
+        self._budget(len(splits.train), probe, len(llama.model.layers), splits)
+        self._evaluation(len(splits.train))
+        return self.choices
+
+    def _length(self, lengths: list[int]) -> None:
+        if not self.unset("data.max_length"):
+            return
+        p95, median = percentile(lengths, 0.95), percentile(lengths, 0.5)
+        value = min(MAX_LENGTH, max(MIN_LENGTH, 16 * math.ceil(p95 / 16)))
+        longer = sum(n > value for n in lengths)
+        self.set("data.max_length", value, f"95% of the {len(lengths):,} training texts fit in {p95} tokens "
+                 f"(median {median}); {longer:,} longer texts are cut")
+        if longer / len(lengths) > 0.05 and self.unset("data.long_texts") and hasattr(self.config.data, "long_texts"):
+            self.set("data.long_texts", "head_tail", f"{longer / len(lengths):.0%} of the texts exceed {value} tokens: "
+                     "keep their beginning and end rather than the beginning alone")
+
+    def _imbalance(self, counts: Counter) -> None:
+        if not self.unset("head.class_weights") or self.config.data.multi_label:
+            return
+        ratio = max(counts.values()) / min(counts.values())
+        if ratio < IMBALANCE:
+            return
+        total, classes = sum(counts.values()), len(counts)
+        weights = {str(label): round(math.sqrt(total / (classes * n)), 4) for label, n in sorted(counts.items())}
+        self.set("head.class_weights", weights, f"classes are imbalanced ({ratio:.1f} to 1): weigh each by the "
+                 "square root of its inverse frequency (rare classes count more, common ones still more often right)")
+
+    def _metric(self, counts: Counter) -> None:
+        if self.unset("train.metric") and not self.config.data.multi_label:
+            self.set("train.metric", "macro_f1", "select the checkpoint by validation macro-F1, which every class "
+                     f"counts in equally ({len(counts)} classes)")
+
+    def _epochs(self, examples: int, counts: Counter) -> None:
+        if not self.unset("train.epochs"):
+            return
+        rarest = min(counts.values())
+        epochs = min(MAX_EPOCHS, max(1, math.ceil(EXAMPLES_SEEN / examples), math.ceil(RARE_SEEN / rarest)))
+        self.set("train.epochs", epochs, f"{examples:,} training examples, the rarest class {rarest:,}: "
+                 f"{epochs} epoch(s) show at least {EXAMPLES_SEEN:,} examples and {RARE_SEEN} of the rarest class")
+
+    def _lr(self) -> None:
+        if self.unset("train.lr"):
+            self.set("train.lr", 1e-3, "LoRA at rank 8 with batches of 16 learns fastest at 1e-3 here "
+                     "(the main job's rate; 3e-4 needed three times the steps)")
+        if self.unset("train.warmup_ratio"):
+            self.set("train.warmup_ratio", 0.06, "warm up over the first 6% of the steps")
+
+    def _probe(self, splits, tokenizer, llama, progress: bool) -> dict[str, Any]:
+        config = self.config
+        mean_length = sum(min(n, config.data.max_length) for n in self.lengths) / len(self.lengths)
+        examples = int(min(400, max(64, PROBE_TOKENS // max(mean_length, 1))))
+        max_layers = max(1, math.ceil(0.8 * len(llama.model.layers)))
+        result = probe_layers(config, examples, progress, splits, llama, tokenizer, max_layers)
+        best, pooling = result["best_layer"], result["best_pooling"]
+        scores = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
+        if self.unset("model.num_layers"):
+            self.set("model.num_layers", best, f"a linear probe of the frozen layers 1-{max_layers} "
+                     f"({result['train_examples']} train, {result['validation_examples']} validation examples) "
+                     f"scored best at layer {best} (macro-F1 {scores[best]:.3f}); the layers above it are dropped")
+        if self.unset("head.pooling"):
+            other = "last" if pooling == "mean" else "mean"
+            other_scores = result["macro_f1" if pooling == "mean" else "mean_macro_f1"]
+            self.set("head.pooling", pooling, f"the probe's {pooling}-pooled states scored {scores[best]:.3f} "
+                     f"macro-F1 at layer {best}, {other}-pooled {other_scores[best]:.3f}")
+        return result
+
+    def _budget(self, examples: int, probe: dict[str, Any] | None, total_layers: int, splits) -> None:
+        """Adapted layers, then epochs, then text length, until the estimated run fits the budget."""
+        config = self.config
+        budget = 60 * (config.train.time_budget or 0)
+        per_token = probe["seconds_per_layer_token"] if probe else None
+        cut = config.model.num_layers or total_layers
+        held_out = len(splits.validation) + len(splits.test)
+
+        def estimate(adapted: int, epochs: float, max_length: int) -> float:
+            tokens = sum(min(n, max_length) for n in self.lengths) / len(self.lengths)
+            train = examples * tokens * ((cut - adapted) + TRAIN_COST * adapted * epochs)
+            return per_token * (train + held_out * tokens * cut)
+
+        if not self.unset("lora.layers"):
+            return
+        candidates = [k for k in ADAPTED_LAYERS if k <= cut] or [cut]
+        adapted = candidates[0]
+        if per_token and budget:
+            for adapted in candidates:
+                if estimate(adapted, config.train.epochs, config.data.max_length) <= budget:
+                    break
+        reason = f"adapt the top {adapted} of the {cut} kept layers; the {cut - adapted} below run once per example"
+        if per_token and budget:
+            seconds = estimate(adapted, config.train.epochs, config.data.max_length)
+            reason += f" (estimated {seconds / 60:.1f} min of layer passes against a {budget / 60:.0f}-min budget)"
+        self.set("lora.layers", list(range(-adapted, 0)), reason)
+        if not (per_token and budget):
+            return
+        while estimate(adapted, config.train.epochs, config.data.max_length) > budget:
+            if self.unset("train.epochs") and config.train.epochs > 1:
+                self.set("train.epochs", config.train.epochs - 1, "one epoch fewer to fit train.time_budget")
+            elif self.unset("data.max_length") and config.data.max_length > 128:
+                self.set("data.max_length", max(128, config.data.max_length // 2), "shorter texts to fit train.time_budget")
+            else:
+                break
+
+    def _evaluation(self, examples: int) -> None:
+        config = self.config
+        steps_per_epoch = math.ceil(examples / (config.train.batch_size * config.train.grad_accum))
+        if self.unset("train.eval_every") and config.train.epochs <= 2 and steps_per_epoch >= 20:
+            self.set("train.eval_every", math.ceil(steps_per_epoch / 2), "validate twice per epoch: a short run "
+                     "keeps its best half-epoch")
+        if self.unset("train.patience"):
+            self.set("train.patience", 2, "stop after two validations without a better macro-F1 (or train.metric), "
+                     "keeping the best checkpoint")
+
+
+def applies(config: RunConfig) -> bool:
+    """Whether `finegrain train` fills this config's unset keys from the data."""
+    return config.train.recipe in ("auto", True) and config.task in RECIPE_TASKS and not config.data.multi_label
+
+
+def recipe_text(choices: list[Choice]) -> str:
+    """The chosen recipe for the terminal: one line per key."""
+    lines = ["recipe chosen from the data (each key stays overridable with --set):"]
+    lines += [f"  {c.key} = {c.value}  # {c.reason}" for c in choices]
+    return "\n".join(lines)
+
+
+def recipe_comments(choices: list[Choice]) -> str:
+    """The same, as YAML comments above the effective config."""
+    lines = ["# finegrain train chose these keys from the data (set them to override):"]
+    lines += [f"#   {c.key}: {c.reason}" for c in choices]
+    return "\n".join(lines) + "\n"

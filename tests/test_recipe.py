@@ -1,0 +1,124 @@
+"""The recipe from the data (finegrain.train.recipe) and the trainer's metric direction, on the tiny model."""
+
+import json
+import math
+import random
+
+import yaml
+
+from finegrain.cli import main
+from finegrain.config import explicit_keys, load_config
+from finegrain.data.readers import Example
+from finegrain.train.recipe import Recipe, percentile
+from finegrain.train.trainer import validation_line
+
+WORDS = {"sport": ["goal", "match", "team", "score"], "money": ["bank", "rate", "loan", "price"],
+         "rare": ["volcano", "lava", "ash", "crater"]}
+
+
+def write_topics(path, counts: dict[str, int], seed: int = 0, words: int = 6):
+    rng = random.Random(seed)
+    rows = [{"text": " ".join(rng.choice(WORDS[label]) for _ in range(words + rng.randrange(words))), "label": label}
+            for label, n in counts.items() for _ in range(n)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_explicit_keys_are_the_dotted_keys_a_config_sets():
+    values = {"data": {"train": "x", "dataset_options": {"fine": True}}, "head": {"class_weights": {"a": 2}}, "task": "ner"}
+    assert explicit_keys(values) == {"data.train", "data.dataset_options", "head.class_weights", "task"}
+
+
+def test_recipe_fills_only_unset_keys_from_the_data(tiny_model_dir, tmp_path):
+    data = write_topics(tmp_path / "train.jsonl", {"sport": 120, "money": 60, "rare": 20})
+    config = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "train.lr=0.02"])
+    from finegrain.checkpoint.load import load_model
+    from finegrain.tasks import task_class
+
+    splits = task_class("classification").load_splits(config.data)
+    llama, tokenizer = load_model(config.model.name, progress=False)
+    choices = {c.key: c for c in Recipe(config, config.explicit).plan(splits, tokenizer, llama, progress=False)}
+    assert "train.lr" not in choices and config.train.lr == 0.02  # given: left alone
+    # Imbalanced (120/60/20 before the split): square-root inverse-frequency weights, rarest heaviest.
+    counts = {label: sum(e.label == label for e in splits.train) for label in WORDS}
+    weights = config.head.class_weights
+    for label, n in counts.items():
+        assert math.isclose(weights[label], math.sqrt(len(splits.train) / (3 * n)), abs_tol=1e-4)
+    assert config.train.metric == "macro_f1" and config.train.patience == 2
+    lengths = [len(ids) for ids in tokenizer.encode_batch([e.text for e in splits.train])]
+    assert config.data.max_length == max(32, 16 * math.ceil(percentile(lengths, 0.95) / 16))
+    # 160 examples: 2,000 seen needs 13 epochs, capped at 10.
+    assert config.train.epochs == 10
+    assert config.model.num_layers in (1, 2) and config.head.pooling in ("last", "mean")
+    assert config.lora.layers == list(range(-config.model.num_layers, 0))
+    assert all(c.reason for c in choices.values())
+
+
+def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "train.time_budget=1"])
+    recipe = Recipe(config, config.explicit)
+    recipe.lengths = [400] * 1000
+    config.train.epochs, config.data.max_length, config.model.num_layers = 4, 512, 20
+
+    class Splits:
+        validation, test = [None] * 100, [None] * 100
+
+    # 40 us per layer-token: 1,000 x 400 tokens x (20 + 3 x 6 x 4 ...) is far beyond one minute.
+    recipe._budget(1000, {"seconds_per_layer_token": 4e-5}, 30, Splits)
+    assert config.lora.layers == [-2, -1]  # the fewest adapted layers tried
+    assert config.train.epochs == 1  # then fewer epochs
+    assert config.data.max_length == 128  # then shorter texts, down to 128
+    keys = [c.key for c in recipe.choices]
+    assert keys[0] == "lora.layers" and "train.epochs" in keys and "data.max_length" in keys
+
+
+def test_cli_train_without_a_config_prints_and_saves_the_recipe(tiny_model_dir, tmp_path, capsys):
+    data = write_topics(tmp_path / "train.jsonl", {"sport": 60, "money": 30, "rare": 14})
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run_dir),
+                 "--set", "train.epochs=1", "--set", "train.threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe chosen from the data" in out and "data.max_length" in out
+    saved = (run_dir / "config.yaml").read_text()
+    assert saved.startswith("# finegrain train chose these keys from the data")
+    config = yaml.safe_load(saved)
+    assert config["train"]["epochs"] == 1  # the override stays
+    assert config["train"]["metric"] == "macro_f1" and isinstance(config["head"]["class_weights"], dict)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["recipe"]["train.metric"]["value"] == "macro_f1"
+    assert "train.epochs" not in metrics["recipe"]
+    # The recipe is off on request: the defaults of before.
+    off = tmp_path / "off"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(off),
+                 "--set", "train.recipe=off", "--set", "train.epochs=1"]) == 0
+    assert "recipe" not in json.loads((off / "metrics.json").read_text())
+    assert yaml.safe_load((off / "config.yaml").read_text())["data"]["max_length"] == 64
+
+
+def test_lower_is_better_metrics_select_their_lowest_value(tiny_model_dir, tmp_path):
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(["good", "bad", "fine", "dull"]) for _ in range(4)), "label": rng.uniform(-2, 2)}
+            for _ in range(80)]
+    data = tmp_path / "scores.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "regression", "model": {"name": str(tiny_model_dir)}, "data": {"train": str(data), "max_length": 16},
+        "lora": {"layers": [-1]},
+        "train": {"epochs": 4, "lr": 0.05, "batch_size": 8, "eval_every": 2, "metric": "rmse", "threads": 1},
+    }))
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(run_dir)]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r.get("split") == "validation"]
+    best = min(validations, key=lambda r: (r["rmse"], r["step"]))
+    assert len({r["rmse"] for r in validations}) > 1  # a real choice was made
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["best_step"] == best["step"]
+
+
+def test_validation_line_shows_the_lowest_recalls_first():
+    metrics = {"per_class": {"a": {"recall": 0.9}, "b": {"recall": 0.0}, "c": {"recall": 0.5}}}
+    line = validation_line(10, "macro_f1", 0.4567, metrics)
+    assert line.startswith("validation at step 10: macro_f1 0.4567")
+    assert line.index("b 0.00") < line.index("c 0.50") < line.index("a 0.90")
