@@ -122,3 +122,36 @@ def test_validation_line_shows_the_lowest_recalls_first():
     line = validation_line(10, "macro_f1", 0.4567, metrics)
     assert line.startswith("validation at step 10: macro_f1 0.4567")
     assert line.index("b 0.00") < line.index("c 0.50") < line.index("a 0.90")
+
+
+def test_fit_softmax_equals_scikit_learns_logistic_regression():
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from finegrain.train.linear_probe import fit_softmax
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 6, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()  # three classes, one rare
+    weights = torch.tensor([1.0, 1.5, 3.0])
+    l2 = 1e-2
+    w = fit_softmax(x, y, 3, weights, l2=l2, steps=500)
+    # scikit-learn: 0.5 |w|^2 + C * sum of weighted losses; ours: weighted mean loss + l2 / 2 |w|^2,
+    # where the weighted mean divides by the sum of the sample weights.
+    sample_weight = weights[y].numpy()
+    reference = LogisticRegression(C=1 / (l2 * sample_weight.sum()), fit_intercept=False, tol=1e-10, max_iter=10_000)
+    reference.fit(x.numpy(), y.numpy(), sample_weight=sample_weight)
+    torch.testing.assert_close(w, torch.from_numpy(reference.coef_), atol=1e-4, rtol=1e-4)
+
+
+def test_head_init_probe_starts_training_from_the_fitted_head(tiny_model_dir, tmp_path):
+    data = write_topics(tmp_path / "train.jsonl", {"sport": 40, "money": 40, "rare": 16})
+    runs = {}
+    for init in ("random", "probe"):
+        run_dir = tmp_path / init
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run_dir),
+                     "--set", "train.recipe=off", "--set", f"head.init={init}", "--set", "train.epochs=1",
+                     "--set", "lora.layers=[-1]", "--set", "train.threads=1"]) == 0
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[init] = records[0]["train_loss"]
+    assert runs["probe"] < runs["random"]  # the first step's loss: the fitted head already separates the topics

@@ -77,6 +77,7 @@ class HeadConfig:
     scheme: str = "BIO"  # ner: the tags the head predicts: BIO, BIOES or IO
     subword: str = "first"  # ner: the subtoken of each word that carries its label: first | last
     decoding: str = "viterbi"  # ner: viterbi (valid tag sequences only) | argmax
+    init: str = "random"  # classification: random | probe (fit the head on the frozen model first: LP-FT)
 
 
 @dataclass
@@ -285,6 +286,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.head.scheme.upper() in ("BIO", "IOB2", "BIOES", "IOBES", "IO"), "head.scheme", "BIO, BIOES or IO"),
         (config.head.subword in ("first", "last"), "head.subword", "first or last"),
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
+        (config.head.init in ("random", "probe"), "head.init", "random or probe"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),

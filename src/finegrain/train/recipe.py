@@ -13,6 +13,7 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   macro-F1, evaluated twice per epoch for short runs;
 - `train.epochs`: enough passes that ~2,000 examples and ~40 of the rarest class go by;
 - `train.lr`, `train.warmup_ratio`;
+- `head.init: probe`: the head fitted on the frozen model first, then fine-tuned (LP-FT);
 - `model.num_layers`, `head.pooling`, `lora.layers`: from the layer probe
   (finegrain.train.probe) — cut at the layer whose frozen states classify best, pool as the
   better pooling there, adapt the top layers below it;
@@ -89,6 +90,7 @@ class Recipe:
         self._metric(counts)
         self._epochs(len(splits.train), counts)
         self._lr()
+        self._head_init()
         probe = None
         if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset("lora.layers"):
             probe = self._probe(splits, tokenizer, llama, progress)
@@ -131,6 +133,11 @@ class Recipe:
         epochs = min(MAX_EPOCHS, max(1, math.ceil(EXAMPLES_SEEN / examples), math.ceil(RARE_SEEN / rarest)))
         self.set("train.epochs", epochs, f"{examples:,} training examples, the rarest class {rarest:,}: "
                  f"{epochs} epoch(s) show at least {EXAMPLES_SEEN:,} examples and {RARE_SEEN} of the rarest class")
+
+    def _head_init(self) -> None:
+        if self.unset("head.init"):
+            self.set("head.init", "probe", "fit the head on the frozen model's pooled states before fine-tuning "
+                     "(LP-FT): every class, the rarest too, starts with a row that separates it")
 
     def _lr(self) -> None:
         if self.unset("train.lr"):

@@ -32,6 +32,7 @@ from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.tasks import item_rows
+from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 
@@ -158,6 +159,8 @@ class Trainer:
             fault_point("prefix_cache")  # test-only (tests/test_faults.py)
             if self.task.predicts_from_prefix:
                 self.validation_hidden = prefix(self.validation_items)
+        if not resume and getattr(getattr(self.task, "head", None), "init", "random") == "probe":
+            self._fit_head()
         self.model.train()
         bar = tqdm(
             total=self.total_steps, initial=self.state.step, desc="training", unit="step",
@@ -242,6 +245,15 @@ class Trainer:
 
     def _epoch_progress(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
+
+    def _fit_head(self) -> None:
+        """LP-FT (finegrain.train.linear_probe): the head fitted on the frozen model's pooled states."""
+        head = self.task.head_modules[0]
+        with HeadInputs(self.model, head):
+            features = predict_outputs(self.model, self.task, self.train_items, self.pad_id, self.config.eval_batch_size,
+                                       self.hidden, self.start_layer, "fitting the head" if self.progress else None)
+        targets = torch.tensor([item.target for item in self.train_items])
+        fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None))
 
     # -- validation and best weights -------------------------------------------------------
 
