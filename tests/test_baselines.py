@@ -191,7 +191,9 @@ def _write_run(tmp_path: Path, model_dir: Path, **data) -> Path:
         "model": {"name": str(model_dir)},
         "data": {"train": str(tmp_path / "data.jsonl"), "max_length": 8, "split": [0.6, 0.2, 0.2], **data},
         "lora": {"r": 2, "alpha": 4, "targets": ["q_proj"], "layers": [-1]},
-        "train": {"epochs": 1, "lr": 1e-9, "batch_size": 16, "threads": 1, "warmup_ratio": 0.0, "eval_every": 0},
+        # recipe off: its probe would fit the head before training, and this model must not learn
+        "train": {"epochs": 1, "lr": 1e-9, "batch_size": 16, "threads": 1, "warmup_ratio": 0.0, "eval_every": 0,
+                  "recipe": "off"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
