@@ -1,0 +1,191 @@
+"""Fault injection (`pytest -m faults`): a real `finegrain train` SIGKILLed at each phase of a run,
+then continued, must end as the uninterrupted run does; damaged adapters and checkpoints are refused.
+
+The kill points are `finegrain.atomic.fault_point` calls that fire only under FINEGRAIN_FAULT
+(a test-only hook): `FINEGRAIN_FAULT=checkpoint_write:2` kills the process inside its second
+checkpoint write. Every continued run is compared with one uninterrupted run of the same config:
+the adapter file byte for byte, the test metrics and the metrics.jsonl steps.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from finegrain.cli import main
+from finegrain.errors import FinegrainError
+from finegrain.peft.base import WEIGHTS_NAME, read_adapter, save_weights, verify_adapter
+
+pytestmark = pytest.mark.faults
+
+ADAPTER = Path("adapter") / WEIGHTS_NAME
+
+
+def write_run_config(root: Path, model_dir: Path) -> Path:
+    """A tiny classification run: 2 epochs of 7 steps, a checkpoint every 2 steps, prefix caching on."""
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i % 7}", "label": "fresh" if i % 2 else "rotten"} for i in range(64)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model": {"name": str(model_dir), "num_layers": 2},  # set, so that no recipe cuts layers (and the cache)
+        "data": {"train": str(root / "data.jsonl"), "max_length": 12},
+        "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "layers": [-1]},  # layer 0 is cached
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "threads": 1, "eval_every": 3, "checkpoint_every": 2},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    root = tmp_path_factory.mktemp("faults")
+    config = write_run_config(root, tiny_model_dir)
+    assert main(["train", str(config), "--output", str(root / "straight")]) == 0
+    return config, root / "straight"
+
+
+def killed_train(*args: str, fault: str) -> subprocess.CompletedProcess:
+    """`finegrain train ARGS` in a subprocess that SIGKILLs itself at `fault`."""
+    env = {**os.environ, "FINEGRAIN_FAULT": fault, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    return result
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """The continued run ended where the uninterrupted one did, and left no temporaries behind."""
+    assert (run / ADAPTER).read_bytes() == (reference / ADAPTER).read_bytes()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (reference, run))
+    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["train"]["steps"] == b["train"]["steps"]
+    assert a["train"]["best_step"] == b["train"]["best_step"]
+    steps = [[json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (reference, run)]
+    assert steps[0] == steps[1]  # no record lost or repeated
+    hidden = [p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name != ".lock"]
+    assert hidden == [], hidden
+
+
+@pytest.mark.parametrize(
+    "fault, again",
+    [
+        ("prefix_cache", "output"),  # before the first checkpoint: started again with --output
+        ("train_step", "resume"),  # after step 1, before the first checkpoint: --resume starts from the beginning
+        ("checkpoint_write:2", "resume"),  # inside the second checkpoint write: resumed from the first
+        ("adapter_write", "resume"),  # inside the adapter write: a hidden temporary is left
+        ("test", "resume"),  # during the test pass
+    ],
+)
+def test_killed_run_continues_to_the_uninterrupted_result(straight, tmp_path, capsys, fault, again):
+    config, reference = straight
+    run = tmp_path / "run"
+    killed_train(str(config), "--output", str(run), fault=fault)
+    assert (run / "config.yaml").exists() and not (run / "metrics.json").exists()
+    started = (run / "checkpoint" / "state.json").exists()
+    assert started == (fault not in ("prefix_cache", "train_step"))
+    if fault == "adapter_write":
+        assert list((run / "adapter").glob(".adapter_model.safetensors.*.tmp.safetensors"))
+    if fault == "checkpoint_write:2":
+        assert list(run.glob(".checkpoint.*.tmp"))
+    args = ["train", "--resume", str(run)] if again == "resume" else ["train", str(config), "--output", str(run)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert_same_run(run, reference)
+
+
+def damage_tail(path: Path, size: int = 64) -> None:
+    """Overwrite the last `size` bytes (tensor data, not the header) as a bad disk or copy would."""
+    data = bytearray(path.read_bytes())
+    data[-size:] = os.urandom(size)
+    path.write_bytes(bytes(data))
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_damaged_adapter_is_refused_by_evaluate_predict_and_rebuilt_by_resume(straight, tmp_path, capsys):
+    config, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    damage_tail(run / ADAPTER)
+    data = yaml.safe_load(config.read_text())["data"]["train"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", data]) == 1
+    one_line_error(capsys, str(run / ADAPTER), "checksum", f"finegrain train --resume {run}")
+    assert main(["predict", str(run), "--input", data]) == 1
+    one_line_error(capsys, str(run / ADAPTER), "checksum")
+    with pytest.raises(FinegrainError, match="checksum"):
+        read_adapter(run / "adapter")  # what `finegrain serve` loads adapters with
+    assert main(["train", "--resume", str(run)]) == 0  # the fix the message gives
+    assert (run / ADAPTER).read_bytes() == (reference / ADAPTER).read_bytes()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", data]) == 0
+
+
+def test_adapters_without_a_checksum_still_load_but_not_with_nan(straight, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, reference = straight
+    adapter = tmp_path / "adapter"
+    shutil.copytree(reference / "adapter", adapter)
+    tensors = load_file(adapter / WEIGHTS_NAME)
+    save_file(tensors, str(adapter / WEIGHTS_NAME), metadata={"format": "pt"})  # as runs before the checksum
+    verify_adapter(adapter)
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(adapter / WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(FinegrainError, match=f"'{name}' holds NaN or infinite values"):
+        verify_adapter(adapter)
+    save_weights(tensors, adapter / WEIGHTS_NAME)  # a checksum that matches does not make NaN acceptable
+    with pytest.raises(FinegrainError, match="holds NaN"):
+        verify_adapter(adapter)
+
+
+def test_adapter_whose_ranks_do_not_fit_its_config_is_refused(straight, tmp_path):
+    _, reference = straight
+    adapter = tmp_path / "adapter"
+    shutil.copytree(reference / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(FinegrainError, match=r"does not fit r=8 of adapter_config.json; save or copy the adapter again"):
+        verify_adapter(adapter)
+
+
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt"])
+def test_damaged_checkpoint_is_refused_in_one_line(straight, tmp_path, capsys, damaged):
+    _, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    path = run / "checkpoint" / damaged
+    if damaged == "optimizer.pt":
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated
+    else:
+        damage_tail(path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 1
+    one_line_error(capsys, str(run / "checkpoint"), f"delete {run / 'checkpoint'}")
+    assert (run / ADAPTER).read_bytes() == (reference / ADAPTER).read_bytes()  # the finished run is untouched
+
+
+def test_best_weights_are_checked_too(straight, tmp_path):
+    """best/ is what a run's adapter is built from at the end: a damaged file is not used."""
+    from finegrain.peft.base import load_weights
+
+    _, reference = straight
+    path = tmp_path / "trainable.safetensors"
+    shutil.copy(reference / "best" / "trainable.safetensors", path)
+    assert all(torch.isfinite(t).all() for t in load_weights(path, "retrain").values())
+    damage_tail(path, 16)
+    with pytest.raises(FinegrainError, match="checksum.*; retrain"):
+        load_weights(path, "retrain")
