@@ -13,6 +13,7 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   macro-F1, evaluated twice per epoch for short runs;
 - `train.epochs`: enough passes that ~2,000 examples and ~40 of the rarest class go by;
 - `train.lr`, `train.warmup_ratio`;
+- `lora.targets: all-linear`;
 - `head.init: probe`: the head fitted on the frozen model first, then fine-tuned (LP-FT);
 - `model.num_layers`, `head.pooling`, `lora.layers`: from the layer probe
   (finegrain.train.probe) — cut at the layer whose frozen states classify best, pool as the
@@ -91,6 +92,7 @@ class Recipe:
         self._epochs(len(splits.train), counts)
         self._lr()
         self._head_init()
+        self._targets()
         probe = None
         if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset("lora.layers"):
             probe = self._probe(splits, tokenizer, llama, progress)
@@ -138,6 +140,11 @@ class Recipe:
         if self.unset("head.init"):
             self.set("head.init", "probe", "fit the head on the frozen model's pooled states before fine-tuning "
                      "(LP-FT): every class, the rarest too, starts with a row that separates it")
+
+    def _targets(self) -> None:
+        if self.unset("lora.targets"):
+            self.set("lora.targets", "all-linear", "adapt every linear layer of the adapted blocks (attention and "
+                     "MLP), as the main job does: with few adapted layers, each must carry more")
 
     def _lr(self) -> None:
         if self.unset("train.lr"):
