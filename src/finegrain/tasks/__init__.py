@@ -92,7 +92,7 @@ def long_text_line(summary: dict[str, Any]) -> str | None:
     mode = summary["long_texts"]
     if mode == "windows":
         cut = sum(summary["truncated"].values())
-        return line + f"read in overlapping windows ({cut} past data.max_windows={summary['max_windows']} were cut)"
+        return line + f"read in windows ({cut} needed more than data.max_windows={summary['max_windows']} and lost their end)"
     kept = "their first and last tokens" if mode == "head_tail" else "their first tokens"
     return line + f"data.long_texts={mode} kept {kept} (head_tail or windows read more of them)"
 
