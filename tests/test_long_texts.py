@@ -139,9 +139,10 @@ def test_windows_batch_by_rows_in_prediction_and_through_the_prefix_cache(tiny_m
     torch.testing.assert_close(cached, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-def windows_trainer(model_dir, run_dir, prefix_cache: bool = True) -> Trainer:
+def windows_trainer(model_dir, run_dir, prefix_cache: bool = True, head_init: str = "random") -> Trainer:
     """A Trainer for 2 epochs of 3 batches on texts of 1 to 3 windows (the same model, data and order each time)."""
-    model, tokenizer, task, config = classifier(model_dir, "data.long_texts=windows", "data.max_windows=3")
+    model, tokenizer, task, config = classifier(model_dir, "data.long_texts=windows", "data.max_windows=3",
+                                                f"head.init={head_init}")
     config.train.prefix_cache, config.train.batch_size, config.train.epochs = prefix_cache, 3, 2
     config.train.lr, config.train.checkpoint_every, config.train.micro_batch_tokens = 1e-2, 2, 40
     texts = [LONG, SHORT, LONG[:70], LONG[::-1], SHORT * 3, LONG[30:], "dull", LONG[:45]]
@@ -156,11 +157,12 @@ def trained(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def test_training_with_windows_is_the_same_with_and_without_the_prefix_cache(tiny_model_dir, tmp_path):
-    with_cache = windows_trainer(tiny_model_dir, tmp_path / "cached")
+@pytest.mark.parametrize("head_init", ["random", "probe"])  # probe: the head first fitted on the texts' pooled states
+def test_training_with_windows_is_the_same_with_and_without_the_prefix_cache(tiny_model_dir, tmp_path, head_init):
+    with_cache = windows_trainer(tiny_model_dir, tmp_path / "cached", head_init=head_init)
     with_cache.fit()
     assert with_cache.start_layer == 1 and with_cache.state.step == 6
-    without = windows_trainer(tiny_model_dir, tmp_path / "plain", prefix_cache=False)
+    without = windows_trainer(tiny_model_dir, tmp_path / "plain", prefix_cache=False, head_init=head_init)
     without.fit()
     assert without.start_layer == 0
     a, b = trained(with_cache), trained(without)
