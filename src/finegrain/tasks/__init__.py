@@ -97,6 +97,16 @@ def long_text_line(summary: dict[str, Any]) -> str | None:
     return line + f"data.long_texts={mode} kept {kept} (head_tail or windows read more of them)"
 
 
+def document_mean(states: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+    """Per text, the mean (B, H) of its rows' states (R, H), rows mapped to texts by a batch's
+    `documents` (R,) (the windows of long texts); `states` as they are without `documents`."""
+    if documents is None:
+        return states
+    counts = torch.bincount(documents)  # (B,) rows per text
+    summed = states.new_zeros(len(counts), states.shape[-1]).index_add(0, documents, states)
+    return summed / counts[:, None].to(states.dtype)
+
+
 def _spans(sizes: list[int]) -> list[tuple[int, int]]:
     """(start, length) of consecutive pieces of the given lengths."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]

@@ -19,7 +19,7 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import Task, class_weights, pad_inputs
+from finegrain.tasks import Task, class_weights, document_mean, pad_inputs
 
 
 @dataclass
@@ -142,12 +142,7 @@ class SequenceClassifier(nn.Module):
         of its B texts (row r belongs to text `documents[r]`): a text's pooled state is the mean
         of its windows' (linear, the head gives the mean of their logits too).
         """
-        pooled = self.pool(batch, start_layer)  # (R, H)
-        documents = batch.get("documents")
-        if documents is not None:
-            counts = torch.bincount(documents)  # (B,) windows per text
-            summed = pooled.new_zeros(len(counts), pooled.shape[1]).index_add(0, documents, pooled)
-            pooled = summed / counts[:, None].to(pooled.dtype)  # (B, H)
+        pooled = document_mean(self.pool(batch, start_layer), batch.get("documents"))  # (R, H) -> (B, H)
         return self.score(pooled)  # (B, C)
 
     def pool(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
