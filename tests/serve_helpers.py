@@ -22,6 +22,7 @@ import httpx
 import yaml
 
 LOOPBACK = "127.0.0.1"
+OPENMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 HERE = Path(__file__).resolve().parent
 
 
@@ -125,12 +126,15 @@ def write_jsonl(directory: Path, rows: list[dict]) -> Path:
 class Server:
     """`python -m finegrain.serve ...` on 127.0.0.1 with a free port; `url`, `client`, `stop()`."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, slow: bool = False, timeout: float = 60):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, slow: bool = False, timeout: float = 60,
+                 threads: int | None = 1):
+        """`threads=None`: the server's own thread count and OpenMP settings (none inherited from the tests)."""
         command = [sys.executable, str(HERE / "serve_helpers.py"), "slow"] if slow else [sys.executable, "-m", "finegrain.serve"]
+        inherited = {k: v for k, v in os.environ.items() if threads is not None or k not in OPENMP_VARIABLES}
         self.process = subprocess.Popen(
-            [*command, *args, "--host", LOOPBACK, "--port", "0", "--threads", "1"],
+            [*command, *args, "--host", LOOPBACK, "--port", "0", *(["--threads", str(threads)] if threads else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            env={**inherited, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})},
         )
         self.lines: list[str] = []
         self.port = self._wait_for_port(timeout)
@@ -183,21 +187,26 @@ class Server:
 
 
 def _slow_main(argv: list[str]) -> int:
-    """The real server, but each classification batch first sleeps the seconds named in a "sleep:N" text."""
+    """The real server, but each classification batch first sleeps the seconds named in a "sleep:N"
+    text, and a batch with a "nan:" text answers NaN probabilities (as a damaged adapter does)."""
     import finegrain.serve.app as app_module
     from finegrain.serve import cli
     from finegrain.serve.engine import Engine
 
     class SlowEngine(Engine):
         def run(self, key, jobs):
+            texts = []
             if key[0] == "task":
-                for job in jobs:
-                    for item in job.payload:
-                        text = self.registry.runs[key[1]].tokenizer.decode(item.input_ids)
-                        match = re.search(r"sleep:([\d.]+)", text)
-                        if match:
-                            time.sleep(float(match.group(1)))
-            return super().run(key, jobs)
+                texts = [self.registry.runs[key[1]].tokenizer.decode(item.input_ids) for job in jobs for item in job.payload]
+                for text in texts:
+                    match = re.search(r"sleep:([\d.]+)", text)
+                    if match:
+                        time.sleep(float(match.group(1)))
+            results = super().run(key, jobs)
+            if any("nan:" in text for text in texts):
+                for prediction in (p for predictions in results for p in predictions):
+                    prediction["probabilities"] = dict.fromkeys(prediction["probabilities"], float("nan"))
+            return results
 
     original = app_module.create_app
     app_module.create_app = lambda *args, **kwargs: original(*args, **kwargs, engine=SlowEngine)

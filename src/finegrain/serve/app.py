@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -31,8 +32,8 @@ from finegrain.serve.logs import log, mask_pii
 from finegrain.serve.metrics import Metrics
 from finegrain.serve.models import GENERATE_ENDPOINTS, TASK_ENDPOINTS, ModelRegistry
 from finegrain.serve.schemas import (
-    ChatRequest, ChatResponse, ClassifyResponse, ErrorBody, GenerateRequest, GenerateResponse, ModelList, NerResponse,
-    QARequest, QAResponse, RegressResponse, RelationRequest, RelationResponse, TextsRequest,
+    ChatResponse, ClassifyResponse, ErrorBody, GenerateResponse, ModelList, NerResponse, QARequest, QAResponse,
+    RegressResponse, RelationRequest, RelationResponse, TextsRequest, generation_requests,
 )
 from finegrain.serve.security import ApiKeys, Gate, RateLimiter, error_body
 
@@ -43,7 +44,8 @@ PATHS = (*TASK_ENDPOINTS.values(), *GENERATE_ENDPOINTS, "/v1/models", "/healthz"
 class ServeError(Exception):
     """A refusal with its status, message and the request field it is about."""
 
-    KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "unavailable", 504: "timeout"}
+    KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 500: "server_error",
+             503: "unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -123,8 +125,11 @@ def create_app(
         state["draining"] = True
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
 
+    # No ReDoc, no OAuth2 redirect page; Swagger UI at /docs only with --docs, and only to key
+    # holders (`Gate`): its page loads JavaScript from a CDN, blank offline and a third party's code.
     app = FastAPI(
         title="finegrain", version=_version(), lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
         description="Fine-tuned LLaMA-family models: classification, regression, NER, relations, QA and generation. "
                     "`/v1` routes need `Authorization: Bearer <key>` when the server has keys.",
     )
@@ -144,6 +149,11 @@ def create_app(
         ]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            reason = (exc.errors()[0].get("ctx") or {}).get("error", "")
+            where = f"at character {first['loc'][-1]}" if len(first["loc"]) > 1 else ""
+            field, first = "body", {**first, "msg": f"not valid JSON ({', '.join(filter(None, (reason, where)))}); send a JSON object"}
+        first = {**first, "msg": first["msg"].removeprefix("Value error, ")}
         content_type = request.headers.get("content-type", "")
         if field == "body" and "json" not in content_type:
             first = {**first, "msg": f"send a JSON object with 'Content-Type: application/json' (got '{content_type}')"}
@@ -193,12 +203,26 @@ def create_app(
         except FinegrainError as exc:
             raise ServeError(422, str(exc)) from None
 
+    def check_length(tokenizer, param: str, text: str) -> None:
+        """Refuse a text too long to fit --max-tokens-per-text, without tokenizing it: one token
+        stands for at most `tokenizer.max_token_chars` characters. Tokenizing a 1 MiB text takes
+        seconds, which no one should be able to make the server spend on a text it then refuses."""
+        limit = settings.max_tokens_per_text
+        if len(text) > limit * tokenizer.max_token_chars:
+            raise limit_error(param, f"{len(text)} characters, more than {limit} tokens can hold: over the limit of "
+                                     f"{limit} tokens per text (--max-tokens-per-text)")
+
     def count_tokens(tokenizer, fields: list[tuple[str, str]]) -> None:
-        """Refuse any (param, text) pair over --max-tokens-per-text."""
+        """Refuse any (param, text) pair over --max-tokens-per-text. Runs off the event loop."""
         encoded = tokenizer.encode_batch([text for _, text in fields], add_special_tokens=False)
         for (param, _), ids in zip(fields, encoded):
             if len(ids) > settings.max_tokens_per_text:
                 raise limit_error(param, f"{len(ids)} tokens, over the limit of {settings.max_tokens_per_text} tokens per text (--max-tokens-per-text)")
+
+    async def off_loop(function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` on a worker thread: tokenizing takes milliseconds to seconds, during
+        which the event loop must keep answering other requests (and /healthz)."""
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
     async def answer(endpoint: str, model: str | None, field: str, inputs: list, texts: list[tuple[str, str]]):
         """The run answering `endpoint` and its predictions, one per input.
@@ -213,6 +237,18 @@ def create_app(
         if len(inputs) > settings.max_texts:
             raise limit_error(field, f"{len(inputs)} {field}, over the limit of {settings.max_texts} per request (--max-texts)")
         run = registry.runs[name]
+        for param, text in texts:
+            check_length(run.tokenizer, param, text)
+        items = await off_loop(encode_inputs, run, field, inputs, texts)
+        predictions = await submit(("task", name), items, len(items), started)
+        if not all_finite(predictions):
+            log("non_finite_output", logging.ERROR, model=name)
+            raise ServeError(500, f"model '{name}' gave a NaN or infinite score: its adapter or base model is damaged; "
+                                  "check the run (finegrain evaluate) and train it again")
+        return name, predictions
+
+    def encode_inputs(run, field: str, inputs: list, texts: list[tuple[str, str]]) -> list:
+        """The task's encoded items for `inputs`, after the token limit. Runs off the event loop."""
         count_tokens(run.tokenizer, texts)
         try:
             examples = run.task.examples_from_inputs(inputs, run.config.data)
@@ -221,7 +257,7 @@ def create_app(
             raise input_error(exc, field) from None
         if any(not item.input_ids for item in items):
             raise limit_error(field, "an input encodes to no tokens; send some text")
-        return name, await submit(("task", name), items, len(items), started)
+        return items
 
     # -- task endpoints --------------------------------------------------------------------
 
@@ -279,7 +315,7 @@ def create_app(
             raise limit_error(prompt_param.replace("prompt", "max_new_tokens").replace("messages", "max_tokens"),
                               f"{max_new_tokens} is over the limit of {settings.max_new_tokens} (--max-new-tokens)")
         _, tokenizer, _ = engine.model_of(model)
-        prompt_tokens = len(tokenizer.encode(prompt))
+        prompt_tokens = len(tokenizer.encode(prompt))  # a ChatPrompt's own ids: see `chat`
         if prompt_tokens > settings.max_tokens_per_text:
             raise limit_error(prompt_param, f"{prompt_tokens} tokens, over the limit of {settings.max_tokens_per_text} (--max-tokens-per-text)")
         context = engine.model_of(model)[0].llama.config.max_position_embeddings
@@ -297,14 +333,26 @@ def create_app(
         completion = len(tokenizer.encode(text, add_special_tokens=False))
         return completion, "length" if completion >= max_new_tokens else "stop"
 
+    # The request bodies carry --max-new-tokens as their schema's maximum, so they are made here;
+    # FastAPI reads a body's type from the annotation, set on each endpoint before it is registered.
+    GenerateBody, ChatBody = generation_requests(settings.max_new_tokens)
+
+    def body_type(model: type) -> Callable:
+        def annotate(endpoint: Callable) -> Callable:
+            endpoint.__annotations__["body"] = model
+            return endpoint
+        return annotate
+
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generation"])
-    async def generate_text(body: GenerateRequest) -> GenerateResponse:
+    @body_type(GenerateBody)
+    async def generate_text(body) -> GenerateResponse:
         """Continue a prompt with a base model (or a generative run)."""
         started = time.monotonic()
         name = pick(body.model, "/v1/generate")
         options = {"temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
                    "repetition_penalty": body.repetition_penalty, "stop": tuple(body.stop), "seed": body.seed}
-        work, prompt_tokens = generation_work(name, body.prompt, body.max_new_tokens, options, "prompt")
+        check_length(engine.model_of(name)[1], "prompt", body.prompt)
+        work, prompt_tokens = await off_loop(generation_work, name, body.prompt, body.max_new_tokens, options, "prompt")
         text = await submit(generation_key(work, False), work, 1, started)
         completion, reason = finish(engine.model_of(name)[1], text, body.max_new_tokens)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
@@ -314,21 +362,27 @@ def create_app(
         "/v1/chat/completions", response_model=ChatResponse, responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
         tags=["generation"],
     )
-    async def chat(body: ChatRequest, request: Request):
+    @body_type(ChatBody)
+    async def chat(body, request: Request):
         """OpenAI-compatible chat completion; `stream: true` answers with server-sent events."""
         started = time.monotonic()
         name = pick(body.model, "/v1/chat/completions")
         tokenizer = engine.model_of(name)[1]
-        try:
-            prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
-        except FinegrainError as exc:
-            raise limit_error("messages", str(exc)) from None
-        if tokenizer.add_bos and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
-            prompt = prompt[len(tokenizer.bos_token) :]  # `generate` adds it again
+        messages = [m.model_dump() for m in body.messages]
+        check_length(tokenizer, "messages", "".join(m["content"] for m in messages))
         max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.max_new_tokens, 256)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         options = {"temperature": body.temperature, "top_p": body.top_p, "stop": stop, "seed": body.seed}
-        work, prompt_tokens = generation_work(name, prompt, max_tokens, options, "messages")
+
+        def prepare() -> tuple[GenerationWork, int]:
+            # The messages' text stays text: a message spelling "<|im_end|>" forges no turn (ChatPrompt).
+            try:
+                prompt = tokenizer.chat_prompt(messages)
+            except FinegrainError as exc:
+                raise limit_error("messages", str(exc)) from None
+            return generation_work(name, prompt, max_tokens, options, "messages")
+
+        work, prompt_tokens = await off_loop(prepare)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not body.stream:
             text = await submit(generation_key(work, False), work, 1, started)
@@ -417,7 +471,8 @@ def create_app(
 
     _document_security(app, bool(len(keys)))
     limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
-    app.add_middleware(Gate, keys=keys, max_body_bytes=settings.max_body_bytes, limiter=limiter, draining=lambda: state["draining"])
+    app.add_middleware(Gate, keys=keys, max_body_bytes=settings.max_body_bytes, limiter=limiter, draining=lambda: state["draining"],
+                       read_timeout=settings.read_timeout)
     app.add_middleware(Observe, metrics=metrics, log_bodies=settings.log_bodies)  # added last: runs first
     return app
 
@@ -466,6 +521,18 @@ class Observe:
             if self.log_bodies and extra.get("body"):
                 fields["body"] = mask_pii(extra["body"][:4096].decode("utf-8", "replace"))
             log("request", **fields)
+
+
+def all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in `value` (predictions: dicts, lists, numbers): JSON holds neither,
+    and a damaged adapter gives them. Checked before answering, rather than sent as null."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return True
 
 
 def _document_security(app: FastAPI, required: bool) -> None:

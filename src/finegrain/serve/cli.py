@@ -37,7 +37,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="texts per classification request")
     p.add_argument("--max-tokens-per-text", type=int, default=defaults.max_tokens_per_text, help="tokens per text or prompt")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens one generation may produce")
-    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the model's matrix work (default: the cores this process may use, "
+                        "from its CPU affinity and cgroup quota; waiting threads sleep: see OMP_WAIT_POLICY in docs/SERVING.md)")
+    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
+                   help=f"a request's head, and then its body, must each arrive within this (default {defaults.read_timeout:g}; else 408, closed)")
+    p.add_argument("--keep-alive", type=float, default=defaults.keep_alive, metavar="SECONDS",
+                   help=f"close a connection idle this long after a response (default {defaults.keep_alive:g})")
+    p.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                   help=f"open connections at most; one more is answered 503 and closed (default {defaults.max_connections})")
+    p.add_argument("--docs", action="store_true",
+                   help="serve Swagger UI at /docs, to API key holders only (the page loads its JavaScript from a public CDN)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-bodies", action="store_true", help="log request bodies, with e-mails, phones and ID numbers masked")
     p.set_defaults(func=cmd_serve)
@@ -46,16 +56,23 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Validate everything a user can get wrong, bind, then serve until SIGTERM/SIGINT."""
+    from finegrain.cpu import configure_openmp
+
+    if args.threads is not None and args.threads < 1:
+        raise FinegrainError("--threads: must be at least 1")
+    configure_openmp(args.threads)  # before torch is imported (by the app's modules below)
     from finegrain.serve.app import ServeSettings, create_app
     from finegrain.serve.logs import setup_logging
     from finegrain.serve.models import ModelRegistry, parse_run_arguments
     from finegrain.serve.security import check_bind, load_keys
 
-    for flag in ("max_batch", "max_queue", "max_body_bytes", "max_texts", "max_tokens_per_text", "max_new_tokens"):
+    for flag in ("max_batch", "max_queue", "max_body_bytes", "max_texts", "max_tokens_per_text", "max_new_tokens", "max_connections"):
         if getattr(args, flag) < 1:
             raise FinegrainError(f"--{flag.replace('_', '-')}: must be at least 1")
     if args.timeout <= 0 or args.batch_wait_ms < 0 or (args.rate_limit is not None and args.rate_limit <= 0):
         raise FinegrainError("--timeout and --rate-limit must be positive, --batch-wait-ms not negative")
+    if not (args.read_timeout > 0 and args.keep_alive > 0):  # also refuses nan
+        raise FinegrainError("--read-timeout and --keep-alive must be positive numbers of seconds")
     keys = load_keys(args.api_key_file)
     check_bind(args.host, keys, args.insecure)
     registry = ModelRegistry(parse_run_arguments(args.runs), args.model or ([] if args.runs else [None]))
@@ -63,8 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_tokens_per_text=args.max_tokens_per_text,
         max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue, timeout=args.timeout, rate_limit=args.rate_limit, log_bodies=args.log_bodies,
+        docs=args.docs, read_timeout=args.read_timeout, keep_alive=args.keep_alive, max_connections=args.max_connections,
     )
-    if args.threads:
+    if args.threads:  # else torch's default: OMP_NUM_THREADS, as configure_openmp set it
         import torch
 
         torch.set_num_threads(args.threads)
@@ -105,9 +123,10 @@ class Runner:
         """Serve until stopped; False when the models failed to load."""
         import uvicorn
 
+        from finegrain.serve.connections import default_protocol, guarded
         from finegrain.serve.logs import log
 
-        state = app.state.serve
+        state, settings = app.state.serve, app.state.settings
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame) -> None:
@@ -121,7 +140,8 @@ class Runner:
 
         config = uvicorn.Config(
             app, log_config=None, access_log=False, proxy_headers=False, lifespan="on",
-            timeout_graceful_shutdown=int(drain_seconds + 1), timeout_keep_alive=5, server_header=False,
+            timeout_graceful_shutdown=int(drain_seconds + 1), timeout_keep_alive=settings.keep_alive, server_header=False,
+            http=guarded(default_protocol(), settings.read_timeout, settings.max_connections, settings.max_header_bytes),
         )
         self.server = Server(config)
         host, port = sock.getsockname()[:2]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from finegrain.cpu import threads_now
 from finegrain.generation import generate
 from finegrain.serve.batching import Job
 from finegrain.serve.metrics import Metrics
@@ -36,13 +38,26 @@ class Engine:
     def __init__(self, registry: ModelRegistry, metrics: Metrics):
         self.registry = registry
         self.metrics = metrics
+        self.most_threads = torch.get_num_threads()  # --threads, or the cores this process may use
+        self.threads = self.most_threads
+        self.adapt_threads = os.environ.get("FINEGRAIN_ADAPT_THREADS", "1") != "0"  # 0: always most_threads
 
     def run(self, key: Hashable, jobs: list[Job]) -> list[Any]:
         kind = key[0]  # type: ignore[index]
+        self.pick_threads()
         with torch.inference_mode():
             if kind == "task":
                 return self.predict(key[1], jobs)  # type: ignore[index]
             return self.generate(jobs)
+
+    def pick_threads(self) -> None:
+        """Run this batch on the cores no other process is using now (`threads_now`): beside a
+        busy neighbour, fewer threads cost a share of the time, all of them a collapse. Set on
+        the worker thread, where the batch runs (OpenMP's thread count is per calling thread)."""
+        threads = threads_now(self.most_threads) if self.adapt_threads else self.most_threads
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
 
     def predict(self, name: str, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         """The task's predictions for every job's encoded items.

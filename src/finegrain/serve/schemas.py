@@ -1,12 +1,20 @@
 """Request and response bodies. Requests are strict: an unknown field, a wrong type or a value out
 of range is a 422 that names the field. Limits set on the command line (texts per request, tokens
-per text, new tokens) are checked by the endpoints, whose 422 names the flag too."""
+per text, new tokens) are checked by the endpoints, whose 422 names the flag too.
+
+The OpenAPI schema says what the server accepts, so that a client generated from it (or a fuzzer
+such as schemathesis) is not refused what the schema allows: texts must hold a non-space
+character (pattern `\\S`), integers may be sent as integer-valued numbers (`2.0`; JSON Schema's
+"integer" allows them), and `max_new_tokens` is bounded by `--max-new-tokens` (`generation_requests`).
+Responses hold finite numbers only: a NaN (a damaged adapter) fails validation instead of
+becoming `null`, against the schema."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _encodable(value: str) -> str:
@@ -18,8 +26,29 @@ def _encodable(value: str) -> str:
     return value
 
 
+def _not_blank(value: str) -> str:
+    # The same test as the schema's pattern, with Python's idea of a space (what `str.split` uses).
+    if not re.search(r"\S", value):
+        raise ValueError("holds no text, only spaces; send some words")
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's "integer" is any number with no fractional part, 2.0 included.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole(ge: int, le: int | None = None) -> Any:
+    """An integer in [ge, le] that may arrive as an integer-valued number; the bounds come first,
+    on the integer itself, so that the schema shows them as minimum and maximum."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole_number)]
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 Text = Annotated[str, AfterValidator(_encodable)]
-NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_encodable)]
+# The pattern is for the schema; `_not_blank` checks it, with a message that says what to do.
+NonEmptyText = Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_encodable), AfterValidator(_not_blank)]
+StopText = Annotated[str, Field(min_length=1), AfterValidator(_encodable)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_encodable)]
 
 
@@ -36,7 +65,7 @@ class TextsRequest(Strict):
 
 class Prediction(BaseModel):
     label: str | list[str] = Field(description="The label; a list of labels for a multi-label run.")
-    probabilities: dict[str, float]
+    probabilities: dict[str, Finite]
 
 
 class ClassifyResponse(BaseModel):
@@ -45,7 +74,7 @@ class ClassifyResponse(BaseModel):
 
 
 class Value(BaseModel):
-    value: float = Field(description="The predicted number, in the units of the training targets.")
+    value: Finite = Field(description="The predicted number, in the units of the training targets.")
 
 
 class RegressResponse(BaseModel):
@@ -59,7 +88,7 @@ class Entity(BaseModel):
     end: int = Field(description="Character offset just past the last character (exclusive).")
     text: str
     words: list[int] = Field(description="[first, end) word indices.")
-    score: float = Field(description="The mean probability of the entity's word tags.")
+    score: Finite = Field(description="The mean probability of the entity's word tags.")
 
 
 class Tagging(BaseModel):
@@ -74,7 +103,7 @@ class NerResponse(BaseModel):
     predictions: list[Tagging]
 
 
-Span = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2, description="[start, end) character offsets.")]
+Span = Annotated[list[whole(0)], Field(min_length=2, max_length=2, description="[start, end) character offsets.")]
 
 
 class RelationItem(Strict):
@@ -96,7 +125,7 @@ class Mention(BaseModel):
 
 class Relation(BaseModel):
     label: str = Field(description="The relation type, or the run's no-relation label.")
-    probabilities: dict[str, float]
+    probabilities: dict[str, Finite]
     head: Mention
     tail: Mention
 
@@ -120,7 +149,7 @@ class Answer(BaseModel):
     answer: str = Field(description="The answer span of the context.")
     start: int | None = Field(description="Its character offset in the context.")
     end: int | None = Field(description="Character offset just past it (exclusive).")
-    score: float
+    score: Finite
 
 
 class QAResponse(BaseModel):
@@ -131,16 +160,16 @@ class QAResponse(BaseModel):
 class Sampling(Strict):
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 decodes greedily.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: whole(0, 2**32 - 1) | None = None
 
 
 class GenerateRequest(Sampling):
     prompt: NonEmptyText
     model: ModelName | None = Field(None, description="A base model or generative run (see /v1/models).")
-    max_new_tokens: int = Field(32, ge=1, description="At most --max-new-tokens.")
-    top_k: int | None = Field(None, ge=1, le=1_000_000)
+    max_new_tokens: whole(1) = Field(32, description="At most --max-new-tokens.")
+    top_k: whole(1, 1_000_000) | None = None
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
-    stop: list[NonEmptyText] = Field(default_factory=list, max_length=4)
+    stop: list[StopText] = Field(default_factory=list, max_length=4)
 
 
 class Usage(BaseModel):
@@ -171,13 +200,27 @@ class ChatRequest(Sampling):
     model: ModelName | None = None
     messages: list[Message] = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=4)] | None = None
+    max_tokens: whole(1) | None = None
+    max_completion_tokens: whole(1) | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only 1.")
+    n: whole(1, 1) = Field(1, description="Only 1.")
     user: Annotated[str, Field(max_length=256), AfterValidator(_encodable)] | None = None
+
+
+def generation_requests(limit: int) -> tuple[type[GenerateRequest], type[ChatRequest]]:
+    """The generation request bodies with `max_new_tokens` (and chat's `max_tokens`) at most `limit`,
+    the server's `--max-new-tokens`, in validation and in the schema alike; the default is 32 or the limit."""
+
+    class GenerateRequest(globals()["GenerateRequest"]):  # the name the schema shows
+        max_new_tokens: whole(1, limit) = Field(min(32, limit), description=f"At most {limit} (--max-new-tokens).")
+
+    class ChatRequest(globals()["ChatRequest"]):
+        max_tokens: whole(1, limit) | None = Field(None, description=f"At most {limit} (--max-new-tokens).")
+        max_completion_tokens: whole(1, limit) | None = Field(None, description=f"At most {limit} (--max-new-tokens).")
+
+    return GenerateRequest, ChatRequest
 
 
 class ChatChoice(BaseModel):

@@ -8,6 +8,7 @@ says nothing about which key (or how much of one) matched.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -128,16 +129,19 @@ class Gate:
         max_body_bytes: larger bodies get 413.
         limiter: per-key (or, without keys, per-client) rate limit, or None.
         draining: called per request; True once shutdown began (answer 503).
+        read_timeout: seconds the body may take to arrive; a slower one is answered 408 (a
+            client trickling bytes would otherwise hold the connection and its buffer forever).
     """
 
-    def __init__(self, app, keys: ApiKeys, max_body_bytes: int, limiter: RateLimiter | None, draining):
+    def __init__(self, app, keys: ApiKeys, max_body_bytes: int, limiter: RateLimiter | None, draining, read_timeout: float = 10.0):
         self.app, self.keys, self.max_body_bytes, self.limiter, self.draining = app, keys, max_body_bytes, limiter, draining
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        protected = path == "/v1" or path.startswith("/v1/")
+        protected = path == "/v1" or path.startswith("/v1/") or path == "/docs"  # /docs exists only with --docs
         if protected and self.draining():
             return await send_error(send, 503, "the server is shutting down", "unavailable", [(b"connection", b"close")])
         caller = (scope.get("client") or ("unknown",))[0]
@@ -160,18 +164,18 @@ class Gate:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return await self._too_large(send)
-        chunks, size = [], 0
+        chunks: list[bytes] = []
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                size += len(message.get("body", b""))
-                if size > self.max_body_bytes:
-                    return await self._too_large(send)
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    complete = await self._read_body(receive, chunks)
+            except TimeoutError:
+                return await send_error(send, 408, f"the request body did not arrive within {self.read_timeout:g} s (--read-timeout)",
+                                        "invalid_request_error", [(b"connection", b"close")])
+            if complete is None:
+                return
+            if not complete:
+                return await self._too_large(send)
         replayed = False
 
         async def replay():
@@ -183,6 +187,20 @@ class Gate:
 
         scope.setdefault("state", {})["body"] = b"".join(chunks)
         return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive, chunks: list[bytes]) -> bool | None:
+        """Read the body into `chunks`: True when whole, False when over the limit, None when the client left."""
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return False
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return True
 
     async def _too_large(self, send):
         await send_error(

@@ -19,3 +19,8 @@ class ServeSettings:
     timeout: float = 30.0
     rate_limit: float | None = None
     log_bodies: bool = False
+    docs: bool = False  # Swagger UI at /docs, for key holders
+    read_timeout: float = 10.0  # seconds a client has to send a request's head, and then its body
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 512  # open connections; one more is answered 503 and closed
+    max_header_bytes: int = 65536  # a request head larger than this is answered 431
