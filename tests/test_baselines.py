@@ -155,6 +155,10 @@ def test_warning_only_when_tfidf_wins(tmp_path: Path) -> None:
     assert warning in markdown and "## Against baselines" in markdown
     assert "| accuracy | 0.5000 | 1.0000 | 0.5000 |" in markdown and "| F1 pos |" in markdown
     assert "majority (neg)" in markdown and warning in written["html"].read_text()
+    assert "no test split" not in markdown
+    on_validation = {**baselines, "split": "validation"}
+    markdown = write_classification_report(tmp_path, {**poor, "baselines": on_validation})["markdown"].read_text()
+    assert "same validation split" in markdown and "its figures are optimistic" in markdown
 
 
 def test_add_baselines_scores_the_reported_split_of_classification_runs_only() -> None:

@@ -537,6 +537,8 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
         f"Fitted on the same training split and scored on the same {baselines['split']} split as finegrain, "
         "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
     ]
+    if baselines["split"] == "validation":
+        notes.append("There is no test split: finegrain chose its checkpoint on this one, so its figures are optimistic.")
     if "skipped" in tfidf:
         notes.append(f"TF-IDF baseline skipped: {tfidf['skipped']}")
     return columns, rows, notes
