@@ -59,18 +59,22 @@ def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
     config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "train.time_budget=1"])
     recipe = Recipe(config, config.explicit)
     recipe.lengths = [400] * 1000
+    # A probe that peaks at layer 20 (0.90), with layer 12 within 0.03 of it and layer 8 further.
+    recipe.scores = [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
     config.train.epochs, config.data.max_length, config.model.num_layers = 4, 512, 20
 
     class Splits:
         validation, test = [None] * 100, [None] * 100
 
-    # 40 us per layer-token: 1,000 x 400 tokens x (20 + 3 x 6 x 4 ...) is far beyond one minute.
+    # 40 us per layer-token: 1,000 x 400 tokens x (20 layers, 4 epochs ...) is far beyond one minute.
     recipe._budget(1000, {"seconds_per_layer_token": 4e-5}, 30, Splits)
     assert config.lora.layers == [-2, -1]  # the fewest adapted layers tried
     assert config.train.epochs == 1  # then fewer epochs
+    assert config.model.num_layers == 12  # then the lowest layer within 0.03 of the best
     assert config.data.max_length == 128  # then shorter texts, down to 128
     keys = [c.key for c in recipe.choices]
-    assert keys[0] == "lora.layers" and "train.epochs" in keys and "data.max_length" in keys
+    assert keys == ["train.epochs", "model.num_layers", "data.max_length", "lora.layers"]  # one entry per key
+    assert "min of layer passes" in recipe.choices[-1].reason
 
 
 def test_cli_train_without_a_config_prints_and_saves_the_recipe(tiny_model_dir, tmp_path, capsys):

@@ -16,10 +16,10 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
 - `lora.targets: all-linear`;
 - `head.init: probe`: the head fitted on the frozen model first, then fine-tuned (LP-FT);
 - `model.num_layers`, `head.pooling`, `lora.layers`: from the layer probe
-  (finegrain.train.probe) — cut at the layer whose frozen states classify best, pool as the
-  better pooling there, adapt the top layers below it;
+  (finegrain.train.probe) — cut at the lowest layer whose frozen states classify within 0.01
+  macro-F1 of the best, pool as the better pooling there, adapt the top layers below it;
 - and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers,
-  fewer epochs, then shorter texts.
+  fewer epochs, a lower cut (within 0.03 of the best), then shorter texts.
 
 Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
 a rerun with the same config reproduces it and any key can be overridden.
@@ -43,6 +43,8 @@ MAX_EPOCHS = 10
 IMBALANCE = 1.5  # largest / smallest class count from which the loss weighs classes
 ADAPTED_LAYERS = (6, 4, 3, 2)  # tried in this order until the estimate fits the time budget
 PROBE_TOKENS = 40_000  # per split: bounds the probe's cost on long documents
+CUT_TOLERANCE = 0.01  # macro-F1 a lower cut may lose against the probe's best layer (about its noise)
+LOW_CUT_TOLERANCE = 0.03  # and when the time budget asks for it
 TRAIN_COST = 3.0  # a training step's forward + backward costs ~3 forward passes
 
 
@@ -71,9 +73,14 @@ class Recipe:
         return key not in self.explicit
 
     def set(self, key: str, value: Any, reason: str) -> None:
+        """Set `key`; a key set again keeps one entry, its reasons joined."""
         section, name = key.split(".")
         setattr(getattr(self.config, section), name, value)
-        self.choices.append(Choice(key, value, reason))
+        earlier = next((c for c in self.choices if c.key == key), None)
+        if earlier is None:
+            self.choices.append(Choice(key, value, reason))
+        else:
+            earlier.value, earlier.reason = value, f"{earlier.reason}; then {reason}"
 
     # -- the rules ---------------------------------------------------------------------------
 
@@ -161,52 +168,68 @@ class Recipe:
         result = probe_layers(config, examples, progress, splits, llama, tokenizer, max_layers)
         best, pooling = result["best_layer"], result["best_pooling"]
         scores = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
-        if self.unset("model.num_layers"):
-            self.set("model.num_layers", best, f"a linear probe of the frozen layers 1-{max_layers} "
-                     f"({result['train_examples']} train, {result['validation_examples']} validation examples) "
-                     f"scored best at layer {best} (macro-F1 {scores[best]:.3f}); the layers above it are dropped")
+        self.scores, self.pooling = scores, pooling
         if self.unset("head.pooling"):
             other = "last" if pooling == "mean" else "mean"
             other_scores = result["macro_f1" if pooling == "mean" else "mean_macro_f1"]
             self.set("head.pooling", pooling, f"the probe's {pooling}-pooled states scored {scores[best]:.3f} "
                      f"macro-F1 at layer {best}, {other}-pooled {other_scores[best]:.3f}")
+        if self.unset("model.num_layers"):
+            cut = self.lowest_within(CUT_TOLERANCE)
+            self.set("model.num_layers", cut, f"a linear probe of the frozen layers 1-{max_layers} "
+                     f"({result['train_examples']} train, {result['validation_examples']} validation examples, "
+                     f"{pooling}-pooled) scored best at layer {best} (macro-F1 {scores[best]:.3f}); layer {cut} is the "
+                     f"lowest within {CUT_TOLERANCE} of it ({scores[cut]:.3f}): the layers above it are dropped")
         return result
 
+    def lowest_within(self, tolerance: float) -> int:
+        """The lowest probed layer whose macro-F1 is within `tolerance` of the best layer's."""
+        best = max(self.scores[1:])
+        return next(k for k in range(1, len(self.scores)) if self.scores[k] >= best - tolerance)
+
     def _budget(self, examples: int, probe: dict[str, Any] | None, total_layers: int, splits) -> None:
-        """Adapted layers, then epochs, then text length, until the estimated run fits the budget."""
+        """Fewer adapted layers, then epochs, then a lower cut, then shorter texts, until the
+        estimated layer passes fit `train.time_budget` (timed by the probe on this machine)."""
         config = self.config
         budget = 60 * (config.train.time_budget or 0)
         per_token = probe["seconds_per_layer_token"] if probe else None
-        cut = config.model.num_layers or total_layers
         held_out = len(splits.validation) + len(splits.test)
 
-        def estimate(adapted: int, epochs: float, max_length: int) -> float:
-            tokens = sum(min(n, max_length) for n in self.lengths) / len(self.lengths)
-            train = examples * tokens * ((cut - adapted) + TRAIN_COST * adapted * epochs)
+        def estimate(adapted: int) -> float:
+            cut, tokens = config.model.num_layers or total_layers, self.mean_tokens()
+            # The frozen prefix once, the adapted layers each epoch (and once to fit the head), the held-out sets.
+            train = examples * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
 
         if not self.unset("lora.layers"):
             return
+        cut = config.model.num_layers or total_layers
         candidates = [k for k in ADAPTED_LAYERS if k <= cut] or [cut]
+        timed = bool(per_token and budget)
         adapted = candidates[0]
-        if per_token and budget:
-            for adapted in candidates:
-                if estimate(adapted, config.train.epochs, config.data.max_length) <= budget:
-                    break
-        reason = f"adapt the top {adapted} of the {cut} kept layers; the {cut - adapted} below run once per example"
-        if per_token and budget:
-            seconds = estimate(adapted, config.train.epochs, config.data.max_length)
-            reason += f" (estimated {seconds / 60:.1f} min of layer passes against a {budget / 60:.0f}-min budget)"
-        self.set("lora.layers", list(range(-adapted, 0)), reason)
-        if not (per_token and budget):
-            return
-        while estimate(adapted, config.train.epochs, config.data.max_length) > budget:
+        if timed:
+            adapted = next((k for k in candidates if estimate(k) <= budget), candidates[-1])
+        while timed and estimate(adapted) > budget:
             if self.unset("train.epochs") and config.train.epochs > 1:
                 self.set("train.epochs", config.train.epochs - 1, "one epoch fewer to fit train.time_budget")
+            elif self.unset("model.num_layers") and self.lowest_within(LOW_CUT_TOLERANCE) < config.model.num_layers:
+                low = self.lowest_within(LOW_CUT_TOLERANCE)
+                self.set("model.num_layers", low, f"to fit train.time_budget, the lowest layer within "
+                         f"{LOW_CUT_TOLERANCE} of the probe's best ({self.scores[low]:.3f})")
+                adapted = min(adapted, low)
             elif self.unset("data.max_length") and config.data.max_length > 128:
                 self.set("data.max_length", max(128, config.data.max_length // 2), "shorter texts to fit train.time_budget")
             else:
                 break
+        cut = config.model.num_layers or total_layers
+        reason = f"adapt the top {adapted} of the {cut} kept layers; the {cut - adapted} below run once per example"
+        if timed:
+            reason += f" (estimated {estimate(adapted) / 60:.1f} min of layer passes against a {budget / 60:.0f}-min budget)"
+        self.set("lora.layers", list(range(-adapted, 0)), reason)
+
+    def mean_tokens(self) -> float:
+        """Mean tokens per training text at the current `data.max_length`."""
+        return sum(min(n, self.config.data.max_length) for n in self.lengths) / len(self.lengths)
 
     def _evaluation(self, examples: int) -> None:
         config = self.config
