@@ -22,6 +22,21 @@ after a warm-up; the table gives requests/s, p50 and p99 latency, and the mean b
 ran (finegrain's /metrics). Before the load, 8 texts are classified by every server and the labels
 compared with finegrain's, to check that the three serve the same model. Last line:
 `serve throughput ratio: dynamic/batch-1 xA.AA, dynamic/transformers xB.BB`.
+
+    python benchmarks/serve.py --competing-load [--quick]
+
+serves the same run beside a busy neighbour instead: a second process whose 2 threads multiply
+256x256 matrices without pause (PyTorch with libgomp's defaults, as an unrelated job on the same
+machine would). `finegrain serve` runs three times, with its default threads:
+
+    before       libgomp's own wait policy (`GOMP_SPINCOUNT=300000`, ~3 ms of spinning) and a
+                 fixed thread count (`FINEGRAIN_ADAPT_THREADS=0`): finegrain before issue 23
+    passive      `OMP_WAIT_POLICY=PASSIVE`, threads still fixed
+    finegrain    its defaults: passive waits, and each batch on the cores nobody else runs on
+
+For each, the median latency of `--requests` sequential one-text requests (default 20) alone
+and beside the load, and the ratio. Last line:
+`competing load: before xA.A slower, passive xB.B, finegrain xC.C`.
 """
 
 from __future__ import annotations
@@ -127,13 +142,13 @@ def free_port() -> int:
 class Server:
     """A server process on a free loopback port; `stop()` ends it with SIGTERM."""
 
-    def __init__(self, name: str, command: list[str], log: Path):
+    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None):
         self.name, self.port = name, free_port()
         self.log = log
         with open(log, "w") as out:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
             )
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -240,18 +255,84 @@ def measure(server: Server, texts: list[str], args) -> tuple[dict, list[str]]:
     return result, labels
 
 
+# ---------------------------------------------------------------------------------------------- a busy neighbour
+
+# The neighbour: 2 threads of back-to-back matmuls, with libgomp's default (spinning) waits.
+NEIGHBOUR = "import torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\nwhile True:\n    a @ a\n"
+WAIT_POLICIES = {
+    "before": {"GOMP_SPINCOUNT": "300000", "FINEGRAIN_ADAPT_THREADS": "0"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE", "FINEGRAIN_ADAPT_THREADS": "0"},
+    "finegrain": {},
+}
+
+
+def competing_load() -> subprocess.Popen:
+    """Start the neighbour: a process that keeps 2 cores busy until killed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    return subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env=env)
+
+
+def sequential_p50(port: int, texts: list[str], requests: int) -> float:
+    """The median milliseconds of `requests` one-text requests sent one after another."""
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
+    latencies = []
+    for i in range(requests):
+        started = time.perf_counter()
+        if classify_one(connection, texts[i % len(texts)]) is None:
+            raise SystemExit(f"a request to port {port} failed")
+        latencies.append(time.perf_counter() - started)
+    connection.close()
+    return 1000 * sorted(latencies)[len(latencies) // 2]
+
+
+def run_competing_load(run_dir: Path, texts: list[str], tmp_path: Path, requests: int) -> None:
+    """Single-request latency alone and beside a 2-thread neighbour, for each server variant."""
+    serve = [sys.executable, "-m", "finegrain.serve", f"bench={run_dir}", "--host", LOOPBACK, "--timeout", "600",
+             "--log-level", "warning"]
+    print(f"{'server':>12} {'alone p50 ms':>13} {'loaded p50 ms':>14} {'slower':>7}")
+    ratios = {}
+    for name, env in WAIT_POLICIES.items():
+        server = Server(name, serve, tmp_path / f"{name}.log", env=env)
+        try:
+            server.wait_ready()
+            sequential_p50(server.port, texts, 5)  # warm-up
+            alone = sequential_p50(server.port, texts, requests)
+            neighbour = competing_load()
+            try:
+                time.sleep(1)
+                loaded = sequential_p50(server.port, texts, requests)
+            finally:
+                neighbour.kill()
+                neighbour.wait()
+        finally:
+            server.stop()
+        ratios[name] = loaded / alone
+        print(f"{name:>12} {alone:>13.1f} {loaded:>14.1f} {ratios[name]:>6.1f}x", flush=True)
+    print(f"competing load: before x{ratios['before']:.1f} slower, passive x{ratios['passive']:.1f}, finegrain x{ratios['finegrain']:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 training texts, 32 requests per server: about 2 minutes")
     parser.add_argument("--requests", type=int, default=None, help="requests per server (default 1000; 32 with --quick)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each server")
+    parser.add_argument("--competing-load", action="store_true",
+                        help="single-request latency alone and beside a busy 2-thread process, spinning vs passive OpenMP waits")
     parser.add_argument("--side", choices=["transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "transformers":
         transformers_side(args)
+        return
+    if args.competing_load:
+        print_facts(machine_facts())
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir, texts, train_s = train_run(Path(tmp), 16 if args.quick else 64, 100)
+            print(f"run: SmolLM2-135M float32, LoRA r=8 on q_proj/v_proj, trained in {train_s:.1f} s; "
+                  f"neighbour: 2 threads of 256x256 matmuls", flush=True)
+            run_competing_load(run_dir, texts, Path(tmp), args.requests or 20)
         return
     args.requests = args.requests or (32 if args.quick else 1000)
 
