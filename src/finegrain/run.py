@@ -94,6 +94,11 @@ RUN_OUTPUTS = ("metrics.json", "metrics.jsonl", "report.md", "report.html", "lab
                "best", "confusion_matrix.png", "learning_curve.png")
 
 
+# The keys the user set, kept from a start so that `--resume` of a start that never reached a
+# checkpoint (config.yaml then predates the recipe's choices) plans the same recipe again.
+EXPLICIT_KEYS = ".explicit_keys.json"
+
+
 def output_dir(config: RunConfig) -> Path:
     """The run directory `config.output` names (or a new dated one), refused when a run cannot go there."""
     run_dir = Path(config.output or f"runs/{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -141,6 +146,8 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
                 f"{run_dir}: a finished run without a checkpoint to continue from; train it again into another --output"
             )
         _clear_unstarted(run_dir)
+        if (run_dir / EXPLICIT_KEYS).is_file():  # the recipe plans this start as it would have the first
+            config.explicit = set(json.loads((run_dir / EXPLICIT_KEYS).read_text(encoding="utf-8")))
         return config, None
     if (run_dir / "config.yaml").exists():
         try:
@@ -155,6 +162,8 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
     if config.model.name and Path(config.model.name).exists():
         config.model.name = str(Path(config.model.name).resolve())
     atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
+        atomic_write_json(run_dir / EXPLICIT_KEYS, sorted(config.explicit))
     return config, None
 
 
