@@ -175,3 +175,13 @@ def test_fault_point_kills_only_at_the_named_phase_and_count(tmp_path: Path, mon
     assert killed == []
     atomic.fault_point("phase_a")
     assert len(killed) == 1
+
+
+def test_exclusive_lock_that_cannot_be_created_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(path, *args, **kwargs):  # as in a read-only directory (root, which runs CI, may write anywhere)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(atomic, "open", refuse, raising=False)
+    with pytest.raises(FinegrainError, match=r"\.lock: cannot be created \(Permission denied\); choose a directory"):
+        with atomic.exclusive_lock(tmp_path):
+            pass

@@ -286,7 +286,11 @@ def exclusive_lock(directory: str | os.PathLike[str], what: str = "process") -> 
         yield root
         return
     _prepare_parent(root / ".lock")
-    with open(root / ".lock", "a+", encoding="utf-8") as handle:
+    try:
+        handle = open(root / ".lock", "a+", encoding="utf-8")
+    except OSError as exc:
+        raise FinegrainError(f"{root / '.lock'}: cannot be created ({exc.strerror}); choose a directory you can write") from None
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

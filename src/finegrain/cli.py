@@ -287,7 +287,9 @@ def build_parser() -> Parser:
     p = sub.add_parser("train", help="fine-tune a model with LoRA (config file and/or options)")
     p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint (from the beginning, with its config.yaml, "
+                        "when it never reached one); rebuilds a damaged adapter")
     p.add_argument("--model", help="base model (sets model.name)")
     p.add_argument("--data", help="training file, JSONL/CSV/TSV (sets data.train)")
     p.add_argument("--dataset", help="a bundled demo dataset (sets data.dataset)")
