@@ -41,7 +41,7 @@ from typing import IO, Any
 
 from finegrain.data.load import SPLITS, Splits, carve_splits, limit_splits, origins, read_given
 from finegrain.errors import FinegrainError
-from finegrain.evaluate.entities import (
+from finegrain.tags import (
     check_tags,
     entities_to_tags,
     normalize_scheme,

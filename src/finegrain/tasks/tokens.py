@@ -41,16 +41,9 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.data.conll import TokenExample
 from finegrain.errors import FinegrainError
-from finegrain.evaluate.entities import (
-    allowed_transitions,
-    convert_tags,
-    entity_errors,
-    entity_metrics,
-    normalize_scheme,
-    tag_set,
-    tags_to_entities,
-)
+from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.llama import LlamaModel
+from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
 from finegrain.tasks import IGNORE_INDEX, Task, class_weights, pad_inputs
 
 
@@ -156,7 +149,7 @@ class TokenClassificationTask(Task):
         head: label smoothing and class weights ("balanced" or {tag: weight}).
         subword: which token of a word carries its label: "first" or "last".
         decoding: "viterbi" (valid sequences only) or "argmax".
-        dropout: on the hidden states before the head, while training.
+        dropout: on the hidden states before the head, while training (`head.dropout`).
     """
 
     name = "ner"
@@ -195,7 +188,7 @@ class TokenClassificationTask(Task):
     @classmethod
     def from_config(cls, config, labels: list[str]) -> TokenClassificationTask:
         head = config.head
-        return cls(labels, head.scheme, head, head.subword, head.decoding)
+        return cls(labels, head.scheme, head, head.subword, head.decoding, head.dropout)
 
     # -- data ------------------------------------------------------------------------------
 
