@@ -288,6 +288,35 @@ def test_transformers_and_peft_load_our_token_classification_adapter(tmp_path):
     assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+def test_head_dropout_drops_hidden_states_in_training_only(backbone_and_tokenizer, tmp_path):
+    from finegrain.config import RunConfig, load_config
+
+    backbone, tokenizer = backbone_and_tokenizer
+    config = RunConfig(task="ner")
+    config.head.dropout = 0.5
+    task = TokenClassificationTask.from_config(config, ["LOC", "PER"])
+    model = task.build_model(SimpleNamespace(model=backbone))
+    plain = TokenClassificationTask.from_config(RunConfig(task="ner"), ["LOC", "PER"]).build_model(
+        SimpleNamespace(model=backbone)
+    )
+    plain.load_state_dict(model.state_dict())
+    batch = task.collate(task.encode(tokenizer, sentences(4, seed=5), 32), tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = plain.eval()(batch)
+        assert_close(model.eval()(batch), expected)  # evaluation and prediction: no dropout
+        torch.manual_seed(0)
+        trained = model.train()(batch)
+        assert_close(plain.train()(batch), expected)  # the default (0.0) changes nothing
+    real = torch.arange(trained.shape[1])[None, :] < batch["lengths"][:, None]
+    dropped = (trained[real] - expected[real]).abs().amax(-1) > 1e-4
+    assert dropped.all()  # half of each of 64 features dropped: every labelled row changes
+
+    path = tmp_path / "run.yaml"
+    path.write_text("task: ner\ndata: {dataset: wnut16}\nhead: {dropout: 1.0}\n")
+    with pytest.raises(FinegrainError, match="'head.dropout' must be in \\[0, 1\\)"):
+        load_config(path)
+
+
 # --- end to end through the CLI (runs once run.py/config.py know `task: ner`) -----------------
 
 

@@ -77,6 +77,7 @@ class HeadConfig:
     scheme: str = "BIO"  # ner: the tags the head predicts: BIO, BIOES or IO
     subword: str = "first"  # ner: the subtoken of each word that carries its label: first | last
     decoding: str = "viterbi"  # ner: viterbi (valid tag sequences only) | argmax
+    dropout: float = 0.0  # ner: dropout on the hidden states before the tag head, in training only
     init: str = "random"  # classification: random | probe (fit the head on the frozen model first: LP-FT)
 
 
@@ -307,6 +308,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.template is None or config.data.template.count("{text}") == 1, "data.template", "a string with {text} once"),
         (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
         (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),
+        (0 <= config.head.dropout < 1, "head.dropout", "in [0, 1)"),
     ]
     for ok, key, expected in checks:
         if not ok:
