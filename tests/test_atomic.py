@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -174,7 +175,10 @@ def test_fault_point_kills_only_at_the_named_phase_and_count(tmp_path: Path, mon
     atomic.fault_point("phase_a")
     assert killed == []
     atomic.fault_point("phase_a")
-    assert len(killed) == 1
+    assert killed == [signal.SIGKILL]
+    monkeypatch.setenv("FINEGRAIN_FAULT", "phase_c:1:stop")
+    atomic.fault_point("phase_c")
+    assert killed == [signal.SIGKILL, signal.SIGSTOP]
 
 
 def test_exclusive_lock_that_cannot_be_created_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -189,3 +189,30 @@ def test_best_weights_are_checked_too(straight, tmp_path):
     damage_tail(path, 16)
     with pytest.raises(FinegrainError, match="checksum.*; retrain"):
         load_weights(path, "retrain")
+
+
+def test_a_second_train_on_a_run_in_progress_exits_at_once(straight, tmp_path, capsys):
+    """A `train --resume` on a directory another train is running in exits with one line while
+    the first (frozen by SIGSTOP at step 3, lock held) is alive; after the first dies, resume works."""
+    import time
+
+    config, reference = straight
+    run = tmp_path / "run"
+    env = {**os.environ, "FINEGRAIN_FAULT": "train_step:3:stop", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "finegrain.cli", "train", str(config), "--output", str(run)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and Path(f"/proc/{first.pid}/stat").read_text().split(") ")[1][0] != "T":
+            time.sleep(0.05)
+        assert first.poll() is None
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run)]) == 1
+        one_line_error(capsys, str(run), f"in use by finegrain train (pid {first.pid})")
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    finally:
+        first.kill()
+        first.wait()
+    assert len(lines) == len(set(lines))  # the second process logged nothing
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_run(run, reference)

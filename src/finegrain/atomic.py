@@ -316,16 +316,17 @@ def fault_point(phase: str) -> None:
     """Test-only: SIGKILL this process here when FINEGRAIN_FAULT names `phase`.
 
     `FINEGRAIN_FAULT=adapter_write` kills at the first pass through `fault_point("adapter_write")`,
-    `FINEGRAIN_FAULT=train_step:3` at the third. tests/test_faults.py uses it to kill a real
-    `finegrain train` at a chosen moment of a run; unset (always, outside those tests) it costs one
-    dictionary lookup.
+    `FINEGRAIN_FAULT=train_step:3` at the third; `train_step:1:stop` sends SIGSTOP instead (a
+    process frozen while it holds the run directory's lock). tests/test_faults.py uses it to
+    interrupt a real `finegrain train` at a chosen moment; unset (always, outside those tests) it
+    costs one environment lookup.
     """
     wanted = os.environ.get("FINEGRAIN_FAULT")
     if not wanted:
         return
-    name, _, count = wanted.partition(":")
+    name, count, action = (wanted.split(":") + ["", ""])[:3]
     if name != phase:
         return
     _FAULT_HITS[phase] = _FAULT_HITS.get(phase, 0) + 1
     if _FAULT_HITS[phase] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
