@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from finegrain import datasets
 from finegrain.config import DataConfig
 from finegrain.data.conll import (
     TokenExample,
@@ -260,7 +261,7 @@ def test_load_token_splits_from_files_and_from_a_fixed_split(tmp_path):
     with pytest.raises(FinegrainError, match="'trec' is a classification dataset"):
         load_token_splits(DataConfig(dataset="trec"), datasets_module=Classification)
     with pytest.raises(FinegrainError, match="unknown dataset 'wnut'; did you mean 'wnut16'"):
-        load_token_splits(DataConfig(dataset="wnut"))
+        load_token_splits(DataConfig(dataset="wnut"), datasets_module=datasets)  # the task layer passes it
     with pytest.raises(FinegrainError, match="no entities"):
         load_token_splits(DataConfig(train=str(jsonl(tmp_path, [{"tokens": ["a"], "tags": ["O"]}], "o.jsonl"))))
 

@@ -25,11 +25,7 @@ count. `repair=True` reads broken tag sequences the way conlleval does (`O I-PER
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
 import json
-import lzma
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -37,9 +33,13 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import add
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from finegrain.data.load import SPLITS, Splits, carve_splits, limit_splits, origins, read_given
+from finegrain.data import pipeline
+from finegrain.data.files import READ_ERRORS, BadRow, check_file, content_suffix, open_text, skip_or_raise
+from finegrain.data.pipeline import Splits, bundled_loader
+from finegrain.data.readers import Example
+from finegrain.data.split import stratified_split
 from finegrain.errors import FinegrainError
 from finegrain.tags import (
     check_tags,
@@ -68,8 +68,6 @@ __all__ = [
 
 _COLUMN_EXTENSIONS = {".conll", ".conllx", ".txt", ".tsv", ".iob", ".iob2", ".bio", ".bioes", ".tags"}
 _JSON_EXTENSIONS = {".jsonl", ".json", ".ndjson"}
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-_SKIP_HINT = "fix the row or set data.skip_bad_rows: true"
 # Words for raw text at prediction time: URLs, @mentions and #hashtags whole, clitics ('s, n't)
 # apart, every other punctuation mark on its own, as tweet and news NER data are tokenized.
 _WORD = re.compile(r"https?://\S+|www\.\S+|[@#]?\w+(?=n't\b)|n't\b|[@#]?\w+|'\w+|[^\w\s]", re.UNICODE)
@@ -162,12 +160,6 @@ def split_words(text: str, char_level: bool = False) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text)]
 
 
-class _BadSentence(Exception):
-    def __init__(self, line: int, reason: str):
-        super().__init__(reason)
-        self.line, self.reason = line, reason
-
-
 # --- dispatch ---------------------------------------------------------------------------
 
 
@@ -232,10 +224,7 @@ def _scheme(scheme: str, path: Any) -> str:
 
 
 def _format(p: Path) -> str:
-    suffixes = [s.lower() for s in p.suffixes]
-    if suffixes and suffixes[-1] in _OPENERS:
-        suffixes.pop()
-    ext = suffixes[-1] if suffixes else ""
+    ext = content_suffix(p)
     if ext in _COLUMN_EXTENSIONS:
         return "conll"
     if ext in _JSON_EXTENSIONS:
@@ -247,25 +236,16 @@ def _format(p: Path) -> str:
     )
 
 
-def _open_text(path: str | os.PathLike[str]) -> IO[str]:
-    p = Path(path)
-    if not p.exists():
-        raise FinegrainError(f"{path}: file not found (relative paths are resolved from {Path.cwd()})")
-    if p.is_dir():
-        raise FinegrainError(f"{path}: is a directory; expected a CoNLL or JSON-lines file")
-    opener = _OPENERS.get(p.suffix.lower(), open)
-    return io.TextIOWrapper(opener(p, "rb"), encoding="utf-8-sig", newline=None)
-
-
 def _lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    check_file(path, "a CoNLL or JSON-lines file")
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             yield from enumerate(f, 1)
     except UnicodeDecodeError as exc:
         raise FinegrainError(
             f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8"
         ) from None
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:
         raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
 
 
@@ -278,18 +258,15 @@ class _Collector:
         self.rows = 0
 
     def add(self, build) -> None:
-        """`build()` returns an example or raises _BadSentence."""
+        """`build()` returns an example or raises BadRow."""
         self.rows += 1
         try:
             example = build()
             if example.tags is not None:
                 self._check(example)
             self.result.examples.append(example)
-        except _BadSentence as bad:
-            where = f"{self.path}:{bad.line}"
-            if not self.skip_bad_rows:
-                raise FinegrainError(f"{where}: {bad.reason}; {_SKIP_HINT}") from None
-            self.result.skipped.append(f"{where}: {bad.reason}")
+        except BadRow as bad:
+            skip_or_raise(bad, f"{self.path}:{bad.line}", self.skip_bad_rows, self.result.skipped)
 
     def _check(self, example: TokenExample) -> None:
         line = int(example.source.rsplit(":", 1)[1])
@@ -298,7 +275,7 @@ class _Collector:
                 parse_tag(tag)
             except ValueError as exc:
                 at = _word_line(example, example.tags.index(tag), line)
-                raise _BadSentence(at, f"{exc} (for CoNLL files, is data.tag_column right?)") from None
+                raise BadRow.at(at, f"{exc} (for CoNLL files, is data.tag_column right?)") from None
         problems = check_tags(example.tags, self.scheme)
         if not problems:
             return
@@ -306,7 +283,7 @@ class _Collector:
         at = _word_line(example, index, line)
         if not self.repair:
             more = f" ({len(problems)} problems in the sentence)" if len(problems) > 1 else ""
-            raise _BadSentence(
+            raise BadRow.at(
                 at,
                 f"word {example.words[index]!r}: {reason}{more}; "
                 "or set data.repair_tags: true to read it as conlleval does",
@@ -368,11 +345,11 @@ def read_conll(
                 try:
                     tags.append(cells[tag_column])
                 except IndexError:
-                    raise _BadSentence(
+                    raise BadRow.at(
                         line, f"{len(cells)} column(s) but data.tag_column is {tag_column}; a line is: word ... tag"
                     ) from None
                 if len(cells) < 2:
-                    raise _BadSentence(line, f"only one column ({cells[0]!r}); a line is: word ... tag")
+                    raise BadRow.at(line, f"only one column ({cells[0]!r}); a line is: word ... tag")
         example = TokenExample.from_words(words, tags, f"{path}:{first_line}", char_level)
         example.extra["_lines"] = [line for line, _ in rows]
         return example
@@ -389,7 +366,7 @@ def read_conll(
         if cells[0] == "-DOCSTART-":
             continue
         if not cells[0]:
-            collector.add(lambda n=line_number: _raise(_BadSentence(n, "empty word in the first column")))
+            collector.add(lambda n=line_number: _raise(BadRow.at(n, "empty word in the first column")))
             continue
         rows.append((line_number, cells))
     if rows:
@@ -441,43 +418,43 @@ def _json_example(
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise _BadSentence(n, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise BadRow.at(n, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
-        raise _BadSentence(n, "expected a JSON object per line")
+        raise BadRow.at(n, "expected a JSON object per line")
     source = f"{path}:{n}"
     extra = {k: v for k, v in obj.items() if k not in fields}
     if tokens_field in obj:
         words = obj[tokens_field]
         if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-            raise _BadSentence(n, f"{tokens_field!r} must be a non-empty list of non-empty strings")
+            raise BadRow.at(n, f"{tokens_field!r} must be a non-empty list of non-empty strings")
         words = [w.strip() for w in words]
         tags = obj.get(tags_field)
         if tags is None:
             if require_tags:
-                raise _BadSentence(n, f"no {tags_field!r} next to {tokens_field!r} (fields: {', '.join(obj)})")
+                raise BadRow.at(n, f"no {tags_field!r} next to {tokens_field!r} (fields: {', '.join(obj)})")
         elif not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _BadSentence(
+            raise BadRow.at(
                 n, f"{tags_field!r} must be a list of tag strings such as 'B-PER'; map tag ids to names first"
             )
         elif len(tags) != len(words):
-            raise _BadSentence(n, f"{len(words)} tokens but {len(tags)} tags")
+            raise BadRow.at(n, f"{len(words)} tokens but {len(tags)} tags")
         example = TokenExample.from_words(
             words, None if tags is None else [t.strip() for t in tags], source, char_level
         )
         example.extra.update(extra)
         return example
     if text_field not in obj:
-        raise _BadSentence(
+        raise BadRow.at(
             n,
             f"neither {tokens_field!r} (with {tags_field!r}) nor {text_field!r} (with {entities_field!r}); "
             f"fields: {', '.join(obj) or 'none'}",
         )
     text = obj[text_field]
     if not isinstance(text, str) or not text.strip():
-        raise _BadSentence(n, f"{text_field!r} must be a non-empty string")
+        raise BadRow.at(n, f"{text_field!r} must be a non-empty string")
     spans = obj.get(entities_field)
     if spans is None and require_tags:
-        raise _BadSentence(n, f"no {entities_field!r} next to {text_field!r}; write [] for a text without entities")
+        raise BadRow.at(n, f"no {entities_field!r} next to {text_field!r}; write [] for a text without entities")
     entities = _check_spans(spans or [], text, n, entities_field) if spans is not None else []
     example = span_example(text, entities, source, char_level, tagged=spans is not None)
     example.extra.update(extra)
@@ -486,31 +463,31 @@ def _json_example(
 
 def _check_spans(spans: Any, text: str, n: int, key: str) -> list[tuple[str, int, int]]:
     if not isinstance(spans, list):
-        raise _BadSentence(n, f"{key!r} must be a list of {{start, end, type}} objects")
+        raise BadRow.at(n, f"{key!r} must be a list of {{start, end, type}} objects")
     entities = []
     for k, span in enumerate(spans):
         if not isinstance(span, dict):
-            raise _BadSentence(n, f"{key}[{k}] must be an object with start, end and type")
+            raise BadRow.at(n, f"{key}[{k}] must be an object with start, end and type")
         type_ = span.get("type", span.get("label"))
         start, end = span.get("start"), span.get("end")
         if not isinstance(type_, str) or not type_.strip() or any(c.isspace() for c in type_.strip()):
-            raise _BadSentence(n, f"{key}[{k}] needs a 'type' (a string without spaces), got {type_!r}")
+            raise BadRow.at(n, f"{key}[{k}] needs a 'type' (a string without spaces), got {type_!r}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
-            raise _BadSentence(n, f"{key}[{k}]: start and end must be integers, got {start!r} and {end!r}")
+            raise BadRow.at(n, f"{key}[{k}]: start and end must be integers, got {start!r} and {end!r}")
         if not 0 <= start < end <= len(text):
-            raise _BadSentence(
+            raise BadRow.at(
                 n, f"{key}[{k}] ({type_}) spans characters {start}-{end}, outside the text of {len(text)} characters"
             )
         stripped = text[start:end]
         start += len(stripped) - len(stripped.lstrip())
         end -= len(stripped) - len(stripped.rstrip())
         if start >= end:
-            raise _BadSentence(n, f"{key}[{k}] ({type_}) at {start}-{end} covers only whitespace")
+            raise BadRow.at(n, f"{key}[{k}] ({type_}) at {start}-{end} covers only whitespace")
         entities.append((type_.strip(), start, end))
     entities.sort(key=lambda e: (e[1], e[2]))
     for a, b in zip(entities, entities[1:]):
         if b[1] < a[2]:
-            raise _BadSentence(
+            raise BadRow.at(
                 n,
                 f"entities overlap: {a[0]} {text[a[1] : a[2]]!r} ({a[1]}-{a[2]}) and {b[0]} {text[b[1] : b[2]]!r} "
                 f"({b[1]}-{b[2]}); flat NER needs disjoint spans, keep one",
@@ -571,9 +548,6 @@ def split_token_examples(
     Sentences without entities form their own stratum, so every part gets its share of them and of
     each type. Deterministic for a seed; parts keep file order.
     """
-    from finegrain.data.readers import Example
-    from finegrain.data.split import stratified_split
-
     frequency: dict[str, int] = {}
     types_of = []
     for ex in examples:
@@ -615,10 +589,11 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
 
     Args:
         config: a `DataConfig` with the NER keys (`scheme`, `tag_column`, `repair_tags`, `char_level`).
-        datasets_module: where bundled datasets are loaded from (default `finegrain.datasets`).
+        datasets_module: where bundled datasets are loaded from (`finegrain.datasets`, passed in by
+            the task layer: `data` does not import it).
 
     Returns:
-        `TokenSplits` (`finegrain.data.load.Splits` plus `repaired`) whose `labels` are the entity
+        `TokenSplits` (`finegrain.data.pipeline.Splits` plus `repaired`) whose `labels` are the entity
         types of the training data.
     """
     options = dict(
@@ -629,42 +604,22 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         skip_bad_rows=config.skip_bad_rows,
         text_field=config.text_field,
     )
-    skipped: list[str] = []
     repaired: list[str] = []
 
-    def read(path: str):
+    def read(path: str) -> TokenReadResult:
         result = read_token_examples(path, **options)
         repaired.extend(result.repaired)
         return result
 
-    if config.dataset:
-        if config.train:
-            raise FinegrainError("data: set either data.dataset or data.train, not both")
-        if datasets_module is None:
-            from finegrain import datasets as datasets_module
-        pool = datasets_module.load(config.dataset, **config.dataset_options)
-        origin = f"dataset {config.dataset}"
-        if pool and not isinstance(pool[0], TokenExample):
-            raise FinegrainError(
-                f"data.dataset: {config.dataset!r} is a classification dataset, not tagged words; "
-                "for task: ner use wnut16, peoples_daily_ner or data.train"
-            )
-    elif config.train:
-        result = read(config.train)
-        pool, origin = result.examples, config.train
-        skipped += result.skipped
-    else:
-        raise FinegrainError("data: no training data; set data.dataset or data.train")
-
-    given, skipped_given = read_given(config, read)
-    skipped += skipped_given
-    if config.dataset and all("split" in ex.extra for ex in pool):  # the dataset's fixed split
-        parts = {name: [ex for ex in pool if ex.extra["split"] == name] for name in SPLITS} | given
-    else:
-        parts = carve_splits(config, pool, given, split=split_token_examples)
-    parts = limit_splits(config, parts, split_token_examples)
-    train = parts["train"]
-    labels = entity_types(train)
+    wrong_kind = (
+        "data.dataset: {name!r} is a classification dataset, not tagged words; "
+        "for task: ner use wnut16, peoples_daily_ner or data.train"
+    )
+    bundled = bundled_loader(datasets_module, TokenExample, wrong_kind)
+    splits = pipeline.load_splits(config, read, split_token_examples, bundled=bundled)
+    labels = entity_types(splits.train)
     if not labels:
-        raise FinegrainError(f"{origin}: the training data has no entities; check data.tag_column and the tags")
-    return TokenSplits(train, parts["validation"], parts["test"], labels, skipped, origins(config, origin), repaired)
+        raise FinegrainError(
+            f"{splits.origin['train']}: the training data has no entities; check data.tag_column and the tags"
+        )
+    return TokenSplits(**{**vars(splits), "labels": labels}, repaired=repaired)

@@ -9,13 +9,10 @@ a missing column. With `skip_bad_rows=True` bad rows are dropped and each reason
 
 from __future__ import annotations
 
-import bz2
 import csv
 import difflib
-import gzip
 import io
 import json
-import lzma
 import math
 import os
 import re
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from finegrain.atomic import atomic_write_bytes
+from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP_HINT, BadRow, check_file, skip_or_raise
 from finegrain.errors import FinegrainError
 
 __all__ = ["Example", "ReadResult", "check_labels", "read_examples", "write_examples"]
@@ -40,14 +38,8 @@ _FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
 }
-_COMPRESSION: dict[str, tuple[str, Callable[..., IO[bytes]], Callable[[bytes], bytes]]] = {
-    ".gz": ("gzip", gzip.open, lambda data: gzip.compress(data, mtime=0)),
-    ".bz2": ("bzip2", bz2.open, bz2.compress),
-    ".xz": ("xz", lzma.open, lzma.compress),
-}
 _COMPRESSED_MAGIC = {"gzip": (b"\x1f\x8b",), "bzip2": (b"BZh",), "xz": (b"\xfd7zXZ\x00",)}
 _SUPPORTED = ".jsonl, .json, .csv or .tsv (optionally .gz, .bz2 or .xz compressed)"
-_SKIP_HINT = "fix the row or set data.skip_bad_rows: true"
 _SNIFF_BYTES = 8192
 # Lone surrogates are how errors="surrogateescape" marks bytes that are not valid UTF-8.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -89,15 +81,6 @@ class ReadResult:
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)
     fields: list[str] = field(default_factory=list)
-
-
-class _BadRow(Exception):
-    """A row that cannot become an example: skippable, or reported with a hint."""
-
-    def __init__(self, reason: str, hint: str = _SKIP_HINT) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.hint = hint
 
 
 def read_examples(
@@ -146,10 +129,7 @@ def read_examples(
     p = Path(path)
     name = str(path)
     fmt, opener, compression = _detect_format(p, name, format)
-    if not p.exists():
-        raise FinegrainError(f"{name}: file not found (relative paths are resolved from {Path.cwd()})")
-    if p.is_dir():
-        raise FinegrainError(f"{name}: is a directory; expected a {_SUPPORTED} file")
+    check_file(path, f"a {_SUPPORTED} file")
 
     parser = _RowParser(name, text_field, label_field, multi_label, require_label, regression, label_separator)
     examples: list[Example] = []
@@ -164,14 +144,12 @@ def read_examples(
                 rows += 1
                 source = f"{name}:{line}"
                 try:
-                    if isinstance(record, _BadRow):
+                    if isinstance(record, BadRow):
                         raise record
                     examples.append(parser.example(record, source))
-                except _BadRow as bad:
-                    if not skip_bad_rows:
-                        raise FinegrainError(f"{source}: {bad.reason}; {bad.hint}") from None
-                    skipped.append(f"{source}: {bad.reason}")
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+                except BadRow as bad:
+                    skip_or_raise(bad, source, skip_bad_rows, skipped)
+    except READ_ERRORS as exc:
         if not compression:
             raise FinegrainError(f"{name}: cannot read the file ({exc})") from None
         with open(p, "rb") as raw:
@@ -230,7 +208,7 @@ def check_labels(
         if close:
             reason += f"; did you mean {close[0]!r}?"
         if not skip_bad_rows:
-            raise FinegrainError(f"{reason}; add it to the training data, {_SKIP_HINT}")
+            raise FinegrainError(f"{reason}; add it to the training data, {SKIP_HINT}")
         skipped.append(reason)
     if examples and not kept:
         where = f"{path}: " if path is not None else ""
@@ -278,7 +256,7 @@ def write_examples(path: str | os.PathLike[str], examples: Iterable[Example], la
         text = buffer.getvalue()
     data = text.encode("utf-8")
     if compression:
-        data = next(c for c in _COMPRESSION.values() if c[0] == compression)[2](data)
+        data = next(c for c in COMPRESSION.values() if c[0] == compression)[2](data)
     atomic_write_bytes(p, data)
     return len(rows)
 
@@ -290,8 +268,8 @@ def _detect_format(p: Path, name: str, override: str | None) -> tuple[str, Calla
     suffixes = [s.lower() for s in p.suffixes]
     opener: Callable[..., IO[bytes]] = open
     compression = None
-    if suffixes and suffixes[-1] in _COMPRESSION:
-        compression, opener, _ = _COMPRESSION[suffixes.pop()]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        compression, opener, _ = COMPRESSION[suffixes.pop()]
     if override is not None:
         if override not in ("jsonl", "json", "csv", "tsv"):
             raise FinegrainError(f"{name}: unknown data format {override!r}; use jsonl, json, csv or tsv")
@@ -358,9 +336,9 @@ def _sniff(p: Path, name: str, opener: Callable[..., IO[bytes]], compression: st
     return text
 
 
-# --- record readers: yield (line, record dict or _BadRow) -------------------------------
+# --- record readers: yield (line, record dict or BadRow) -------------------------------
 
-Record = tuple[int, "dict[str, Any] | _BadRow"]
+Record = tuple[int, "dict[str, Any] | BadRow"]
 
 
 def _read_jsonl(stream: IO[str], name: str, head: str, parser: _RowParser) -> Iterator[Record]:
@@ -371,16 +349,16 @@ def _read_jsonl(stream: IO[str], name: str, head: str, parser: _RowParser) -> It
         yield line_number, _parse_json_line(line, parser)
 
 
-def _parse_json_line(line: str, parser: _RowParser) -> dict[str, Any] | _BadRow:
+def _parse_json_line(line: str, parser: _RowParser) -> dict[str, Any] | BadRow:
     bad = _UNDECODABLE.search(line)
     if bad:
         return _undecodable(bad)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        return _BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
-        return _BadRow(f"expected a JSON object, got {_json_type(obj)}")
+        return BadRow(f"expected a JSON object, got {_json_type(obj)}")
     parser.see_fields(obj)
     return obj
 
@@ -413,7 +391,7 @@ def _read_json(stream: IO[str], name: str, head: str, parser: _RowParser) -> Ite
             parser.see_fields(obj)
             yield line_at(pos), obj
         else:
-            yield line_at(pos), _BadRow(f"expected a JSON object, got {_json_type(obj)}")
+            yield line_at(pos), BadRow(f"expected a JSON object, got {_json_type(obj)}")
         pos = _skip_ws(text, end)
         if text[pos : pos + 1] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -450,7 +428,7 @@ def _read_delimited(stream: IO[str], name: str, delimiter: str, parser: _RowPars
         if len(row) != len(header):
             yield (
                 start,
-                _BadRow(f"{len(row)} fields but the header has {len(header)}; quote fields that contain {delimiter!r}"),
+                BadRow(f"{len(row)} fields but the header has {len(header)}; quote fields that contain {delimiter!r}"),
             )
             continue
         yield start, dict(zip(header, row))
@@ -476,7 +454,7 @@ _RECORD_READERS: dict[str, Callable[[IO[str], str, str, _RowParser], Iterator[Re
 
 
 class _RowParser:
-    """Turns one record (a dict of fields) into an `Example`, or raises `_BadRow`."""
+    """Turns one record (a dict of fields) into an `Example`, or raises `BadRow`."""
 
     def __init__(
         self,
@@ -529,26 +507,26 @@ class _RowParser:
             self.fields = list(obj)
         self.seen.update(obj)
 
-    def _missing(self, column: str, key: str, obj: dict[str, Any]) -> _BadRow:
+    def _missing(self, column: str, key: str, obj: dict[str, Any]) -> BadRow:
         reason = f"missing field {column!r} (fields: {_short_list(list(obj))})"
         if column in self.seen:
-            return _BadRow(reason)
+            return BadRow(reason)
         # Never seen in any row so far: the field name is wrong, not this row.
         close = difflib.get_close_matches(column, list(obj), n=1, cutoff=0.6)
-        return _BadRow(reason, (f"did you mean {close[0]!r}? " if close else "") + f"set data.{key}")
+        return BadRow(reason, hint=(f"did you mean {close[0]!r}? " if close else "") + f"set data.{key}")
 
     def example(self, obj: dict[str, Any], source: str) -> Example:
         if self.text_field not in obj:
             raise self._missing(self.text_field, "text_field", obj)
         text = obj[self.text_field]
         if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-            raise _BadRow(f"field {self.text_field!r} is {_json_type(text)}, expected a string")
+            raise BadRow(f"field {self.text_field!r} is {_json_type(text)}, expected a string")
         text = str(text)
         bad = _UNDECODABLE.search(text)
         if bad:
             raise _undecodable(bad, self.text_field)
         if not text.strip():
-            raise _BadRow(f"empty text in field {self.text_field!r}")
+            raise BadRow(f"empty text in field {self.text_field!r}")
 
         if self.label_field not in obj:
             if self.require_label:
@@ -569,17 +547,17 @@ class _RowParser:
         missing = value is None or (value == "" and not self.multi_label)
         if missing:
             if self.require_label:
-                raise _BadRow(f"empty label in field {field_name!r}")
+                raise BadRow(f"empty label in field {field_name!r}")
             return None
         if self.regression:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise _BadRow(f"label is {_json_type(value)}, expected a number (regression)")
+                raise BadRow(f"label is {_json_type(value)}, expected a number (regression)")
             try:
                 number = float(value)
             except ValueError:
-                raise _BadRow(f"label {_clip(value)!r} is not a number (regression)") from None
+                raise BadRow(f"label {_clip(value)!r} is not a number (regression)") from None
             if not math.isfinite(number):
-                raise _BadRow(f"label {value!r} is not a finite number")
+                raise BadRow(f"label {value!r} is not a finite number")
             return number
         if self.multi_label:
             if isinstance(value, str):
@@ -589,9 +567,9 @@ class _RowParser:
             labels = [_class_name(item, field_name) for item in items]
             return list(dict.fromkeys(labels))
         if isinstance(value, list):
-            raise _BadRow(
+            raise BadRow(
                 f"label is a list {_clip(json.dumps(value))}; set data.multi_label: true for multi-label data",
-                hint=_SKIP_HINT,
+                hint=SKIP_HINT,
             )
         return _class_name(value, field_name)
 
@@ -604,22 +582,22 @@ def _class_name(value: Any, field_name: str) -> str:
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise _BadRow(f"label {value!r} in field {field_name!r} is not a class name")
+            raise BadRow(f"label {value!r} in field {field_name!r} is not a class name")
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, str):
         if not value.strip():
-            raise _BadRow(f"empty label in field {field_name!r}")
+            raise BadRow(f"empty label in field {field_name!r}")
         return value.strip()
-    raise _BadRow(f"label in field {field_name!r} is {_json_type(value)}, expected a string")
+    raise BadRow(f"label in field {field_name!r} is {_json_type(value)}, expected a string")
 
 
 # --- small helpers ----------------------------------------------------------------------
 
 
-def _undecodable(match: re.Match[str], field_name: str | None = None) -> _BadRow:
+def _undecodable(match: re.Match[str], field_name: str | None = None) -> BadRow:
     byte = ord(match.group()) - 0xDC00
     where = f"in field {field_name!r}" if field_name else f"at column {match.start() + 1}"
-    return _BadRow(
+    return BadRow(
         f"byte 0x{byte:02x} {where} is not UTF-8", hint="re-save the file as UTF-8, or set data.skip_bad_rows: true"
     )
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from finegrain.data.load import Splits, carve_splits, check_split_labels, limit_splits, origins, read_given
+from finegrain.data import pipeline
+from finegrain.data.files import (
+    READ_ERRORS, SKIP_HINT, BadRow, check_file, content_suffix, open_binary, skip_or_raise,
+)
+from finegrain.data.pipeline import Splits, check_split_labels
 from finegrain.data.readers import ReadResult, read_examples
 from finegrain.data.split import infer_labels
 from finegrain.errors import FinegrainError
@@ -37,7 +40,6 @@ MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")  # head start, head end, tail start
 _MARKER = re.compile(r"</?e[12]>")
 _SENTENCE = re.compile(r'^(\d+)\s+"(.*)"\s*$')
 _LABEL = re.compile(r"^[^\s()]+(\((e1,e2|e2,e1)\))?$")
-_SKIP_HINT = "fix the row or set data.skip_bad_rows: true"
 
 
 @dataclass
@@ -64,10 +66,6 @@ class RelationExample:
         """`{"start", "end", "text"}` of the "head" or the "tail"."""
         start, end = getattr(self, which)
         return {"start": start, "end": end, "text": self.text[start:end]}
-
-
-class BadRow(ValueError):
-    """An example that cannot be read: the reason, without the place."""
 
 
 def parse_marked(marked: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
@@ -145,7 +143,7 @@ def read_relation_file(
         FinegrainError: a missing or unreadable file, or (unless `skip_bad_rows`) a bad record,
             naming `file:line` and the fix.
     """
-    if Path(path).suffix.lower() == ".txt":
+    if content_suffix(path) == ".txt":
         return _read_semeval(path, require_label, skip_bad_rows)
     read = read_examples(
         path, text_field=text_field, label_field=label_field, skip_bad_rows=skip_bad_rows, require_label=require_label
@@ -155,9 +153,7 @@ def read_relation_file(
         try:
             examples.append(_from_fields(row.text, row.extra, row.label, row.source))
         except BadRow as bad:
-            if not skip_bad_rows:
-                raise FinegrainError(f"{row.source}: {bad}; {_SKIP_HINT}") from None
-            skipped.append(f"{row.source}: {bad}")
+            skip_or_raise(bad, row.source, skip_bad_rows, skipped)
     if not examples:
         raise FinegrainError(f"{path}: every row was skipped (first: {skipped[0]}); fix the file")
     return ReadResult(examples, skipped, read.fields)
@@ -200,15 +196,17 @@ def example_from_input(value: Any, source: str) -> RelationExample:
 
 def _read_semeval(path: str, require_label: bool, skip_bad_rows: bool) -> ReadResult:
     """Records of the SemEval-2010 Task 8 text format (see the module docstring)."""
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else f"file not found (relative paths are resolved from {Path.cwd()})"
-        raise FinegrainError(f"{path}: {what}")
+    check_file(path, "a SemEval-2010 Task 8 .txt file")
+    try:
+        with open_binary(path) as f:
+            content = f.read()
+    except READ_ERRORS as exc:
+        raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
     records: list[dict[str, Any]] = []  # line, id, sentence, label, label_line, comment
     bad: list[tuple[int, str]] = []
     current: dict[str, Any] | None = None
     resync = False  # after a bad line: ignore the rest of its record, up to a blank line
-    for number, raw in enumerate(p.read_bytes().splitlines(), 1):
+    for number, raw in enumerate(content.splitlines(), 1):
         try:
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
         except UnicodeDecodeError:
@@ -256,7 +254,7 @@ def _read_semeval(path: str, require_label: bool, skip_bad_rows: bool) -> ReadRe
     bad.sort()
     if bad and not skip_bad_rows:
         number, reason = bad[0]
-        raise FinegrainError(f"{path}:{number}: {reason}; {_SKIP_HINT}")
+        raise FinegrainError(f"{path}:{number}: {reason}; {SKIP_HINT}")
     examples = [r["example"] for r in records if "example" in r]
     if not examples:
         first = f" (first: line {bad[0][0]}: {bad[0][1]})" if bad else ""
@@ -272,26 +270,17 @@ def load_relation_splits(data) -> Splits:
     come from the training examples; a validation or test label outside them is an error (or a
     skipped row with `data.skip_bad_rows`).
     """
-    if data.dataset:
-        raise FinegrainError(
-            "data.dataset: task relation has no bundled dataset; set data.train to a SemEval-2010 Task 8 .txt "
-            "file or JSON lines (see examples/relation.yaml)"
-        )
-    if not data.train:
-        raise FinegrainError("data: no training data; set data.train to a SemEval-2010 Task 8 .txt file or JSON lines")
 
     def read(path: str) -> ReadResult:
         return read_relation_file(path, data.text_field, data.label_field, skip_bad_rows=data.skip_bad_rows)
 
-    result = read(data.train)
-    given, skipped = read_given(data, read)
-    parts = limit_splits(data, carve_splits(data, result.examples, given))
-    train = parts["train"]
-    labels = infer_labels(train)
-    if len(labels) < 2:
-        raise FinegrainError(f"{data.train}: the training data has {len(labels)} relation(s); at least 2 are needed")
-    skipped = result.skipped + skipped + check_split_labels(data, parts, labels, data.train)
-    return Splits(train, parts["validation"], parts["test"], labels, skipped, origins(data, data.train))
+    files = "a SemEval-2010 Task 8 .txt file or JSON lines (see examples/relation.yaml)"
+    splits = pipeline.load_splits(data, read, task="relation", files=files)
+    splits.labels = infer_labels(splits.train)
+    if len(splits.labels) < 2:
+        raise FinegrainError(f"{data.train}: the training data has {len(splits.labels)} relation(s); at least 2 are needed")
+    splits.skipped += check_split_labels(data, splits, data.train)
+    return splits
 
 
 def _clip(text: str, width: int = 60) -> str:

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from finegrain.data.load import Splits, carve_splits, limit_splits, origins, read_given
+from finegrain.data import pipeline
+from finegrain.data.files import BadRow, read_text, skip_or_raise
+from finegrain.data.pipeline import Splits
+from finegrain.data.readers import Example
+from finegrain.data.split import stratified_split
 from finegrain.errors import FinegrainError
 
 __all__ = ["Answer", "QAExample", "QAReadResult", "load_qa_splits", "read_squad", "split_qa_examples"]
-
-_SKIP_HINT = "fix it or set data.skip_bad_rows: true"
 
 
 class Answer(NamedTuple):
@@ -79,12 +81,6 @@ class QAReadResult:
     skipped: list[str] = field(default_factory=list)
 
 
-class _BadQuestion(Exception):
-    def __init__(self, line: int, reason: str):
-        super().__init__(reason)
-        self.line, self.reason = line, reason
-
-
 def read_squad(path: str | Path, skip_bad_rows: bool = False, require_answers: bool = True) -> QAReadResult:
     """Read questions from a SQuAD JSON or JSON-lines file (see the module docstring).
 
@@ -98,7 +94,7 @@ def read_squad(path: str | Path, skip_bad_rows: bool = False, require_answers: b
         The examples in file order and the reasons questions were skipped.
     """
     name = str(path)
-    text = _read_text(path)
+    text = read_text(path, "a SQuAD .json or a .jsonl file")
     first = len(text) - len(text.lstrip())
     if first == len(text):
         raise FinegrainError(f"{name}: the file is empty; expected SQuAD JSON or JSON lines")
@@ -108,33 +104,15 @@ def read_squad(path: str | Path, skip_bad_rows: bool = False, require_answers: b
         try:
             example = _example(row, line, context_line, name, require_answers)
             if example.id in seen:
-                raise _BadQuestion(line, f"id {example.id!r} is already used at line {seen[example.id]}; make ids unique")
+                raise BadRow.at(line, f"id {example.id!r} is already used at line {seen[example.id]}; make ids unique")
             seen[example.id] = line
             examples.append(example)
-        except _BadQuestion as bad:
-            if not skip_bad_rows:
-                raise FinegrainError(f"{name}:{bad.line}: {bad.reason}; {_SKIP_HINT}") from None
-            skipped.append(f"{name}:{bad.line}: {bad.reason}")
+        except BadRow as bad:
+            skip_or_raise(bad, f"{name}:{bad.line}", skip_bad_rows, skipped)
     return QAReadResult(examples, skipped)
 
 
 # --- files ------------------------------------------------------------------------------
-
-
-def _read_text(path: str | Path) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise FinegrainError(f"{path}: file not found (relative paths are resolved from {Path.cwd()})")
-    if p.is_dir():
-        raise FinegrainError(f"{path}: is a directory; expected a SQuAD .json or a .jsonl file")
-    try:
-        return p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FinegrainError(
-            f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
 
 
 def _is_squad_document(text: str, first: int) -> bool:
@@ -218,22 +196,22 @@ def _example(row: dict[str, Any], line: int, context_line: int, name: str, requi
     """Check one question's row (flat: question, context, answers, is_impossible, id, title)."""
     question, context = row.get("question"), row.get("context")
     if not isinstance(question, str) or not question.strip():
-        raise _BadQuestion(line, "missing or empty 'question'")
+        raise BadRow.at(line, "missing or empty 'question'")
     if not isinstance(context, str) or not context.strip():
-        raise _BadQuestion(context_line, "missing or empty 'context'")
+        raise BadRow.at(context_line, "missing or empty 'context'")
     impossible = row.get("is_impossible", False)
     if not isinstance(impossible, bool):
-        raise _BadQuestion(line, f"'is_impossible' must be true or false, not {impossible!r}")
+        raise BadRow.at(line, f"'is_impossible' must be true or false, not {impossible!r}")
     answers = _answers(row.get("answers"), line)
     if impossible:
         if answers:
-            raise _BadQuestion(line, "'is_impossible' is true but there are answers; remove them or set it false")
+            raise BadRow.at(line, "'is_impossible' is true but there are answers; remove them or set it false")
         answers = []
     elif answers == [] and "is_impossible" in row:  # an explicit false: the answers are missing
         answers = None
     # Otherwise empty answers without `is_impossible` mean unanswerable (the `datasets` layout).
     if answers is None and require_answers:
-        raise _BadQuestion(line, "no 'answers'; give at least one or set \"is_impossible\": true")
+        raise BadRow.at(line, "no 'answers'; give at least one or set \"is_impossible\": true")
     for answer in answers or ():
         _check_answer(answer, context, line)
     qid = row.get("id")
@@ -249,17 +227,17 @@ def _answers(value: Any, line: int) -> list[Answer] | None:
     if isinstance(value, dict):
         texts, starts = value.get("text"), value.get("answer_start")
         if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-            raise _BadQuestion(line, "'answers' must hold lists 'text' and 'answer_start' of the same length")
+            raise BadRow.at(line, "'answers' must hold lists 'text' and 'answer_start' of the same length")
         value = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
     if not isinstance(value, list):
-        raise _BadQuestion(line, "'answers' must be a list of {\"text\", \"answer_start\"} objects")
+        raise BadRow.at(line, "'answers' must be a list of {\"text\", \"answer_start\"} objects")
     answers = []
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
-            raise _BadQuestion(line, f"an answer needs a 'text' that is not empty or blank, got {item!r}")
+            raise BadRow.at(line, f"an answer needs a 'text' that is not empty or blank, got {item!r}")
         start = item.get("answer_start")
         if not isinstance(start, int) or isinstance(start, bool):
-            raise _BadQuestion(line, f"answer {item['text']!r} needs an integer 'answer_start', got {start!r}")
+            raise BadRow.at(line, f"answer {item['text']!r} needs an integer 'answer_start', got {start!r}")
         answers.append(Answer(item["text"], start))
     return answers
 
@@ -267,14 +245,14 @@ def _answers(value: Any, line: int) -> list[Answer] | None:
 def _check_answer(answer: Answer, context: str, line: int) -> None:
     end = answer.start + len(answer.text)
     if answer.start < 0 or end > len(context):
-        raise _BadQuestion(
+        raise BadRow.at(
             line, f"answer_start {answer.start} of {answer.text!r} runs outside the context ({len(context)} characters)"
         )
     found = context[answer.start : end]
     if found != answer.text:
         where = context.find(answer.text)
         hint = f"; the text occurs at {where}" if where >= 0 else "; the text does not occur in the context"
-        raise _BadQuestion(
+        raise BadRow.at(
             line, f"answer {answer.text!r} is not at answer_start {answer.start} (found {found!r}){hint}"
         )
 
@@ -291,9 +269,6 @@ def split_qa_examples(
     stratified by whether a context has an unanswerable question. Deterministic for a seed;
     parts keep file order.
     """
-    from finegrain.data.readers import Example
-    from finegrain.data.split import stratified_split
-
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         groups.setdefault(ex.context, []).append(i)
@@ -317,13 +292,8 @@ def load_qa_splits(config) -> Splits:
     the training file by context with `data.split` and `data.split_seed`. `labels` is empty:
     answers are spans, not classes.
     """
-    if config.dataset:
-        raise FinegrainError("data.dataset: no bundled QA dataset; set data.train to a SQuAD .json or .jsonl file")
-    if not config.train:
-        raise FinegrainError("data: no training data; set data.train to a SQuAD .json or .jsonl file")
-    result = read_squad(config.train, config.skip_bad_rows)
-    if not result.examples:
-        raise FinegrainError(f"{config.train}: no usable questions")
-    given, skipped = read_given(config, lambda path: read_squad(path, config.skip_bad_rows))
-    parts = limit_splits(config, carve_splits(config, result.examples, given, split_qa_examples), split_qa_examples)
-    return Splits(parts["train"], parts["validation"], parts["test"], [], result.skipped + skipped, origins(config, config.train))
+
+    def read(path: str) -> QAReadResult:
+        return read_squad(path, config.skip_bad_rows)
+
+    return pipeline.load_splits(config, read, split_qa_examples, task="qa", files="a SQuAD .json or .jsonl file")

@@ -192,9 +192,10 @@ class ClassificationTask(Task):
 
     @staticmethod
     def load_splits(data):
+        from finegrain import datasets
         from finegrain.data.load import load_splits
 
-        return load_splits(data)
+        return load_splits(data, datasets_module=datasets)  # data sits below datasets: the loader comes from here
 
     def read_file(self, data, path: str, require_label: bool = True) -> list:
         from finegrain.data.load import read_file
@@ -320,9 +321,10 @@ class RegressionTask(ClassificationTask):
 
     @staticmethod
     def load_splits(data):
+        from finegrain import datasets
         from finegrain.data.load import load_splits
 
-        splits = load_splits(data, regression=True)
+        splits = load_splits(data, regression=True, datasets_module=datasets)
         values = torch.tensor([e.label for e in splits.train], dtype=torch.float64)
         std = float(values.std()) if len(values) > 1 else 1.0
         splits.labels = [data.label_field, round(float(values.mean()), 6), round(std if std > 0 else 1.0, 6)]

@@ -44,8 +44,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from finegrain.data import pipeline
 from finegrain.data.chat import ChatExample, check_messages, messages_from_record, read_chat_examples
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.generation import label_set
 from finegrain.model.llama import Llama
 from finegrain.tasks import IGNORE_INDEX, Task, pad_inputs
 
@@ -254,26 +256,18 @@ class InstructTask(Task):
 
     @staticmethod
     def load_splits(data):
-        """Conversations of `data.train` (and `data.validation`/`data.test`, else split off train)."""
-        from finegrain.data.load import Splits, carve_splits, limit_splits, origins, read_given
-        from finegrain.evaluate.generation import label_set
+        """Conversations of `data.train` (and `data.validation`/`data.test`, else split off train,
+        stratified by reference so that label-like answers stay spread)."""
 
-        if data.dataset:
-            raise FinegrainError("data.dataset: task instruct has no bundled dataset; set data.train to a chat JSONL file")
-        if not data.train:
-            raise FinegrainError("data.train: task instruct needs a chat JSONL file of conversations")
         def read(path: str):
             result = read_chat_examples(path, require_reference=True, skip_bad_rows=data.skip_bad_rows)
             if not result.examples:
                 raise FinegrainError(f"{path}: no usable conversations")
             return result
 
-        # Splits not given as files come out of train, stratified by reference (labels stay spread).
-        result = read(data.train)
-        given, skipped = read_given(data, read)
-        parts = limit_splits(data, carve_splits(data, result.examples, given))
-        labels = label_set([e.label for e in parts["train"]])
-        return Splits(parts["train"], parts["validation"], parts["test"], labels, result.skipped + skipped, origins(data, data.train))
+        splits = pipeline.load_splits(data, read, task="instruct", files="a chat JSONL file of conversations")
+        splits.labels = label_set([e.label for e in splits.train])
+        return splits
 
     def read_file(self, data, path: str, require_label: bool = True) -> list[ChatExample]:
         examples = read_chat_examples(path, require_reference=require_label, skip_bad_rows=data.skip_bad_rows).examples

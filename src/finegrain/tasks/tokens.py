@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain import datasets
 from finegrain.config import HeadConfig
-from finegrain.data.conll import TokenExample
+from finegrain.data.conll import TokenExample, load_token_splits, read_token_examples
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.llama import LlamaModel
@@ -194,13 +195,9 @@ class TokenClassificationTask(Task):
 
     @staticmethod
     def load_splits(data):
-        from finegrain.data.conll import load_token_splits
-
-        return load_token_splits(data)
+        return load_token_splits(data, datasets_module=datasets)  # data sits below datasets: the loader comes from here
 
     def read_file(self, data, path: str, require_label: bool = True) -> list[TokenExample]:
-        from finegrain.data.conll import read_token_examples
-
         examples = read_token_examples(
             path, require_tags=require_label, scheme=data.scheme, tag_column=data.tag_column,
             char_level=data.char_level, repair=data.repair_tags, skip_bad_rows=data.skip_bad_rows,
