@@ -5,6 +5,9 @@ An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
 and `load_adapter` loads what PEFT saved. Tensor names are the module paths of the Hugging Face
 model behind a `base_model.model.` prefix: `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`;
 a module in `modules_to_save` (a classification head `score`) is saved whole as `base_model.model.score.weight`.
+
+The weights file also carries a sha256 of its tensors in its metadata (`finegrain_sha256`, which
+PEFT ignores); every read checks it, and refuses NaN, infinities and ranks that do not fit the config.
 """
 
 from __future__ import annotations
@@ -313,7 +316,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         removed: `model.layers.0.self_attn.q_proj.lora_A.weight`, `score.weight`, ...
 
     Raises:
-        FinegrainError: a file is missing or unreadable, or the adapter uses a PEFT feature finegrain lacks.
+        FinegrainError: a file is missing, unreadable or damaged (see `verify_adapter`), or the
+            adapter uses a PEFT feature finegrain lacks.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
@@ -327,7 +331,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         raise FinegrainError(f"{config_path}: expected a JSON object; save the adapter again")
     config = _config_from_peft(raw, config_path)
 
-    weights_path = directory / WEIGHTS_NAME
+    weights_path, digest, fix = directory / WEIGHTS_NAME, None, _adapter_fix(directory)
     try:
         if weights_path.is_file():
             tensors, digest = _read_safetensors(weights_path)
@@ -337,13 +341,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         else:
             raise FinegrainError(f"{weights_path}: not found; save the adapter again or copy the whole directory")
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise FinegrainError(f"{weights_path}: cannot be read ({exc}); it is corrupt: {_adapter_fix(directory)}") from None
-    if weights_path.name == WEIGHTS_NAME:
-        check_weights(weights_path, tensors, digest, _adapter_fix(directory))
-    else:
-        check_weights(weights_path, tensors, None, _adapter_fix(directory))
+        raise FinegrainError(f"{weights_path}: cannot be read ({exc}); it is corrupt: {fix}") from None
+    check_weights(weights_path, tensors, digest, fix)
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
-    _check_ranks(weights_path, tensors, config.r, _adapter_fix(directory))
+    _check_ranks(weights_path, tensors, config.r, fix)
     return config, tensors
 
 
