@@ -636,6 +636,34 @@ def test_fuzz_openapi_schema_no_server_errors(server, client, runs):
     assert_same_predictions(response.json()["predictions"], finegrain.load(runs["sentiment"]).predict(TEXTS))
 
 
+def test_what_the_schema_allows_the_server_takes(server):
+    """schemathesis's requests to /v1/classify, /v1/generate and /v1/chat/completions, built from
+    the schema alone (with a served model's name), are answered, never refused with a 422, but for
+    what no schema can say: a text over --max-tokens-per-text or a prompt past the context."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    models = {"/v1/classify": "sentiment", "/v1/generate": "tiny-llama", "/v1/chat/completions": "tiny-llama"}
+    refused = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path not in models:
+            continue
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        def check(case):
+            case.body = {**case.body, "model": models[case.path]}
+            response = case.call(base_url=server.url, headers=AUTH, timeout=30)
+            if response.status_code == 422 and not any(s in response.text for s in ("--max-tokens-per-text", "context of")):
+                refused.append((case.path, case.body, response.text[:300]))
+
+        check()
+    assert not refused, refused[:3]
+
+
 # ---------------------------------------------------------------------------------------------- queue, timeout, drain
 
 

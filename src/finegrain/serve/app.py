@@ -32,8 +32,8 @@ from finegrain.serve.logs import log, mask_pii
 from finegrain.serve.metrics import Metrics
 from finegrain.serve.models import GENERATE_ENDPOINTS, TASK_ENDPOINTS, ModelRegistry
 from finegrain.serve.schemas import (
-    ChatResponse, ClassifyResponse, ErrorBody, GenerateResponse, ModelList, NerResponse, QARequest, QAResponse,
-    RegressResponse, RelationRequest, RelationResponse, TextsRequest, generation_requests,
+    ChatResponse, ClassifyResponse, ErrorBody, GenerateResponse, ModelList, NerResponse, QAResponse, RegressResponse,
+    RelationResponse, generation_requests, task_requests,
 )
 from finegrain.serve.security import ApiKeys, Gate, RateLimiter, error_body
 
@@ -261,6 +261,15 @@ def create_app(
 
     # -- task endpoints --------------------------------------------------------------------
 
+    # The request bodies carry the command line's limits in their schema, so they are made here;
+    # FastAPI reads a body's type from the annotation, set on each endpoint before it is registered.
+    def body_type(model: type) -> Callable:
+        def annotate(endpoint: Callable) -> Callable:
+            endpoint.__annotations__["body"] = model
+            return endpoint
+        return annotate
+
+    TextsBody, RelationBody, QABody = task_requests(settings.max_texts)
     endpoints = registry.endpoints()
 
     def numbered(field: str, values: list[str]) -> list[tuple[str, str]]:
@@ -269,7 +278,8 @@ def create_app(
     if "/v1/classify" in endpoints:
 
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["tasks"])
-        async def classify(body: TextsRequest) -> ClassifyResponse:
+        @body_type(TextsBody)
+        async def classify(body) -> ClassifyResponse:
             """Label each text with a classification run: the label (labels, multi-label) and every label's probability."""
             name, predictions = await answer("/v1/classify", body.model, "texts", body.texts, numbered("texts", body.texts))
             return ClassifyResponse(model=name, predictions=predictions)
@@ -277,7 +287,8 @@ def create_app(
     if "/v1/regress" in endpoints:
 
         @app.post("/v1/regress", response_model=RegressResponse, responses=ERRORS, tags=["tasks"])
-        async def regress(body: TextsRequest) -> RegressResponse:
+        @body_type(TextsBody)
+        async def regress(body) -> RegressResponse:
             """Score each text with a regression run: the predicted `value`."""
             name, predictions = await answer("/v1/regress", body.model, "texts", body.texts, numbered("texts", body.texts))
             return RegressResponse(model=name, predictions=predictions)
@@ -285,7 +296,8 @@ def create_app(
     if "/v1/ner" in endpoints:
 
         @app.post("/v1/ner", response_model=NerResponse, responses=ERRORS, tags=["tasks"])
-        async def ner(body: TextsRequest) -> NerResponse:
+        @body_type(TextsBody)
+        async def ner(body) -> NerResponse:
             """Tag each text's words with an NER run: words, tags and the entities with character offsets."""
             name, predictions = await answer("/v1/ner", body.model, "texts", body.texts, numbered("texts", body.texts))
             return NerResponse(model=name, predictions=predictions)
@@ -293,7 +305,8 @@ def create_app(
     if "/v1/relation" in endpoints:
 
         @app.post("/v1/relation", response_model=RelationResponse, responses=ERRORS, tags=["tasks"])
-        async def relation(body: RelationRequest) -> RelationResponse:
+        @body_type(RelationBody)
+        async def relation(body) -> RelationResponse:
             """Classify the relation between the head and tail spans of each text with a relation run."""
             texts = [(f"items.{i}.text", item.text) for i, item in enumerate(body.items)]
             name, predictions = await answer("/v1/relation", body.model, "items", [item.model_dump() for item in body.items], texts)
@@ -302,7 +315,8 @@ def create_app(
     if "/v1/qa" in endpoints:
 
         @app.post("/v1/qa", response_model=QAResponse, responses=ERRORS, tags=["tasks"])
-        async def qa(body: QARequest) -> QAResponse:
+        @body_type(QABody)
+        async def qa(body) -> QAResponse:
             """Answer each question with a span of its context, with an extractive QA run."""
             texts = [(f"items.{i}.{key}", getattr(item, key)) for i, item in enumerate(body.items) for key in ("question", "context")]
             name, predictions = await answer("/v1/qa", body.model, "items", [item.model_dump() for item in body.items], texts)
@@ -333,15 +347,7 @@ def create_app(
         completion = len(tokenizer.encode(text, add_special_tokens=False))
         return completion, "length" if completion >= max_new_tokens else "stop"
 
-    # The request bodies carry --max-new-tokens as their schema's maximum, so they are made here;
-    # FastAPI reads a body's type from the annotation, set on each endpoint before it is registered.
     GenerateBody, ChatBody = generation_requests(settings.max_new_tokens)
-
-    def body_type(model: type) -> Callable:
-        def annotate(endpoint: Callable) -> Callable:
-            endpoint.__annotations__["body"] = model
-            return endpoint
-        return annotate
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generation"])
     @body_type(GenerateBody)

@@ -209,6 +209,24 @@ class ChatRequest(Sampling):
     user: Annotated[str, Field(max_length=256), AfterValidator(_encodable)] | None = None
 
 
+def task_requests(max_texts: int) -> tuple[type[TextsRequest], type[RelationRequest], type[QARequest]]:
+    """The task request bodies with `--max-texts` as the schema's `maxItems`. The endpoint checks
+    it, with a message that names the flag; pydantic's would not."""
+    most = {"maxItems": max_texts}
+
+    class TextsRequest(globals()["TextsRequest"]):  # the name the schema shows
+        texts: list[NonEmptyText] = Field(min_length=1, json_schema_extra=most, description=f"The texts (at most {max_texts}, --max-texts).")
+
+    class RelationRequest(globals()["RelationRequest"]):
+        items: list[RelationItem] = Field(min_length=1, json_schema_extra=most,
+                                          description=f"Texts with two marked entities (at most {max_texts}, --max-texts).")
+
+    class QARequest(globals()["QARequest"]):
+        items: list[QAItem] = Field(min_length=1, json_schema_extra=most, description=f"Questions about contexts (at most {max_texts}, --max-texts).")
+
+    return TextsRequest, RelationRequest, QARequest
+
+
 def generation_requests(limit: int) -> tuple[type[GenerateRequest], type[ChatRequest]]:
     """The generation request bodies with `max_new_tokens` (and chat's `max_tokens`) at most `limit`,
     the server's `--max-new-tokens`, in validation and in the schema alike; the default is 32 or the limit."""
