@@ -7,13 +7,16 @@ A run directory holds:
     metrics.jsonl    training loss and validation metrics per step
     metrics.json     final validation and test metrics
     report.md, report.html, confusion_matrix.png, learning_curve.png
-    checkpoint/      resumable training state
+    checkpoint/      resumable training state; best/: the best weights so far
+    .lock            held (flock) by the `train` working in the directory
+    .explicit_keys.json  the config keys the user set (see `open_run`)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -150,11 +153,7 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
             config.explicit = set(json.loads((run_dir / EXPLICIT_KEYS).read_text(encoding="utf-8")))
         return config, None
     if (run_dir / "config.yaml").exists():
-        try:
-            ours = load_run_config(run_dir) is not None
-        except FinegrainError:
-            ours = False
-        if not ours or has_checkpoint(run_dir) or is_finished(run_dir):
+        if not _holds_run_config(run_dir) or has_checkpoint(run_dir) or is_finished(run_dir):
             raise FinegrainError(
                 f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
             )
@@ -167,10 +166,17 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
     return config, None
 
 
+def _holds_run_config(run_dir: Path) -> bool:
+    """Whether config.yaml is a finegrain run config (a file of another program is never replaced)."""
+    try:
+        load_run_config(run_dir)
+    except FinegrainError:
+        return False
+    return True
+
+
 def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a start that never reached a checkpoint left, so the next start is a clean one."""
-    import shutil
-
     for name in ("metrics.jsonl", "labels.json", "skipped_rows.txt"):
         (run_dir / name).unlink(missing_ok=True)
     for name in ("best", "checkpoint", "tensorboard"):
@@ -180,8 +186,6 @@ def _clear_unstarted(run_dir: Path) -> None:
 def _discard(run_dir: Path) -> None:
     """Delete a run directory this call created, after an error before any checkpoint: nothing
     in it is worth keeping, and an empty shell would only be in the way of the next try."""
-    import shutil
-
     if not has_checkpoint(run_dir) and not is_finished(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
