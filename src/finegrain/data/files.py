@@ -20,8 +20,8 @@ from typing import IO
 from finegrain.errors import FinegrainError
 
 __all__ = [
-    "COMPRESSION", "READ_ERRORS", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix", "open_binary", "open_text",
-    "read_text", "skip_or_raise",
+    "COMPRESSION", "READ_ERRORS", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
+    "open_binary", "open_text", "read_text", "skip_or_raise",
 ]
 
 SKIP_HINT = "fix the row or set data.skip_bad_rows: true"

@@ -47,6 +47,8 @@ def load_splits(config: DataConfig, regression: bool = False, datasets_module: A
         return splits
     splits.labels = infer_labels(splits.train)
     if len(splits.labels) < 2 and not config.multi_label:
-        raise FinegrainError(f"{origin}: the training data has {len(splits.labels)} label(s); classification needs at least 2")
+        raise FinegrainError(
+            f"{origin}: the training data has {len(splits.labels)} label(s); classification needs at least 2"
+        )
     splits.skipped += check_split_labels(config, splits, origin)
     return splits

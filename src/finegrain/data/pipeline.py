@@ -81,7 +81,8 @@ def load_splits(
     else:
         parts = carve_splits(config, pool, given, split)
     parts = limit_splits(config, parts, split)
-    return Splits(parts["train"], parts["validation"], parts["test"], [], skipped + skipped_given, origins(config, origin))
+    skipped += skipped_given
+    return Splits(parts["train"], parts["validation"], parts["test"], [], skipped, origins(config, origin))
 
 
 def training_pool(
