@@ -358,3 +358,112 @@ def test_max_eval_examples_caps_validation_and_test_with_a_stratified_sample(tmp
     assert [e.text for e in capped.train] == [e.text for e in full.train]
     assert {e.text for e in capped.test} < {e.text for e in full.test}
     assert sorted(e.label for e in capped.test) == ["a", "a", "a", "b", "b", "b"]
+
+
+# --- one split pipeline for every reader ------------------------------------------------------
+
+_PARIS = {"text": "Paris", "answer_start": 0}
+
+
+def _bad_row_files(tmp_path: Path) -> dict:
+    """A reader per task and a file whose line 2 is bad, for the shared bad-row rules."""
+    from finegrain.data.conll import read_token_examples
+    from finegrain.data.relation import read_relation_file
+    from finegrain.data.squad import read_squad
+
+    good_qa = {"id": "1", "question": "Capital?", "context": "Paris is big.", "answers": [_PARIS]}
+    bad_qa = {**good_qa, "id": "2", "answers": [{"text": "Lyon", "answer_start": 0}]}
+    relation = {"text": "<e1>Rain</e1> causes <e2>floods</e2>.", "label": "Cause-Effect(e1,e2)"}
+    return {
+        "text": (read_examples, _jsonl({"text": "a", "label": "x"}, {"text": "b"})),
+        "tokens": (
+            read_token_examples, _jsonl({"tokens": ["a"], "tags": ["O"]}, {"tokens": ["b", "c"], "tags": ["O"]})
+        ),
+        "relation": (read_relation_file, _jsonl(relation, {"text": "no markers", "label": "Other"})),
+        "squad": (read_squad, _jsonl(good_qa, bad_qa)),
+    }
+
+
+def test_every_reader_reports_and_skips_bad_rows_alike(tmp_path: Path) -> None:
+    for name, (read, content) in _bad_row_files(tmp_path).items():
+        path = _write(tmp_path / f"{name}.jsonl", content)
+        with pytest.raises(FinegrainError) as info:
+            read(path)
+        assert str(info.value).startswith(f"{path}:2: "), name
+        assert str(info.value).endswith("; fix the row or set data.skip_bad_rows: true"), name
+        result = read(path, skip_bad_rows=True)
+        assert len(result.examples) == 1 and len(result.skipped) == 1, name
+        assert result.skipped[0].startswith(f"{path}:2: ") and "skip_bad_rows" not in result.skipped[0], name
+
+
+@pytest.mark.parametrize("suffix, compress", [(".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)])
+def test_every_reader_opens_compressed_files(tmp_path: Path, suffix: str, compress) -> None:
+    from finegrain.data.relation import read_relation_file
+    from finegrain.data.squad import read_squad
+
+    semeval = Path(__file__).resolve().parent.parent / "examples" / "data" / "semeval" / "train.txt"
+    squad = _jsonl(
+        {"id": "1", "question": "Capital?", "context": "Paris is big.", "answers": [_PARIS]}
+    )
+    for read, plain in ((read_relation_file, semeval), (read_squad, _write(tmp_path / "q.jsonl", squad))):
+        packed = _write(tmp_path / (plain.name + suffix), compress(plain.read_bytes()))
+        expected = [(e.text if hasattr(e, "text") else e.question, e.label) for e in read(plain).examples]
+        got = [(e.text if hasattr(e, "text") else e.question, e.label) for e in read(packed).examples]
+        assert got == expected and got
+
+
+def test_the_pipeline_splits_and_caps_with_the_task_split_and_refuses_what_the_task_lacks(tmp_path: Path) -> None:
+    from finegrain.config import DataConfig
+    from finegrain.data import pipeline
+    from finegrain.data.readers import ReadResult
+
+    calls = []
+
+    def read(path: str) -> ReadResult:
+        examples = [Example(f"{path} {i}", "ab"[i % 2], f"{path}:{i + 1}") for i in range(20)]
+        return ReadResult(examples, [f"{path}:99: bad"])
+
+    def halves(examples, fractions, seed=0):  # a task's own split: in file order, by the fractions
+        calls.append(len(fractions))
+        cuts = [0]
+        for fraction in fractions:
+            cuts.append(cuts[-1] + round(fraction * len(examples)))
+        cuts[-1] = len(examples)
+        return tuple(list(examples[a:b]) for a, b in zip(cuts, cuts[1:]))
+
+    config = DataConfig(train="t.jsonl", test="x.jsonl", split=[0.5, 0.25, 0.25], max_train_examples=5)
+    splits = pipeline.load_splits(config, read, halves, task="demo", files="a demo file")
+    assert [e.text for e in splits.train] == [f"t.jsonl {i}" for i in range(5)]  # capped by `halves`, not stratified
+    # test given as a file: train and validation share the pool 0.5 : 0.25, i.e. 13 : 7 of 20
+    assert [e.text for e in splits.validation] == [f"t.jsonl {i}" for i in range(13, 20)]
+    assert len(splits.test) == 20 and splits.labels == [] and calls == [2, 2]
+    assert splits.skipped == ["t.jsonl:99: bad", "x.jsonl:99: bad"]
+    assert splits.origin == {"train": "t.jsonl", "validation": "t.jsonl (validation split)", "test": "x.jsonl"}
+
+    def bundled(name, **options):  # a bundled set with its own split: taken as it is
+        return [Example(str(i), "a", f"{name}:{i}", {"split": pipeline.SPLITS[i % 3]}) for i in range(9)]
+
+    fixed = pipeline.load_splits(DataConfig(dataset="demo"), read, bundled=bundled)
+    assert [len(fixed.train), len(fixed.validation), len(fixed.test)] == [3, 3, 3]
+    no_bundled = "^data.dataset: task demo has no bundled dataset; set data.train to a demo file$"
+    with pytest.raises(FinegrainError, match=no_bundled):
+        pipeline.load_splits(DataConfig(dataset="demo"), read, task="demo", files="a demo file")
+    with pytest.raises(FinegrainError, match="^data: no training data; set data.train to a demo file$"):
+        pipeline.load_splits(DataConfig(), read, task="demo", files="a demo file")
+    with pytest.raises(FinegrainError, match="not both"):
+        pipeline.load_splits(DataConfig(dataset="demo", train="t.jsonl"), read, bundled=bundled)
+
+
+def test_bundled_datasets_come_from_the_caller_not_from_the_data_layer(tmp_path: Path) -> None:
+    from finegrain.config import DataConfig
+    from finegrain.data.load import load_splits
+
+    class Bundled:
+        @staticmethod
+        def load(name, **options):
+            return [Example(f"text {i}", "ab"[i % 2], f"{name}:{i}") for i in range(40)]
+
+    splits = load_splits(DataConfig(dataset="fake"), datasets_module=Bundled)
+    assert splits.labels == ["a", "b"] and splits.origin["train"] == "dataset fake"
+    with pytest.raises(ValueError, match="the caller passes in"):
+        load_splits(DataConfig(dataset="fake"))
