@@ -235,32 +235,30 @@ _PREFIX_CACHE_NAME = re.compile(r"^\.prefix-cache-")  # finegrain.train.prefix_c
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete what atomic writes killed half-way left in `directory` and below; returns what went.
+    """Delete what atomic writes killed half-way left in `directory` (not below it); returns what went.
 
     A SIGKILL inside `atomic_path` or `atomic_dir` leaves a hidden temporary that no later
     write reuses (each draws a new name), so without this they pile up. A directory moved aside
     by `atomic_dir` is put back by `recover_dir` when it is the only copy, never deleted blind.
-    Call it only while nothing else writes into `directory` (hold `exclusive_lock`).
+    Only the one directory is looked at, so that a wrong path (a home directory) costs no walk
+    and no other program's files. Call it only while nothing else writes into `directory`
+    (hold `exclusive_lock`).
     """
     root = Path(directory)
     removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for parent, dirs, files in os.walk(root):
-        for name in list(dirs):
-            aside = _ASIDE_NAME.match(name)
-            if aside:
-                recover_dir(Path(parent, aside.group(1)))
-                dirs.remove(name)
-            elif _TEMP_NAME.match(name):
-                shutil.rmtree(Path(parent, name), ignore_errors=True)
-                removed.append(Path(parent, name))
-                dirs.remove(name)
-        for name in files:
-            if _TEMP_NAME.match(name) or _PREFIX_CACHE_NAME.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(parent, name).unlink()
-                removed.append(Path(parent, name))
+    for entry in sorted(root.iterdir()):
+        aside = _ASIDE_NAME.match(entry.name)
+        if aside and entry.is_dir():
+            recover_dir(root / aside.group(1))
+        elif _TEMP_NAME.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        elif _TEMP_NAME.match(entry.name) or _PREFIX_CACHE_NAME.match(entry.name):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            removed.append(entry)
     return removed
 
 

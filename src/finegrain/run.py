@@ -139,7 +139,9 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         The config to train with, and the run directory when training continues from its
         checkpoint (None when it starts from the beginning).
     """
-    remove_stale_temps(run_dir)  # also puts back a checkpoint a kill left moved aside
+    if (run_dir / "config.yaml").exists():  # only in a run's own directories, never a stranger's
+        for directory in (run_dir, run_dir / ADAPTER_DIR):
+            remove_stale_temps(directory)  # also puts back a checkpoint a kill left moved aside
     if resume:
         config = load_run_config(run_dir)
         if has_checkpoint(run_dir):
