@@ -165,7 +165,7 @@ class Task:
 
     @staticmethod
     def load_splits(data: Any) -> Any:
-        """Train, validation and test examples (a `finegrain.data.load.Splits`) from a `DataConfig`."""
+        """Train, validation and test examples (a `finegrain.data.pipeline.Splits`) from a `DataConfig`."""
         raise NotImplementedError
 
     def read_file(self, data: Any, path: str, require_label: bool = True) -> list:

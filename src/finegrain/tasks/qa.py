@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finegrain.data.squad import QAExample
+from finegrain.data.squad import QAExample, load_qa_splits, read_squad
 from finegrain.errors import FinegrainError
 from finegrain.tasks import Task, pad_inputs
 from finegrain.tasks.tokens import TokenClassifier
@@ -139,13 +139,9 @@ class QATask(Task):
 
     @staticmethod
     def load_splits(data):
-        from finegrain.data.squad import load_qa_splits
-
         return load_qa_splits(data)
 
     def read_file(self, data, path: str, require_label: bool = True) -> list[QAExample]:
-        from finegrain.data.squad import read_squad
-
         examples = read_squad(path, data.skip_bad_rows, require_answers=require_label).examples
         if not examples:
             raise FinegrainError(f"{path}: no usable questions")

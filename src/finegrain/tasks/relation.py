@@ -42,7 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.config import HeadConfig
-from finegrain.data.relation import MARKERS, RelationExample
+from finegrain.data.readers import check_labels
+from finegrain.data.relation import (
+    MARKERS, RelationExample, example_from_input, load_relation_splits, read_relation_file,
+)
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
 from finegrain.tasks import Task, class_weights, pad_inputs
@@ -220,14 +223,9 @@ class RelationTask(Task):
 
     @staticmethod
     def load_splits(data):
-        from finegrain.data.relation import load_relation_splits
-
         return load_relation_splits(data)
 
     def read_file(self, data, path: str, require_label: bool = True) -> list[RelationExample]:
-        from finegrain.data.readers import check_labels
-        from finegrain.data.relation import read_relation_file
-
         examples = read_relation_file(
             str(path), data.text_field, data.label_field, require_label, data.skip_bad_rows
         ).examples
@@ -239,8 +237,6 @@ class RelationTask(Task):
         """Examples from texts with inline markers ("The <e1>fire</e1> ... <e2>smoke</e2>"), dicts
         `{"text", "head": [start, end], "tail": [start, end]}` (character offsets, end exclusive)
         or `RelationExample`s."""
-        from finegrain.data.relation import example_from_input
-
         return [example_from_input(value, f"input:{i + 1}") for i, value in enumerate(inputs)]
 
     def input_record(self, example: RelationExample) -> dict[str, Any]:
