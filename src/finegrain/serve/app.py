@@ -76,7 +76,8 @@ ERRORS = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         401: "No or an unknown API key", 404: "Unknown model", 413: "Body over --max-body-bytes",
-        422: "Invalid request: the message names the field", 429: "Queue full or rate limit; see Retry-After",
+        408: "Head or body not sent within --read-timeout", 422: "Invalid request: the message names the field",
+        429: "Queue full or rate limit; see Retry-After", 500: "The model gave a NaN or infinite score (a damaged run)",
         503: "Loading or shutting down", 504: "Not answered within --timeout",
     }.items()
 }
