@@ -28,6 +28,12 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class Splits:
+    """The examples of a run, split: what `Task.load_splits` returns and the trainer reads.
+
+    The example type is the task's (`Example`, `TokenExample`, `RelationExample`, `QAExample`,
+    `ChatExample`); `labels` are the task's label set, taken from `train`.
+    """
+
     train: list
     validation: list
     test: list
