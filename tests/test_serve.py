@@ -254,9 +254,12 @@ def test_every_adapter_costs_only_its_own_tensors(runs):
     assert registry.runs["assistant"].model is None  # a generative run: the base with its LoRA generates
     served = [run for run in registry.runs.values() if run.model is not None]
     assert all(run.base is base for run in served)  # one copy of the base
-    shared = base.llama.model.layers[0].mlp.up_proj.weight
+    def frozen(module):  # the base weight, under the adapter switch where a run adapts this layer
+        return getattr(module, "base", module).weight
+
+    shared = frozen(base.llama.model.layers[0].mlp.up_proj)
     for run in served:
-        assert run.model.model.layers[0].mlp.up_proj.weight.data_ptr() == shared.data_ptr()
+        assert frozen(run.model.model.layers[0].mlp.up_proj).data_ptr() == shared.data_ptr()
         _, tensors = read_adapter(run.run_dir / "adapter")  # LoRA pairs and the whole head modules
         assert run.adapter_bytes == sum(t.nbytes for t in tensors.values())
     tensors = {id(t): t for m in (base.llama, *(run.model for run in served)) for t in m.parameters()}
