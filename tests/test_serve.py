@@ -470,6 +470,19 @@ def test_non_loopback_host_without_keys_is_refused_before_binding(runs, monkeypa
     assert main([str(runs["sentiment"]), "--host", "192.0.2.1", "--port", "0"]) == 1
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--read-timeout", "0"], "--read-timeout and --keep-alive must be positive"),
+    (["--keep-alive", "nan"], "--read-timeout and --keep-alive must be positive"),
+    (["--max-connections", "0"], "--max-connections: must be at least 1"),
+    (["--threads", "0"], "--threads: must be at least 1"),
+])
+def test_bad_connection_and_thread_flags_are_one_line_errors(runs, capsys, flags, message):
+    from finegrain.serve.cli import main
+
+    assert main([str(runs["sentiment"]), "--port", "0", *flags]) == 1
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [

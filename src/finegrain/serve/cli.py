@@ -38,8 +38,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-text", type=int, default=defaults.max_tokens_per_text, help="tokens per text or prompt")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens one generation may produce")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads of the model's matrix work (default: the cores this process may use, "
-                        "from its CPU affinity and cgroup quota; waiting threads sleep: see OMP_WAIT_POLICY in docs/SERVING.md)")
+                   help="most threads of the model's work (default: the cores this process may use, from its CPU "
+                        "affinity and cgroup quota); each batch takes only the cores nobody else is busy on "
+                        "(FINEGRAIN_ADAPT_THREADS=0: always all of them); see docs/SERVING.md")
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout, metavar="SECONDS",
                    help=f"a request's head, and then its body, must each arrive within this (default {defaults.read_timeout:g}; else 408, closed)")
     p.add_argument("--keep-alive", type=float, default=defaults.keep_alive, metavar="SECONDS",
