@@ -1,6 +1,6 @@
 """finegrain's C attention against RoPE + PyTorch's SDPA, in one process, alternating.
 
-    python benchmarks/attention.py [--lengths 64,128,256,384,512] [--tokens 512] [--rounds 15]
+    python benchmarks/attention.py [--lengths 64,128,256,384,512] [--tokens 512] [--rounds 15] [--layers N]
 
 The default model's attention shape (9 heads, 3 KV heads, head_dim 64), float32, causal.
 At each length T it times, round after round (C, SDPA, C, SDPA, ...) so both meet the same
@@ -9,6 +9,11 @@ prefix-cache pass and scoring), over max(1, tokens // T) sequences. Prints the m
 of each and the median over rounds of each round's ratio SDPA / C (above 1: the C attention
 is faster); the two calls of a round run back to back, so the ratio holds up better than the
 times on a shared host, which varies from second to second.
+
+`--layers N` times instead the first N decoder layers of the default model (its GGUF) without
+autograd, as the frozen-prefix pass and the test pass run them, on `tokens` tokens of random
+ids per call: the C attention up to 128 tokens as before 2026-12-04 (RoPE + SDPA above), then
+up to `fused.MAX_ATTENTION_LENGTH`, alternating.
 """
 
 from __future__ import annotations
@@ -80,12 +85,45 @@ def measure(T: int, tokens: int, rounds: int) -> dict:
     return {"B": B, **medians, **ratios}
 
 
+def measure_layers(T: int, tokens: int, rounds: int, layers: int, backbone) -> dict:
+    """The no-grad pass through `layers` real decoder layers, C attention capped at 128 against uncapped."""
+    B = max(1, tokens // T)
+    x = backbone.embed_tokens(torch.randint(0, backbone.config.vocab_size, (B, T)))
+    limits = {"before": 128, "after": fused.MAX_ATTENTION_LENGTH}
+    times: dict[str, list[float]] = {name: [] for name in limits}
+    try:
+        with torch.no_grad():
+            for round_ in range(rounds + 1):
+                for name, limit in limits.items():
+                    fused.MAX_ATTENTION_LENGTH = limit
+                    start = time.perf_counter()
+                    backbone.run_layers(x, end=layers)
+                    if round_:
+                        times[name].append(time.perf_counter() - start)
+    finally:
+        fused.MAX_ATTENTION_LENGTH = limits["after"]
+    return {"B": B, **{name: statistics.median(values) * 1e3 for name, values in times.items()},
+            "ratio": statistics.median(b / a for b, a in zip(times["before"], times["after"]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="64,128,256,384,512", help="comma-separated sequence lengths")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per call: max(1, tokens // T) sequences")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per length (medians)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="time N real decoder layers without autograd, before and after (see above)")
     args = parser.parse_args()
+    if args.layers:
+        from finegrain.checkpoint.load import load_model
+
+        backbone = load_model(None, progress=False)[0].model
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.layers} layers, no autograd")
+        print(f"{'T':>5} {'B':>3} {'before ms':>10} {'after ms':>9} {'ratio':>6}")
+        for T in (int(length) for length in args.lengths.split(",")):
+            r = measure_layers(T, args.tokens, args.rounds, args.layers, backbone)
+            print(f"{T:>5} {r['B']:>3} {r['before']:>10.1f} {r['after']:>9.1f} {r['ratio']:>6.2f}")
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; heads {HEADS}/{KV_HEADS}, head_dim {HEAD_DIM}")
     print(f"{'T':>5} {'B':>3} {'train C ms':>11} {'SDPA ms':>8} {'ratio':>6} {'no-grad C ms':>13} {'SDPA ms':>8} {'ratio':>6}")
     for T in (int(length) for length in args.lengths.split(",")):

@@ -1,6 +1,7 @@
 """LoRA sequence classification on Rotten Tomatoes: finegrain against transformers+PEFT, one run.
 
     python benchmarks/train_classification.py [--quick] [--train 2000] [--epochs 2] [--bf16] [--pairs 1]
+                                              [--seeds N] [--max-length 64]
 
 Both sides use the same data (the peer's split: fresh/rotten rows shuffled with
 random.seed(0), the first N train, the last 1,000 test), the default model (the SmolLM2 GGUF,
@@ -17,6 +18,15 @@ transformers+peft: X.XX (accuracy A.AAA vs B.BBB)`, float32 against float32. A s
 drifts by ±10-20% over minutes; `--pairs N` runs N float32 pairs one after the other
 (finegrain, peer, finegrain, peer, ...), prints each pair's ratios, and the last line gives
 the median pair's ratio and all N.
+
+`--max-length 256` or `512` trains and tests both sides on texts that long: Rotten Tomatoes
+snippets of one label joined until each text passes that length, then cut at it by both
+tokenizers (`common.benchmark_split`; the tokens/text column shows what each side read). The
+peer then accumulates each batch of 16 over micro-batches of at most 2,048 tokens (the same
+gradient; 16 x 512 tokens of activations would not fit beside other work). `--seeds N` runs
+N pairs with seeds 0 .. N-1 on both sides (LoRA and head initialisation, dropout, batch order)
+and reports each side's test accuracy and macro-F1 as mean ± std (sample std) and the speed
+ratio as the median pair.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import statistics  # noqa: E402
+
 from common import (  # noqa: E402
     SMOLLM2_LAYERS, ceiling_share, machine_facts, matmul_ceiling_gflops, peak_rss_mb, peer_classification,
     print_facts, run_side, write_peer_split,
@@ -39,20 +51,23 @@ def finegrain_side(args) -> dict:
     from finegrain.run import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        train_path, test_path = write_peer_split(Path(tmp), args.train, args.test)
+        train_path, test_path = write_peer_split(Path(tmp), args.train, args.test, args.max_length)
         config = from_dict(RunConfig, {
             "model": {"name": None},
-            "data": {"train": str(train_path), "test": str(test_path), "split": [1.0, 0.0, 0.0], "max_length": 64},
+            "data": {"train": str(train_path), "test": str(test_path), "split": [1.0, 0.0, 0.0],
+                     "max_length": args.max_length, "long_texts": "truncate", "baselines": False},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
             "train": {"epochs": args.epochs, "lr": 3e-4, "batch_size": 16, "schedule": "constant",
-                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": 0,
-                      "bf16": args.bf16},
+                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": args.seed,
+                      "bf16": args.bf16, "recipe": "off"},
             "output": str(Path(tmp, "run")),
         }, "benchmark")
         results = train(config, progress=False)
+    tokens = results["train"]["tokens_per_s"] * results["train"]["train_seconds"]
     return {
         "train_s": results["train"]["train_seconds"],
         "tokens_per_s": results["train"]["tokens_per_s"],
+        "tokens_per_text": round(tokens / (args.train * args.epochs), 1),
         "accuracy": results["test"]["accuracy"],
         "macro_f1": results["test"]["macro"]["f1"],
         "peak_rss_mb": round(peak_rss_mb()),
@@ -60,7 +75,8 @@ def finegrain_side(args) -> dict:
 
 
 def peer_side(args) -> dict:
-    return peer_classification(args.train, args.test, args.epochs, bf16=args.bf16)
+    return peer_classification(args.train, args.test, args.epochs, bf16=args.bf16, max_length=args.max_length,
+                               seed=args.seed)
 
 
 def main() -> None:
@@ -72,10 +88,20 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="also run finegrain with train.bf16 (bf16 autocast, an opt-in approximation; CPUs with native bf16)")
     parser.add_argument("--pairs", type=int, default=1, help="float32 (finegrain, peer) pairs to run in turn (default 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="run N pairs with seeds 0..N-1 and report each side's test accuracy as mean ± std")
+    parser.add_argument("--max-length", type=int, default=64,
+                        help="tokens per text (default 64); above 64 both sides read Rotten Tomatoes snippets "
+                             "of one label joined to that length")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error(f"--pairs: must be at least 1, got {args.pairs}")
+    if args.seeds is not None and (args.seeds < 1 or args.pairs > 1):
+        parser.error("--seeds: give a number of seeds of at least 1, and not together with --pairs")
+    if not 2 <= args.max_length <= 2048:
+        parser.error(f"--max-length: must be between 2 and 2048, got {args.max_length}")
     args.train = args.train or (128 if args.quick else 2000)
     args.test = args.test or (128 if args.quick else 1000)
     args.epochs = args.epochs or (1 if args.quick else 2)
@@ -86,21 +112,27 @@ def main() -> None:
     facts = machine_facts()
     print_facts(facts)
     ceiling = matmul_ceiling_gflops()
-    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test")
-    passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs)]
-    pairs = [(run_side(__file__, "finegrain", passed), run_side(__file__, "peer", passed)) for _ in range(args.pairs)]
-    numbers = [f" #{i + 1}" if args.pairs > 1 else "" for i in range(args.pairs)]
+    print(f"matmul ceiling: {ceiling:.1f} GFLOP/s; {args.train} train x {args.epochs} epochs, {args.test} test, "
+          f"at most {args.max_length} tokens per text")
+    passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs),
+              "--max-length", str(args.max_length)]
+    seeds = list(range(args.seeds)) if args.seeds else [0] * args.pairs
+    pairs = [(run_side(__file__, "finegrain", [*passed, "--seed", str(seed)]),
+              run_side(__file__, "peer", [*passed, "--seed", str(seed)])) for seed in seeds]
+    label = "seed" if args.seeds else "#"
+    numbers = [f" {label}{seed if args.seeds else i + 1}" if len(pairs) > 1 else "" for i, seed in enumerate(seeds)]
     sides = {}
     for number, (ours, peer) in zip(numbers, pairs):
         sides[f"finegrain{number}"], sides[f"transformers+peft{number}"] = ours, peer
     if args.bf16:
         sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
         sides["transformers+peft bf16"] = run_side(__file__, "peer", [*passed, "--bf16"])
-    print(f"{'':>18} {'tokens/s':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} {'macro-F1':>9} {'ceiling %':>10}")
+    print(f"{'':>24} {'tokens/s':>9} {'tok/text':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} "
+          f"{'macro-F1':>9} {'ceiling %':>10}")
     for name, r in sides.items():
         share = ceiling_share(r["tokens_per_s"], SMOLLM2_LAYERS, ceiling)
-        print(f"{name:>22} {r['tokens_per_s']:>9.1f} {r['train_s']:>8.1f} {r['peak_rss_mb']:>12} "
-              f"{r['accuracy']:>9.3f} {r['macro_f1']:>9.3f} {share:>9.1f}%")
+        print(f"{name:>24} {r['tokens_per_s']:>9.1f} {r['tokens_per_text']:>9.1f} {r['train_s']:>8.1f} "
+              f"{r['peak_rss_mb']:>12} {r['accuracy']:>9.3f} {r['macro_f1']:>9.3f} {share:>9.1f}%")
     speedups = [ours["tokens_per_s"] / peer["tokens_per_s"] for ours, peer in pairs]
     for number, speedup, (ours, peer) in zip(numbers, speedups, pairs):
         print(f"ratios{number}: tokens/s x{speedup:.2f}, "
@@ -111,11 +143,23 @@ def main() -> None:
               f"peak RSS x{ours16['peak_rss_mb'] / peer16['peak_rss_mb']:.2f}, "
               f"accuracy {ours16['accuracy'] - peer16['accuracy']:+.3f}; finegrain bf16 against the float32 peer: "
               f"tokens/s x{ours16['tokens_per_s'] / pairs[0][1]['tokens_per_s']:.2f}")
+    if args.seeds:
+        for metric in ("accuracy", "macro_f1"):
+            print(f"test {metric.replace('_', '-')} over {len(seeds)} seeds: "
+                  f"finegrain {mean_std([ours[metric] for ours, _ in pairs])}, "
+                  f"transformers+peft {mean_std([peer[metric] for _, peer in pairs])}")
     median = sorted(range(len(pairs)), key=lambda i: speedups[i])[(len(pairs) - 1) // 2]  # the lower middle for even N
     ours, peer = pairs[median]
-    each = f"median of {len(pairs)} pairs: {', '.join(f'{r:.2f}' for r in speedups)}; " if len(pairs) > 1 else ""
+    kind = "seeds" if args.seeds else "pairs"
+    each = f"median of {len(pairs)} {kind}: {', '.join(f'{r:.2f}' for r in speedups)}; " if len(pairs) > 1 else ""
     print(f"train speedup vs transformers+peft: {speedups[median]:.2f} "
           f"({each}accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
+
+
+def mean_std(values: list[float]) -> str:
+    """'0.812 ± 0.004' (sample standard deviation; ± 0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
 if __name__ == "__main__":
