@@ -174,8 +174,16 @@ def test_damaged_checkpoint_is_refused_in_one_line(straight, tmp_path, capsys, d
         damage_tail(path)
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 1
-    one_line_error(capsys, str(run / "checkpoint"), f"delete {run / 'checkpoint'}")
+    one_line_error(capsys, str(run / "checkpoint"), "train the run again into another --output")
     assert (run / ADAPTER).read_bytes() == (reference / ADAPTER).read_bytes()  # the finished run is untouched
+    shutil.rmtree(run / "adapter")  # as a run killed before its adapter was written
+    (run / "metrics.json").unlink()
+    assert main(["train", "--resume", str(run)]) == 1
+    one_line_error(capsys, f"delete {run / 'checkpoint'} and {run / 'best'}, then `finegrain train --resume {run}`")
+    shutil.rmtree(run / "checkpoint")  # the fix the message gives
+    shutil.rmtree(run / "best")
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_run(run, reference)
 
 
 def test_best_weights_are_checked_too(straight, tmp_path):
