@@ -372,7 +372,7 @@ def _weights_fix(run_dir: Path) -> str:
     """What to do about a damaged checkpoint: without it an unfinished run restarts from its start,
     and a finished one (whose adapter is what counts) can only be trained again elsewhere."""
     if (run_dir / "adapter" / "adapter_config.json").is_file() or (run_dir / "metrics.json").is_file():
-        return f"the finished run's adapter does not need it; to train on, train the run again into another --output"
+        return "the finished run's adapter does not need it; to train on, train the run again into another --output"
     return f"delete {run_dir / 'checkpoint'} and {run_dir / 'best'}, then `finegrain train --resume {run_dir}` restarts the run from its start"
 
 
