@@ -162,3 +162,52 @@ def test_a_nan_score_is_a_500_never_json_nan_or_null(server):
     error = response.json()["error"]
     assert "NaN" in error["message"] and "damaged" in error["message"] and error["type"] == "server_error"
     assert "NaN" not in response.text.replace(error["message"], "")
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_connection_guard_works_with_either_parser(parser):
+    """uvicorn takes httptools when installed, else h11: the guard must close idle connections
+    and answer oversized heads with both."""
+    import asyncio
+
+    import uvicorn
+
+    from finegrain.serve.connections import guarded
+
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, lifespan="off", timeout_keep_alive=1, http=guarded(base, 0.5, 8, 1024))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        answered = socket.create_connection((LOOPBACK, port))
+        answered.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle = socket.create_connection((LOOPBACK, port))
+        large = socket.create_connection((LOOPBACK, port))
+        large.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 2048)
+        data, seconds = read_until_closed(answered, 5)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok") and seconds < 5  # then closed when idle
+        data, seconds = read_until_closed(idle, 5)
+        assert data.startswith(b"HTTP/1.1 408") and seconds < 5
+        data, _ = read_until_closed(large, 5)
+        assert data.startswith(b"HTTP/1.1 431")
+        for each in (answered, idle, large):
+            each.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
