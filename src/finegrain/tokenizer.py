@@ -477,6 +477,15 @@ class Tokenizer:
 
         hidden = [{**m, "content": hide(m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
         rendered = self.apply_chat_template(hidden, add_generation_prompt, **kwargs)
+        shown = len(placeholder.findall(rendered))
+        if shown != sum(len(pattern.findall(m["content"])) for m in messages if isinstance(m.get("content"), str)):
+            # The template changed or dropped a placeholder (`| upper`, a cut): which text was the
+            # message's is no longer known, and guessing could let a marker through.
+            raise FinegrainError(
+                "chat template: it rewrites the messages' text, so special-token spellings in a message "
+                f"({', '.join(sorted({t for m in messages if isinstance(m.get('content'), str) for t in pattern.findall(m['content'])}))}) "
+                "cannot be kept as text; remove them from the message"
+            )
         ids: list[int] = []
         for piece in re.split(f"({pattern.pattern})", rendered):
             if piece in specials:  # the template's own marker
