@@ -70,6 +70,25 @@ def test_attention_without_autograd_equals_rope_and_sdpa(B, T, nh, nkv, hd):
     assert torch.equal(ours, with_autograd.detach())
 
 
+@pytest.mark.parametrize("B,T,nh,nkv,hd", [(1, 200, 9, 3, 64), (4, 150, 4, 2, 16)], ids=["by-block", "by-pair"])
+def test_attention_gradients_do_not_depend_on_the_thread_count(B, T, nh, nkv, hd):
+    """Key and value gradients are summed over a group's heads in a fixed order, not as threads finish."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(B, T, n * hd, requires_grad=True) for n in (nh, nkv, nkv))
+    cos, sin = rope_tables(B, T, hd)
+    grad = torch.randn(B, T, nh * hd)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(torch.autograd.grad(fused.rope_attention(q, k, v, cos, sin, nh, nkv), (q, k, v), grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
 def test_attention_declines_what_it_does_not_compute():
     cos, sin = rope_tables(1, 8, 16)
     q, kv = torch.randn(1, 8, 64), torch.randn(1, 8, 32)
