@@ -189,3 +189,10 @@ def test_exclusive_lock_that_cannot_be_created_is_a_user_error(tmp_path: Path, m
     with pytest.raises(FinegrainError, match=r"\.lock: cannot be created \(Permission denied\); choose a directory"):
         with atomic.exclusive_lock(tmp_path):
             pass
+
+
+def test_a_file_write_onto_a_directory_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FinegrainError, match=r"out: is a directory, not a file; give a file name"):
+        atomic_write_json(tmp_path / "out", {"a": 1})
+    assert list((tmp_path / "out").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

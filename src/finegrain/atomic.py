@@ -86,8 +86,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Yields:
         The temporary path to write to (it already exists, empty).
+
+    Raises:
+        FinegrainError: `path` is a directory.
     """
     final = Path(path)
+    if final.is_dir():  # os.replace would fail only after the whole file was written
+        raise FinegrainError(f"{final}: is a directory, not a file; give a file name (e.g. {final / 'out.json'})")
     parent = _prepare_parent(final)
     fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{final.name}.", suffix=f".tmp{final.suffix}")
     os.close(fd)
