@@ -147,3 +147,20 @@ def test_threads_now_on_a_slice_of_a_larger_machine(tmp_path, monkeypatch):
     for running, expected in ((12, 4), (14, 3), (30, 1)):
         loadavg.write_text(f"1.0 1.0 1.0 {running}/300 1\n")
         assert threads_now(4, loadavg, tmp_path / "no-cgroup") == expected
+
+
+def test_the_server_picks_threads_per_batch_unless_told_not_to(monkeypatch):
+    from finegrain.serve import engine as engine_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine_module, "threads_now", lambda most: 1)  # another process is busy
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    adaptive = engine_module.Engine(registry=None, metrics=None)
+    adaptive.pick_threads()
+    adaptive.pick_threads()
+    assert calls == [1]  # set once, on the worker thread, when the choice changes
+    monkeypatch.setenv("FINEGRAIN_ADAPT_THREADS", "0")
+    fixed = engine_module.Engine(registry=None, metrics=None)
+    fixed.pick_threads()
+    assert calls == [1] and fixed.threads == 2
