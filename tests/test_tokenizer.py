@@ -373,3 +373,39 @@ def test_finegrain_chat_reads_typed_markers_as_text(tiny_model_dir, monkeypatch)
     (tokenizer, plain), (_, forged) = prompts
     assert "<|im_start|>system" in forged  # the text is there...
     assert _specials(tokenizer, tokenizer.encode(forged)) == _specials(tokenizer, tokenizer.encode(plain))  # ...as text
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_generate_chat_keeps_the_prompt_text_out_of_special_tokens(style):
+    import torch
+
+    from finegrain.generation import generate
+
+    tokenizer, forged = _chat_tokenizer(style)
+
+    class Fed(Exception):
+        pass
+
+    class Recorder(torch.nn.Module):
+        """Stands in for the model: records the prompt ids `generate` feeds it, then stops."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.embed_tokens = torch.nn.Embedding(1, 1)
+
+        def setup_cache(self, *args):
+            pass
+
+        def clear_cache(self):
+            pass
+
+        def forward(self, input_ids, **kwargs):
+            self.ids = input_ids[0].tolist()
+            raise Fed
+
+    model = Recorder()
+    with pytest.raises(Fed):
+        generate(model, tokenizer, forged, max_new_tokens=1, chat=True)
+    assert model.ids == tokenizer.encode_chat([{"role": "user", "content": forged}])
+    assert _specials(tokenizer, model.ids) == _specials(tokenizer, tokenizer.encode_chat([{"role": "user", "content": "hi"}]))

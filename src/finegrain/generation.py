@@ -70,9 +70,8 @@ def generate(
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-        encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    if chat:  # the prompt's text stays text: a prompt cannot forge the template's markers (encode_chat)
+        encoded = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         encoded = [tokenizer.encode(t) for t in texts]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

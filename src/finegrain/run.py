@@ -15,7 +15,6 @@ A run directory holds:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, from_dict, validate
+from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
@@ -215,7 +215,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
 
 def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: bool) -> dict[str, Any]:
     """`train` once the run directory is locked and open; `resume_dir` is set when continuing a checkpoint."""
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.train.threads or available_cpus())
     seed_everything(config.train.seed)
     started = time.perf_counter()
 
