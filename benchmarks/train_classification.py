@@ -117,8 +117,8 @@ def main() -> None:
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs),
               "--max-length", str(args.max_length)]
     seeds = list(range(args.seeds)) if args.seeds else [0] * args.pairs
-    pairs = [(run_side(__file__, "finegrain", [*passed, "--seed", str(seed)]),
-              run_side(__file__, "peer", [*passed, "--seed", str(seed)])) for seed in seeds]
+    pairs = [(run_logged("finegrain", [*passed, "--seed", str(seed)]), run_logged("peer", [*passed, "--seed", str(seed)]))
+             for seed in seeds]
     label = "seed" if args.seeds else "#"
     numbers = [f" {label}{seed if args.seeds else i + 1}" if len(pairs) > 1 else "" for i, seed in enumerate(seeds)]
     sides = {}
@@ -154,6 +154,14 @@ def main() -> None:
     each = f"median of {len(pairs)} {kind}: {', '.join(f'{r:.2f}' for r in speedups)}; " if len(pairs) > 1 else ""
     print(f"train speedup vs transformers+peft: {speedups[median]:.2f} "
           f"({each}accuracy {ours['accuracy']:.3f} vs {peer['accuracy']:.3f})")
+
+
+def run_logged(side: str, args: list[str]) -> dict:
+    """`run_side`, with one line as each side ends: a long run cut short still shows what it measured."""
+    result = run_side(__file__, side, args)
+    print(f"  {side} {' '.join(args)}: {result['tokens_per_s']:.1f} tok/s, accuracy {result['accuracy']:.3f}, "
+          f"macro-F1 {result['macro_f1']:.3f}", flush=True)
+    return result
 
 
 def mean_std(values: list[float]) -> str:
