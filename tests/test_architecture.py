@@ -23,9 +23,6 @@ PACKAGE = Path(finegrain.__file__).parent
 ALLOWED_CYCLES: set[frozenset[str]] = {
     # To remove: the model imports generation back (issue 16: "the model must not import generation").
     frozenset({"finegrain.generation", "finegrain.model.llama"}),
-    # To remove: tasks/__init__.py imports the trainer's `predict_outputs` (issue 16: inference out of
-    # train/), and the trainer and prefix cache import the task base back.
-    frozenset({"finegrain.tasks", "finegrain.train.prefix_cache", "finegrain.train.trainer"}),
 }
 
 # The layer rule for the data modules: `finegrain.data` reads files and splits examples; it sits
@@ -40,7 +37,21 @@ ALLOWED_BELOW = {
         "finegrain.tags",
     ),
     "finegrain.tags": (),
+    # The run directory's names and readers: training, `finegrain.load` and the server read them here.
+    "finegrain.rundir": ("finegrain.rundir", "finegrain.config", "finegrain.errors"),
 }
+
+# Inference sits below training: `finegrain.inference` (the predict path), the tasks and the server
+# never import `finegrain.train`, and the server reads run directories through `finegrain.rundir`,
+# not `finegrain.run` (which trains). Each layer -> the modules it must not import.
+FORBIDDEN_ABOVE = {
+    "finegrain.inference": ("finegrain.train",),
+    "finegrain.tasks": ("finegrain.train",),
+    "finegrain.serve": ("finegrain.train", "finegrain.run"),
+}
+# To remove: `train.batching` is index arithmetic that imports nothing; its `sorted_batches` (the
+# inference batches) belongs in `finegrain.inference`, where `tasks/instruct.py` would then import it.
+NOT_YET_MOVED = ("finegrain.train.batching",)
 
 
 def module_name(path: Path) -> str:
@@ -143,6 +154,11 @@ def test_no_import_cycles_beyond_the_allowed_list():
     assert not gone, f"cycles no longer there; remove them from ALLOWED_CYCLES: {gone}"
 
 
+def within(module: str, layer: str) -> bool:
+    """Whether `module` is `layer` or one of its submodules (`finegrain.run` is not within `finegrain.rundir`)."""
+    return module == layer or module.startswith(layer + ".")
+
+
 def test_data_sits_below_datasets_and_tags_imports_nothing():
     graph = import_graph()
     wrong = []
@@ -154,3 +170,15 @@ def test_data_sits_below_datasets_and_tags_imports_nothing():
                     if not any(target == a or target.startswith(a + ".") for a in allowed)
                 ]
     assert not wrong, "layer rule broken (see ALLOWED_BELOW):\n" + "\n".join(wrong)
+
+
+def test_inference_tasks_and_serving_do_not_import_training():
+    graph = import_graph()
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        for layer, forbidden in FORBIDDEN_ABOVE.items() if within(module, layer)
+        for target in sorted(targets)
+        if any(within(target, f) for f in forbidden) and target not in NOT_YET_MOVED
+    ]
+    assert not wrong, "layer rule broken (see FORBIDDEN_ABOVE):\n" + "\n".join(wrong)

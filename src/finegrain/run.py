@@ -1,15 +1,6 @@
 """A run end to end: data, model, LoRA, training, test evaluation, reports; and using the result.
 
-A run directory holds:
-    config.yaml      the effective configuration
-    labels.json      the label set, in head order
-    adapter/         the PEFT-format adapter with the classification head (best checkpoint)
-    metrics.jsonl    training loss and validation metrics per step
-    metrics.json     final validation and test metrics
-    report.md, report.html, confusion_matrix.png, learning_curve.png
-    checkpoint/      resumable training state; best/: the best weights so far
-    .lock            held (flock) by the `train` working in the directory
-    .explicit_keys.json  the config keys the user set (see `open_run`)
+What the run directory holds, and the names of its files, is `finegrain.rundir`'s.
 """
 
 from __future__ import annotations
@@ -23,19 +14,21 @@ from typing import Any
 
 import torch
 
+from finegrain import rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
-from finegrain.config import RunConfig, dump_yaml, from_dict, validate
+from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
+from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
 from finegrain.train.trainer import Trainer, seed_everything
 
-ADAPTER_DIR = "adapter"
+load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
 
 
 def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | None:
@@ -92,38 +85,19 @@ def _heads_take_any_dtype(model, head_modules) -> None:
             head.register_forward_pre_hook(cast)
 
 
-# What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
-RUN_OUTPUTS = ("metrics.json", "metrics.jsonl", "report.md", "report.html", "labels.json", ADAPTER_DIR, "checkpoint",
-               "best", "confusion_matrix.png", "learning_curve.png")
-
-
-# The keys the user set, kept from a start so that `--resume` of a start that never reached a
-# checkpoint (config.yaml then predates the recipe's choices) plans the same recipe again.
-EXPLICIT_KEYS = ".explicit_keys.json"
-
-
 def output_dir(config: RunConfig) -> Path:
     """The run directory `config.output` names (or a new dated one), refused when a run cannot go there."""
     run_dir = Path(config.output or f"runs/{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and not run_dir.is_dir():
         raise FinegrainError(f"{run_dir}: exists and is a file, not a run directory; choose another --output")
-    if run_dir.is_dir() and not (run_dir / "config.yaml").exists():
-        found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if run_dir.is_dir() and not (run_dir / rundir.CONFIG).exists():
+        found = [name for name in rundir.RUN_OUTPUTS if (run_dir / name).exists()]
         if found:
             raise FinegrainError(
                 f"{run_dir}: holds {found[0]} but no config.yaml, so it is not a finegrain run and a run would "
                 "overwrite it; choose another --output (a new or empty directory)"
             )
     return run_dir
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """A run has started once it wrote its first checkpoint; before that it can only start over."""
-    return (run_dir / "checkpoint" / "state.json").is_file()
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() or (run_dir / "metrics.json").is_file()
 
 
 def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[RunConfig, Path | None]:
@@ -139,11 +113,11 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         The config to train with, and the run directory when training continues from its
         checkpoint (None when it starts from the beginning).
     """
-    if (run_dir / "config.yaml").exists():  # only in a run's own directories, never a stranger's
-        for directory in (run_dir, run_dir / ADAPTER_DIR):
+    if (run_dir / rundir.CONFIG).exists():  # only in a run's own directories, never a stranger's
+        for directory in (run_dir, rundir.adapter_dir(run_dir)):
             remove_stale_temps(directory)  # also puts back a checkpoint a kill left moved aside
     if resume:
-        config = load_run_config(run_dir)
+        config = rundir.read_config(run_dir)
         if has_checkpoint(run_dir):
             return config, run_dir
         if is_finished(run_dir):
@@ -151,10 +125,12 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
                 f"{run_dir}: a finished run without a checkpoint to continue from; train it again into another --output"
             )
         _clear_unstarted(run_dir)
-        if (run_dir / EXPLICIT_KEYS).is_file():  # the recipe plans this start as it would have the first
-            config.explicit = set(json.loads((run_dir / EXPLICIT_KEYS).read_text(encoding="utf-8")))
+        # The keys the user set, kept from a start so that `--resume` of a start that never reached a
+        # checkpoint (config.yaml then predates the recipe's choices) plans the same recipe again.
+        if (run_dir / rundir.EXPLICIT_KEYS).is_file():
+            config.explicit = set(json.loads((run_dir / rundir.EXPLICIT_KEYS).read_text(encoding="utf-8")))
         return config, None
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / rundir.CONFIG).exists():
         if not _holds_run_config(run_dir) or has_checkpoint(run_dir) or is_finished(run_dir):
             raise FinegrainError(
                 f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
@@ -162,16 +138,16 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         _clear_unstarted(run_dir)
     if config.model.name and Path(config.model.name).exists():
         config.model.name = str(Path(config.model.name).resolve())
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+    atomic_write_text(run_dir / rundir.CONFIG, dump_yaml(config))
     if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
-        atomic_write_json(run_dir / EXPLICIT_KEYS, sorted(config.explicit))
+        atomic_write_json(run_dir / rundir.EXPLICIT_KEYS, sorted(config.explicit))
     return config, None
 
 
 def _holds_run_config(run_dir: Path) -> bool:
     """Whether config.yaml is a finegrain run config (a file of another program is never replaced)."""
     try:
-        load_run_config(run_dir)
+        rundir.read_config(run_dir)
     except FinegrainError:
         return False
     return True
@@ -179,9 +155,9 @@ def _holds_run_config(run_dir: Path) -> bool:
 
 def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a start that never reached a checkpoint left, so the next start is a clean one."""
-    for name in ("metrics.jsonl", "labels.json", "skipped_rows.txt"):
+    for name in (rundir.METRICS_LOG, rundir.LABELS, rundir.SKIPPED_ROWS):
         (run_dir / name).unlink(missing_ok=True)
-    for name in ("best", "checkpoint", "tensorboard"):
+    for name in (rundir.BEST, rundir.CHECKPOINT, rundir.TENSORBOARD):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
@@ -199,8 +175,8 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     `resume_dir`, a run that never reached its first checkpoint starts again from the beginning
     (see `open_run`). A directory this call created is removed again if it fails before a checkpoint.
     """
-    if resume_dir is not None and not (Path(resume_dir) / "config.yaml").is_file():
-        load_run_config(resume_dir)  # the one-line "not a run directory" error, before anything is created
+    if resume_dir is not None and not (Path(resume_dir) / rundir.CONFIG).is_file():
+        rundir.read_config(resume_dir)  # the one-line "not a run directory" error, before anything is created
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
@@ -220,13 +196,13 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     started = time.perf_counter()
 
     splits = task_class(config.task).load_splits(config.data)
-    atomic_write_json(run_dir / "labels.json", splits.labels)
+    atomic_write_json(run_dir / rundir.LABELS, splits.labels)
     loaded, recipe = None, []
     if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
         loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
         recipe = Recipe(config, config.explicit).plan(splits, loaded[1], loaded[0], progress)
         validate(config, "the recipe")
-        atomic_write_text(run_dir / "config.yaml", recipe_comments(recipe) + dump_yaml(config))
+        atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
     model, tokenizer, task, lora = build(config, splits.labels, progress, loaded=loaded)
@@ -248,7 +224,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
     save_adapter(
-        model, lora, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.name or DEFAULT_MODEL,
+        model, lora, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
         modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
     )
 
@@ -282,7 +258,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own
     if splits.skipped:
-        atomic_write_text(run_dir / "skipped_rows.txt", "\n".join(splits.skipped) + "\n")
+        atomic_write_text(run_dir / rundir.SKIPPED_ROWS, "\n".join(splits.skipped) + "\n")
     write_results(run_dir, results, task, config.train.metric or task.headline_metric)
     return results
 
@@ -290,24 +266,13 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
 def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> None:
     from finegrain.evaluate.report import plot_learning_curve
 
-    atomic_write_json(run_dir / "metrics.json", results)
-    if (run_dir / "metrics.jsonl").exists():  # before the report, which embeds the curve
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", metric)
+    atomic_write_json(run_dir / rundir.METRICS, results)
+    if (run_dir / rundir.METRICS_LOG).exists():  # before the report, which embeds the curve
+        plot_learning_curve(run_dir / rundir.METRICS_LOG, run_dir / rundir.LEARNING_CURVE, metric)
     split = "test" if "test" in results else "validation"
     if split in results:
         metrics = {**results[split], "baselines": results["baselines"]} if "baselines" in results else results[split]
         task.write_report(run_dir, metrics, split, f"{task.name}: {split}")
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
-    import yaml
-
-    config = from_dict(RunConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
-    validate(config, str(path))
-    return config
 
 
 class Predictor:
@@ -315,12 +280,10 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, progress: bool = False):
         run_dir = Path(run_dir)
-        self.config = load_run_config(run_dir)
-        if not (run_dir / ADAPTER_DIR / "adapter_config.json").exists():
-            raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
-        labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
-        self.model, self.tokenizer, self.task, _ = build(self.config, labels, progress, with_lora=False)
-        load_adapter(self.model, run_dir / ADAPTER_DIR)
+        self.config = rundir.read_config(run_dir)
+        rundir.require_adapter(run_dir)
+        self.model, self.tokenizer, self.task, _ = build(self.config, rundir.read_labels(run_dir), progress, with_lora=False)
+        load_adapter(self.model, rundir.adapter_dir(run_dir))
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)
 

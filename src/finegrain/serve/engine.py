@@ -11,6 +11,7 @@ import torch
 
 from finegrain.cpu import threads_now
 from finegrain.generation import generate
+from finegrain.inference import predict_outputs
 from finegrain.serve.batching import Job
 from finegrain.serve.metrics import Metrics
 from finegrain.serve.models import AdapterBank, ModelRegistry
@@ -68,8 +69,6 @@ class Engine:
         job keeps what a task groups by, such as QA windows by their question's index in one
         `encode` call, within the request it came from.
         """
-        from finegrain.train.trainer import predict_outputs
-
         run = self.registry.runs[name]
         items = [item for job in jobs for item in job.payload]
         rows: list[torch.Tensor | None] = [None] * len(items)

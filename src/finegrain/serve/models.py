@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
 from finegrain.tokenizer import Tokenizer
@@ -251,15 +251,12 @@ class ModelRegistry:
     """
 
     def __init__(self, runs: list[tuple[str, Path]], base_models: list[str | None] = ()):
-        from finegrain.run import ADAPTER_DIR, load_run_config
-
         self.runs: dict[str, ServedRun] = {}
         for name, run_dir in runs:
             if name in self.runs:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
-            config = load_run_config(run_dir)
-            if not (run_dir / ADAPTER_DIR / "adapter_config.json").exists():
-                raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
+            config = rundir.read_config(run_dir)
+            rundir.require_adapter(run_dir)
             self.runs[name] = ServedRun(name, run_dir, config)
         sources = [*base_models, *(run.config.model.name for run in self.runs.values())]
         self.base_sources = list(dict.fromkeys(sources))
@@ -292,10 +289,9 @@ class ModelRegistry:
         """Put the run's LoRA pairs into the base's bank and build its task model around a view
         of the base, with the whole modules the adapter saved (`task.head_modules`) loaded."""
         from finegrain.peft import read_adapter
-        from finegrain.run import ADAPTER_DIR
         from finegrain.tasks import task_class
 
-        adapter_dir = run.run_dir / ADAPTER_DIR
+        adapter_dir = rundir.adapter_dir(run.run_dir)
         lora, tensors = read_adapter(adapter_dir)
         source = str(adapter_dir / "adapter_model.safetensors")
         pairs = {k: v for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
@@ -303,8 +299,7 @@ class ModelRegistry:
         config = run.config
         task = None
         if not run.generative:
-            labels = json.loads((run.run_dir / "labels.json").read_text(encoding="utf-8"))
-            task = task_class(config.task).from_config(config, labels)
+            task = task_class(config.task).from_config(config, rundir.read_labels(run.run_dir))
         own = task.head_modules if task is not None else ()
         shared = [k for k in whole if not k.startswith(tuple(f"{name}." for name in own))]
         if shared:

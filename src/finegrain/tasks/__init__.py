@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
+from finegrain.inference import item_rows, predict_outputs
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss
 
@@ -35,12 +36,6 @@ def class_weights(spec: Any, names: list[str], counts: Counter) -> torch.Tensor 
             raise FinegrainError(f"head.class_weights: unknown label '{unknown[0]}'; labels are {', '.join(names)}")
         return torch.tensor([float(spec.get(name, 1.0)) for name in names])
     raise FinegrainError("head.class_weights: use 'balanced' or a mapping {label: weight}")
-
-
-def item_rows(item: Any) -> list[int]:
-    """The lengths of the rows an item runs as: one (its `input_ids`), or its windows'
-    (`row_lengths`, when `input_ids` holds several windows of a long text one after another)."""
-    return getattr(item, "row_lengths", None) or [len(item.input_ids)]
 
 
 def pad_inputs(items: list, pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -216,8 +211,6 @@ class Task:
         hidden: list[torch.Tensor] | None = None, start_layer: int = 0, progress: str | None = None,
     ) -> list[dict[str, Any]]:
         """Task-shaped predictions of `model` for encoded items (one per example)."""
-        from finegrain.train.trainer import predict_outputs
-
         outputs = predict_outputs(model, self, items, pad_id, batch_size, hidden, start_layer, progress)
         return self.decode(self.probabilities(outputs), items)
 

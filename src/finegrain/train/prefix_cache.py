@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finegrain.tasks import item_rows
+from finegrain.inference import item_rows
 from finegrain.train.batching import sorted_batches
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

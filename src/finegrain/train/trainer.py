@@ -25,15 +25,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain import rundir
 from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
 from finegrain.config import TrainConfig
 from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
 from finegrain.evaluate.metrics import higher_is_better
-from finegrain.tasks import item_rows
+from finegrain.inference import predict_outputs  # also re-exported: `from finegrain.train.trainer import predict_outputs`
 from finegrain.train.linear_probe import HeadInputs, fit_head
-from finegrain.train.batching import bucketed_batches, micro_batches, sorted_batches
+from finegrain.train.batching import bucketed_batches, micro_batches
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 
 
@@ -84,7 +85,7 @@ class Trainer:
         validation: encoded validation items, or an empty list.
         score: turns the task's predictions on `validation` (`task.predict`) into metrics (a dict;
             numbers at its top level and in its `macro`/`micro`/`weighted` sections are logged).
-        run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go.
+        run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go (names: `finegrain.rundir`).
     """
 
     def __init__(
@@ -133,10 +134,10 @@ class Trainer:
             self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
         )
         self.state = TrainState()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / rundir.METRICS_LOG
         self.hidden: list[torch.Tensor] | None = None
         self.validation_hidden: list[torch.Tensor] | None = None
-        self.tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
+        self.tensorboard = _tensorboard_writer(self.run_dir / rundir.TENSORBOARD)
 
     # -- public ----------------------------------------------------------------------------
 
@@ -288,11 +289,11 @@ class Trainer:
         return {n: p.detach().clone().contiguous() for n, p in self.trainable.items()}
 
     def _save_best(self) -> None:
-        with atomic_dir(self.run_dir / "best") as tmp:
-            save_weights(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+        with atomic_dir(self.run_dir / rundir.BEST) as tmp:
+            save_weights(self._trainable_state(), os.path.join(tmp, rundir.TRAINABLE))
 
     def _restore_best(self) -> None:
-        path = self.run_dir / "best" / "trainable.safetensors"
+        path = self.run_dir / rundir.BEST / rundir.TRAINABLE
         if path.exists():
             self._load_trainable(path, _weights_fix(self.run_dir))
 
@@ -327,25 +328,25 @@ class Trainer:
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
         }
-        with atomic_dir(self.run_dir / "checkpoint") as tmp:
-            save_weights(self._trainable_state(), os.path.join(tmp, "trainable.safetensors"))
+        with atomic_dir(self.run_dir / rundir.CHECKPOINT) as tmp:
+            save_weights(self._trainable_state(), os.path.join(tmp, rundir.TRAINABLE))
             fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
             torch.save(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
-                os.path.join(tmp, "optimizer.pt"),
+                os.path.join(tmp, rundir.OPTIMIZER),
             )
-            Path(tmp, "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+            Path(tmp, rundir.STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     def _load_checkpoint(self) -> None:
-        directory = recover_dir(self.run_dir / "checkpoint")
-        recover_dir(self.run_dir / "best")
-        if not (directory / "state.json").exists():
+        directory = recover_dir(self.run_dir / rundir.CHECKPOINT)
+        recover_dir(self.run_dir / rundir.BEST)
+        if not (directory / rundir.STATE).exists():
             raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
         fix = _weights_fix(self.run_dir)
-        self._load_trainable(directory / "trainable.safetensors", fix)
+        self._load_trainable(directory / rundir.TRAINABLE, fix)
         try:
-            saved = torch.load(directory / "optimizer.pt", weights_only=False)
-            saved_state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+            saved = torch.load(directory / rundir.OPTIMIZER, weights_only=False)
+            saved_state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
         except Exception as exc:  # a damaged pickle raises any of a dozen types
             raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -371,9 +372,9 @@ class Trainer:
 def _weights_fix(run_dir: Path) -> str:
     """What to do about a damaged checkpoint: without it an unfinished run restarts from its start,
     and a finished one (whose adapter is what counts) can only be trained again elsewhere."""
-    if (run_dir / "adapter" / "adapter_config.json").is_file() or (run_dir / "metrics.json").is_file():
+    if rundir.is_finished(run_dir):
         return "the finished run's adapter does not need it; to train on, train the run again into another --output"
-    return f"delete {run_dir / 'checkpoint'} and {run_dir / 'best'}, then `finegrain train --resume {run_dir}` restarts the run from its start"
+    return f"delete {run_dir / rundir.CHECKPOINT} and {run_dir / rundir.BEST}, then `finegrain train --resume {run_dir}` restarts the run from its start"
 
 
 def _tensorboard_writer(directory: Path):
@@ -406,27 +407,3 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if name != "support":
                 flat[f"{average}_{name}"] = value
     return flat
-
-
-@torch.no_grad()
-def predict_outputs(
-    model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64,
-    hidden: list[torch.Tensor] | None = None, start_layer: int = 0, progress: str | None = None,
-) -> torch.Tensor:
-    """Model outputs for every item, in the items' order, computed in length-sorted batches.
-
-    With `hidden` (the cached output of the layers below `start_layer`), only the layers from
-    `start_layer` up run. `progress` names a progress bar to show.
-    """
-    was_training = model.training
-    model.eval()
-    lengths = [len(item.input_ids) for item in items]
-    results: list[torch.Tensor | None] = [None] * len(items)
-    batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])  # windows count as rows
-    for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
-        cached = [hidden[i] for i in indices] if hidden is not None else None
-        batch = task.collate([items[i] for i in indices], pad_id, cached)
-        for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0)):
-            results[i] = row
-    model.train(was_training)
-    return torch.stack(results)  # type: ignore[arg-type]

@@ -1,0 +1,95 @@
+"""The run directory: the name of every file and folder a run writes, and the readers of a finished run.
+
+Training (`finegrain.run`, the trainer), `finegrain.load(...)` and the server take the names
+from here, so the layout is written down once and a reader (a dashboard, the server) needs no
+import of the training code. A run directory holds:
+
+    config.yaml          the effective configuration
+    labels.json          the label set, in head order
+    adapter/             the PEFT-format adapter with the task's head (best checkpoint)
+    metrics.jsonl        training loss and validation metrics per step
+    metrics.json         final validation and test metrics
+    report.md, report.html, confusion_matrix.png, learning_curve.png
+    skipped_rows.txt     the bad rows the data reader skipped
+    checkpoint/          resumable training state; best/: the best weights so far
+    tensorboard/         TensorBoard events, when the package is installed
+    .lock                held (flock) by the `train` working in the directory
+    .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from finegrain.config import RunConfig, from_dict, validate
+from finegrain.errors import FinegrainError
+
+CONFIG = "config.yaml"
+LABELS = "labels.json"
+ADAPTER = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"  # inside adapter/: present once the run has finished
+METRICS_LOG = "metrics.jsonl"
+METRICS = "metrics.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+CONFUSION_MATRIX = "confusion_matrix.png"
+LEARNING_CURVE = "learning_curve.png"
+SKIPPED_ROWS = "skipped_rows.txt"
+CHECKPOINT = "checkpoint"
+BEST = "best"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+EXPLICIT_KEYS = ".explicit_keys.json"
+
+# Inside checkpoint/ (and best/, which holds only the weights).
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+
+# What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
+RUN_OUTPUTS = (METRICS, METRICS_LOG, REPORT_MD, REPORT_HTML, LABELS, ADAPTER, CHECKPOINT, BEST, CONFUSION_MATRIX,
+               LEARNING_CURVE)
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    """The run's PEFT adapter folder."""
+    return Path(run_dir) / ADAPTER
+
+
+def has_adapter(run_dir: str | Path) -> bool:
+    """Whether training finished far enough to save the adapter (it is written last but the reports)."""
+    return (adapter_dir(run_dir) / ADAPTER_CONFIG).is_file()
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """A run has started once it wrote its first checkpoint; before that it can only start over."""
+    return (Path(run_dir) / CHECKPOINT / STATE).is_file()
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """A finished run: its adapter or its final metrics are there (nothing may overwrite it)."""
+    return has_adapter(run_dir) or (Path(run_dir) / METRICS).is_file()
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The run's validated config.yaml; a one-line error when `run_dir` is not a run directory."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
+    config = from_dict(RunConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    validate(config, str(path))
+    return config
+
+
+def require_adapter(run_dir: str | Path) -> None:
+    """Refuse a run that has no trained adapter yet (predicting and serving need one)."""
+    if not has_adapter(run_dir):
+        raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
+
+
+def read_labels(run_dir: str | Path) -> list:
+    """labels.json: the label set in head order (for regression: `[label field, mean, std]`)."""
+    return json.loads((Path(run_dir) / LABELS).read_text(encoding="utf-8"))
