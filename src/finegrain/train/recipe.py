@@ -5,8 +5,8 @@ On other data — long documents, many classes, rare classes — the same number
 one-second TF-IDF baseline. So `finegrain train` fills every key of this list that the config
 (or `--set`) left unset from rules on the training split, and says why for each:
 
-- `data.max_length`: the 95th percentile of the texts' token lengths (documents beyond 512
-  tokens keep their head and tail, `data.long_texts: head_tail`);
+- `data.max_length`: the 95th percentile of the texts' token lengths, 32 to 512 (where over 5%
+  of the texts are longer, they keep their head and tail: `data.long_texts: head_tail`);
 - `head.class_weights`: square-root inverse frequency where the largest class outnumbers the
   smallest 1.5 to 1 or more;
 - `train.metric`, `train.patience`, `train.eval_every`: select and stop early on validation
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finegrain.config import RunConfig
+from finegrain.tasks.classification import encode_texts
 from finegrain.train.probe import probe_layers
 
 RECIPE_TASKS = ("classification",)
@@ -86,8 +87,6 @@ class Recipe:
 
     def plan(self, splits, tokenizer, llama, progress: bool = True) -> list[Choice]:
         """Choose every unset key; `llama` is the whole frozen base model (the probe reads it)."""
-        from finegrain.tasks.classification import encode_texts
-
         config = self.config
         texts = [e.text for e in splits.train]
         lengths = [len(ids) for ids in encode_texts(tokenizer, texts, 10**9, config.data.template)]
@@ -115,7 +114,7 @@ class Recipe:
         longer = sum(n > value for n in lengths)
         self.set("data.max_length", value, f"95% of the {len(lengths):,} training texts fit in {p95} tokens "
                  f"(median {median}); {longer:,} longer texts are cut")
-        if longer / len(lengths) > 0.05 and self.unset("data.long_texts") and hasattr(self.config.data, "long_texts"):
+        if longer / len(lengths) > 0.05 and self.unset("data.long_texts"):
             self.set("data.long_texts", "head_tail", f"{longer / len(lengths):.0%} of the texts exceed {value} tokens: "
                      "keep their beginning and end rather than the beginning alone")
 
