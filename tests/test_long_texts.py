@@ -203,7 +203,7 @@ def test_a_windows_run_reports_long_texts_and_predicts_long_inputs(tiny_model_di
         "model": {"name": str(tiny_model_dir)}, "lora": {"r": 2, "layers": [-1]},
         "data": {"train": str(data), "max_length": 30, "template": TEMPLATE, "long_texts": "windows", "max_windows": 3,
                  "split": [0.5, 0.25, 0.25]},
-        "train": {"epochs": 1, "batch_size": 4, "threads": 1, "recipe": "off"},  # the settings above, not the data's
+        "train": {"epochs": 1, "batch_size": 4, "threads": 1},  # the data recipe (its layer probe) reads windows too
     }))
     run_dir = tmp_path / "run"
     assert main(["train", str(config), "--output", str(run_dir)]) == 0
