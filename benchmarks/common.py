@@ -69,11 +69,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_side(script: str, side: str, args: list[str]) -> dict:
-    """Run one side of a benchmark in its own process (so peak RSS is its own); it prints JSON last."""
+def run_side(script: str, side: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run one side of a benchmark in its own process (so peak RSS is its own); it prints JSON last.
+    `env`: variables to add to its environment."""
     result = subprocess.run(
         [sys.executable, script, "--side", side, *args], capture_output=True, text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
     )
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import statistics  # noqa: E402
+
+from finegrain.cpu import quiet_openmp  # noqa: E402
 
 from common import (  # noqa: E402
     SMOLLM2_LAYERS, ceiling_share, machine_facts, matmul_ceiling_gflops, peak_rss_mb, peer_classification,
@@ -125,8 +128,8 @@ def main() -> None:
     for number, (ours, peer) in zip(numbers, pairs):
         sides[f"finegrain{number}"], sides[f"transformers+peft{number}"] = ours, peer
     if args.bf16:
-        sides["finegrain bf16"] = run_side(__file__, "finegrain", [*passed, "--bf16"])
-        sides["transformers+peft bf16"] = run_side(__file__, "peer", [*passed, "--bf16"])
+        sides["finegrain bf16"] = run_logged("finegrain", [*passed, "--bf16"])
+        sides["transformers+peft bf16"] = run_logged("peer", [*passed, "--bf16"])
     print(f"{'':>24} {'tokens/s':>9} {'tok/text':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} "
           f"{'macro-F1':>9} {'ceiling %':>10}")
     for name, r in sides.items():
@@ -157,8 +160,16 @@ def main() -> None:
 
 
 def run_logged(side: str, args: list[str]) -> dict:
-    """`run_side`, with one line as each side ends: a long run cut short still shows what it measured."""
-    result = run_side(__file__, side, args)
+    """`run_side`, with one line as each side ends: a long run cut short still shows what it measured.
+
+    The finegrain side runs with the OpenMP wait policy `finegrain train` sets for itself
+    (`finegrain.cpu.quiet_openmp`: waiting threads sleep instead of spinning, unless the user
+    chose); the peer side as transformers leaves it. On a quiet host this changes little; on a
+    shared one, spinning threads cost finegrain's many small parallel regions far more than
+    the peer's few large ones (it trained ~4x slower than the peer here with them spinning).
+    """
+    env = quiet_openmp(dict(os.environ)) if side == "finegrain" else {}
+    result = run_side(__file__, side, args, env)
     print(f"  {side} {' '.join(args)}: {result['tokens_per_s']:.1f} tok/s, accuracy {result['accuracy']:.3f}, "
           f"macro-F1 {result['macro_f1']:.3f}", flush=True)
     return result
