@@ -159,3 +159,13 @@ def test_head_init_probe_starts_training_from_the_fitted_head(tiny_model_dir, tm
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         runs[init] = records[0]["train_loss"]
     assert runs["probe"] < runs["random"]  # the first step's loss: the fitted head already separates the topics
+
+
+def test_head_init_probe_is_for_single_label_classification_only(tiny_model_dir):
+    import pytest
+
+    from finegrain.errors import FinegrainError
+
+    for override in ("task=regression", "data.multi_label=true"):
+        with pytest.raises(FinegrainError, match="head.init"):
+            load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "head.init=probe", override])

@@ -288,6 +288,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.head.subword in ("first", "last"), "head.subword", "first or last"),
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.head.init in ("random", "probe"), "head.init", "random or probe"),
+        (config.head.init == "random" or (config.task == "classification" and not config.data.multi_label), "head.init",
+         "random for this task (probe fits a softmax head: single-label classification)"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
