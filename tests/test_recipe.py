@@ -4,6 +4,7 @@ import json
 import math
 import random
 
+import pytest
 import yaml
 
 from finegrain.cli import main
@@ -162,10 +163,27 @@ def test_head_init_probe_starts_training_from_the_fitted_head(tiny_model_dir, tm
 
 
 def test_head_init_probe_is_for_single_label_classification_only(tiny_model_dir):
-    import pytest
-
     from finegrain.errors import FinegrainError
 
     for override in ("task=regression", "data.multi_label=true"):
         with pytest.raises(FinegrainError, match="head.init"):
             load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "head.init=probe", override])
+
+
+@pytest.mark.parametrize("mean_gain, pooling", [(0.2, "mean"), (0.01, "last")])
+def test_mean_pooling_only_where_the_probe_prefers_it_clearly(tiny_model_dir, monkeypatch, mean_gain, pooling):
+    last = [0.3, 0.6, 0.7, 0.7, 0.5]
+    mean = [min(1.0, f + mean_gain) for f in last]
+    result = {"macro_f1": last, "mean_macro_f1": mean, "best_layer": 2, "best_pooling": "mean", "train_examples": 9,
+              "validation_examples": 9, "seconds_per_layer_token": 1e-6}
+    monkeypatch.setattr("finegrain.train.recipe.probe_layers", lambda *args: result)
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl"])
+    recipe = Recipe(config, config.explicit)
+    recipe.lengths = [10] * 10
+
+    class Llama:
+        model = type("Backbone", (), {"layers": [None] * 4})()
+
+    recipe._probe(None, None, Llama, progress=False)
+    assert config.head.pooling == pooling
+    assert config.model.num_layers == 2  # the lowest of the equal best layers (2 and 3)
