@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.data import pipeline
-from finegrain.data.files import READ_ERRORS, BadRow, check_file, content_suffix, open_text, skip_or_raise
+from finegrain.data.files import BadRow, check_file, content_suffix, open_text, reading, skip_or_raise
 from finegrain.data.pipeline import Splits, bundled_loader
 from finegrain.data.readers import Example
 from finegrain.data.split import stratified_split
@@ -238,15 +238,8 @@ def _format(p: Path) -> str:
 
 def _lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     check_file(path, "a CoNLL or JSON-lines file")
-    try:
-        with open_text(path) as f:
-            yield from enumerate(f, 1)
-    except UnicodeDecodeError as exc:
-        raise FinegrainError(
-            f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8"
-        ) from None
-    except READ_ERRORS as exc:
-        raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
+    with reading(path), open_text(path) as f:
+        yield from enumerate(f, 1)
 
 
 class _Collector:

@@ -9,18 +9,19 @@ run's skipped-rows list. A `.gz`, `.bz2` or `.xz` file opens as its content for 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from finegrain.errors import FinegrainError
 
 __all__ = [
-    "COMPRESSION", "READ_ERRORS", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
+    "COMPRESSION", "READ_ERRORS", "reading", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
     "open_binary", "open_text", "read_text", "skip_or_raise",
 ]
 
@@ -96,15 +97,21 @@ def open_text(path: str | os.PathLike[str], newline: str | None = None, errors: 
     return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors=errors, newline=newline)
 
 
-def read_text(path: str | os.PathLike[str], expected: str) -> str:
-    """The whole (decompressed) file as UTF-8 text, every failure one line naming the file."""
-    check_file(path, expected)
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, a decoding or I/O failure while reading `path` is one line naming the file."""
     try:
-        with open_binary(path) as f:
-            return f.read().decode("utf-8-sig")
+        yield
     except UnicodeDecodeError as exc:
         raise FinegrainError(
             f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-save the file as UTF-8"
         ) from None
     except READ_ERRORS as exc:
         raise FinegrainError(f"{path}: cannot read the file ({exc})") from None
+
+
+def read_text(path: str | os.PathLike[str], expected: str) -> str:
+    """The whole (decompressed) file as UTF-8 text, every failure one line naming the file."""
+    check_file(path, expected)
+    with reading(path), open_binary(path) as f:
+        return f.read().decode("utf-8-sig")
