@@ -157,8 +157,7 @@ class Recipe:
 
     def _probe(self, splits, tokenizer, llama, progress: bool) -> dict[str, Any]:
         config = self.config
-        mean_length = sum(min(n, config.data.max_length) for n in self.lengths) / len(self.lengths)
-        examples = int(min(400, max(64, PROBE_TOKENS // max(mean_length, 1))))
+        examples = int(min(400, max(64, PROBE_TOKENS // max(self.mean_tokens(), 1))))
         max_layers = max(1, math.ceil(0.8 * len(llama.model.layers)))
         result = probe_layers(config, examples, progress, splits, llama, tokenizer, max_layers)
         best, pooling = result["best_layer"], config.head.pooling
