@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.model import fused
-from finegrain.model.llama import apply_rope
+from finegrain.model.ops import apply_rope
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 

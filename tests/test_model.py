@@ -8,7 +8,8 @@ import transformers
 from torch.testing import assert_close
 
 from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama, RMSNormFunction, SwiGLUFunction, attention
+from finegrain.model.llama import Llama
+from finegrain.model.ops import RMSNormFunction, SwiGLUFunction, attention
 
 LLAMA3_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

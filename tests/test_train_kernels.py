@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from finegrain.model import fused, native
-from finegrain.model.llama import RMSNormFunction, SwiGLUFunction, apply_rope
+from finegrain.model.ops import RMSNormFunction, SwiGLUFunction, apply_rope
 from finegrain.peft.lora import LoraMatmul, keep_mask
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")

@@ -1,9 +1,10 @@
-"""Fused float32 CPU kernels for training (train_kernels.c), called from llama.py and peft/lora.py.
+"""Fused float32 CPU kernels for training (train_kernels.c), called from ops.py and peft/lora.py.
 
 Each function returns None where its kernel does not apply (another dtype or device, autocast,
 a layout it does not take, no C compiler, `FINEGRAIN_NATIVE=0`), and the caller runs its
-PyTorch code instead: the same computation, to float32 rounding. The one exception is the
-dropout mask, drawn by a different generator (see `keep_mask`).
+PyTorch code instead (for the decoder, the reference in `ops`): the same computation, to
+float32 rounding. The one exception is the dropout mask, drawn by a different generator (see
+`keep_mask`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def kernels(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 def rope_attention(q, k, v, cos, sin, num_heads: int, num_kv_heads: int) -> torch.Tensor | None:
     """Causal attention over rotary-embedded q, k and v: (B, T, nh*hd) from the projections
     q (B, T, nh*hd) and k, v (B, T, nkv*hd), with cos and signed sin (B, 1, T, hd) as
-    `apply_rope` takes them; what `Attention.forward` computes between the projections and
-    o_proj when there is no mask and no cache. None for long sequences or odd head sizes.
+    `ops.apply_rope` takes them; what `ops.rope_attention` computes when there is no mask and
+    no cache. None for long sequences or odd head sizes.
     Without autograd (the prefix-cache pass, scoring) nothing is kept for a backward pass."""
     B, T, width = q.shape
     head_dim = width // num_heads
@@ -120,7 +121,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 
 
 def rms_norm_backward(grad, kept, weight, rstd, from_output: bool) -> torch.Tensor | None:
-    """The input gradient of RMSNorm (see `RMSNormFunction`): `kept` is its output when
+    """The input gradient of RMSNorm (see `ops.RMSNormFunction`): `kept` is its output when
     `from_output`, else its input; `rstd` (..., 1) is 1 / rms of each row."""
     grad = grad.contiguous()
     lib = kernels(grad, kept, weight, rstd)

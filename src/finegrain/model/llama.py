@@ -2,6 +2,8 @@
 
 Module names follow Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...),
 so Hugging Face checkpoints load with no key map and LoRA targets mean what they mean in PEFT.
+The operations that have C kernels (RMSNorm, rotary attention, SwiGLU) are calls into `ops`,
+which runs the kernel where it applies and the PyTorch reference otherwise.
 Shapes: B batch, T query length, S key length, H hidden, nh/nkv heads, hd head dim, V vocab.
 """
 
@@ -10,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from finegrain.model import fused
+from finegrain.model import ops
 from finegrain.model.config import LlamaConfig
 from finegrain.model.kv_cache import KVCache
 from finegrain.model.linear import Linear
@@ -26,65 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return RMSNormFunction.apply(x, self.weight, self.eps)
-            # Few rows (float32 decoding runs 61 norms per token): one PyTorch op beats a ctypes call.
-            normed = fused.rms_norm(x, self.weight, self.eps) if x.numel() >= 16 * x.shape[-1] else None
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps) if normed is None else normed[0]
-        # Normalise in float32, then scale in the input dtype, as Hugging Face's LlamaRMSNorm does.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm whose backward keeps its output and 1/rms only.
-
-    Autograd on `F.rms_norm` keeps the input and the normalised input, two (..., H) tensors
-    per norm, and its backward takes about 1.7x as long as this one. The output is kept
-    instead of the input because a LoRA layer reading it (q_proj, v_proj) keeps it anyway:
-    one tensor serves both. The normalised input is recovered as output / weight (to a
-    rounding), or, if the weight has a zero, the input is kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        y, rstd = fused.rms_norm(x, weight, eps) or torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.from_output = bool(weight.all())
-        ctx.save_for_backward(y if ctx.from_output else x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        kept, weight, rstd = ctx.saved_tensors
-        if not ctx.needs_input_grad[1]:
-            grad_x = fused.rms_norm_backward(grad, kept, weight, rstd, ctx.from_output)
-            if grad_x is not None:
-                return grad_x, None, None
-        normed = kept / weight if ctx.from_output else kept * rstd
-        grad_normed = grad * weight
-        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed)), over the last dimension.
-        mean = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(kept.shape[-1])
-        grad_x = (grad_normed - normed * mean).mul_(rstd)
-        grad_weight = (grad * normed).reshape(-1, kept.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """silu(gate) * up, whose backward keeps gate and up only (autograd also keeps silu(gate))."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        y = fused.swiglu(gate, up)
-        return F.silu(gate) * up if y is None else y
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grads = fused.swiglu_backward(grad, gate, up)
-        if grads is not None:
-            return grads
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -107,15 +50,6 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
         is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     return inv_freq
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's `x * cos + rotate_half(x) * sin`, with rotate_half's negation folded into the sine.
-
-    x: (B, nh, T, hd); cos, signed_sin: (B, 1, T, hd), signed_sin = cat(-sin1, sin2). `roll` swaps
-    the halves in one op where rotate_half takes a chunk, a negation and a cat, in every layer.
-    """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -147,50 +81,42 @@ class Attention(nn.Module):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention output (B, T, H); with `rows` (B,), only the queries at those positions: (B, 1, H)."""
-        B, T, _ = x.shape
         if rows is not None:
             return self._attend_rows(x, cos, sin, mask, is_causal, rows)
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            kv_size = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
-        cached = self.kv_cache is not None and input_pos is not None
-        if mask is None and is_causal and not cached:  # training and scoring: rotary + attention in C
-            y = fused.rope_attention(q, k, v, cos, sin, self.num_heads, self.num_kv_heads)
-            if y is not None:
-                return self.o_proj(y)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cached:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
-        y = attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads)
-        # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        q, k, v = self._project(x)
+        cache = self.kv_cache if input_pos is not None else None
+        y = ops.rope_attention(q, k, v, cos, sin, self.num_heads, self.num_kv_heads, mask, is_causal, cache, input_pos)
+        return self.o_proj(y)
 
     def _attend_rows(self, x, cos, sin, mask, is_causal, rows) -> torch.Tensor:
         """One query per sequence, at `rows` (B,), over the keys and values of every position."""
         B, T, _ = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(at_rows(x, rows)), self.k_proj(x), self.v_proj(x)
-        else:  # fused for inference: every query is computed, one kept
-            kv_size = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
-            q = at_rows(q, rows)
+        q, k, v = self._project(x, rows)
         q = q.view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, 1, hd)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         batch = torch.arange(B, device=x.device)
-        q = apply_rope(q, cos[batch, :, rows][:, :, None], sin[batch, :, rows][:, :, None])  # (B, 1, 1, hd) angles
-        k = apply_rope(k, cos, sin)
+        q = ops.apply_rope(q, cos[batch, :, rows][:, :, None], sin[batch, :, rows][:, :, None])  # (B, 1, 1, hd) angles
+        k = ops.apply_rope(k, cos, sin)
         if mask is not None:
             mask = mask[batch, :, rows][:, :, None] if mask.shape[2] == T else mask  # (B, 1, 1, S)
         elif is_causal:
             mask = (torch.arange(T, device=x.device)[None, :] <= rows[:, None])[:, None, None]  # (B, 1, 1, T)
-        y = attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        y = ops.attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
+
+    def _project(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """q (B, T, nh*hd), or (B, 1, nh*hd) at `rows`, and k, v (B, T, nkv*hd).
+
+        Separate projections compute only the kept queries; fused ones (inference) compute every
+        query in the one matmul and keep those at `rows`.
+        """
+        if self.qkv_proj is None:
+            q = self.q_proj(x if rows is None else at_rows(x, rows))
+            return q, self.k_proj(x), self.v_proj(x)
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        return (q if rows is None else at_rows(q, rows)), k, v
 
 
 class MLP(nn.Module):
@@ -211,22 +137,7 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(SwiGLUFunction.apply(gate, up))
-        hidden = fused.swiglu(gate, up)
-        return self.down_proj(F.silu(gate) * up if hidden is None else hidden)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`, in float32 under autocast.
-
-    PyTorch's bf16 attention backward on the CPU takes ~4x as long as float32's, and attention
-    holds a small share of a step's FLOPs, so bf16 training (`train.bf16`) keeps it float32.
-    """
-    if torch.is_autocast_enabled(q.device.type):
-        with torch.autocast(q.device.type, enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return self.down_proj(ops.swiglu(gate, up))
 
 
 def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -324,7 +235,7 @@ class LlamaModel(nn.Module):
         return x
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (B, 1, T, hd) at `position_ids` (see `apply_rope`)."""
+        """cos and signed sin (B, 1, T, hd) at `position_ids` (see `ops.apply_rope`)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
         cos, sin = freqs.cos(), freqs.sin()
         cos, signed_sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, hd)
@@ -427,8 +338,3 @@ class Llama(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def generate(self, tokenizer, prompts, **kwargs):
-        """See `finegrain.generation.generate`."""
-        from finegrain.generation import generate
-
-        return generate(self, tokenizer, prompts, **kwargs)
