@@ -14,7 +14,7 @@ from finegrain.errors import FinegrainError
 from finegrain.run import build
 from finegrain.tasks import long_text_line, long_text_summary
 from finegrain.tasks.classification import ClassificationTask
-from finegrain.train.batching import sorted_batches
+from finegrain.inference import sorted_batches
 from finegrain.train.prefix_cache import compute_prefix
 from finegrain.train.trainer import Trainer, predict_outputs
 

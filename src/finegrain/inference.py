@@ -13,13 +13,31 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finegrain.train.batching import sorted_batches
-
 
 def item_rows(item: Any) -> list[int]:
     """The lengths of the rows an item runs as: one (its `input_ids`), or its windows'
     (`row_lengths`, when `input_ids` holds several windows of a long text one after another)."""
     return getattr(item, "row_lengths", None) or [len(item.input_ids)]
+
+
+def sorted_batches(lengths: list[int], batch_size: int, rows: list[int] | None = None) -> list[list[int]]:
+    """Batches for inference: longest first, so memory peaks early and padding stays minimal.
+
+    With `rows` (how many rows each item runs as: the windows of a long text), a batch holds
+    at most `batch_size` rows (and at least one item), so windows do not multiply its memory.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if rows is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    taken = 0
+    for i in order:
+        if not batches or taken + rows[i] > batch_size:
+            batches.append([])
+            taken = 0
+        batches[-1].append(i)
+        taken += rows[i]
+    return batches
 
 
 @torch.no_grad()

@@ -358,7 +358,7 @@ class InstructTask(Task):
         so cached lower-layer states (`hidden`, `start_layer`) are not used.
         """
         from finegrain.generation import generate
-        from finegrain.train.batching import sorted_batches
+        from finegrain.inference import sorted_batches
 
         if self.tokenizer is None:
             raise FinegrainError("task instruct: no tokenizer; build the model with build_model(llama, tokenizer) first")

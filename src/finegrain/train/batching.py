@@ -1,4 +1,4 @@
-"""Length-bucketed batches: little padding, a shuffled order that a seed and epoch fully determine."""
+"""Length-bucketed training batches: little padding, a shuffled order that a seed and epoch fully determine."""
 
 from __future__ import annotations
 
@@ -40,22 +40,3 @@ def micro_batches(batch: list[int], lengths: list[int], max_tokens: int | None) 
             break
     return pieces
 
-
-def sorted_batches(lengths: list[int], batch_size: int, rows: list[int] | None = None) -> list[list[int]]:
-    """Batches for inference: longest first, so memory peaks early and padding stays minimal.
-
-    With `rows` (how many rows each item runs as: the windows of a long text), a batch holds
-    at most `batch_size` rows (and at least one item), so windows do not multiply its memory.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if rows is None:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches: list[list[int]] = []
-    taken = 0
-    for i in order:
-        if not batches or taken + rows[i] > batch_size:
-            batches.append([])
-            taken = 0
-        batches[-1].append(i)
-        taken += rows[i]
-    return batches

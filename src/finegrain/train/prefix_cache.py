@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finegrain.inference import item_rows
-from finegrain.train.batching import sorted_batches
+from finegrain.inference import item_rows, sorted_batches
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -25,7 +25,7 @@ from finegrain.data.load import Splits, sample
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import classification_metrics
 from finegrain.tasks import task_class
-from finegrain.train.batching import sorted_batches
+from finegrain.inference import sorted_batches
 
 ADAPTED_LAYERS = 6  # what the proposal adapts below the peak, as the main job does
 POOLINGS = ("last", "mean")
