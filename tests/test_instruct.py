@@ -1,6 +1,7 @@
 """task: instruct — chat data, assistant-only loss, packing without leakage, generation metrics, chat CLI."""
 
 import copy
+import gzip
 import io
 import json
 import re
@@ -129,6 +130,21 @@ def test_instruction_rows_become_conversations(tmp_path):
         {"role": "assistant", "content": "5"},
     ]
     assert example.label == "5" and example.source == f"{path}:1"
+
+
+def test_chat_files_read_as_every_reader_does(tmp_path):
+    # Compressed files open as their content; bad rows and bad bytes end in the shared one-line errors.
+    plain = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    packed = tmp_path / "c.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert [e.messages for e in read_chat_examples(packed).examples] == [e.messages for e in read_chat_examples(plain).examples]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONVERSATIONS[0]}, {"text": "hi"}])
+    with pytest.raises(FinegrainError, match=r"bad\.jsonl:2: .*; fix the row or set data\.skip_bad_rows: true$"):
+        read_chat_examples(bad)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(FinegrainError, match=r"latin\.jsonl: not UTF-8"):
+        read_chat_examples(latin)
 
 
 # -- tokens and loss -----------------------------------------------------------------------

@@ -13,7 +13,9 @@ which becomes a user turn (the instruction, then a blank line and the input when
 one) and an assistant turn (the output). Roles are system, user and assistant. A labelled
 conversation (for training and evaluation) ends with an assistant turn: its content is the
 reference, and everything before it is the prompt. Unlabelled ones (for `predict`) may end
-with a user turn, which the model answers.
+with a user turn, which the model answers. As for every reader (`data.files`), a `.gz`, `.bz2`
+or `.xz` file opens as its content, and a bad row raises `BadRow`: reported as `file:line`, or
+skipped with `data.skip_bad_rows`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from finegrain.data.files import BadRow, check_file, content_suffix, open_text, reading, skip_or_raise
 from finegrain.errors import FinegrainError
 
 ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".json", ".ndjson")  # after an optional .gz, .bz2 or .xz
 
 
 @dataclass
@@ -65,46 +68,46 @@ class ChatReadResult:
 
 
 def messages_from_record(record: Any, require_reference: bool) -> list[dict[str, str]]:
-    """The conversation of one JSON object (chat or instruction format); ValueError says what is wrong.
+    """The conversation of one JSON object (chat or instruction format); `BadRow` says what is wrong.
 
     Args:
         record: the parsed JSON line.
         require_reference: the conversation must end with an assistant turn (training, evaluation).
     """
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise BadRow(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = check_messages(record["messages"])
     elif "instruction" in record:
         messages = _instruction_messages(record, require_reference)
     else:
-        raise ValueError(
+        raise BadRow(
             f"no 'messages' (chat format) nor 'instruction' (instruction/input/output format); "
             f"the keys are {', '.join(map(repr, record)) or 'none'}"
         )
     if require_reference:
         if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("the conversation has no assistant turn to learn from; add one")
+            raise BadRow("the conversation has no assistant turn to learn from; add one")
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"the last turn is '{messages[-1]['role']}', not 'assistant'; end with the answer to learn")
+            raise BadRow(f"the last turn is '{messages[-1]['role']}', not 'assistant'; end with the answer to learn")
     return messages
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """Validated copies of chat messages: a non-empty list of {role, content} with a known role."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
+        raise BadRow("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     checked = []
     for number, message in enumerate(messages, 1):
         if not isinstance(message, dict):
-            raise ValueError(f"message {number} is not an object with 'role' and 'content'")
+            raise BadRow(f"message {number} is not an object with 'role' and 'content'")
         for key in ("role", "content"):
             if key not in message:
-                raise ValueError(f"message {number} has no '{key}'")
+                raise BadRow(f"message {number} has no '{key}'")
             if not isinstance(message[key], str):
-                raise ValueError(f"message {number}: '{key}' must be a string, not {type(message[key]).__name__}")
+                raise BadRow(f"message {number}: '{key}' must be a string, not {type(message[key]).__name__}")
         if message["role"] not in ROLES:
-            raise ValueError(f"message {number}: unknown role '{message['role']}'; use {', '.join(ROLES)}")
+            raise BadRow(f"message {number}: unknown role '{message['role']}'; use {', '.join(ROLES)}")
         checked.append({"role": message["role"], "content": message["content"]})
     return checked
 
@@ -112,51 +115,48 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 def _instruction_messages(record: dict[str, Any], require_reference: bool) -> list[dict[str, str]]:
     for key in ("instruction", "input", "output", "system"):
         if record.get(key) is not None and not isinstance(record[key], str):
-            raise ValueError(f"'{key}' must be a string, not {type(record[key]).__name__}")
+            raise BadRow(f"'{key}' must be a string, not {type(record[key]).__name__}")
     if not record["instruction"].strip():
-        raise ValueError("'instruction' is empty")
+        raise BadRow("'instruction' is empty")
     user = record["instruction"] + (f"\n\n{record['input']}" if (record.get("input") or "").strip() else "")
     messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     messages.append({"role": "user", "content": user})
     if record.get("output") is not None:
         messages.append({"role": "assistant", "content": record["output"]})
     elif require_reference:
-        raise ValueError("an instruction row without 'output'; add the expected answer")
+        raise BadRow("an instruction row without 'output'; add the expected answer")
     return messages
 
 
 def read_chat_examples(
     path: str | os.PathLike[str], require_reference: bool = True, skip_bad_rows: bool = False
 ) -> ChatReadResult:
-    """Conversations from a JSONL file, one per non-empty line.
+    """Conversations from a JSONL file (or a `.gz`, `.bz2` or `.xz` of one), one per non-empty line.
 
     Raises:
         FinegrainError: a missing or unreadable file, or a bad row (`file:line: what; the fix`)
             unless `skip_bad_rows`, which records it in `skipped` instead.
     """
     name = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise FinegrainError(f"{name}: file not found; give a chat JSONL file (one {{\"messages\": [...]}} per line)")
-    if p.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+    check_file(path, 'a chat JSONL file (one {"messages": [...]} per line)')
+    if content_suffix(path) not in SUFFIXES:
         raise FinegrainError(f"{name}: task instruct reads JSON lines; save the conversations as .jsonl")
     examples, skipped = [], []
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise FinegrainError(f"{name}: not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
+    with reading(path), open_text(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{name}:{number}"
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(ChatExample(messages_from_record(record, require_reference), where))
-        except ValueError as exc:
-            if not skip_bad_rows:
-                raise FinegrainError(f"{where}: {exc} (or set data.skip_bad_rows: true)") from None
-            skipped.append(f"{where}: {exc}")
+                examples.append(ChatExample(messages_from_record(parse_line(line), require_reference), where))
+            except BadRow as bad:
+                skip_or_raise(bad, where, skip_bad_rows, skipped)
     return ChatReadResult(examples, skipped)
+
+
+def parse_line(line: str) -> Any:
+    """The JSON value of one line; `BadRow` names the column of a syntax error."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
