@@ -102,3 +102,20 @@ def test_model_dtype_reaches_the_loaded_model(tiny_model_dir):
         assert model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
         head = model.get_submodule(task.head_modules[0])  # stays float32 and takes the backbone's states
         assert head(torch.ones(1, 64, dtype=getattr(torch, dtype))).dtype == torch.float32
+
+
+def test_peft_method_defaults_to_lora_and_an_old_lora_section_still_reads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\nlora:\n  r: 4\n  targets: all-linear\n")
+    config = load_config(path)
+    assert config.peft.method == "lora" and config.lora.r == 4 and config.lora.targets == "all-linear"
+    assert load_config(path, ["peft.method=lora"]).lora.r == 4
+
+
+def test_an_unknown_peft_method_names_the_key_and_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: lorra\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:4: 'peft.method' must be one of lora"):
+        load_config(path)
+    with pytest.raises(FinegrainError, match=r"unknown key 'peft.rank'"):
+        load_config(None, ["data.dataset=sms_spam", "peft.rank=4"])

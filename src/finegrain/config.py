@@ -59,7 +59,16 @@ class DataConfig:
 
 
 @dataclass
+class PeftSection:
+    # the adapter method, one of PEFT_METHODS (finegrain.peft.METHODS); its options are the
+    # section named after it (`lora:`)
+    method: str = "lora"
+
+
+@dataclass
 class LoraSection:
+    """peft.method: lora (the default): LoRA's options."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -143,6 +152,7 @@ class RunConfig:
     task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
     lora: LoraSection = field(default_factory=LoraSection)
     head: HeadConfig = field(default_factory=HeadConfig)
     relation: RelationConfig = field(default_factory=RelationConfig)
@@ -150,6 +160,9 @@ class RunConfig:
     instruct: InstructConfig = field(default_factory=InstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: str | None = None  # the run directory
+
+
+PEFT_METHODS = ("lora",)  # the names of finegrain.peft.METHODS, each with its options section above (tests/test_peft.py)
 
 
 TASKS = ("classification", "regression", "ner", "relation", "qa", "instruct")  # see finegrain.tasks.TASKS
@@ -280,6 +293,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
+        (config.peft.method in PEFT_METHODS, "peft.method", f"one of {', '.join(PEFT_METHODS)}"),
         (config.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
         (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
         (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
