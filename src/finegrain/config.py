@@ -88,6 +88,9 @@ class HeadConfig:
     decoding: str = "viterbi"  # ner: viterbi (valid tag sequences only) | argmax
     dropout: float = 0.0  # ner: dropout on the hidden states before the tag head, in training only
     init: str = "random"  # classification: random | probe (fit the head on the frozen model first: LP-FT)
+    # classification: the weight of a TF-IDF + logistic regression's probabilities mixed into the
+    # model's (finegrain.tasks.lexical): 0 (off), a number below 1, or auto (chosen on validation)
+    tfidf_mix: float | str = 0.0
 
 
 @dataclass
@@ -302,6 +305,10 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.head.subword in ("first", "last"), "head.subword", "first or last"),
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.head.init in ("random", "probe"), "head.init", "random or probe"),
+        (config.head.tfidf_mix == "auto" or (isinstance(config.head.tfidf_mix, (int, float))
+                                             and not isinstance(config.head.tfidf_mix, bool)
+                                             and 0 <= config.head.tfidf_mix < 1), "head.tfidf_mix",
+         "auto or a weight in [0, 1) (0: off)"),
         (config.head.init == "random" or (config.task == "classification" and not config.data.multi_label), "head.init",
          "random for this task (probe fits a softmax head: single-label classification)"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),

@@ -40,6 +40,7 @@ LEARNING_CURVE = "learning_curve.png"
 SKIPPED_ROWS = "skipped_rows.txt"
 CHECKPOINT = "checkpoint"
 BEST = "best"
+TFIDF = "tfidf"  # the TF-IDF model mixed into the classifier's probabilities (head.tfidf_mix), when it is
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 EXPLICIT_KEYS = ".explicit_keys.json"
@@ -51,12 +52,17 @@ STATE = "state.json"
 
 # What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
 RUN_OUTPUTS = (METRICS, METRICS_LOG, REPORT_MD, REPORT_HTML, LABELS, ADAPTER, CHECKPOINT, BEST, CONFUSION_MATRIX,
-               LEARNING_CURVE)
+               LEARNING_CURVE, TFIDF)
 
 
 def adapter_dir(run_dir: str | Path) -> Path:
     """The run's PEFT adapter folder."""
     return Path(run_dir) / ADAPTER
+
+
+def tfidf_dir(run_dir: str | Path) -> Path:
+    """The TF-IDF model's folder (finegrain.tasks.lexical); absent when the run does not mix one in."""
+    return Path(run_dir) / TFIDF
 
 
 def has_adapter(run_dir: str | Path) -> bool:

@@ -290,6 +290,7 @@ class ModelRegistry:
         of the base, with the whole modules the adapter saved (`task.head_modules`) loaded."""
         from finegrain.peft import read_adapter
         from finegrain.tasks import task_class
+        from finegrain.tasks.lexical import attach as attach_tfidf
 
         adapter_dir = rundir.adapter_dir(run.run_dir)
         lora, tensors = read_adapter(adapter_dir)
@@ -300,6 +301,7 @@ class ModelRegistry:
         task = None
         if not run.generative:
             task = task_class(config.task).from_config(config, rundir.read_labels(run.run_dir))
+            attach_tfidf(task, run.run_dir)  # a classifier's TF-IDF model, when its run mixes one in
         own = task.head_modules if task is not None else ()
         shared = [k for k in whole if not k.startswith(tuple(f"{name}." for name in own))]
         if shared:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from finegrain import rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
 
@@ -136,3 +137,11 @@ def choose_weight(
 def log_loss(probs: torch.Tensor, gold: torch.Tensor) -> float:
     """Mean negative log-probability of the gold classes."""
     return float(-probs.gather(1, gold[:, None]).clamp_min(1e-12).log().mean())
+
+
+def attach(task: Any, run_dir: str | Path) -> None:
+    """Give a trained run's task its TF-IDF model, when the run mixes one in (a classification
+    run with `head.tfidf_mix`): `task.decode` then mixes its probabilities in."""
+    directory = rundir.tfidf_dir(run_dir)
+    if (directory / CONFIG_FILE).is_file():
+        task.lexical = LexicalModel.load(directory)
