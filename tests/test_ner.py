@@ -317,16 +317,9 @@ def test_head_dropout_drops_hidden_states_in_training_only(backbone_and_tokenize
         load_config(path)
 
 
-# --- end to end through the CLI (runs once run.py/config.py know `task: ner`) -----------------
+# --- end to end through the CLI ----------------------------------------------------------------
 
 
-def ner_wired() -> bool:
-    from finegrain.config import TASKS
-
-    return "ner" in TASKS
-
-
-@pytest.mark.skipif(not ner_wired(), reason="task: ner is not wired into config.TASKS yet")
 def test_cli_train_evaluate_predict_ner(tiny_model_dir, tmp_path, capsys):
     import yaml
 

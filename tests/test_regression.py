@@ -12,7 +12,7 @@ from finegrain import datasets
 from finegrain.cli import main
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
-from finegrain.tasks.classification import RegressionTask
+from finegrain.tasks.regression import RegressionTask
 
 WORDS = {2.0: ["superb", "wonderful", "great"], 0.0: ["fine", "okay", "average"], -2.0: ["awful", "dreadful", "terrible"]}
 

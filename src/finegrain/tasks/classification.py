@@ -9,7 +9,9 @@ adapters saved from it load onto `transformers`.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from torch import nn
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import Task, class_weights, document_mean, pad_inputs
+from finegrain.tasks.base import class_weights, document_mean, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.lexical import LexicalModel
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Encoded:
     row_lengths: list[int] | None = None
     longer: bool = False  # the text did not fit in data.max_length tokens
     truncated: bool = False  # some of its tokens were left out (all of them are read only by windows)
+    text: str | None = None  # the raw text, for the TF-IDF model a run may mix in (finegrain.tasks.lexical)
 
 
 LONG_TEXTS = ("truncate", "head_tail", "windows")
@@ -161,11 +165,59 @@ class SequenceClassifier(nn.Module):
         return self.model.norm(last[:, 0])
 
 
-class ClassificationTask(Task):
+@dataclass
+class TextInputs:
+    """How a text task (classification, regression) reads and tokenizes its texts: the template,
+    and what a text longer than `data.max_length` becomes (see `encode_long_texts`)."""
+
+    template: str | None = None
+    long_texts: str = "truncate"
+    window_stride: int | None = None
+    max_windows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.long_texts not in LONG_TEXTS:
+            raise FinegrainError(f"data.long_texts: '{self.long_texts}' is not one of {', '.join(LONG_TEXTS)}")
+
+    @staticmethod
+    def examples(inputs: Sequence[Any]) -> list:
+        """Examples from the texts a caller passes (each a non-empty string)."""
+        from finegrain.data.readers import Example
+
+        examples = []
+        for i, text in enumerate(inputs):
+            if not isinstance(text, str) or not text.strip():
+                raise FinegrainError(f"input:{i + 1}: expected a non-empty text, got {text!r}")
+            examples.append(Example(text=text, label=None, source=f"input:{i + 1}"))
+        return examples
+
+    def encode(self, tokenizer, examples: Sequence[Any], max_length: int, target: Callable[[Any], Any]) -> list[Encoded]:
+        """Items of the examples' texts (windows of long ones), with `target(label)` for labelled examples."""
+        encoded = encode_long_texts(
+            tokenizer, [e.text for e in examples], max_length, self.template, self.long_texts,
+            self.window_stride, self.max_windows,
+        )
+        items = []
+        for (rows, longer, truncated), e in zip(encoded, examples):
+            row_lengths = [len(row) for row in rows] if len(rows) > 1 else None
+            label = target(e.label) if e.label is not None else None
+            items.append(Encoded([i for row in rows for i in row], label, row_lengths, longer, truncated, e.text))
+        return items
+
+    @staticmethod
+    def long_text_counts(items: list[Encoded]) -> dict[str, int]:
+        """How many items' texts were longer than `data.max_length`, and how many lost tokens."""
+        return {"longer": sum(item.longer for item in items), "truncated": sum(item.truncated for item in items)}
+
+
+class ClassificationTask:
     """Head, collate function, loss, predictions and metrics for text classification."""
 
     name = "classification"
+    endpoint = "/v1/classify"
     peft_task_type = "SEQ_CLS"
+    head_modules = ("score",)
+    predicts_from_prefix = True
 
     def __init__(
         self, labels: list[str], multi_label: bool = False, head: HeadConfig | None = None, template: str | None = None,
@@ -173,15 +225,13 @@ class ClassificationTask(Task):
     ):
         """Args: the labels in head order; `long_texts`, `window_stride`, `max_windows`: see `encode_long_texts`."""
         self.labels = list(labels)
-        self.template = template
-        if long_texts not in LONG_TEXTS:
-            raise FinegrainError(f"data.long_texts: '{long_texts}' is not one of {', '.join(LONG_TEXTS)}")
-        self.long_texts, self.window_stride, self.max_windows = long_texts, window_stride, max_windows
+        self.texts = TextInputs(template, long_texts, window_stride, max_windows)
         self.headline_metric = "micro_f1" if multi_label else "accuracy"
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.multi_label = multi_label
         self.head = head or HeadConfig()
         self.class_weights: torch.Tensor | None = None
+        self.lexical: LexicalModel | None = None  # mixed into the probabilities (head.tfidf_mix)
 
     @classmethod
     def from_config(cls, config, labels: list[str]) -> ClassificationTask:
@@ -209,30 +259,19 @@ class ClassificationTask(Task):
         return examples
 
     def examples_from_inputs(self, inputs, data) -> list:
-        from finegrain.data.readers import Example
+        return self.texts.examples(inputs)
 
-        examples = []
-        for i, text in enumerate(inputs):
-            if not isinstance(text, str) or not text.strip():
-                raise FinegrainError(f"input:{i + 1}: expected a non-empty text, got {text!r}")
-            examples.append(Example(text=text, label=None, source=f"input:{i + 1}"))
-        return examples
+    def input_record(self, example) -> dict[str, Any]:
+        return {"text": example.text}
+
+    def gold(self, examples) -> list:
+        return [e.label for e in examples]
 
     def encode(self, tokenizer, examples: list, max_length: int) -> list[Encoded]:
-        encoded = encode_long_texts(
-            tokenizer, [e.text for e in examples], max_length, self.template, self.long_texts,
-            self.window_stride, self.max_windows,
-        )
-        items = []
-        for (rows, longer, truncated), e in zip(encoded, examples):
-            target = self.target(e.label) if e.label is not None else None
-            row_lengths = [len(row) for row in rows] if len(rows) > 1 else None
-            items.append(Encoded([i for row in rows for i in row], target, row_lengths, longer, truncated))
-        return items
+        return self.texts.encode(tokenizer, examples, max_length, self.target)
 
     def long_text_counts(self, items: list[Encoded]) -> dict[str, int]:
-        """How many items' texts were longer than `data.max_length`, and how many lost tokens."""
-        return {"longer": sum(item.longer for item in items), "truncated": sum(item.truncated for item in items)}
+        return self.texts.long_text_counts(items)
 
     def target(self, label: Any) -> int | list[int]:
         if self.multi_label:
@@ -267,13 +306,30 @@ class ClassificationTask(Task):
             return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.class_weights)
         return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.head.label_smoothing)
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """Multi-label: the texts (each row of targets one text, however many windows it runs as);
+        single-label: the labelled texts, by their class weights."""
+        if self.multi_label:
+            return float(batch["targets"].shape[0])
+        return labelled_weight(batch, self.class_weights)
+
     # -- outputs ---------------------------------------------------------------------------
+
+    def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
+                progress: str | None = None) -> list[dict[str, Any]]:
+        return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
 
     def decode(self, probs: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
-        """Per example: the label (or labels) and the probability of every label."""
+        """Per example: the label (or labels) and the probability of every label.
+
+        With the run's TF-IDF model (`lexical`) and the `items` (which carry the texts), its
+        probabilities are mixed in first; without `items`, `probs` are decoded as they are.
+        """
+        if self.lexical is not None and items is not None:
+            probs = self.lexical.mix(probs, [item.text for item in items])
         results = []
         for row in probs.tolist():
             scores = dict(zip(self.labels, (round(p, 6) for p in row)))
@@ -292,119 +348,13 @@ class ClassificationTask(Task):
             return multilabel_metrics(gold, predicted, self.labels)
         return classification_metrics(gold, predicted, self.labels)
 
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], split: str, title: str) -> None:
+        from finegrain.evaluate.report import write_classification_report
 
-class RegressionTask(ClassificationTask):
-    """A number per text: one output on the last real token, mean squared error.
-
-    The head predicts the target standardised by the training data's mean and standard
-    deviation (kept in `labels.json` as `["<label field>", mean, std]`), so its initial
-    outputs are already on the targets' scale whatever their units.
-    """
-
-    name = "regression"
-    peft_task_type = "SEQ_CLS"
-
-    def __init__(
-        self, labels: list, head: HeadConfig | None = None, template: str | None = None, long_texts: str = "truncate",
-        window_stride: int | None = None, max_windows: int = 8,
-    ):
-        super().__init__(["score"], False, head, template, long_texts, window_stride, max_windows)
-        self.headline_metric = "neg_mse"  # selecting needs "higher is better"; metrics also hold mse, r2, pearson
-        self.labels = list(labels)
-        self.mean = float(labels[1]) if len(labels) > 1 else 0.0
-        self.std = float(labels[2]) if len(labels) > 2 else 1.0
-
-    @classmethod
-    def from_config(cls, config, labels: list) -> RegressionTask:
-        data = config.data
-        return cls(labels, config.head, data.template, data.long_texts, data.window_stride, data.max_windows)
+        write_classification_report(run_dir, metrics, split_name=split, title=title)
 
     @staticmethod
-    def load_splits(data):
-        from finegrain import datasets
-        from finegrain.data.load import load_splits
+    def report_text(metrics: dict[str, Any]) -> str:
+        from finegrain.evaluate.report import format_report_text
 
-        splits = load_splits(data, regression=True, datasets_module=datasets)
-        values = torch.tensor([e.label for e in splits.train], dtype=torch.float64)
-        std = float(values.std()) if len(values) > 1 else 1.0
-        splits.labels = [data.label_field, round(float(values.mean()), 6), round(std if std > 0 else 1.0, 6)]
-        return splits
-
-    def read_file(self, data, path: str, require_label: bool = True) -> list:
-        from finegrain.data.load import read_file
-
-        examples = read_file(data, str(path), require_label, regression=True).examples
-        if not examples:
-            raise FinegrainError(f"{path}: no usable examples")
-        return examples
-
-    def target(self, label: Any) -> float:
-        return (float(label) - self.mean) / self.std
-
-    def collate(self, items: list[Encoded], pad_id: int, hidden: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        batch = pad_inputs(items, pad_id, hidden)
-        if items[0].target is not None:
-            batch["targets"] = torch.tensor([item.target for item in items], dtype=torch.float32)
-        return batch
-
-    def build_model(self, llama, tokenizer=None) -> SequenceClassifier:
-        return SequenceClassifier(llama.model, 1, self.head.pooling)
-
-    def set_class_weights(self, train: list[Encoded]) -> None:
-        if self.head.class_weights is not None:
-            raise FinegrainError("head.class_weights: regression has no classes; remove the key")
-
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.mse_loss(logits[:, 0], batch["targets"])
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float()[:, 0] * self.std + self.mean  # back in the targets' units
-
-    def decode(self, values: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
-        """Per example: the predicted `value`."""
-        return [{"value": round(v, 6)} for v in values.tolist()]
-
-    def metrics(self, predictions: list[dict[str, Any]], gold: list[Any]) -> dict[str, Any]:
-        from finegrain.evaluate.metrics import regression_metrics
-
-        truth = [float(g) for g in gold]
-        predicted = [p["value"] for p in predictions]
-        metrics = regression_metrics(truth, predicted)
-        metrics["neg_mse"] = -metrics["mse"]
-        metrics["by_range"] = _by_range(truth, predicted)
-        return metrics
-
-    def write_report(self, run_dir, metrics: dict[str, Any], split: str, title: str) -> None:
-        """report.md/html: the error and correlation figures, and predictions by range of the true value (PNG)."""
-        from finegrain.evaluate.report import Table, plot_bars, write_report
-
-        ranges = metrics["by_range"]
-        names = [f"{r['low']:.2f} to {r['high']:.2f}" for r in ranges]
-        plot_bars(
-            run_dir / "by_range.png", f"{split}: mean prediction by range of the true value", names,
-            {"mean predicted": [r["mean_predicted"] for r in ranges]}, "value", [r["mean_true"] for r in ranges],
-        )
-        keys = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
-        summary = f"split: {split} · {metrics['num_examples']:,} examples · " + " · ".join(
-            f"{k} {metrics[k]:.4f}" for k in keys if metrics[k] is not None
-        )
-        rows = [[n, r["count"], r["mean_true"], r["mean_predicted"], r["mae"]] for n, r in zip(names, ranges)]
-        table = Table("By range of the true value", ["true value", "examples", "mean true", "mean predicted", "mae"], rows)
-        write_report(run_dir, title, summary, [table], [("by_range.png", "Mean prediction by range of the true value")])
-
-
-def _by_range(truth: list[float], predicted: list[float], bins: int = 5) -> list[dict[str, Any]]:
-    """Examples grouped into (at most) `bins` equal-count ranges of the true value: count, means, MAE.
-
-    Shows what a single correlation hides: predictions pulled towards the mean at the extremes.
-    """
-    order = sorted(range(len(truth)), key=truth.__getitem__)
-    groups = [order[len(order) * b // bins : len(order) * (b + 1) // bins] for b in range(bins)]
-    rows = []
-    for group in (g for g in groups if g):
-        t, p = [truth[i] for i in group], [predicted[i] for i in group]
-        rows.append({
-            "low": t[0], "high": t[-1], "count": len(group), "mean_true": sum(t) / len(t),
-            "mean_predicted": sum(p) / len(p), "mae": sum(abs(a - b) for a, b in zip(t, p)) / len(t),
-        })
-    return rows
+        return format_report_text(metrics)

@@ -49,7 +49,7 @@ from finegrain.data.chat import ChatExample, check_messages, messages_from_recor
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.generation import label_set
 from finegrain.model.llama import Llama
-from finegrain.tasks import IGNORE_INDEX, Task, pad_inputs
+from finegrain.tasks.base import IGNORE_INDEX, labelled_weight, pad_inputs
 
 LOSS_CHUNK = 1024  # target tokens projected onto the vocabulary at a time
 EXAMPLES_SHOWN = 8  # examples kept in the metrics for the report
@@ -222,7 +222,7 @@ class InstructModel(nn.Module):
         return token_losses(self.lm_head, self.model.norm(x[keep]), targets[keep])  # (N,)
 
 
-class InstructTask(Task):
+class InstructTask:
     """Chat data, packing, the assistant-token loss, generation and generation metrics.
 
     Args:
@@ -233,6 +233,7 @@ class InstructTask(Task):
     """
 
     name = "instruct"
+    endpoint = None  # its adapter steers the language model: served by the generation endpoints
     headline_metric = "rougeL"
     predicts_from_prefix = False  # predict generates with the whole model
     peft_task_type = "CAUSAL_LM"
@@ -341,6 +342,15 @@ class InstructTask(Task):
         self.tokenizer = tokenizer
         return InstructModel(llama)
 
+    def set_class_weights(self, train: list[InstructEncoded]) -> None:
+        """Nothing to weigh: the targets are the vocabulary's tokens."""
+
+    def long_text_counts(self, items: list[InstructEncoded]) -> None:
+        return None  # a conversation longer than data.max_length loses its end (`encode`)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        return labelled_weight(batch, None)
+
     def loss(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the assistant tokens of the batch."""
         # Every reply cut off by max_length: nothing to learn, but still a (zero) loss with a graph.
@@ -375,6 +385,9 @@ class InstructTask(Task):
                 generated[i] = text
         model.train(was_training)
         return [{"prompt": p.shown, "generated": text} for p, text in zip(prompts, generated)]
+
+    def gold(self, examples: Sequence[ChatExample]) -> list[str | None]:
+        return [e.label for e in examples]
 
     def metrics(self, predictions: list[dict[str, Any]], gold: list[str | None]) -> dict[str, Any]:
         """Generation metrics (see `finegrain.evaluate.generation`) and the first few examples."""

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from finegrain.data.squad import QAExample, load_qa_splits, read_squad
 from finegrain.errors import FinegrainError
-from finegrain.tasks import Task, pad_inputs
+from finegrain.tasks.base import pad_inputs, predict_scores
 from finegrain.tasks.tokens import TokenClassifier
 
 QUESTION = "Question: {question}\nContext:\n"
@@ -92,7 +92,7 @@ def answer_tokens(example: QAExample, offsets: Sequence[tuple[int, int]]) -> tup
     return first, last
 
 
-class QATask(Task):
+class QATask:
     """Windows, collate function, loss, span decoding and SQuAD metrics for extractive QA.
 
     Args:
@@ -103,8 +103,11 @@ class QATask(Task):
     """
 
     name = "qa"
+    endpoint = "/v1/qa"
     headline_metric = "f1"
     peft_task_type = "QUESTION_ANS"
+    head_modules = ("score",)
+    predicts_from_prefix = True
 
     def __init__(
         self, stride: int = 128, max_answer_length: int = 30, no_answer: bool = True, null_threshold: float = 0.0
@@ -233,6 +236,16 @@ class QATask(Task):
     def build_model(self, llama, tokenizer=None) -> TokenClassifier:
         return TokenClassifier(llama.model, 2)
 
+    def set_class_weights(self, train: list[QAWindow]) -> None:
+        """Nothing to weigh: QA has no classes (`from_config` refuses `head.class_weights`)."""
+
+    def long_text_counts(self, items: list[QAWindow]) -> None:
+        return None  # long contexts are read whole, in windows (`qa.stride`)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """The windows: each has one start and one end target."""
+        return float(len(batch["lengths"]))
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the start and end cross-entropies over each window's possible positions."""
         span_mask = batch["span_mask"]  # (B, T)
@@ -240,6 +253,10 @@ class QATask(Task):
         return (F.cross_entropy(logits[..., 0], batch["starts"]) + F.cross_entropy(logits[..., 1], batch["ends"])) / 2
 
     # -- outputs ---------------------------------------------------------------------------
+
+    def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
+                progress: str | None = None) -> list[dict[str, Any]]:
+        return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The start/end logits (N, T, 2) as they are: `decode` normalises them per window."""

@@ -48,7 +48,7 @@ from finegrain.data.relation import (
 )
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks import Task, class_weights, pad_inputs
+from finegrain.tasks.base import class_weights, labelled_weight, pad_inputs, predict_scores
 
 _DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
 
@@ -179,7 +179,7 @@ class RelationClassifier(nn.Module):
         return self.score(pooled)
 
 
-class RelationTask(Task):
+class RelationTask:
     """Head, collate function, loss, predictions and metrics for relation classification.
 
     Args:
@@ -190,7 +190,9 @@ class RelationTask(Task):
     """
 
     name = "relation"
+    endpoint = "/v1/relation"
     headline_metric = "f1"
+    predicts_from_prefix = True
     # The head reads two positions, so transformers' LlamaForSequenceClassification cannot hold it;
     # PEFT's sequence-classification type still names what the adapter does.
     peft_task_type = "SEQ_CLS"
@@ -243,6 +245,9 @@ class RelationTask(Task):
         """The text, and the SemEval sentence id when there is one (the official scorer matches by id)."""
         return {"id": example.id, "text": example.text} if example.id is not None else {"text": example.text}
 
+    def gold(self, examples: Sequence[RelationExample]) -> list[str]:
+        return [e.label for e in examples]
+
     def encode(self, tokenizer, examples: Sequence[RelationExample], max_length: int) -> list[RelationEncoded]:
         """Token ids of the marked texts, cut to `max_length` around the entities (see `fit_window`)."""
         markers = marker_ids(tokenizer)
@@ -275,12 +280,25 @@ class RelationTask(Task):
     def set_class_weights(self, train: list[RelationEncoded]) -> None:
         self.class_weights = class_weights(self.head.class_weights, self.labels, Counter(e.target for e in train))
 
+    def long_text_counts(self, items: list[RelationEncoded]) -> None:
+        return None  # texts are cut around their entities (`fit_window`), never past them
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        return labelled_weight(batch, self.class_weights)
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(
             logits, batch["targets"], weight=self.class_weights, label_smoothing=self.head.label_smoothing
         )
 
     # -- outputs ---------------------------------------------------------------------------
+
+    def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
+                progress: str | None = None) -> list[dict[str, Any]]:
+        return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
 
     def decode(self, probs: torch.Tensor, items: Sequence[RelationEncoded]) -> list[dict[str, Any]]:
         """Per example: the relation `label`, the `probabilities` of every relation, and the

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.llama import LlamaModel
 from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
-from finegrain.tasks import IGNORE_INDEX, Task, class_weights, pad_inputs
+from finegrain.tasks.base import IGNORE_INDEX, class_weights, labelled_weight, pad_inputs, predict_scores
 
 
 @dataclass
@@ -141,7 +142,7 @@ class TokenClassifier(nn.Module):
         return logits
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask:
     """Head, collate function, loss, decoding and entity metrics for NER and other word tagging.
 
     Args:
@@ -154,8 +155,11 @@ class TokenClassificationTask(Task):
     """
 
     name = "ner"
+    endpoint = "/v1/ner"
     headline_metric = "f1"
     peft_task_type = "TOKEN_CLS"
+    head_modules = ("score",)
+    predicts_from_prefix = True
 
     def __init__(
         self,
@@ -206,6 +210,9 @@ class TokenClassificationTask(Task):
         if not examples:
             raise FinegrainError(f"{path}: no usable sentences")
         return examples
+
+    def input_record(self, example: TokenExample) -> dict[str, Any]:
+        return {"text": example.text}
 
     def gold(self, examples: Sequence[TokenExample]) -> list:
         return [e.tags for e in examples]
@@ -271,6 +278,12 @@ class TokenClassificationTask(Task):
         counts = Counter(t for item in train for t in (item.targets or []) if t != IGNORE_INDEX)
         self.class_weights = class_weights(self.head.class_weights, self.tags, counts)
 
+    def long_text_counts(self, items: list[TokenEncoded]) -> None:
+        return None  # words cut off are counted per sentence instead (`truncated_words`)
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        return labelled_weight(batch, self.class_weights)
+
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the labelled tokens of the batch."""
         targets = batch["targets"]  # (B, T)
@@ -286,6 +299,13 @@ class TokenClassificationTask(Task):
         )
 
     # -- outputs ---------------------------------------------------------------------------
+
+    def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
+                progress: str | None = None) -> list[dict[str, Any]]:
+        return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
 
     def decode(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[dict[str, Any]]:
         """Per sentence: `words`, their `tags`, the `entities` and `truncated_words`.
@@ -349,6 +369,17 @@ class TokenClassificationTask(Task):
         metrics["decoding"] = self.decoding
         metrics["truncated_words"] = sum(p.get("truncated_words", 0) for p in predictions)
         return metrics
+
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], split: str, title: str) -> None:
+        from finegrain.evaluate.report import write_classification_report
+
+        write_classification_report(run_dir, metrics, split_name=split, title=title)
+
+    @staticmethod
+    def report_text(metrics: dict[str, Any]) -> str:
+        from finegrain.evaluate.report import format_report_text
+
+        return format_report_text(metrics)
 
 
 def viterbi(scores: np.ndarray, first: np.ndarray, pairs: np.ndarray, last: np.ndarray) -> list[int]:

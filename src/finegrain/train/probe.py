@@ -108,8 +108,8 @@ def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, 
     if llama is None:
         llama, tokenizer = load_model(config.model.name, progress=progress)
     task = task_class(config.task).from_config(config, splits.labels)
-    if getattr(task, "long_texts", None) == "windows":
-        task.long_texts = "head_tail"  # one row per text (its beginning and end): the probe pools rows
+    if task.texts.long_texts == "windows":
+        task.texts.long_texts = "head_tail"  # one row per text (its beginning and end): the probe pools rows
     seed = config.data.split_seed
     parts = [sample(part, examples, seed) for part in (splits.train, splits.validation)]
     index = {label: i for i, label in enumerate(splits.labels)}
