@@ -168,9 +168,6 @@ class RunConfig:
 PEFT_METHODS = ("lora",)  # the names of finegrain.peft.METHODS, each with its options section above (tests/test_peft.py)
 
 
-TASKS = ("classification", "regression", "ner", "relation", "qa", "instruct")  # see finegrain.tasks.TASKS
-
-
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
     """Build dataclass `cls` from `values`, rejecting unknown keys with the nearest valid one.
 
@@ -297,7 +294,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
         (config.peft.method in PEFT_METHODS, "peft.method", f"one of {', '.join(PEFT_METHODS)}"),
-        (config.task in TASKS, "task", f"one of {', '.join(TASKS)}"),
         (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
         (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
          "BIO, IOB1, BIOES or IO"),
