@@ -32,6 +32,7 @@ from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
 from finegrain.evaluate.metrics import higher_is_better
+from finegrain.tasks.base import Task
 from finegrain.inference import predict_outputs  # also re-exported: `from finegrain.train.trainer import predict_outputs`
 from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.batching import bucketed_batches, micro_batches
@@ -91,7 +92,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        task: Any,
+        task: Task,
         train: list,
         config: TrainConfig,
         run_dir: Path,
