@@ -22,16 +22,16 @@ from finegrain.peft import (
     METHODS,
     LoraConfig,
     LoraLinear,
+    adapter_state_dict,
     apply_lora,
     load_adapter,
     lora_layers,
-    lora_state_dict,
-    merge_lora,
+    merge_adapters,
     read_adapter,
     save_adapter,
     trainable_parameters,
-    unload_lora,
-    unmerge_lora,
+    unload_adapters,
+    unmerge_adapters,
 )
 from finegrain.peft.lora import LoraMatmul, keep_mask
 
@@ -103,9 +103,9 @@ def test_apply_lora_freezes_everything_but_the_adapters(ours):
         for ab in ("lora_A", "lora_B")
     }
     assert trainable == expected
-    assert set(lora_state_dict(ours)) == expected
+    assert set(adapter_state_dict(ours)) == expected
     assert len(trainable_parameters(ours)) == len(expected)
-    assert METHODS["lora"] == (LoraConfig, apply_lora)
+    assert METHODS["lora"] is LoraConfig and LoraConfig.layer is LoraLinear
 
 
 def test_modules_to_save_stay_trainable_and_get_no_adapter(ours):
@@ -119,7 +119,7 @@ def test_base_weight_keeps_its_key_and_output_starts_unchanged(ours, hf_model, i
     expected = hf_model(input_ids).logits
     apply_lora(ours, LoraConfig(targets="all-linear"))
     missing, unexpected = ours.load_state_dict(hf_model.state_dict(), strict=False)
-    assert unexpected == [] and set(missing) == set(lora_state_dict(ours))
+    assert unexpected == [] and set(missing) == set(adapter_state_dict(ours))
     with torch.no_grad():
         assert_close(ours(input_ids), expected, atol=1e-5, rtol=1e-5)
 
@@ -246,7 +246,7 @@ def test_bad_targets_and_layers_are_user_errors(ours):
         LoraConfig(r=0)
     assert wrapped(ours) == set()  # a failed call leaves the model untouched
     apply_lora(ours, LoraConfig())
-    with pytest.raises(FinegrainError, match="already has LoRA"):
+    with pytest.raises(FinegrainError, match="already has an adapter named .default."):
         apply_lora(ours, LoraConfig())
 
 
@@ -259,14 +259,14 @@ def test_merged_output_equals_unmerged_and_unmerge_restores_the_base(ours, input
     randomize_lora_B(ours)
     with torch.no_grad():
         unmerged = ours(input_ids)
-        merge_lora(ours)
+        merge_adapters(ours)
         assert all(layer.merged for layer in lora_layers(ours).values())
         q_weight = ours.model.layers[0].self_attn.q_proj.weight
         assert not torch.equal(q_weight, base_weights["model.layers.0.self_attn.q_proj.weight"])
         assert_close(ours(input_ids), unmerged, atol=1e-5, rtol=1e-5)
-        merge_lora(ours)  # merging twice must not add the update twice
+        merge_adapters(ours)  # merging twice must not add the update twice
         assert_close(ours(input_ids), unmerged, atol=1e-5, rtol=1e-5)
-        unmerge_lora(ours)
+        unmerge_adapters(ours)
         assert_close(ours(input_ids), unmerged, atol=1e-5, rtol=1e-5)
     state = ours.state_dict()
     for key, value in base_weights.items():
@@ -278,7 +278,7 @@ def test_unload_leaves_plain_linears_with_the_update_merged(ours, input_ids):
     randomize_lora_B(ours)
     with torch.no_grad():
         expected = ours(input_ids)
-        unload_lora(ours)
+        unload_adapters(ours)
         assert type(ours.model.layers[0].self_attn.q_proj) is Linear and not lora_layers(ours)
         assert_close(ours(input_ids), expected, atol=1e-5, rtol=1e-5)
 
@@ -306,7 +306,7 @@ def test_peft_loads_what_we_save(ours, hf_model, input_ids, tmp_path, config):
     assert set(written) <= peft_keys, set(written) - peft_keys
     assert written["peft_type"] == "LORA" and written["base_model_name_or_path"] == "tiny-llama"
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert set(tensors) == {"base_model.model." + k for k in lora_state_dict(ours)}
+    assert set(tensors) == {"base_model.model." + k for k in adapter_state_dict(ours)}
 
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path).eval()
     assert peft_wrapped(peft_model) == wrapped(ours)
@@ -478,6 +478,6 @@ def test_missing_or_corrupt_adapter_files_name_the_file(ours, tmp_path):
 def test_save_refuses_merged_adapters(ours, tmp_path):
     config = LoraConfig()
     apply_lora(ours, config)
-    merge_lora(ours)
-    with pytest.raises(FinegrainError, match="unmerge_lora"):
+    merge_adapters(ours)
+    with pytest.raises(FinegrainError, match="unmerge_adapters"):
         save_adapter(ours, config, tmp_path, base_model_name_or_path="tiny-llama")

@@ -245,7 +245,7 @@ def test_adapters_a_shared_base_cannot_hold_are_refused(runs, tmp_path):
 
 
 def test_every_adapter_costs_only_its_own_tensors(runs):
-    from finegrain.peft import read_adapter
+    from finegrain.peft import LoraLinear, adapter_state_dict, lora_layers, read_adapter
     from finegrain.serve.models import ModelRegistry
 
     registry = ModelRegistry(list(runs.items()))  # classification, NER, regression, relation, QA, instruct
@@ -254,17 +254,18 @@ def test_every_adapter_costs_only_its_own_tensors(runs):
     assert registry.runs["assistant"].model is None  # a generative run: the base with its LoRA generates
     served = [run for run in registry.runs.values() if run.model is not None]
     assert all(run.base is base for run in served)  # one copy of the base
-    def frozen(module):  # the base weight, under the adapter switch where a run adapts this layer
-        return getattr(module, "base", module).weight
-
-    shared = frozen(base.llama.model.layers[0].mlp.up_proj)
+    shared = base.llama.model.layers[-1].mlp.up_proj  # the runs adapt the last layer (serve_helpers)
+    assert isinstance(shared, LoraLinear)  # the layer training wraps, holding every run's adapter by name
     for run in served:
-        assert frozen(run.model.model.layers[0].mlp.up_proj).data_ptr() == shared.data_ptr()
+        assert run.model.model.layers[-1].mlp.up_proj is shared
         _, tensors = read_adapter(run.run_dir / "adapter")  # LoRA pairs and the whole head modules
         assert run.adapter_bytes == sum(t.nbytes for t in tensors.values())
+    assert set(shared.adapters) == set(registry.runs)  # every run adapts all its linear layers
+    # Nothing is switched on until a batch asks: the parameters below are the base's and the heads'.
+    assert base.active is None and not adapter_state_dict(base.llama)
     tensors = {id(t): t for m in (base.llama, *(run.model for run in served)) for t in m.parameters()}
     held = sum(t.nbytes for t in tensors.values()) + sum(
-        A.nbytes + B.nbytes for m in base.llama.modules() for A, B, _ in getattr(m, "adapters", {}).values()
+        a.lora_A.weight.nbytes + a.lora_B.weight.nbytes for layer in lora_layers(base.llama).values() for a in layer.adapters.values()
     )
     assert held == base.num_bytes + sum(run.adapter_bytes for run in registry.runs.values())
     topic = registry.runs["topic"]
@@ -272,8 +273,11 @@ def test_every_adapter_costs_only_its_own_tensors(runs):
           f"({100 * topic.adapter_bytes / base.num_bytes:.1f}% of the base)")
     # Only the relation run, whose markers are tokens of its own, holds a tokenizer of its own.
     assert [run.name for run in served if run.own_tokenizer is not None] == ["semeval"]
-    # The bank leaves no adapter switched on between batches.
-    assert base.bank.active.name is None
+    # A batch switches every adapted layer of the base to its run's adapter, or to none.
+    with base.use("topic"):
+        assert shared.active_adapter == "topic" and base.active == "topic"
+    with base.use(None):
+        assert all(layer.active_adapter is None for layer in base.layers)
 
 
 def test_generate_and_chat(client, server, tiny_model_dir):

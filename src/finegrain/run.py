@@ -1,4 +1,4 @@
-"""A run end to end: data, model, LoRA, training, test evaluation, reports; and using the result.
+"""A run end to end: data, model, adapter, training, test evaluation, reports; and using the result.
 
 What the run directory holds, and the names of its files, is `finegrain.rundir`'s.
 """
@@ -21,7 +21,7 @@ from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
-from finegrain.peft import LoraConfig, apply_lora, load_adapter, save_adapter
+from finegrain.peft import inject, load_adapter, method_config, save_adapter
 from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
@@ -31,18 +31,20 @@ from finegrain.train.trainer import Trainer, seed_everything
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
 
 
-def adapted_layers(layers: list[int] | None, num_layers: int) -> list[int] | None:
-    """Layer indices with negatives counted from the top (-1 is the last kept layer)."""
+def adapted_layers(layers: list[int] | None, num_layers: int, section: str = "lora") -> list[int] | None:
+    """Layer indices with negatives counted from the top (-1 is the last kept layer); `section` names
+    the run-config section they come from in the error."""
     if layers is None:
         return None
     resolved = sorted({i + num_layers if i < 0 else i for i in layers})
     if resolved and not (0 <= resolved[0] and resolved[-1] < num_layers):
-        raise FinegrainError(f"lora.layers: {layers} is outside the model's {num_layers} layers")
+        raise FinegrainError(f"{section}.layers: {layers} is outside the model's {num_layers} layers")
     return resolved
 
 
-def build(config: RunConfig, labels: list, progress: bool = True, with_lora: bool = True, loaded=None):
-    """The base model cut and configured for the run, the task, the task model (with fresh LoRA).
+def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: bool = True, loaded=None):
+    """The base model cut and configured for the run, the task, the task model (with a fresh adapter
+    of `peft.method`, unless not `with_adapter`), and the adapter's config.
 
     `loaded`: the (model, tokenizer) pair already read for this config (the recipe's probe reads it).
     """
@@ -60,16 +62,15 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_lora: boo
     model = task.build_model(llama, tokenizer)
     if config.model.dtype != "float32":
         _heads_take_any_dtype(model, task.head_modules)
-    lora = LoraConfig(
-        r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-        targets=config.lora.targets, use_rslora=config.lora.rslora,
-        layers=adapted_layers(config.lora.layers, len(backbone.layers)), modules_to_save=list(task.head_modules),
-    )
-    if with_lora:
-        apply_lora(model, lora)
+    method = config.peft.method
+    section = getattr(config, method)  # the method's options: the run-config section named after it
+    layers = adapted_layers(section.layers, len(backbone.layers), method)
+    adapter = method_config(method, section, layers, list(task.head_modules))
+    if with_adapter:
+        inject(model, adapter)
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
-    return model, tokenizer, task, lora
+    return model, tokenizer, task, adapter
 
 
 def _heads_take_any_dtype(model, head_modules) -> None:
@@ -205,7 +206,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
-    model, tokenizer, task, lora = build(config, splits.labels, progress, loaded=loaded)
+    model, tokenizer, task, adapter = build(config, splits.labels, progress, loaded=loaded)
     pad_id = tokenizer.pad_token_id
     max_length = config.data.max_length
     train_items = task.encode(tokenizer, splits.train, max_length)
@@ -224,7 +225,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
     save_adapter(
-        model, lora, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
+        model, adapter, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
         modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
     )
 
@@ -282,7 +283,7 @@ class Predictor:
         run_dir = Path(run_dir)
         self.config = rundir.read_config(run_dir)
         rundir.require_adapter(run_dir)
-        self.model, self.tokenizer, self.task, _ = build(self.config, rundir.read_labels(run_dir), progress, with_lora=False)
+        self.model, self.tokenizer, self.task, _ = build(self.config, rundir.read_labels(run_dir), progress, with_adapter=False)
         load_adapter(self.model, rundir.adapter_dir(run_dir))
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)

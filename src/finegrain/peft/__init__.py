@@ -1,32 +1,47 @@
-"""Parameter-efficient fine-tuning: adapters injected into a built model by replacing its linear layers."""
+"""Parameter-efficient fine-tuning: adapters injected into a built model by replacing its linear layers.
+
+`base` is method-neutral (the METHODS table, inject, named adapters, PEFT's files); each method is
+one file (`lora`).
+"""
 
 from finegrain.peft.base import (
+    DEFAULT_ADAPTER,
     METHODS,
+    adapter_layers,
+    adapter_state_dict,
     apply_lora,
+    inject,
     load_adapter,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
+    load_tensors,
+    merge_adapters,
+    method_config,
     read_adapter,
     save_adapter,
+    set_adapter,
     trainable_parameters,
-    unload_lora,
-    unmerge_lora,
+    unload_adapters,
+    unmerge_adapters,
 )
-from finegrain.peft.lora import LoraConfig, LoraLinear
+from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
 
 __all__ = [
+    "DEFAULT_ADAPTER",
     "METHODS",
     "LoraConfig",
     "LoraLinear",
+    "adapter_layers",
+    "adapter_state_dict",
     "apply_lora",
+    "inject",
     "load_adapter",
+    "load_tensors",
     "lora_layers",
-    "lora_state_dict",
-    "merge_lora",
+    "merge_adapters",
+    "method_config",
     "read_adapter",
     "save_adapter",
+    "set_adapter",
     "trainable_parameters",
-    "unload_lora",
-    "unmerge_lora",
+    "unload_adapters",
+    "unmerge_adapters",
 ]

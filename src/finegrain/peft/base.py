@@ -1,4 +1,12 @@
-"""Inject adapters into a built model, merge them, and read and write them in PEFT's file format.
+"""The method-neutral adapter layer: inject any method of `METHODS`, switch named adapters, and
+read and write adapters in PEFT's file format.
+
+A method is one file (`lora.py`) whose config class is its entry in `METHODS`: the config holds
+the method's options and reads and writes its keys of `adapter_config.json`; its `layer` wraps a
+targeted `nn.Linear` and holds named adapters, one of them active (PEFT's `set_adapter`); the
+layer's `adapter_keys` are the state-dict names of the active adapter's tensors, which are also
+the parameters that train. Everything else here (which modules a config targets, freezing,
+`modules_to_save`, the files) is the same for every method.
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, exactly as
 `peft.PeftModel.save_pretrained` writes them, so `PeftModel.from_pretrained` loads what we save
@@ -7,7 +15,7 @@ model behind a `base_model.model.` prefix: `base_model.model.model.layers.0.self
 a module in `modules_to_save` (a classification head `score`) is saved whole as `base_model.model.score.weight`.
 
 The weights file also carries a sha256 of its tensors in its metadata (`finegrain_sha256`, which
-PEFT ignores); every read checks it, and refuses NaN, infinities and ranks that do not fit the config.
+PEFT ignores); every read checks it, and refuses NaN, infinities and tensors that do not fit the config.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import os
 import pickle
 import re
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar, Protocol
 
 import safetensors.torch
 import torch
@@ -28,8 +37,7 @@ from torch import nn
 
 from finegrain.atomic import atomic_path, atomic_write_text, fault_point
 from finegrain.errors import FinegrainError
-from finegrain.model.linear import Linear
-from finegrain.peft.lora import LoraConfig, LoraLinear
+from finegrain.peft.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,60 +46,126 @@ PEFT_PREFIX = "base_model.model."
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
 _LAYER_INDEX = re.compile(r"(?:^|.*?\.)layers\.(\d+)\.")
 DIGEST_KEY = "finegrain_sha256"  # safetensors metadata: `tensors_digest` of the file's tensors
+DEFAULT_ADAPTER = "default"  # the adapter a training run injects and saves, as in PEFT
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+
+
+class AdapterLayer(Protocol):
+    """What this module asks of a method's layer (`LoraLinear`)."""
+
+    adapter_keys: ClassVar[tuple[str, ...]]  # state-dict names of the active adapter's tensors in the layer
+    adapters: dict[str, Any]  # by name
+    active_adapter: str | None
+    merged: bool
+
+    def add_adapter(self, name: str, **options: Any) -> None: ...
+    def set_adapter(self, name: str | None) -> None: ...
+    def merge(self) -> None: ...
+    def unmerge(self) -> None: ...
+    def base_layer(self) -> nn.Linear: ...
+
+
+class AdapterConfig(Protocol):
+    """What this module asks of a method's config class, the method's entry in `METHODS`."""
+
+    name: ClassVar[str]  # its key in METHODS and its section of the run config
+    peft_type: ClassVar[str]  # its name in PEFT's adapter_config.json
+    layer: ClassVar[type[AdapterLayer]]
+    targets: tuple[str, ...] | str
+    layers: list[int] | None
+    modules_to_save: list[str] | None
+
+    def adapter_options(self) -> dict[str, Any]: ...  # the keyword arguments of `layer.add_adapter`
+    @classmethod
+    def from_section(cls, section: Any, layers: list[int] | None, modules_to_save: list[str]) -> AdapterConfig: ...
+    def to_peft(self) -> dict[str, Any]: ...
+    @classmethod
+    def from_peft(
+        cls, raw: dict[str, Any], path: Path, targets: Any, layers: list[int] | None, modules_to_save: list[str] | None
+    ) -> AdapterConfig: ...
+    def check_tensors(self, tensors: dict[str, torch.Tensor], path: Path, config_name: str, fix: str) -> None: ...
+
+
+# Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
+METHODS: dict[str, type[AdapterConfig]] = {"lora": LoraConfig}
+ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values())
+
+
+def method_config(method: str, section: Any, layers: list[int] | None, modules_to_save: list[str]) -> AdapterConfig:
+    """The adapter config of a run: `method` (`peft.method`) with the options of its run-config `section`.
+
+    Raises:
+        FinegrainError: `method` is not in METHODS.
+    """
+    if method not in METHODS:
+        raise FinegrainError(f"peft.method: '{method}' is unknown; use one of {', '.join(METHODS)}")
+    return METHODS[method].from_section(section, layers=layers, modules_to_save=modules_to_save)
 
 
 # ---------------------------------------------------------------------------------------------- inject
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Replace the targeted `nn.Linear` children of `model` by `LoraLinear`, in place.
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Give the linear layers `config` targets an adapter `adapter_name`, the only active one, in place.
 
-    Every parameter except the adapters (and the modules in `config.modules_to_save`) is frozen.
+    A targeted `nn.Linear` is replaced by the method's layer; one that already holds adapters of the
+    method (another run's, on a server's shared base) gets one more. Every parameter except the new
+    adapter's (and the modules in `config.modules_to_save`) is frozen.
 
     Args:
         model: a built model with Hugging Face module names, such as `finegrain.model.llama.Llama`.
-        config: what to adapt.
+        config: what to adapt, and how (any method of METHODS).
+        adapter_name: the adapter's name; "default" for training.
 
     Returns:
         The same model, for chaining.
 
     Raises:
-        FinegrainError: a target or a layer index matches no linear layer; the model already has adapters.
+        FinegrainError: a target or a layer index matches no linear layer; the model already has
+            an adapter of that name.
     """
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise FinegrainError("lora: the model already has LoRA adapters; apply_lora or load_adapter only once")
-    names = _target_names(model, config)
-    for name in names:
+    layers = adapter_layers(model)
+    if any(adapter_name in layer.adapters for layer in layers.values()):
+        raise FinegrainError(
+            f"{config.name}: the model already has an adapter named '{adapter_name}'; inject or load_adapter once per name"
+        )
+    set_adapter(layers.values(), None)
+    for name in _target_names(model, config):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
-        wrapped = LoraLinear.from_linear(
-            linear,
-            r=config.r,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=config.init,
-        )
-        setattr(parent, child_name, wrapped)
+        module = getattr(parent, child_name)
+        if isinstance(module, config.layer):
+            module.add_adapter(adapter_name, **config.adapter_options())
+            module.set_adapter(adapter_name)
+        elif isinstance(module, ADAPTER_LAYERS):
+            raise FinegrainError(f"{config.name}: '{name}' already holds adapters of another method; one method per layer")
+        else:
+            setattr(parent, child_name, config.layer.from_linear(module, adapter_name, **config.adapter_options()))
+    trained = set(adapter_state_dict(model))
     for param_name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in f".{param_name}" or ".lora_B." in f".{param_name}")
+        param.requires_grad_(param_name in trained)
     for name in _modules_to_save_names(model, config.modules_to_save):
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
     return model
 
 
-def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+apply_lora = inject  # the name finegrain's callers knew before methods were pluggable; any method works
+
+
+def _target_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Paths of the linear layers `config` selects, in module order; FinegrainError when a target has none."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, *ADAPTER_LAYERS))]
     layer_of = {name: _layer_index(name) for name in linears}
+    key = config.name
     if config.layers is not None:
         present = sorted({i for i in layer_of.values() if i is not None})
         missing = [i for i in config.layers if i not in present]
         if missing:
             span = f"0-{present[-1]}" if present else "none"
-            raise FinegrainError(f"lora.layers: {missing} not in the model (its layers are {span})")
+            raise FinegrainError(f"{key}.layers: {missing} not in the model (its layers are {span})")
     saved = _modules_to_save_names(model, config.modules_to_save)
 
     def selectable(name: str) -> bool:
@@ -105,14 +179,13 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.targets == "all-linear":
         chosen = [n for n in linears if layer_of[n] is not None and selectable(n)]
         if not chosen:
-            raise FinegrainError("lora.targets: 'all-linear' found no linear layer inside the decoder layers")
+            raise FinegrainError(f"{key}.targets: 'all-linear' found no linear layer inside the decoder layers")
         return chosen
     if isinstance(config.targets, str):
         chosen = [n for n in linears if re.fullmatch(config.targets, n) and selectable(n)]
         if not chosen:
             raise FinegrainError(
-                f"lora.targets: pattern '{config.targets}' matches no linear layer; "
-                f"valid module names are {valid_names()}"
+                f"{key}.targets: pattern '{config.targets}' matches no linear layer; valid module names are {valid_names()}"
             )
         return chosen
     chosen = []
@@ -120,12 +193,12 @@ def _target_names(model: nn.Module, config: LoraConfig) -> list[str]:
         matches = [n for n in linears if n == target or n.endswith("." + target)]
         if not matches:
             raise FinegrainError(
-                f"lora.targets: unknown target '{target}'; valid module names are {valid_names()} (or 'all-linear')"
+                f"{key}.targets: unknown target '{target}'; valid module names are {valid_names()} (or 'all-linear')"
             )
         # An exact path is taken as is, like PEFT does; a name is subject to `layers`.
         chosen += [n for n in matches if n == target or selectable(n)]
     if not chosen:
-        raise FinegrainError(f"lora.targets: {list(config.targets)} match no linear layer in layers {config.layers}")
+        raise FinegrainError(f"{key}.targets: {list(config.targets)} match no linear layer in layers {config.layers}")
     return [n for n in linears if n in set(chosen)]
 
 
@@ -145,47 +218,52 @@ def _modules_to_save_names(model: nn.Module, modules_to_save: list[str] | None) 
     ]
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """The `LoraLinear` modules of `model` by path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapter-holding layers of `model`, of every method, by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Add every adapter into its base weight (faster inference); `unmerge_lora` undoes it."""
-    for layer in lora_layers(model).values():
+def set_adapter(layers: Iterable[AdapterLayer], name: str | None) -> None:
+    """Make adapter `name` the active one of each layer that holds it; the others run bare, as in
+    PEFT, where a layer without the active adapter skips it. None: every layer runs bare.
+
+    Takes the layers, not the model, so that a server switching per batch walks its list once
+    instead of every module of the model."""
+    for layer in layers:
+        layer.set_adapter(name if name in layer.adapters else None)
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Add every active adapter into its base weight (faster inference); `unmerge_adapters` undoes it."""
+    for layer in adapter_layers(model).values():
         layer.merge()
     return model
 
 
-def unmerge_lora(model: nn.Module) -> nn.Module:
+def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter from its base weight again."""
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.unmerge()
     return model
 
 
-def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every `LoraLinear` by a plain `Linear`, with the adapter merged in (or dropped if not `merge`)."""
-    for name, layer in lora_layers(model).items():
+def unload_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every adapter layer by a plain `Linear`, with its active adapter merged in (or dropped if not `merge`)."""
+    for name, layer in adapter_layers(model).items():
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = layer.weight
-        linear.bias = layer.bias
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, linear)
+        setattr(model.get_submodule(parent_name), child_name, layer.base_layer())
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights (`...lora_A.weight`, `...lora_B.weight`), under the model's own keys."""
-    return {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
-    }
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the active adapters' tensors (`...lora_A.weight`, `...lora_B.weight`), under the model's own keys."""
+    state = model.state_dict()
+    keys = [f"{path}.{key}" for path, layer in adapter_layers(model).items() for key in layer.adapter_keys]
+    return {key: state[key] for key in keys if key in state}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -197,27 +275,23 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-# Adapter methods by name: the config class and the function that injects it. DoRA, IA3 go here.
-METHODS: dict[str, tuple[type, Callable[[nn.Module, Any], nn.Module]]] = {"lora": (LoraConfig, apply_lora)}
-
-
 # ---------------------------------------------------------------------------------------------- PEFT files
 
 
 def save_adapter(
     model: nn.Module,
-    config: LoraConfig,
+    config: AdapterConfig,
     directory: str | os.PathLike,
     base_model_name_or_path: str,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     modules_to_save: list[str] | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write the adapter of `model` as a PEFT adapter directory.
+    """Write the active adapter of `model` as a PEFT adapter directory.
 
     Args:
-        model: a model that went through `apply_lora(model, config)`.
-        config: the config it was applied with.
+        model: a model that went through `inject(model, config)`.
+        config: the config it was injected with.
         directory: created if missing; existing adapter files are replaced atomically.
         base_model_name_or_path: the Hugging Face id or path of the base model, for `PeftModel`.
         extra_tensors: tensors of modules that live outside `model` but belong in the adapter,
@@ -233,14 +307,14 @@ def save_adapter(
     """
     if task_type is not None and task_type not in TASK_TYPES:
         raise FinegrainError(f"save_adapter: task_type '{task_type}' is unknown; use one of {', '.join(TASK_TYPES)}")
-    adapted = lora_layers(model)
+    adapted = [name for name, layer in adapter_layers(model).items() if layer.active_adapter is not None]
     if not adapted:
-        raise FinegrainError("save_adapter: the model has no LoRA adapters; call apply_lora first")
-    if any(layer.merged for layer in adapted.values()):
-        raise FinegrainError("save_adapter: adapters are merged into the base weights; call unmerge_lora first")
+        raise FinegrainError("save_adapter: the model has no active adapter; inject one first (apply_lora)")
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise FinegrainError("save_adapter: adapters are merged into the base weights; call unmerge_adapters first")
     saved_modules = list(dict.fromkeys([*(config.modules_to_save or []), *(modules_to_save or [])]))
 
-    tensors = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model).items()}
     state = model.state_dict()
     for name in _modules_to_save_names(model, config.modules_to_save):
         tensors.update({PEFT_PREFIX + k: v for k, v in state.items() if k.startswith(name + ".")})
@@ -249,34 +323,20 @@ def save_adapter(
     # safetensors refuses views of shared storage; an adapter is small, so copy.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
-    target_modules, layers_to_transform = _targets_for_file(model, config, list(adapted))
+    target_modules, layers_to_transform = _targets_for_file(model, config, adapted)
     peft_config = {
-        # The keys PEFT's LoraConfig has had since 0.10; newer versions fill in the rest with defaults,
-        # while older ones fail on keys they do not know, so fewer keys load in more places.
-        "alpha_pattern": {},
+        # The keys PEFT's PeftConfig and its target selection share; the method adds its own.
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "fan_in_fan_out": False,
         "inference_mode": True,
-        "init_lora_weights": True if config.init == "default" else config.init,
-        "layer_replication": None,
         "layers_pattern": None,
         "layers_to_transform": layers_to_transform,
-        "loftq_config": {},
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
         "modules_to_save": saved_modules or None,
-        "peft_type": "LORA",
-        "r": config.r,
-        "rank_pattern": {},
+        "peft_type": config.peft_type,
         "revision": None,
         "target_modules": target_modules,
         "task_type": task_type,
-        "use_dora": False,
-        "use_rslora": config.use_rslora,
+        **config.to_peft(),
     }
     # File by file rather than the whole directory, which may hold other files (a tokenizer, a
     # training state); weights first, so a config on disk never describes weights not yet there.
@@ -288,7 +348,7 @@ def save_adapter(
     return directory
 
 
-def _targets_for_file(model: nn.Module, config: LoraConfig, adapted: list[str]) -> tuple[list[str], list[int] | None]:
+def _targets_for_file(model: nn.Module, config: AdapterConfig, adapted: list[str]) -> tuple[list[str], list[int] | None]:
     """`target_modules` and `layers_to_transform` that make PEFT wrap exactly the `adapted` modules.
 
     Short names (`q_proj`) plus layer indices when they pick out exactly that set, as a person
@@ -299,7 +359,7 @@ def _targets_for_file(model: nn.Module, config: LoraConfig, adapted: list[str]) 
     candidates = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, LoraLinear))
+        if isinstance(m, (nn.Linear, *ADAPTER_LAYERS))
         and name.rsplit(".", 1)[-1] in short
         and (layers is None or _layer_index(name) in layers)
     ]
@@ -308,8 +368,8 @@ def _targets_for_file(model: nn.Module, config: LoraConfig, adapted: list[str]) 
     return sorted(adapted), None
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read a PEFT LoRA adapter directory without touching a model.
+def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory of any method in METHODS without touching a model.
 
     Returns:
         The config, and the tensors under the model's keys with PEFT's `base_model.model.` prefix
@@ -344,7 +404,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         raise FinegrainError(f"{weights_path}: cannot be read ({exc}); it is corrupt: {fix}") from None
     check_weights(weights_path, tensors, digest, fix)
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
-    _check_ranks(weights_path, tensors, config.r, fix)
+    config.check_tensors(tensors, weights_path, CONFIG_NAME, fix)
     return config, tensors
 
 
@@ -354,7 +414,7 @@ def verify_adapter(directory: str | os.PathLike) -> None:
     `read_adapter` (and so `load_adapter` and the server) runs the same checks on every load:
     the file reads; its tensors match the checksum written with them (adapters saved before
     finegrain wrote one are not checked against it); no tensor holds NaN or an infinity; each
-    LoRA matrix has the rank `adapter_config.json` gives.
+    tensor fits `adapter_config.json` (a LoRA matrix has its rank).
 
     Raises:
         FinegrainError: one line naming the file and how to get a good one back.
@@ -370,79 +430,64 @@ def _adapter_fix(directory: str | os.PathLike) -> str:
     return "save or copy the adapter again"
 
 
-def _check_ranks(path: Path, tensors: dict[str, torch.Tensor], r: int, fix: str) -> None:
-    """Each lora_A is (r, in) and each lora_B (out, r), as the config says."""
-    for key, tensor in tensors.items():
-        axis = 0 if key.endswith(".lora_A.weight") else 1 if key.endswith(".lora_B.weight") else None
-        if axis is not None and (tensor.dim() != 2 or tensor.shape[axis] != r):
-            raise FinegrainError(
-                f"{path}: '{key}' has shape {tuple(tensor.shape)}, which does not fit r={r} of {CONFIG_NAME}; {fix}"
-            )
-
-
-def _config_from_peft(raw: dict[str, Any], path: Path) -> LoraConfig:
-    """Our LoraConfig from the dict of a PEFT `adapter_config.json`."""
-    if raw.get("peft_type") != "LORA":
-        kind = raw.get("peft_type")
-        raise FinegrainError(f"{path}: peft_type {kind!r} is not supported; finegrain loads LORA adapters")
-    unsupported = {
-        "use_dora": False,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "exclude_modules": None,
-        "layer_replication": None,
-        "lora_bias": False,
-        "target_parameters": None,
-        "trainable_token_indices": None,
-    }
-    for key, default in unsupported.items():
-        value = raw.get(key, default)
-        if value not in (default, None) and value != {}:
-            raise FinegrainError(f"{path}: {key}={value!r} is not supported by finegrain; train with {key}={default!r}")
+def _config_from_peft(raw: dict[str, Any], path: Path) -> AdapterConfig:
+    """The config of a PEFT `adapter_config.json` (`raw`): the method by `peft_type`, the keys every
+    method shares (target selection) read here, the method's own by its `from_peft`."""
+    methods = {method.peft_type: method for method in METHODS.values()}
+    kind = raw.get("peft_type")
+    if kind not in methods:
+        raise FinegrainError(f"{path}: peft_type {kind!r} is not supported; finegrain loads {', '.join(methods)} adapters")
     pattern = raw.get("layers_pattern")
     if pattern not in (None, "", [], "layers", ["layers"]):
         raise FinegrainError(f"{path}: layers_pattern={pattern!r} is not supported; finegrain's layers are 'layers'")
-    if "r" not in raw or "target_modules" not in raw:
-        missing = "r" if "r" not in raw else "target_modules"
-        raise FinegrainError(f"{path}: key '{missing}' is missing; save the adapter again")
+    if "target_modules" not in raw:
+        raise FinegrainError(f"{path}: key 'target_modules' is missing; save the adapter again")
     layers = raw.get("layers_to_transform")
-    init = raw.get("init_lora_weights", True)
-    try:
-        return LoraConfig(
-            r=raw["r"],
-            alpha=raw.get("lora_alpha", 8),
-            dropout=raw.get("lora_dropout", 0.0),
-            targets=raw["target_modules"],
-            use_rslora=raw.get("use_rslora", False),
-            # PEFT applies layers_to_transform only to a list of target names, not to a regex.
-            layers=None if isinstance(raw["target_modules"], str) or layers in (None, []) else layers,
-            init="gaussian" if init == "gaussian" else "default",
-            modules_to_save=raw.get("modules_to_save"),
-        )
-    except FinegrainError as exc:
-        raise FinegrainError(f"{path}: {exc}") from None
+    return methods[kind].from_peft(
+        raw,
+        path,
+        targets=raw["target_modules"],
+        # PEFT applies layers_to_transform only to a list of target names, not to a regex.
+        layers=None if isinstance(raw["target_modules"], str) or layers in (None, []) else layers,
+        modules_to_save=raw.get("modules_to_save"),
+    )
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> LoraConfig:
-    """Apply the adapter in a PEFT directory to `model` and load its weights.
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, strict: bool = True, adapter_name: str = DEFAULT_ADAPTER
+) -> AdapterConfig:
+    """Inject the adapter in a PEFT directory into `model` as `adapter_name` and load its weights.
 
     Args:
-        model: the base model, without adapters.
+        model: the base model; it may hold other adapters already (a server's shared base).
         directory: written by `save_adapter` or by `peft`'s `save_pretrained`.
         strict: when True, a tensor the model has no place for is an error; when False it is
             skipped (a head outside `model`: take it from `read_adapter`).
+        adapter_name: the name to load it under; it becomes the active adapter.
 
     Returns:
         The adapter's config.
     """
     config, tensors = read_adapter(directory)
-    weights = Path(directory) / WEIGHTS_NAME
+    load_tensors(model, config, tensors, Path(directory), strict, adapter_name)
+    return config
+
+
+def load_tensors(
+    model: nn.Module,
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    directory: Path,
+    strict: bool = True,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> None:
+    """`load_adapter` once the directory is read (`read_adapter`): inject `config` as `adapter_name`
+    and copy `tensors` (the model's keys) into it and into the modules it saves whole."""
+    weights = directory / WEIGHTS_NAME
     try:
-        apply_lora(model, config)
+        inject(model, config, adapter_name)
     except FinegrainError as exc:
-        raise FinegrainError(f"{Path(directory) / CONFIG_NAME}: does not fit this model: {exc}") from None
+        raise FinegrainError(f"{directory / CONFIG_NAME}: does not fit this model: {exc}") from None
     own = model.state_dict()
     unexpected = [k for k in tensors if k not in own]
     if unexpected and strict:
@@ -451,7 +496,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             "is this the adapter of another model?"
         )
     loadable = {k: v for k, v in tensors.items() if k in own}
-    missing = [k for k in lora_state_dict(model) if k not in loadable]
+    missing = [k for k in adapter_state_dict(model) if k not in loadable]
     if missing:
         raise FinegrainError(f"{weights}: tensor '{missing[0]}' is missing ({len(missing)} in all); save it again")
     for key, tensor in loadable.items():
@@ -461,7 +506,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                 "is this the adapter of another model?"
             )
     model.load_state_dict(loadable, strict=False)
-    return config
 
 
 # ---------------------------------------------------------------------------------------------- checked weights

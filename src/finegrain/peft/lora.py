@@ -1,8 +1,11 @@
 """LoRA: a frozen linear layer plus a trainable low-rank update, y = x W^T + b + (x A^T B^T) * scaling.
 
-`LoraLinear` keeps the base `weight` (and `bias`) as its own parameters, so the state_dict key of a
-wrapped `q_proj` is still `...q_proj.weight` and base checkpoints load with no key map; the adapter
-adds `...q_proj.lora_A.weight` (r, in) and `...q_proj.lora_B.weight` (out, r), the names PEFT uses.
+The method's entry in `finegrain.peft.METHODS` is `LoraConfig`: its options, how it reads and
+writes its part of PEFT's `adapter_config.json`, and `LoraLinear`, the layer that wraps an
+`nn.Linear`. `LoraLinear` keeps the base `weight` (and `bias`) as its own parameters, so the
+state_dict key of a wrapped `q_proj` is still `...q_proj.weight` and base checkpoints load with no
+key map; its active adapter adds `...q_proj.lora_A.weight` (r, in) and `...q_proj.lora_B.weight`
+(out, r), the names PEFT's files use.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,178 +22,172 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model import fused
-from finegrain.model.linear import linear, matmul_t
+from finegrain.model.linear import Linear, linear, matmul_t
 
 INITS = ("default", "gaussian")
 
 
 @dataclass
-class LoraConfig:
-    """What to adapt and how.
+class LoraAdapter:
+    """One named adapter of a `LoraLinear`: A (r, in), B (out, r), its scaling and input dropout.
 
-    Args:
-        r: rank of the update.
-        alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).
-        dropout: dropout on the adapter's input only; the base path never sees it.
-        targets: module names to wrap, matched like PEFT's `target_modules`: a name matches a
-            module whose path is that name or ends with `.name` (`"q_proj"`, or a full path
-            `"model.layers.0.self_attn.q_proj"`); `"all-linear"` means every linear layer inside
-            the decoder layers (never `lm_head`); any other single string is a regular expression
-            that must match the whole module path, as in PEFT.
-        use_rslora: rank-stabilised scaling alpha / sqrt(r), which keeps high ranks trainable.
-        layers: decoder layer indices to adapt (PEFT's `layers_to_transform`); None for all.
-        init: "default" (A Kaiming-uniform as in `nn.Linear`, B zeros, so the model starts unchanged)
-            or "gaussian" (A normal with std 1/r, B zeros).
-        modules_to_save: modules trained in full next to the adapter and saved with it, such as a
-            classification head `"score"` (PEFT's `modules_to_save`).
+    A plain record, not a module: only the active adapter's `lora_A` and `lora_B` are children of
+    the layer (see `LoraLinear`).
     """
 
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    targets: tuple[str, ...] | list[str] | str = ("q_proj", "v_proj")
-    use_rslora: bool = False
-    layers: list[int] | None = None
-    init: str = "default"
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise FinegrainError(f"lora.r: must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise FinegrainError(f"lora.alpha: must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FinegrainError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise FinegrainError(f"lora.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
-        if isinstance(self.targets, str):
-            # A bare module name is one target, not a regular expression that would have to match a whole path.
-            if self.targets != "all-linear" and re.fullmatch(r"\w+", self.targets):
-                self.targets = (self.targets,)
-            elif self.targets != "all-linear":
-                try:
-                    re.compile(self.targets)
-                except re.error as exc:
-                    raise FinegrainError(f"lora.targets: '{self.targets}' is not a valid regular expression ({exc})")
-        else:
-            self.targets = tuple(self.targets)
-            if not self.targets:
-                raise FinegrainError("lora.targets: empty; name modules such as q_proj, v_proj, or use 'all-linear'")
-        if self.layers is not None:
-            if isinstance(self.layers, int):
-                self.layers = [self.layers]
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
-                raise FinegrainError(f"lora.layers: must be a list of layer indices >= 0, got {self.layers!r}")
-            self.layers = sorted(set(self.layers))
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    scaling: float
+    dropout: float  # probability, applied in training only
 
 
 class LoraLinear(nn.Module):
-    """A linear layer with a frozen `weight`/`bias` and a trainable low-rank update.
+    """A linear layer with a frozen `weight`/`bias` and named low-rank updates, one of them active.
+
+    As with PEFT's `set_adapter`, a layer holds any number of adapters by name and applies the
+    active one (or none: the bare base layer). Training gives each layer one adapter, "default";
+    a server loads one per run onto a shared base and switches per batch. Only the active adapter's
+    `lora_A` and `lora_B` are children of the layer, so `state_dict()`, `parameters()` and
+    checkpoints hold exactly the adapter in use under the names of PEFT's files
+    (`q_proj.lora_A.weight`, whatever the adapter is called); the others are plain attributes in
+    `adapters` until they are made active, which is why adapters are added after the model is on
+    its device and dtype.
 
     Args:
         in_features, out_features, bias: as in `nn.Linear`.
-        r, alpha, dropout, use_rslora, init: see `LoraConfig`.
-        dtype, device: of the base weight. The adapter is kept in float32 when the base is half
+        dtype, device: of the base weight. An adapter is kept in float32 when the base is half
             precision, as PEFT does, because tiny updates to A and B vanish in bfloat16.
     """
+
+    # The state-dict names of the active adapter's tensors inside the layer (`finegrain.peft.base`).
+    adapter_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
         bias: bool = False,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "default",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.r = r
-        self.alpha = alpha
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.init = init
         weight = torch.empty(out_features, in_features, dtype=dtype, device=device)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
-        adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=adapter_dtype, device=device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=adapter_dtype, device=device)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.active_adapter: str | None = None
+        self.active: LoraAdapter | None = None
+        self.register_module("lora_A", None)
+        self.register_module("lora_B", None)
         self.merged = False
-        self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> "LoraLinear":
-        """Wrap `linear`, sharing its weight and bias tensors (no copy) and freezing them."""
+    def from_linear(cls, linear: nn.Linear, adapter_name: str = "default", **options: Any) -> "LoraLinear":
+        """Wrap `linear`, sharing its weight and bias tensors (no copy) and freezing them, with one
+        adapter `adapter_name` made of `options` (see `add_adapter`), active."""
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             dtype=linear.weight.dtype,
             device=linear.weight.device,
-            **lora_kwargs,
         )
         layer.weight = linear.weight
         layer.weight.requires_grad_(False)
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
+        layer.add_adapter(adapter_name, **options)
+        layer.set_adapter(adapter_name)
         return layer
 
-    def reset_lora_parameters(self) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+    ) -> None:
+        """Add a fresh adapter `name` (B = 0: it starts as a no-op); `set_adapter` makes it active.
+
+        Args:
+            r, alpha, dropout, use_rslora, init: see `LoraConfig`.
+        """
+        if name in self.adapters:
+            raise FinegrainError(f"lora: this layer already has an adapter named '{name}'; give the new one another name")
+        dtype, device = self.weight.dtype, self.weight.device
+        adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        lora_A = nn.Linear(self.in_features, r, bias=False, dtype=adapter_dtype, device=device)
+        lora_B = nn.Linear(r, self.out_features, bias=False, dtype=adapter_dtype, device=device)
         # B = 0 makes the wrapped layer start out exactly equal to the base layer.
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        if init == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / r)
         else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.adapters[name] = LoraAdapter(lora_A, lora_B, scaling, dropout)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make adapter `name` the one forward applies (and state_dict holds); None: the bare base."""
+        if name == self.active_adapter:
+            return
+        if self.merged:
+            raise FinegrainError("lora: the active adapter is merged into the base weight; unmerge it before switching")
+        if name is not None and name not in self.adapters:
+            raise FinegrainError(f"lora: no adapter named '{name}' on this layer; it has {', '.join(self.adapters) or 'none'}")
+        self.active = None if name is None else self.adapters[name]
+        self.lora_A = None if self.active is None else self.active.lora_A
+        self.lora_B = None if self.active is None else self.active.lora_B
+        self.active_adapter = name
+
+    @property
+    def scaling(self) -> float:
+        """The active adapter's alpha / r (alpha / sqrt(r) with rsLoRA)."""
+        return self.active.scaling if self.active is not None else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
-        if self.merged:
+        if self.merged or self.active is None:
             return linear(x, self.weight, self.bias)
-        A, B = self.lora_A.weight, self.lora_B.weight
+        A, B = self.active.lora_A.weight, self.active.lora_B.weight
         autocast = torch.is_autocast_enabled(x.device.type)
+        p = self.active.dropout if self.training else 0.0
         if (autocast or x.dtype == self.weight.dtype == A.dtype) and not self.weight.requires_grad:
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+            scaling = self.active.scaling / (1 - p)
             if not autocast:
-                return LoraMatmul.apply(x, self.weight, self.bias, A, B, self.scaling / (1 - p), keep)
+                return LoraMatmul.apply(x, self.weight, self.bias, A, B, scaling, keep)
             # Every matmul in autocast's dtype, as autocast would run F.linear; A and B stay float32
             # parameters (their gradients come back through the casts).
             dtype = torch.get_autocast_dtype(x.device.type)
             bias = None if self.bias is None else self.bias.to(dtype)
             with torch.autocast(x.device.type, enabled=False):
-                return LoraMatmul.apply(
-                    x.to(dtype), self.weight.to(dtype), bias, A.to(dtype), B.to(dtype), self.scaling / (1 - p), keep
-                )
+                return LoraMatmul.apply(x.to(dtype), self.weight.to(dtype), bias, A.to(dtype), B.to(dtype), scaling, keep)
         # A half-precision base with a float32 adapter: plain autograd.
         # Two thin matmuls, (..., in) -> (..., r) -> (..., out); the (out, in) update is never built.
         y = F.linear(x, self.weight, self.bias)
-        update = self.lora_B(self.lora_A(self.dropout(x).to(A.dtype)))
-        return y + (update * self.scaling).to(y.dtype)
+        dropped = F.dropout(x, p) if p > 0 else x
+        update = F.linear(F.linear(dropped.to(A.dtype), A), B)
+        return y + (update * self.active.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update B @ A * scaling (out, in), in float32."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """The active adapter's update B @ A * scaling (out, in), in float32."""
+        if self.active is None:
+            raise FinegrainError("lora: no adapter is active on this layer; set_adapter first")
+        return (self.active.lora_B.weight.float() @ self.active.lora_A.weight.float()) * self.active.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the update into `weight`, so forward costs one matmul; a no-op when already merged."""
-        if not self.merged:
+        """Add the active update into `weight`, so forward costs one matmul; a no-op when already
+        merged or when no adapter is active."""
+        if not self.merged and self.active is not None:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
@@ -199,11 +198,23 @@ class LoraLinear(nn.Module):
             self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
 
+    def base_layer(self) -> Linear:
+        """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it)."""
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+            f"adapters={list(self.adapters)}, active={self.active_adapter}, scaling={self.scaling:g}, merged={self.merged}"
         )
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The `LoraLinear` modules of `model` by path (`finegrain.peft.adapter_layers` finds every method's)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 class LoraMatmul(torch.autograd.Function):
@@ -270,3 +281,167 @@ def as_bytes(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The bool mask `keep` as 0/1 bytes shaped like `like`: a float tensor times bytes is one
     vectorised pass, where times bools (or `torch.where`) runs 3-5x slower on the CPU."""
     return keep.view(torch.uint8).view_as(like)
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how: LoRA's entry in `finegrain.peft.METHODS`.
+
+    Args:
+        r: rank of the update.
+        alpha: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).
+        dropout: dropout on the adapter's input only; the base path never sees it.
+        targets: module names to wrap, matched like PEFT's `target_modules`: a name matches a
+            module whose path is that name or ends with `.name` (`"q_proj"`, or a full path
+            `"model.layers.0.self_attn.q_proj"`); `"all-linear"` means every linear layer inside
+            the decoder layers (never `lm_head`); any other single string is a regular expression
+            that must match the whole module path, as in PEFT.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r), which keeps high ranks trainable.
+        layers: decoder layer indices to adapt (PEFT's `layers_to_transform`); None for all.
+        init: "default" (A Kaiming-uniform as in `nn.Linear`, B zeros, so the model starts unchanged)
+            or "gaussian" (A normal with std 1/r, B zeros).
+        modules_to_save: modules trained in full next to the adapter and saved with it, such as a
+            classification head `"score"` (PEFT's `modules_to_save`).
+    """
+
+    name: ClassVar[str] = "lora"  # the method's key in METHODS, its run-config section and its errors' prefix
+    peft_type: ClassVar[str] = "LORA"  # its name in PEFT's adapter_config.json
+    layer: ClassVar[type[LoraLinear]] = LoraLinear  # the module that wraps a targeted nn.Linear
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] | list[str] | str = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    layers: list[int] | None = None
+    init: str = "default"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise FinegrainError(f"lora.r: must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise FinegrainError(f"lora.alpha: must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FinegrainError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise FinegrainError(f"lora.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
+        if isinstance(self.targets, str):
+            # A bare module name is one target, not a regular expression that would have to match a whole path.
+            if self.targets != "all-linear" and re.fullmatch(r"\w+", self.targets):
+                self.targets = (self.targets,)
+            elif self.targets != "all-linear":
+                try:
+                    re.compile(self.targets)
+                except re.error as exc:
+                    raise FinegrainError(f"lora.targets: '{self.targets}' is not a valid regular expression ({exc})")
+        else:
+            self.targets = tuple(self.targets)
+            if not self.targets:
+                raise FinegrainError("lora.targets: empty; name modules such as q_proj, v_proj, or use 'all-linear'")
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = [self.layers]
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+                raise FinegrainError(f"lora.layers: must be a list of layer indices >= 0, got {self.layers!r}")
+            self.layers = sorted(set(self.layers))
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The keyword arguments of `LoraLinear.add_adapter` (and `from_linear`) for this config."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
+
+    @classmethod
+    def from_section(cls, section: Any, layers: list[int] | None, modules_to_save: list[str]) -> LoraConfig:
+        """The config of a run's `lora:` section (`finegrain.config.LoraSection`).
+
+        Args:
+            layers: `section.layers` with negative indices resolved against the kept layers.
+            modules_to_save: the task's head modules, trained in full and saved with the adapter.
+        """
+        return cls(
+            r=section.r, alpha=section.alpha, dropout=section.dropout, targets=section.targets,
+            use_rslora=section.rslora, layers=layers, modules_to_save=modules_to_save,
+        )
+
+    def to_peft(self) -> dict[str, Any]:
+        """LoRA's own keys of `adapter_config.json`; `finegrain.peft.base` adds those every method shares.
+
+        The keys PEFT's LoraConfig has had since 0.10: newer versions fill in the rest with defaults,
+        while older ones fail on keys they do not know, so fewer keys load in more places.
+        """
+        return {
+            "alpha_pattern": {},
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True if self.init == "default" else self.init,
+            "layer_replication": None,
+            "loftq_config": {},
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "megatron_config": None,
+            "megatron_core": "megatron.core",
+            "r": self.r,
+            "rank_pattern": {},
+            "use_dora": False,
+            "use_rslora": self.use_rslora,
+        }
+
+    @classmethod
+    def from_peft(
+        cls, raw: dict[str, Any], path: Path, targets: Any, layers: list[int] | None, modules_to_save: list[str] | None
+    ) -> LoraConfig:
+        """The config of a PEFT LoRA `adapter_config.json` (`raw`), whose shared keys `finegrain.peft.base` read.
+
+        Raises:
+            FinegrainError: the file uses a LoRA feature finegrain lacks, or lacks `r`.
+        """
+        unsupported = {
+            "use_dora": False,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "exclude_modules": None,
+            "layer_replication": None,
+            "lora_bias": False,
+            "target_parameters": None,
+            "trainable_token_indices": None,
+        }
+        for key, default in unsupported.items():
+            value = raw.get(key, default)
+            if value not in (default, None) and value != {}:
+                raise FinegrainError(f"{path}: {key}={value!r} is not supported by finegrain; train with {key}={default!r}")
+        if "r" not in raw:
+            raise FinegrainError(f"{path}: key 'r' is missing; save the adapter again")
+        init = raw.get("init_lora_weights", True)
+        try:
+            return cls(
+                r=raw["r"],
+                alpha=raw.get("lora_alpha", 8),
+                dropout=raw.get("lora_dropout", 0.0),
+                targets=targets,
+                use_rslora=raw.get("use_rslora", False),
+                layers=layers,
+                init="gaussian" if init == "gaussian" else "default",
+                modules_to_save=modules_to_save,
+            )
+        except FinegrainError as exc:
+            raise FinegrainError(f"{path}: {exc}") from None
+
+    def check_tensors(self, tensors: dict[str, torch.Tensor], path: Path, config_name: str, fix: str) -> None:
+        """Each lora_A is (r, in) and each lora_B (out, r), as the config says."""
+        for key, tensor in tensors.items():
+            axis = 0 if key.endswith(".lora_A.weight") else 1 if key.endswith(".lora_B.weight") else None
+            if axis is not None and (tensor.dim() != 2 or tensor.shape[axis] != self.r):
+                raise FinegrainError(
+                    f"{path}: '{key}' has shape {tuple(tensor.shape)}, which does not fit r={self.r} of {config_name}; {fix}"
+                )

@@ -14,7 +14,7 @@ from finegrain.generation import generate
 from finegrain.inference import predict_outputs
 from finegrain.serve.batching import Job
 from finegrain.serve.metrics import Metrics
-from finegrain.serve.models import AdapterBank, ModelRegistry
+from finegrain.serve.models import ModelRegistry, ServedBase
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Engine:
         run = self.registry.runs[name]
         items = [item for job in jobs for item in job.payload]
         rows: list[torch.Tensor | None] = [None] * len(items)
-        with run.base.bank.use(name):
+        with run.base.use(name):
             for group in length_groups([len(item.input_ids) for item in items]):
                 outputs = predict_outputs(run.model, run.task, [items[i] for i in group], run.tokenizer.pad_token_id, len(group))
                 for i, row in zip(group, outputs):
@@ -84,18 +84,18 @@ class Engine:
             start += len(job.payload)
         return results
 
-    def model_of(self, name: str) -> tuple[AdapterBank, Any, str | None]:
-        """The bank, tokenizer and adapter (None for a bare base) that generation with `name` uses."""
+    def model_of(self, name: str) -> tuple[ServedBase, Any, str | None]:
+        """The base, tokenizer and adapter (None for a bare base) that generation with `name` uses."""
         if name in self.registry.bases:
             base = self.registry.bases[name]
-            return base.bank, base.tokenizer, None
+            return base, base.tokenizer, None
         run = self.registry.runs[name]
-        return run.base.bank, run.tokenizer, name
+        return run.base, run.tokenizer, name
 
     def generate(self, jobs: list[Job]) -> list[str]:
         """Continue the prompts of jobs that share a model and options, as one left-padded batch."""
         first: GenerationWork = jobs[0].payload
-        bank, tokenizer, adapter = self.model_of(first.model)
+        base, tokenizer, adapter = self.model_of(first.model)
 
         def on_piece(piece: str) -> None:
             # Called after every decoded step: the place to stop work no one waits for any more.
@@ -104,9 +104,9 @@ class Engine:
             if first.on_piece is not None:
                 first.on_piece(piece)
 
-        with bank.use(adapter):
+        with base.use(adapter):
             texts = generate(
-                bank.llama, tokenizer, [job.payload.prompt for job in jobs],
+                base.llama, tokenizer, [job.payload.prompt for job in jobs],
                 max_new_tokens=first.max_new_tokens, stream=on_piece, **first.options,
             )
         for text in texts:

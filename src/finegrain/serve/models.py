@@ -1,13 +1,15 @@
 """The models a server holds: one copy of each base model, any number of adapters on it.
 
-Runs fine-tuned from the same base share its weights. Each linear layer that some adapter adapts
-is wrapped once in a `SwitchLinear`, which keeps the LoRA pair (A, B, scaling) of every adapter
-that touches it; `AdapterBank.use(name)` selects, under a lock, which pair the forward passes of one
-batch add. A second adapter therefore costs its own A/B matrices and its head, nothing more
-(`ServedRun.adapter_bytes`), where `finegrain.load(run)` would copy the whole base again.
+Runs fine-tuned from the same base share its weights. Each run's adapter is loaded onto the base
+under the run's name by `finegrain.peft`, as training injects it: a linear layer that some run
+adapts is wrapped once (`LoraLinear`) and holds the named adapter of every run that adapts it;
+`ServedBase.use(name)` makes, under a lock, that run's adapter the active one for the forward
+passes of one batch (PEFT's `set_adapter`). A second adapter therefore costs its own matrices and
+its head, nothing more (`ServedRun.adapter_bytes`), where `finegrain.load(run)` would copy the
+whole base again.
 
-Batches are per adapter: a batch never mixes adapters, so the update is two thin matmuls per
-layer, exactly `LoraLinear.forward`, and the results match `Predictor.predict` for the same run.
+Batches are per adapter: a batch never mixes adapters, so each layer runs exactly the forward
+pass of training's layer, and the results match `Predictor.predict` for the same run.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
+from finegrain.peft import adapter_layers, adapter_state_dict, load_tensors, read_adapter, set_adapter
 from finegrain.tokenizer import Tokenizer
 
 # The endpoint each task answers on; generative runs answer on GENERATE_ENDPOINTS.
@@ -41,105 +43,6 @@ TASK_ENDPOINTS = {
 GENERATIVE_TASKS = ("instruct",)  # runs whose adapter (LoRA only, no head) steers the language model itself
 GENERATE_ENDPOINTS = ("/v1/generate", "/v1/chat/completions")
 LABELLED_TASKS = ("classification", "ner", "relation")  # whose labels.json lists classes (regression: mean, std)
-
-
-class SwitchLinear(nn.Module):
-    """A base `nn.Linear` plus the LoRA update of whichever adapter is active (or none).
-
-    Args:
-        linear: the shared base layer; its weight is never copied nor modified.
-        active: the bank's selector, read on every forward.
-    """
-
-    def __init__(self, linear: nn.Linear, active: "_Active"):
-        super().__init__()
-        self.base = linear
-        self.active = active
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out)
-        y = self.base(x)
-        pair = self.adapters.get(self.active.name) if self.active.name is not None else None
-        if pair is None:
-            return y
-        A, B, scaling = pair  # A: (r, in), B: (out, r)
-        update = F.linear(F.linear(x.to(A.dtype), A), B)  # (..., r) -> (..., out), as LoraLinear computes it
-        return y + (update * scaling).to(y.dtype)
-
-
-class _Active:
-    """The name of the adapter that `SwitchLinear`s apply; one object shared by a bank's layers."""
-
-    name: str | None = None
-
-
-class AdapterBank:
-    """One base `Llama` and the LoRA adapters loaded onto it, switched per batch.
-
-    Args:
-        llama: the base language model; its linear layers are wrapped in place as adapters need them.
-    """
-
-    def __init__(self, llama: Llama):
-        self.llama = llama
-        self.active = _Active()
-        self.lock = threading.RLock()
-        self.names: list[str] = []
-
-    def add(self, name: str, tensors: dict[str, torch.Tensor], scaling: float, source: str) -> int:
-        """Register the LoRA pairs in `tensors` (`<module path>.lora_A.weight` / `.lora_B.weight`).
-
-        Returns:
-            The bytes the adapter's matrices take.
-        """
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            for part in ("lora_A", "lora_B"):
-                suffix = f".{part}.weight"
-                if key.endswith(suffix):
-                    pairs.setdefault(key.removesuffix(suffix), {})[part] = tensor
-        size = 0
-        for path, pair in pairs.items():
-            if set(pair) != {"lora_A", "lora_B"}:
-                raise FinegrainError(f"{source}: '{path}' has only {', '.join(pair)}; save the adapter again")
-            layer = self._switch(path, source)
-            A, B = pair["lora_A"].to(layer.base.weight.device), pair["lora_B"].to(layer.base.weight.device)
-            if A.shape[1] != layer.base.in_features or B.shape[0] != layer.base.out_features or A.shape[0] != B.shape[1]:
-                raise FinegrainError(
-                    f"{source}: '{path}' has A {tuple(A.shape)} and B {tuple(B.shape)}, which do not fit a "
-                    f"{layer.base.in_features}->{layer.base.out_features} layer; is this the adapter of another model?"
-                )
-            if A.dtype != layer.base.weight.dtype and layer.base.weight.dtype == torch.float32:
-                A, B = A.float(), B.float()
-            layer.adapters[name] = (A, B, scaling)
-            size += A.nbytes + B.nbytes
-        self.names.append(name)
-        return size
-
-    def _switch(self, path: str, source: str) -> SwitchLinear:
-        try:
-            module = self.llama.get_submodule(path)
-        except AttributeError:
-            raise FinegrainError(f"{source}: the adapter adapts '{path}', which the base model lacks") from None
-        if isinstance(module, SwitchLinear):
-            return module
-        if not isinstance(module, nn.Linear):
-            raise FinegrainError(f"{source}: '{path}' is a {type(module).__name__}, not a linear layer")
-        parent_path, _, child = path.rpartition(".")
-        switch = SwitchLinear(module, self.active)
-        setattr(self.llama.get_submodule(parent_path), child, switch)
-        return switch
-
-    @contextmanager
-    def use(self, name: str | None) -> Iterator[None]:
-        """Make `name`'s adapter (None: the bare base) the one every forward pass inside applies."""
-        with self.lock:
-            self.active.name = name
-            try:
-                yield
-            finally:
-                self.active.name = None
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:
@@ -175,17 +78,30 @@ def llama_view(llama: Llama, num_layers: int | None, causal: bool) -> Llama:
 
 @dataclass
 class ServedBase:
-    """A base model held once: generation uses it bare (or with a generative run's adapter)."""
+    """A base model held once, with every run's adapter on it: generation uses it bare (or with a
+    generative run's adapter), task runs through their task models, which share its layers."""
 
     name: str  # the id clients use
     source: str | None  # `config.model.name`: None for the default model
-    bank: AdapterBank
+    llama: Llama
     tokenizer: Tokenizer
     num_bytes: int
+    layers: list[nn.Module] = field(default_factory=list)  # the adapter layers of `llama`, switched per batch
+    active: str | None = None  # the run whose adapter those layers apply; None: the bare base
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
-    @property
-    def llama(self) -> Llama:
-        return self.bank.llama
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Make run `name`'s adapter (None: the bare base) the one every forward pass inside applies.
+
+        One batch at a time, under the lock. The layers stay switched after the batch, so a run's
+        next batch switches nothing; every batch says which adapter it needs.
+        """
+        with self.lock:
+            if name != self.active:
+                set_adapter(self.layers, name)
+                self.active = name
+            yield
 
     @property
     def context_length(self) -> int:
@@ -280,22 +196,26 @@ class ModelRegistry:
             llama, tokenizer = load_model(source, progress=False)
             llama.eval().requires_grad_(False)
             num_bytes = sum(p.nbytes for p in {id(p): p for p in llama.parameters()}.values())
-            base = ServedBase(base_id(source), source, AdapterBank(llama), tokenizer, num_bytes)
+            base = ServedBase(base_id(source), source, llama, tokenizer, num_bytes)
             by_source[source] = self.bases[base.name] = base
         for run in self.runs.values():
             self._load_run(run, by_source[run.config.model.name])
+        for base in self.bases.values():
+            base.layers = list(adapter_layers(base.llama).values())
+            set_adapter(base.layers, None)  # until a batch asks for an adapter
 
     def _load_run(self, run: ServedRun, base: ServedBase) -> None:
-        """Put the run's LoRA pairs into the base's bank and build its task model around a view
-        of the base, with the whole modules the adapter saved (`task.head_modules`) loaded."""
-        from finegrain.peft import read_adapter
+        """Build the run's task model around a view of the base, load the run's adapter onto the
+        base's layers under the run's name (a generative run's onto the base itself), and the whole
+        modules the adapter saved (`task.head_modules`) into the task model."""
         from finegrain.tasks import task_class
         from finegrain.tasks.lexical import attach as attach_tfidf
 
         adapter_dir = rundir.adapter_dir(run.run_dir)
-        lora, tensors = read_adapter(adapter_dir)
+        adapter, tensors = read_adapter(adapter_dir)
         source = str(adapter_dir / "adapter_model.safetensors")
-        pairs = {k: v for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        names = tuple(f".{key}" for key in adapter.layer.adapter_keys)
+        pairs = {k: v for k, v in tensors.items() if k.endswith(names)}
         whole = {k: v for k, v in tensors.items() if k not in pairs}
         config = run.config
         task = None
@@ -307,18 +227,19 @@ class ModelRegistry:
         if shared:
             raise FinegrainError(
                 f"{source}: '{shared[0]}' is a whole module, which a shared base cannot hold; "
-                "serve runs whose adapters save only LoRA pairs and their task's head"
+                "serve runs whose adapters save only adapter tensors and their task's head"
             )
         num_layers = config.model.num_layers
         if num_layers is not None and not 1 <= num_layers <= len(base.llama.model.layers):
             raise FinegrainError(f"{run.run_dir}: model.num_layers={num_layers} does not fit the base's {len(base.llama.model.layers)} layers")
         run.base = base
-        run.adapter_bytes = base.bank.add(run.name, pairs, lora.scaling, source)
         if task is None:
+            run.adapter_bytes = load_run_adapter(base.llama, adapter, pairs, adapter_dir, run.name)
             return
         view = llama_view(base.llama, num_layers, causal=not config.model.bidirectional)
         tokenizer = copy_tokenizer(base.tokenizer)
         model = task.build_model(view, tokenizer)
+        run.adapter_bytes = load_run_adapter(model, adapter, pairs, adapter_dir, run.name)
         for name in own:
             load_whole_module(model, name, whole, source)
         run.task, run.model = task, model.eval().requires_grad_(False)
@@ -346,6 +267,18 @@ class ModelRegistry:
                 entry["parameter_bytes"] = self.bases[base_id(source)].num_bytes
             entries.append(entry)
         return entries
+
+
+def load_run_adapter(model: nn.Module, adapter: Any, tensors: dict[str, torch.Tensor], directory: Path, name: str) -> int:
+    """Load a run's adapter tensors into `model` (which shares the base's layers) as adapter `name`,
+    frozen, the way `finegrain.load` loads it, with the other runs' adapters left in place.
+
+    Returns:
+        The bytes the adapter's tensors take.
+    """
+    load_tensors(model, adapter, tensors, directory, strict=True, adapter_name=name)
+    model.requires_grad_(False)  # serving only reads it; loading made the new adapter trainable
+    return sum(t.nbytes for t in adapter_state_dict(model).values())  # `name` is the active adapter now
 
 
 def load_whole_module(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
