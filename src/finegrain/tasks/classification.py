@@ -20,6 +20,7 @@ from torch import nn
 
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
+from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
 from finegrain.tasks.base import class_weights, document_mean, labelled_weight, pad_inputs, predict_scores
 from finegrain.tasks.lexical import LexicalModel
@@ -152,17 +153,12 @@ class SequenceClassifier(nn.Module):
     def pool(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
         """The pooled hidden state (R, H) of each row of the batch: its last real token's or the mean."""
         lengths = batch["lengths"]
-        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (R, T, H)
-        T = x.shape[1]
-        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (R, T)
-        # Right padding cannot reach real tokens under a causal mask, so none is needed there.
-        mask = None if self.model.config.causal else real
         if self.pooling == "mean":
-            x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
+            x = hidden_states(self.model, batch, start_layer)  # (R, T, H)
+            real = padding_mask(lengths, x.shape[1])  # (R, T)
             return (x * real[..., None]).sum(1) / lengths[:, None]
         # The last layer runs for the last token alone: no other position reaches the head.
-        last = self.model.run_layers(x, attention_mask=mask, start=start_layer, rows=lengths - 1)  # (R, 1, H)
-        return self.model.norm(last[:, 0])
+        return hidden_states(self.model, batch, start_layer, rows=lengths - 1)[:, 0]  # (R, 1, H) -> (R, H)
 
 
 @dataclass

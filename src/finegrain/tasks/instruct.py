@@ -48,6 +48,7 @@ from finegrain.data import pipeline
 from finegrain.data.chat import ChatExample, check_messages, messages_from_record, read_chat_examples
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.generation import label_set
+from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import Llama
 from finegrain.tasks.base import IGNORE_INDEX, labelled_weight, pad_inputs
 
@@ -213,13 +214,10 @@ class InstructModel(nn.Module):
         (B, T, H), the cached output of the frozen layers below; packed rows add
         `attention_mask` (B, 1, T, T) and `position_ids` (B, T).
         """
-        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
-        x = self.model.run_layers(
-            x, attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"), start=start_layer
-        )
+        x = hidden_states(self.model, batch, start_layer)  # (B, T, H)
         targets = batch["targets"]  # (B, T)
         keep = targets != IGNORE_INDEX
-        return token_losses(self.lm_head, self.model.norm(x[keep]), targets[keep])  # (N,)
+        return token_losses(self.lm_head, x[keep], targets[keep])  # (N,)
 
 
 class InstructTask:

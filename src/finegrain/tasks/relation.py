@@ -47,6 +47,7 @@ from finegrain.data.relation import (
     MARKERS, RelationExample, example_from_input, load_relation_splits, read_relation_file,
 )
 from finegrain.errors import FinegrainError
+from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import LlamaModel
 from finegrain.tasks.base import class_weights, labelled_weight, pad_inputs, predict_scores
 
@@ -167,13 +168,8 @@ class RelationClassifier(nn.Module):
         """
         if start_layer:
             raise ValueError("RelationClassifier embeds its markers itself; it cannot start at a cached layer")
-        input_ids, lengths = batch["input_ids"], batch["lengths"]
-        B, T = input_ids.shape
-        x = self.embed(input_ids)  # (B, T, H)
-        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
-        # Right padding cannot reach real tokens under a causal mask, so none is needed there.
-        mask = None if self.model.config.causal else real
-        x = self.model.norm(self.model.run_layers(x, attention_mask=mask))  # (B, T, H)
+        x = hidden_states(self.model, batch, embed=self.embed)  # (B, T, H)
+        B = x.shape[0]
         rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
         pooled = x[rows, batch["positions"]].reshape(B, -1)  # (B, 2, H) -> (B, 2H)
         return self.score(pooled)

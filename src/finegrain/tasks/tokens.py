@@ -44,6 +44,7 @@ from finegrain.config import HeadConfig
 from finegrain.data.conll import TokenExample, load_token_splits, read_token_examples
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_errors, entity_metrics
+from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
 from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
 from finegrain.tasks.base import IGNORE_INDEX, class_weights, labelled_weight, pad_inputs, predict_scores
@@ -127,13 +128,9 @@ class TokenClassifier(nn.Module):
         below. Logits at padding are 0; with `output_length` in the batch they are zero-padded to that
         many positions, so the rows of batches of different lengths stack (`predict_outputs` does).
         """
-        lengths = batch["lengths"]
-        x = batch["hidden"] if start_layer else self.model.embed_tokens(batch["input_ids"])  # (B, T, H)
+        x = hidden_states(self.model, batch, start_layer)  # (B, T, H)
         T = x.shape[1]
-        real = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
-        # Right padding cannot reach real tokens under a causal mask; without one it must be masked.
-        mask = None if self.model.config.causal else real
-        x = self.model.norm(self.model.run_layers(x, attention_mask=mask, start=start_layer))
+        real = padding_mask(batch["lengths"], T)  # (B, T)
         # Zero at padding, so that an example's outputs do not depend on the batch it came in.
         logits = self.score(self.dropout(x)).masked_fill(~real[..., None], 0.0)  # (B, T, C)
         width = int(batch.get("output_length", T))

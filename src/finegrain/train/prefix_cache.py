@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finegrain.inference import item_rows, sorted_batches
+from finegrain.model.backbone import hidden_states
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -81,14 +82,7 @@ def compute_prefix(
     batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])
     for batch in tqdm(batches, desc=f"caching layers 0-{end_layer - 1}", unit="batch", disable=not progress, leave=False):
         inputs = task.collate([items[i] for i in batch], pad_id)
-        mask = inputs.get("attention_mask")
-        if mask is None and not backbone.config.causal:
-            T = inputs["input_ids"].shape[1]
-            mask = torch.arange(T)[None, :] < inputs["lengths"][:, None]  # (B, T)
-        hidden = backbone.run_layers(
-            backbone.embed_tokens(inputs["input_ids"]), attention_mask=mask,
-            position_ids=inputs.get("position_ids"), end=end_layer,
-        )
+        hidden = hidden_states(backbone, inputs, end_layer=end_layer)  # (B, T, H) after the layers below end_layer
         documents = inputs.get("documents", torch.arange(len(batch))).tolist()
         filled = dict.fromkeys(batch, 0)  # tokens of each item written so far
         for row, (d, n) in enumerate(zip(documents, inputs["lengths"].tolist())):
