@@ -19,6 +19,7 @@ from finegrain.evaluate.entities import entity_metrics
 from finegrain.peft import LoraConfig, apply_lora, lora_layers, save_adapter
 from finegrain.tasks.tokens import IGNORE_INDEX, TokenClassificationTask, TokenClassifier
 from finegrain.train.batching import micro_batches
+from finegrain.train.sampler import Draw
 from finegrain.train.trainer import Trainer, predict_outputs
 
 CITIES = ["Paris", "London", "Rome"]
@@ -390,6 +391,6 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(backbone_and_tokeniz
         config = TrainConfig(batch_size=12, micro_batch_tokens=budget, threads=1)
         trainer = Trainer(model, task, items, config, tmp_path / str(budget), tokenizer.pad_token_id, progress=False)
         trainer.optimizer.step = lambda: grads.setdefault(budget, {n: p.grad.clone() for n, p in trainer.trainable.items()})
-        trainer._step([batch])
+        trainer._step([Draw(0, batch)])
     for name, grad in grads[None].items():
         assert_close(grads[40][name], grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -16,8 +16,15 @@ from safetensors.torch import load_file
 
 import finegrain
 from finegrain.cli import main
-from finegrain.config import load_config
+from finegrain.config import TrainConfig, load_config
+from finegrain.peft import LoraConfig, apply_lora
 from finegrain.run import build
+from finegrain.tasks.classification import ClassificationTask, Encoded
+from finegrain.train.checkpointing import process_rank
+from finegrain.train.objectives import TaskObjective
+from finegrain.train.precision import bf16_copies, forward
+from finegrain.train.sampler import Draw
+from finegrain.train.trainer import Trainer, backbone
 
 POSITIVE = ["great fun film", "a gripping story", "good cast and a fine script", "the actors were great"]
 NEGATIVE = ["dull and slow", "badly acted", "a bad story told slowly", "two hours I will never get back"]
@@ -233,3 +240,105 @@ def test_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run_dir)]) == 1
     assert "--resume" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == "precious: true\n"
+
+
+# ----- the trainer's parts: objectives, sampler, the rank-aware writer, bf16 -------------------
+
+
+def classifier(tiny_model, targets: str = "all-linear"):
+    """A two-class task model on the tiny random LLaMA, LoRA on every layer, and 24 encoded items."""
+    task = ClassificationTask(["a", "b"])
+    model = task.build_model(tiny_model)
+    apply_lora(model, LoraConfig(r=2, alpha=4, targets=targets))
+    model.score.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    items = [Encoded(torch.randint(3, 128, (4 + i % 7,), generator=generator).tolist(), i % 2) for i in range(24)]
+    return task, model, items
+
+
+def step_gradients(trainer: Trainer, group: list[Draw]) -> dict[str, torch.Tensor]:
+    """The gradients one optimizer step of `trainer` would apply for `group` (the step itself is skipped)."""
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in trainer.trainable.items()})
+    trainer._step(group)
+    return grads
+
+
+def test_each_objective_weighs_in_with_its_own_mean_loss(tiny_model, tmp_path):
+    """A second objective (here the same task and items, weight 0.5) in the same step adds half of
+    the first one's gradient: each objective's loss is its own mean over the step, times its weight."""
+    task, model, items = classifier(tiny_model)
+    config = TrainConfig(batch_size=8, threads=1, max_grad_norm=0.0)
+    batch = list(range(8))
+    one = Trainer(model, task, items, config, tmp_path / "one", pad_id=0, progress=False)
+    alone = step_gradients(one, [Draw(0, batch)])
+    two = Trainer(model, task, items, config, tmp_path / "two", pad_id=0, progress=False,
+                  objectives=[TaskObjective(task, items, weight=0.5)])
+    both = step_gradients(two, [Draw(0, batch[:5]), Draw(1, batch), Draw(0, batch[5:])])
+    for name, grad in alone.items():
+        torch.testing.assert_close(both[name], 1.5 * grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_sampler_decides_the_batches(tiny_model, tmp_path):
+    """A sampler of one's own (here: every batch from the second objective) is what the loop trains on."""
+    task, model, items = classifier(tiny_model)
+
+    class SecondOnly:
+        def __len__(self) -> int:
+            return 3
+
+        def epoch(self, epoch: int) -> list[Draw]:
+            return [Draw(1, [i, i + 1]) for i in range(0, 6, 2)]
+
+    seen = []
+
+    class Recorded(TaskObjective):
+        def pieces(self, indices, pad_id, max_tokens):
+            seen.append(list(indices))
+            return super().pieces(indices, pad_id, max_tokens)
+
+    config = TrainConfig(epochs=2, batch_size=8, threads=1)
+    trainer = Trainer(model, task, items, config, tmp_path, pad_id=0, progress=False,
+                      objectives=[Recorded(task, items[:6])], sampler=SecondOnly())
+    assert trainer.fit().step == 6 and seen == [[0, 1], [2, 3], [4, 5]] * 2
+
+
+def test_only_rank_0_writes_the_run_files(tiny_model, tmp_path, monkeypatch):
+    """Under torchrun every rank trains, only rank 0 writes metrics, checkpoints and best weights."""
+    task, model, items = classifier(tiny_model)
+    config = TrainConfig(epochs=1, batch_size=8, threads=1, checkpoint_every=1)
+    assert process_rank() == 0  # torch.distributed not initialised
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    assert process_rank() == 1
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for rank in ("rank0", "rank1"):
+        (tmp_path / rank).mkdir()
+    Trainer(model, task, items, config, tmp_path / "rank1", pad_id=0, progress=False).fit()
+    assert not any((tmp_path / "rank1").iterdir())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # it trained
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    Trainer(model, task, items, config, tmp_path / "rank0", pad_id=0, progress=False).fit()
+    assert {p.name for p in (tmp_path / "rank0").iterdir()} >= {"metrics.jsonl", "checkpoint", "best"}
+
+
+def test_bf16_steps_read_bf16_copies_and_leave_the_parameters_alone(tiny_model):
+    """The bf16 copies give the matmuls autocast would give (it casts the same float32 weights),
+    while every parameter keeps its float32 storage: nothing is swapped under a wrapper's feet."""
+    task, model, items = classifier(tiny_model, targets=["q_proj", "v_proj"])
+    model.eval()  # no dropout
+    storage = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    copies = bf16_copies(model, skip=backbone(model).layers[:1])
+    assert copies["model.layers.1.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert copies["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16  # frozen base of a LoRA layer
+    assert "model.layers.0.mlp.up_proj.weight" not in copies  # below the start layer: never runs in a step
+    assert "model.embed_tokens.weight" not in copies  # a lookup table, shared with a tied head
+    assert not any("lora_" in name or "norm" in name or name.startswith("score") for name in copies)  # trained or 1-D
+    batch = task.collate(items[:6], 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(batch, start_layer=0)
+        ours = forward(model, batch, 0, copies)
+        ours.sum().backward()
+    assert torch.equal(ours, plain)
+    assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == storage
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,21 +1,20 @@
 """The one training loop every task plugs into.
 
-A task gives the model (backbone + head), a collate function and a loss; the caller gives an
-`evaluate` callback returning validation metrics. The loop does AdamW with a warmup schedule,
-gradient accumulation and clipping, length-bucketed batches, early stopping with patience,
-best-checkpoint selection, metrics to `metrics.jsonl`, and atomic checkpoints that resume
-exactly (weights, optimizer, scheduler, RNG states, data position).
+What a step minimises is a list of objectives (`train.objectives`: today the task's own loss),
+which items form each batch is a sampler's choice (`train.sampler`: today length buckets), and
+what the run writes (metrics, checkpoints, best weights) goes through one `RunWriter` that knows
+the process rank (`train.checkpointing`). The loop does AdamW with a warmup schedule, gradient
+accumulation and clipping, early stopping with patience, best-checkpoint selection, and
+checkpoints that resume exactly (weights, optimizer, scheduler, RNG states, data position).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finegrain import rundir
-from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
+from finegrain.atomic import fault_point
 from finegrain.config import TrainConfig
-from finegrain.cpu import FrozenWeightsInBF16, native_bf16, training_autocast
+from finegrain.cpu import native_bf16, training_autocast
 from finegrain.errors import FinegrainError
-from finegrain.peft.base import load_weights, save_weights
 from finegrain.evaluate.metrics import higher_is_better
-from finegrain.tasks.base import Task
 from finegrain.inference import predict_outputs  # also re-exported: `from finegrain.train.trainer import predict_outputs`
+from finegrain.tasks.base import Task
+from finegrain.train import precision
+from finegrain.train.checkpointing import RunWriter
 from finegrain.train.linear_probe import HeadInputs, fit_head
-from finegrain.train.batching import bucketed_batches, micro_batches
+from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
+from finegrain.train.sampler import Draw, LengthBuckets, Sampler
 
 
 def seed_everything(seed: int) -> None:
@@ -80,13 +80,18 @@ class Trainer:
 
     Args:
         model: a task model whose `forward(batch, start_layer)` returns outputs for `task.loss`;
-            its decoder is `model.model`.
+            its backbone is `model.model` (see `backbone`).
         task: gives `collate(items, pad_id, hidden)`, `loss(outputs, batch)` and `predict(...)`.
-        train: encoded training items (each with `input_ids`).
+        train: encoded training items (each with `input_ids`): the first objective is `task`'s
+            loss over them, and validation, LP-FT and the default sampler are about them.
         validation: encoded validation items, or an empty list.
         score: turns the task's predictions on `validation` (`task.predict`) into metrics (a dict;
             numbers at its top level and in its `macro`/`micro`/`weighted` sections are logged).
         run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go (names: `finegrain.rundir`).
+        objectives: more objectives beside the task's own (another task's items, a distillation
+            term); a batch trains the objective its sampler's draw names.
+        sampler: which items form each batch; default length buckets of `train` (objective 0),
+            `config.batch_size` items each, seeded by `config.seed`.
     """
 
     def __init__(
@@ -100,25 +105,28 @@ class Trainer:
         validation: list = (),
         score: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
         progress: bool = True,
+        objectives: Sequence[Objective] = (),
+        sampler: Sampler | None = None,
     ):
-        self.model, self.task, self.train_items, self.config = model, task, train, config
+        self.model, self.task, self.config = model, task, config
         self.validation_items, self.score = list(validation), score
-        self.run_dir, self.pad_id, self.progress = Path(run_dir), pad_id, progress
+        self.pad_id, self.progress = pad_id, progress
+        self.objectives: list[Objective] = [TaskObjective(task, train), *objectives]
+        self.sampler = sampler or LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
+        self.backbone = backbone(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
-        bf16 = config.bf16 and native_bf16()  # decided once: /proc/cpuinfo is not read per step
-        if config.bf16 and not bf16:
+        self.bf16 = config.bf16 and native_bf16()  # decided once: /proc/cpuinfo is not read per step
+        if config.bf16 and not self.bf16:
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
-        self.autocast = training_autocast(bf16)
+        self.autocast = training_autocast(self.bf16)
+        self.bf16_copies: dict[str, torch.Tensor] = {}  # made for `fit`: see finegrain.train.precision
         self.start_layer = 0
         if config.prefix_cache:
-            self.start_layer = lowest_trainable_layer(model, len(model.model.layers))
-        # Layers below start_layer never run in a training step (their outputs are cached).
-        self.bf16_weights = FrozenWeightsInBF16(model, enabled=bf16, skip=model.model.layers[: self.start_layer])
-        self.lengths = [len(item.input_ids) for item in train]
-        self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
+            self.start_layer = lowest_trainable_layer(model, len(self.backbone.layers))
+        self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
         head_names = {n for n in self.trainable if not n.startswith("model.")}
@@ -135,32 +143,26 @@ class Trainer:
             self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
         )
         self.state = TrainState()
-        self.metrics_path = self.run_dir / rundir.METRICS_LOG
-        self.hidden: list[torch.Tensor] | None = None
         self.validation_hidden: list[torch.Tensor] | None = None
-        self.tensorboard = _tensorboard_writer(self.run_dir / rundir.TENSORBOARD)
+        self.writer = RunWriter(Path(run_dir))
 
     # -- public ----------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainState:
         """Train to the end (or early stop) and leave the best weights loaded in the model."""
         if resume:
-            self._load_checkpoint()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()
+            saved = self.writer.load_checkpoint(self.trainable, self.optimizer, self.scheduler)
+            for key, value in saved.items():
+                setattr(self.state, key, value)
+        else:
+            self.writer.start_log()
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
-            def prefix(items: list) -> list[torch.Tensor]:
-                return compute_prefix(
-                    self.model.model, self.task, items, self.start_layer, self.pad_id, self.config.eval_batch_size,
-                    self.progress, getattr(torch, self.config.prefix_cache_dtype), self.run_dir,
-                    self.config.prefix_cache_ram_mb * 2**20,
-                )
-
-            self.hidden = prefix(self.train_items)
+            for objective in self.objectives:
+                objective.hidden = self._prefix(objective.items)
             fault_point("prefix_cache")  # test-only (tests/test_faults.py)
             if self.task.predicts_from_prefix:
-                self.validation_hidden = prefix(self.validation_items)
+                self.validation_hidden = self._prefix(self.validation_items)
         if not resume and getattr(getattr(self.task, "head", None), "init", "random") == "probe":
             self._fit_head()
         self.model.train()
@@ -169,15 +171,15 @@ class Trainer:
             disable=not self.progress, dynamic_ncols=True,
         )
         try:
-            self.bf16_weights.hold()
+            if self.bf16:  # layers below start_layer never run in a training step (their outputs are cached)
+                self.bf16_copies = precision.bf16_copies(self.model, skip=self.backbone.layers[: self.start_layer])
             self._loop(bar)
         finally:
-            self.bf16_weights.release()
+            self.bf16_copies = {}
             bar.close()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            self.writer.close()
         self.model.eval()
-        self._restore_best()
+        self.writer.restore_best(self.trainable)
         return self.state
 
     # -- the loop --------------------------------------------------------------------------
@@ -185,7 +187,7 @@ class Trainer:
     def _loop(self, bar: tqdm) -> None:
         config, state = self.config, self.state
         while state.step < self.total_steps and not state.stopped_early:
-            batches = bucketed_batches(self.lengths, config.batch_size, config.seed, state.epoch)
+            batches = self.sampler.epoch(state.epoch)
             groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
             first_group = state.batch_in_epoch // config.grad_accum
             for group in groups[first_group:]:
@@ -199,8 +201,8 @@ class Trainer:
                 state.train_tokens += tokens
                 lr = self.scheduler.get_last_lr()[0]
                 tokens_per_s = state.train_tokens / max(state.train_seconds, 1e-9)
-                self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4),
-                           "train_loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
+                self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4),
+                                 "train_loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
                 bar.update(1)
                 end_of_epoch = state.batch_in_epoch >= len(batches)
@@ -212,49 +214,67 @@ class Trainer:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 if state.stopped_early or state.step % config.checkpoint_every == 0 or end_of_epoch:
-                    self._save_checkpoint()
+                    self.writer.save_checkpoint(self.trainable, self.optimizer, self.scheduler, vars(state))
                 if state.stopped_early:
                     break
         if state.best_step is None:
-            self._save_best()  # no validation data: the last weights are the best we have
+            self.writer.save_best(self.trainable)  # no validation data: the last weights are the best we have
 
-    def _step(self, group: list[list[int]]) -> tuple[float, int, float]:
+    def _step(self, group: list[Draw]) -> tuple[float, int, float]:
         """One optimizer step on a group of `grad_accum` batches, each run in micro-batches of at
-        most `micro_batch_tokens`; each piece's mean loss is weighted by its share of the
-        group's loss terms, so the gradient is that of one mean loss over the group."""
+        most `micro_batch_tokens`. Each piece's mean loss is weighted by its share of its
+        objective's loss terms in the group, so that the gradient is that of each objective's one
+        mean loss over the group, times the objective's weight."""
         start = time.perf_counter()
-        pieces = []
-        for indices in group:
-            for piece in micro_batches(indices, self.lengths, self.config.micro_batch_tokens):
-                hidden = [self.hidden[i] for i in piece] if self.hidden is not None else None
-                batch = self.task.collate([self.train_items[i] for i in piece], self.pad_id, hidden)
-                pieces.append((batch, self.task.loss_weight(batch)))
-        total = sum(weight for _, weight in pieces) or 1.0  # 0: nothing labelled, every loss is 0
-        loss_sum, tokens = 0.0, 0
-        for batch, weight in pieces:
+        pieces = [
+            (draw.objective, batch, weight)
+            for draw in group
+            for batch, weight in self.objectives[draw.objective].pieces(draw.indices, self.pad_id,
+                                                                        self.config.micro_batch_tokens)
+        ]
+        totals = [0.0] * len(self.objectives)
+        for index, _, weight in pieces:
+            totals[index] += weight
+        sums, tokens = [0.0] * len(self.objectives), 0
+        for index, batch, weight in pieces:
+            objective = self.objectives[index]
             with self.autocast:
-                outputs = self.model(batch, start_layer=self.start_layer)
-                loss = self.task.loss(outputs, batch)
-            (loss * weight / total).backward()
-            loss_sum += loss.item() * weight
+                loss = objective.loss(self._forward, batch)
+            # totals 0: nothing labelled, every loss is 0
+            (loss * (objective.weight * weight) / (totals[index] or 1.0)).backward()
+            sums[index] += loss.item() * weight
             tokens += int(batch["lengths"].sum())
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.trainable.values(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / total, tokens, time.perf_counter() - start
+        loss = sum(o.weight * s / (t or 1.0) for o, s, t in zip(self.objectives, sums, totals))
+        return loss, tokens, time.perf_counter() - start
+
+    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's outputs in a training step: from `start_layer` up, on bf16 copies of the
+        frozen matrices under bf16 training."""
+        return precision.forward(self.model, batch, self.start_layer, self.bf16_copies)
 
     def _epoch_progress(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
 
+    def _prefix(self, items: list) -> list[torch.Tensor]:
+        """The frozen layers' output (below `start_layer`) for each item (`train.prefix_cache`)."""
+        return compute_prefix(
+            self.backbone, self.task, items, self.start_layer, self.pad_id, self.config.eval_batch_size,
+            self.progress, getattr(torch, self.config.prefix_cache_dtype), self.writer.run_dir,
+            self.config.prefix_cache_ram_mb * 2**20,
+        )
+
     def _fit_head(self) -> None:
         """LP-FT (finegrain.train.linear_probe): the head fitted on the frozen model's pooled states."""
-        head = self.task.head_modules[0]
+        head, main = self.task.head_modules[0], self.objectives[0]
         with HeadInputs(self.model, head):
-            features = predict_outputs(self.model, self.task, self.train_items, self.pad_id, self.config.eval_batch_size,
-                                       self.hidden, self.start_layer, "fitting the head" if self.progress else None)
-        targets = torch.tensor([item.target for item in self.train_items])
+            features = predict_outputs(self.model, self.task, main.items, self.pad_id, self.config.eval_batch_size,
+                                       main.hidden, self.start_layer, "fitting the head" if self.progress else None)
+        targets = torch.tensor([item.target for item in main.items])
         fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None))
 
     # -- validation and best weights -------------------------------------------------------
@@ -262,11 +282,10 @@ class Trainer:
     def _validate(self) -> None:
         if self.score is None or not self.validation_items:
             return
-        with self.bf16_weights.released():  # validation predicts in float32, like the final test
-            predictions = self.task.predict(
-                self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
-                self.validation_hidden, self.start_layer,
-            )
+        predictions = self.task.predict(  # in float32, like the final test
+            self.model, self.validation_items, self.pad_id, self.config.eval_batch_size,
+            self.validation_hidden, self.start_layer,
+        )
         metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
@@ -274,117 +293,22 @@ class Trainer:
             raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(flat)}")
         # Stored as "higher is better", so that loss-like metrics (rmse, mae) select their lowest value.
         value = float(flat[name]) if higher_is_better(name) else -float(flat[name])
-        self._log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
+        self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
         if self.progress:
             tqdm.write(validation_line(state.step, name, float(flat[name]), metrics))
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
             state.best_validation = metrics
-            self._save_best()
+            self.writer.save_best(self.trainable)
         else:
             state.bad_evals += 1
             if self.config.patience is not None and state.bad_evals >= self.config.patience:
                 state.stopped_early = True
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone().contiguous() for n, p in self.trainable.items()}
 
-    def _save_best(self) -> None:
-        with atomic_dir(self.run_dir / rundir.BEST) as tmp:
-            save_weights(self._trainable_state(), os.path.join(tmp, rundir.TRAINABLE))
-
-    def _restore_best(self) -> None:
-        path = self.run_dir / rundir.BEST / rundir.TRAINABLE
-        if path.exists():
-            self._load_trainable(path, _weights_fix(self.run_dir))
-
-    def _load_trainable(self, path: Path, fix: str) -> None:
-        """Load saved trainable weights, refusing a damaged file or one of another config."""
-        tensors = load_weights(path, fix)
-        for name, param in self.trainable.items():
-            if name not in tensors or tensors[name].shape != param.shape:
-                found = tuple(tensors[name].shape) if name in tensors else "nothing"
-                raise FinegrainError(f"{path}: '{name}' is {found}, the model needs {tuple(param.shape)}; {fix}")
-        with torch.no_grad():
-            for name, param in self.trainable.items():
-                param.copy_(tensors[name])
-
-    # -- metrics.jsonl ---------------------------------------------------------------------
-
-    def _log(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
-
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def _save_checkpoint(self) -> None:
-        state = vars(self.state)
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-        }
-        with atomic_dir(self.run_dir / rundir.CHECKPOINT) as tmp:
-            save_weights(self._trainable_state(), os.path.join(tmp, rundir.TRAINABLE))
-            fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
-                os.path.join(tmp, rundir.OPTIMIZER),
-            )
-            Path(tmp, rundir.STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-
-    def _load_checkpoint(self) -> None:
-        directory = recover_dir(self.run_dir / rundir.CHECKPOINT)
-        recover_dir(self.run_dir / rundir.BEST)
-        if not (directory / rundir.STATE).exists():
-            raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
-        fix = _weights_fix(self.run_dir)
-        self._load_trainable(directory / rundir.TRAINABLE, fix)
-        try:
-            saved = torch.load(directory / rundir.OPTIMIZER, weights_only=False)
-            saved_state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
-        except Exception as exc:  # a damaged pickle raises any of a dozen types
-            raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        for key, value in saved_state.items():
-            setattr(self.state, key, value)
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        # Records logged after this checkpoint belong to work that will be done again; a kill
-        # may also have cut the last line short.
-        if self.metrics_path.exists():
-            kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.state.step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
-
-
-def _weights_fix(run_dir: Path) -> str:
-    """What to do about a damaged checkpoint: without it an unfinished run restarts from its start,
-    and a finished one (whose adapter is what counts) can only be trained again elsewhere."""
-    if rundir.is_finished(run_dir):
-        return "the finished run's adapter does not need it; to train on, train the run again into another --output"
-    return f"delete {run_dir / rundir.CHECKPOINT} and {run_dir / rundir.BEST}, then `finegrain train --resume {run_dir}` restarts the run from its start"
-
-
-def _tensorboard_writer(directory: Path):
-    """A TensorBoard writer when the `tensorboard` package is installed; metrics.jsonl is always written."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(directory))
+def backbone(model: nn.Module) -> nn.Module:
+    """A task model's backbone (its decoder, with `layers`): the one place the trainer reaches into the model."""
+    return model.model
 
 
 def validation_line(step: int, name: str, value: float, metrics: dict[str, Any], width: int = 12) -> str:

@@ -1,0 +1,172 @@
+"""What a training run writes to its directory and reads back: `metrics.jsonl` (and TensorBoard),
+`checkpoint/` (resumes exactly: weights, optimizer, scheduler, RNG states, position) and `best/`.
+
+One object, `RunWriter`, owns all of it and knows its process rank: under torchrun every rank
+trains, but only rank 0 writes, so that N processes do not race on the same files; every rank
+reads a checkpoint back when resuming. File names come from `finegrain.rundir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed
+
+from finegrain import rundir
+from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
+from finegrain.errors import FinegrainError
+from finegrain.peft.base import load_weights, save_weights
+
+
+def process_rank() -> int:
+    """This process's rank in a torchrun job (torch.distributed initialised), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class RunWriter:
+    """The run directory's training files, written by rank 0 only.
+
+    Args:
+        run_dir: the run directory.
+        rank: this process's rank; default `process_rank()`.
+    """
+
+    def __init__(self, run_dir: Path, rank: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.rank = process_rank() if rank is None else rank
+        self.writes = self.rank == 0
+        self.metrics_path = self.run_dir / rundir.METRICS_LOG
+        self.tensorboard = _tensorboard_writer(self.run_dir / rundir.TENSORBOARD) if self.writes else None
+
+    # -- metrics.jsonl ---------------------------------------------------------------------
+
+    def start_log(self) -> None:
+        """A fresh run's log: a previous start's records (a restart) are not this run's."""
+        if self.writes and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (it has a `step`) to metrics.jsonl, and its numbers to TensorBoard."""
+        if not self.writes:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    # -- best/ -----------------------------------------------------------------------------
+
+    def save_best(self, trainable: Mapping[str, torch.Tensor]) -> None:
+        """Replace `best/` with the trainable weights."""
+        if self.writes:
+            with atomic_dir(self.run_dir / rundir.BEST) as tmp:
+                save_weights(_copies(trainable), os.path.join(tmp, rundir.TRAINABLE))
+
+    def restore_best(self, trainable: Mapping[str, torch.Tensor]) -> None:
+        """Load `best/` into the trainable parameters, when there is one."""
+        path = self.run_dir / rundir.BEST / rundir.TRAINABLE
+        if path.exists():
+            self._load_trainable(path, trainable)
+
+    # -- checkpoint/ -----------------------------------------------------------------------
+
+    def save_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        scheduler: Any, state: dict[str, Any]) -> None:
+        """Replace `checkpoint/` with everything a resume needs, this process's RNG states included."""
+        if not self.writes:
+            return
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        with atomic_dir(self.run_dir / rundir.CHECKPOINT) as tmp:
+            save_weights(_copies(trainable), os.path.join(tmp, rundir.TRAINABLE))
+            fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                os.path.join(tmp, rundir.OPTIMIZER),
+            )
+            Path(tmp, rundir.STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+    def load_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        scheduler: Any) -> dict[str, Any]:
+        """Load `checkpoint/` into the weights, optimizer, scheduler and RNGs; returns the saved
+        training state. Records logged after it are dropped from metrics.jsonl."""
+        directory = recover_dir(self.run_dir / rundir.CHECKPOINT)
+        recover_dir(self.run_dir / rundir.BEST)
+        if not (directory / rundir.STATE).exists():
+            raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
+        self._load_trainable(directory / rundir.TRAINABLE, trainable)
+        try:
+            saved = torch.load(directory / rundir.OPTIMIZER, weights_only=False)
+            state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
+        except Exception as exc:  # a damaged pickle raises any of a dozen types
+            raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {self._fix()}") from None
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        random.setstate(saved["rng"]["python"])
+        np.random.set_state(saved["rng"]["numpy"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        self._trim_log(state["step"])
+        return state
+
+    def _trim_log(self, step: int) -> None:
+        """Keep the records up to `step`: later ones belong to work that will be done again, and a
+        kill may also have cut the last line short."""
+        if not self.writes or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def _load_trainable(self, path: Path, trainable: Mapping[str, torch.Tensor]) -> None:
+        """Load saved trainable weights, refusing a damaged file or one of another config."""
+        fix = self._fix()
+        tensors = load_weights(path, fix)
+        for name, param in trainable.items():
+            if name not in tensors or tensors[name].shape != param.shape:
+                found = tuple(tensors[name].shape) if name in tensors else "nothing"
+                raise FinegrainError(f"{path}: '{name}' is {found}, the model needs {tuple(param.shape)}; {fix}")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(tensors[name])
+
+    def _fix(self) -> str:
+        """What to do about a damaged checkpoint: without it an unfinished run restarts from its
+        start, and a finished one (whose adapter is what counts) can only be trained again elsewhere."""
+        if rundir.is_finished(self.run_dir):
+            return "the finished run's adapter does not need it; to train on, train the run again into another --output"
+        return (f"delete {self.run_dir / rundir.CHECKPOINT} and {self.run_dir / rundir.BEST}, then "
+                f"`finegrain train --resume {self.run_dir}` restarts the run from its start")
+
+
+def _copies(trainable: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies to save, detached from autograd and from the live parameters."""
+    return {name: p.detach().clone().contiguous() for name, p in trainable.items()}
+
+
+def _tensorboard_writer(directory: Path):
+    """A TensorBoard writer when the `tensorboard` package is installed; metrics.jsonl is always written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
