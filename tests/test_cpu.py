@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from finegrain.cpu import FrozenWeightsInBF16, cpu_flags, native_bf16, training_autocast
-from finegrain.model.llama import Llama
-from finegrain.peft import LoraConfig, apply_lora
+from finegrain.cpu import cpu_flags, native_bf16, training_autocast
 
 ZEN1 = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb avx avx2 fma bmi1 bmi2 sha_ni"
 SAPPHIRE_RAPIDS = "fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8"
@@ -45,33 +43,6 @@ def test_training_autocast_runs_matmuls_in_bf16_only_when_native(tmp_path):
         assert (a @ b).dtype == torch.float32
     with training_autocast(True, cpuinfo(tmp_path, ZEN1)):
         assert (a @ b).dtype == torch.float32
-
-
-def test_frozen_weights_in_bf16_hold_only_the_frozen_matrices_and_release_them_bit_for_bit(tiny_config):
-    model = Llama(tiny_config)
-    apply_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    weights = FrozenWeightsInBF16(model)
-    weights.hold()
-    dtypes = {name: p.dtype for name, p in model.named_parameters()}
-    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == dtypes["model.layers.1.mlp.down_proj.weight"] == torch.bfloat16
-    assert dtypes["model.embed_tokens.weight"] == torch.float32  # a lookup table, shared with the tied head
-    assert dtypes["model.layers.0.self_attn.q_proj.lora_A.weight"] == torch.float32  # trained
-    assert dtypes["model.layers.0.input_layernorm.weight"] == torch.float32
-    weights.release()
-    for name, p in model.named_parameters():
-        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
-
-
-def test_frozen_weights_in_bf16_leave_skipped_modules_float32(tiny_config):
-    model = Llama(tiny_config)  # all frozen: nothing trains
-    model.requires_grad_(False)
-    weights = FrozenWeightsInBF16(model, skip=model.model.layers[:1])  # below a trainer's start_layer
-    weights.hold()
-    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
-    assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
-    weights.release()
-    assert not FrozenWeightsInBF16(model, enabled=False).params
 
 
 # ----- threads and OpenMP ------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_lora_autograd_function_equals_autograd_on_the_plain_expression(dropout)
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["float32-base", "bf16-base"])
 def test_under_bf16_autocast_lora_computes_in_bf16_with_float32_adapter_grads(weight_dtype):
     """train.bf16: the lean path runs what autocast runs for the plain expression, in bf16,
-    with a float32 or a bf16-held frozen base (FrozenWeightsInBF16)."""
+    with a float32 or a bf16 frozen base (the copies of finegrain.train.precision)."""
     torch.manual_seed(0)
     layer = LoraLinear.from_linear(nn.Linear(64, 48, bias=True), r=4, alpha=8)
     nn.init.normal_(layer.lora_B.weight)

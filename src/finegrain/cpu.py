@@ -11,10 +11,9 @@ torch is imported inside the functions that need it: `quiet_openmp` must run bef
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,48 +145,3 @@ def training_autocast(requested: bool, cpuinfo: Path = CPUINFO) -> "torch.autoca
 
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=requested and native_bf16(cpuinfo))
 
-
-class FrozenWeightsInBF16:
-    """Holds a model's frozen matrices (its linear layers' weights) in bf16 while `hold()`.
-
-    Under bf16 autocast every linear layer casts its float32 weight to bf16 in every forward,
-    ~18% of a bf16 LoRA step on the default model; weights held in bf16 give the same matmuls
-    without those copies. Embedding tables stay float32 (a lookup is no matmul, and a tied
-    output head shares the table), and so do the modules in `skip`. `release()` puts the
-    float32 originals back, bit for bit. With `enabled=False` it holds nothing.
-    """
-
-    def __init__(self, model: "torch.nn.Module", enabled: bool = True, skip: Iterable["torch.nn.Module"] = ()):
-        import torch
-
-        kept = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        kept |= {id(p) for module in skip for p in module.parameters()}
-        unique = {id(p): p for p in model.parameters()}.values()
-        self.params = [p for p in unique if enabled and p.dim() == 2 and not p.requires_grad
-                       and p.dtype == torch.float32 and id(p) not in kept]
-        self.originals: list[torch.Tensor] | None = None
-
-    def hold(self) -> None:
-        import torch
-
-        if self.originals is None:
-            self.originals = [p.data for p in self.params]
-            for p in self.params:
-                p.data = p.data.to(torch.bfloat16)
-
-    def release(self) -> None:
-        if self.originals is not None:
-            for p, original in zip(self.params, self.originals):
-                p.data = original
-            self.originals = None
-
-    @contextlib.contextmanager
-    def released(self) -> Iterator[None]:
-        """The float32 weights inside the block (validation predicts in float32), held again after it."""
-        held = self.originals is not None
-        self.release()
-        try:
-            yield
-        finally:
-            if held:
-                self.hold()
