@@ -24,8 +24,10 @@ from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import inject, load_adapter, method_config, save_adapter
 from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
+from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
+from finegrain.train.tfidf_mix import fit_tfidf_mix, test_metrics_mixed
 from finegrain.train.trainer import Trainer, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
@@ -158,7 +160,7 @@ def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a start that never reached a checkpoint left, so the next start is a clean one."""
     for name in (rundir.METRICS_LOG, rundir.LABELS, rundir.SKIPPED_ROWS):
         (run_dir / name).unlink(missing_ok=True)
-    for name in (rundir.BEST, rundir.CHECKPOINT, rundir.TENSORBOARD):
+    for name in (rundir.BEST, rundir.CHECKPOINT, rundir.TENSORBOARD, rundir.TFIDF):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
@@ -224,6 +226,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
     state = trainer.fit(resume=resume_dir is not None)
+    # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
+    mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     save_adapter(
         model, adapter, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
         modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
@@ -251,10 +255,16 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
     if long_texts:
         results["data"] = long_texts
+    if mix:
+        results["tfidf_mix"] = mix
     if splits.test:
         fault_point("test")  # test-only (tests/test_faults.py)
-        predictions = task.predict(model, test_items, pad_id, eval_batch, progress="testing" if progress else None)
-        results["test"] = task.metrics(predictions, task.gold(splits.test))
+        testing = "testing" if progress else None
+        if mix and mix["weight"]:
+            results["test"], mix["test_model_alone"] = test_metrics_mixed(task, model, test_items, splits.test, pad_id, eval_batch, testing)
+        else:
+            predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
+            results["test"] = task.metrics(predictions, task.gold(splits.test))
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own
@@ -285,6 +295,7 @@ class Predictor:
         rundir.require_adapter(run_dir)
         self.model, self.tokenizer, self.task, _ = build(self.config, rundir.read_labels(run_dir), progress, with_adapter=False)
         load_adapter(self.model, rundir.adapter_dir(run_dir))
+        attach_tfidf(self.task, run_dir)
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)
 

@@ -183,6 +183,9 @@ def add_baselines(results: dict[str, Any], data: Any, splits: Any) -> None:
         ),
         "finegrain_seconds": results.get("train", {}).get("total_seconds"),
     }
+    mix = results.get("tfidf_mix") or {}
+    if split == "test" and "test_model_alone" in mix:  # the fine-tuned model without the TF-IDF mixed in
+        baselines["model_alone"] = {**mix["test_model_alone"], "tfidf_mix_weight": mix["weight"]}
     warning = baseline_warning(results[split], baselines)
     if warning:
         baselines["warning"] = warning

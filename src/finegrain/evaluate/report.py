@@ -527,16 +527,26 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
     else:
         ours, keys = {"accuracy": metrics["accuracy"]}, {"accuracy": "accuracy"}
     ours["macro-F1"], keys["macro-F1"] = metrics["macro"]["f1"], "macro_f1"
-    rows = [[name, value, tfidf.get(keys[name]), majority.get(keys[name])] for name, value in ours.items()]
+    # The fine-tuned model without the TF-IDF probabilities mixed in (head.tfidf_mix), when they are.
+    alone = baselines.get("model_alone")
+    others = [tfidf, majority] if alone is None else [alone, tfidf, majority]
+    if alone is not None:
+        columns.insert(2, "finegrain, model alone")
+    rows = [[name, value, *(other.get(keys[name]) for other in others)] for name, value in ours.items()]
     for label, scores in metrics["per_class"].items():
-        tfidf_f1 = tfidf.get("per_class", {}).get(label)
-        rows.append([f"F1 {label}", scores["f1"], tfidf_f1, majority["per_class"].get(label)])
-    seconds = (baselines.get("finegrain_seconds"), tfidf.get("seconds"), majority.get("seconds"))
+        rows.append([f"F1 {label}", scores["f1"], *(other.get("per_class", {}).get(label) for other in others)])
+    seconds = (baselines.get("finegrain_seconds"), *(other.get("seconds") for other in others))
     rows.append(["seconds", *(None if t is None else f"{t:.1f}" if t >= 1 else f"{t:.3f}" for t in seconds)])
     notes = [
         f"Fitted on the same training split and scored on the same {baselines['split']} split as finegrain, "
         "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
     ]
+    if alone is not None:
+        notes.append(
+            f"finegrain mixes a TF-IDF + logistic regression's probabilities into the fine-tuned model's at weight "
+            f"{alone['tfidf_mix_weight']} (head.tfidf_mix, chosen on validation); \"model alone\" is the fine-tuned "
+            "model without them."
+        )
     if baselines["split"] == "validation":
         notes.append("There is no test split: finegrain chose its checkpoint on this one, so its figures are optimistic.")
     if "skipped" in tfidf:
