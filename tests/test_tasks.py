@@ -24,7 +24,7 @@ def test_every_task_implements_the_contract(name):
 
 
 def test_endpoints_are_distinct():
-    endpoints = [cls.endpoint for cls in TASKS.values() if cls.endpoint is not None]
+    endpoints = [cls.endpoint.path for cls in TASKS.values() if cls.endpoint is not None]
     assert len(endpoints) == len(set(endpoints))
 
 

@@ -30,19 +30,11 @@ from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
 from finegrain.peft import adapter_layers, adapter_state_dict, load_tensors, read_adapter, set_adapter
+from finegrain.tasks import task_class
 from finegrain.tokenizer import Tokenizer
 
-# The endpoint each task answers on; generative runs answer on GENERATE_ENDPOINTS.
-TASK_ENDPOINTS = {
-    "classification": "/v1/classify",
-    "regression": "/v1/regress",
-    "ner": "/v1/ner",
-    "relation": "/v1/relation",
-    "qa": "/v1/qa",
-}
-GENERATIVE_TASKS = ("instruct",)  # runs whose adapter (LoRA only, no head) steers the language model itself
+# Runs of a task with no endpoint of its own (its adapter steers the language model) answer here.
 GENERATE_ENDPOINTS = ("/v1/generate", "/v1/chat/completions")
-LABELLED_TASKS = ("classification", "ner", "relation")  # whose labels.json lists classes (regression: mean, std)
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:
@@ -126,11 +118,13 @@ class ServedRun:
 
     @property
     def generative(self) -> bool:
-        return self.config.task in GENERATIVE_TASKS
+        return task_class(self.config.task).endpoint is None
 
     @property
     def endpoint(self) -> str:
-        return "/v1/chat/completions" if self.generative else TASK_ENDPOINTS[self.config.task]
+        """The run's route: its task's (the task table's), or chat for a generative run."""
+        endpoint = task_class(self.config.task).endpoint
+        return "/v1/chat/completions" if endpoint is None else endpoint.path
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -208,7 +202,6 @@ class ModelRegistry:
         """Build the run's task model around a view of the base, load the run's adapter onto the
         base's layers under the run's name (a generative run's onto the base itself), and the whole
         modules the adapter saved (`task.head_modules`) into the task model."""
-        from finegrain.tasks import task_class
         from finegrain.tasks.lexical import attach as attach_tfidf
 
         adapter_dir = rundir.adapter_dir(run.run_dir)
@@ -254,10 +247,8 @@ class ModelRegistry:
         entries = []
         for run in self.runs.values():
             entry = {"id": run.name, "task": run.config.task, "endpoint": run.endpoint, "base": base_id(run.config.model.name)}
-            if run.task is not None and run.config.task in LABELLED_TASKS:
-                entry["labels"] = run.task.labels
-            if run.config.task == "classification":
-                entry["multi_label"] = run.config.data.multi_label
+            if run.task is not None:
+                entry.update(run.task.describe())  # labels (classification, ner, relation), multi_label
             if run.base is not None:
                 entry["adapter_bytes"] = run.adapter_bytes
             entries.append(entry)

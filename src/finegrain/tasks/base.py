@@ -9,7 +9,8 @@ more tasks would otherwise each write again.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -20,6 +21,28 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows, predict_outputs
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How the server answers a task: the route and its bodies, and how a request becomes inputs.
+
+    Attributes:
+        path: the route, e.g. "/v1/classify"; its last part names the operation ("classify").
+        request: the strict pydantic body of a request (`finegrain.tasks.schemas`).
+        response: the pydantic body of an answer: `model` and `predictions`, one per input.
+        field: the request's list of inputs ("texts", "items"), as the server's errors name it.
+        summary: what the endpoint does, shown in the OpenAPI document.
+        read: a request body → what `examples_from_inputs` takes, and every text in it with the
+            field that holds it ("texts.0", "items.1.context") for the token limit.
+    """
+
+    path: str
+    request: type
+    response: type
+    field: str
+    summary: str
+    read: Callable[[Any], tuple[list, list[tuple[str, str]]]]
 
 
 @runtime_checkable
@@ -33,7 +56,7 @@ class Task(Protocol):
 
     Attributes:
         name: the `task:` name, its key in `finegrain.tasks.TASKS`.
-        endpoint: the server's route for the task (a `ServedTask`), or None for a task whose
+        endpoint: how the server answers the task (a `ServedTask`), or None for a task whose
             adapter steers the language model itself (served by the generation endpoints).
         headline_metric: the validation metric to select by when `train.metric` is not set.
         peft_task_type: PEFT's `task_type` of the saved adapter.
@@ -44,7 +67,7 @@ class Task(Protocol):
     """
 
     name: ClassVar[str]
-    endpoint: ClassVar[str | None]
+    endpoint: ClassVar[Endpoint | None]
     headline_metric: str
     peft_task_type: ClassVar[str]
     head_modules: ClassVar[tuple[str, ...]]
@@ -117,6 +140,9 @@ class Task(Protocol):
 class ServedTask(Task, Protocol):
     """A task the server answers on its own `endpoint`: its model's outputs become scores
     (`probabilities`), and the scores of a request's items its predictions (`decode`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What `/v1/models` shows of a run beyond its name, task and endpoint (its labels)."""
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         """The model's outputs (N, ...) as the scores `decode` reads."""

@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import nn
 
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import class_weights, document_mean, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, class_weights, document_mean, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 from finegrain.tasks.lexical import LexicalModel
 
 
@@ -206,11 +208,25 @@ class TextInputs:
         return {"longer": sum(item.longer for item in items), "truncated": sum(item.truncated for item in items)}
 
 
+class Prediction(BaseModel):
+    label: str | list[str] = Field(description="The label; a list of labels for a multi-label run.")
+    probabilities: dict[str, Finite]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
 class ClassificationTask:
     """Head, collate function, loss, predictions and metrics for text classification."""
 
     name = "classification"
-    endpoint = "/v1/classify"
+    endpoint = Endpoint(
+        "/v1/classify", TextsRequest, ClassifyResponse, "texts",
+        "Label each text with a classification run: the label (labels, multi-label) and every label's probability.",
+        read_texts,
+    )
     peft_task_type = "SEQ_CLS"
     head_modules = ("score",)
     predicts_from_prefix = True
@@ -314,6 +330,9 @@ class ClassificationTask:
     def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
                 progress: str | None = None) -> list[dict[str, Any]]:
         return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": self.labels, "multi_label": self.multi_label}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)

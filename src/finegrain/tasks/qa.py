@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from finegrain.data.squad import QAExample, load_qa_splits, read_squad
 from finegrain.errors import FinegrainError
-from finegrain.tasks.base import pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, pad_inputs, predict_scores
+from finegrain.tasks.schemas import Finite, ModelName, NonEmptyText, Strict
 from finegrain.tasks.tokens import TokenClassifier
 
 QUESTION = "Question: {question}\nContext:\n"
@@ -92,6 +94,34 @@ def answer_tokens(example: QAExample, offsets: Sequence[tuple[int, int]]) -> tup
     return first, last
 
 
+class QAItem(Strict):
+    question: NonEmptyText
+    context: NonEmptyText
+
+
+class QARequest(Strict):
+    items: list[QAItem] = Field(min_length=1, description="Questions about contexts (at most --max-texts).")
+    model: ModelName | None = Field(None, description="The QA run to use (see /v1/models).")
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="The answer span of the context.")
+    start: int | None = Field(description="Its character offset in the context.")
+    end: int | None = Field(description="Character offset just past it (exclusive).")
+    score: Finite
+
+
+class QAResponse(BaseModel):
+    model: str
+    predictions: list[Answer]
+
+
+def read_qa_request(body: QARequest) -> tuple[list, list[tuple[str, str]]]:
+    """The items as `examples_from_inputs` takes them ({"question", "context"}) and their texts."""
+    texts = [(f"items.{i}.{key}", getattr(item, key)) for i, item in enumerate(body.items) for key in ("question", "context")]
+    return [item.model_dump() for item in body.items], texts
+
+
 class QATask:
     """Windows, collate function, loss, span decoding and SQuAD metrics for extractive QA.
 
@@ -103,7 +133,10 @@ class QATask:
     """
 
     name = "qa"
-    endpoint = "/v1/qa"
+    endpoint = Endpoint(
+        "/v1/qa", QARequest, QAResponse, "items", "Answer each question with a span of its context, with an extractive QA run.",
+        read_qa_request,
+    )
     headline_metric = "f1"
     peft_task_type = "QUESTION_ANS"
     head_modules = ("score",)
@@ -257,6 +290,9 @@ class QATask:
     def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
                 progress: str | None = None) -> list[dict[str, Any]]:
         return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def describe(self) -> dict[str, Any]:
+        return {}  # no labels: answers are spans of the context
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The start/end logits (N, T, 2) as they are: `decode` normalises them per window."""

@@ -12,11 +12,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
-from finegrain.tasks.base import pad_inputs, predict_scores, refuse_class_weights
+from finegrain.tasks.base import Endpoint, pad_inputs, predict_scores, refuse_class_weights
 from finegrain.tasks.classification import Encoded, SequenceClassifier, TextInputs
+from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
+
+
+class Value(BaseModel):
+    value: Finite = Field(description="The predicted number, in the units of the training targets.")
+
+
+class RegressResponse(BaseModel):
+    model: str
+    predictions: list[Value]
 
 
 class RegressionTask:
@@ -28,7 +39,10 @@ class RegressionTask:
     """
 
     name = "regression"
-    endpoint = "/v1/regress"
+    endpoint = Endpoint(
+        "/v1/regress", TextsRequest, RegressResponse, "texts", "Score each text with a regression run: the predicted `value`.",
+        read_texts,
+    )
     peft_task_type = "SEQ_CLS"
     head_modules = ("score",)
     predicts_from_prefix = True
@@ -115,6 +129,9 @@ class RegressionTask:
     def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
                 progress: str | None = None) -> list[dict[str, Any]]:
         return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def describe(self) -> dict[str, Any]:
+        return {}  # labels.json holds the targets' field, mean and deviation, no labels
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float()[:, 0] * self.std + self.mean  # back in the targets' units

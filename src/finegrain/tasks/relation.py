@@ -35,10 +35,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import nn
 
 from finegrain.config import HeadConfig
@@ -49,7 +50,8 @@ from finegrain.data.relation import (
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.schemas import Finite, ModelName, NonEmptyText, Strict, whole
 
 _DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
 
@@ -175,6 +177,43 @@ class RelationClassifier(nn.Module):
         return self.score(pooled)
 
 
+Span = Annotated[list[whole(0)], Field(min_length=2, max_length=2, description="[start, end) character offsets.")]
+
+
+class RelationItem(Strict):
+    text: NonEmptyText = Field(description="The text, without <e1>/<e2> markers: the spans mark the entities.")
+    head: Span
+    tail: Span
+
+
+class RelationRequest(Strict):
+    items: list[RelationItem] = Field(min_length=1, description="Texts with two marked entities (at most --max-texts).")
+    model: ModelName | None = Field(None, description="The relation run to use (see /v1/models).")
+
+
+class Mention(BaseModel):
+    start: int
+    end: int = Field(description="Exclusive.")
+    text: str
+
+
+class Relation(BaseModel):
+    label: str = Field(description="The relation type, or the run's no-relation label.")
+    probabilities: dict[str, Finite]
+    head: Mention
+    tail: Mention
+
+
+class RelationResponse(BaseModel):
+    model: str
+    predictions: list[Relation]
+
+
+def read_relation_request(body: RelationRequest) -> tuple[list, list[tuple[str, str]]]:
+    """The items as `examples_from_inputs` takes them ({"text", "head", "tail"}) and their texts."""
+    return [item.model_dump() for item in body.items], [(f"items.{i}.text", item.text) for i, item in enumerate(body.items)]
+
+
 class RelationTask:
     """Head, collate function, loss, predictions and metrics for relation classification.
 
@@ -186,7 +225,10 @@ class RelationTask:
     """
 
     name = "relation"
-    endpoint = "/v1/relation"
+    endpoint = Endpoint(
+        "/v1/relation", RelationRequest, RelationResponse, "items",
+        "Classify the relation between the head and tail spans of each text with a relation run.", read_relation_request,
+    )
     headline_metric = "f1"
     predicts_from_prefix = True
     # The head reads two positions, so transformers' LlamaForSequenceClassification cannot hold it;
@@ -292,6 +334,9 @@ class RelationTask:
     def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
                 progress: str | None = None) -> list[dict[str, Any]]:
         return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": self.labels}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import nn
 
 from finegrain import datasets
@@ -47,7 +48,8 @@ from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
 from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
-from finegrain.tasks.base import IGNORE_INDEX, class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import IGNORE_INDEX, Endpoint, class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 
 
 @dataclass
@@ -139,6 +141,27 @@ class TokenClassifier(nn.Module):
         return logits
 
 
+class Entity(BaseModel):
+    type: str
+    start: int = Field(description="Character offset of the first character in the text.")
+    end: int = Field(description="Character offset just past the last character (exclusive).")
+    text: str
+    words: list[int] = Field(description="[first, end) word indices.")
+    score: Finite = Field(description="The mean probability of the entity's word tags.")
+
+
+class Tagging(BaseModel):
+    words: list[str]
+    tags: list[str] = Field(description="One tag per word, in the run's scheme (BIO, BIOES or IO).")
+    entities: list[Entity]
+    truncated_words: int = Field(description="Words past the run's data.max_length, tagged O.")
+
+
+class NerResponse(BaseModel):
+    model: str
+    predictions: list[Tagging]
+
+
 class TokenClassificationTask:
     """Head, collate function, loss, decoding and entity metrics for NER and other word tagging.
 
@@ -152,7 +175,10 @@ class TokenClassificationTask:
     """
 
     name = "ner"
-    endpoint = "/v1/ner"
+    endpoint = Endpoint(
+        "/v1/ner", TextsRequest, NerResponse, "texts",
+        "Tag each text's words with an NER run: words, tags and the entities with character offsets.", read_texts,
+    )
     headline_metric = "f1"
     peft_task_type = "TOKEN_CLS"
     head_modules = ("score",)
@@ -300,6 +326,9 @@ class TokenClassificationTask:
     def predict(self, model, items: list, pad_id: int, batch_size: int = 64, hidden=None, start_layer: int = 0,
                 progress: str | None = None) -> list[dict[str, Any]]:
         return predict_scores(self, model, items, pad_id, batch_size, hidden, start_layer, progress)
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": self.labels}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
