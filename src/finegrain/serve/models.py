@@ -30,7 +30,7 @@ from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
 from finegrain.peft import adapter_layers, adapter_state_dict, load_tensors, read_adapter, set_adapter
-from finegrain.tasks import task_class
+from finegrain.tasks import ServedTask, task_class
 from finegrain.tokenizer import Tokenizer
 
 # Runs of a task with no endpoint of its own (its adapter steers the language model) answer here.
@@ -111,7 +111,7 @@ class ServedRun:
     run_dir: Path
     config: Any  # finegrain.config.RunConfig
     base: ServedBase | None = None
-    task: Any = None  # a finegrain.tasks.Task
+    task: ServedTask | None = None  # None for a generative run (and until loaded)
     model: nn.Module | None = None  # the task's model (`task.build_model`) on a view of the base
     own_tokenizer: Tokenizer | None = None  # when the task added tokens (relation markers): the run's own copy
     adapter_bytes: int = 0
