@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from finegrain.tasks.base import Task
 from finegrain.train.batching import micro_batches
 
 # The task model's outputs for a collated batch, as the trainer runs it in a step (from its
@@ -24,10 +25,12 @@ Forward = Callable[[dict[str, Any]], torch.Tensor]
 class Objective(Protocol):
     """What the trainer needs of an objective.
 
-    `items` are encoded items (each with `input_ids`); `hidden`, when the trainer caches the
-    frozen lower layers, holds each item's states at `start_layer` and is set by the trainer.
+    `items` are encoded items (each with `input_ids`) of `task`, which collates them; `hidden`,
+    when the trainer caches the frozen lower layers, holds each item's states at `start_layer`
+    and is set by the trainer.
     """
 
+    task: Task
     items: list
     lengths: list[int]
     weight: float
@@ -53,7 +56,7 @@ class TaskObjective:
         weight: this objective's share of a step's loss, beside other objectives.
     """
 
-    task: Any
+    task: Task
     items: list
     weight: float = 1.0
     hidden: list[torch.Tensor] | None = None

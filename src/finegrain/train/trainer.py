@@ -83,7 +83,7 @@ class Trainer:
             its backbone is `model.model` (see `backbone`).
         task: gives `collate(items, pad_id, hidden)`, `loss(outputs, batch)` and `predict(...)`.
         train: encoded training items (each with `input_ids`): the first objective is `task`'s
-            loss over them, and validation, LP-FT and the default sampler are about them.
+            loss over them; LP-FT (`head.init: probe`) and the default sampler read them.
         validation: encoded validation items, or an empty list.
         score: turns the task's predictions on `validation` (`task.predict`) into metrics (a dict;
             numbers at its top level and in its `macro`/`micro`/`weighted` sections are logged).
@@ -112,7 +112,9 @@ class Trainer:
         self.validation_items, self.score = list(validation), score
         self.pad_id, self.progress = pad_id, progress
         self.objectives: list[Objective] = [TaskObjective(task, train), *objectives]
-        self.sampler = sampler or LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
+        if sampler is None:
+            sampler = LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
+        self.sampler = sampler
         self.backbone = backbone(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
@@ -159,10 +161,10 @@ class Trainer:
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
             for objective in self.objectives:
-                objective.hidden = self._prefix(objective.items)
+                objective.hidden = self._prefix(objective.task, objective.items)
             fault_point("prefix_cache")  # test-only (tests/test_faults.py)
             if self.task.predicts_from_prefix:
-                self.validation_hidden = self._prefix(self.validation_items)
+                self.validation_hidden = self._prefix(self.task, self.validation_items)
         if not resume and getattr(getattr(self.task, "head", None), "init", "random") == "probe":
             self._fit_head()
         self.model.train()
@@ -260,10 +262,10 @@ class Trainer:
     def _epoch_progress(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
 
-    def _prefix(self, items: list) -> list[torch.Tensor]:
-        """The frozen layers' output (below `start_layer`) for each item (`train.prefix_cache`)."""
+    def _prefix(self, task: Task, items: list) -> list[torch.Tensor]:
+        """The frozen layers' output (below `start_layer`) for each of `task`'s items (`train.prefix_cache`)."""
         return compute_prefix(
-            self.backbone, self.task, items, self.start_layer, self.pad_id, self.config.eval_batch_size,
+            self.backbone, task, items, self.start_layer, self.pad_id, self.config.eval_batch_size,
             self.progress, getattr(torch, self.config.prefix_cache_dtype), self.writer.run_dir,
             self.config.prefix_cache_ram_mb * 2**20,
         )
