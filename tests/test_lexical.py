@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from finegrain.errors import FinegrainError
-from finegrain.tasks.lexical import C, LexicalModel, choose_weight, log_loss
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, choose_weight, log_loss
 
 TEXTS = ["the match ended in a draw", "the striker scored twice", "shares fell on the market",
          "the bank raised its rates", "a late goal won the cup", "profits rose this quarter"]
@@ -19,33 +19,36 @@ TARGETS = [0, 0, 1, 1, 0, 1]
 @pytest.mark.parametrize("targets,num_labels", [(TARGETS, 2), ([0, 2, 1, 1, 0, 2], 3)])
 def test_probabilities_match_sklearn(targets, num_labels):
     """The saved form (coefficients per class, softmax) predicts what scikit-learn's model does."""
-    model = LexicalModel.fit(TEXTS, targets, num_labels, char_level=False)
+    models = LexicalModel.fit(TEXTS, targets, num_labels, char_level=False)
+    assert [m.strength for m in models] == list(STRENGTHS)
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    reference = LogisticRegression(C=C, max_iter=1000).fit(vectorizer.fit_transform(TEXTS), targets)
+    features = vectorizer.fit_transform(TEXTS)
     queries = ["a goal in the cup final", "the market and the bank"]
-    expected = reference.predict_proba(vectorizer.transform(queries))
-    np.testing.assert_allclose(model.probabilities(queries).numpy(), expected, rtol=1e-4, atol=1e-5)
+    for model in models:
+        reference = LogisticRegression(C=model.strength, max_iter=1000).fit(features, targets)
+        expected = reference.predict_proba(vectorizer.transform(queries))
+        np.testing.assert_allclose(model.probabilities(queries).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_class_missing_from_training_gets_no_probability():
-    model = LexicalModel.fit(TEXTS, TARGETS, 3, char_level=False)
+    model = LexicalModel.fit(TEXTS, TARGETS, 3, char_level=False)[0]
     probs = model.probabilities(["the striker scored"])
     assert probs.shape == (1, 3) and probs[0, 2] < 1e-6 and torch.isclose(probs.sum(), torch.tensor(1.0))
 
 
 def test_save_and_load_give_the_same_probabilities(tmp_path):
-    model = LexicalModel.fit(["今天天气很好", "服务太差了", "房间很干净", "早餐难吃"], [1, 0, 1, 0], 2, char_level=True)
+    model = LexicalModel.fit(["今天天气很好", "服务太差了", "房间很干净", "早餐难吃"], [1, 0, 1, 0], 2, char_level=True)[-1]
     model.weight = 0.3
     model.save(tmp_path / "tfidf")
     loaded = LexicalModel.load(tmp_path / "tfidf")
     queries = ["房间很好", "服务差"]
-    assert loaded.char_level and loaded.weight == 0.3
+    assert loaded.char_level and loaded.weight == 0.3 and loaded.strength == STRENGTHS[-1]
     torch.testing.assert_close(loaded.probabilities(queries), model.probabilities(queries))
     assert not list((tmp_path / "tfidf").glob("*.tmp"))
 
 
 def test_a_damaged_model_is_a_one_line_error(tmp_path):
-    model = LexicalModel.fit(TEXTS, TARGETS, 2, char_level=False)
+    model = LexicalModel.fit(TEXTS, TARGETS, 2, char_level=False)[0]
     model.save(tmp_path / "tfidf")
     (tmp_path / "tfidf" / "vocabulary.json").write_text("{not json")
     with pytest.raises(FinegrainError, match="vocabulary|tfidf"):
@@ -53,7 +56,7 @@ def test_a_damaged_model_is_a_one_line_error(tmp_path):
 
 
 def test_mix_weighs_the_two_models():
-    model = LexicalModel.fit(TEXTS, TARGETS, 2, char_level=False)
+    model = LexicalModel.fit(TEXTS, TARGETS, 2, char_level=False)[0]
     lm = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     texts = ["a goal", "the bank"]
     model.weight = 0.0

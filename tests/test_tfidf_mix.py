@@ -11,7 +11,7 @@ import torch
 
 import finegrain
 from finegrain.cli import main
-from finegrain.tasks.lexical import LexicalModel
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel
 
 from test_baselines import _write_run
 
@@ -27,16 +27,18 @@ def test_auto_mixes_in_tfidf_when_it_helps_and_predicts_as_trained(tiny_model_di
     run = _train(tmp_path, tiny_model_dir, "auto")
     metrics = json.loads((run / "metrics.json").read_text())
     mix = metrics["tfidf_mix"]
-    assert [row["weight"] for row in mix["validation"]] == [round(0.1 * k, 1) for k in range(10)]
+    weights = [round(0.1 * k, 1) for k in range(10)]
+    assert [(row["strength"], row["weight"]) for row in mix["validation"]] == [(c, w) for c in STRENGTHS for w in weights]
     best = max(row["score"] for row in mix["validation"])
-    assert mix["weight"] > 0 and next(r for r in mix["validation"] if r["weight"] == mix["weight"])["score"] == best
+    chosen = next(r for r in mix["validation"] if (r["strength"], r["weight"]) == (mix["strength"], mix["weight"]))
+    assert mix["weight"] > 0 and chosen["score"] == best
     assert metrics["test"]["accuracy"] == 1.0 > mix["test_model_alone"]["accuracy"]  # the words carry it
     assert metrics["baselines"]["model_alone"]["accuracy"] == mix["test_model_alone"]["accuracy"]
     assert "warning" not in metrics["baselines"]
     assert "finegrain, model alone" in (run / "report.md").read_text()
 
     saved = LexicalModel.load(run / "tfidf")
-    assert saved.weight == mix["weight"]
+    assert (saved.weight, saved.strength) == (mix["weight"], mix["strength"])
     texts = ["great fun film", "dull slow film"]
     predicted = finegrain.load(run).predict(texts)
     assert [p["label"] for p in predicted] == ["fresh", "rotten"]

@@ -4,9 +4,9 @@ A small decoder fine-tuned on a few thousand examples reads meaning; a bag of n-
 the words themselves. On topic-like labels and on text the decoder's pretraining barely saw
 (Chinese for an English-first model) the words alone are strong — the TF-IDF baseline beat
 the language model there — and the two err on different examples, so their mixture beats
-each of them. `head.tfidf_mix: auto` fits a TF-IDF + logistic regression on the training split
-and picks the mixing weight on validation (`choose_weight`); a weight of 0 keeps the language
-model alone, and nothing is saved.
+each of them. `head.tfidf_mix: auto` fits TF-IDF + logistic regressions (three regularisation
+strengths) on the training split and picks the strength and the mixing weight on validation
+(`choose_weight`); a weight of 0 keeps the language model alone, and nothing is saved.
 
 The fitted model is saved as plain data in the run directory (`tfidf/`: the vocabulary as
 JSON, the idf, coefficients and intercepts as safetensors), never as a pickle: a served run
@@ -31,7 +31,9 @@ from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
 
 WEIGHTS = tuple(round(0.1 * k, 1) for k in range(10))  # 0 (the language model alone) to 0.9
-C = 10.0  # inverse regularisation: sparse n-grams need little (C=1 underfits topic words)
+# Inverse regularisation strengths (scikit-learn's C) tried, one decade apart: many sparse n-grams
+# want little regularisation, and how little depends on the data (chosen on validation with the weight).
+STRENGTHS = (3.0, 30.0, 300.0)
 CONFIG_FILE, VOCABULARY_FILE, WEIGHTS_FILE = "config.json", "vocabulary.json", "weights.safetensors"
 
 
@@ -55,22 +57,31 @@ class LexicalModel:
     coef: np.ndarray  # (C, V)
     intercept: np.ndarray  # (C,)
     weight: float = 0.0
+    strength: float = STRENGTHS[0]  # scikit-learn's C it was fitted with
 
     @classmethod
-    def fit(cls, texts: Sequence[str], targets: Sequence[int], num_labels: int, char_level: bool) -> LexicalModel:
-        """Fit on the training texts and their class indices (a class missing from them never wins)."""
+    def fit(
+        cls, texts: Sequence[str], targets: Sequence[int], num_labels: int, char_level: bool,
+        strengths: Sequence[float] = STRENGTHS,
+    ) -> list[LexicalModel]:
+        """One model per inverse regularisation strength `C` in `strengths`, on shared features,
+        from the training texts and their class indices (a class missing from them never wins)."""
         from sklearn.linear_model import LogisticRegression
 
         vectorizer = _vectorizer(char_level)
         features = vectorizer.fit_transform(list(texts))
-        classifier = LogisticRegression(C=C, max_iter=1000).fit(features, list(targets))
-        coef = np.full((num_labels, features.shape[1]), 0.0, dtype=np.float32)
-        intercept = np.full(num_labels, -1e4, dtype=np.float32)
-        rows = classifier.coef_ if len(classifier.classes_) > 2 else np.stack([-classifier.coef_[0], classifier.coef_[0]]) / 2
-        biases = classifier.intercept_ if len(classifier.classes_) > 2 else np.array([-1, 1]) * classifier.intercept_[0] / 2
-        coef[classifier.classes_] = rows
-        intercept[classifier.classes_] = biases
-        return cls(char_level, vectorizer, coef, intercept)
+        models = []
+        for strength in strengths:
+            classifier = LogisticRegression(C=strength, max_iter=1000).fit(features, list(targets))
+            coef = np.zeros((num_labels, features.shape[1]), dtype=np.float32)
+            intercept = np.full(num_labels, -1e4, dtype=np.float32)
+            if len(classifier.classes_) > 2:
+                coef[classifier.classes_], intercept[classifier.classes_] = classifier.coef_, classifier.intercept_
+            else:  # one logit for the second class: as two softmax logits, half of it each way
+                coef[classifier.classes_] = np.stack([-classifier.coef_[0], classifier.coef_[0]]) / 2
+                intercept[classifier.classes_] = np.array([-1, 1]) * classifier.intercept_[0] / 2
+            models.append(cls(char_level, vectorizer, coef, intercept, strength=strength))
+        return models
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, C) class probabilities of the texts."""
@@ -94,7 +105,8 @@ class LexicalModel:
         path = directory / WEIGHTS_FILE
         save_file(tensors, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").replace(path)
-        config = {"char_level": self.char_level, "weight": self.weight, "classes": int(self.coef.shape[0])}
+        config = {"char_level": self.char_level, "weight": self.weight, "strength": self.strength,
+                  "classes": int(self.coef.shape[0])}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")  # last: marks it complete
 
     @classmethod
@@ -108,7 +120,8 @@ class LexicalModel:
             raise FinegrainError(f"{directory}: the run's TF-IDF model cannot be read ({exc}); train the run again") from exc
         vectorizer = _vectorizer(config["char_level"], vocabulary)
         vectorizer.idf_ = tensors["idf"]
-        return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]))
+        return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]),
+                   float(config["strength"]))
 
 
 def choose_weight(
@@ -130,8 +143,12 @@ def choose_weight(
     for weight in WEIGHTS:
         mixed = (1 - weight) * model_probs.float() + weight * lexical_probs
         table.append({"weight": weight, "score": round(float(score(mixed)), 6), "log_loss": round(log_loss(mixed, gold), 6)})
-    best = max(table, key=lambda row: (row["score"], -row["log_loss"], -row["weight"]))
-    return best["weight"], table
+    return max(table, key=ranking)["weight"], table
+
+
+def ranking(row: dict[str, float]) -> tuple[float, float, float]:
+    """How `choose_weight` orders its rows: the score, then the lower log-loss, then the lower weight."""
+    return row["score"], -row["log_loss"], -row["weight"]
 
 
 def log_loss(probs: torch.Tensor, gold: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from finegrain import rundir
 from finegrain.evaluate.baselines import is_spaceless
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs
-from finegrain.tasks.lexical import LexicalModel, choose_weight
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, choose_weight, ranking
 from finegrain.train.trainer import flat_metrics
 
 
@@ -44,10 +44,15 @@ def fit_tfidf_mix(
         return None
     train_texts = [e.text for e in splits.train]
     char_level = bool(config.data.char_level) or is_spaceless(train_texts)
-    lexical = LexicalModel.fit(train_texts, [task.index[e.label] for e in splits.train], len(task.labels), char_level)
+    targets = [task.index[e.label] for e in splits.train]
+    setting = config.head.tfidf_mix
+    fixed = setting != "auto"
+    # A fixed weight takes the middle strength; auto tries each strength with each weight.
+    candidates = LexicalModel.fit(train_texts, targets, len(task.labels), char_level,
+                                  STRENGTHS[1:2] if fixed else STRENGTHS)
     outputs = predict_outputs(model, task, validation_items, pad_id, config.train.eval_batch_size, hidden, start_layer)
     model_probs = task.probabilities(outputs)
-    lexical_probs = lexical.probabilities([e.text for e in splits.validation])
+    validation_texts = [e.text for e in splits.validation]
     gold_labels = task.gold(splits.validation)
     metric = config.train.metric or task.headline_metric
 
@@ -56,15 +61,20 @@ def fit_tfidf_mix(
         return value if higher_is_better(metric) else -value
 
     gold = torch.tensor([task.index[label] for label in gold_labels])
-    setting = config.head.tfidf_mix
-    if setting == "auto":
-        weight, table = choose_weight(model_probs, lexical_probs, gold, score)
+    if fixed:
+        lexical, table = candidates[0], []
+        lexical.weight = float(setting)
     else:
-        weight, table = float(setting), []
-    lexical.weight = weight
-    summary: dict[str, Any] = {"weight": weight, "features": "character 1-3-grams" if char_level else "word 1-2-grams",
+        table = []
+        for candidate in candidates:
+            candidate.weight, rows = choose_weight(model_probs, candidate.probabilities(validation_texts), gold, score)
+            table += [{"strength": candidate.strength, **row} for row in rows]
+        best = max(table, key=ranking)
+        lexical = next(c for c in candidates if c.strength == best["strength"])
+    summary: dict[str, Any] = {"weight": lexical.weight, "strength": lexical.strength,
+                               "features": "character 1-3-grams" if char_level else "word 1-2-grams",
                                "metric": metric, "validation": table}
-    if weight:
+    if lexical.weight:
         task.lexical = lexical
         lexical.save(rundir.tfidf_dir(run_dir))
     return summary
