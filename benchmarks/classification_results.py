@@ -11,6 +11,7 @@ same splits. Each run's peak RSS comes from /usr/bin/time when present.
     python benchmarks/classification_results.py                       # every bundled set
     python benchmarks/classification_results.py --datasets trec_fine --max-train 2000
     python benchmarks/classification_results.py --files train.jsonl test.jsonl --name mine --only recipe
+    python benchmarks/classification_results.py --table /tmp/finegrain-classification-results/results.json
 
 Prints a Markdown table and writes it with every run's metrics.json under --output.
 """
@@ -73,12 +74,17 @@ def run(name: str, recipe: str, selection: list[str], args: argparse.Namespace) 
 
 def row(name: str, recipe: str, m: dict) -> str:
     if not m:
-        return f"| {name} | {recipe} | failed | | | | | |"
+        return f"| {name} | {recipe} | failed | | | | | | |"
     test, base = m.get("test") or m["validation"], m.get("baselines", {})
     tfidf, majority = base.get("tfidf", {}), base.get("majority", {})
     wins = test["accuracy"] >= tfidf.get("accuracy", 0) and test["macro"]["f1"] >= tfidf.get("macro_f1", 0)
     rss = f"{m['peak_rss_mb']:,.0f} MB" if "peak_rss_mb" in m else "?"
-    return (f"| {name} | {recipe} | **{test['accuracy']:.3f}** / **{test['macro']['f1']:.3f}** | "
+    mix, alone = m.get("tfidf_mix") or {}, base.get("model_alone")
+    if alone:  # the fine-tuned model without the TF-IDF probabilities mixed in, and their weight
+        model_alone = f"{alone['accuracy']:.3f} / {alone['macro_f1']:.3f} (weight {mix['weight']}, C {mix['strength']:g})"
+    else:
+        model_alone = "same (weight 0)" if mix else "same (no mix)"
+    return (f"| {name} | {recipe} | **{test['accuracy']:.3f}** / **{test['macro']['f1']:.3f}** | {model_alone} | "
             f"{tfidf.get('accuracy', float('nan')):.3f} / {tfidf.get('macro_f1', float('nan')):.3f} | "
             f"{majority.get('accuracy', float('nan')):.3f} | {'yes' if wins else 'no'} | "
             f"{m['command_seconds']:.0f} s | {rss} |")
@@ -94,7 +100,14 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=2000, help="cap the training split (0: no cap)")
     parser.add_argument("--max-eval", type=int, default=1000, help="cap validation and test each (0: no cap)")
     parser.add_argument("--output", default="/tmp/finegrain-classification-results")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of an earlier run's results.json, run nothing")
     args = parser.parse_args()
+    if args.table:
+        results = json.loads(Path(args.table).read_text())
+        for key, metrics in results.items():
+            name, recipe = key.rsplit("-", 1)
+            print(row(name, recipe, metrics))
+        return
     Path(args.output).mkdir(parents=True, exist_ok=True)
     if args.files:
         train, test = (str(Path(p).resolve()) for p in args.files)
@@ -103,8 +116,9 @@ def main() -> None:
     else:
         selection = {name: DATASETS[name] for name in args.datasets.split(",")}
     recipes = [args.only] if args.only else list(RECIPES)
-    lines = ["| dataset | recipe | finegrain accuracy / macro-F1 | TF-IDF accuracy / macro-F1 | majority accuracy | "
-             "beats TF-IDF | whole run | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | recipe | finegrain accuracy / macro-F1 | model alone (TF-IDF mixed in at) | "
+             "TF-IDF accuracy / macro-F1 | majority accuracy | beats TF-IDF | whole run | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     results = {}
     for name, options in selection.items():
         for recipe in recipes:
