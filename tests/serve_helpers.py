@@ -53,14 +53,16 @@ def train_task_run(
     return directory
 
 
-def train_run(model_dir: Path, directory: Path, labels: dict[str, list[str]], seed: int = 0, **data) -> Path:
+def train_run(
+    model_dir: Path, directory: Path, labels: dict[str, list[str]], seed: int = 0, sections: dict | None = None, **data
+) -> Path:
     """Train a tiny classification run whose labels are told apart by their words."""
     rng = random.Random(seed)
     rows = []
     for _ in range(60):
         label = rng.choice(sorted(labels))
         rows.append({"text": " and ".join(rng.sample(labels[label], 2)), "label": label})
-    return train_task_run(model_dir, directory, "classification", write_jsonl(directory, rows), seed, **data)
+    return train_task_run(model_dir, directory, "classification", write_jsonl(directory, rows), seed, sections, **data)
 
 
 def train_regression_run(model_dir: Path, directory: Path, words: dict[str, float]) -> Path:

@@ -45,7 +45,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     return {
         "sentiment": train_run(tiny_model_dir, root / "sentiment", SENTIMENT),
-        "topic": train_run(tiny_model_dir, root / "topic", TOPIC, seed=1),
+        # with a TF-IDF model mixed in, which the server must mix in as finegrain.load does
+        "topic": train_run(tiny_model_dir, root / "topic", TOPIC, seed=1, sections={"head": {"tfidf_mix": 0.5}}),
         "entities": train_ner_run(tiny_model_dir, root / "entities", ENTITIES, FILLER),
         "stars": train_regression_run(tiny_model_dir, root / "stars", STARS),
         "semeval": train_relation_run(tiny_model_dir, root / "semeval"),
@@ -84,6 +85,7 @@ def assert_same_predictions(served, expected):
 
 
 def test_classify_each_adapter_like_its_predictor(client, runs):
+    assert (runs["topic"] / "tfidf" / "config.json").is_file()
     for name in ("sentiment", "topic"):
         expected = finegrain.load(runs[name]).predict(TEXTS)
         response = client.post("/v1/classify", json={"texts": TEXTS, "model": name})
