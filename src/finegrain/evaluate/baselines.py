@@ -24,7 +24,9 @@ from typing import Any
 
 from finegrain.evaluate.metrics import classification_metrics, multilabel_metrics
 
-__all__ = ["add_baselines", "baseline_warning", "classification_baselines", "is_spaceless", "tfidf_pipeline"]
+__all__ = [
+    "add_baselines", "baseline_warning", "classification_baselines", "is_spaceless", "tfidf_pipeline", "tfidf_vectorizer",
+]
 
 # Scripts written without spaces between words: CJK ideographs, kana, Thai, Lao, Myanmar, Khmer.
 _SPACELESS_RANGES = (
@@ -71,19 +73,28 @@ def tfidf_pipeline(char_level: bool, multi_label: bool = False) -> Any:
     Text without spaces (`char_level`): character 1-3-grams, which cover Chinese words
     (mostly one or two characters) without a segmenter. Multi-label: one SVM per label.
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import LinearSVC
 
-    if char_level:
-        vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
-    else:
-        vectorizer = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
+    vectorizer = tfidf_vectorizer(char_level)
     # A fixed seed for liblinear's shuffling: the same baseline on every rerun, and numpy's
     # global random state (which an unseeded LinearSVC draws from) left alone.
     classifier = LinearSVC(C=1.0, random_state=0)
     return make_pipeline(vectorizer, OneVsRestClassifier(classifier) if multi_label else classifier)
+
+
+def tfidf_vectorizer(char_level: bool, vocabulary: dict[str, int] | None = None, dtype: Any = None) -> Any:
+    """The baseline's features (unfitted, or fixed to a saved `vocabulary`): word 1-2-grams, or
+    character 1-3-grams for text without spaces, sublinear tf. The TF-IDF model a run mixes in
+    (finegrain.tasks.lexical) reads the same features, in float32 (`dtype`)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(
+        analyzer="char" if char_level else "word", ngram_range=(1, 3) if char_level else (1, 2), sublinear_tf=True,
+        vocabulary=vocabulary, dtype=dtype or np.float64,
+    )
 
 
 def classification_baselines(

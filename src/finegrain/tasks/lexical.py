@@ -29,23 +29,13 @@ from safetensors.numpy import load_file, save_file
 from finegrain import rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
+from finegrain.evaluate.baselines import tfidf_vectorizer
 
 WEIGHTS = tuple(round(0.1 * k, 1) for k in range(10))  # 0 (the language model alone) to 0.9
 # Inverse regularisation strengths (scikit-learn's C) tried, one decade apart: many sparse n-grams
 # want little regularisation, and how little depends on the data (chosen on validation with the weight).
 STRENGTHS = (3.0, 30.0, 300.0)
 CONFIG_FILE, VOCABULARY_FILE, WEIGHTS_FILE = "config.json", "vocabulary.json", "weights.safetensors"
-
-
-def _vectorizer(char_level: bool, vocabulary: dict[str, int] | None = None) -> Any:
-    """The baseline's features: word 1-2-grams, or character 1-3-grams for text without spaces."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    ngrams = (1, 3) if char_level else (1, 2)
-    return TfidfVectorizer(
-        analyzer="char" if char_level else "word", ngram_range=ngrams, sublinear_tf=True, vocabulary=vocabulary,
-        dtype=np.float32,
-    )
 
 
 @dataclass
@@ -68,7 +58,7 @@ class LexicalModel:
         from the training texts and their class indices (a class missing from them never wins)."""
         from sklearn.linear_model import LogisticRegression
 
-        vectorizer = _vectorizer(char_level)
+        vectorizer = tfidf_vectorizer(char_level, dtype=np.float32)
         features = vectorizer.fit_transform(list(texts))
         models = []
         for strength in strengths:
@@ -118,7 +108,7 @@ class LexicalModel:
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except (OSError, ValueError) as exc:
             raise FinegrainError(f"{directory}: the run's TF-IDF model cannot be read ({exc}); train the run again") from exc
-        vectorizer = _vectorizer(config["char_level"], vocabulary)
+        vectorizer = tfidf_vectorizer(config["char_level"], vocabulary, np.float32)
         vectorizer.idf_ = tensors["idf"]
         return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]),
                    float(config["strength"]))

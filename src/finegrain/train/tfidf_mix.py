@@ -1,7 +1,8 @@
 """After training: fit the TF-IDF model, choose its mixing weight on validation, keep it with the run.
 
-`head.tfidf_mix` (finegrain.tasks.lexical): `auto` picks the weight (0 to 0.9) whose mixed
-validation predictions score best by `train.metric`; a number fixes it; 0 turns it off.
+`head.tfidf_mix` (finegrain.tasks.lexical): `auto` picks the regularisation strength and the
+weight (0 to 0.9) whose mixed validation predictions score best by `train.metric`; a number fixes
+the weight (at the middle strength); 0 turns it off.
 """
 
 from __future__ import annotations
