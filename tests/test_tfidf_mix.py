@@ -23,8 +23,9 @@ def _train(tmp_path: Path, model_dir: Path, mix) -> Path:
     return run
 
 
-def test_auto_mixes_in_tfidf_when_it_helps_and_predicts_as_trained(tiny_model_dir, tmp_path):
+def test_auto_mixes_in_tfidf_when_it_helps_and_predicts_as_trained(tiny_model_dir, tmp_path, capsys):
     run = _train(tmp_path, tiny_model_dir, "auto")
+    assert "tfidf mix: weight " in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     mix = metrics["tfidf_mix"]
     weights = [round(0.1 * k, 1) for k in range(10)]

@@ -27,7 +27,7 @@ from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
-from finegrain.train.tfidf_mix import fit_tfidf_mix, test_metrics_mixed
+from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
 from finegrain.train.trainer import Trainer, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
@@ -228,6 +228,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     state = trainer.fit(resume=resume_dir is not None)
     # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
     mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
+    if mix and progress:
+        print(mix_line(mix), flush=True)
     save_adapter(
         model, adapter, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
         modules_to_save=list(task.head_modules), task_type=task.peft_task_type,

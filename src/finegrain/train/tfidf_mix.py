@@ -81,6 +81,17 @@ def fit_tfidf_mix(
     return summary
 
 
+def mix_line(summary: dict[str, Any]) -> str:
+    """The terminal line for the mix `fit_tfidf_mix` chose."""
+    if not summary["validation"]:
+        return f"tfidf mix: weight {summary['weight']} (head.tfidf_mix)"
+    alone = summary["validation"][0]["score"]  # weight 0: the model alone
+    chosen = next(r for r in summary["validation"]
+                  if (r["strength"], r["weight"]) == (summary["strength"], summary["weight"]))
+    return (f"tfidf mix: weight {summary['weight']} (C {summary['strength']:g}, {summary['features']}): validation "
+            f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone):.4f}")
+
+
 def test_metrics_mixed(
     task: Any, model: torch.nn.Module, items: list, examples: list, pad_id: int, batch_size: int, progress: str | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
