@@ -26,6 +26,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import classification_metrics
 from finegrain.tasks import task_class
 from finegrain.inference import sorted_batches
+from finegrain.model.backbone import hidden_states
 
 ADAPTED_LAYERS = 6  # what the proposal adapts below the peak, as the main job does
 POOLINGS = ("last", "mean")
@@ -45,10 +46,10 @@ def pooled_states(backbone, task, items: list, pad_id: int, batch_size: int = 32
             last = lengths - 1  # right padding under a causal mask: the real tokens never see it
             real = (torch.arange(inputs["input_ids"].shape[1])[None, :] < lengths[:, None])[..., None]  # (B, T, 1)
             rows = torch.arange(len(batch))
-            x = backbone.embed_tokens(inputs["input_ids"])
+            x = hidden_states(backbone, inputs, 0, 0)  # the embedding
             for layer in range(num_layers + 1):
-                if layer:
-                    x = backbone.run_layers(x, start=layer - 1, end=layer)
+                if layer:  # one layer at a time through the backbone contract, each output kept
+                    x = hidden_states(backbone, {**inputs, "hidden": x}, layer - 1, layer)
                 states[0, layer, batch] = x[rows, last]
                 states[1, layer, batch] = (x * real).sum(1) / lengths[:, None]
     return states
