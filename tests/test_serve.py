@@ -246,6 +246,19 @@ def test_adapters_a_shared_base_cannot_hold_are_refused(runs, tmp_path):
         no_bias.load()
 
 
+def test_a_run_of_an_unknown_task_is_refused_naming_its_config(runs, tmp_path):
+    import shutil
+
+    from finegrain.serve.models import ModelRegistry
+
+    run_dir = tmp_path / "odd"
+    shutil.copytree(runs["sentiment"], run_dir)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("task: classification", "task: clasification"))
+    with pytest.raises(FinegrainError, match=r"odd/config.yaml: .*'clasification'.*classification"):
+        ModelRegistry([("odd", run_dir)])
+
+
 def test_every_adapter_costs_only_its_own_tensors(runs):
     from finegrain.peft import LoraLinear, adapter_state_dict, lora_layers, read_adapter
     from finegrain.serve.models import ModelRegistry

@@ -167,6 +167,10 @@ class ModelRegistry:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
             config = rundir.read_config(run_dir)
             rundir.require_adapter(run_dir)
+            try:
+                task_class(config.task)  # before the port is bound: a task this version does not know
+            except FinegrainError as exc:
+                raise FinegrainError(f"{Path(run_dir) / rundir.CONFIG}: {exc}") from None
             self.runs[name] = ServedRun(name, run_dir, config)
         sources = [*base_models, *(run.config.model.name for run in self.runs.values())]
         self.base_sources = list(dict.fromkeys(sources))
