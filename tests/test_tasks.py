@@ -32,3 +32,13 @@ def test_an_unknown_task_names_the_nearest():
     with pytest.raises(FinegrainError, match=r"task: 'clasification' is not a task; did you mean 'classification'\?"):
         task_class("clasification")
     assert task_class("ner") is TASKS["ner"]
+
+
+def test_train_names_the_line_of_an_unknown_task_and_creates_nothing(tmp_path, capsys):
+    from finegrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  dataset: rotten_tomatoes\ntask: clasification\n")
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) != 0
+    assert f"{config}:3: task: 'clasification' is not a task" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

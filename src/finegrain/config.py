@@ -288,6 +288,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     config = from_dict(RunConfig, values, where, sources=sources)
     validate(config, where, sources)
     config.explicit = explicit_keys(values)  # what the recipe must leave alone (finegrain.train.recipe)
+    config.sources = sources  # where each key was set, for errors found above this layer (the task name)
     return config
 
 

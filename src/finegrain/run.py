@@ -180,6 +180,11 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     """
     if resume_dir is not None and not (Path(resume_dir) / rundir.CONFIG).is_file():
         rundir.read_config(resume_dir)  # the one-line "not a run directory" error, before anything is created
+    if resume_dir is None:
+        try:
+            task_class(config.task)  # the config layer cannot read the task table: checked here, before anything is created
+        except FinegrainError as exc:
+            raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
