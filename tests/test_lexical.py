@@ -88,3 +88,11 @@ def test_choose_weight_keeps_the_model_alone_when_mixing_only_hurts():
     lexical = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     weight, _ = choose_weight(lm, lexical, gold, lambda p: float((p.argmax(-1) == gold).float().mean()))
     assert weight == 0.0
+
+
+def test_a_damaged_weights_file_is_a_one_line_error(tmp_path):
+    model = LexicalModel.fit(TEXTS, TARGETS, 2, char_level=False)[0]
+    model.save(tmp_path / "tfidf")
+    (tmp_path / "tfidf" / "weights.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(FinegrainError, match="TF-IDF model cannot be read"):
+        LexicalModel.load(tmp_path / "tfidf")

@@ -3,8 +3,8 @@
 A small decoder fine-tuned on a few thousand examples reads meaning; a bag of n-grams reads
 the words themselves. On topic-like labels and on text the decoder's pretraining barely saw
 (Chinese for an English-first model) the words alone are strong — the TF-IDF baseline beat
-the language model there — and the two err on different examples, so their mixture beats
-each of them. `head.tfidf_mix: auto` fits TF-IDF + logistic regressions (three regularisation
+the language model there — and the two err on different examples, so their mixture often
+beats each of them (docs/RESULTS.md). `head.tfidf_mix: auto` fits TF-IDF + logistic regressions (three regularisation
 strengths) on the training split and picks the strength and the mixing weight on validation
 (`choose_weight`); a weight of 0 keeps the language model alone, and nothing is saved.
 
@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from finegrain import rundir
-from finegrain.atomic import atomic_write_json, atomic_write_text
+from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import tfidf_vectorizer
 
@@ -92,11 +93,9 @@ class LexicalModel:
         vocabulary = {term: int(index) for term, index in self.vectorizer.vocabulary_.items()}
         atomic_write_json(directory / VOCABULARY_FILE, vocabulary)
         tensors = {"idf": self.vectorizer.idf_.astype(np.float32), "coef": self.coef, "intercept": self.intercept}
-        path = directory / WEIGHTS_FILE
-        save_file(tensors, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
-        config = {"char_level": self.char_level, "weight": self.weight, "strength": self.strength,
-                  "classes": int(self.coef.shape[0])}
+        with atomic_path(directory / WEIGHTS_FILE) as temporary:
+            save_file(tensors, str(temporary))
+        config = {"char_level": self.char_level, "weight": self.weight, "strength": self.strength}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")  # last: marks it complete
 
     @classmethod
@@ -106,12 +105,12 @@ class LexicalModel:
             config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
             vocabulary = json.loads((directory / VOCABULARY_FILE).read_text(encoding="utf-8"))
             tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, ValueError) as exc:
+            vectorizer = tfidf_vectorizer(config["char_level"], vocabulary, np.float32)
+            vectorizer.idf_ = tensors["idf"]  # checks it against the vocabulary's size
+            return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]),
+                       float(config["strength"]))
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise FinegrainError(f"{directory}: the run's TF-IDF model cannot be read ({exc}); train the run again") from exc
-        vectorizer = tfidf_vectorizer(config["char_level"], vocabulary, np.float32)
-        vectorizer.idf_ = tensors["idf"]
-        return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]),
-                   float(config["strength"]))
 
 
 def choose_weight(
