@@ -90,7 +90,8 @@ def finegrain_side(args) -> dict:
     from safetensors.torch import load as load_safetensors
 
     from finegrain.config import load_config, validate
-    from finegrain.run import Predictor, adapted_layers, train
+    from finegrain.peft import adapted_layers
+    from finegrain.run import Predictor, train
     from finegrain.train.prefix_cache import compute_prefix
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 import pytest
 
 from finegrain.cli import main
-from finegrain.config import load_config
+from finegrain.config import load_config, to_dict
 from finegrain.errors import FinegrainError
 
 
@@ -112,10 +112,22 @@ def test_peft_method_defaults_to_lora_and_an_old_lora_section_still_reads(tmp_pa
     assert load_config(path, ["peft.method=lora"]).lora.r == 4
 
 
-def test_an_unknown_peft_method_names_the_key_and_its_line(tmp_path):
+def test_lora_options_under_peft_land_in_the_lora_section_and_keep_their_line(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: lorra\n")
-    with pytest.raises(FinegrainError, match=r"c.yaml:4: 'peft.method' must be one of lora"):
+    path.write_text("data:\n  dataset: sms_spam\nlora:\n  r: 4\n  alpha: 8\npeft:\n  method: lora\n  r: 16\n  layers: [-1]\n")
+    config = load_config(path)
+    assert (config.lora.r, config.lora.alpha, config.lora.layers, config.peft.options) == (16, 8, [-1], {})
+    assert {"lora.r", "lora.layers"} <= config.explicit  # the recipe leaves them alone
+    assert load_config(None, ["data.dataset=sms_spam", "peft.r=2"]).lora.r == 2
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  r: many\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:4: 'lora.r' must be int"):
         load_config(path)
-    with pytest.raises(FinegrainError, match=r"unknown key 'peft.rank'"):
-        load_config(None, ["data.dataset=sms_spam", "peft.rank=4"])
+
+
+def test_another_methods_options_are_kept_for_the_peft_layer_and_written_back(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: ia3\n  layers: [-2, -1]\n")
+    config = load_config(path)  # the method and its keys are checked by finegrain.peft (tests/test_peft.py)
+    assert config.peft.method == "ia3" and config.peft.options == {"layers": [-2, -1]}
+    assert to_dict(config)["peft"] == {"method": "ia3", "layers": [-2, -1]}
+    assert load_config(None, ["data.dataset=sms_spam", "peft.method=ia3", "peft.layers=[-1]"]).peft.options == {"layers": [-1]}

@@ -11,7 +11,9 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from finegrain.config import PEFT_METHODS, RunConfig
+import dataclasses
+
+from finegrain.config import RunConfig, load_config
 from finegrain.errors import FinegrainError
 from finegrain.model.config import LlamaConfig
 from finegrain.model.llama import Llama
@@ -23,6 +25,7 @@ from finegrain.peft import (
     inject,
     load_adapter,
     method_config,
+    method_options,
     save_adapter,
     set_adapter,
 )
@@ -67,20 +70,59 @@ def peft_dirs(hf_model, tmp_path_factory) -> dict[str, object]:
     return {name: root / name for name in options}
 
 
-def test_the_method_table_is_what_the_run_config_offers():
-    assert set(METHODS) == set(PEFT_METHODS)
+def test_every_method_of_the_table_reads_its_options_from_defaults():
     for name, method in METHODS.items():
-        assert method.name == name and hasattr(RunConfig(), name)  # its options: the section named after it
+        assert method.name == name and dataclasses.is_dataclass(method.options)
+        config = method.from_section(method.options(), layers=None, modules_to_save=["score"])
+        assert isinstance(config, method) and config.modules_to_save == ["score"]
     assert len({method.peft_type for method in METHODS.values()}) == len(METHODS)
 
 
-def test_method_config_reads_the_run_config_section_and_names_an_unknown_method():
-    section = RunConfig().lora
-    section.r, section.rslora, section.targets = 4, True, "all-linear"
-    config = method_config("lora", section, layers=[1], modules_to_save=["score"])
-    assert config == LoraConfig(r=4, alpha=16.0, dropout=0.05, targets="all-linear", use_rslora=True, layers=[1], modules_to_save=["score"])
-    with pytest.raises(FinegrainError, match="peft.method: 'dora' is unknown; use one of lora"):
-        method_config("dora", section, layers=None, modules_to_save=[])
+def test_method_config_reads_the_lora_section_and_resolves_layers_from_the_top():
+    config = RunConfig()
+    config.lora.r, config.lora.rslora, config.lora.targets, config.lora.layers = 4, True, "all-linear", [-1]
+    adapter = method_config(config, num_layers=2, modules_to_save=["score"])
+    assert adapter == LoraConfig(r=4, alpha=16.0, dropout=0.05, targets="all-linear", use_rslora=True, layers=[1], modules_to_save=["score"])
+    config.lora.layers = [-3]
+    with pytest.raises(FinegrainError, match=r"lora.layers: \[-3\] is outside the model's 2 layers"):
+        method_config(config, num_layers=2, modules_to_save=[])
+
+
+@dataclasses.dataclass
+class ScaleOptions:
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["v_proj"])
+    layers: list[int] | None = None
+    init: float = 1.0
+
+
+@dataclasses.dataclass
+class ScaleConfig:
+    """A method that is one class and one table line, as a new method file declares it."""
+
+    name = "scale"
+    options = ScaleOptions
+    targets: list[str]
+    layers: list[int] | None
+    init: float
+    modules_to_save: list[str] | None
+
+    @classmethod
+    def from_section(cls, section, layers, modules_to_save):
+        return cls(section.targets, layers, section.init, modules_to_save)
+
+
+def test_a_new_method_takes_its_options_from_the_peft_section_with_their_lines(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "scale", ScaleConfig)
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: scale\n  layers: [-1]\n  init: 0.5\n")
+    config = load_config(path)
+    assert method_config(config, num_layers=3, modules_to_save=["score"]) == ScaleConfig(["v_proj"], [2], 0.5, ["score"])
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: scale\n  int: 0.5\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:5: unknown key 'peft.int'; did you mean 'peft.init'\?"):
+        method_options(load_config(path))
+    path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: scael\n")
+    with pytest.raises(FinegrainError, match=r"c.yaml:4: peft.method: 'scael' is unknown; use one of lora, scale"):
+        method_options(load_config(path))
 
 
 def test_named_adapters_switch_like_peft_set_adapter(hf_model, peft_dirs, input_ids):
@@ -132,3 +174,13 @@ def test_inject_trains_only_the_new_adapter(hf_model):
     assert ours.model.layers[0].self_attn.q_proj.adapters["first"] is first
     with pytest.raises(FinegrainError, match="already has an adapter named 'first'"):
         inject(ours, LoraConfig(), adapter_name="first")
+
+
+def test_train_names_the_line_of_an_unknown_method_and_creates_nothing(tmp_path, capsys):
+    from finegrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  dataset: rotten_tomatoes\npeft:\n  method: dorra\n")
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) != 0
+    assert f"{config}:4: peft.method: 'dorra' is unknown; use one of lora" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

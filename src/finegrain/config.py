@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -60,9 +60,17 @@ class DataConfig:
 
 @dataclass
 class PeftSection:
-    # the adapter method, one of PEFT_METHODS (finegrain.peft.METHODS); its options are the
-    # section named after it (`lora:`)
+    """The adapter method and its options: `peft: {method: ia3, layers: [-2, -1]}`.
+
+    `method` is a name of `finegrain.peft.METHODS`; every other key of the section is one of that
+    method's options, kept in `options` and checked by the method's options class (the peft layer
+    reads METHODS; this one cannot). LoRA's options may also sit in the `lora:` section below, as
+    in configs from before `peft:`; keys under `peft:` go there when the method is lora.
+    """
+
+    rest: ClassVar[str] = "options"  # from_dict puts keys this class does not name here
     method: str = "lora"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,9 +173,6 @@ class RunConfig:
     output: str | None = None  # the run directory
 
 
-PEFT_METHODS = ("lora",)  # the names of finegrain.peft.METHODS, each with its options section above (tests/test_peft.py)
-
-
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
     """Build dataclass `cls` from `values`, rejecting unknown keys with the nearest valid one.
 
@@ -179,8 +184,12 @@ def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", s
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    rest = getattr(cls, "rest", None)  # the field that keeps the keys `cls` does not name
     for key, value in values.items():
         at = sources.get(f"{prefix}{key}", where)
+        if rest is not None and key not in fields:
+            kwargs.setdefault(rest, {})[key] = value
+            continue
         if key not in fields:
             nearest = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{nearest[0]}'?" if nearest else f"; valid keys: {', '.join(fields)}"
@@ -285,6 +294,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise FinegrainError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
         sources = {k: v for k, v in sources.items() if not k.startswith(f"{key.strip()}.")}
         sources[key.strip()] = f"--set {override}"
+    _lora_options_to_their_section(values, sources)
     config = from_dict(RunConfig, values, where, sources=sources)
     validate(config, where, sources)
     config.explicit = explicit_keys(values)  # what the recipe must leave alone (finegrain.train.recipe)
@@ -292,9 +302,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return config
 
 
+def _lora_options_to_their_section(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Move LoRA's options given under `peft:` into the `lora:` section, where they have always been
+    read (a key in both: the one under `peft:` wins); `sources` follows them."""
+    peft = values.get("peft")
+    if not isinstance(peft, dict) or peft.get("method", "lora") != "lora":
+        return
+    options = {key: value for key, value in peft.items() if key != "method"}
+    if options:
+        lora = values.get("lora") if isinstance(values.get("lora"), dict) else {}
+        values["lora"] = {**lora, **options}
+        values["peft"] = {key: value for key, value in peft.items() if key == "method"}
+        for key in options:
+            sources[f"lora.{key}"] = sources.get(f"peft.{key}", sources.get("peft", "config"))
+
+
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
-        (config.peft.method in PEFT_METHODS, "peft.method", f"one of {', '.join(PEFT_METHODS)}"),
         (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
         (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
          "BIO, IOB1, BIOES or IO"),
@@ -338,7 +362,10 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain data, as a YAML config writes it (`peft:`'s options beside its method)."""
+    values = dataclasses.asdict(config)
+    values["peft"] = {"method": config.peft.method, **config.peft.options}
+    return values
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -21,7 +21,7 @@ from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
-from finegrain.peft import inject, load_adapter, method_config, save_adapter
+from finegrain.peft import inject, load_adapter, method_config, method_options, save_adapter
 from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.tasks.lexical import attach as attach_tfidf
@@ -31,17 +31,6 @@ from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixe
 from finegrain.train.trainer import Trainer, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
-
-
-def adapted_layers(layers: list[int] | None, num_layers: int, section: str = "lora") -> list[int] | None:
-    """Layer indices with negatives counted from the top (-1 is the last kept layer); `section` names
-    the run-config section they come from in the error."""
-    if layers is None:
-        return None
-    resolved = sorted({i + num_layers if i < 0 else i for i in layers})
-    if resolved and not (0 <= resolved[0] and resolved[-1] < num_layers):
-        raise FinegrainError(f"{section}.layers: {layers} is outside the model's {num_layers} layers")
-    return resolved
 
 
 def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: bool = True, loaded=None):
@@ -64,10 +53,7 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
     model = task.build_model(llama, tokenizer)
     if config.model.dtype != "float32":
         _heads_take_any_dtype(model, task.head_modules)
-    method = config.peft.method
-    section = getattr(config, method)  # the method's options: the run-config section named after it
-    layers = adapted_layers(section.layers, len(backbone.layers), method)
-    adapter = method_config(method, section, layers, list(task.head_modules))
+    adapter = method_config(config, len(backbone.layers), list(task.head_modules))
     if with_adapter:
         inject(model, adapter)
         for name in task.head_modules:  # weights and biases of the head
@@ -185,6 +171,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             task_class(config.task)  # the config layer cannot read the task table: checked here, before anything is created
         except FinegrainError as exc:
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
+        method_options(config)  # nor the method table
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from finegrain.atomic import atomic_path, atomic_write_text, fault_point
+from finegrain.config import RunConfig, from_dict
 from finegrain.errors import FinegrainError
 from finegrain.peft.lora import LoraConfig
 
@@ -70,7 +71,8 @@ class AdapterLayer(Protocol):
 class AdapterConfig(Protocol):
     """What this module asks of a method's config class, the method's entry in `METHODS`."""
 
-    name: ClassVar[str]  # its key in METHODS and its section of the run config
+    name: ClassVar[str]  # its key in METHODS, the prefix of its errors
+    options: ClassVar[type]  # a dataclass of its run-config keys under `peft:`, each with a default
     peft_type: ClassVar[str]  # its name in PEFT's adapter_config.json
     layer: ClassVar[type[AdapterLayer]]
     targets: tuple[str, ...] | str
@@ -93,15 +95,53 @@ METHODS: dict[str, type[AdapterConfig]] = {"lora": LoraConfig}
 ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values())
 
 
-def method_config(method: str, section: Any, layers: list[int] | None, modules_to_save: list[str]) -> AdapterConfig:
-    """The adapter config of a run: `method` (`peft.method`) with the options of its run-config `section`.
+def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
+    """A run's adapter method (`peft.method`) and its options, checked before anything is built.
+
+    The options are the method's `options` class read from the keys under `peft:`; LoRA's sit in
+    the `lora:` section (where `finegrain.config.load_config` puts LoRA's `peft:` keys). An error
+    names the config line or `--set` that gave the key.
 
     Raises:
-        FinegrainError: `method` is not in METHODS.
+        FinegrainError: the method is unknown, or an option is unknown or of the wrong type.
     """
-    if method not in METHODS:
-        raise FinegrainError(f"peft.method: '{method}' is unknown; use one of {', '.join(METHODS)}")
-    return METHODS[method].from_section(section, layers=layers, modules_to_save=modules_to_save)
+    sources = getattr(config, "sources", {})
+    method = METHODS.get(config.peft.method)
+    if method is None:
+        raise FinegrainError(
+            f"{sources.get('peft.method', 'config')}: peft.method: '{config.peft.method}' is unknown; "
+            f"use one of {', '.join(METHODS)}"
+        )
+    options = getattr(config, method.name, None)  # a section of its own (LoRA's, from before `peft:`)
+    if options is None:
+        options = from_dict(method.options, config.peft.options, "config", "peft.", sources)
+    return method, options
+
+
+def method_config(config: RunConfig, num_layers: int, modules_to_save: list[str]) -> AdapterConfig:
+    """The adapter config of a run: its `peft.method` with that method's options (`method_options`).
+
+    Args:
+        num_layers: the kept decoder layers; the options' `layers` may count from the top (-1).
+        modules_to_save: the task's head modules, trained in full and saved with the adapter.
+
+    Raises:
+        FinegrainError: as `method_options`, or a layer index is outside the model.
+    """
+    method, options = method_options(config)
+    layers = adapted_layers(options.layers, num_layers, "lora" if method.name == "lora" else "peft")
+    return method.from_section(options, layers=layers, modules_to_save=modules_to_save)
+
+
+def adapted_layers(layers: list[int] | None, num_layers: int, section: str = "lora") -> list[int] | None:
+    """Layer indices with negatives counted from the top (-1 is the last kept layer); `section` names
+    the run-config section they come from in the error."""
+    if layers is None:
+        return None
+    resolved = sorted({i + num_layers if i < 0 else i for i in layers})
+    if resolved and not (0 <= resolved[0] and resolved[-1] < num_layers):
+        raise FinegrainError(f"{section}.layers: {layers} is outside the model's {num_layers} layers")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------- inject

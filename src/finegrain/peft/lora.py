@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.config import LoraSection
 from finegrain.errors import FinegrainError
 from finegrain.model import fused
 from finegrain.model.linear import Linear, linear, matmul_t
@@ -310,7 +311,8 @@ class LoraConfig:
             classification head `"score"` (PEFT's `modules_to_save`).
     """
 
-    name: ClassVar[str] = "lora"  # the method's key in METHODS, its run-config section and its errors' prefix
+    name: ClassVar[str] = "lora"  # the method's key in METHODS and its errors' prefix
+    options: ClassVar[type] = LoraSection  # its run-config keys: the `lora:` section, or under `peft:`
     peft_type: ClassVar[str] = "LORA"  # its name in PEFT's adapter_config.json
     layer: ClassVar[type[LoraLinear]] = LoraLinear  # the module that wraps a targeted nn.Linear
 

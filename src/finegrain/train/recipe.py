@@ -13,10 +13,10 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   macro-F1, evaluated twice per epoch for short runs;
 - `train.epochs`: enough passes that ~2,000 examples and ~40 of the rarest class go by;
 - `train.lr`, `train.warmup_ratio`;
-- `lora.targets: all-linear`;
+- `lora.targets: all-linear` (LoRA; another method keeps its own targets);
 - `head.tfidf_mix: auto`: after training, mix in a TF-IDF + logistic regression's probabilities at
   the weight (0 to 0.9) that scores best on validation (finegrain.tasks.lexical);
-- `model.num_layers`, `head.pooling`, `lora.layers`: from the layer probe
+- `model.num_layers`, `head.pooling`, `lora.layers` (`peft.layers` for another method): from the layer probe
   (finegrain.train.probe) — cut at the highest layer, at most 6 above the best one, whose
   frozen states classify within 0.01 macro-F1 of the best, pool by the mean where the probe's mean-pooled states beat the last
   token's by 0.03 or more (long documents: 0.91 against 0.68 on BBC News; on Rotten Tomatoes
@@ -77,10 +77,19 @@ class Recipe:
     def unset(self, key: str) -> bool:
         return key not in self.explicit
 
+    @property
+    def layers_key(self) -> str:
+        """Where the adapted layers go: LoRA's `lora:` section, any other method's `peft:` keys."""
+        return "lora.layers" if self.config.peft.method == "lora" else "peft.layers"
+
     def set(self, key: str, value: Any, reason: str) -> None:
         """Set `key`; a key set again keeps one entry, its reasons joined."""
         section, name = key.split(".")
-        setattr(getattr(self.config, section), name, value)
+        target = getattr(self.config, section)
+        if section == "peft" and name != "method":
+            target.options[name] = value  # the method's own options (finegrain.peft.method_options)
+        else:
+            setattr(target, name, value)
         earlier = next((c for c in self.choices if c.key == key), None)
         if earlier is None:
             self.choices.append(Choice(key, value, reason))
@@ -104,7 +113,7 @@ class Recipe:
         self._targets()
         self._tfidf_mix()
         probe = None
-        if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset("lora.layers"):
+        if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset(self.layers_key):
             probe = self._probe(splits, tokenizer, llama, progress)
         self._budget(len(splits.train), probe, len(llama.model.layers), splits)
         self._evaluation(len(splits.train))
@@ -147,7 +156,7 @@ class Recipe:
                  f"{epochs} epoch(s) show at least {EXAMPLES_SEEN:,} examples and {RARE_SEEN} of the rarest class")
 
     def _targets(self) -> None:
-        if self.unset("lora.targets"):
+        if self.config.peft.method == "lora" and self.unset("lora.targets"):
             self.set("lora.targets", "all-linear", "adapt every linear layer of the adapted blocks (attention and "
                      "MLP), as the main job does: with few adapted layers, each must carry more")
 
@@ -214,7 +223,7 @@ class Recipe:
             train = examples * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
 
-        if not self.unset("lora.layers"):
+        if not self.unset(self.layers_key):
             return
         cut = config.model.num_layers or total_layers
         candidates = [k for k in ADAPTED_LAYERS if k <= cut] or [cut]
@@ -238,7 +247,7 @@ class Recipe:
         reason = f"adapt the top {adapted} of the {cut} kept layers; the {cut - adapted} below run once per example"
         if timed:
             reason += f" (estimated {estimate(adapted) / 60:.1f} min of layer passes against a {budget / 60:.0f}-min budget)"
-        self.set("lora.layers", list(range(-adapted, 0)), reason)
+        self.set(self.layers_key, list(range(-adapted, 0)), reason)
 
     def mean_tokens(self) -> float:
         """Mean tokens per training text at the current `data.max_length`."""
