@@ -120,6 +120,10 @@ def test_a_new_method_takes_its_options_from_the_peft_section_with_their_lines(t
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: scale\n  int: 0.5\n")
     with pytest.raises(FinegrainError, match=r"c.yaml:5: unknown key 'peft.int'; did you mean 'peft.init'\?"):
         method_options(load_config(path))
+    path.write_text("data:\n  dataset: sms_spam\nlora:\n  r: 4\n  layers: [-2, -1]\n")
+    with pytest.warns(UserWarning, match=r"peft.method: scale does not take lora.r; it is left out"):
+        carried = method_config(load_config(path, ["peft.method=scale"]), num_layers=3, modules_to_save=[])
+    assert carried.layers == [1, 2]  # switching the method on a LoRA config keeps the options both take
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: scael\n")
     with pytest.raises(FinegrainError, match=r"c.yaml:4: peft.method: 'scael' is unknown; use one of lora, scale"):
         method_options(load_config(path))

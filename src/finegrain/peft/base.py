@@ -20,12 +20,14 @@ PEFT ignores); every read checks it, and refuses NaN, infinities and tensors tha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
 import re
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -91,7 +93,9 @@ class AdapterConfig(Protocol):
 
 
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
-METHODS: dict[str, type[AdapterConfig]] = {"lora": LoraConfig}
+METHODS: dict[str, type[AdapterConfig]] = {
+    "lora": LoraConfig,
+}
 ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values())
 
 
@@ -114,8 +118,21 @@ def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
         )
     options = getattr(config, method.name, None)  # a section of its own (LoRA's, from before `peft:`)
     if options is None:
-        options = from_dict(method.options, config.peft.options, "config", "peft.", sources)
+        values = {**_carried_lora_options(config, method), **config.peft.options}
+        options = from_dict(method.options, values, "config", "peft.", sources)
     return method, options
+
+
+def _carried_lora_options(config: RunConfig, method: type[AdapterConfig]) -> dict[str, Any]:
+    """The keys a config set in its `lora:` section that `method` also takes (`layers`, `targets`):
+    switching `peft.method` on a LoRA config keeps them; the others are dropped with a note."""
+    taken = {f.name for f in dataclasses.fields(method.options)}
+    set_keys = [key.split(".", 1)[1] for key in sorted(getattr(config, "explicit", ())) if key.startswith("lora.")]
+    dropped = [key for key in set_keys if key not in taken]
+    if dropped:
+        warnings.warn(f"peft.method: {method.name} does not take lora.{', lora.'.join(dropped)}; "
+                      f"{'it is' if len(dropped) == 1 else 'they are'} left out", stacklevel=3)
+    return {key: getattr(config.lora, key) for key in set_keys if key in taken}
 
 
 def method_config(config: RunConfig, num_layers: int, modules_to_save: list[str]) -> AdapterConfig:
