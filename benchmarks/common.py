@@ -140,8 +140,55 @@ def joined_texts(pool: list, n: int, min_chars: int) -> list:
     return texts
 
 
+def finegrain_classification(n_train: int, n_test: int, epochs: int, max_length: int = SHORT_LENGTH, seed: int = 0,
+                             peft: dict | None = None, lr: float = 3e-4, bf16: bool = False) -> dict:
+    """finegrain's side of the peer's run: `finegrain.run.train` on `benchmark_split` with the peer's
+    settings (no recipe, constant lr without warmup, decay or clipping, batch 16, no baselines).
+
+    `peft`: the run config's `peft:` section; None is LoRA r=8 alpha=16 dropout=0.05 on q_proj/v_proj
+    of every layer, as the peer. Returns what `peer_classification` returns, less predictions."""
+    import tempfile
+
+    from finegrain.config import RunConfig, from_dict
+    from finegrain.run import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_path, test_path = write_peer_split(Path(tmp), n_train, n_test, max_length)
+        config = from_dict(RunConfig, {
+            "model": {"name": None},
+            "data": {"train": str(train_path), "test": str(test_path), "split": [1.0, 0.0, 0.0],
+                     "max_length": max_length, "long_texts": "truncate", "baselines": False},
+            "peft": peft or {"method": "lora"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
+            "train": {"epochs": epochs, "lr": lr, "batch_size": 16, "schedule": "constant",
+                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": seed,
+                      "bf16": bf16, "recipe": "off"},
+            "output": str(Path(tmp, "run")),
+        }, "benchmark")
+        results = train(config, progress=False)
+    tokens = results["train"]["tokens_per_s"] * results["train"]["train_seconds"]
+    return {
+        "train_s": results["train"]["train_seconds"],
+        "tokens_per_s": results["train"]["tokens_per_s"],
+        "tokens_per_text": round(tokens / (n_train * epochs), 1),
+        "accuracy": results["test"]["accuracy"],
+        "macro_f1": results["test"]["macro"]["f1"],
+        "trainable": results["train"]["trainable_parameters"],
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def peer_lora(model):
+    """The peer script's adapter: PEFT LoRA r=8 alpha=16 dropout=0.05 on q_proj/v_proj, task SEQ_CLS."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                            target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+
+
 def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int = 32, bf16: bool = False,
-                        max_length: int = SHORT_LENGTH, seed: int = 0) -> dict:
+                        max_length: int = SHORT_LENGTH, seed: int = 0, adapt=peer_lora, lr: float = 3e-4,
+                        after_step=None) -> dict:
     """transformers+PEFT LoRA classification: the loop of /work/shared/peer/hf_peft_rotten_tomatoes.py.
 
     SmolLM2 GGUF dequantized to float32, LoRA r=8 alpha=16 dropout=0.05 on q_proj/v_proj of all
@@ -149,7 +196,10 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
     text (left padding), at most 64 tokens; the global `random` and torch seeds follow the
     script's, so its 2,000 x 2 run reproduces the 0.830 it reports. `bf16`: the training
     forward under bf16 autocast (what transformers' Trainer does with `bf16=True` on a CPU).
-    `seed` replaces the script's 0 in both seeds. `max_length` above 64 trains on
+    `seed` replaces the script's 0 in both seeds. `adapt(model)` returns the model to train (the
+    script's LoRA by default; `benchmarks/methods.py` passes PEFT's other methods), `lr` its
+    learning rate, and `after_step(model, step)` runs after each optimizer step (AdaLoRA's rank
+    allocation). `max_length` above 64 trains on
     `benchmark_split`'s joined texts, cut at that length; a batch of 16 then runs as
     micro-batches of at most 2,048 tokens whose losses are weighted by their share of the
     batch (gradient accumulation, the same gradient), as 16 x 512 tokens of activations
@@ -161,7 +211,6 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
     """
     import random
 
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finegrain.checkpoint.load import resolve_model
@@ -185,11 +234,11 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
         gguf.parent, gguf_file=gguf.name, num_labels=2, dtype=torch.float32
     )
     model.config.pad_token_id = 2
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.0)
+    model = adapt(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     load_s = time.perf_counter() - started
-    batch, ntok = 16, 0
+    batch, ntok, steps = 16, 0, 0
     micro = max(1, min(batch, 2048 // max_length))
     start = time.perf_counter()
     model.train()
@@ -206,6 +255,9 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
                 ntok += int(enc.attention_mask.sum())
             opt.step()
             opt.zero_grad()
+            steps += 1
+            if after_step is not None:
+                after_step(model, steps)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     model.eval()
@@ -228,5 +280,6 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro"]["f1"],
         "predictions": predictions,
+        "trainable": sum(p.numel() for p in trainable),
         "peak_rss_mb": round(peak_rss_mb()),
     }

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,37 +43,14 @@ import statistics  # noqa: E402
 from finegrain.cpu import quiet_openmp  # noqa: E402
 
 from common import (  # noqa: E402
-    SMOLLM2_LAYERS, ceiling_share, machine_facts, matmul_ceiling_gflops, peak_rss_mb, peer_classification,
-    print_facts, run_side, write_peer_split,
+    SMOLLM2_LAYERS, ceiling_share, finegrain_classification, machine_facts, matmul_ceiling_gflops,
+    peer_classification, print_facts, run_side,
 )
 
 
 def finegrain_side(args) -> dict:
-    from finegrain.config import RunConfig, from_dict
-    from finegrain.run import train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        train_path, test_path = write_peer_split(Path(tmp), args.train, args.test, args.max_length)
-        config = from_dict(RunConfig, {
-            "model": {"name": None},
-            "data": {"train": str(train_path), "test": str(test_path), "split": [1.0, 0.0, 0.0],
-                     "max_length": args.max_length, "long_texts": "truncate", "baselines": False},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
-            "train": {"epochs": args.epochs, "lr": 3e-4, "batch_size": 16, "schedule": "constant",
-                      "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": None, "seed": args.seed,
-                      "bf16": args.bf16, "recipe": "off"},
-            "output": str(Path(tmp, "run")),
-        }, "benchmark")
-        results = train(config, progress=False)
-    tokens = results["train"]["tokens_per_s"] * results["train"]["train_seconds"]
-    return {
-        "train_s": results["train"]["train_seconds"],
-        "tokens_per_s": results["train"]["tokens_per_s"],
-        "tokens_per_text": round(tokens / (args.train * args.epochs), 1),
-        "accuracy": results["test"]["accuracy"],
-        "macro_f1": results["test"]["macro"]["f1"],
-        "peak_rss_mb": round(peak_rss_mb()),
-    }
+    return finegrain_classification(args.train, args.test, args.epochs, max_length=args.max_length, seed=args.seed,
+                                    bf16=args.bf16)
 
 
 def peer_side(args) -> dict:

@@ -240,6 +240,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             "train_seconds": round(state.train_seconds, 2),
             "tokens_per_s": round(state.train_tokens / max(state.train_seconds, 1e-9), 1),
             "frozen_prefix_layers": trainer.start_layer,
+            "peft_method": config.peft.method,
+            "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
             "skipped_rows": len(splits.skipped),
         },
     }
