@@ -5,6 +5,7 @@ What the run directory holds, and the names of its files, is `finegrain.rundir`'
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -22,6 +23,8 @@ from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import inject, load_adapter, method_config, method_options, save_adapter
+from finegrain.peft.full import FullConfig
+from finegrain.peft.full_files import load_head, save_model_dir
 from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.tasks.lexical import attach as attach_tfidf
@@ -103,7 +106,7 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         checkpoint (None when it starts from the beginning).
     """
     if (run_dir / rundir.CONFIG).exists():  # only in a run's own directories, never a stranger's
-        for directory in (run_dir, rundir.adapter_dir(run_dir)):
+        for directory in (run_dir, rundir.adapter_dir(run_dir), rundir.model_dir(run_dir)):
             remove_stale_temps(directory)  # also puts back a checkpoint a kill left moved aside
     if resume:
         config = rundir.read_config(run_dir)
@@ -222,10 +225,13 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:
         print(mix_line(mix), flush=True)
-    save_adapter(
-        model, adapter, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
-        modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
-    )
+    if isinstance(adapter, FullConfig):  # the trained model itself, as a Hugging Face directory
+        save_model_dir(model, tokenizer, task.head_modules, rundir.model_dir(run_dir))
+    else:
+        save_adapter(
+            model, adapter, rundir.adapter_dir(run_dir), base_model_name_or_path=config.model.name or DEFAULT_MODEL,
+            modules_to_save=list(task.head_modules), task_type=task.peft_task_type,
+        )
 
     results: dict[str, Any] = {
         "task": config.task,
@@ -282,6 +288,22 @@ def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> 
         task.write_report(run_dir, metrics, split, f"{task.name}: {split}")
 
 
+def build_trained(config: RunConfig, run_dir: str | Path, progress: bool = False):
+    """The finished run's task model with its trained weights, its tokenizer and its task: the base
+    with the run's adapter, or for a full fine-tune (peft.method: full) its own model directory and head."""
+    labels = rundir.read_labels(run_dir)
+    if not rundir.has_model(run_dir):
+        model, tokenizer, task, _ = build(config, labels, progress, with_adapter=False)
+        load_adapter(model, rundir.adapter_dir(run_dir))
+        return model, tokenizer, task
+    config = copy.deepcopy(config)
+    config.model.name = str(rundir.model_dir(run_dir))  # already cut to model.num_layers
+    model, tokenizer, task, _ = build(config, labels, progress, with_adapter=False)
+    fix = f"train the run again (or `finegrain train --resume {run_dir}` while its checkpoint is there)"
+    load_head(model, task.head_modules, rundir.model_dir(run_dir), fix)
+    return model, tokenizer, task
+
+
 class Predictor:
     """A trained run, ready to label new texts: `finegrain.load(RUN_DIR).predict([...])`."""
 
@@ -289,8 +311,7 @@ class Predictor:
         run_dir = Path(run_dir)
         self.config = rundir.read_config(run_dir)
         rundir.require_adapter(run_dir)
-        self.model, self.tokenizer, self.task, _ = build(self.config, rundir.read_labels(run_dir), progress, with_adapter=False)
-        load_adapter(self.model, rundir.adapter_dir(run_dir))
+        self.model, self.tokenizer, self.task = build_trained(self.config, run_dir, progress)
         attach_tfidf(self.task, run_dir)
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)

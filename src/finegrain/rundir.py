@@ -7,6 +7,8 @@ import of the training code. A run directory holds:
     config.yaml          the effective configuration
     labels.json          the label set, in head order
     adapter/             the PEFT-format adapter with the task's head (best checkpoint)
+    model/               instead of adapter/ for peft.method: full: the trained model as a Hugging Face
+                         directory, the task's head in model/head/head.safetensors
     metrics.jsonl        training loss and validation metrics per step
     metrics.json         final validation and test metrics
     report.md, report.html, confusion_matrix.png, learning_curve.png
@@ -31,6 +33,8 @@ CONFIG = "config.yaml"
 LABELS = "labels.json"
 ADAPTER = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"  # inside adapter/: present once the run has finished
+MODEL = "model"  # a full fine-tune's weights (peft.method: full), in place of adapter/
+MODEL_CONFIG = "config.json"  # inside model/: present once the run has finished
 METRICS_LOG = "metrics.jsonl"
 METRICS = "metrics.json"
 REPORT_MD = "report.md"
@@ -52,12 +56,22 @@ STATE = "state.json"
 
 # What a run writes: a directory holding any of these (and no config.yaml) is not ours to overwrite.
 RUN_OUTPUTS = (METRICS, METRICS_LOG, REPORT_MD, REPORT_HTML, LABELS, ADAPTER, CHECKPOINT, BEST, CONFUSION_MATRIX,
-               LEARNING_CURVE, TFIDF)
+               LEARNING_CURVE, TFIDF, MODEL)
 
 
 def adapter_dir(run_dir: str | Path) -> Path:
     """The run's PEFT adapter folder."""
     return Path(run_dir) / ADAPTER
+
+
+def model_dir(run_dir: str | Path) -> Path:
+    """A full fine-tune's model directory (peft.method: full)."""
+    return Path(run_dir) / MODEL
+
+
+def has_model(run_dir: str | Path) -> bool:
+    """Whether the run is a finished full fine-tune: its weights are a model directory, not an adapter."""
+    return (model_dir(run_dir) / MODEL_CONFIG).is_file()
 
 
 def tfidf_dir(run_dir: str | Path) -> Path:
@@ -66,8 +80,9 @@ def tfidf_dir(run_dir: str | Path) -> Path:
 
 
 def has_adapter(run_dir: str | Path) -> bool:
-    """Whether training finished far enough to save the adapter (it is written last but the reports)."""
-    return (adapter_dir(run_dir) / ADAPTER_CONFIG).is_file()
+    """Whether training finished far enough to save the adapter, or a full run's model directory
+    (it is written last but the reports)."""
+    return (adapter_dir(run_dir) / ADAPTER_CONFIG).is_file() or has_model(run_dir)
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

@@ -24,11 +24,13 @@ from finegrain.peft.base import (
     unload_adapters,
     unmerge_adapters,
 )
+from finegrain.peft.full import FullConfig
 from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
 
 __all__ = [
     "DEFAULT_ADAPTER",
     "METHODS",
+    "FullConfig",
     "LoraConfig",
     "LoraLinear",
     "adapted_layers",

@@ -40,6 +40,7 @@ from torch import nn
 from finegrain.atomic import atomic_path, atomic_write_text, fault_point
 from finegrain.config import RunConfig, from_dict
 from finegrain.errors import FinegrainError
+from finegrain.peft.full import FullConfig
 from finegrain.peft.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -95,8 +96,10 @@ class AdapterConfig(Protocol):
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "full": FullConfig,
 }
-ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values())
+# A method without a layer (full) wraps nothing: it marks the weights that train in place (`select`).
+ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values() if method.layer is not None)
 
 
 def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
@@ -183,6 +186,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_
         FinegrainError: a target or a layer index matches no linear layer; the model already has
             an adapter of that name.
     """
+    if config.layer is None:  # full: no adapter to add; the method picks the weights that train
+        return config.select(model)
     layers = adapter_layers(model)
     if any(adapter_name in layer.adapters for layer in layers.values()):
         raise FinegrainError(

@@ -30,6 +30,7 @@ from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
 from finegrain.peft import adapter_layers, adapter_state_dict, load_tensors, read_adapter, set_adapter
+from finegrain.peft.full_files import head_state_dict, load_head
 from finegrain.tasks import ServedTask, task_class
 from finegrain.tokenizer import Tokenizer
 
@@ -146,7 +147,11 @@ def parse_run_arguments(arguments: list[str]) -> list[tuple[str, Path]]:
 def base_id(source: str | None) -> str:
     from finegrain.checkpoint.load import DEFAULT_MODEL
 
-    return Path(source).name if source and Path(source).exists() else (source or DEFAULT_MODEL)
+    if source and Path(source).exists():
+        path = Path(source)
+        # A full fine-tune's model directory is named after its run: every such directory is `model/`.
+        return f"{path.parent.name}-{path.name}" if (path.parent / rundir.CONFIG).is_file() else path.name
+    return source or DEFAULT_MODEL
 
 
 class ModelRegistry:
@@ -167,6 +172,8 @@ class ModelRegistry:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
             config = rundir.read_config(run_dir)
             rundir.require_adapter(run_dir)
+            if rundir.has_model(run_dir):  # a full fine-tune: its own model is its base, shared with no one
+                config.model.name = str(rundir.model_dir(run_dir).resolve())
             try:
                 task_class(config.task)  # before the port is bound: a task this version does not know
             except FinegrainError as exc:
@@ -208,6 +215,9 @@ class ModelRegistry:
         modules the adapter saved (`task.head_modules`) into the task model."""
         from finegrain.tasks.lexical import attach as attach_tfidf
 
+        if rundir.has_model(run.run_dir):
+            self._load_full_run(run, base)
+            return
         adapter_dir = rundir.adapter_dir(run.run_dir)
         adapter, tensors = read_adapter(adapter_dir)
         source = str(adapter_dir / "adapter_model.safetensors")
@@ -245,6 +255,25 @@ class ModelRegistry:
         if tokenizer.vocab_size != base.tokenizer.vocab_size:
             run.own_tokenizer = tokenizer
         run.adapter_bytes += sum(t.nbytes for t in whole.values())
+
+    def _load_full_run(self, run: ServedRun, base: ServedBase) -> None:
+        """A full fine-tune (peft.method: full): its model directory is its base, already cut to its
+        layers; the task model is built on it and its head read from the directory's head file."""
+        from finegrain.tasks.lexical import attach as attach_tfidf
+
+        run.base = base
+        if run.generative:  # generation runs the base, which is the run's own model
+            return
+        config = run.config
+        task = task_class(config.task).from_config(config, rundir.read_labels(run.run_dir))
+        attach_tfidf(task, run.run_dir)
+        tokenizer = copy_tokenizer(base.tokenizer)
+        model = task.build_model(llama_view(base.llama, None, causal=not config.model.bidirectional), tokenizer)
+        load_head(model, task.head_modules, rundir.model_dir(run.run_dir), f"train {run.run_dir} again")
+        run.task, run.model = task, model.eval().requires_grad_(False)
+        if tokenizer.vocab_size != base.tokenizer.vocab_size:
+            run.own_tokenizer = tokenizer
+        run.adapter_bytes = sum(t.nbytes for t in head_state_dict(model, task.head_modules).values())
 
     def describe(self) -> list[dict[str, Any]]:
         """`/v1/models` entries: runs first, then base models."""
