@@ -152,6 +152,21 @@ def cmd_probe(args: argparse.Namespace) -> None:
         atomic_write_json(args.output, result)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """The config over seeds, k-shot sizes and folds, summarised as mean ± std (finegrain.sweep)."""
+    from pathlib import Path
+
+    from finegrain.config import load_config
+    from finegrain.sweep import TABLE, sweep
+
+    try:
+        shots = [int(k) for k in args.shots.split(",")] if args.shots else None
+    except ValueError:
+        raise FinegrainError(f"--shots: '{args.shots}' is not a list of whole numbers; write e.g. 8,16,32") from None
+    sweep(load_config(args.config, list(args.set or [])), args.output, seeds=args.seeds, shots=shots, folds=args.folds)
+    print((Path(args.output) / TABLE).read_text(encoding="utf-8"))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
     from finegrain import load
@@ -307,6 +322,15 @@ def build_parser() -> Parser:
     p.add_argument("--examples", type=int, default=400, help="training and validation examples each (default 400)")
     p.add_argument("--output", help="also write the table and proposal as JSON here")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("sweep", help="train a config over seeds, k-shot sizes or folds; mean ± std of every score")
+    p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=2")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for training and the data draw (default 3)")
+    p.add_argument("--shots", metavar="K,K,...", help="training examples per class, e.g. 8,16,32,64")
+    p.add_argument("--folds", type=int, help="K-fold cross-validation of the training data")
+    p.add_argument("--output", required=True, help="the sweep directory (rerun with the same arguments to continue)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir")

@@ -46,6 +46,9 @@ class DataConfig:
     template: str | None = None  # wraps each text, e.g. "Review: {text}\nSentiment:"; the text is what gets cut
     max_train_examples: int | None = None
     max_eval_examples: int | None = None  # cap validation and test each: a sample drawn like the splits
+    shots: int | None = None  # keep k training examples per class (drawn with split_seed): few-shot runs
+    folds: int | None = None  # k-fold cross-validation of the training pool: fold `data.fold` is the test split
+    fold: int = 0  # which fold (0 .. folds-1) is held out for testing
     skip_bad_rows: bool = False
     # classification: also fit the majority class and TF-IDF + linear SVM on the same splits,
     # shown beside finegrain's scores in metrics.json and the report (~40 s for 10k documents of
@@ -349,6 +352,12 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.window_stride is None or config.data.window_stride >= 1, "data.window_stride",
          "at least 1 token, or null for half a window"),
         (config.data.max_windows >= 1, "data.max_windows", "at least 1"),
+        (config.data.shots is None or config.data.shots >= 1, "data.shots", "at least 1 example per class, or null"),
+        (config.data.folds is None or config.data.folds >= 2, "data.folds", "at least 2, or null"),
+        (config.data.folds is None or 0 <= config.data.fold < config.data.folds, "data.fold",
+         "between 0 and data.folds - 1"),
+        (config.data.folds is None or not config.data.test, "data.folds",
+         "null when data.test names a file (cross-validation holds out its own test fold)"),
         (config.data.template is None or config.data.template.count("{text}") == 1, "data.template", "a string with {text} once"),
         (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
         (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),

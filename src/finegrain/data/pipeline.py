@@ -9,6 +9,7 @@ imports it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,11 +83,15 @@ def load_splits(
     """
     pool, origin, skipped = training_pool(config, read, bundled, task, files)
     given, skipped_given = read_given(config, read)
-    if config.dataset and all("split" in getattr(ex, "extra", {}) for ex in pool):  # the dataset's fixed split
+    if config.folds:
+        parts = fold_splits(config, pool, given, split)
+    elif config.dataset and all("split" in getattr(ex, "extra", {}) for ex in pool):  # the dataset's fixed split
         parts = {name: [ex for ex in pool if ex.extra["split"] == name] for name in SPLITS} | given
     else:
         parts = carve_splits(config, pool, given, split)
     parts = limit_splits(config, parts, split)
+    if config.shots:
+        parts["train"] = per_class(parts["train"], config.shots, config.split_seed)
     skipped += skipped_given
     return Splits(parts["train"], parts["validation"], parts["test"], [], skipped, origins(config, origin))
 
@@ -150,6 +155,43 @@ def carve_splits(config: DataConfig, pool: list, given: dict[str, list], split: 
         total = sum(fractions[name] for name in wanted)
         parts = dict(zip(wanted, split(pool, [fractions[name] / total for name in wanted], seed=config.split_seed)))
     return {**parts, **given}
+
+
+def fold_splits(config: DataConfig, pool: list, given: dict[str, list], split: Callable = stratified_split) -> dict[str, list]:
+    """k-fold cross-validation (`data.folds`): the pool cut into k stratified folds by
+    `split(pool, [1/k] * k, seed=data.split_seed)`; fold `data.fold` is the test split, the rest is
+    train and validation in the proportions of `data.split` (a `data.validation` file replaces
+    the latter). Every example is tested once over the k runs."""
+    k = config.folds
+    if len(pool) < k:
+        raise FinegrainError(f"data.folds: {k} folds need at least {k} training examples; there are {len(pool)}")
+    folds = split(pool, [1 / k] * k, seed=config.split_seed)
+    rest = [ex for i, fold in enumerate(folds) if i != config.fold for ex in fold]
+    train_share, validation_share = config.split[0], config.split[1]
+    if "validation" in given or validation_share == 0:
+        return {"train": rest, "validation": given.get("validation", []), "test": folds[config.fold]}
+    total = train_share + validation_share
+    train, validation = split(rest, [train_share / total, validation_share / total], seed=config.split_seed)
+    return {"train": train, "validation": validation, "test": folds[config.fold]}
+
+
+def per_class(examples: list, shots: int, seed: int) -> list:
+    """`shots` examples of each label (all of a label that has fewer), drawn with `seed`, in input
+    order: the k-shot training sets of few-shot studies (`data.shots`).
+
+    Raises:
+        FinegrainError: the examples have no single label per example (NER, QA, multi-label).
+    """
+    by_label: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        label = getattr(example, "label", None)
+        if not isinstance(label, str):
+            raise FinegrainError("data.shots: k examples per class needs one class label per example "
+                                 "(classification or relation); use data.max_train_examples for this task")
+        by_label.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    kept = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], min(shots, len(by_label[label]))))
+    return [examples[i] for i in kept]
 
 
 def sample(examples: list, limit: int | None, seed: int, split: Callable | None = None) -> list:

@@ -1,0 +1,88 @@
+"""`finegrain sweep`: seeds, k-shot sizes and folds, mean ± std, and a killed sweep continuing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+import finegrain.sweep
+from finegrain.cli import main
+from finegrain.config import load_config
+from finegrain.data.pipeline import per_class
+from finegrain.data.readers import Example
+from finegrain.errors import FinegrainError
+from finegrain.sweep import SUMMARY, summarise, sweep
+from finegrain.tasks import task_class
+from test_train import write_config, write_data
+
+
+def test_per_class_keeps_k_of_each_label_and_refuses_unlabelled_examples():
+    examples = [Example(text=str(i), label="a" if i % 3 else "b", source=f"d:{i}") for i in range(30)]
+    kept = per_class(examples, 4, seed=1)
+    assert Counter(e.label for e in kept) == {"a": 4, "b": 4}
+    assert kept == [e for e in examples if e in kept]  # input order
+    assert per_class(examples, 4, seed=1) == kept and per_class(examples, 4, seed=2) != kept
+    assert len(per_class(examples, 50, seed=0)) == 30  # a label with fewer keeps them all
+    with pytest.raises(FinegrainError, match="data.shots: k examples per class needs one class label"):
+        per_class([Example(text="x", label=["a", "b"], source="d:1")], 1, seed=0)
+
+
+def test_folds_test_every_example_once(tiny_model_dir, tmp_path):
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 40)),
+                         ["data.folds=4"])
+    tested = []
+    for fold in range(4):
+        config.data.fold = fold
+        splits = task_class("classification").load_splits(config.data)
+        assert len(splits.test) == 10 and splits.validation and not set(map(id, splits.test)) & set(map(id, splits.train))
+        tested += [e.source for e in splits.test]
+    assert len(tested) == len(set(tested)) == 40
+    with pytest.raises(FinegrainError, match="'data.fold' must be between 0 and data.folds - 1"):
+        load_config(None, ["data.train=x.jsonl", "data.folds=4", "data.fold=4"])
+
+
+def test_summarise_gives_the_t_interval_of_the_mean():
+    s = summarise([0.7, 0.8, 0.9])
+    assert s["mean"] == pytest.approx(0.8) and s["std"] == pytest.approx(0.1)
+    assert s["high"] - s["mean"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)  # t(0.975, 2)
+    assert summarise([0.5]) == {"mean": 0.5, "std": 0.0, "low": 0.5, "high": 0.5, "n": 1}
+
+
+def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(tiny_model_dir, tmp_path, monkeypatch):
+    config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 60), epochs=1)
+    output = tmp_path / "sweep"
+    assert main(["sweep", str(config_path), "--seeds", "2", "--shots", "4,8", "--output", str(output),
+                 "--set", "train.recipe=off"]) == 0
+    summary = json.loads((output / SUMMARY).read_text())
+    assert [r["name"] for r in summary["runs"]] == ["shots-4/seed-0", "shots-4/seed-1", "shots-8/seed-0", "shots-8/seed-1"]
+    for run in summary["runs"]:
+        assert json.loads((output / run["name"] / "metrics.json").read_text())["train"]["examples"] == 2 * run["shots"]
+    accuracy = summary["summary"]["4"]["accuracy"]
+    values = [r["scores"]["accuracy"] for r in summary["runs"] if r["shots"] == 4]
+    assert accuracy["mean"] == pytest.approx(sum(values) / 2) and accuracy["n"] == 2
+    assert "baseline tfidf accuracy" in summary["summary"]["8"]
+    assert (output / "sweep.md").read_text().startswith("# Sweep") and (output / "sweep.png").stat().st_size > 1000
+
+    # A sweep killed during its last run: run again, it reads the finished runs back and trains the rest.
+    shutil.rmtree(output / "shots-8" / "seed-1")
+    finished = (output / "shots-4" / "seed-0" / "metrics.json").read_text()
+    trained = []
+    real_train = finegrain.sweep.train
+    monkeypatch.setattr(finegrain.sweep, "train", lambda config, **kw: trained.append(config.output) or real_train(config, **kw))
+    again = sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8], progress=False)
+    assert trained == [str(output / "shots-8" / "seed-1")]
+    assert (output / "shots-4" / "seed-0" / "metrics.json").read_text() == finished
+    assert again["summary"]["4"] == summary["summary"]["4"]
+
+
+def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 20))
+    assert main(["sweep", str(config_path), "--shots", "8,x", "--output", str(tmp_path / "s")]) != 0
+    assert "--shots: '8,x' is not a list of whole numbers" in capsys.readouterr().err
+    assert main(["sweep", str(config_path), "--folds", "3", "--set", f"data.test={tmp_path / 'd.jsonl'}",
+                 "--output", str(tmp_path / "s")]) != 0
+    assert "--folds: data.test" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
