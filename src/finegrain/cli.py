@@ -212,6 +212,14 @@ def _json_line(record: dict, number: int, run_dir: str) -> str:
         ) from None
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """A finished run as a merged Hugging Face model, a GGUF file or its PEFT adapter (`finegrain.export`)."""
+    from finegrain.export import export_run
+
+    path = export_run(args.run_dir, args.format, args.output, args.dtype)
+    print(f"wrote {path}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
@@ -351,6 +359,16 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="0 answers greedily; above 0 samples (top-p 0.9)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="write a finished run as a merged Hugging Face model, a GGUF file or its adapter",
+                       description="hf: the adapter folded into the weights, the head as LlamaForSequenceClassification or "
+                                   "LlamaForTokenClassification (instruct: LlamaForCausalLM); gguf: an instruct run's merged model "
+                                   "for llama.cpp/Ollama; peft: the adapter alone. Prompt and prefix tuning cannot merge.")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"), help="hf, peft or gguf")
+    p.add_argument("--dtype", help="hf: f32 (default) or f16; gguf: f16 (default), q8_0 or q4_0")
+    p.add_argument("--output", required=True, help="a new directory (gguf: also a FILE.gguf)")
+    p.set_defaults(func=cmd_export)
 
     from finegrain.serve.cli import add_serve_parser
 

@@ -1,0 +1,361 @@
+"""`finegrain export`: a finished run as a merged Hugging Face model, a GGUF file, or its adapter alone.
+
+- `hf`: the run's adapter folded into the base weights (`peft.base.unload_adapters`, or a full run's
+  own weights), written as the `transformers` class of the task: `LlamaForSequenceClassification`
+  (classification, regression: `score.weight`), `LlamaForTokenClassification` (ner: `score.weight`,
+  `score.bias`), `LlamaForCausalLM` (instruct), with the labels in config.json's
+  `id2label`/`label2id`. `transformers` loads the directory and gives the run's logits.
+- `gguf`: the merged causal language model of a generation run (task: instruct) as one llama.cpp
+  file (`f16`, `q8_0` or `q4_0` matrices; norms stay F32), under llama.cpp's tensor names with the
+  q/k row permutation its converter applies (`checkpoint.gguf.permute_rope`), and the tokenizer
+  (copied from a GGUF base, else described from `tokenizer.json`). `gguf`'s reader, `transformers`
+  (`gguf_file=`) and `finegrain.load_model` read it.
+- `peft`: a copy of the run's adapter directory, which `peft.PeftModel.from_pretrained` loads.
+
+A method whose config class says `mergeable = False` (prompt and prefix tuning: their virtual
+tokens are inputs, not a change of any weight) has no merged form: `hf` and `gguf` refuse it in
+one line. Every output appears whole or not at all (`finegrain.atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from finegrain import rundir
+from finegrain.atomic import atomic_dir, atomic_path
+from finegrain.checkpoint.gguf import permute_rope, read_gguf_metadata
+from finegrain.checkpoint.load import resolve_model
+from finegrain.config import RunConfig
+from finegrain.errors import FinegrainError
+from finegrain.peft import method_options, unload_adapters
+from finegrain.peft.full_files import decoder_state_dict
+from finegrain.run import build_trained
+from finegrain.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
+
+FORMATS = ("hf", "peft", "gguf")
+HF_DTYPES = ("f32", "f16")
+GGUF_DTYPES = ("f16", "q8_0", "q4_0")
+GGUF_NAME = "model.gguf"  # the file inside an --output directory
+
+# The transformers class of each task's head, and its head modules' tensors in that class.
+HF_HEADS = {
+    "classification": "LlamaForSequenceClassification",
+    "regression": "LlamaForSequenceClassification",
+    "ner": "LlamaForTokenClassification",
+    "instruct": "LlamaForCausalLM",
+}
+# Hugging Face module path inside a decoder layer -> llama.cpp's name (`checkpoint.gguf` reads them back).
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4  # llama.cpp's token types
+
+
+def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | None = None) -> Path:
+    """Write run `run_dir` in format `fmt` to `output`; returns the path written.
+
+    Args:
+        run_dir: a finished run directory.
+        fmt: "hf", "peft" or "gguf".
+        output: a directory that does not exist yet; for gguf also a `.gguf` file path.
+        dtype: hf: "f32" (default) or "f16"; gguf: "f16" (default), "q8_0" or "q4_0".
+
+    Raises:
+        FinegrainError: not a finished run, an unknown format or dtype, an output that exists,
+            a method that cannot merge, a task the format cannot hold.
+    """
+    run_dir, output = Path(run_dir), Path(output)
+    if fmt not in FORMATS:
+        raise FinegrainError(f"--format: '{fmt}' is unknown; use one of {', '.join(FORMATS)}")
+    dtype = _check_dtype(fmt, dtype)
+    config = rundir.read_config(run_dir)
+    rundir.require_adapter(run_dir)
+    if output.exists():
+        raise FinegrainError(f"{output}: already exists; choose another --output (export never overwrites)")
+    if fmt == "peft":
+        return _export_peft(run_dir, output)
+    require_mergeable(config, run_dir, fmt)
+    if fmt == "hf":
+        return _export_hf(run_dir, config, output, dtype)
+    return _export_gguf(run_dir, config, output, dtype)
+
+
+def _check_dtype(fmt: str, dtype: str | None) -> str | None:
+    allowed = {"hf": HF_DTYPES, "gguf": GGUF_DTYPES, "peft": ()}[fmt]
+    if dtype is None:
+        return allowed[0] if allowed else None
+    if dtype not in allowed:
+        what = f"use one of {', '.join(allowed)}" if allowed else "the adapter is copied as it is; drop --dtype"
+        raise FinegrainError(f"--dtype: '{dtype}' does not apply to --format {fmt}; {what}")
+    return dtype
+
+
+def require_mergeable(config: RunConfig, run_dir: Path, what: str) -> None:
+    """Refuse a run whose method has no merged form (its config class says `mergeable = False`)."""
+    method, _ = method_options(config)
+    if not getattr(method, "mergeable", True):
+        raise FinegrainError(
+            f"{run_dir}: peft.method {method.name} cannot be merged into the model's weights, so it has no {what} form; "
+            "export its adapter with --format peft"
+        )
+
+
+def merged_model(run_dir: Path, config: RunConfig) -> tuple[nn.Module, Tokenizer, Any]:
+    """The run's task model in float32 with its adapter folded into plain linear layers, its tokenizer and task."""
+    config.model.dtype = "float32"
+    model, tokenizer, task = build_trained(config, run_dir)
+    unload_adapters(model, merge=True)
+    return model.eval(), tokenizer, task
+
+
+# ---------------------------------------------------------------------------------------------- peft
+
+
+def _export_peft(run_dir: Path, output: Path) -> Path:
+    if rundir.has_model(run_dir):
+        raise FinegrainError(f"{run_dir}: a full fine-tune has no adapter (its weights are {rundir.MODEL}/); export it with --format hf")
+    with atomic_dir(output) as tmp:
+        for path in sorted(rundir.adapter_dir(run_dir).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, Path(tmp) / path.name)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------- hf
+
+
+def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Path:
+    architecture = HF_HEADS.get(config.task)
+    if architecture is None:
+        raise FinegrainError(
+            f"{run_dir}: a task {config.task} head has no transformers class; export its adapter and head with --format peft"
+        )
+    if config.model.bidirectional:
+        raise FinegrainError(f"{run_dir}: model.bidirectional runs have no transformers class (transformers' LLaMA is causal)")
+    if architecture == "LlamaForSequenceClassification" and config.head.pooling != "last":
+        raise FinegrainError(
+            f"{run_dir}: head.pooling {config.head.pooling}: LlamaForSequenceClassification reads the last token only; "
+            "export its adapter and head with --format peft"
+        )
+    model, tokenizer, task = merged_model(run_dir, config)
+    state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
+    if dtype == "f16":
+        state = {k: v.half() for k, v in state.items()}
+        hf_config["torch_dtype"] = "float16"
+    with atomic_dir(output) as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+    return output
+
+
+def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architecture: str) -> tuple[dict, dict]:
+    """The merged task model's tensors under `architecture`'s names, and its config.json."""
+    decoder = model.get_submodule("model")
+    state = decoder_state_dict(model)
+    hf_config = decoder.config.to_hf()
+    hf_config.update(architectures=[architecture], num_hidden_layers=len(decoder.layers), torch_dtype="float32")
+    if hf_config.get("pad_token_id") is None:
+        hf_config["pad_token_id"] = tokenizer.pad_token_id  # sequence classification finds each row's last token by it
+    if architecture == "LlamaForCausalLM":
+        return state, hf_config
+    state.pop("lm_head.weight", None)
+    state.update({f"score.{k}": v.detach().clone().contiguous() for k, v in model.score.state_dict().items()})
+    names = task_labels(task)
+    hf_config["num_labels"] = state["score.weight"].shape[0]
+    if names:
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
+    if task.name == "regression":
+        hf_config["problem_type"] = "regression"
+    elif getattr(task, "multi_label", False):
+        hf_config["problem_type"] = "multi_label_classification"
+    return state, hf_config
+
+
+def task_labels(task: Any) -> list[str] | None:
+    """The names of the head's outputs, in order: classes, or NER's tags; None for regression."""
+    if task.name == "regression":
+        return None
+    names = getattr(task, "tags", None) if task.name == "ner" else getattr(task, "labels", None)
+    return [str(name) for name in names] if names is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- gguf
+
+
+def _export_gguf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Path:
+    if config.task != "instruct":
+        raise FinegrainError(
+            f"{run_dir}: a task {config.task} run has a head a GGUF file cannot hold (GGUF holds a causal language model, "
+            "for task: instruct runs); export it with --format hf"
+        )
+    model, tokenizer, _ = merged_model(run_dir, config)
+    llama_config = model.get_submodule("model").config
+    if llama_config.rope_scaling:
+        raise FinegrainError(f"{run_dir}: rope_scaling {llama_config.rope_scaling} is not written to GGUF yet; export with --format hf")
+    fields = tokenizer_fields(tokenizer, config.model.name)
+    if output.suffix == ".gguf":
+        with atomic_path(output) as tmp:
+            write_gguf(tmp, model, fields, dtype, name=run_dir.name)
+        return output
+    with atomic_dir(output) as tmp:
+        write_gguf(Path(tmp) / GGUF_NAME, model, fields, dtype, name=run_dir.name)
+    return output / GGUF_NAME
+
+
+def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The merged causal LM under llama.cpp's names, q and k rows permuted as llama.cpp's converter does."""
+    config = model.get_submodule("model").config
+    permute = not (config.attention_bias and not config.attention_out_bias)  # Qwen2 is stored unpermuted
+    out = {}
+    for key, tensor in decoder_state_dict(model).items():
+        stem, kind = key.rsplit(".", 1)
+        if stem in _GGUF_TOP_NAMES:
+            name = f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+        else:
+            _, _, index, module = stem.split(".", 3)  # model.layers.N.self_attn.q_proj
+            name = f"blk.{index}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+        if permute and module_is(name, "attn_q"):
+            tensor = permute_rope(tensor, config.num_heads)
+        elif permute and module_is(name, "attn_k"):
+            tensor = permute_rope(tensor, config.num_kv_heads)
+        out[name] = tensor.float()
+    return out
+
+
+def module_is(gguf_name: str, part: str) -> bool:
+    return gguf_name.startswith("blk.") and gguf_name.split(".")[2] == part
+
+
+def write_gguf(path: Path, model: nn.Module, tokenizer: dict[str, Any], dtype: str, name: str) -> None:
+    """One GGUF file: the model's architecture keys, the tokenizer's fields, the tensors in `dtype`."""
+    import gguf
+    from gguf import GGMLQuantizationType, quants
+
+    config = model.get_submodule("model").config
+    arch = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
+    kind = {"f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[dtype]
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(model.get_submodule("model").layers))
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.hidden_size // config.num_heads:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    _add_tokenizer(writer, tokenizer)
+    block = quants.GGML_QUANT_SIZES[kind][0]
+    for tensor_name, tensor in gguf_tensors(model).items():
+        array = tensor.numpy()
+        if array.ndim == 1:  # norms and biases stay F32, as llama.cpp keeps them
+            writer.add_tensor(tensor_name, np.ascontiguousarray(array, dtype=np.float32))
+        elif kind == GGMLQuantizationType.F16 or array.shape[-1] % block:  # a row that is not whole blocks: F16
+            writer.add_tensor(tensor_name, np.ascontiguousarray(array, dtype=np.float16))
+        else:
+            writer.add_tensor(tensor_name, quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tokenizer_fields(tokenizer: Tokenizer, base: str | None) -> dict[str, Any]:
+    """The GGUF `tokenizer.*` fields: a GGUF base's own, or a description of the byte-level BPE in
+    `tokenizer.json` (llama.cpp's "gpt2" model) with the pre-tokenizer named as llama.cpp names it."""
+    source = resolve_model(base)
+    if source.suffix == ".gguf":
+        metadata = read_gguf_metadata(source)
+        return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+    described = json.loads(tokenizer.backend.to_str())
+    model, decoder = described.get("model") or {}, described.get("decoder") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        raise FinegrainError(
+            f"{source}: its tokenizer is not a byte-level BPE, the one kind finegrain describes in GGUF; "
+            "export with --format hf and convert that with llama.cpp's convert_hf_to_gguf.py"
+        )
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(vocab)
+    for token, index in vocab.items():
+        if index >= len(tokens):
+            raise FinegrainError(f"{source}: token ids are not contiguous (id {index} of {len(vocab)} tokens); export with --format hf")
+        tokens[index] = token
+    types = [_GGUF_NORMAL] * len(tokens)
+    for index, added in tokenizer.backend.get_added_tokens_decoder().items():
+        types[index] = _GGUF_CONTROL if added.special else _GGUF_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    fields: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _gguf_pre(described.get("pre_tokenizer"), source),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": tokenizer.add_bos,
+        "tokenizer.ggml.add_eos_token": tokenizer.add_eos,
+    }
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("padding", tokenizer.pad_token_id), ("unknown", tokenizer.unk_token_id)):
+        if token_id is not None:
+            fields[f"tokenizer.ggml.{key}_token_id"] = int(token_id)
+    if tokenizer.chat_template:
+        fields["tokenizer.chat_template"] = tokenizer.chat_template
+    return fields
+
+
+def _gguf_pre(pre: dict | None, source: Path) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for a `tokenizer.json` pre-tokenizer, from `PRE_TOKENIZER_SPLITS`."""
+    pre = pre or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        for name, split in PRE_TOKENIZER_SPLITS.items():
+            if split == pattern:
+                return name
+    raise FinegrainError(
+        f"{source}: its pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no llama.cpp name finegrain knows; "
+        "export with --format hf and convert that with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def _add_tokenizer(writer, fields: dict[str, Any]) -> None:
+    """Write the tokenizer fields with the value types llama.cpp reads them as."""
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):  # strings, int32 token types, float32 scores
+            writer.add_array(key, value)

@@ -1,0 +1,193 @@
+"""`finegrain export` on the tiny model: the merged model in transformers (sequence and token
+classification, causal LM) with the run's logits, GGUF files that gguf's reader, transformers and
+finegrain read back (f16 exactly up to float16, q8_0/q4_0 within their quantisation), the adapter
+alone through PEFT, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+import finegrain
+from finegrain.checkpoint.gguf import load_gguf
+from finegrain.checkpoint.load import load_model
+from finegrain.cli import main
+from finegrain.export import GGUF_NAME, export_run, merged_model
+from finegrain.peft.lora import LoraConfig
+from finegrain.rundir import read_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+TEXTS = ["good film 3", "bad film 1 bad", "good"]
+
+
+def write_texts(path, n: int = 48):
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i % 5}", "label": "fresh" if i % 2 else "rotten"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train(model_dir, data, output, *extra: str) -> Path:
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=1",
+                 "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1", "--set", "train.lr=1e-2",
+                 "--set", "lora.layers=null", "--set", "lora.targets=all-linear", "--set", "head.tfidf_mix=0", *extra]) == 0
+    return Path(output)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """A LoRA and a full classification run, a LoRA NER run and a LoRA instruct run."""
+    root = tmp_path_factory.mktemp("export-runs")
+    data = write_texts(root / "data.jsonl")
+    ner = root / "ner.jsonl"
+    ner.write_text("".join(json.dumps({"tokens": [n, "went", "to", c], "tags": ["B-PER", "O", "O", "B-LOC"]}) + "\n"
+                           for n, c in [("Anna", "Paris"), ("Tom", "Berlin")] * 20))
+    return {
+        "lora": train(tiny_model_dir, data, root / "lora"),
+        "full": train(tiny_model_dir, data, root / "full", "--set", "peft.method=full", "--set", "train.lr=1e-3"),
+        "ner": train(tiny_model_dir, ner, root / "ner", "--set", "task=ner"),
+        "instruct": train(tiny_model_dir, EXAMPLES / "instruct" / "train.jsonl", root / "instruct", "--set", "task=instruct",
+                          "--set", "instruct.max_new_tokens=2", "--set", "data.max_length=96"),
+    }
+
+
+def run_logits(run_dir, texts):
+    """The run's task-model outputs for `texts`, one row of items at a time, as finegrain.load computes them."""
+    predictor = finegrain.load(run_dir)
+    items = predictor.task.encode(predictor.tokenizer, predictor.task.examples_from_inputs(texts, predictor.config.data), 16)
+    with torch.no_grad():
+        return [(item.input_ids, predictor.model(predictor.task.collate([item], predictor.tokenizer.pad_token_id))[0])
+                for item in items]
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_hf_sequence_classification_gives_the_runs_logits(runs, tmp_path, name):
+    import transformers
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs[name]), "--format", "hf", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 2
+    assert config["id2label"] == {"0": "fresh", "1": "rotten"}
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(runs[name], TEXTS):
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+    assert transformers.AutoTokenizer.from_pretrained(out)("good film").input_ids == finegrain.load(runs[name]).tokenizer.encode("good film")
+
+
+def test_hf_token_classification_gives_the_runs_logits(runs, tmp_path):
+    import transformers
+
+    out = tmp_path / "hf-ner"
+    export_run(runs["ner"], "hf", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"]
+    assert sorted(config["id2label"].values()) == sorted(finegrain.load(runs["ner"]).task.tags)
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(runs["ner"], [["Anna", "went", "to", "Paris"], ["Tom", "saw", "Berlin"]]):
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours[: len(ids)], atol=1e-5, rtol=1e-5)
+
+
+def instruct_reference(run_dir):
+    """The merged causal LM of the instruct run, its logits on a prompt, and the prompt's ids."""
+    model, tokenizer, _ = merged_model(Path(run_dir), read_config(run_dir))
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. A gripping film")])
+    with torch.no_grad():
+        return model, ids, model.llama(ids)
+
+
+def test_hf_causal_lm_gives_the_merged_models_logits(runs, tmp_path):
+    import transformers
+
+    model, ids, reference = instruct_reference(runs["instruct"])
+    export_run(runs["instruct"], "hf", tmp_path / "hf-lm")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-lm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, reference, atol=1e-4, rtol=1e-5)
+    bare = load_model(read_config(runs["instruct"]).model.name, progress=False)[0]
+    with torch.no_grad():
+        assert not torch.allclose(bare(ids), reference, atol=1e-3)  # the adapter is in the export
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f16", 1e-3), ("q8_0", 1e-2), ("q4_0", 0.1)])
+def test_gguf_reads_back_in_gguf_transformers_and_finegrain(runs, tmp_path, dtype, tolerance):
+    """Logits within `tolerance` times the largest logit: float16 rounding, or the quantisation's error."""
+    import transformers
+
+    model, ids, reference = instruct_reference(runs["instruct"])
+    path = export_run(runs["instruct"], "gguf", tmp_path / f"m-{dtype}.gguf", dtype)
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == dtype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    scale = reference.abs().max().item()
+    ours, tokenizer = load_model(path, progress=False)
+    assert tokenizer.encode("The capital of France is Paris") == finegrain.load(runs["instruct"]).tokenizer.encode("The capital of France is Paris")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference, atol=tolerance * scale, rtol=0)
+        torch.testing.assert_close(theirs(ids).logits, reference, atol=tolerance * scale, rtol=0)
+    if dtype == "f16":  # the names and the q/k permutation round-trip exactly: only float16 rounding is left
+        merged = {k: v for k, v in model.llama.state_dict().items() if "rotary" not in k}
+        read = load_gguf(path, progress=False).state_dict
+        for key, tensor in merged.items():
+            expected = tensor.half().float() if tensor.dim() == 2 else tensor
+            assert torch.equal(read[key], expected), key
+
+
+def test_gguf_into_a_directory(runs, tmp_path):
+    path = export_run(runs["instruct"], "gguf", tmp_path / "out")
+    assert path == tmp_path / "out" / GGUF_NAME and path.is_file()
+
+
+def test_peft_export_is_the_adapter_that_peft_loads(runs, tmp_path):
+    import peft
+    import transformers
+
+    out = tmp_path / "adapter"
+    assert main(["export", str(runs["lora"]), "--format", "peft", "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(read_config(runs["lora"]).model.name, num_labels=2)
+    base.config.pad_token_id = finegrain.load(runs["lora"]).tokenizer.pad_token_id
+    tuned = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(runs["lora"], TEXTS):
+            torch.testing.assert_close(tuned(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+
+
+def one_line_error(capsys, *fragments):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "internal error" not in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "x")
+    assert main(["export", str(tmp_path), "--format", "hf", "--output", out]) == 1
+    one_line_error(capsys, "not a finegrain run directory")
+    assert main(["export", str(runs["lora"]), "--format", "hf", "--output", str(runs["lora"])]) == 1
+    one_line_error(capsys, "already exists", "another --output")
+    assert main(["export", str(runs["lora"]), "--format", "gguf", "--output", out]) == 1
+    one_line_error(capsys, "task classification", "--format hf")
+    assert main(["export", str(runs["lora"]), "--format", "hf", "--dtype", "q4_0", "--output", out]) == 1
+    one_line_error(capsys, "--dtype: 'q4_0' does not apply to --format hf", "f32, f16")
+    assert main(["export", str(runs["full"]), "--format", "peft", "--output", out]) == 1
+    one_line_error(capsys, "full fine-tune has no adapter", "--format hf")
+    monkeypatch.setattr(LoraConfig, "mergeable", False, raising=False)  # as prompt and prefix tuning say
+    assert main(["export", str(runs["lora"]), "--format", "hf", "--output", out]) == 1
+    one_line_error(capsys, "peft.method lora cannot be merged", "--format peft")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["export", str(runs["lora"]), "--format", "onnx", "--output", out])
+    one_line_error(capsys, "invalid choice: 'onnx'")
+
+
+def test_help():
+    result = subprocess.run([sys.executable, "-m", "finegrain.cli", "export", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--format" in result.stdout and "gguf" in result.stdout
