@@ -220,6 +220,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    """The run's metric between its base (alpha 0) and its tuned weights (alpha 1) (`finegrain.interpolate`)."""
+    from finegrain.interpolate import interpolate_run, parse_alphas
+
+    results = interpolate_run(args.run_dir, parse_alphas(args.alphas), args.save)
+    print(f"best alpha {results['best_alpha']:g} on validation {results['metric']}; wrote interpolation.json and interpolation.png"
+          + (f"; the run at alpha {results['best_alpha']:g} is {results['saved']}" if "saved" in results else ""))
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
@@ -369,6 +378,16 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", help="hf: f32 (default) or f16; gguf: f16 (default), q8_0 or q4_0")
     p.add_argument("--output", required=True, help="a new directory (gguf: also a FILE.gguf)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("interpolate", help="score the weights between the base (alpha 0) and the tuned run (alpha 1)",
+                       description="theta(alpha) = theta_base + alpha (theta_tuned - theta_base) on the run's validation and "
+                                   "test splits, the head always the tuned one; writes interpolation.json and interpolation.png "
+                                   "into the run directory.")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
+                   help="comma-separated alphas (default 0,0.25,0.5,0.75,1), or start,second,...,end such as 0,0.1,...,1")
+    p.add_argument("--save", metavar="DIR", help="also write the run at the best alpha (on validation) as a new run directory")
+    p.set_defaults(func=cmd_interpolate)
 
     from finegrain.serve.cli import add_serve_parser
 

@@ -13,6 +13,7 @@ import of the training code. A run directory holds:
     metrics.json         final validation and test metrics
     report.md, report.html, confusion_matrix.png, learning_curve.png
     skipped_rows.txt     the bad rows the data reader skipped
+    interpolation.json, interpolation.png   `finegrain interpolate`: the metric between base and tuned weights
     checkpoint/          resumable training state; best/: the best weights so far
     tensorboard/         TensorBoard events, when the package is installed
     .lock                held (flock) by the `train` working in the directory
@@ -42,6 +43,8 @@ REPORT_HTML = "report.html"
 CONFUSION_MATRIX = "confusion_matrix.png"
 LEARNING_CURVE = "learning_curve.png"
 SKIPPED_ROWS = "skipped_rows.txt"
+INTERPOLATION = "interpolation.json"  # `finegrain interpolate` (finegrain.interpolate)
+INTERPOLATION_PLOT = "interpolation.png"
 CHECKPOINT = "checkpoint"
 BEST = "best"
 TFIDF = "tfidf"  # the TF-IDF model mixed into the classifier's probabilities (head.tfidf_mix), when it is

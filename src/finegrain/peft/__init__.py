@@ -24,13 +24,20 @@ from finegrain.peft.base import (
     unload_adapters,
     unmerge_adapters,
 )
+from finegrain.peft.adapter import BottleneckConfig, BottleneckLinear
+from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
+from finegrain.peft.head import HeadOnlyConfig
 from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
 
 __all__ = [
     "DEFAULT_ADAPTER",
     "METHODS",
+    "BitfitConfig",
+    "BottleneckConfig",
+    "BottleneckLinear",
     "FullConfig",
+    "HeadOnlyConfig",
     "LoraConfig",
     "LoraLinear",
     "adapted_layers",

@@ -40,7 +40,10 @@ from torch import nn
 from finegrain.atomic import atomic_path, atomic_write_text, fault_point
 from finegrain.config import RunConfig, from_dict
 from finegrain.errors import FinegrainError
+from finegrain.peft.adapter import BottleneckConfig
+from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
+from finegrain.peft.head import HeadOnlyConfig
 from finegrain.peft.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -97,6 +100,9 @@ class AdapterConfig(Protocol):
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
     "full": FullConfig,
+    "adapter": BottleneckConfig,
+    "bitfit": BitfitConfig,
+    "head": HeadOnlyConfig,
 }
 # A method without a layer (full) wraps nothing: it marks the weights that train in place (`select`).
 ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values() if method.layer is not None)
@@ -120,7 +126,7 @@ def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
             f"use one of {', '.join(METHODS)}"
         )
     options = getattr(config, method.name, None)  # a section of its own (LoRA's, from before `peft:`)
-    if options is None:
+    if not isinstance(options, method.options):  # none, or a run-config section of that name (`head:`)
         values = {**_carried_lora_options(config, method), **config.peft.options}
         options = from_dict(method.options, values, "config", "peft.", sources)
     return method, options
@@ -219,7 +225,10 @@ apply_lora = inject  # the name finegrain's callers knew before methods were plu
 
 def _target_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Paths of the linear layers `config` selects, in module order; FinegrainError when a target has none."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, *ADAPTER_LAYERS))]
+    if not config.targets:  # a method that wraps nothing (head): only its modules_to_save train
+        return []
+    wraps = getattr(config.layer, "wraps", (nn.Linear,))  # the module types the method's layer wraps
+    linears = [name for name, m in model.named_modules() if _wraps_one_of(m, wraps)]
     layer_of = {name: _layer_index(name) for name in linears}
     key = config.name
     if config.layers is not None:
@@ -262,6 +271,14 @@ def _target_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     if not chosen:
         raise FinegrainError(f"{key}.targets: {list(config.targets)} match no linear layer in layers {config.layers}")
     return [n for n in linears if n in set(chosen)]
+
+
+def _wraps_one_of(module: nn.Module, wraps: tuple[type, ...]) -> bool:
+    """Whether `module` is of a type in `wraps` or an adapter layer (of any method) around one; a
+    layer says what it wraps in its `wraps` (bitfit's norms: RMSNorm), nn.Linear when it does not."""
+    if isinstance(module, ADAPTER_LAYERS):
+        return any(issubclass(kind, wraps) for kind in getattr(type(module), "wraps", (nn.Linear,)))
+    return isinstance(module, wraps)
 
 
 def _layer_index(name: str) -> int | None:
@@ -370,7 +387,7 @@ def save_adapter(
     if task_type is not None and task_type not in TASK_TYPES:
         raise FinegrainError(f"save_adapter: task_type '{task_type}' is unknown; use one of {', '.join(TASK_TYPES)}")
     adapted = [name for name, layer in adapter_layers(model).items() if layer.active_adapter is not None]
-    if not adapted:
+    if not adapted and config.targets:  # a method that wraps nothing (head) saves its modules_to_save
         raise FinegrainError("save_adapter: the model has no active adapter; inject one first (apply_lora)")
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise FinegrainError("save_adapter: adapters are merged into the base weights; call unmerge_adapters first")
@@ -400,6 +417,8 @@ def save_adapter(
         "task_type": task_type,
         **config.to_peft(),
     }
+    if hasattr(config, "file_config"):  # a method whose file is not LoRA's shape (bitfit: LN_TUNING or its own)
+        peft_config = config.file_config(peft_config, {n: m for n, m in adapter_layers(model).items() if n in adapted})
     # File by file rather than the whole directory, which may hold other files (a tokenizer, a
     # training state); weights first, so a config on disk never describes weights not yet there.
     directory = Path(directory)
@@ -495,7 +514,8 @@ def _adapter_fix(directory: str | os.PathLike) -> str:
 def _config_from_peft(raw: dict[str, Any], path: Path) -> AdapterConfig:
     """The config of a PEFT `adapter_config.json` (`raw`): the method by `peft_type`, the keys every
     method shares (target selection) read here, the method's own by its `from_peft`."""
-    methods = {method.peft_type: method for method in METHODS.values()}
+    # A method may read more than one file type (`peft_types`: bitfit reads LN_TUNING and its own).
+    methods = {kind: method for method in METHODS.values() for kind in getattr(method, "peft_types", (method.peft_type,))}
     kind = raw.get("peft_type")
     if kind not in methods:
         raise FinegrainError(f"{path}: peft_type {kind!r} is not supported; finegrain loads {', '.join(methods)} adapters")
