@@ -58,6 +58,8 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
         _heads_take_any_dtype(model, task.head_modules)
     adapter = method_config(config, len(backbone.layers), list(task.head_modules))
     if with_adapter:
+        if hasattr(adapter, "tokenize"):  # a method that starts from a text (prompt tuning's init_text)
+            adapter.tokenize(tokenizer, config.model.name or DEFAULT_MODEL)
         inject(model, adapter)
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)

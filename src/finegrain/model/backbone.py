@@ -11,7 +11,12 @@ right-padded `input_ids` (B, T) or `hidden` (B, T, H), the cached output of the 
 
 What plugs in here: another backbone with the decoder's interface (`embed_tokens`, `run_layers`,
 `norm`, `config.causal`; a bidirectional decoder already is one), and input-side methods through
-`embed` (relation's marker embeddings today; prompt tuning's virtual tokens).
+`embed` (relation's marker embeddings) or as a module of the decoder with an active adapter:
+`prompt_encoder` (prompt tuning, `finegrain.peft.prompt`) gives P virtual token embeddings that go
+before every row, `prefix_encoder` (prefix tuning, `finegrain.peft.prefix`) gives P keys and values
+per adapted layer. Either way the row's own tokens sit at positions P.. (as in PEFT, where they
+follow the virtual tokens or the cached prefix), the mask, positions and `rows` are shifted here,
+and the virtual tokens' states are dropped before the head: a head sees its T input positions.
 """
 
 from __future__ import annotations
@@ -43,15 +48,53 @@ def hidden_states(
             last layer computes only that position and the result is (B, 1, H).
         embed: the embedding of token ids, when an input-side module replaces the decoder's.
     """
+    prompt_encoder = getattr(decoder, "prompt_encoder", None)
+    prompts = None if prompt_encoder is None else prompt_encoder()  # (P, H), None when no adapter is active
+    prefix_encoder = getattr(decoder, "prefix_encoder", None)
+    prefix = None if prefix_encoder is None else prefix_encoder()  # {layer: (k, v)}, None when inactive
+    if prompts is not None and (start_layer or end_layer is not None):
+        raise ValueError("prompt tuning's virtual tokens enter below layer 0: run the whole decoder (no cached layers)")
     if start_layer:
         x = batch["hidden"]  # (B, T, H)
     else:
         x = (embed or decoder.embed_tokens)(batch["input_ids"])  # (B, T, H)
     mask = batch.get("attention_mask")
+    positions = batch.get("position_ids")
     # Right padding cannot reach real tokens under a causal mask; without one it must be masked.
     if mask is None and not decoder.config.causal:
         mask = padding_mask(batch["lengths"].to(x.device), x.shape[1])  # (B, T)
+    virtual = 0
+    if prompts is not None:
+        virtual = prompts.shape[0]
+        x = torch.cat((prompts.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)  # (B, P+T, H)
+        mask = with_virtual_tokens(mask, virtual, decoder.config.causal)
+        if positions is not None:
+            positions = torch.cat((torch.arange(virtual, device=x.device).expand(len(x), -1), positions + virtual), 1)
+        rows = None if rows is None else rows + virtual
+    elif prefix is not None:
+        shift = next(iter(prefix.values()))[0].shape[2]  # P
+        if positions is None:
+            positions = torch.arange(shift, shift + x.shape[1], device=x.device).expand(x.shape[0], -1)  # (B, T)
+        else:
+            positions = positions + shift
     x = decoder.run_layers(
-        x, attention_mask=mask, position_ids=batch.get("position_ids"), start=start_layer, end=end_layer, rows=rows,
+        x, attention_mask=mask, position_ids=positions, start=start_layer, end=end_layer, rows=rows, prefix=prefix,
     )
+    if virtual and rows is None:
+        x = x[:, virtual:]  # (B, T, H): the head reads the row's own positions
     return decoder.norm(x) if end_layer is None else x
+
+
+def with_virtual_tokens(mask: torch.Tensor | None, P: int, causal: bool) -> torch.Tensor | None:
+    """The attention mask of rows that start with P virtual tokens: each token also sees them, and
+    they see each other (causally in a causal decoder). A key mask (B, T) becomes (B, P+T), a
+    ready mask (B, 1, T, S) (packed rows) (B, 1, P+T, P+S); None stays None (SDPA's causal mask)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return torch.cat((mask.new_ones(len(mask), P), mask), dim=1)
+    B, _, T, S = mask.shape
+    among = torch.ones(P, P, dtype=torch.bool, device=mask.device)
+    top = torch.cat((among.tril() if causal else among, among.new_zeros(P, S)), dim=1).expand(B, 1, P, P + S)
+    bottom = torch.cat((mask.new_ones(B, 1, T, P), mask.bool()), dim=3)  # (B, 1, T, P+S)
+    return torch.cat((top, bottom), dim=2)

@@ -79,16 +79,22 @@ class Attention(nn.Module):
         is_causal: bool,
         input_pos: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Attention output (B, T, H); with `rows` (B,), only the queries at those positions: (B, 1, H)."""
+        """Attention output (B, T, H); with `rows` (B,), only the queries at those positions: (B, 1, H).
+
+        `prefix`: prefix tuning's keys and values (1, nkv, P, hd), before every token's (`ops.with_prefix`).
+        """
         if rows is not None:
-            return self._attend_rows(x, cos, sin, mask, is_causal, rows)
+            return self._attend_rows(x, cos, sin, mask, is_causal, rows, prefix)
         q, k, v = self._project(x)
         cache = self.kv_cache if input_pos is not None else None
-        y = ops.rope_attention(q, k, v, cos, sin, self.num_heads, self.num_kv_heads, mask, is_causal, cache, input_pos)
+        y = ops.rope_attention(
+            q, k, v, cos, sin, self.num_heads, self.num_kv_heads, mask, is_causal, cache, input_pos, prefix
+        )
         return self.o_proj(y)
 
-    def _attend_rows(self, x, cos, sin, mask, is_causal, rows) -> torch.Tensor:
+    def _attend_rows(self, x, cos, sin, mask, is_causal, rows, prefix=None) -> torch.Tensor:
         """One query per sequence, at `rows` (B,), over the keys and values of every position."""
         B, T, _ = x.shape
         q, k, v = self._project(x, rows)
@@ -102,6 +108,8 @@ class Attention(nn.Module):
             mask = mask[batch, :, rows][:, :, None] if mask.shape[2] == T else mask  # (B, 1, 1, S)
         elif is_causal:
             mask = (torch.arange(T, device=x.device)[None, :] <= rows[:, None])[:, None, None]  # (B, 1, 1, T)
+        if prefix is not None:
+            k, v, mask, _ = ops.with_prefix(k, v, mask, False, prefix)
         y = ops.attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
 
@@ -167,9 +175,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, input_pos=None, rows=None) -> torch.Tensor:
-        """Hidden states (B, T, H); with `rows` (B,), only those at one position per sequence: (B, 1, H)."""
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos, rows)
+    def forward(self, x, cos, sin, mask, is_causal, input_pos=None, rows=None, prefix=None) -> torch.Tensor:
+        """Hidden states (B, T, H); with `rows` (B,), only those at one position per sequence: (B, 1, H).
+        `prefix`: prefix tuning's keys and values for this layer (see `Attention.forward`)."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, input_pos, rows, prefix)
         x = (x if rows is None else at_rows(x, rows)) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -212,13 +221,15 @@ class LlamaModel(nn.Module):
         start: int = 0,
         end: int | None = None,
         rows: torch.Tensor | None = None,
+        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Run decoder layers `start` to `end` on hidden states x (B, T, H); no final norm.
 
         Lets a trainer run the frozen lower layers once and only the adapted upper layers per epoch.
         `rows` (B,): the one position per sequence whose output the caller reads (a classifier's
         last token); the last layer then computes only that position (its keys and values still
-        come from every position) and the result is (B, 1, H).
+        come from every position) and the result is (B, 1, H). `prefix`: prefix tuning's keys and
+        values (1, nkv, P, hd) by layer index, for the layers it adapts.
         """
         B, T, _ = x.shape
         if position_ids is None:
@@ -228,6 +239,8 @@ class LlamaModel(nn.Module):
         layers = self.layers[start:end]
         for i, layer in enumerate(layers):
             args = (x, cos, sin, mask, is_causal, input_pos, rows if i == len(layers) - 1 else None)
+            if prefix is not None:
+                args += (prefix.get(start + i),)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -105,6 +105,7 @@ def rope_attention(
     is_causal: bool = True,
     kv_cache: KVCache | None = None,
     input_pos: torch.Tensor | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention of rotary-embedded queries over rotary-embedded keys: (B, T, nh*hd).
 
@@ -114,11 +115,13 @@ def rope_attention(
         mask: (B, 1, T, S) True where a query may see a key; or None, causal when `is_causal`.
         kv_cache: the layer's cache; the rotated keys and values are written at `input_pos` (T,)
             and the queries attend over every cached position S.
+        prefix: prefix tuning's keys and values (1, nkv, P, hd), seen by every query (`with_prefix`).
 
     The C kernel (`fused.rope_attention`) rotates and attends in one pass, keeping less for the
-    backward pass, where nothing else is asked for: causal, no mask, no cache (training, scoring).
+    backward pass, where nothing else is asked for: causal, no mask, no cache, no prefix (training,
+    scoring); a prefix takes the PyTorch path.
     """
-    if mask is None and is_causal and kv_cache is None:
+    if mask is None and is_causal and kv_cache is None and prefix is None:
         y = fused.rope_attention(q, k, v, cos, sin, num_heads, num_kv_heads)
         if y is not None:
             return y
@@ -130,8 +133,30 @@ def rope_attention(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
         k, v = kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+    if prefix is not None:
+        k, v, mask, is_causal = with_prefix(k, v, mask, is_causal, prefix)
     y = attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=num_kv_heads != num_heads)  # (B, nh, T, hd)
     return y.transpose(1, 2).reshape(B, T, width)
+
+
+def with_prefix(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, prefix: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Keys and values (B, nkv, P+S, hd) with prefix tuning's P first, and the mask that lets every
+    query see them: they come before every token, unrotated, as in PEFT's `past_key_values`.
+
+    k, v: (B, nkv, S, hd), rotated; mask: (B, 1, T, S) or None (causal when `is_causal`: the T
+    queries are the last T of the S keys); prefix: (1, nkv, P, hd) each.
+    """
+    prefix_k, prefix_v = prefix
+    B, P, S = k.shape[0], prefix_k.shape[2], k.shape[2]
+    k = torch.cat((prefix_k.to(k.dtype).expand(B, -1, -1, -1), k), dim=2)  # (B, nkv, P+S, hd)
+    v = torch.cat((prefix_v.to(v.dtype).expand(B, -1, -1, -1), v), dim=2)
+    if mask is not None:
+        mask = torch.cat((mask.new_ones(*mask.shape[:-1], P), mask), dim=-1)  # (B, 1, T, P+S)
+    elif is_causal:
+        mask = torch.ones(S, P + S, dtype=torch.bool, device=k.device).tril(P)  # (T, P+S), T == S
+    return k, v, mask, False
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
 from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
+from finegrain.peft.prefix import PrefixConfig, PrefixEncoder
+from finegrain.peft.prompt import PromptConfig, PromptEncoder
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -40,6 +42,10 @@ __all__ = [
     "HeadOnlyConfig",
     "LoraConfig",
     "LoraLinear",
+    "PrefixConfig",
+    "PrefixEncoder",
+    "PromptConfig",
+    "PromptEncoder",
     "adapted_layers",
     "adapter_layers",
     "adapter_state_dict",

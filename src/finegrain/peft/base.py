@@ -45,6 +45,8 @@ from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
 from finegrain.peft.lora import LoraConfig
+from finegrain.peft.prefix import PrefixConfig
+from finegrain.peft.prompt import PROMPT_LEARNING_PREFIX, PromptConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,6 +101,8 @@ class AdapterConfig(Protocol):
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "prompt": PromptConfig,
+    "prefix": PrefixConfig,
     "full": FullConfig,
     "adapter": BottleneckConfig,
     "bitfit": BitfitConfig,
@@ -200,7 +204,10 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_
             f"{config.name}: the model already has an adapter named '{adapter_name}'; inject or load_adapter once per name"
         )
     set_adapter(layers.values(), None)
-    for name in _target_names(model, config):
+    attach = getattr(config, "attach", None)  # an input-side method (prompt, prefix) adds a module to the decoder
+    if attach is not None:
+        attach(model, adapter_name)
+    for name in [] if attach is not None else _target_names(model, config):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child_name)
@@ -399,6 +406,10 @@ def save_adapter(
         tensors.update({PEFT_PREFIX + k: v for k, v in state.items() if k.startswith(name + ".")})
     for key, tensor in (extra_tensors or {}).items():
         tensors[PEFT_PREFIX + key] = tensor
+    if hasattr(config, "attach"):  # prompt learning: the method names its tensors; `base_model.` before a head, as PEFT saves
+        own = {PEFT_PREFIX + k for k in adapter_state_dict(model)}
+        whole = {PROMPT_LEARNING_PREFIX + k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items() if k not in own}
+        tensors = {**config.peft_tensors(model), **whole}
     # safetensors refuses views of shared storage; an adapter is small, so copy.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
@@ -417,6 +428,9 @@ def save_adapter(
         "task_type": task_type,
         **config.to_peft(),
     }
+    if hasattr(config, "attach"):  # prompt learning selects no modules: PEFT's config has no target keys
+        peft_config = {k: v for k, v in peft_config.items() if k not in ("layers_pattern", "layers_to_transform", "target_modules")}
+        peft_config.update(config.to_peft())
     if hasattr(config, "file_config"):  # a method whose file is not LoRA's shape (bitfit: LN_TUNING or its own)
         peft_config = config.file_config(peft_config, {n: m for n, m in adapter_layers(model).items() if n in adapted})
     # File by file rather than the whole directory, which may hold other files (a tokenizer, a
@@ -486,6 +500,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     check_weights(weights_path, tensors, digest, fix)
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
     config.check_tensors(tensors, weights_path, CONFIG_NAME, fix)
+    if hasattr(config, "attach"):  # prompt learning: `base_model.` before a head, the method's own tensor names
+        tensors = config.model_tensors({k.removeprefix(PROMPT_LEARNING_PREFIX): v for k, v in tensors.items()})
     return config, tensors
 
 
@@ -519,6 +535,9 @@ def _config_from_peft(raw: dict[str, Any], path: Path) -> AdapterConfig:
     kind = raw.get("peft_type")
     if kind not in methods:
         raise FinegrainError(f"{path}: peft_type {kind!r} is not supported; finegrain loads {', '.join(methods)} adapters")
+    if hasattr(methods[kind], "attach"):  # prompt learning selects no modules: no target keys
+        layers = raw.get("layers_to_transform")
+        return methods[kind].from_peft(raw, path, targets=None, layers=layers, modules_to_save=raw.get("modules_to_save"))
     pattern = raw.get("layers_pattern")
     if pattern not in (None, "", [], "layers", ["layers"]):
         raise FinegrainError(f"{path}: layers_pattern={pattern!r} is not supported; finegrain's layers are 'layers'")

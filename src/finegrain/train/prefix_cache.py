@@ -32,8 +32,19 @@ def lowest_trainable_layer(model: nn.Module, num_layers: int) -> int:
     as a task's marker embeddings), `num_layers` when only the head trains.
     """
     lowest = num_layers
+    # An input-side adapter (prompt or prefix tuning) names the lowest layer it changes: 0 for
+    # virtual tokens, the lowest adapted layer for a prefix of keys and values.
+    entered = set()
+    for name, module in model.named_modules():
+        entry = getattr(module, "entry_layer", None)
+        if entry is None:
+            continue
+        trains = [n for n, p in module.named_parameters(prefix=name) if p.requires_grad]
+        if trains:
+            lowest = min(lowest, entry)
+            entered.update(trains)
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or name in entered:
             continue
         match = _LAYER.search(name)
         if match:
