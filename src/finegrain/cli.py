@@ -392,6 +392,10 @@ def build_parser() -> Parser:
     from finegrain.serve.cli import add_serve_parser
 
     add_serve_parser(sub)
+
+    from finegrain.ui.cli import add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 

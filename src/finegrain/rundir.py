@@ -17,13 +17,16 @@ import of the training code. A run directory holds:
     checkpoint/          resumable training state; best/: the best weights so far
     tensorboard/         TensorBoard events, when the package is installed
     .lock                held (flock) by the `train` working in the directory
+    error.txt            the one-line error a failed `train` stopped with (removed when it starts again)
     .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -50,6 +53,7 @@ BEST = "best"
 TFIDF = "tfidf"  # the TF-IDF model mixed into the classifier's probabilities (head.tfidf_mix), when it is
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
+ERROR = "error.txt"
 EXPLICIT_KEYS = ".explicit_keys.json"
 
 # Inside checkpoint/ (and best/, which holds only the weights).
@@ -117,3 +121,95 @@ def require_adapter(run_dir: str | Path) -> None:
 def read_labels(run_dir: str | Path) -> list:
     """labels.json: the label set in head order (for regression: `[label field, mean, std]`)."""
     return json.loads((Path(run_dir) / LABELS).read_text(encoding="utf-8"))
+
+
+# -- the state of a run, for readers of many runs (the dashboard) ---------------------------------
+
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+
+
+def is_running(run_dir: str | Path) -> bool:
+    """Whether a `train` holds the run's `.lock` now. The kernel's lock table is read, not the
+    lock taken: a reader polling the run must never make a starting `train` find it in use."""
+    path = Path(run_dir) / LOCK
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii") as table:
+            return any(line.split()[5:6] == [key] for line in table)
+    except OSError:  # no /proc (not Linux): try the lock, shared and at once, and let it go
+        return _lock_held(path)
+
+
+def _lock_held(path: Path) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks at all
+        return False
+    with open(path, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def read_error(run_dir: str | Path) -> str | None:
+    """The one-line error a failed `train` recorded (error.txt), or None."""
+    try:
+        return (Path(run_dir) / ERROR).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def status(run_dir: str | Path) -> str:
+    """running (a `train` holds the lock), finished, failed (error.txt) or interrupted (stopped
+    without an error: killed, Ctrl-C, or the machine went down; `--resume` continues it)."""
+    if is_running(run_dir):
+        return RUNNING
+    if is_finished(run_dir):
+        return FINISHED
+    return FAILED if read_error(run_dir) is not None else INTERRUPTED
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json (final validation and test metrics), or None before the run finished."""
+    try:
+        return json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_metrics_log(run_dir: str | Path, start: int = 0) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl from the `start`-th on; a line being written (cut short) is left out."""
+    try:
+        lines = (Path(run_dir) / METRICS_LOG).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records[start:]
+
+
+def find_runs(root: str | Path, depth: int = 3) -> list[Path]:
+    """The run directories (holding config.yaml) under `root`, `root` itself included, at most
+    `depth` levels down; symbolic links are not followed, so nothing outside `root` is listed."""
+    root = Path(root)
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        level = len(Path(directory).relative_to(root).parts)
+        if CONFIG in files:
+            found.append(Path(directory))
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and level < depth
+                                   and d not in (ADAPTER, MODEL, CHECKPOINT, BEST, TENSORBOARD, TFIDF))
+    return sorted(found)
