@@ -21,7 +21,7 @@ from finegrain.errors import FinegrainError
 
 @dataclass
 class ModelConfig:
-    name: str | None = None  # smollm2-135m (default), a .gguf file or a Hugging Face directory
+    name: str | None = None  # smollm2-135m (default), minilm-l6 (an encoder), a .gguf file or a Hugging Face directory
     dtype: str = "float32"
     num_layers: int | None = None  # keep only the first N decoder layers (the rest are dropped)
     bidirectional: bool = False  # remove the causal mask (token-level tasks)
@@ -90,7 +90,7 @@ class LoraSection:
 
 @dataclass
 class HeadConfig:
-    pooling: str = "last"  # last | mean
+    pooling: str = "last"  # last | mean | first (an encoder's [CLS])
     class_weights: str | dict[str, float] | None = None  # None, "balanced" or {label: weight}
     label_smoothing: float = 0.0
     threshold: float = 0.5  # multi-label decision threshold
@@ -322,7 +322,7 @@ def _lora_options_to_their_section(values: dict[str, Any], sources: dict[str, st
 
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
-        (config.head.pooling in ("last", "mean"), "head.pooling", "last or mean"),
+        (config.head.pooling in ("last", "mean", "first"), "head.pooling", "last, mean or first"),
         (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
          "BIO, IOB1, BIOES or IO"),
         (config.head.scheme.upper() in ("BIO", "IOB2", "BIOES", "IOBES", "IO"), "head.scheme", "BIO, BIOES or IO"),

@@ -182,22 +182,11 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     with exclusive_lock(run_dir, "finegrain train"):
         try:
             config, resume_dir = open_run(run_dir, config, resume=resume_dir is not None)
-            (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a previous try's: this one starts afresh
-            try:
-                return _train(config, run_dir, resume_dir, progress)
-            except Exception as exc:  # recorded for readers of the run (`finegrain ui`); Ctrl-C is no failure
-                atomic_write_text(run_dir / rundir.ERROR, error_line(exc) + "\n")
-                raise
+            return _train(config, run_dir, resume_dir, progress)
         except Exception:
             if created:
                 _discard(run_dir)
             raise
-
-
-def error_line(exc: BaseException) -> str:
-    """The error as one line, as the command line prints it."""
-    text = str(exc) if isinstance(exc, FinegrainError) else f"internal error: {type(exc).__name__}: {exc}"
-    return " ".join(text.split()) or type(exc).__name__
 
 
 def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: bool) -> dict[str, Any]:
@@ -232,7 +221,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     def score(predictions: list[dict[str, Any]]) -> dict[str, Any]:
         return task.metrics(predictions, val_gold)
 
-    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress)
+    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter)
     state = trainer.fit(resume=resume_dir is not None)
     # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
     mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)

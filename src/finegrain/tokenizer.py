@@ -195,10 +195,11 @@ class Tokenizer:
         eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
         eos_ids += config.get("finegrain_eos_token_ids", [])
         max_length = config.get("model_max_length")
+        # A BERT (WordPiece) tokenizer names no BOS/EOS: its [CLS] and [SEP] frame a text the same way.
         return cls(
             backend,
-            bos_token=special("bos_token"),
-            eos_token=special("eos_token"),
+            bos_token=special("bos_token") or special("cls_token"),
+            eos_token=special("eos_token") or special("sep_token"),
             pad_token=special("pad_token"),
             unk_token=special("unk_token"),
             add_bos=config.get("add_bos_token", False) if explicit else None,

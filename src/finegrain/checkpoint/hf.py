@@ -1,8 +1,13 @@
-"""Hugging Face checkpoint directories: config.json plus single or sharded safetensors."""
+"""Hugging Face checkpoint directories: config.json plus single or sharded safetensors (or PyTorch
+`.bin` files, read without running pickled code).
+
+`config.json`'s `model_type` picks the model: a LLaMA-family decoder (`finegrain.model.config`) or
+a BERT-family encoder (`finegrain.model.bert`)."""
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,14 +17,16 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from finegrain.errors import FinegrainError
-from finegrain.model.config import LlamaConfig
+from finegrain.model.bert import ENCODER_TYPES, BertConfig
+from finegrain.model.config import SUPPORTED_ARCHITECTURES, LlamaConfig
 
 INDEX_FILE = "model.safetensors.index.json"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
 @dataclass
 class HFCheckpoint:
-    config: LlamaConfig
+    config: LlamaConfig | BertConfig
     state_dict: dict[str, torch.Tensor]
     tensor_types: dict[str, int]  # dtype name -> number of tensors, as stored
 
@@ -43,11 +50,72 @@ def safetensors_files(directory: Path) -> list[Path]:
         if missing:
             raise FinegrainError(f"{index}: shard {missing[0]} is missing; download all shards the index lists")
         return [directory / s for s in shards]
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("*.safetensors")) or bin_files(directory)
     if not files:
-        hint = " (only PyTorch .bin weights found: convert them to safetensors)" if any(directory.glob("*.bin")) else ""
-        raise FinegrainError(f"{directory}: no *.safetensors weights{hint}; pass a directory with model.safetensors")
+        raise FinegrainError(f"{directory}: no *.safetensors weights; pass a directory with model.safetensors")
     return files
+
+
+def bin_files(directory: Path) -> list[Path]:
+    """The PyTorch weight files of a directory without safetensors: `pytorch_model.bin`, or the shards its index lists."""
+    index = directory / BIN_INDEX_FILE
+    if index.exists():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (directory / s).exists()]
+        if missing:
+            raise FinegrainError(f"{index}: shard {missing[0]} is missing; download all shards the index lists")
+        return [directory / s for s in shards]
+    single = directory / "pytorch_model.bin"
+    return [single] if single.exists() else []
+
+
+def model_config(hf_config: dict[str, Any], config_path: Path) -> LlamaConfig | BertConfig:
+    """The model config of a `config.json` dict, by its `model_type`: a decoder's or an encoder's."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type in ENCODER_TYPES:
+        return BertConfig.from_hf(hf_config)
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return LlamaConfig.from_hf(hf_config)
+    raise FinegrainError(
+        f"{config_path}: model_type '{model_type}' is not supported; finegrain runs LLaMA-family decoders "
+        f"({', '.join(SUPPORTED_ARCHITECTURES)}) and BERT-family encoders ({', '.join(ENCODER_TYPES)})"
+    )
+
+
+class _TensorFile:
+    """A PyTorch `.bin` weights file behind safetensors' `safe_open` interface (`keys`, `get_tensor`).
+
+    Read by `torch.load` with `weights_only=True`, which unpickles tensors and plain containers
+    only and refuses every other object: a file that would run code when unpickled is an error.
+    """
+
+    def __init__(self, path: Path):
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+            raise FinegrainError(
+                f"{path}: not a plain PyTorch weights file ({str(e).splitlines()[0][:160]}); finegrain reads "
+                "tensors only, never pickled code: download it again or convert it to safetensors"
+            ) from None
+        if not isinstance(self.tensors, dict) or not all(torch.is_tensor(t) for t in self.tensors.values()):
+            raise FinegrainError(f"{path}: does not hold a state dict of tensors; pass a model's pytorch_model.bin")
+
+    def __enter__(self) -> _TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def open_weights(path: Path):
+    """A weights file opened for `keys()` and `get_tensor(key)`: safetensors, or a PyTorch `.bin`."""
+    return _TensorFile(path) if path.suffix == ".bin" else safe_open(path, framework="pt")
 
 
 def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype = torch.float32) -> HFCheckpoint:
@@ -60,14 +128,14 @@ def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype
     if not config_path.exists():
         raise FinegrainError(f"{config_path}: not found; a Hugging Face model directory needs config.json")
     hf_config = read_json(config_path)
-    config = LlamaConfig.from_hf(hf_config)
+    config = model_config(hf_config, config_path)
 
     state_dict: dict[str, torch.Tensor] = {}
     tensor_types: dict[str, int] = {}
     files = safetensors_files(directory)
     for path in tqdm(files, desc="loading weights", unit="file", disable=not progress or len(files) < 2):
         try:
-            with safe_open(path, framework="pt") as f:
+            with open_weights(path) as f:
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     name = str(tensor.dtype).removeprefix("torch.")
@@ -77,6 +145,6 @@ def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype
             raise FinegrainError(
                 f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]}); download it again"
             ) from e
-    if "lm_head.weight" not in state_dict:
+    if isinstance(config, LlamaConfig) and "lm_head.weight" not in state_dict:
         config.tie_word_embeddings = True
     return HFCheckpoint(config, state_dict, tensor_types)

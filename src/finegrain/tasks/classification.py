@@ -1,4 +1,5 @@
-"""Sequence classification: a linear head on the last real token (or the mean) of a decoder.
+"""Sequence classification: a linear head on the last real token (or the mean) of a decoder, or on
+the first token (an encoder's [CLS]: `head.pooling: first`).
 
 Single-label (softmax, cross-entropy with optional label smoothing and class weights) or
 multi-label (sigmoid, binary cross-entropy, a decision threshold). The module layout,
@@ -71,7 +72,11 @@ def encode_long_texts(
     Every row keeps the template's words (and BOS/EOS) in full: the cue the head reads.
     """
     if template is None and long_texts == "truncate":  # today's ids exactly: special tokens stay as encode puts them
-        return [([ids[:max_length]], len(ids) > max_length, len(ids) > max_length) for ids in tokenizer.encode_batch(texts)]
+        keep_eos = getattr(tokenizer, "add_eos", False) and max_length > 1  # BERT's [SEP] closes every text, a cut one too
+        return [
+            ([_cut(ids, max_length, keep_eos)], len(ids) > max_length, len(ids) > max_length)
+            for ids in tokenizer.encode_batch(texts)
+        ]
     prefix, suffix, bodies = _template_parts(tokenizer, texts, template)
     budget = max_length - len(prefix) - len(suffix)
     if budget < 1 and template is None:
@@ -98,6 +103,13 @@ def encode_long_texts(
             truncated = len(body) > budget
         encoded.append(([prefix + chunk + suffix for chunk in chunks], len(body) > budget, truncated))
     return encoded
+
+
+def _cut(ids: list[int], max_length: int, keep_last: bool) -> list[int]:
+    """The first `max_length` ids; with `keep_last`, a cut row still ends with the last id (EOS)."""
+    if len(ids) <= max_length or not keep_last:
+        return ids[:max_length]
+    return ids[: max_length - 1] + ids[-1:]
 
 
 def _template_parts(tokenizer, texts: list[str], template: str | None) -> tuple[list[int], list[int], list[list[int]]]:
@@ -153,8 +165,10 @@ class SequenceClassifier(nn.Module):
         return self.score(pooled)  # (B, C)
 
     def pool(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
-        """The pooled hidden state (R, H) of each row of the batch: its last real token's or the mean."""
+        """The pooled hidden state (R, H) of each row of the batch: its last real token's, the mean, or its first token's."""
         lengths = batch["lengths"]
+        if self.pooling == "first":  # an encoder's [CLS]; the last layer runs for that position alone
+            return hidden_states(self.model, batch, start_layer, rows=torch.zeros_like(lengths))[:, 0]  # (R, H)
         if self.pooling == "mean":
             x = hidden_states(self.model, batch, start_layer)  # (R, T, H)
             real = padding_mask(lengths, x.shape[1])  # (R, T)

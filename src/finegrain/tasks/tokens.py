@@ -90,6 +90,10 @@ def encode_words(
     ids_of = dict(zip(distinct, tokenizer.encode_batch(distinct, add_special_tokens=False) if distinct else []))
     encoded = [ids_of[piece] for piece in pieces]
     bos = [tokenizer.bos_token_id] if tokenizer.add_bos and tokenizer.bos_token_id is not None else []
+    # An encoder's tokenizer closes a text with EOS ([SEP]), cut or not: the words get the room before it.
+    closes = getattr(tokenizer, "add_eos", False) and tokenizer.eos_token_id is not None and max_length > 1
+    eos = [tokenizer.eos_token_id] if closes else []
+    room = max_length - len(eos)
     results, k = [], 0
     for ex in examples:
         ids = list(bos)
@@ -102,13 +106,13 @@ def encode_words(
                 positions.append(-1)
                 continue
             position = len(ids) if subword == "first" else len(ids) + len(word_ids) - 1
-            if position >= max_length:
+            if position >= room:
                 positions.append(-1)
                 truncated += 1
             else:
                 positions.append(position)
             ids.extend(word_ids)
-        results.append((ids[:max_length], positions, truncated))
+        results.append((ids[:room] + eos, positions, truncated))
     return results
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,9 @@ class RunWriter:
     # -- checkpoint/ -----------------------------------------------------------------------
 
     def save_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        scheduler: Any, state: dict[str, Any]) -> None:
-        """Replace `checkpoint/` with everything a resume needs, this process's RNG states included."""
+                        scheduler: Any, state: dict[str, Any], hooks: Sequence[Any] = ()) -> None:
+        """Replace `checkpoint/` with everything a resume needs, this process's RNG states and the
+        state of the method's step hooks (`train.objectives.StepHook`: AdaLoRA's allocator) included."""
         if not self.writes:
             return
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -96,15 +97,16 @@ class RunWriter:
             save_weights(_copies(trainable), os.path.join(tmp, rundir.TRAINABLE))
             fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
             torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                 "hooks": [hook.state_dict() for hook in hooks]},
                 os.path.join(tmp, rundir.OPTIMIZER),
             )
             Path(tmp, rundir.STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     def load_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        scheduler: Any) -> dict[str, Any]:
-        """Load `checkpoint/` into the weights, optimizer, scheduler and RNGs; returns the saved
-        training state. Records logged after it are dropped from metrics.jsonl."""
+                        scheduler: Any, hooks: Sequence[Any] = ()) -> dict[str, Any]:
+        """Load `checkpoint/` into the weights, optimizer, scheduler, RNGs and step hooks; returns
+        the saved training state. Records logged after it are dropped from metrics.jsonl."""
         directory = recover_dir(self.run_dir / rundir.CHECKPOINT)
         recover_dir(self.run_dir / rundir.BEST)
         if not (directory / rundir.STATE).exists():
@@ -115,6 +117,12 @@ class RunWriter:
             state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
         except Exception as exc:  # a damaged pickle raises any of a dozen types
             raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {self._fix()}") from None
+        hook_states = saved.get("hooks", [])
+        if len(hook_states) != len(hooks):
+            raise FinegrainError(f"{directory}: holds the state of {len(hook_states)} step hooks, the run's adapter "
+                                 f"method has {len(hooks)}; {self._fix()}")
+        for hook, hook_state in zip(hooks, hook_states):
+            hook.load_state_dict(hook_state)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         random.setstate(saved["rng"]["python"])

@@ -4,6 +4,11 @@ A single-task run has one objective, the task's own loss (`TaskObjective`). The 
 each objective's mean loss over a step by its `weight` and sums them, so more tasks (each its
 own objective, fed by a mixture sampler) or a distillation term (an objective wrapping a task's
 and adding the teacher's) train in the same loop.
+
+An adapter method may add to a step what is not a batch's loss (`method_training`): loss terms on
+the trained weights themselves (`ModelTerm`: AdaLoRA's orthogonality regulariser) and hooks run
+after each optimizer step (`StepHook`: AdaLoRA's rank allocation), whose state every checkpoint
+keeps. The trainer calls them without knowing the method.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from finegrain.tasks.base import Task
 from finegrain.train.batching import micro_batches
@@ -76,3 +82,32 @@ class TaskObjective:
 
     def loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
         return self.task.loss(forward(batch), batch)
+
+
+class ModelTerm(Protocol):
+    """A loss term on the trained weights, not on a batch: the trainer adds `weight * loss(model)`
+    to each optimizer step's loss, once (AdaLoRA's orthogonality regulariser)."""
+
+    name: str
+    weight: float
+
+    def loss(self, model: nn.Module) -> torch.Tensor: ...
+
+
+class StepHook(Protocol):
+    """What a method does to the model after each optimizer step, while that step's gradients are
+    still in `.grad` (AdaLoRA's rank allocation). `step` counts the steps done, 1 to `total_steps`.
+    Its state is saved with every checkpoint and loaded on resume, so a resumed run goes on as an
+    uninterrupted one."""
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def method_training(method: Any, total_steps: int) -> tuple[list[ModelTerm], list[StepHook]]:
+    """The loss terms and step hooks an adapter method's config declares (`loss_terms()`,
+    `step_hooks(total_steps)`, both optional); none for a method that declares neither, or None."""
+    terms = getattr(method, "loss_terms", None)
+    hooks = getattr(method, "step_hooks", None)
+    return (list(terms()) if terms else []), (list(hooks(total_steps)) if hooks else [])

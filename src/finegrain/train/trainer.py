@@ -34,7 +34,7 @@ from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.checkpointing import RunWriter
 from finegrain.train.linear_probe import HeadInputs, fit_head
-from finegrain.train.objectives import Objective, TaskObjective
+from finegrain.train.objectives import Objective, TaskObjective, method_training
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 from finegrain.train.sampler import Draw, LengthBuckets, Sampler
 
@@ -90,6 +90,9 @@ class Trainer:
         run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go (names: `finegrain.rundir`).
         objectives: more objectives beside the task's own (another task's items, a distillation
             term); a batch trains the objective its sampler's draw names.
+        method: the adapter method's config (`finegrain.peft.METHODS`). What it declares beyond the
+            objectives (`train.objectives.method_training`: AdaLoRA's regulariser and rank
+            allocation) joins every step; None, or a method that declares nothing, adds nothing.
         sampler: which items form each batch; default length buckets of `train` (objective 0),
             `config.batch_size` items each, seeded by `config.seed`.
     """
@@ -107,6 +110,7 @@ class Trainer:
         progress: bool = True,
         objectives: Sequence[Objective] = (),
         sampler: Sampler | None = None,
+        method: Any = None,
     ):
         self.model, self.task, self.config = model, task, config
         self.validation_items, self.score = list(validation), score
@@ -131,6 +135,7 @@ class Trainer:
         self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.terms, self.hooks = method_training(method, self.total_steps)
         head_names = {n for n in self.trainable if not n.startswith("model.")}
         head_lr = config.head_lr or config.lr
         groups = [
@@ -153,7 +158,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainState:
         """Train to the end (or early stop) and leave the best weights loaded in the model."""
         if resume:
-            saved = self.writer.load_checkpoint(self.trainable, self.optimizer, self.scheduler)
+            saved = self.writer.load_checkpoint(self.trainable, self.optimizer, self.scheduler, self.hooks)
             for key, value in saved.items():
                 setattr(self.state, key, value)
         else:
@@ -216,7 +221,7 @@ class Trainer:
                     state.epoch += 1
                     state.batch_in_epoch = 0
                 if state.stopped_early or state.step % config.checkpoint_every == 0 or end_of_epoch:
-                    self.writer.save_checkpoint(self.trainable, self.optimizer, self.scheduler, vars(state))
+                    self.writer.save_checkpoint(self.trainable, self.optimizer, self.scheduler, vars(state), self.hooks)
                 if state.stopped_early:
                     break
         if state.best_step is None:
@@ -246,12 +251,19 @@ class Trainer:
             (loss * (objective.weight * weight) / (totals[index] or 1.0)).backward()
             sums[index] += loss.item() * weight
             tokens += int(batch["lengths"].sum())
+        extra = 0.0
+        for term in self.terms:  # on the weights, not a batch: once per step, in float32
+            term_loss = term.weight * term.loss(self.model)
+            term_loss.backward()
+            extra += term_loss.item()
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.trainable.values(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        for hook in self.hooks:  # before zero_grad: AdaLoRA scores the weights by this step's gradients
+            hook.after_step(self.model, self.state.step + 1, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(o.weight * s / (t or 1.0) for o, s, t in zip(self.objectives, sums, totals))
+        loss = extra + sum(o.weight * s / (t or 1.0) for o, s, t in zip(self.objectives, sums, totals))
         return loss, tokens, time.perf_counter() - start
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
