@@ -182,11 +182,22 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     with exclusive_lock(run_dir, "finegrain train"):
         try:
             config, resume_dir = open_run(run_dir, config, resume=resume_dir is not None)
-            return _train(config, run_dir, resume_dir, progress)
+            (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a previous try's: this one starts afresh
+            try:
+                return _train(config, run_dir, resume_dir, progress)
+            except Exception as exc:  # recorded for readers of the run (`finegrain ui`); Ctrl-C is no failure
+                atomic_write_text(run_dir / rundir.ERROR, error_line(exc) + "\n")
+                raise
         except Exception:
             if created:
                 _discard(run_dir)
             raise
+
+
+def error_line(exc: BaseException) -> str:
+    """The error as one line, as the command line prints it."""
+    text = str(exc) if isinstance(exc, FinegrainError) else f"internal error: {type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: bool) -> dict[str, Any]:
