@@ -44,6 +44,7 @@ from finegrain.peft.adapter import BottleneckConfig
 from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
+from finegrain.peft.adalora import AdaLoraConfig
 from finegrain.peft.lora import LoraConfig
 from finegrain.peft.prefix import PrefixConfig
 from finegrain.peft.prompt import PROMPT_LEARNING_PREFIX, PromptConfig
@@ -101,6 +102,7 @@ class AdapterConfig(Protocol):
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "adalora": AdaLoraConfig,
     "prompt": PromptConfig,
     "prefix": PrefixConfig,
     "full": FullConfig,
@@ -400,7 +402,8 @@ def save_adapter(
         raise FinegrainError("save_adapter: adapters are merged into the base weights; call unmerge_adapters first")
     saved_modules = list(dict.fromkeys([*(config.modules_to_save or []), *(modules_to_save or [])]))
 
-    tensors = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model).items()}
+    config, adapter_tensors = _file_form(config, adapter_state_dict(model))
+    tensors = {PEFT_PREFIX + k: v for k, v in adapter_tensors.items()}
     state = model.state_dict()
     for name in _modules_to_save_names(model, config.modules_to_save):
         tensors.update({PEFT_PREFIX + k: v for k, v in state.items() if k.startswith(name + ".")})
@@ -502,7 +505,28 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     config.check_tensors(tensors, weights_path, CONFIG_NAME, fix)
     if hasattr(config, "attach"):  # prompt learning: `base_model.` before a head, the method's own tensor names
         tensors = config.model_tensors({k.removeprefix(PROMPT_LEARNING_PREFIX): v for k, v in tensors.items()})
-    return config, tensors
+    layer_tensors = getattr(config, "layer_tensors", None)  # the file's shapes back to the layers' (see `_file_form`)
+    return config, (layer_tensors(tensors) if layer_tensors is not None else tensors)
+
+
+def _file_form(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter's tensors as its PEFT file holds them, with the config that describes them.
+
+    For most methods the layers' tensors as they are. A method whose file holds other shapes than
+    its layers declares `file_tensors(tensors) -> (config, tensors)` and `layer_tensors(tensors)`,
+    its inverse, which `read_adapter` applies (AdaLoRA trains every rank and saves the kept ones).
+    """
+    file_tensors = getattr(config, "file_tensors", None)
+    return file_tensors(tensors) if file_tensors is not None else (config, tensors)
+
+
+def inference_form(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """An adapter as `read_adapter` gives it, in the form a server loads onto a shared base: the
+    same adapter as another method's layers hold it, where its method declares one
+    (`inference_form(tensors)`: AdaLoRA serves as a LoRA), so that it shares those layers with the
+    other runs' adapters; else as it is."""
+    form = getattr(config, "inference_form", None)
+    return form(tensors) if form is not None else (config, tensors)
 
 
 def verify_adapter(directory: str | os.PathLike) -> None:
