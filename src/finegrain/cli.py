@@ -167,6 +167,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print((Path(args.output) / TABLE).read_text(encoding="utf-8"))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Hyperparameter search with Optuna, pruning on validation (finegrain.tune)."""
+    from finegrain.tune import tune
+
+    summary = tune(args.config, list(args.set or []), list(args.space or []), args.trials, args.output,
+                   metric=args.metric, storage=args.storage, seed=args.seed)
+    best = summary["best"]
+    if best:
+        print(f"best trial {best['number']}: validation {summary['metric']} {best['value']:.4f} with "
+              + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + f"; its config: {args.output}/best.yaml")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
     from finegrain import load
@@ -348,6 +360,19 @@ def build_parser() -> Parser:
     p.add_argument("--folds", type=int, help="K-fold cross-validation of the training data")
     p.add_argument("--output", required=True, help="the sweep directory (rerun with the same arguments to continue)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna (TPE), pruning poor trials on validation")
+    p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every trial")
+    p.add_argument("--space", action="append", metavar="KEY=RANGE",
+                   help="a key to search: log(LOW,HIGH), float(LOW,HIGH), int(LOW,HIGH) or A|B|C, "
+                        "e.g. train.lr=log(1e-5,1e-2) or lora.r=4|8|16 (repeat for more keys)")
+    p.add_argument("--trials", type=int, default=20, help="trials in all, those of an earlier run included (default 20)")
+    p.add_argument("--metric", help="the validation score to optimise (default: train.metric or the task's headline)")
+    p.add_argument("--storage", help="an Optuna storage URL shared by workers (default: OUTPUT/study.db)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    p.add_argument("--output", required=True, help="the search directory (rerun with the same arguments to continue)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir")
