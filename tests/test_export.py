@@ -93,6 +93,26 @@ def test_hf_token_classification_gives_the_runs_logits(runs, tmp_path):
             torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours[: len(ids)], atol=1e-5, rtol=1e-5)
 
 
+def test_hf_question_answering_gives_the_runs_start_and_end_logits(tiny_model_dir, tmp_path):
+    import transformers
+
+    squad = EXAMPLES / "squad"
+    run = train(tiny_model_dir, squad / "train.json", tmp_path / "qa", "--set", "task=qa", "--set", "data.max_length=128",
+                "--set", f"data.validation={squad / 'dev.json'}", "--set", "qa.stride=16")
+    export_run(run, "hf", tmp_path / "hf-qa")
+    assert json.loads((tmp_path / "hf-qa" / "config.json").read_text())["architectures"] == ["LlamaForQuestionAnswering"]
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "hf-qa").eval()
+    predictor = finegrain.load(run)
+    examples = predictor.task.read_file(predictor.config.data, str(squad / "dev.json"))[:3]
+    items = predictor.task.encode(predictor.tokenizer, examples, 128)
+    with torch.no_grad():
+        for item in items:
+            ours = predictor.model(predictor.task.collate([item], predictor.tokenizer.pad_token_id))[0]
+            theirs = hf(torch.tensor([item.input_ids]))
+            torch.testing.assert_close(theirs.start_logits[0], ours[: len(item.input_ids), 0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(theirs.end_logits[0], ours[: len(item.input_ids), 1], atol=1e-5, rtol=1e-5)
+
+
 def instruct_reference(run_dir):
     """The merged causal LM of the instruct run, its logits on a prompt, and the prompt's ids."""
     model, tokenizer, _ = merged_model(Path(run_dir), read_config(run_dir))

@@ -3,7 +3,8 @@
 - `hf`: the run's adapter folded into the base weights (`peft.base.unload_adapters`, or a full run's
   own weights), written as the `transformers` class of the task: `LlamaForSequenceClassification`
   (classification, regression: `score.weight`), `LlamaForTokenClassification` (ner: `score.weight`,
-  `score.bias`), `LlamaForCausalLM` (instruct), with the labels in config.json's
+  `score.bias`), `LlamaForQuestionAnswering` (qa: `qa_outputs`, the decoder under `transformer.`),
+  `LlamaForCausalLM` (instruct), with the labels in config.json's
   `id2label`/`label2id`. `transformers` loads the directory and gives the run's logits.
 - `gguf`: the merged causal language model of a generation run (task: instruct) as one llama.cpp
   file (`f16`, `q8_0` or `q4_0` matrices; norms stay F32), under llama.cpp's tensor names with the
@@ -50,6 +51,7 @@ HF_HEADS = {
     "classification": "LlamaForSequenceClassification",
     "regression": "LlamaForSequenceClassification",
     "ner": "LlamaForTokenClassification",
+    "qa": "LlamaForQuestionAnswering",
     "instruct": "LlamaForCausalLM",
 }
 # Hugging Face module path inside a decoder layer -> llama.cpp's name (`checkpoint.gguf` reads them back).
@@ -174,7 +176,12 @@ def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architectur
     if architecture == "LlamaForCausalLM":
         return state, hf_config
     state.pop("lm_head.weight", None)
-    state.update({f"score.{k}": v.detach().clone().contiguous() for k, v in model.score.state_dict().items()})
+    head = model.score.state_dict()
+    if architecture == "LlamaForQuestionAnswering":  # start and end logits are its two outputs, as in finegrain
+        state = {"transformer." + k.removeprefix("model."): v for k, v in state.items()}
+        state.update({f"qa_outputs.{k}": v.detach().clone().contiguous() for k, v in head.items()})
+        return state, hf_config
+    state.update({f"score.{k}": v.detach().clone().contiguous() for k, v in head.items()})
     names = task_labels(task)
     hf_config["num_labels"] = state["score.weight"].shape[0]
     if names:
