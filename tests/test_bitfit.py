@@ -165,3 +165,33 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert json.loads((reference / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LN_TUNING"
     config = method_config_file(tmp_path, tiny_model_dir, peft_keys)
     assert_same_adapter(killed_then_resumed(tmp_path, config), reference)
+
+
+def test_served_beside_a_lora_run_on_one_base_like_their_predictors(tiny_model_dir, tmp_path):
+    """The final norm of each bitfit run lives in its own task model's view of the base; the norms and
+    biases inside the layers are switched per batch with the LoRA run's adapters."""
+    from finegrain.serve.batching import Job
+    from finegrain.serve.engine import Engine
+    from finegrain.serve.metrics import Metrics
+    from finegrain.serve.models import ModelRegistry
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "bitfit").mkdir()
+    bitfit_targets = ["input_layernorm", "post_attention_layernorm", "model.norm", "o_proj", "gate_proj"]
+    runs = {
+        "lora": train_method_run(tmp_path / "lora", tiny_model_dir, {"method": "lora", "r": 4, "layers": [-1]}),
+        "bitfit": train_method_run(tmp_path / "bitfit", tiny_model_dir, {"method": "bitfit", "targets": bitfit_targets}),
+    }
+    registry = ModelRegistry(list(runs.items()))
+    registry.load()
+    assert isinstance(registry.runs["bitfit"].model.model.norm, BitfitNorm)
+    engine = Engine(registry, Metrics())
+    for name, run_dir in [*runs.items(), *runs.items()]:
+        expected = finegrain.load(run_dir).predict(TEXTS)
+        served = registry.runs[name]
+        items = served.task.encode(served.tokenizer, served.task.examples_from_inputs(TEXTS, served.config.data),
+                                   served.config.data.max_length)
+        (answers,) = engine.run(("task", name), [Job(("task", name), items, size=len(items))])
+        for a, e in zip(answers, expected):
+            assert a["label"] == e["label"]
+            assert all(abs(a["probabilities"][k] - e["probabilities"][k]) < 1e-5 for k in e["probabilities"])

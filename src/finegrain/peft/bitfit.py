@@ -263,7 +263,9 @@ class BitfitConfig:
 
     Args:
         targets: module names matched as LoRA's (a name, a full path, or a regular expression over
-            the whole path): RMSNorms get a trainable weight, linear layers a trainable bias.
+            the whole path): RMSNorms get a trainable weight, linear layers a trainable bias;
+            "all-linear" (LoRA's value, kept when a LoRA config switches method) takes every norm
+            and linear layer inside the decoder layers.
         layers: decoder layer indices to adapt; None for all. As in PEFT, a module outside the
             decoder layers (the final `norm`) is then left out unless named by its path (`model.norm`).
         modules_to_save: modules trained in full and saved with the adapter (a task head).
