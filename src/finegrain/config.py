@@ -25,6 +25,7 @@ class ModelConfig:
     dtype: str = "float32"
     num_layers: int | None = None  # keep only the first N decoder layers (the rest are dropped)
     bidirectional: bool = False  # remove the causal mask (token-level tasks)
+    quantize: str | None = None  # null | int8 | q4: the decoder's linear weights stay quantised (model/qlinear.py)
 
 
 @dataclass
@@ -337,6 +338,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "random for this task (probe fits a softmax head: single-label classification)"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
+        (config.model.quantize in (None, "int8", "q4"), "model.quantize", "null, int8 or q4"),
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         (config.train.lr > 0, "train.lr", "above 0"),

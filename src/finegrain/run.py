@@ -42,7 +42,9 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
 
     `loaded`: the (model, tokenizer) pair already read for this config (the recipe's probe reads it).
     """
-    llama, tokenizer = loaded or load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
+    llama, tokenizer = loaded or load_model(
+        config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress, quantize=config.model.quantize
+    )
     backbone = llama.model
     total = len(backbone.layers)
     if config.model.num_layers is not None:
@@ -210,7 +212,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     atomic_write_json(run_dir / rundir.LABELS, splits.labels)
     loaded, recipe = None, []
     if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
-        loaded = load_model(config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress)
+        loaded = load_model(
+            config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress, quantize=config.model.quantize
+        )
         recipe = Recipe(config, config.explicit).plan(splits, loaded[1], loaded[0], progress)
         validate(config, "the recipe")
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))

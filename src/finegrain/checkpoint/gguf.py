@@ -5,6 +5,9 @@ tensors, most of them quantized in blocks. We dequantize every tensor to float32
 `gguf.quants`, rename it (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)
 and undo the row permutation llama.cpp applies to the query and key projections of LLaMA
 models, so the weights work with Hugging Face-style rotary embeddings (`rotate_half`).
+
+With `quantize` (`model.quantize`), the decoder's linear weights are kept quantised instead, one
+tensor at a time (`finegrain.model.qlinear`): `q4` keeps Q4_0/Q4_1/Q4_K blocks as stored.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from finegrain.errors import FinegrainError
 from finegrain.model.config import LlamaConfig
+from finegrain.model.qlinear import GGUF_KEPT, QuantizedWeight, quantize_weight, quantizes
 
 __all__ = ["GGUFCheckpoint", "SUPPORTED_TYPES", "load_gguf", "permute_rope", "read_gguf_metadata", "unpermute_rope"]
 
@@ -69,12 +73,14 @@ class GGUFCheckpoint:
     tensor_types: dict[str, int]
 
 
-def load_gguf(path: str | Path, progress: bool = True) -> GGUFCheckpoint:
+def load_gguf(path: str | Path, progress: bool = True, quantize: str | None = None) -> GGUFCheckpoint:
     """Read and dequantize a LLaMA-family GGUF file.
 
     Args:
         path: the `.gguf` file.
         progress: show a progress bar (on stderr) while dequantizing.
+        quantize: `model.quantize` (int8 or q4): the decoder's linear weights come as
+            `QuantizedWeight`s, each quantised as it is read (q4 keeps the file's Q4 blocks).
 
     Returns:
         A `GGUFCheckpoint` with the config, float32 state dict, metadata and tensor type counts.
@@ -101,11 +107,16 @@ def load_gguf(path: str | Path, progress: bool = True) -> GGUFCheckpoint:
             warnings.warn(f"{path}: ignoring {tensor.name}; rope scaling comes from the config only", stacklevel=2)
             continue
         name = _hf_name(tensor.name, path)
-        weight = torch.from_numpy(_dequantize(tensor, reader, path))
+        kept = GGUF_KEPT.get(type_name) if quantize == "q4" and quantizes(name) else None
+        weight = torch.from_numpy(tensor.data.copy() if kept else _dequantize(tensor, reader, path))  # blocks: (out, bytes)
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = unpermute_rope(weight, config.num_heads)
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_rope(weight, config.num_kv_heads)
+        if kept:
+            weight = QuantizedWeight(kept, weight, None, int(tensor.shape[0]))
+        elif quantize and quantizes(name):
+            weight = quantize_weight(weight, quantize, name)
         state_dict[name] = weight
     del reader  # closes the memory map; every tensor above is a copy
 

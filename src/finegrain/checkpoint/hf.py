@@ -19,6 +19,7 @@ from tqdm import tqdm
 from finegrain.errors import FinegrainError
 from finegrain.model.bert import ENCODER_TYPES, BertConfig
 from finegrain.model.config import SUPPORTED_ARCHITECTURES, LlamaConfig
+from finegrain.model.qlinear import quantize_weight, quantizes
 
 INDEX_FILE = "model.safetensors.index.json"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -118,8 +119,13 @@ def open_weights(path: Path):
     return _TensorFile(path) if path.suffix == ".bin" else safe_open(path, framework="pt")
 
 
-def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype = torch.float32) -> HFCheckpoint:
+def load_hf_dir(
+    directory: str | Path, progress: bool = True, dtype: torch.dtype = torch.float32, quantize: str | None = None
+) -> HFCheckpoint:
     """Read config.json and all safetensors weights of a checkpoint directory.
+
+    `quantize` (`model.quantize`: int8 or q4): the decoder's linear weights come as
+    `finegrain.model.qlinear.QuantizedWeight`s, each quantised as it is read.
 
     The tokenizer files and generation_config.json (extra end-of-turn ids) are the tokenizer's.
     """
@@ -140,7 +146,10 @@ def load_hf_dir(directory: str | Path, progress: bool = True, dtype: torch.dtype
                     tensor = f.get_tensor(key)
                     name = str(tensor.dtype).removeprefix("torch.")
                     tensor_types[name] = tensor_types.get(name, 0) + 1
-                    state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    if quantize and quantizes(key):
+                        state_dict[key] = quantize_weight(tensor, quantize, key)
+                    else:
+                        state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FinegrainError(
                 f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]}); download it again"

@@ -14,6 +14,7 @@ from finegrain.errors import FinegrainError
 from finegrain.model.config import LlamaConfig
 from finegrain.model.bert import ENCODER_TYPES, Bert, BertConfig, build_bert
 from finegrain.model.llama import Llama, rope_inverse_frequencies
+from finegrain.model.qlinear import QuantizedWeight, QuantLinear, check_choice
 
 if TYPE_CHECKING:
     from finegrain.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ class Checkpoint:
     """Everything read from a model source, before the model is built."""
 
     config: LlamaConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | QuantizedWeight]  # QuantizedWeight: linear weights under model.quantize
     tokenizer: "Tokenizer"
     source: dict[str, Any] = field(default_factory=dict)  # path, format, tensor types
 
@@ -81,40 +82,57 @@ def _download_from_hub(repo_id: str) -> Path:
     return Path(local)
 
 
-def load_checkpoint(name_or_path: str | os.PathLike | None = None, progress: bool = True) -> Checkpoint:
-    """Read config, weights (float32) and tokenizer from a GGUF file or a Hugging Face directory."""
+def load_checkpoint(
+    name_or_path: str | os.PathLike | None = None, progress: bool = True, quantize: str | None = None
+) -> Checkpoint:
+    """Read config, weights (float32) and tokenizer from a GGUF file or a Hugging Face directory.
+
+    `quantize` (`model.quantize`: int8 or q4): the decoder's linear weights are quantised as they
+    are read, one at a time (`finegrain.model.qlinear`), never all in float32 at once.
+    """
     from finegrain.tokenizer import Tokenizer
+
+    check_choice(quantize)
 
     path = resolve_model(name_or_path)
     if path.is_dir():
         from finegrain.checkpoint.hf import load_hf_dir
 
-        hf = load_hf_dir(path, progress=progress)
+        hf = load_hf_dir(path, progress=progress, quantize=quantize)
         tokenizer = Tokenizer.from_dir(path)
-        source = {"path": str(path), "format": "huggingface", "tensor_types": hf.tensor_types}
+        source = {"path": str(path), "format": "huggingface", "tensor_types": hf.tensor_types, "quantize": quantize}
         return Checkpoint(hf.config, hf.state_dict, tokenizer, source)
     if path.suffix == ".gguf":
         from finegrain.checkpoint.gguf import load_gguf
 
-        gguf = load_gguf(path, progress=progress)
+        gguf = load_gguf(path, progress=progress, quantize=quantize)
         tokenizer = Tokenizer.from_gguf(gguf.metadata)
-        source = {"path": str(path), "format": "gguf", "tensor_types": gguf.tensor_types}
+        source = {"path": str(path), "format": "gguf", "tensor_types": gguf.tensor_types, "quantize": quantize}
         return Checkpoint(gguf.config, gguf.state_dict, tokenizer, source)
     raise FinegrainError(f"{path}: not a model; pass a .gguf file or a Hugging Face model directory")
 
 
-def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Llama:
-    """A `Llama` holding `state_dict`'s tensors, without a throwaway random initialisation."""
+def build_model(
+    config: LlamaConfig, state_dict: dict[str, torch.Tensor | QuantizedWeight], dtype: torch.dtype = torch.float32
+) -> Llama:
+    """A `Llama` holding `state_dict`'s tensors, without a throwaway random initialisation; a
+    `QuantizedWeight` (and its bias) becomes a `QuantLinear` in place of its linear layer."""
     if isinstance(config, BertConfig):
         return build_bert(config, state_dict, dtype)
     with torch.device("meta"):
         model = Llama(config)
     state_dict = dict(state_dict)
+    quantized = [key for key, value in state_dict.items() if isinstance(value, QuantizedWeight)]
+    for key in quantized:
+        path = key.removesuffix(".weight")
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear(state_dict.pop(key), state_dict.pop(f"{path}.bias", None)))
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
     state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if k.rpartition(".")[0] + ".weight" not in quantized]  # a QuantLinear's own buffers
     if missing or unexpected:
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise FinegrainError(f"checkpoint does not match a {config.model_type} model ({problem}); is it a LLaMA-family model?")
@@ -125,7 +143,10 @@ def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype:
 
 
 def load_model(
-    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, progress: bool = True
+    name_or_path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    quantize: str | None = None,
 ) -> tuple[Llama | Bert, "Tokenizer"]:
     """Load a LLaMA-family decoder or a BERT-family encoder (`minilm-l6`) and its tokenizer.
 
@@ -134,11 +155,23 @@ def load_model(
             directory, or a Hub id (only where `huggingface_hub` is installed and online).
         dtype: the parameter dtype.
         progress: show a progress bar while reading and dequantizing.
+        quantize: `model.quantize`: None (float weights), "int8" or "q4": the decoder's linear
+            layers keep quantised weights (`finegrain.model.qlinear.QuantLinear`); float32 only.
 
     Returns:
         (model, tokenizer); `model(input_ids)` gives logits (B, T, V).
     """
-    checkpoint = load_checkpoint(name_or_path, progress=progress)
+    if quantize is not None and dtype != torch.float32:
+        raise FinegrainError(
+            f"model.quantize: {quantize} computes in float32 from the quantised weights; set model.dtype: float32 "
+            "or model.quantize: null (choices: null, int8, q4)"
+        )
+    checkpoint = load_checkpoint(name_or_path, progress=progress, quantize=quantize)
+    if quantize is not None and isinstance(checkpoint.config, BertConfig):
+        raise FinegrainError(
+            f"model.quantize: {quantize} has kernels for LLaMA-family decoders only, not the encoder "
+            f"{name_or_path}; set model.quantize: null (choices: null, int8, q4)"
+        )
     model = build_model(checkpoint.config, checkpoint.state_dict, dtype)
     model.source = checkpoint.source
     return model, checkpoint.tokenizer

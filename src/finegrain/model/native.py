@@ -1,4 +1,4 @@
-"""finegrain's C kernels (int8_decode.c, train_kernels.c): built with the system's C compiler on
+"""finegrain's C kernels (int8_decode.c, train_kernels.c, qlinear.c): built with the system's C compiler on
 first use, loaded with ctypes.
 
 The library is compiled for this CPU (`-march=native`) into finegrain's cache directory
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from finegrain.atomic import atomic_path
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_decode.c", "train_kernels.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_decode.c", "train_kernels.c", "qlinear.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -115,6 +115,8 @@ def library() -> ctypes.CDLL | None:
         "fg_lora_down": [pointer] * 4 + [int64] * 3,
         "fg_lora_grad_A": [pointer] * 4 + [int64] * 3,
         "fg_lora_grad_x": [pointer] * 4 + [int64] * 3,
+        "fg_q_dequantize": [int64, pointer, int64, pointer, int64, int64, int64, pointer],
+        "fg_q_linear": [int64, pointer, int64] + [pointer] * 4 + [int64] * 3,
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)

@@ -21,6 +21,7 @@ from torch import nn
 from finegrain.model import native
 from finegrain.model.linear import matmul_t
 from finegrain.model.llama import Llama, default_position_ids
+from finegrain.model.qlinear import int8_rows
 
 
 class Int8Linear(nn.Module):
@@ -29,10 +30,8 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        # torch.ao's symmetric per-channel observer: the largest weight of a row maps to 127.5.
-        scale = (weight.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        weight, scale = int8_rows(linear.weight.detach().float())  # the rounding of `model.quantize: int8` too
+        self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self._native: native.Linear | None = None

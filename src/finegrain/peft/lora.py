@@ -24,6 +24,7 @@ from finegrain.config import LoraSection
 from finegrain.errors import FinegrainError
 from finegrain.model import fused
 from finegrain.model.linear import Linear, linear, matmul_t
+from finegrain.model.qlinear import QuantLinear
 
 INITS = ("default", "gaussian")
 
@@ -84,24 +85,30 @@ class LoraLinear(nn.Module):
         self.active: LoraAdapter | None = None
         self.register_module("lora_A", None)
         self.register_module("lora_B", None)
+        self.register_module("quantized", None)  # the base instead of `weight` and `bias` under model.quantize
         self.merged = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, adapter_name: str = "default", **options: Any) -> "LoraLinear":
         """Wrap `linear`, sharing its weight and bias tensors (no copy) and freezing them, with one
-        adapter `adapter_name` made of `options` (see `add_adapter`), active."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-            device=linear.weight.device,
-        )
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
+        adapter `adapter_name` made of `options` (see `add_adapter`), active. A `QuantLinear`
+        (model.quantize) is kept whole as `quantized`, its weights int8/4-bit; the adapter is float32."""
+        if isinstance(linear, QuantLinear):
+            layer = cls(linear.in_features, linear.out_features, device="meta")
+            layer.weight, layer.quantized = None, linear
+        else:
+            layer = cls(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                dtype=linear.weight.dtype,
+                device=linear.weight.device,
+            )
+            layer.weight = linear.weight
+            layer.weight.requires_grad_(False)
+            if linear.bias is not None:
+                layer.bias = linear.bias
+                layer.bias.requires_grad_(False)
         layer.add_adapter(adapter_name, **options)
         layer.set_adapter(adapter_name)
         return layer
@@ -122,7 +129,8 @@ class LoraLinear(nn.Module):
         """
         if name in self.adapters:
             raise FinegrainError(f"lora: this layer already has an adapter named '{name}'; give the new one another name")
-        dtype, device = self.weight.dtype, self.weight.device
+        base = self.weight if self.quantized is None else self.quantized  # a QuantLinear computes in float32
+        dtype, device = base.dtype, base.device
         adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         lora_A = nn.Linear(self.in_features, r, bias=False, dtype=adapter_dtype, device=device)
         lora_B = nn.Linear(r, self.out_features, bias=False, dtype=adapter_dtype, device=device)
@@ -158,6 +166,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
+        if self.quantized is not None:
+            return self._forward_quantized(x)
         if self.merged or self.active is None:
             return linear(x, self.weight, self.bias)
         A, B = self.active.lora_A.weight, self.active.lora_B.weight
@@ -181,6 +191,17 @@ class LoraLinear(nn.Module):
         update = F.linear(F.linear(dropped.to(A.dtype), A), B)
         return y + (update * self.active.scaling).to(y.dtype)
 
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` over a `QuantLinear` base (model.quantize): the fused path of `LoraMatmul`, in
+        float32 under autocast too, since the base computes in float32 from its int8/4-bit weights."""
+        if self.active is None:
+            return self.quantized(x)
+        p = self.active.dropout if self.training else 0.0
+        keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+        A, B = self.active.lora_A.weight, self.active.lora_B.weight
+        with torch.autocast(x.device.type, enabled=False):
+            return LoraMatmul.apply(x.float(), self.quantized, None, A, B, self.active.scaling / (1 - p), keep)
+
     def delta_weight(self) -> torch.Tensor:
         """The active adapter's update B @ A * scaling (out, in), in float32."""
         if self.active is None:
@@ -191,6 +212,11 @@ class LoraLinear(nn.Module):
     def merge(self) -> None:
         """Add the active update into `weight`, so forward costs one matmul; a no-op when already
         merged or when no adapter is active."""
+        if self.quantized is not None and self.active is not None:
+            raise FinegrainError(
+                "model.quantize: a LoRA update cannot be merged into int8/4-bit base weights; use the adapter unmerged "
+                "(it loads onto a float base too), or train with model.quantize: null (choices: null, int8, q4)"
+            )
         if not self.merged and self.active is not None:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -203,7 +229,10 @@ class LoraLinear(nn.Module):
             self.merged = False
 
     def base_layer(self) -> Linear:
-        """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it)."""
+        """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it);
+        the `QuantLinear` itself under model.quantize."""
+        if self.quantized is not None:
+            return self.quantized
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight = self.weight
         plain.bias = self.bias
@@ -228,7 +257,8 @@ class LoraMatmul(torch.autograd.Function):
     every adapted layer; this keeps x (one tensor for q_proj and v_proj, which read the same
     normed input), a bool mask and the (..., r) product x A^T, and adds the update into the
     base output in place. `scaling` includes dropout's 1 / (1 - p); `keep` is None without
-    dropout. Gradients: A, B and x only (W and b are frozen).
+    dropout. Gradients: A, B and x only (W and b are frozen). `weight` may be a `QuantLinear`
+    (model.quantize, with `bias` None): its kernels give x W^T + b and the input's gradient.
     """
 
     @staticmethod
@@ -237,9 +267,11 @@ class LoraMatmul(torch.autograd.Function):
         a = None if keep is None else fused.lora_down(x2, keep, lora_A)
         if a is None:
             a = (x2 if keep is None else x2 * as_bytes(keep, x2)) @ lora_A.t()  # (N, r)
-        y = matmul_t(x2, weight, bias)  # (N, out)
+        quantized = weight if isinstance(weight, QuantLinear) else None
+        y = matmul_t(x2, weight, bias) if quantized is None else quantized.matmul(x2)  # (N, out)
         y.addmm_(a, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, keep, a, weight, lora_A, lora_B)
+        ctx.save_for_backward(x2, keep, a, None if quantized else weight, lora_A, lora_B)
+        ctx.quantized = quantized
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -254,7 +286,7 @@ class LoraMatmul(torch.autograd.Function):
             grad_A = grad_a.t() @ (x2 if keep is None else x2 * as_bytes(keep, x2))  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = matmul_t(g, weight.t())  # (N, in)
+            grad_x = matmul_t(g, weight.t()) if ctx.quantized is None else ctx.quantized.matmul_grad(g)  # (N, in)
             if keep is None:
                 grad_x.addmm_(grad_a, lora_A)
             elif not fused.lora_add_grad_x(grad_x, grad_a, lora_A, keep):
