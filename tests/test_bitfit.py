@@ -158,13 +158,26 @@ def test_train_and_predict_through_the_cli(tiny_model_dir, tmp_path, task):
     assert ("label" if task == "classification" else "tags") in predictions[0]
 
 
-def test_a_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+def test_a_killed_run_resumes_to_the_same_adapter_which_peft_loads(tiny_model_dir, tmp_path):
     peft_keys = {"method": "bitfit", "targets": NORMS}  # norms alone: an LN_TUNING run
     (tmp_path / "straight").mkdir()
     reference = train_method_run(tmp_path / "straight", tiny_model_dir, peft_keys)
     assert json.loads((reference / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LN_TUNING"
     config = method_config_file(tmp_path, tiny_model_dir, peft_keys)
     assert_same_adapter(killed_then_resumed(tmp_path, config), reference)
+
+    # The run's adapter is a PEFT SEQ_CLS adapter: transformers + peft give the run's probabilities.
+    _, tensors = read_adapter(reference / "adapter")
+    assert max(float((t - 1).abs().max()) for k, t in tensors.items() if "ln_tuning" in k) > 0.01  # the norms moved
+    ours = finegrain.load(reference)
+    expected = [[p["probabilities"][label] for label in ours.task.labels] for p in ours.predict(TEXTS)]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    base.config.pad_token_id = ours.tokenizer.pad_token_id
+    theirs = peft.PeftModel.from_pretrained(base, reference / "adapter").eval()
+    with torch.no_grad():
+        for text, probabilities in zip(TEXTS, expected):
+            ids = ours.tokenizer.encode(text)[: ours.config.data.max_length]
+            assert_close(theirs(torch.tensor([ids])).logits.softmax(-1)[0], torch.tensor(probabilities), atol=1e-4, rtol=0)
 
 
 def test_served_beside_a_lora_run_on_one_base_like_their_predictors(tiny_model_dir, tmp_path):
