@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -381,3 +382,36 @@ def test_served_beside_a_lora_run_on_one_base_like_their_predictors(tiny_model_d
             for a, e in zip(answers, expected):
                 for label in e["probabilities"]:
                     assert abs(a["probabilities"][label] - e["probabilities"][label]) < 1e-5
+
+
+def test_switching_a_lora_config_to_adalora_keeps_the_keys_it_shares(tiny_model_dir, tmp_path, capsys):
+    data = write_classification(tmp_path / "data.jsonl")
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(data), "max_length": 16},
+        "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "o_proj"], "layers": [-1]},
+        "train": {"epochs": 1, "batch_size": 8, "threads": 1, "recipe": False},
+    }))
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"adalora does not take lora.r; it is left out"):
+        assert main(["train", str(config), "--output", str(run_dir), "--set", "peft.method=adalora",
+                     "--set", "peft.init_r=3", "--set", "peft.target_r=1"]) == 0
+    written = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert written["peft_type"] == "ADALORA" and written["lora_alpha"] == 8 and written["init_r"] == 3
+    assert sorted(written["target_modules"]) == ["o_proj", "q_proj"] and written["layers_to_transform"] == [1]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["peft.num_virtual_tokens=4"], r"unknown key 'peft.num_virtual_tokens'"),
+        (["peft.tinit=100"], r"peft.tinit \(100\) \+ peft.tfinal \(2\) leave none of the run's 14 optimizer steps"),
+    ],
+)
+def test_bad_run_options_are_one_line_errors_and_leave_nothing(tiny_model_dir, tmp_path, capsys, sets, message):
+    config = config_file(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(run_dir), *(a for s in sets for a in ("--set", s))]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not run_dir.exists()
