@@ -108,17 +108,19 @@ function chart(title, series, id) {
   return box;
 }
 
+// The validation scores worth a curve, where a task logs them (the rest are in metrics.json).
+const SCORES = ["accuracy", "macro_f1", "micro_f1", "f1", "exact_match", "rougeL", "mse", "r2", "pearson"];
+
 // The curves a metrics.jsonl holds: training loss and learning rate, and each validation score.
 function curveSeries(records) {
   const train = records.filter((r) => !r.split);
   const validation = records.filter((r) => r.split === "validation");
   const out = {train_loss: train.filter((r) => "train_loss" in r).map((r) => [r.step, r.train_loss]),
                lr: train.filter((r) => "lr" in r).map((r) => [r.step, r.lr])};
-  for (const r of validation) {
-    for (const [k, v] of Object.entries(r)) {
-      if (["step", "epoch", "split"].includes(k) || typeof v !== "number") continue;
-      (out[`validation ${k}`] = out[`validation ${k}`] || []).push([r.step, v]);
-    }
+  const numeric = [...new Set(validation.flatMap((r) => Object.keys(r).filter((k) => typeof r[k] === "number" && !["step", "epoch"].includes(k) && !k.startsWith("num_"))))];
+  const shown = numeric.filter((k) => SCORES.includes(k));
+  for (const k of shown.length ? shown : numeric.slice(0, 4)) {
+    out[`validation ${k}`] = validation.filter((r) => typeof r[k] === "number").map((r) => [r.step, r[k]]);
   }
   return out;
 }
@@ -158,11 +160,11 @@ async function viewRuns(my) {
         h("td", {}, h("div", {}, r.id), r.error ? h("div", {class: "error run-error"}, r.error) : null),
         h("td", {}, badge(r.status)), h("td", {}, r.task || ""), h("td", {}, r.model || ""), h("td", {}, r.method || ""),
         h("td", {}, when(r.started)), h("td", {class: "num"}, duration(r.duration)),
-        h("td", {class: "num", title: r.metric ? `${r.split} ${r.metric}` : ""}, r.value === null ? "" : `${fmt(r.value)} ${r.metric}`));
+        h("td", {class: "num", title: r.metric ? `${r.split} ${r.metric}` : ""}, r.value === null ? "" : `${r.metric} ${r.value.toFixed(4)}`));
     });
     box.replaceChildren(h("div", {class: "toolbar"}, search, compare, h("span", {class: "muted"}, `${rows.length} of ${data.runs.length} runs`)),
       h("table", {id: "runs"}, h("thead", {}, head), h("tbody", {}, body)),
-      data.runs.length ? null : h("p", {class: "muted"}, "No runs here yet: train one with `finegrain train ... --output RUNS_DIR/NAME`, or from Launch."));
+      ...(data.runs.length ? [] : [h("p", {class: "muted"}, "No runs here yet: train one with `finegrain train ... --output RUNS_DIR/NAME`, or from Launch.")]));
   };
   let last = null;
   every(3000, async () => {
@@ -177,6 +179,19 @@ async function viewRuns(my) {
 // -- one run ----------------------------------------------------------------------------------
 
 async function viewRun(my, id) {
+  // A run just launched has no directory until `train` starts: wait for it while its job lives.
+  for (;;) {
+    let known, jobs;
+    try { [known, jobs] = await Promise.all([api("/api/runs"), api("/api/jobs")]); } catch (err) { main().replaceChildren(failure(err)); return; }
+    if (my !== viewId) return;
+    if (known.runs.some((r) => r.id === id)) break;
+    if (!jobs.jobs.some((j) => j.name === id && ["queued", "running"].includes(j.state))) {
+      main().replaceChildren(h("p", {class: "error"}, `no run '${id}' under the runs directory`));
+      return;
+    }
+    main().replaceChildren(h("p", {class: "muted"}, `waiting for run ${id} to start…`));
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
   let data;
   try { data = await api(`/api/run?run=${q(id)}`); } catch (err) { main().replaceChildren(failure(err)); return; }
   if (my !== viewId) return;
@@ -260,8 +275,8 @@ async function viewCompare(my, ids) {
   const perRun = data.curves.map(curveSeries);
   const keys = [...new Set(perRun.flatMap((s) => Object.keys(s)))].filter((k) => k !== "lr");
   main().replaceChildren(h("h2", {}, `Compare ${names.length} runs`),
-    h("h3", {}, "Curves"), h("div", {class: "grid", id: "compare-curves"}, keys.map((k) => chart(k, perRun.map((s, i) => ({name: names[i], points: s[k] || []})), `compare-${k.replace(/\W+/g, "_")}`))),
     h("h3", {}, "Metrics"), data.metrics.length ? table(data.metrics, "compare-metrics", 4) : h("p", {class: "muted"}, "No finished run among them."),
+    h("h3", {}, "Curves"), h("div", {class: "grid", id: "compare-curves"}, keys.map((k) => chart(k, perRun.map((s, i) => ({name: names[i], points: s[k] || []})), `compare-${k.replace(/\W+/g, "_")}`))),
     h("h3", {}, "Config keys that differ"), data.config.length ? table(data.config, "compare-config", 6) : h("p", {class: "muted"}, "The configs are the same."));
 }
 
@@ -313,7 +328,7 @@ async function viewPlayground(my, id) {
     area.append(text);
     read = () => text.value;
   } else {
-    const json = h("textarea", {id: "playground-input", rows: 6}, JSON.stringify({text: "Anna lives in Paris", head: {start: 0, end: 4}, tail: {start: 14, end: 19}}, null, 1));
+    const json = h("textarea", {id: "playground-input", rows: 6}, JSON.stringify({text: "Anna lives in Paris", head: [0, 4], tail: [14, 19]}));
     area.append(h("p", {class: "muted"}, `One ${info.task} item as JSON, as finegrain serve takes it:`), json);
     read = () => { try { return JSON.parse(json.value); } catch { return json.value; } };
   }
@@ -344,7 +359,8 @@ function showPrediction(task, input, p) {
       at = e.end;
     }
     text.append(input.slice(at));
-    box.append(text, p.entities.length ? null : h("p", {class: "muted"}, "no entities found"));
+    box.append(text);
+    if (!p.entities.length) box.append(h("p", {class: "muted"}, "no entities found"));
   } else if ("answer" in p && input && typeof input.context === "string") {
     const c = input.context;
     const answer = h("div", {id: "answer"}, p.start === null || p.start === undefined ? h("i", {}, "no answer in the context")

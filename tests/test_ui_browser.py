@@ -1,0 +1,163 @@
+"""`finegrain ui` in a real browser: Debian's headless Chromium driven by Playwright, against the
+dashboard served by uvicorn on 127.0.0.1, on tiny trained runs. The page lists the runs (a failed
+one with its error), opens one (report, curves), compares two, answers in the playground, and
+launches a real `finegrain train` whose curve grows while it trains, then cancels it; no console
+error anywhere. FINEGRAIN_UI_SCREENSHOTS=docs/img saves a screenshot of each view there.
+"""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from finegrain import rundir
+
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -r requirements-test.txt")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install -y chromium (as .ci/run does)")
+
+from serve_helpers import train_run  # noqa: E402
+from test_ui import SENTIMENT  # noqa: E402
+
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def root(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-browser") / "runs"
+    (root / "group").mkdir(parents=True)
+    train_run(tiny_model_dir, root / "sentiment", SENTIMENT)
+    train_run(tiny_model_dir, root / "group" / "slower", SENTIMENT, seed=1, sections={"train": {"lr": 1e-3, "epochs": 2}})
+    shutil.copytree(root / "sentiment", root / "failed", ignore=shutil.ignore_patterns(rundir.ADAPTER, rundir.METRICS))
+    (root / "failed" / rundir.ERROR).write_text("runs/failed.jsonl:7: no 'label' field; add it or pass --skip-bad-rows\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def url(root):
+    import uvicorn
+
+    from finegrain.ui.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(root, hosts=[f"127.0.0.1:{port}"])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.errors = []
+        page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    return Path(os.environ.get("FINEGRAIN_UI_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+
+
+def shot(page, shots: Path, name: str) -> None:
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"ui-{name}.png"), full_page=False)
+
+
+def points(page, chart: str) -> int:
+    return int(page.get_attribute(f"#{chart} svg", "data-points") or 0)
+
+
+def test_runs_run_compare(page, url, shots):
+    page.goto(url)
+    page.wait_for_selector('#runs tr[data-run="sentiment"]')
+    rows = page.eval_on_selector_all("#runs tbody tr", "rows => rows.map(r => r.dataset.run)")
+    assert sorted(rows) == ["failed", "group/slower", "sentiment"]
+    assert "no 'label' field" in page.inner_text('#runs tr[data-run="failed"] .run-error')
+    assert page.inner_text('#runs tr[data-run="failed"] .badge') == "failed"
+    shot(page, shots, "runs")
+    page.fill("#filter", "slower")
+    page.wait_for_function("() => document.querySelectorAll('#runs tbody tr').length === 1")
+    page.fill("#filter", "")
+    page.wait_for_function("() => document.querySelectorAll('#runs tbody tr').length === 3")
+
+    page.click('#runs tr[data-run="sentiment"] td:nth-child(2)')
+    page.wait_for_selector("#per-class")
+    assert page.inner_text("#per-class").count("fresh") == 1
+    assert page.inner_text("#confusion").startswith("")  # rendered
+    page.wait_for_function("() => Number(document.querySelector('#curve-train_loss svg').dataset.points) > 0")
+    assert "task: classification" in page.inner_text("#config")
+    page.wait_for_selector("iframe.report")
+    shot(page, shots, "run")
+
+    page.goto(f"{url}/#/runs")
+    page.check('#runs tr[data-run="sentiment"] input[type=checkbox]')
+    page.check('#runs tr[data-run="group/slower"] input[type=checkbox]')
+    page.click("#compare-selected")
+    page.wait_for_selector("#compare-config")
+    assert "train.lr" in page.inner_text("#compare-config")
+    assert "test.accuracy" in page.inner_text("#compare-metrics")
+    assert points(page, "compare-train_loss") > 0
+    shot(page, shots, "compare")
+    assert page.errors == []
+
+
+def test_playground(page, url, shots, root):
+    import finegrain
+
+    text = "great fun film and good cast"
+    page.goto(f"{url}/#/playground/sentiment")
+    page.fill("#playground-input", text)
+    page.click("#predict")
+    page.wait_for_selector("#predicted-label")
+    assert page.inner_text("#predicted-label") == finegrain.load(root / "sentiment").predict([text])[0]["label"]
+    assert page.locator("#probabilities tr").count() == 2
+    shot(page, shots, "playground")
+    assert page.errors == []
+
+
+def test_launch_watch_and_cancel(page, url, shots, root, tiny_model_dir):
+    page.goto(f"{url}/#/launch")
+    page.fill("#launch-name", "live")
+    page.fill("#launch-config", "task: classification\ntrain:\n  lrr: 1\n")
+    page.click("#validate")
+    page.wait_for_function("() => document.querySelector('#launch-message').textContent.includes('line 3')")
+    assert "did you mean 'train.lr'" in page.inner_text("#launch-message")
+    # Long enough to still be training when cancelled; a validation every few steps.
+    page.fill("#launch-config", (
+        f"task: classification\nmodel:\n  name: {tiny_model_dir}\ndata:\n  train: {root / 'sentiment.jsonl'}\n  max_length: 16\n"
+        "lora:\n  r: 4\n  layers: [-1]\ntrain:\n  epochs: 5000\n  batch_size: 8\n  threads: 1\n  eval_every: 4\n  recipe: off\n"
+    ))
+    page.click("#launch")
+    page.wait_for_selector('#jobs tr[data-state="running"]')
+
+    page.goto(f"{url}/#/run/live")
+    page.wait_for_function("() => Number(document.querySelector('#curve-train_loss svg')?.dataset.points) > 0", timeout=60_000)
+    before = points(page, "curve-train_loss")
+    page.wait_for_function(f"() => Number(document.querySelector('#curve-train_loss svg').dataset.points) > {before}")
+    assert page.inner_text("#run-status") == "running"
+    shot(page, shots, "run-live")
+
+    page.goto(f"{url}/#/launch")
+    page.wait_for_function("() => document.querySelector('#jobs tr[data-state=\"running\"]')?.textContent.includes('steps')")
+    shot(page, shots, "launch")
+    page.click("#jobs button.cancel")
+    page.wait_for_selector('#jobs tr[data-state="cancelled"]')
+    assert rundir.status(root / "live") == "interrupted"
+    assert page.errors == []
