@@ -131,7 +131,7 @@ class BitfitNorm(BitfitLayer):
         norm = self._modules["ln_tuning_layers"]
         if norm is None or self.merged:
             return ops.rms_norm(x, self.weight, self.eps)
-        return ops.rms_norm(x, norm.weight, self.eps)
+        return ops.rms_norm(x, norm.weight.to(self.weight.dtype), self.eps)  # a float32 copy on a bf16 base: as the base
 
     @torch.no_grad()
     def merge(self) -> None:
