@@ -129,9 +129,9 @@ def test_named_prefixes_switch_and_merging_is_refused(tiny_model):
     decoder = tiny_model.model.eval()
     with torch.no_grad():
         bare = hidden_states(decoder, BATCH)
-    inject(tiny_model, PrefixConfig(num_virtual_tokens=2), "a")
-    inject(tiny_model, PrefixConfig(num_virtual_tokens=3, layers=[0]), "b")
-    layers = list(adapter_layers(tiny_model).values())
+    inject(tiny_model.model, PrefixConfig(num_virtual_tokens=2), "a")
+    inject(tiny_model.model, PrefixConfig(num_virtual_tokens=3, layers=[0]), "b")
+    layers = list(adapter_layers(tiny_model.model).values())
     assert [type(layer) for layer in layers] == [PrefixEncoder]
     outputs = {}
     for name in ("a", "b", None, "b"):
@@ -143,17 +143,17 @@ def test_named_prefixes_switch_and_merging_is_refused(tiny_model):
     assert not torch.allclose(outputs["a"][0], outputs["b"][0])
     assert METHODS["prefix"].mergeable is False
     with pytest.raises(FinegrainError, match="prefix: a prefix cannot be merged"):
-        merge_adapters(tiny_model)
+        merge_adapters(tiny_model.model)
 
 
 def test_bad_prefix_files_and_options_are_one_line_errors(tiny_model, tmp_path):
     with pytest.raises(FinegrainError, match="peft.encoder_hidden_size: must be a positive integer"):
         PrefixConfig(encoder_hidden_size=0)
     with pytest.raises(FinegrainError, match=r"peft.layers: \[5\] not in the model"):
-        inject(copy.deepcopy(tiny_model), PrefixConfig(layers=[5]))
-    config = PrefixConfig(num_virtual_tokens=2)
-    inject(tiny_model, config)
-    save_adapter(tiny_model, config, tmp_path, "tiny")
+        inject(copy.deepcopy(tiny_model.model), PrefixConfig(layers=[5]))
+    model, config = SequenceClassifier(tiny_model.model, 2), PrefixConfig(num_virtual_tokens=2, modules_to_save=["score"])
+    inject(model, config)
+    save_adapter(model, config, tmp_path, "tiny")
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "num_virtual_tokens": 3}))
     with pytest.raises(FinegrainError, match="'prompt_embeddings' has shape .* does not fit num_virtual_tokens=3"):

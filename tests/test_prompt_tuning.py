@@ -131,7 +131,7 @@ def test_padding_and_the_rows_shortcut_see_each_row_as_alone(hf_classifier, hf_t
 
 def test_packed_rows_see_the_virtual_tokens_and_their_own_example_only(tiny_model):
     decoder = tiny_model.model.eval()
-    inject(tiny_model, PromptConfig(num_virtual_tokens=3))
+    inject(tiny_model.model, PromptConfig(num_virtual_tokens=3))
     a, b = torch.randint(1, 100, (1, 4)), torch.randint(1, 100, (1, 3))
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     causal[4:, :4] = False  # the second example does not see the first
@@ -155,10 +155,10 @@ def test_init_text_starts_from_its_token_embeddings(tiny_model):
     tokenizer = WordTokenizer()
     config = PromptConfig(num_virtual_tokens=7, init_text="a film")
     with pytest.raises(FinegrainError, match="init_text: needs the run's tokenizer"):
-        inject(copy.deepcopy(tiny_model), config)
+        inject(copy.deepcopy(tiny_model.model), config)
     config.tokenize(tokenizer, "tiny")
     ids = tokenizer.encode("a film")  # special tokens included, as PEFT's tokenizer(text) gives
-    inject(tiny_model, config)
+    inject(tiny_model.model, config)
     expected = tiny_model.model.embed_tokens.weight[(ids * 7)[:7]]
     assert_close(tiny_model.model.prompt_encoder().detach(), expected)
 
@@ -167,9 +167,9 @@ def test_named_prompts_switch_and_none_runs_the_bare_base(tiny_model):
     decoder = tiny_model.model.eval()
     with torch.no_grad():
         bare = hidden_states(decoder, BATCH)
-    inject(tiny_model, PromptConfig(num_virtual_tokens=2), "a")
-    inject(tiny_model, PromptConfig(num_virtual_tokens=5), "b")
-    layers = list(adapter_layers(tiny_model).values())
+    inject(tiny_model.model, PromptConfig(num_virtual_tokens=2), "a")
+    inject(tiny_model.model, PromptConfig(num_virtual_tokens=5), "b")
+    layers = list(adapter_layers(tiny_model.model).values())
     assert [type(layer) for layer in layers] == [PromptEncoder]
     outputs = {}
     for name in ("a", "b", None, "a"):
@@ -193,6 +193,13 @@ def test_prompt_trains_only_its_tokens_cannot_use_the_cache_nor_merge(tiny_model
     assert METHODS["prompt"].mergeable is False
     with pytest.raises(FinegrainError, match="prompt: virtual tokens cannot be merged"):
         merge_adapters(model)
+
+
+def test_a_generating_language_model_is_refused(tiny_model):
+    # instruct generates with a KV cache outside hidden_states: the virtual tokens would be lost
+    for config in (PromptConfig(), METHODS["prefix"]()):
+        with pytest.raises(FinegrainError, match=f"peft.method: {config.name} adapts the task heads' input"):
+            inject(copy.deepcopy(tiny_model), config)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
