@@ -119,7 +119,8 @@ class AdaLoraLinear(nn.Module):
         if self.merged:
             raise FinegrainError("adalora: the active adapter is merged into the base weight; unmerge it before switching")
         if name is not None and name not in self.adapters:
-            raise FinegrainError(f"adalora: no adapter named '{name}' on this layer; it has {', '.join(self.adapters) or 'none'}")
+            have = ", ".join(self.adapters) or "none"
+            raise FinegrainError(f"adalora: no adapter named '{name}' on this layer; it has {have}")
         active = None if name is None else self.adapters[name]
         for key in KEYS:
             self._parameters[key] = None if active is None else getattr(active, key)
@@ -206,7 +207,7 @@ class Orthogonality:
         terms = []
         for layer in adalora_layers(model).values():
             for cov in (layer.lora_A @ layer.lora_A.T, layer.lora_B.T @ layer.lora_B):  # (r, r) each
-                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype)))
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
         if not terms:
             raise FinegrainError("adalora: the model has no active AdaLoRA adapter to regularise")
         return torch.stack(terms).mean()
@@ -489,7 +490,9 @@ class AdaLoraConfig:
                 continue
             pattern = (self.rank_pattern or {}).get(f"{module}.lora_E")
             if pattern is not None and len(pattern) != self.init_r:
-                raise FinegrainError(f"{path}: rank_pattern of '{module}' has {len(pattern)} entries, init_r is {self.init_r}; {fix}")
+                raise FinegrainError(
+                    f"{path}: rank_pattern of '{module}' has {len(pattern)} entries, init_r is {self.init_r}; {fix}"
+                )
             rank = self.init_r if pattern is None else sum(pattern)
             axis = 1 if name == "lora_B" else 0
             if tensor.dim() != 2 or tensor.shape[axis] != rank or (name == "lora_E" and tensor.shape[1] != 1):
