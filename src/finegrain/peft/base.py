@@ -76,6 +76,9 @@ class AdapterLayer(Protocol):
     def unmerge(self) -> None: ...
     def base_layer(self) -> nn.Linear: ...
 
+    # Optional: `wraps`, the module types `inject` may hand to `from_linear` (nn.Linear when absent;
+    # bitfit's layer also wraps RMSNorm).
+
 
 class AdapterConfig(Protocol):
     """What this module asks of a method's config class, the method's entry in `METHODS`."""
@@ -97,6 +100,11 @@ class AdapterConfig(Protocol):
         cls, raw: dict[str, Any], path: Path, targets: Any, layers: list[int] | None, modules_to_save: list[str] | None
     ) -> AdapterConfig: ...
     def check_tensors(self, tensors: dict[str, torch.Tensor], path: Path, config_name: str, fix: str) -> None: ...
+
+    # Optional, for a file that is not LoRA's shape: `file_config(peft_config, adapted_layers)` returns the
+    # adapter_config.json to write (bitfit: LN_TUNING or its own type, no layers_to_transform), and
+    # `peft_types` lists every peft_type the method reads (`peft_type` alone when absent). Empty
+    # `targets` (head) wrap nothing: only `modules_to_save` train and are saved.
 
 
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
