@@ -662,9 +662,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write `tensors` as a safetensors file with their digest in the metadata (see `load_weights`)."""
-    data = safetensors_bytes(tensors, metadata={"format": "pt", DIGEST_KEY: tensors_digest(tensors)})
-    with open(path, "wb") as f:
-        f.write(data)
+    data = safetensors.torch.save(tensors, metadata={"format": "pt", DIGEST_KEY: tensors_digest(tensors)})
+    header = _sorted_header(data)
+    with open(path, "wb") as f:  # in pieces: a full fine-tune's weights are not held twice
+        f.write(data[:8])
+        f.write(header)
+        f.write(memoryview(data)[8 + len(header) :])
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -675,13 +678,19 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     its header alone. The header is rewritten with the metadata keys sorted (same length).
     """
     data = safetensors.torch.save(tensors, metadata=metadata)
+    header = _sorted_header(data)
+    return data[:8] + header + data[8 + len(header) :]
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The JSON header of safetensors file `data` with its metadata keys sorted, padded to its length."""
     length = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + length])
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) > length:  # never seen; the original order is still a valid file
-        return data
-    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
+        return data[8 : 8 + length]
+    return text.ljust(length, b" ")
 
 
 def load_weights(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
