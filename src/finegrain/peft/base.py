@@ -8,6 +8,12 @@ layer's `adapter_keys` are the state-dict names of the active adapter's tensors,
 the parameters that train. Everything else here (which modules a config targets, freezing,
 `modules_to_save`, the files) is the same for every method.
 
+An input-side method (prompt and prefix tuning) wraps no module: its config's `attach(model, name)`
+adds its layer to the decoder (`model.prompt_encoder`, `model.prefix_encoder`), which
+`finegrain.model.backbone.hidden_states` reads, with the same named adapters and `adapter_keys`.
+Its file is PEFT's prompt-learning form: no target keys, the method's own tensor names
+(`config.peft_tensors(model)`, read back by `config.model_tensors`) and a head under `base_model.`.
+
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, exactly as
 `peft.PeftModel.save_pretrained` writes them, so `PeftModel.from_pretrained` loads what we save
 and `load_adapter` loads what PEFT saved. Tensor names are the module paths of the Hugging Face
