@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import finegrain
 from finegrain.cli import main
+from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
@@ -149,3 +151,29 @@ def test_a_killed_full_run_resumes_exactly(tiny_model_dir, tmp_path):
         assert (killed / "model" / name).read_bytes() == (tmp_path / "straight" / "model" / name).read_bytes(), name
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight", killed))
     assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["train"]["best_step"] == b["train"]["best_step"]
+
+
+def test_a_full_instruct_run_generates_from_its_own_model_and_exports_to_gguf(tiny_model_dir, tmp_path):
+    from finegrain.export import export_run
+    from finegrain.serve.models import ModelRegistry
+
+    chat = Path(__file__).resolve().parent.parent / "examples" / "data" / "instruct" / "train.jsonl"
+    run = tmp_path / "assistant"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(chat), "--output", str(run), "--set", "task=instruct",
+                 "--set", "train.epochs=1", "--batch-size", "8", "--set", "data.max_length=96", "--set", "train.threads=1",
+                 "--set", "peft.method=full", "--set", "train.lr=1e-3", "--set", "instruct.max_new_tokens=2"]) == 0
+    ours = finegrain.load(run).model.llama
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        expected = ours(ids)
+        assert not torch.allclose(load_model(tiny_model_dir, progress=False)[0](ids), expected, atol=1e-4)  # it trained
+    registry = ModelRegistry([("assistant", run)])
+    registry.load()
+    served = registry.runs["assistant"]
+    assert served.model is None and served.base.name == "assistant-model"  # generation runs the run's own model
+    with served.base.use("assistant"), torch.no_grad():
+        torch.testing.assert_close(served.base.llama(ids), expected)
+    path = export_run(run, "gguf", tmp_path / "assistant.gguf", "f16")
+    with torch.no_grad():
+        back = load_model(path, progress=False)[0](ids)
+    torch.testing.assert_close(back, expected, atol=1e-3 * expected.abs().max().item(), rtol=0)
