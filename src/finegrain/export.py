@@ -20,6 +20,7 @@ one line. Every output appears whole or not at all (`finegrain.atomic`).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -103,18 +104,20 @@ def _check_dtype(fmt: str, dtype: str | None) -> str | None:
     return dtype
 
 
-def require_mergeable(config: RunConfig, run_dir: Path, what: str) -> None:
-    """Refuse a run whose method has no merged form (its config class says `mergeable = False`)."""
+def require_mergeable(config: RunConfig, run_dir: Path, what: str,
+                      fix: str = "export its adapter with --format peft") -> None:
+    """Refuse a run whose method has no merged form (its config class says `mergeable = False`):
+    `what` is the form asked for, `fix` what the user can do instead."""
     method, _ = method_options(config)
     if not getattr(method, "mergeable", True):
         raise FinegrainError(
-            f"{run_dir}: peft.method {method.name} cannot be merged into the model's weights, so it has no {what} form; "
-            "export its adapter with --format peft"
+            f"{run_dir}: peft.method {method.name} cannot be merged into the model's weights, so it has no {what} form; {fix}"
         )
 
 
 def merged_model(run_dir: Path, config: RunConfig) -> tuple[nn.Module, Tokenizer, Any]:
     """The run's task model in float32 with its adapter folded into plain linear layers, its tokenizer and task."""
+    config = copy.deepcopy(config)
     config.model.dtype = "float32"
     model, tokenizer, task = build_trained(config, run_dir)
     unload_adapters(model, merge=True)

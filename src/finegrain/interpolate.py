@@ -82,10 +82,11 @@ class Interpolation:
         self.run_dir = Path(run_dir)
         self.config = rundir.read_config(self.run_dir)
         rundir.require_adapter(self.run_dir)
-        require_mergeable(self.config, self.run_dir, "interpolated")
+        require_mergeable(self.config, self.run_dir, "interpolated",
+                          "interpolation scales a change of the weights, and this method changes the inputs instead")
         float32 = copy.deepcopy(self.config)
         float32.model.dtype = "float32"
-        self.model, self.tokenizer, self.task = merged_model(self.run_dir, copy.deepcopy(float32))
+        self.model, self.tokenizer, self.task = merged_model(self.run_dir, float32)
         base, _, _, _ = build(float32, rundir.read_labels(self.run_dir), progress, with_adapter=False)
         base_state = base.state_dict()
         self.pairs: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
