@@ -469,9 +469,10 @@ def test_missing_or_corrupt_adapter_files_name_the_file(ours, tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(FinegrainError, match=r"adapter_config.json: not valid JSON"):
         load_adapter(fresh(), tmp_path)
-    dora = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "use_dora": True}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(dora))
-    with pytest.raises(FinegrainError, match=r"adapter_config.json: use_dora=True is not supported"):
+    # (a LORA file with use_dora true is read as peft.method dora: tests/test_dora.py)
+    transposed = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "fan_in_fan_out": True}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(transposed))
+    with pytest.raises(FinegrainError, match=r"adapter_config.json: fan_in_fan_out=True is not supported"):
         load_adapter(fresh(), tmp_path)
 
 

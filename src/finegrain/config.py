@@ -87,6 +87,8 @@ class LoraSection:
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     rslora: bool = False
     layers: list[int] | None = None  # adapt only these decoder layers; negative counts from the top
+    lr_ratio: float | None = None  # LoRA+: lora_B's learning rate is train.lr times this (16 in the paper)
+    init: str = "default"  # default | gaussian | pissa (A, B from the base weight's top singular vectors)
 
 
 @dataclass

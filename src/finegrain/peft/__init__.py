@@ -15,6 +15,7 @@ from finegrain.peft.base import (
     inject,
     load_adapter,
     load_tensors,
+    lr_scales,
     merge_adapters,
     method_config,
     method_options,
@@ -27,8 +28,10 @@ from finegrain.peft.base import (
 )
 from finegrain.peft.adapter import BottleneckConfig, BottleneckLinear
 from finegrain.peft.bitfit import BitfitConfig
+from finegrain.peft.dora import DoraConfig, DoraLinear
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
+from finegrain.peft.ia3 import Ia3Config, Ia3Linear
 from finegrain.peft.adalora import AdaLoraConfig, AdaLoraLinear
 from finegrain.peft.lora import LoraConfig, LoraLinear, lora_layers
 from finegrain.peft.prefix import PrefixConfig, PrefixEncoder
@@ -42,8 +45,12 @@ __all__ = [
     "BitfitConfig",
     "BottleneckConfig",
     "BottleneckLinear",
+    "DoraConfig",
+    "DoraLinear",
     "FullConfig",
     "HeadOnlyConfig",
+    "Ia3Config",
+    "Ia3Linear",
     "LoraConfig",
     "LoraLinear",
     "PrefixConfig",
@@ -58,6 +65,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_tensors",
+    "lr_scales",
     "lora_layers",
     "merge_adapters",
     "method_config",

@@ -51,6 +51,8 @@ from finegrain.peft.bitfit import BitfitConfig
 from finegrain.peft.full import FullConfig
 from finegrain.peft.head import HeadOnlyConfig
 from finegrain.peft.adalora import AdaLoraConfig
+from finegrain.peft.dora import DoraConfig
+from finegrain.peft.ia3 import Ia3Config
 from finegrain.peft.lora import LoraConfig
 from finegrain.peft.prefix import PrefixConfig
 from finegrain.peft.prompt import PROMPT_LEARNING_PREFIX, PromptConfig
@@ -83,7 +85,8 @@ class AdapterLayer(Protocol):
     def base_layer(self) -> nn.Linear: ...
 
     # Optional: `wraps`, the module types `inject` may hand to `from_linear` (nn.Linear when absent;
-    # bitfit's layer also wraps RMSNorm).
+    # bitfit's layer also wraps RMSNorm); `lr_scales()`, learning-rate factors of the active adapter's
+    # tensors by their names in the layer (LoRA+: {"lora_B.weight": lr_ratio}; see `lr_scales`).
 
 
 class AdapterConfig(Protocol):
@@ -110,12 +113,84 @@ class AdapterConfig(Protocol):
     # Optional, for a file that is not LoRA's shape: `file_config(peft_config, adapted_layers)` returns the
     # adapter_config.json to write (bitfit: LN_TUNING or its own type, no layers_to_transform), and
     # `peft_types` lists every peft_type the method reads (`peft_type` alone when absent). Empty
-    # `targets` (head) wrap nothing: only `modules_to_save` train and are saved.
+    # `targets` (head) wrap nothing: only `modules_to_save` train and are saved. `module_options(path)`
+    # adds per-layer keyword arguments to `adapter_options()` (IA3: whether the layer is feed-forward).
+    # `peft_flag`: the method reads files of another method's `peft_type` that set this key true
+    # (DoRA: LORA with use_dora).
+
+
+class MethodLayers(nn.Module):
+    """The layers of several methods at one module path of a shared base: a server holding a LoRA
+    run and an IA3 run that both adapt `v_proj` keeps one layer per method there, all on the same
+    weight. Adapter names are per run, so at most one member has an active adapter.
+
+    It shows one member's tables as its own (`front`: the member holding the active adapter, or the
+    one last added to), so the active adapter's tensors keep their names (`v_proj.lora_A.weight`,
+    `v_proj.ia3_l`) for `load_tensors` and `adapter_state_dict`, and forward runs that member. Only
+    `inject` makes one, when a second method targets a layer; training never does.
+    """
+
+    def __init__(self, members: list[AdapterLayer]):
+        super().__init__()
+        self.__dict__["members"] = list(members)
+        self.show(self.members[-1])
+
+    def show(self, member: AdapterLayer) -> None:
+        """Make `member` the one whose parameters and modules this layer shows and whose forward it runs."""
+        self.__dict__["front"] = member
+        for table in ("_parameters", "_modules", "_buffers"):
+            self.__dict__[table] = member.__dict__[table]
+
+    def member(self, kind: type) -> AdapterLayer | None:
+        return next((m for m in self.members if type(m) is kind), None)
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        return self.front.adapter_keys
+
+    @property
+    def adapters(self) -> dict[str, Any]:
+        return {name: adapter for m in self.members for name, adapter in m.adapters.items()}
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.front.active_adapter
+
+    @property
+    def merged(self) -> bool:
+        return self.front.merged
+
+    def set_adapter(self, name: str | None) -> None:
+        for m in self.members:
+            m.set_adapter(name if name in m.adapters else None)
+        holder = next((m for m in self.members if name is not None and name in m.adapters), None)
+        if holder is not None:
+            self.show(holder)
+
+    def train(self, mode: bool = True) -> MethodLayers:
+        super().train(mode)
+        for m in self.members:
+            m.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.front(x)
+
+    def merge(self) -> None:
+        self.front.merge()
+
+    def unmerge(self) -> None:
+        self.front.unmerge()
+
+    def base_layer(self) -> nn.Linear:
+        return self.front.base_layer()
 
 
 # Adapter methods by name (a run config's `peft.method`). A new method is one file plus one line here.
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "dora": DoraConfig,
+    "ia3": Ia3Config,
     "adalora": AdaLoraConfig,
     "prompt": PromptConfig,
     "prefix": PrefixConfig,
@@ -126,6 +201,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
 }
 # A method without a layer (full) wraps nothing: it marks the weights that train in place (`select`).
 ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values() if method.layer is not None)
+ADAPTER_LAYERS += (MethodLayers,)  # the layers of several methods at one path of a served base
 
 
 def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
@@ -227,13 +303,23 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child_name)
+        options = module_options(config, name)
         if isinstance(module, config.layer):
-            module.add_adapter(adapter_name, **config.adapter_options())
+            module.add_adapter(adapter_name, **options)
             module.set_adapter(adapter_name)
-        elif isinstance(module, ADAPTER_LAYERS):
-            raise FinegrainError(f"{config.name}: '{name}' already holds adapters of another method; one method per layer")
+        elif isinstance(module, MethodLayers) and module.member(config.layer) is not None:
+            member = module.member(config.layer)
+            member.add_adapter(adapter_name, **options)
+            member.set_adapter(adapter_name)
+            module.show(member)
+        elif isinstance(module, ADAPTER_LAYERS):  # another method's layer (a served base): both, on one weight
+            if module.merged:
+                raise FinegrainError(f"{config.name}: '{name}' has an adapter merged into its weight; unmerge it before adding another method's")
+            members = module.members if isinstance(module, MethodLayers) else [module]
+            added = config.layer.from_linear(module.base_layer(), adapter_name, **options)
+            setattr(parent, child_name, MethodLayers([*members, added]))
         else:
-            setattr(parent, child_name, config.layer.from_linear(module, adapter_name, **config.adapter_options()))
+            setattr(parent, child_name, config.layer.from_linear(module, adapter_name, **options))
     trained = set(adapter_state_dict(model))
     for param_name, param in model.named_parameters():
         param.requires_grad_(param_name in trained)
@@ -244,6 +330,14 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_
 
 
 apply_lora = inject  # the name finegrain's callers knew before methods were pluggable; any method works
+
+
+def module_options(config: AdapterConfig, path: str) -> dict[str, Any]:
+    """The keyword arguments of the method's `add_adapter` for the layer at `path`: the config's
+    `adapter_options()`, plus what a method decides per layer (`module_options(path)`, optional:
+    IA3 scales a feed-forward layer's input and the others' output)."""
+    per_layer = getattr(config, "module_options", None)
+    return {**config.adapter_options(), **(per_layer(path) if per_layer is not None else {})}
 
 
 def _target_names(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -366,6 +460,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     keys = [f"{path}.{key}" for path, layer in adapter_layers(model).items() for key in layer.adapter_keys]
     return {key: state[key] for key in keys if key in state}
+
+
+def lr_scales(model: nn.Module) -> dict[str, float]:
+    """Learning-rate factors of adapter tensors that train at another rate than the run's, by
+    parameter name (LoRA+: `lora_B.weight` at lr x `lr_ratio`); a layer states them in `lr_scales()`
+    (optional), the others train at the run's rate."""
+    return {
+        f"{path}.{key}": factor
+        for path, layer in adapter_layers(model).items()
+        for key, factor in (layer.lr_scales() if hasattr(layer, "lr_scales") else {}).items()
+    }
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -569,7 +674,12 @@ def _config_from_peft(raw: dict[str, Any], path: Path) -> AdapterConfig:
     """The config of a PEFT `adapter_config.json` (`raw`): the method by `peft_type`, the keys every
     method shares (target selection) read here, the method's own by its `from_peft`."""
     # A method may read more than one file type (`peft_types`: bitfit reads LN_TUNING and its own).
-    methods = {kind: method for method in METHODS.values() for kind in getattr(method, "peft_types", (method.peft_type,))}
+    methods = {
+        kind: method
+        for method in METHODS.values()
+        if not hasattr(method, "peft_flag")  # a variant of another method's type (DoRA): below
+        for kind in getattr(method, "peft_types", (method.peft_type,))
+    }
     kind = raw.get("peft_type")
     if kind not in methods:
         raise FinegrainError(f"{path}: peft_type {kind!r} is not supported; finegrain loads {', '.join(methods)} adapters")
@@ -582,7 +692,11 @@ def _config_from_peft(raw: dict[str, Any], path: Path) -> AdapterConfig:
     if "target_modules" not in raw:
         raise FinegrainError(f"{path}: key 'target_modules' is missing; save the adapter again")
     layers = raw.get("layers_to_transform")
-    return methods[kind].from_peft(
+    method = methods[kind]
+    for variant in METHODS.values():  # a file of the type with a variant's flag set: LORA + use_dora is DoRA
+        if variant.peft_type == kind and raw.get(getattr(variant, "peft_flag", "")) is True:
+            method = variant
+    return method.from_peft(
         raw,
         path,
         targets=raw["target_modules"],

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ from finegrain.model import fused
 from finegrain.model.linear import Linear, linear, matmul_t
 from finegrain.model.qlinear import QuantLinear
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LoraAdapter:
     lora_B: nn.Linear
     scaling: float
     dropout: float  # probability, applied in training only
+    lr_ratio: float | None = None  # LoRA+: lora_B's learning rate is the run's times this
 
 
 class LoraLinear(nn.Module):
@@ -121,14 +123,21 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        lr_ratio: float | None = None,
+        pissa_start: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Add a fresh adapter `name` (B = 0: it starts as a no-op); `set_adapter` makes it active.
+        """Add a fresh adapter `name` (B = 0: it starts as a no-op; with init "pissa", the base
+        weight gives up what the adapter starts with); `set_adapter` makes it active.
 
         Args:
-            r, alpha, dropout, use_rslora, init: see `LoraConfig`.
+            r, alpha, dropout, use_rslora, init, lr_ratio: see `LoraConfig`.
+            pissa_start: with init "pissa", where the initial A and B are put ("lora_A", "lora_B"):
+                the config that saves the adapter needs them (`LoraConfig.file_tensors`).
         """
         if name in self.adapters:
             raise FinegrainError(f"lora: this layer already has an adapter named '{name}'; give the new one another name")
+        if init == "pissa" and self.adapters:
+            raise FinegrainError(f"lora: init 'pissa' changes the base weight, which this layer's adapters {', '.join(self.adapters)} share; load it on a base of its own")
         base = self.weight if self.quantized is None else self.quantized  # a QuantLinear computes in float32
         dtype, device = base.dtype, base.device
         adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -141,7 +150,25 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(lora_B.weight)
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.adapters[name] = LoraAdapter(lora_A, lora_B, scaling, dropout)
+        adapter = LoraAdapter(lora_A, lora_B, scaling, dropout, lr_ratio)
+        if init == "pissa":
+            self.pissa_init(adapter)
+            if pissa_start is not None:
+                pissa_start.update(lora_A=lora_A.weight.detach().clone(), lora_B=lora_B.weight.detach().clone())
+        self.adapters[name] = adapter
+
+    @torch.no_grad()
+    def pissa_init(self, adapter: LoraAdapter) -> None:
+        """PiSSA (Meng et al. 2024), as PEFT's `init_lora_weights="pissa"`: A and B from the top-r
+        singular triplets of W = U S V^T (B A * scaling = U_r S_r V_r^T), and W replaced by the
+        residual W - B A * scaling, so the layer starts out computing what the base did."""
+        r = adapter.lora_A.weight.shape[0]
+        U, S, Vh = torch.linalg.svd(self.weight.float(), full_matrices=False)  # (out, k), (k,), (k, in)
+        root = torch.sqrt(S[:r] / adapter.scaling)
+        adapter.lora_A.weight.copy_(root[:, None] * Vh[:r])  # (r, in)
+        adapter.lora_B.weight.copy_(U[:, :r] * root[None, :])  # (out, r)
+        residual = self.weight.float() - adapter.scaling * adapter.lora_B.weight.float() @ adapter.lora_A.weight.float()
+        self.weight.copy_(residual.to(self.weight.dtype))
 
     def set_adapter(self, name: str | None) -> None:
         """Make adapter `name` the one forward applies (and state_dict holds); None: the bare base."""
@@ -190,6 +217,12 @@ class LoraLinear(nn.Module):
         dropped = F.dropout(x, p) if p > 0 else x
         update = F.linear(F.linear(dropped.to(A.dtype), A), B)
         return y + (update * self.active.scaling).to(y.dtype)
+
+    def lr_scales(self) -> dict[str, float]:
+        """LoRA+: the learning-rate factor of the active adapter's `lora_B.weight` (its `lr_ratio`),
+        by state-dict name inside the layer; empty when the adapter trains at the run's rate."""
+        ratio = self.active.lr_ratio if self.active is not None else None
+        return {"lora_B.weight": ratio} if ratio is not None else {}
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` over a `QuantLinear` base (model.quantize): the fused path of `LoraMatmul`, in
@@ -337,8 +370,14 @@ class LoraConfig:
             that must match the whole module path, as in PEFT.
         use_rslora: rank-stabilised scaling alpha / sqrt(r), which keeps high ranks trainable.
         layers: decoder layer indices to adapt (PEFT's `layers_to_transform`); None for all.
-        init: "default" (A Kaiming-uniform as in `nn.Linear`, B zeros, so the model starts unchanged)
-            or "gaussian" (A normal with std 1/r, B zeros).
+        init: "default" (A Kaiming-uniform as in `nn.Linear`, B zeros, so the model starts unchanged),
+            "gaussian" (A normal with std 1/r, B zeros) or "pissa" (A and B from the top-r singular
+            vectors of the base weight, which keeps the rest; see `LoraLinear.pissa_init`). A PiSSA
+            adapter is saved as PEFT's `path_initial_model_for_weight_conversion` saves it: the
+            change from its start as a plain LoRA of rank 2r (alpha doubled, the scaling unchanged)
+            that loads on the unchanged base, in PEFT and in finegrain.
+        lr_ratio: LoRA+ (Hayou et al. 2024): lora_B trains at the run's learning rate times this
+            (the paper suggests 16); None trains A and B alike. A training option, not saved.
         modules_to_save: modules trained in full next to the adapter and saved with it, such as a
             classification head `"score"` (PEFT's `modules_to_save`).
     """
@@ -356,6 +395,9 @@ class LoraConfig:
     layers: list[int] | None = None
     init: str = "default"
     modules_to_save: list[str] | None = None
+    lr_ratio: float | None = None
+    # PiSSA's initial A and B of each layer it adapted, by path (filled by `inject`, read by `file_tensors`)
+    pissa_start: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -366,6 +408,8 @@ class LoraConfig:
             raise FinegrainError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise FinegrainError(f"lora.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
+        if self.lr_ratio is not None and not (isinstance(self.lr_ratio, (int, float)) and self.lr_ratio > 0):
+            raise FinegrainError(f"lora.lr_ratio: must be a positive number (LoRA+ suggests 16) or null, got {self.lr_ratio!r}")
         if isinstance(self.targets, str):
             # A bare module name is one target, not a regular expression that would have to match a whole path.
             if self.targets != "all-linear" and re.fullmatch(r"\w+", self.targets):
@@ -394,7 +438,14 @@ class LoraConfig:
 
     def adapter_options(self) -> dict[str, Any]:
         """The keyword arguments of `LoraLinear.add_adapter` (and `from_linear`) for this config."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init}
+        return {
+            "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora, "init": self.init,
+            "lr_ratio": self.lr_ratio,
+        }
+
+    def module_options(self, path: str) -> dict[str, Any]:
+        """Per layer, PiSSA only: where the layer at `path` puts its initial A and B."""
+        return {"pissa_start": self.pissa_start.setdefault(path, {})} if self.init == "pissa" else {}
 
     @classmethod
     def from_section(cls, section: Any, layers: list[int] | None, modules_to_save: list[str]) -> LoraConfig:
@@ -407,6 +458,7 @@ class LoraConfig:
         return cls(
             r=section.r, alpha=section.alpha, dropout=section.dropout, targets=section.targets,
             use_rslora=section.rslora, layers=layers, modules_to_save=modules_to_save,
+            init=section.init, lr_ratio=section.lr_ratio,
         )
 
     def to_peft(self) -> dict[str, Any]:
@@ -460,6 +512,11 @@ class LoraConfig:
         if "r" not in raw:
             raise FinegrainError(f"{path}: key 'r' is missing; save the adapter again")
         init = raw.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith("pissa"):
+            raise FinegrainError(
+                f"{path}: init_lora_weights={init!r}: this PiSSA adapter needs the residual base it was trained on; "
+                "save it with PEFT's path_initial_model_for_weight_conversion (finegrain saves PiSSA that way)"
+            )
         try:
             return cls(
                 r=raw["r"],
@@ -473,6 +530,25 @@ class LoraConfig:
             )
         except FinegrainError as exc:
             raise FinegrainError(f"{path}: {exc}") from None
+
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """The adapter as its file holds it (`finegrain.peft.base.save_adapter`): as it is, except PiSSA's.
+
+        A PiSSA adapter is saved as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`
+        saves it: the trained update minus the initial one, B A - B0 A0 = [B | -B0] [A ; A0], a plain
+        LoRA of rank 2r whose alpha doubles (times sqrt(2) with rsLoRA) to keep the scaling. It loads
+        on the unchanged base, in PEFT and in finegrain, and gives what the run computed on its
+        residual base.
+        """
+        if self.init != "pissa":
+            return self, tensors
+        converted = dict(tensors)
+        for path, start in self.pissa_start.items():
+            if f"{path}.lora_A.weight" in tensors:
+                converted[f"{path}.lora_A.weight"] = torch.cat([tensors[f"{path}.lora_A.weight"], start["lora_A"]], dim=0)
+                converted[f"{path}.lora_B.weight"] = torch.cat([tensors[f"{path}.lora_B.weight"], -start["lora_B"]], dim=1)
+        alpha = self.alpha * (math.sqrt(2) if self.use_rslora else 2)
+        return dataclasses.replace(self, r=2 * self.r, alpha=alpha, init="default", pissa_start={}), converted
 
     def check_tensors(self, tensors: dict[str, torch.Tensor], path: Path, config_name: str, fix: str) -> None:
         """Each lora_A is (r, in) and each lora_B (out, r), as the config says."""

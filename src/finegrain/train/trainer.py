@@ -30,6 +30,7 @@ from finegrain.cpu import native_bf16, training_autocast
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs  # also re-exported: `from finegrain.train.trainer import predict_outputs`
+from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.checkpointing import RunWriter
@@ -138,9 +139,12 @@ class Trainer:
         self.terms, self.hooks = method_training(method, self.total_steps)
         head_names = {n for n in self.trainable if not n.startswith("model.")}
         head_lr = config.head_lr or config.lr
+        scaled = lr_scales(model)  # adapter tensors at another rate (LoRA+'s lora_B), after the others
         groups = [
-            {"params": [p for n, p in self.trainable.items() if n not in head_names], "lr": config.lr},
+            {"params": [p for n, p in self.trainable.items() if n not in head_names and n not in scaled], "lr": config.lr},
             {"params": [p for n, p in self.trainable.items() if n in head_names], "lr": head_lr},
+            *({"params": [p for n, p in self.trainable.items() if scaled.get(n) == factor], "lr": config.lr * factor}
+              for factor in sorted(set(scaled.values()))),
         ]
         self.optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay
