@@ -177,6 +177,10 @@ class RunConfig:
     instruct: InstructConfig = field(default_factory=InstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: str | None = None  # the run directory
+    # a finished run to start from: its adapter and its head, row by row for the labels both runs
+    # have (finegrain.warm_start); init_labels renames the earlier run's labels first ({old: new})
+    init_from: str | None = None
+    init_labels: dict[str, str] | None = None
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:

@@ -27,6 +27,7 @@ from finegrain.peft.full import FullConfig
 from finegrain.peft.full_files import load_head, save_model_dir
 from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
+from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
@@ -62,7 +63,10 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
     if with_adapter:
         if hasattr(adapter, "tokenize"):  # a method that starts from a text (prompt tuning's init_text)
             adapter.tokenize(tokenizer, config.model.name or DEFAULT_MODEL)
-        inject(model, adapter)
+        if config.init_from:  # the earlier run's adapter and head (finegrain.warm_start)
+            adapter = warm_start(model, config, labels, list(task.head_modules))
+        else:
+            inject(model, adapter)
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, adapter
@@ -179,6 +183,8 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         except FinegrainError as exc:
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
         method_options(config)  # nor the method table
+        if config.init_from:
+            check_init_from(config)
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
