@@ -261,3 +261,11 @@ def test_served_beside_a_lora_run_on_one_base_like_their_predictors(tiny_model_d
             for a, e in zip(answers, expected):
                 for label in e["probabilities"]:
                     assert abs(a["probabilities"][label] - e["probabilities"][label]) < 1e-5
+
+
+def test_a_bad_option_is_one_line_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+    config = method_config_file(tmp_path, tiny_model_dir, {"method": "adapter", "placement": "after"})
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "peft.placement: 'after' is unknown; use one of houlsby, pfeiffer" in err[0]
+    assert not (tmp_path / "run").exists()
