@@ -48,9 +48,9 @@ def hidden_states(
             last layer computes only that position and the result is (B, 1, H).
         embed: the embedding of token ids, when an input-side module replaces the decoder's.
     """
-    prompt_encoder = getattr(decoder, "prompt_encoder", None)
+    # Children by name: a dict lookup, where getattr of a missing module raises and catches an error.
+    prompt_encoder, prefix_encoder = decoder._modules.get("prompt_encoder"), decoder._modules.get("prefix_encoder")
     prompts = None if prompt_encoder is None else prompt_encoder()  # (P, H), None when no adapter is active
-    prefix_encoder = getattr(decoder, "prefix_encoder", None)
     prefix = None if prefix_encoder is None else prefix_encoder()  # {layer: (k, v)}, None when inactive
     if prompts is not None and (start_layer or end_layer is not None):
         raise ValueError("prompt tuning's virtual tokens enter below layer 0: run the whole decoder (no cached layers)")
