@@ -263,3 +263,11 @@ def test_cli_refuses_a_public_address_without_keys(tmp_path, capsys, monkeypatch
     assert "API keys" in capsys.readouterr().err
     assert main(["ui", str(tmp_path / "missing")]) == 1
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_the_dashboard_reads_runs_without_the_training_code():
+    from test_architecture import import_graph, within
+
+    wrong = [f"{module} imports {target}" for module, targets in sorted(import_graph().items()) if within(module, "finegrain.ui")
+             for target in sorted(targets) if within(target, "finegrain.train") or within(target, "finegrain.run")]
+    assert not wrong, "finegrain.ui reads runs through finegrain.rundir and launches `finegrain train` as a command:\n" + "\n".join(wrong)

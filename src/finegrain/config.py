@@ -162,6 +162,7 @@ class TrainConfig:
     # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
     recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work
     time_budget: float | None = 15.0  # minutes the recipe plans a run for (estimated layer passes); null: no limit
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow (finegrain.train.tracking)
 
 
 @dataclass
@@ -350,6 +351,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),
+        (all(t in ("tensorboard", "mlflow") for t in config.train.report_to), "train.report_to",
+         "a list of tensorboard and/or mlflow, e.g. [tensorboard, mlflow]"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
         (config.train.micro_batch_tokens is None or config.train.micro_batch_tokens >= 1, "train.micro_batch_tokens",

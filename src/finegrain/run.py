@@ -296,6 +296,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if splits.skipped:
         atomic_write_text(run_dir / rundir.SKIPPED_ROWS, "\n".join(splits.skipped) + "\n")
     write_results(run_dir, results, task, config.train.metric or task.headline_metric)
+    trainer.writer.finish()  # the trackers of train.report_to get the final metrics, reports and adapter
     return results
 
 

@@ -15,7 +15,7 @@ import of the training code. A run directory holds:
     skipped_rows.txt     the bad rows the data reader skipped
     interpolation.json, interpolation.png   `finegrain interpolate`: the metric between base and tuned weights
     checkpoint/          resumable training state; best/: the best weights so far
-    tensorboard/         TensorBoard events, when the package is installed
+    tensorboard/         TensorBoard events, when train.report_to names tensorboard
     .lock                held (flock) by the `train` working in the directory
     error.txt            the one-line error a failed `train` stopped with (removed when it starts again)
     .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)

@@ -1,4 +1,5 @@
-"""What a training run writes to its directory and reads back: `metrics.jsonl` (and TensorBoard),
+"""What a training run writes to its directory and reads back: `metrics.jsonl` (and the trackers
+of `train.report_to`: TensorBoard, MLflow; finegrain.train.tracking),
 `checkpoint/` (resumes exactly: weights, optimizer, scheduler, RNG states, position) and `best/`.
 
 One object, `RunWriter`, owns all of it and knows its process rank: under torchrun every rank
@@ -24,6 +25,7 @@ from finegrain import rundir
 from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
+from finegrain.train.tracking import Sink, open_sinks
 
 
 def process_rank() -> int:
@@ -39,14 +41,17 @@ class RunWriter:
     Args:
         run_dir: the run directory.
         rank: this process's rank; default `process_rank()`.
+        sinks: where metrics also go (`tracking.Sink`); default: the trackers `train.report_to` of the
+            run's config.yaml names (rank 0 only).
     """
 
-    def __init__(self, run_dir: Path, rank: int | None = None):
+    def __init__(self, run_dir: Path, rank: int | None = None, sinks: list[Sink] | None = None):
         self.run_dir = Path(run_dir)
         self.rank = process_rank() if rank is None else rank
         self.writes = self.rank == 0
         self.metrics_path = self.run_dir / rundir.METRICS_LOG
-        self.tensorboard = _tensorboard_writer(self.run_dir / rundir.TENSORBOARD) if self.writes else None
+        self.sinks = (open_sinks(self.run_dir) if sinks is None else sinks) if self.writes else []
+        self.last_step = 0
 
     # -- metrics.jsonl ---------------------------------------------------------------------
 
@@ -56,20 +61,25 @@ class RunWriter:
             self.metrics_path.unlink()
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record (it has a `step`) to metrics.jsonl, and its numbers to TensorBoard."""
+        """Append one record (it has a `step`) to metrics.jsonl, and give it to the sinks."""
         if not self.writes:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self.last_step = record["step"]
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Training ended (or stopped): the sinks write out what they hold."""
+        for sink in self.sinks:
+            sink.flush()
+
+    def finish(self) -> None:
+        """The run is finished, its reports written: the sinks log them and end."""
+        for sink in self.sinks:
+            sink.finish(self.run_dir, self.last_step)
+            sink.close(finished=True)
 
     # -- best/ -----------------------------------------------------------------------------
 
@@ -177,12 +187,3 @@ def _copies(trainable: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name: p.detach() if storages[p.untyped_storage().data_ptr()] == 1 and p.is_contiguous() else p.detach().clone().contiguous()
         for name, p in trainable.items()
     }
-
-
-def _tensorboard_writer(directory: Path):
-    """A TensorBoard writer when the `tensorboard` package is installed; metrics.jsonl is always written."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(directory))
