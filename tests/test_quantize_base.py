@@ -300,3 +300,13 @@ def test_a_killed_quantized_run_resumes_where_it_stopped(tiny_model_dir, tmp_pat
     assert main(["train", "--resume", str(killed)]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (killed / "adapter" / name).read_bytes() == (straight / "adapter" / name).read_bytes(), name
+
+
+def test_layers_sharing_the_tile_buffer_each_compute_with_their_own_weights():
+    """Every layer dequantises into one reused buffer: nothing (oneDNN's caches included) may keep a stale tile."""
+    layers = [QuantLinear(quantized("q4_1", out_features=96, in_features=256, seed=seed)) for seed in range(3)]
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for layer in layers:
+            weight = layer.dequantize()
+            assert_close(layer(x), x @ weight.t(), atol=1e-5 * (x @ weight.t()).abs().max(), rtol=0)

@@ -41,7 +41,7 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model import native
-from finegrain.model.linear import MIN_ROWS, Linear, matmul_t
+from finegrain.model.linear import MIN_ROWS, matmul_t
 
 CHOICES = ("int8", "q4")  # model.quantize (or null: float weights)
 FORMATS = {"int8": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}  # the format codes of qlinear.c
@@ -221,8 +221,6 @@ class QuantLinear(nn.Linear):
     def device(self) -> torch.device:
         return self.blocks.device
 
-    requires_grad = False  # the weight is frozen, always
-
     def dequantize(self, rows: slice = slice(None), columns: slice = slice(None)) -> torch.Tensor:
         """The float32 weight (out, in), or a tile of it."""
         return dequantize(self.quantized_weight, rows, columns)
@@ -311,14 +309,3 @@ class QuantLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         return ctx.layer.matmul_grad(grad), None
 
-
-def quantize_linears(model: nn.Module, quantize: str) -> nn.Module:
-    """Replace every linear layer inside the decoder layers of a float model by a `QuantLinear`,
-    in place, one layer at a time (for a model built in memory; checkpoints quantise as they are read)."""
-    check_choice(quantize)
-    for name, module in list(model.named_modules()):
-        if type(module) in (nn.Linear, Linear) and quantizes(f"{name}.weight"):
-            parent, _, child = name.rpartition(".")
-            weight = quantize_weight(module.weight, quantize, name)
-            setattr(model.get_submodule(parent), child, QuantLinear(weight, module.bias))
-    return model
