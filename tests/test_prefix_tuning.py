@@ -146,6 +146,20 @@ def test_named_prefixes_switch_and_merging_is_refused(tiny_model):
         merge_adapters(tiny_model.model)
 
 
+@pytest.mark.parametrize("projection", [False, True], ids=["table", "mlp"])
+def test_a_peft_prefix_generates_as_in_peft(tmp_path, projection):
+    from test_prompt_tuning import generates_as_in_peft
+
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=8)
+    generates_as_in_peft(tmp_path, config)
+
+
+def test_left_padded_generation_answers_each_prompt_as_alone(tiny_model_dir):
+    from test_prompt_tuning import generation_is_batch_independent
+
+    generation_is_batch_independent(tiny_model_dir, PrefixConfig(num_virtual_tokens=3))
+
+
 def test_bad_prefix_files_and_options_are_one_line_errors(tiny_model, tmp_path):
     with pytest.raises(FinegrainError, match="peft.encoder_hidden_size: must be a positive integer"):
         PrefixConfig(encoder_hidden_size=0)
@@ -204,6 +218,12 @@ def test_prefix_run_resumes_exactly(tiny_model_dir, tmp_path):
     from test_prompt_tuning import resumed_equals_straight
 
     resumed_equals_straight(tiny_model_dir, tmp_path, {**copy.deepcopy(PREFIX), "peft": {**PREFIX["peft"], "prefix_projection": True}})
+
+
+def test_instruct_run_trains_and_the_server_generates_with_its_prefix(tiny_model_dir, tmp_path, runs):
+    from test_prompt_tuning import generative_run_served
+
+    generative_run_served(tiny_model_dir, tmp_path, runs["lora"], {**PREFIX["peft"], "prefix_projection": True})
 
 
 def test_server_holds_a_lora_run_and_a_prefix_run_on_one_base(runs):

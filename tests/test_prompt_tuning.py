@@ -1,7 +1,8 @@
 """peft.method: prompt (prompt tuning): virtual tokens before the input, checked against PEFT's
-PROMPT_TUNING on the tiny random model both ways, through the backbone's shifts (padding, the
-rows shortcut, token-level heads, packed rows), and end to end: CLI training for classification
-and NER, exact resume, `finegrain.load`, and a server holding a LoRA run and a prompt run on one base."""
+PROMPT_TUNING on the tiny random model both ways (task heads, and a causal LM's logits and greedy
+generation through the KV cache), through the backbone's shifts (padding, the rows shortcut,
+token-level heads, packed rows), and end to end: CLI training for classification, NER and
+instruct, exact resume, `finegrain.load`, and a server holding a LoRA run and prompt runs on one base."""
 
 from __future__ import annotations
 
@@ -195,11 +196,52 @@ def test_prompt_trains_only_its_tokens_cannot_use_the_cache_nor_merge(tiny_model
         merge_adapters(model)
 
 
-def test_a_generating_language_model_is_refused(tiny_model):
-    # instruct generates with a KV cache outside hidden_states: the virtual tokens would be lost
-    for config in (PromptConfig(), METHODS["prefix"]()):
-        with pytest.raises(FinegrainError, match=f"peft.method: {config.name} adapts the task heads' input"):
-            inject(copy.deepcopy(tiny_model), config)
+def test_a_peft_prompt_generates_as_in_peft(tmp_path):
+    generates_as_in_peft(tmp_path, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+def generates_as_in_peft(tmp_path: Path, peft_config) -> None:
+    """A PEFT causal-LM adapter loaded into a `Llama`: the same logits (of the input's positions) and
+    the same greedy continuation through finegrain's KV cache as PEFT's `generate`."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_CONFIG, "num_labels": 2})).eval()
+    torch.manual_seed(5)
+    peft.get_peft_model(copy.deepcopy(hf), peft_config).save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path).eval()
+    model = Llama(LlamaConfig.from_hf(hf.config.to_dict()))
+    model.load_state_dict(hf.state_dict(), strict=False)
+    load_adapter(model.eval(), tmp_path)
+    virtual = peft_config.num_virtual_tokens if isinstance(peft_config, peft.PromptTuningConfig) else 0
+    with torch.no_grad():
+        assert_close(model(IDS), reference(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits[:, virtual:])
+        theirs = reference.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=6, do_sample=False)
+        model.setup_cache(2, 13)
+        logits, ours = model(IDS, input_pos=torch.arange(7), last_only=True), []
+        for step in range(6):
+            ours.append(logits[:, -1].argmax(-1))
+            logits = model(ours[-1][:, None], input_pos=torch.tensor([7 + step]))
+    assert torch.equal(theirs[:, -6:], torch.stack(ours, 1))
+
+
+def test_left_padded_generation_answers_each_prompt_as_alone(tiny_model_dir):
+    generation_is_batch_independent(tiny_model_dir, PromptConfig(num_virtual_tokens=3))
+
+
+def generation_is_batch_independent(model_dir: Path, config) -> None:
+    """`generate` on a left-padded batch gives each prompt what it gives that prompt alone."""
+    from finegrain.generation import generate
+
+    llama, tokenizer = finegrain.load_model(str(model_dir), progress=False)
+    inject(llama, config)
+    perturb(llama, seed=2)
+    prompts = ["the film was good and the story", "dull"]
+    together = generate(llama, tokenizer, prompts, max_new_tokens=5, ignore_eos=True)
+    assert together == [generate(llama, tokenizer, p, max_new_tokens=5, ignore_eos=True) for p in prompts]
+    ids = torch.tensor([tokenizer.encode(prompts[0])])
+    with torch.no_grad():
+        adapted = llama(ids)
+        set_adapter(adapter_layers(llama).values(), None)
+        assert not torch.allclose(llama(ids), adapted)  # the adapter is what generated
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
@@ -294,6 +336,45 @@ def resumed_equals_straight(model_dir: Path, tmp_path: Path, sections: dict) -> 
     assert sorted(a) == sorted(b)
     for key in a:
         assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_instruct_run_trains_and_the_server_generates_with_its_prompt(tiny_model_dir, tmp_path, runs):
+    generative_run_served(tiny_model_dir, tmp_path, runs["lora"], PROMPT["peft"])
+
+
+def generative_run_served(model_dir: Path, tmp_path: Path, lora_run: Path, peft_section: dict) -> None:
+    """An instruct run of the method trains (packed rows), predicts, and on a server beside a LoRA
+    run generates as its predictor does, while the base answers bare."""
+    import serve_helpers
+    from finegrain.generation import generate
+    from finegrain.serve.batching import Job
+    from finegrain.serve.engine import Engine, GenerationWork
+    from finegrain.serve.metrics import Metrics
+    from finegrain.serve.models import ModelRegistry, base_id
+
+    original = serve_helpers.train_task_run
+
+    def with_method(*args, sections=None, **kwargs):
+        return original(*args, sections={**(sections or {}), "peft": peft_section}, **kwargs)
+
+    serve_helpers.train_task_run = with_method
+    try:
+        run = serve_helpers.train_instruct_run(model_dir, tmp_path / "chat")
+    finally:
+        serve_helpers.train_task_run = original
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    predictor = finegrain.load(run)
+    question = "What is the plural of child?"
+    assert predictor.predict([question])[0]["generated"] is not None
+    registry = ModelRegistry([("lora", lora_run), ("chat", run)])
+    registry.load()
+    engine = Engine(registry, Metrics())
+    base = base_id(str(model_dir))
+    bare_model, tokenizer = finegrain.load_model(str(model_dir), progress=False)
+    for name in ("chat", base, "chat"):
+        served = engine.run(("generate", name), [Job(("generate", name), GenerationWork(question, name, 8))])[0]
+        expected = generate(predictor.model.llama if name == "chat" else bare_model, tokenizer, question, max_new_tokens=8)
+        assert served == expected
 
 
 def test_server_holds_a_lora_run_and_a_prompt_run_on_one_base(runs):

@@ -208,9 +208,48 @@ class LlamaModel(nn.Module):
                 all cached positions); or a ready boolean mask (B, 1, T, S), True where attention is allowed.
             position_ids: (B, T) rotary positions; by default counted over real tokens only.
             input_pos: (T,) cache slots to write, once `setup_cache` was called.
+
+        An active input-side adapter (see `finegrain.model.backbone`) applies here too, for
+        generation: prompt tuning's P virtual tokens go before the tokens of cache slot 0 and take
+        the first P slots (`setup_cache` adds them), prefix tuning's keys and values are seen by
+        every query; either way the tokens sit at positions P.., as in training.
         """
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        return self.norm(self.run_layers(x, attention_mask, position_ids, input_pos))
+        prompt_encoder, prefix_encoder = self._modules.get("prompt_encoder"), self._modules.get("prefix_encoder")
+        prompts = None if prompt_encoder is None else prompt_encoder()  # (P, H) or None
+        prefix = None if prefix_encoder is None else prefix_encoder()  # {layer: (k, v)} or None
+        if prompts is None and prefix is None:
+            return self.norm(self.run_layers(x, attention_mask, position_ids, input_pos))
+        return self.norm(self._run_adapted(x, attention_mask, position_ids, input_pos, prompts, prefix))
+
+    def _run_adapted(self, x, attention_mask, position_ids, input_pos, prompts, prefix) -> torch.Tensor:
+        """`run_layers` behind P virtual tokens (`prompts` (P, H)) or with a `prefix`: (B, T, H).
+        `attention_mask`: None or (B, S) over the tokens' cache slots."""
+        B, T, _ = x.shape
+        if prompts is None:  # the prefix's keys and values stay outside the cache; the tokens move P on
+            P = next(iter(prefix.values()))[0].shape[2]
+            if position_ids is None:
+                position_ids = default_position_ids(B, T, attention_mask, input_pos, x.device)
+            return self.run_layers(x, attention_mask, position_ids + P, input_pos, prefix=prefix)
+        P = prompts.shape[0]
+        if attention_mask is not None:  # slots 0..P-1 hold the virtual tokens
+            attention_mask = torch.cat((attention_mask.new_ones(B, P), attention_mask), dim=1)  # (B, P+S)
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, attention_mask, None if input_pos is None else input_pos + P, x.device)
+            if attention_mask is None and input_pos is None:
+                position_ids = position_ids + P
+        else:
+            position_ids = position_ids + P
+        virtual = input_pos is None or int(input_pos[0]) == 0  # the virtual tokens run once, before the first tokens
+        if input_pos is not None:
+            input_pos = input_pos + P
+        if virtual:
+            x = torch.cat((prompts.to(x.dtype).expand(B, -1, -1), x), dim=1)  # (B, P+T, H)
+            position_ids = torch.cat((torch.arange(P, device=x.device).expand(B, -1), position_ids), dim=1)
+            if input_pos is not None:
+                input_pos = torch.cat((torch.arange(P, device=x.device), input_pos))
+        x = self.run_layers(x, attention_mask, position_ids, input_pos)
+        return x[:, P:] if virtual else x
 
     def run_layers(
         self,
@@ -329,6 +368,9 @@ class Llama(nn.Module):
         """Preallocate a KV cache in every layer for `batch_size` sequences of up to `max_len` tokens."""
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = self.model.embed_tokens.weight.device
+        prompt_encoder = self.model._modules.get("prompt_encoder")
+        prompts = None if prompt_encoder is None else prompt_encoder()
+        max_len += 0 if prompts is None else prompts.shape[0]  # prompt tuning's virtual tokens take the first slots
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, max_len, attn.num_kv_heads, attn.head_dim, dtype).to(device)

@@ -34,16 +34,8 @@ INITS = ("SAMPLE_VOCAB", "TEXT", "RANDOM")  # PEFT's `prompt_tuning_init` values
 
 
 def find_decoder(model: nn.Module, method: str) -> nn.Module:
-    """The decoder (`LlamaModel`) of a task model: its child `model`, or the model itself.
-
-    A language model that generates (a `Llama`, task instruct's model) is refused: generation
-    runs the decoder with a KV cache, outside `hidden_states`, and would not see the virtual tokens.
-    """
-    if getattr(model, "lm_head", None) is not None:
-        raise FinegrainError(
-            f"peft.method: {method} adapts the task heads' input (classification, regression, ner, relation, qa); "
-            "generation (task instruct) does not read it yet: use lora or another method"
-        )
+    """The decoder (`LlamaModel`) of a task model or a `Llama`: its child `model`, or the model itself.
+    `hidden_states` (training, task heads) and `LlamaModel.forward` (generation) read its adapter."""
     for candidate in (getattr(model, DECODER, None), model):
         if isinstance(candidate, nn.Module) and hasattr(candidate, "embed_tokens") and hasattr(candidate, "run_layers"):
             return candidate
