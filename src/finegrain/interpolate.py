@@ -83,7 +83,7 @@ class Interpolation:
         self.config = rundir.read_config(self.run_dir)
         rundir.require_adapter(self.run_dir)
         require_mergeable(self.config, self.run_dir, "interpolated",
-                          "interpolation scales a change of the weights, and this method changes the inputs instead")
+                          "interpolation scales a change of the weights, which this method does not make")
         float32 = copy.deepcopy(self.config)
         float32.model.dtype = "float32"
         self.model, self.tokenizer, self.task = merged_model(self.run_dir, float32)
