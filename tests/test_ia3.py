@@ -118,7 +118,12 @@ def test_our_ia3_adapter_loads_into_peft(hf_model, input_ids, tmp_path, layers):
     assert tensors[f"base_model.model.model.layers.{adapted[0]}.mlp.down_proj.ia3_l"].shape == (1, 128)  # input side
     assert tensors[f"base_model.model.model.layers.{adapted[0]}.self_attn.v_proj.ia3_l"].shape == (32, 1)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert raw["peft_type"] == "IA3" and raw["feedforward_modules"] == ["down_proj"] and "layers_to_transform" not in raw
+    assert raw["peft_type"] == "IA3" and "layers_to_transform" not in raw  # PEFT's IA3Config has none
+    if layers is None:
+        assert (raw["target_modules"], raw["feedforward_modules"]) == (["down_proj", "k_proj", "v_proj"], ["down_proj"])
+    else:  # the adapted modules by path, the feed-forward ones among them
+        assert raw["target_modules"] == sorted(adapter_layers(ours))
+        assert raw["feedforward_modules"] == ["model.layers.1.mlp.down_proj"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no key PEFT's IA3Config would ignore
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path).eval()
@@ -161,12 +166,13 @@ def test_ia3_trains_only_its_vectors_and_gets_gradients(hf_model, input_ids):
 def test_options_and_their_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: ia3\n  targets: [k_proj, v_proj]\n  layers: [-1]\n")
-    with pytest.raises(FinegrainError, match=r"ia3.feedforward: 'down_proj' is not one of ia3.targets \['k_proj', 'v_proj'\]"):
-        method_config(load_config(path), num_layers=2, modules_to_save=[])
-    config = load_config(path, ["peft.feedforward=[]"])
-    assert method_config(config, num_layers=2, modules_to_save=["score"]) == Ia3Config(
+    # unset, feedforward is down_proj where it is targeted (switching from a LoRA config on q_proj, v_proj works)
+    assert method_config(load_config(path), num_layers=2, modules_to_save=["score"]) == Ia3Config(
         targets=("k_proj", "v_proj"), feedforward=(), layers=[1], modules_to_save=["score"]
     )
+    with pytest.raises(FinegrainError, match=r"ia3.feedforward: 'down_proj' is not one of ia3.targets \['k_proj', 'v_proj'\]"):
+        method_config(load_config(path, ["peft.feedforward=[down_proj]"]), num_layers=2, modules_to_save=[])
+    assert Ia3Config().feedforward == ("down_proj",) and Ia3Config(targets="all-linear").feedforward == ("down_proj",)
     with pytest.raises(FinegrainError, match="ia3.init: 'zeros' is unknown; use one of ones, random"):
         Ia3Config(init="zeros")
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: ia3\n  rank: 4\n")

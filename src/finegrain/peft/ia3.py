@@ -25,7 +25,7 @@ from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear, linear
 
 INITS = ("ones", "random")  # PEFT's init_ia3_weights true / false
-LLAMA_LINEARS = r"[^.]*_proj"  # every linear layer inside a LLaMA decoder layer ("all-linear")
+FEEDFORWARD = "down_proj"  # the default feed-forward target, as PEFT's for LLaMA
 
 
 class Ia3Linear(nn.Module):
@@ -176,11 +176,12 @@ class Ia3Options:
 
     `targets` and `layers` mean what they mean for LoRA; `feedforward` names the targets whose
     input is scaled (PEFT's `feedforward_modules`: a module whose path ends with one of the names,
-    or a regular expression for the whole path); `init` is "ones" or "random".
+    or a regular expression for the whole path; unset: down_proj where it is targeted); `init` is
+    "ones" or "random".
     """
 
     targets: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    feedforward: list[str] | str | None = None
     layers: list[int] | None = None  # adapt only these decoder layers; negative counts from the top
     init: str = "ones"
 
@@ -194,7 +195,7 @@ class Ia3Config:
         feedforward: which of them are scaled on the input side: a list of names, matched as PEFT
             matches `feedforward_modules` (the module path ends with the name), or a regular
             expression that must match the whole path. With a list of `targets`, each name must be
-            one of them, as PEFT requires.
+            one of them, as PEFT requires. None: the targets that are down_proj (PEFT's default for LLaMA).
         layers: decoder layer indices to adapt; None for all.
         init: "ones" (the model starts unchanged) or "random" (N(0, 1), for tests).
         modules_to_save: modules trained in full and saved with the adapter (a head `"score"`).
@@ -206,13 +207,16 @@ class Ia3Config:
     layer: ClassVar[type[Ia3Linear]] = Ia3Linear
 
     targets: tuple[str, ...] | list[str] | str = ("k_proj", "v_proj", "down_proj")
-    feedforward: tuple[str, ...] | list[str] | str = ("down_proj",)
+    feedforward: tuple[str, ...] | list[str] | str | None = None
     layers: list[int] | None = None
     init: str = "ones"
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.targets = _names_or_pattern(self.targets, "ia3.targets", allow_all_linear=True)
+        if self.feedforward is None:
+            targeted = self.targets if isinstance(self.targets, tuple) else (FEEDFORWARD,)
+            self.feedforward = tuple(t for t in targeted if t.endswith(FEEDFORWARD))
         self.feedforward = _names_or_pattern(self.feedforward, "ia3.feedforward", allow_empty=True)
         if self.init not in INITS:
             raise FinegrainError(f"ia3.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
@@ -250,35 +254,29 @@ class Ia3Config:
                    modules_to_save=modules_to_save)
 
     def to_peft(self) -> dict[str, Any]:
-        """IA3's keys of `adapter_config.json`; `finegrain.peft.base` adds those every method shares.
-
-        PEFT's IA3Config has no `layers_to_transform`: with `layers` the targets are written as one
-        regular expression that names the layers (PEFT matches it against whole module paths).
-        """
-        keys: dict[str, Any] = {
+        """IA3's keys of `adapter_config.json`; `finegrain.peft.base` adds those every method shares,
+        and `file_config` fits the target and feed-forward modules to the layers adapted."""
+        return {
             "fan_in_fan_out": False,
             "feedforward_modules": self.feedforward if isinstance(self.feedforward, str) else list(self.feedforward),
             "init_ia3_weights": self.init == "ones",
         }
-        if self.layers is not None:
-            keys["target_modules"] = self.targets_pattern()
-            keys["layers_to_transform"] = None
+
+    def file_config(self, keys: dict[str, Any], layers: dict[str, Ia3Linear]) -> dict[str, Any]:
+        """`adapter_config.json` as PEFT's IA3Config reads it, for the adapted `layers` (by path).
+
+        That config has no `layers_to_transform` (PEFT would warn that it ignores it, and adapt every
+        layer): where `finegrain.peft.base` chose short names plus layers, the targets become the
+        adapted modules' paths. `feedforward_modules` is then the targets whose layers scale their
+        input, which is also the subset of `target_modules` PEFT requires.
+        """
+        targets = sorted(layers) if keys.get("layers_to_transform") is not None else keys["target_modules"]
+        keys = {key: value for key, value in keys.items() if key not in ("layers_to_transform", "layers_pattern")}
+        keys["target_modules"] = targets
+        keys["feedforward_modules"] = [t for t in targets if any(
+            layer.feedforward and (path == t or path.endswith("." + t)) for path, layer in layers.items()
+        )]
         return keys
-
-    def file_config(self, keys: dict[str, Any], layers: dict[str, Any]) -> dict[str, Any]:
-        """`adapter_config.json` without the layer-selection keys PEFT's IA3Config lacks (it would
-        warn that it ignores them); `to_peft` put the layers into `target_modules` instead."""
-        return {key: value for key, value in keys.items() if key not in ("layers_to_transform", "layers_pattern")}
-
-    def targets_pattern(self) -> str:
-        """`targets` restricted to `layers` as one regular expression over module paths."""
-        layers = "|".join(str(i) for i in self.layers or ())
-        in_layers = rf"(?=(?:.*\.)?layers\.(?:{layers})\.)"
-        if self.targets == "all-linear":
-            return rf"{in_layers}.*\.{LLAMA_LINEARS}"
-        if isinstance(self.targets, str):
-            return rf"{in_layers}(?:{self.targets})"
-        return rf"{in_layers}(?:.*\.)?(?:{'|'.join(re.escape(t) for t in self.targets)})"
 
     @classmethod
     def from_peft(
@@ -297,8 +295,7 @@ class Ia3Config:
         try:
             return cls(
                 targets=targets if targets is not None else ("k_proj", "v_proj", "down_proj"),
-                # PEFT's default for LLaMA when the file names none
-                feedforward=("down_proj",) if feedforward is None else feedforward,
+                feedforward=feedforward,  # None: down_proj where targeted, PEFT's default for LLaMA
                 layers=layers,
                 init="ones" if raw.get("init_ia3_weights", True) else "random",
                 modules_to_save=modules_to_save,
