@@ -5,7 +5,8 @@ that every query may attend to (`ops.with_prefix`), as PEFT's `past_key_values` 
 before the row's tokens, which then sit at positions P..P+T-1. The method's entry in
 `finegrain.peft.METHODS` is `PrefixConfig`; its module, `PrefixEncoder`, is a child of the decoder
 (`model.prefix_encoder`, holding named adapters) that `finegrain.model.backbone.hidden_states` asks
-for the active adapter's keys and values by layer.
+for the active adapter's keys and values by layer (and `LlamaModel.forward`, for generation: they
+stay outside the KV cache, beside it in every step).
 
 A prefix is a table (P, n * 2 * nkv * hd) for n adapted layers, PEFT's layout: per layer its keys
 then its values, per kv head. It trains either directly or, with `prefix_projection`, as the output

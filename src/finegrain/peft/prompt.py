@@ -5,7 +5,8 @@ entry in `finegrain.peft.METHODS` is `PromptConfig`; its module, `PromptEncoder`
 decoder (`model.prompt_encoder`, holding named adapters like every adapter layer) that
 `finegrain.model.backbone.hidden_states` asks for the active adapter's embeddings: it puts them
 before each row, shifts the mask, positions and `rows`, and drops their states before the head.
-As in PEFT, the row's own tokens then sit at positions P..P+T-1.
+As in PEFT, the row's own tokens then sit at positions P..P+T-1. Generation (task instruct, a
+served generative run) reads them in `LlamaModel.forward`, where they fill the KV cache's first P slots.
 
 Saved as PEFT's `PROMPT_TUNING`: `adapter_config.json` with `num_virtual_tokens`, `token_dim`, ...
 and one tensor `prompt_embeddings` (P, H); a head the task saves whole is `base_model.score.weight`
