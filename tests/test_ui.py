@@ -180,6 +180,8 @@ def test_config_errors_name_their_line(client, tiny_model_dir):
     assert check("new-run", f"task: classification\nmodel:\n  name: {tiny_model_dir}\ndata:\n  dataset: rotten_tomatoes\n") == {"ok": True}
     assert check("new-run", "task: classification\n") == {"ok": False, "line": None, "error": (
         "no training data; set data.dataset (e.g. rotten_tomatoes) or data.train (a file)")}
+    options = client.get("/api/options").json()
+    assert "classification" in options["tasks"] and "lora" in options["methods"]
     got = check("new-run", "task: classification\ntrain:\n  epochs: 1\n  lrr: 0.1\n")
     assert got == {"ok": False, "error": "line 4: unknown key 'train.lrr'; did you mean 'train.lr'?", "line": 4}
     got = check("new-run", "task: classification\ntrain: [1, 2\n")

@@ -139,6 +139,13 @@ def test_launch_watch_and_cancel(page, url, shots, root, tiny_model_dir):
     page.click("#validate")
     page.wait_for_function("() => document.querySelector('#launch-message').textContent.includes('line 3')")
     assert "did you mean 'train.lr'" in page.inner_text("#launch-message")
+    # The form's common keys write a config the editor checks as it changes.
+    page.select_option("#form-method", "ia3")
+    page.fill("#form-epochs", "2")
+    page.click("#form-fill")
+    assert page.input_value("#launch-config") == (
+        "task: classification\ndata:\n  dataset: rotten_tomatoes\npeft:\n  method: ia3\ntrain:\n  epochs: 2\n")
+    page.wait_for_function("() => document.querySelector('#launch-message').textContent === 'valid'")
     # Long enough to still be training when cancelled; a validation every few steps.
     page.fill("#launch-config", (
         f"task: classification\nmodel:\n  name: {tiny_model_dir}\ndata:\n  train: {root / 'sentiment.jsonl'}\n  max_length: 16\n"

@@ -23,7 +23,9 @@ from pydantic import BaseModel
 
 from finegrain import rundir
 from finegrain.errors import FinegrainError
+from finegrain.peft import METHODS
 from finegrain.serve.security import ApiKeys, send_error
+from finegrain.tasks import TASKS
 from finegrain.ui import runs
 from finegrain.ui.launcher import Launcher
 from finegrain.ui.playground import Playground, describe
@@ -123,6 +125,11 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
         run_dir = runs.resolve_run(root, body.run)
         rundir.require_adapter(run_dir)
         return playground.answer(run_dir, body.model_dump(exclude_none=True))
+
+    @app.get("/api/options")
+    def options() -> dict[str, Any]:
+        """What the Launch form offers: the task table's tasks and the PEFT methods."""
+        return {"tasks": list(TASKS), "methods": list(METHODS)}
 
     @app.post("/api/validate")
     def validate(body: LaunchBody) -> dict[str, Any]:

@@ -88,10 +88,9 @@ def summary(root: Path, run_dir: Path) -> dict[str, Any]:
     metrics = rundir.read_metrics(run_dir)
     status = rundir.status(run_dir)
     started = (run_dir / rundir.CONFIG).stat().st_mtime
-    log = rundir.read_metrics_log(run_dir)
     row: dict[str, Any] = {
         "id": run_id(root, run_dir), "status": status, "started": started,
-        "duration": _duration(run_dir, status, started, metrics), "steps": log[-1].get("step") if log else 0,
+        "duration": _duration(run_dir, status, started, metrics),
         "task": None, "model": None, "method": None, "metric": None, "value": None, "split": None,
         "error": rundir.read_error(run_dir) if status == rundir.FAILED else None,
     }
@@ -147,8 +146,9 @@ def metric_values(metrics: dict[str, Any] | None) -> dict[str, float]:
     values: dict[str, float] = {}
     for split in ("validation", "test"):
         for key, value in flatten(metrics.get(split) or {}, f"{split}.").items():
+            last = key.rsplit(".", 1)[-1]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key.count(".") <= 2 \
-                    and ".per_class." not in key:
+                    and ".per_class." not in key and last != "support" and last != "num_outside_labels":
                 values[key] = float(value)
     for key in ("train_seconds", "total_seconds", "tokens_per_s", "steps", "trainable_parameters"):
         value = (metrics.get("train") or {}).get(key)

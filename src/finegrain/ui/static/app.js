@@ -216,13 +216,20 @@ async function viewRun(my, id) {
       .map(([name, pts]) => chart(name, [{name, points: pts}], `curve-${name.replace(/\W+/g, "_")}`)));
   };
   draw();
+  // Polled while the run trains; once it stops, one more poll catches its last records.
+  let polling = false;
   const poll = async () => {
+    if (polling) return;
+    polling = true;
     try {
       const got = await api(`/api/curve?run=${q(id)}&start=${next}`);
       if (my !== viewId) return;
       if (got.records.length) { records.push(...got.records); next = got.next; draw(); }
-      if (got.status !== status) { status = got.status; statusBox.replaceChildren(badge(status)); }
-    } catch (err) { /* a run being rewritten: try again at the next poll */ }
+      if (got.status !== status) {
+        if (status === "running") { viewRun(my, id); return; }  // finished or stopped: show its report and error
+        status = got.status; statusBox.replaceChildren(badge(status));
+      }
+    } catch (err) { /* a run being rewritten: try again at the next poll */ } finally { polling = false; }
   };
   every(1500, poll);
 }
@@ -271,7 +278,11 @@ async function viewCompare(my, ids) {
   if (my !== viewId) return;
   const names = data.runs.map((r) => r.id);
   const table = (rows, id, digits) => h("table", {id, class: "diff"}, h("thead", {}, h("tr", {}, h("th", {}, "key"), names.map((n) => h("th", {}, n)))),
-    h("tbody", {}, rows.map((r) => h("tr", {}, h("td", {}, r.key), r.values.map((v) => h("td", {class: typeof v === "number" ? "num changed" : "changed"}, typeof v === "object" && v !== null ? JSON.stringify(v) : fmt(v, digits)))))));
+    h("tbody", {}, rows.map((r) => {
+      const differs = new Set(r.values.map((v) => JSON.stringify(v))).size > 1;  // highlighted
+      return h("tr", {}, h("td", {}, r.key), r.values.map((v) => h("td", {class: `${typeof v === "number" ? "num" : ""}${differs ? " changed" : ""}`},
+        typeof v === "object" && v !== null ? JSON.stringify(v) : fmt(v, digits))));
+    })));
   const perRun = data.curves.map(curveSeries);
   const keys = [...new Set(perRun.flatMap((s) => Object.keys(s)))].filter((k) => k !== "lr");
   main().replaceChildren(h("h2", {}, `Compare ${names.length} runs`),
@@ -385,7 +396,22 @@ train:
   epochs: 1
 `;
 
+// The common keys of the Launch form as a run config; the editor takes it from there.
+function formYaml() {
+  const value = (id) => document.getElementById(id).value.trim();
+  const lines = [`task: ${value("form-task")}`];
+  if (value("form-model")) lines.push("model:", `  name: ${JSON.stringify(value("form-model"))}`);
+  lines.push("data:", value("form-train") ? `  train: ${JSON.stringify(value("form-train"))}` : `  dataset: ${value("form-dataset") || "rotten_tomatoes"}`);
+  if (value("form-method") !== "lora") lines.push("peft:", `  method: ${value("form-method")}`);
+  lines.push("train:", `  epochs: ${value("form-epochs") || 1}`);
+  if (value("form-lr")) lines.push(`  lr: ${value("form-lr")}`);
+  return lines.join("\n") + "\n";
+}
+
 async function viewLaunch(my) {
+  let options;
+  try { options = await api("/api/options"); } catch (err) { main().replaceChildren(failure(err)); return; }
+  if (my !== viewId) return;
   const name = h("input", {type: "text", id: "launch-name", value: `run-${new Date().toISOString().slice(0, 16).replace(/[-:T]/g, "")}`, size: 30});
   const editor = h("textarea", {id: "launch-config", rows: 16, spellcheck: "false"}, sessionStorage.getItem("finegrain-launch") || EXAMPLE);
   const message = h("div", {id: "launch-message", class: "editor-error"});
@@ -409,8 +435,16 @@ async function viewLaunch(my) {
       if (got.ok) { message.textContent = `queued as ${got.job.name}`; refresh(); }
     } catch (err) { message.textContent = err.message; }
   }}, "Launch");
+  const field = (label, id, value, attrs = {}) => h("label", {}, `${label} `, h("input", {type: "text", id, value, size: 14, ...attrs}));
+  const form = h("div", {class: "toolbar", id: "launch-form"},
+    h("label", {}, "task ", h("select", {id: "form-task"}, options.tasks.map((t) => h("option", {value: t}, t)))),
+    field("dataset", "form-dataset", "rotten_tomatoes", {placeholder: "bundled name"}), field("or train file", "form-train", "", {placeholder: "path/to/train.jsonl"}),
+    field("model", "form-model", "", {placeholder: "smollm2-135m"}),
+    h("label", {}, "method ", h("select", {id: "form-method"}, options.methods.map((m) => h("option", {value: m}, m)))),
+    field("epochs", "form-epochs", "1", {size: 4}), field("lr", "form-lr", "", {size: 7, placeholder: "recipe"}),
+    h("button", {class: "secondary", id: "form-fill", onclick: () => { editor.value = formYaml(); editor.dispatchEvent(new Event("input")); }}, "Write YAML"));
   main().replaceChildren(h("h2", {}, "Launch a run"),
-    h("div", {class: "card"},
+    h("div", {class: "card"}, form,
       h("div", {class: "toolbar"}, h("label", {}, "Name ", name), h("span", {class: "muted"}, "the run goes to RUNS_DIR/NAME; one trains at a time, the rest wait")),
       editor, message, h("div", {class: "toolbar"}, h("button", {class: "secondary", id: "validate", onclick: check}, "Validate"), launch)),
     h("h3", {}, "Launched"), jobs);
