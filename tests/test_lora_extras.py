@@ -28,10 +28,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 # ---------------------------------------------------------------------------------------------- LoRA+
 
 
-def test_lr_ratio_gives_lora_b_its_own_learning_rate(tiny_model, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lr_ratio_gives_lora_b_its_own_learning_rate(tiny_model, tmp_path, method):
+    from finegrain.peft.dora import DoraConfig
+
     task = ClassificationTask(["a", "b"])
     model = task.build_model(tiny_model)
-    inject(model, LoraConfig(r=2, alpha=4, targets=("q_proj", "v_proj"), lr_ratio=16, modules_to_save=["score"]))
+    lora = LoraConfig(r=2, alpha=4, targets=("q_proj", "v_proj"), lr_ratio=16, modules_to_save=["score"])
+    inject(model, lora if method == "lora" else DoraConfig(lora))
     generator = torch.Generator().manual_seed(0)
     items = [Encoded(torch.randint(3, 128, (5,), generator=generator).tolist(), i % 2) for i in range(8)]
     config = TrainConfig(lr=1e-3, head_lr=5e-3, batch_size=4, threads=1, warmup_ratio=0.0, schedule="constant")
