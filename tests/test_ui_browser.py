@@ -5,6 +5,7 @@ launches a real `finegrain train` whose curve grows while it trains, then cancel
 error anywhere. FINEGRAIN_UI_SCREENSHOTS=docs/img saves a screenshot of each view there.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -37,8 +38,9 @@ def root(tiny_model_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def url(root):
+@contextlib.contextmanager
+def serving(root, **options):
+    """The dashboard on 127.0.0.1 (a free port) in a thread of this process; yields its URL."""
     import uvicorn
 
     from finegrain.ui.app import create_app
@@ -46,15 +48,23 @@ def url(root):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(root, hosts=[f"127.0.0.1:{port}"])
+    app = create_app(root, hosts=[f"127.0.0.1:{port}"], **options)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def url(root):
+    with serving(root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -167,4 +177,19 @@ def test_launch_watch_and_cancel(page, url, shots, root, tiny_model_dir):
     page.click("#jobs button.cancel")
     page.wait_for_selector('#jobs tr[data-state="cancelled"]')
     assert rundir.status(root / "live") == "interrupted"
+    assert page.errors == []
+
+
+def test_a_key_entered_in_the_page(page, root):
+    from finegrain.serve.security import ApiKeys
+
+    key = "browser-key-0123456789abcdef"
+    with serving(root, keys=ApiKeys([key])) as url:
+        page.goto(url)
+        page.wait_for_selector("#keybar:not([hidden])")
+        page.errors.clear()  # the refused first call (401) is what shows the key bar
+        page.fill("#key", key)
+        page.click("#keybar button")
+        page.wait_for_selector('#runs tr[data-run="sentiment"]')
+        assert page.is_hidden("#keybar")
     assert page.errors == []
