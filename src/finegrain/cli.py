@@ -119,6 +119,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.skip_bad_rows:
             overrides.append("data.skip_bad_rows=true")
         config = load_config(args.config, overrides)
+        if config.continual.classes or config.continual.tasks:  # a sequence of stages (finegrain.continual)
+            from finegrain.continual import train_sequence
+
+            summary = train_sequence(config)["continual"]
+            for name, row in zip(summary["stages"], summary["accuracy_matrix"]):
+                print(f"after {name}: " + "  ".join(f"{value:.3f}" for value in row))
+            print(f"average accuracy {summary['average_accuracy']:.3f}, backward transfer {summary['bwt']:+.3f}, "
+                  f"{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
+            return
         results = train(config)
     split = "test" if "test" in results else "validation"
     if split in results:

@@ -37,6 +37,7 @@ class DataConfig:
     test: str | None = None
     text_field: str = "text"
     label_field: str = "label"
+    labels: list[str] | None = None  # classification: the label set in head order (default: the training labels)
     multi_label: bool = False
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # when only `train` (or `dataset`) is given
     split_seed: int = 0
@@ -166,6 +167,18 @@ class TrainConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """A sequence of stages trained one after the other (finegrain.continual); unset: one ordinary run."""
+
+    strategy: str = "sequential"  # sequential | replay | joint | adapters
+    classes: list[list[str]] | None = None  # class-incremental: groups of the data's labels, one per stage
+    tasks: list[dict[str, Any]] | None = None  # task-incremental: each stage's `data:` keys (its own labels and head)
+    buffer: str = "balanced"  # replay: balanced (as many of each earlier class as fit) | reservoir (uniform)
+    buffer_size: int = 200  # replay: earlier training examples kept
+    replay_ratio: float | None = None  # replay: earlier examples per new one in a stage; null: the whole buffer
+
+
+@dataclass
 class RunConfig:
     task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +190,7 @@ class RunConfig:
     qa: QAConfig = field(default_factory=QAConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     output: str | None = None  # the run directory
     # a finished run to start from: its adapter and its head, row by row for the labels both runs
     # have (finegrain.warm_start); init_labels renames the earlier run's labels first ({old: new})
@@ -363,6 +377,14 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.window_stride is None or config.data.window_stride >= 1, "data.window_stride",
          "at least 1 token, or null for half a window"),
         (config.data.max_windows >= 1, "data.max_windows", "at least 1"),
+        (config.continual.strategy in ("sequential", "replay", "joint", "adapters"), "continual.strategy",
+         "sequential, replay, joint or adapters"),
+        (not (config.continual.classes and config.continual.tasks), "continual.classes",
+         "unset when continual.tasks is set (a sequence is class- or task-incremental)"),
+        (config.continual.buffer in ("balanced", "reservoir"), "continual.buffer", "balanced or reservoir"),
+        (config.continual.buffer_size >= 1, "continual.buffer_size", "at least 1"),
+        (config.continual.replay_ratio is None or config.continual.replay_ratio > 0, "continual.replay_ratio",
+         "above 0, or null"),
         (config.data.shots is None or config.data.shots >= 1, "data.shots", "at least 1 example per class, or null"),
         (config.data.folds is None or config.data.folds >= 2, "data.folds", "at least 2, or null"),
         (config.data.folds is None or 0 <= config.data.fold < config.data.folds, "data.fold",
@@ -377,7 +399,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
     for ok, key, expected in checks:
         if not ok:
             raise FinegrainError(f"{(sources or {}).get(key, where)}: '{key}' must be {expected}")
-    if not (config.data.dataset or config.data.train):
+    if not (config.data.dataset or config.data.train or config.continual.tasks):  # a sequence's stages name their data
         raise FinegrainError(f"{where}: no training data; set data.dataset (e.g. rotten_tomatoes) or data.train (a file)")
 
 

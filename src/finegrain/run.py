@@ -183,6 +183,9 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         except FinegrainError as exc:
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
         method_options(config)  # nor the method table
+        if config.continual.classes or config.continual.tasks:
+            raise FinegrainError("continual: this config is a sequence of stages; train it with `finegrain train` "
+                                 "or finegrain.continual.train_sequence, which run one stage at a time")
         if config.init_from:
             check_init_from(config)
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)

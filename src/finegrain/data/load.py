@@ -46,6 +46,12 @@ def load_splits(config: DataConfig, regression: bool = False, datasets_module: A
         splits.labels = [config.label_field]
         return splits
     splits.labels = infer_labels(splits.train)
+    if config.labels:  # a fixed label set in head order (continual learning: the classes seen so far)
+        extra = [label for label in splits.labels if label not in config.labels]
+        if extra:
+            raise FinegrainError(f"{origin}: label '{extra[0]}' is not in data.labels ({', '.join(config.labels)}); "
+                                 "add it there or drop data.labels")
+        splits.labels = list(config.labels)
     if len(splits.labels) < 2 and not config.multi_label:
         raise FinegrainError(
             f"{origin}: the training data has {len(splits.labels)} label(s); classification needs at least 2"
