@@ -109,6 +109,7 @@ def train_side(args) -> dict:
 
     torch.manual_seed(0)
     config = seven_billion() if args.shape == "7b" else one_billion()
+    config.num_layers = args.num_layers or config.num_layers
     start = time.perf_counter()
     llama = quantized_llama(config, args.quantize) if args.quantize else Llama(config)
     parameters = count_parameters(llama)
@@ -177,7 +178,7 @@ def speed_side(args) -> dict:
 def quantized_main(args) -> None:
     """`--quantize`: one training run on a quantised base (or, with `--speed`, the step-time ratio)."""
     passed = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--length", str(args.length),
-              "--quantize", args.quantize, "--shape", args.shape]
+              "--quantize", args.quantize, "--shape", args.shape, *(["--num-layers", str(args.num_layers)] * bool(args.num_layers))]
     if args.speed:
         seconds = run_side(__file__, "speed", passed)
         print(f"SmolLM2-135M, LoRA r=8 all-linear, {args.steps} steps of {args.batch_size} x {args.length} tokens each way, "
@@ -195,7 +196,8 @@ def quantized_main(args) -> None:
           f"{r['trained_parameters'] / 1e6:.1f} M trained (LoRA r=8 all-linear and the head)")
     print(f"build {r['build_s']:.1f} s, RSS built {r['rss_built_mb']} MB, step s {' '.join(f'{s:.1f}' for s in r['step_s'])}")
     gb = r["peak_rss_mb"] / 1024
-    print(f"memory: peak RSS {gb:.2f} GB with {args.quantize} on the {args.shape} shape "
+    depth = f", first {args.num_layers} layers" if args.num_layers else ""
+    print(f"memory: peak RSS {gb:.2f} GB with {args.quantize} on the {args.shape} shape{depth} "
           f"(target {target:g} GB: {'met' if gb <= target else 'OVER'})")
 
 
@@ -204,6 +206,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="under 2 minutes: 1 step at batch 2 x 64 tokens")
     parser.add_argument("--quantize", choices=["int8", "q4"], help="train once on a quantised base (model.quantize)")
     parser.add_argument("--shape", choices=["1b", "7b"], default="1b", help="with --quantize: TinyLlama-1.1B's or LLaMA-7B's")
+    parser.add_argument("--num-layers", type=int, help="with --quantize: keep the shape's first N decoder layers "
+                        "(a shorter run: the peak of the whole depth is extrapolated from two depths)")
     parser.add_argument("--speed", action="store_true", help="with --quantize: step time of the default model, float32 vs quantised")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps each way (default 2)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8")
