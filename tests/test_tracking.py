@@ -8,7 +8,6 @@ import json
 import pytest
 
 from finegrain import rundir
-from finegrain.cli import main
 from finegrain.config import load_config
 from finegrain.errors import FinegrainError
 from finegrain.train import tracking

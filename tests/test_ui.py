@@ -3,9 +3,7 @@ the run files say, a run's curve and report, compare, the playground against `fi
 config checks with their line, the launch queue, and what the dashboard refuses to serve."""
 
 import json
-import os
 import shutil
-import signal
 import sys
 import textwrap
 import time
@@ -17,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import finegrain
+import finegrain.run
 from finegrain import rundir
 from finegrain.atomic import exclusive_lock
 from finegrain.cli import main

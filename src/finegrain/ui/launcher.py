@@ -56,15 +56,18 @@ class Job:
                 "submitted": self.submitted, "started": self.started, "ended": self.ended,
                 "step": done, "total": total, "tail": self.tail() if self.state != QUEUED else ""}
 
-    def output_text(self) -> str:
+    def output_text(self, last_bytes: int = 16384) -> str:
+        """The end of the command's output (a progress bar redrawn every step makes it long)."""
         try:
-            return self.log_file.read_text(encoding="utf-8", errors="replace")
+            with open(self.log_file, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - last_bytes))
+                return log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
 
     def progress(self) -> tuple[int | None, int | None]:
         """(steps done, steps in all) from the last training progress bar `train` printed."""
-        found = PROGRESS.findall(self.output_text()[-4000:])
+        found = PROGRESS.findall(self.output_text(4000))
         return (int(found[-1][0]), int(found[-1][1])) if found else (None, None)
 
     def tail(self, lines: int = 6) -> str:
