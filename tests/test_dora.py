@@ -226,3 +226,54 @@ def test_bf16_steps_on_bf16_copies(tiny_model, method):
     assert_close(ours.float(), exact, atol=0.05, rtol=0.05)
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == storage
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_dora_over_a_quantized_base_is_dora_over_its_dequantized_weight():
+    """On a QuantLinear (model.quantize) the magnitudes, outputs and gradients are those over a float
+    layer holding the dequantised weight, with no float copy of the weight kept."""
+    from finegrain.model.qlinear import QuantLinear, quantize_weight
+
+    torch.manual_seed(0)
+    base = QuantLinear(quantize_weight(torch.randn(300, 256), "q4"), torch.randn(300))
+    float_base = torch.nn.Linear(256, 300)
+    with torch.no_grad():
+        float_base.weight.copy_(base.dequantize())
+        float_base.bias.copy_(base.bias)
+    layers = []
+    for linear in (base, float_base):
+        torch.manual_seed(1)
+        layer = DoraLinear.from_linear(linear, r=4, alpha=8, init="gaussian")
+        with torch.no_grad():
+            layer.lora.active.lora_B.weight.normal_(0, 0.1)
+            layer.lora_magnitude_vector.mul_(1.2)
+        layers.append(layer)
+    assert layers[0].lora.weight is None and "_squares" in layers[0].__dict__
+    assert_close(layers[0].weight_norm(), layers[1].weight_norm(), atol=1e-4, rtol=1e-4)
+    x = torch.randn(3, 7, 256)
+    grads = []
+    for layer in layers:
+        x_ = x.clone().requires_grad_(True)
+        y = layer(x_)
+        y.square().sum().backward()
+        grads.append((y, x_.grad, layer.lora_magnitude_vector.grad, layer.lora.active.lora_B.weight.grad))
+    for ours, reference in zip(*grads):
+        assert_close(ours, reference, atol=1e-4 * float(reference.abs().max()), rtol=0)
+    with pytest.raises(FinegrainError, match="model.quantize"):
+        layers[0].merge()
+
+
+def test_cli_trains_dora_on_a_quantized_base(tiny_model_dir, tmp_path):
+    import yaml
+
+    from finegrain.model.qlinear import QuantLinear
+
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 64), "dora")
+    values = yaml.safe_load(config.read_text())
+    values["model"]["quantize"] = "int8"
+    config.write_text(yaml.safe_dump(values))
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 0
+    tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert sum(k.endswith("lora_magnitude_vector") for k in tensors) == 2 and {t.dtype for t in tensors.values()} == {torch.float32}
+    ours = finegrain.load(tmp_path / "run")
+    assert any(isinstance(m, QuantLinear) for m in ours.model.modules())
+    assert [p["label"] in ("fresh", "rotten") for p in ours.predict([POSITIVE[0], NEGATIVE[1]])] == [True, True]

@@ -85,10 +85,34 @@ class DoraLinear(nn.Module):
         self.magnitudes[name] = self._initial_magnitude(self.lora.adapters[name])
 
     def _initial_magnitude(self, adapter: LoraAdapter) -> nn.Parameter:
-        with torch.no_grad():
-            delta = adapter.lora_B.weight.float() @ adapter.lora_A.weight.float() * adapter.scaling
-            norm = torch.linalg.vector_norm(self.lora.weight.float() + delta, dim=1)
-        return nn.Parameter(norm.to(adapter.lora_A.weight.dtype))
+        return nn.Parameter(self._norm(adapter).to(adapter.lora_A.weight.dtype))
+
+    @torch.no_grad()
+    def _norm(self, adapter: LoraAdapter) -> torch.Tensor:
+        """||W + s B A|| per output feature (out,), float32.
+
+        On a quantised base (`model.quantize`, no float W) without building W: the squared norm
+        of a row is ||W_i||^2 + 2 s B_i (A W^T)_i + s^2 B_i (A A^T) B_i^T, where ||W_i||^2 is
+        read once, tile by tile, and A W^T is one (r, in) product with the quantised weight."""
+        A, B, s = adapter.lora_A.weight.float(), adapter.lora_B.weight.float(), adapter.scaling
+        quantized = self.lora.quantized
+        if quantized is None:
+            return torch.linalg.vector_norm(torch.addmm(self.lora.weight.float(), B, A, alpha=s), dim=1)
+        projected = quantized.matmul(A)  # A W^T + b: (r, out)
+        if quantized.bias is not None:
+            projected = projected - quantized.bias
+        cross = (B * projected.t()).sum(1)  # B_i (A W^T)_i: (out,)
+        update = ((B @ (A @ A.t())) * B).sum(1)  # ||(B A)_i||^2
+        return (self._row_squares(quantized) + 2 * s * cross + s * s * update).clamp_min(0).sqrt()
+
+    def _row_squares(self, quantized: nn.Module) -> torch.Tensor:
+        """||W_i||^2 of a quantised weight, dequantised 256 rows at a time, once per layer."""
+        cached = self.__dict__.get("_squares")
+        if cached is None or cached[0] is not quantized:
+            rows = range(0, quantized.out_features, 256)
+            squares = torch.cat([quantized.dequantize(rows=slice(i, i + 256)).square().sum(1) for i in rows])
+            self.__dict__["_squares"] = cached = (quantized, squares)
+        return cached[1]
 
     def train(self, mode: bool = True) -> DoraLinear:
         """Train or eval mode for this layer and the LoRA layer it composes (LoRA's dropout reads it)."""
@@ -112,24 +136,25 @@ class DoraLinear(nn.Module):
         they never do, computes the (out, in) update once per adapter instead of once per batch.
         """
         adapter = self.lora.active
-        weight, A, B = self.lora.weight, adapter.lora_A.weight, adapter.lora_B.weight
-        key = (id(adapter), id(weight), weight._version, A._version, B._version, adapter.scaling)
+        base = self.lora.quantized if self.lora.quantized is not None else self.lora.weight
+        A, B = adapter.lora_A.weight, adapter.lora_B.weight
+        key = (id(adapter), id(base), getattr(base, "_version", 0), A._version, B._version, adapter.scaling)
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
-        with torch.no_grad():
-            combined = torch.addmm(weight.float(), B.float(), A.float(), alpha=adapter.scaling)  # (out, in)
-            norm = torch.linalg.vector_norm(combined, dim=1)
+        norm = self._norm(adapter)
         self.__dict__["_norm_cache"] = (key, norm)
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         magnitude = self._parameters["lora_magnitude_vector"]
-        if self.merged or magnitude is None:
+        if self.merged:
             return linear(x, self.lora.weight, self.lora.bias)
+        if magnitude is None:
+            return self.lora(x)  # the bare base: LoRA's layer with no adapter active, quantised or not
         scale = magnitude / self.weight_norm().to(magnitude.dtype)  # (out,)
         y = self.lora(x)  # x W^T + b + s x A^T B^T, through LoRA's own paths
-        bias = self.lora.bias
+        bias = self.lora.bias if self.lora.quantized is None else self.lora.quantized.bias
         if bias is None:
             return (y * scale.to(y.dtype)).to(y.dtype)
         # (z + b) * scale + b * (1 - scale) = z * scale + b: the bias is not rescaled, as in PEFT
@@ -142,6 +167,8 @@ class DoraLinear(nn.Module):
         magnitude = self._parameters["lora_magnitude_vector"]
         if self.merged or magnitude is None:
             return
+        if self.lora.quantized is not None:
+            self.lora.merge()  # refused with LoRA's model.quantize error: int8/4-bit weights take no update
         weight = self.lora.weight
         scale = (magnitude.float() / self.weight_norm()).unsqueeze(1)  # (out, 1)
         weight.copy_((scale * (weight.float() + self.lora.delta_weight())).to(weight.dtype))
