@@ -7,8 +7,12 @@ error anywhere. FINEGRAIN_UI_SCREENSHOTS=docs/img saves a screenshot of each vie
 
 import contextlib
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,4 +196,22 @@ def test_a_key_entered_in_the_page(page, root):
         page.click("#keybar button")
         page.wait_for_selector('#runs tr[data-run="sentiment"]')
         assert page.is_hidden("#keybar")
+    assert page.errors == []
+
+
+def test_the_command_serves_the_page(page, root):
+    """`finegrain ui RUNS_DIR --port 0`, as a user starts it: the page it prints lists the runs."""
+    command = [sys.executable, "-m", "finegrain.cli", "ui", str(root), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert url, line + process.stdout.read()[-2000:]
+        page.goto(url[0])
+        page.wait_for_selector('#runs tr[data-run="sentiment"]')
+        page.goto(url[0].replace("127.0.0.1", "localhost"))  # the names of the bound address answer too
+        page.wait_for_selector('#runs tr[data-run="group/slower"]')
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
     assert page.errors == []

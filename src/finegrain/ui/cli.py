@@ -41,6 +41,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
     keys = load_keys(args.api_key_file)
     check_bind(args.host, keys, args.insecure)
     sock = bind(args.host, args.port)
+    sock.listen(128)  # a browser opened at the printed address waits in the backlog until uvicorn is up
     host, port = sock.getsockname()[:2]
     hosts = None if not is_loopback(args.host) else [f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", args.host)]
     app = create_app(root, keys, hosts)
