@@ -308,3 +308,39 @@ def test_a_server_answers_for_lora_ia3_and_dora_runs_on_one_base(tiny_model_dir,
                 assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-4 for k in b["probabilities"])
     finally:
         assert server.stop() == 0, server.read_rest()[-3000:]
+
+
+def test_ia3_over_a_quantized_base_is_ia3_over_its_dequantized_weight(tiny_model_dir, tmp_path):
+    from finegrain.model.qlinear import QuantLinear, quantize_weight
+
+    torch.manual_seed(0)
+    base = QuantLinear(quantize_weight(torch.randn(48, 256), "int8"), torch.randn(48))
+    float_base = torch.nn.Linear(256, 48)
+    with torch.no_grad():
+        float_base.weight.copy_(base.dequantize())
+        float_base.bias.copy_(base.bias)
+    x = torch.randn(3, 5, 256)
+    for feedforward in (False, True):
+        results = []
+        for linear in (base, float_base):
+            torch.manual_seed(1)
+            layer = Ia3Linear.from_linear(linear, feedforward=feedforward, init="random")
+            x_ = x.clone().requires_grad_(True)
+            y = layer(x_)
+            y.square().sum().backward()
+            results.append((y, x_.grad, layer.ia3_l.grad))
+        assert results[0][0].shape == (3, 5, 48)
+        for ours, reference in zip(*results):
+            assert_close(ours, reference, atol=1e-4 * float(reference.abs().max()), rtol=0)
+    with pytest.raises(FinegrainError, match="model.quantize"):
+        layer = Ia3Linear.from_linear(base)
+        layer.merge()
+    # and through the CLI, on the tiny model quantised to int8
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 64), "ia3")
+    values = yaml.safe_load(config.read_text())
+    values["model"]["quantize"] = "int8"
+    config.write_text(yaml.safe_dump(values))
+    assert main(["train", str(config), "--output", str(tmp_path / "run")]) == 0
+    ours = finegrain.load(tmp_path / "run")
+    assert any(isinstance(m, QuantLinear) for m in ours.model.modules())
+    assert len(ours.predict([POSITIVE[0], NEGATIVE[1]])) == 2

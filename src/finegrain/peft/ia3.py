@@ -23,6 +23,7 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear, linear
+from finegrain.model.qlinear import QuantLinear
 
 INITS = ("ones", "random")  # PEFT's init_ia3_weights true / false
 FEEDFORWARD = "down_proj"  # the default feed-forward target, as PEFT's for LLaMA
@@ -61,12 +62,21 @@ class Ia3Linear(nn.Module):
         self.adapters: dict[str, nn.Parameter] = {}
         self.active_adapter: str | None = None
         self.register_parameter("ia3_l", None)
+        self.register_module("quantized", None)  # the base instead of `weight` and `bias` under model.quantize
         self.merged = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, adapter_name: str = "default", **options: Any) -> Ia3Linear:
         """Wrap `linear`, sharing its weight and bias (no copy) and freezing them, with one active
-        adapter `adapter_name` made of `options` (`feedforward`, `init`: see `add_adapter`)."""
+        adapter `adapter_name` made of `options` (`feedforward`, `init`: see `add_adapter`). A
+        `QuantLinear` (model.quantize) is kept whole as `quantized`: IA3 only scales what goes in or
+        comes out, so it needs no float weight."""
+        if isinstance(linear, QuantLinear):
+            layer = cls(linear.in_features, linear.out_features, device="meta", feedforward=options.get("feedforward", False))
+            layer.weight, layer.quantized = None, linear
+            layer.add_adapter(adapter_name, **options)
+            layer.set_adapter(adapter_name)
+            return layer
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype,
             device=linear.weight.device, feedforward=options.get("feedforward", False),
@@ -95,9 +105,10 @@ class Ia3Linear(nn.Module):
                 f"ia3: adapter '{name}' scales this layer's {'input' if feedforward else 'output'}, its other adapters "
                 f"the {'output' if feedforward else 'input'}; one layer takes one of the two (ia3 feedforward)"
             )
-        dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        base = self.weight if self.quantized is None else self.quantized  # a QuantLinear computes in float32
+        dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        vector = torch.ones(shape, dtype=dtype, device=self.weight.device)
+        vector = torch.ones(shape, dtype=dtype, device=base.device)
         if init == "random":
             vector.normal_()
         self.adapters[name] = nn.Parameter(vector)
@@ -118,11 +129,14 @@ class Ia3Linear(nn.Module):
         # x: (..., in) -> (..., out)
         vector = self._parameters["ia3_l"]
         if self.merged or vector is None:
-            return linear(x, self.weight, self.bias)
+            return self._base(x)
         if self.feedforward:
-            return linear((x * vector.view(-1)).to(x.dtype), self.weight, self.bias)
-        y = linear(x, self.weight, self.bias)
+            return self._base((x * vector.view(-1)).to(x.dtype))
+        y = self._base(x)
         return (y * vector.view(-1)).to(y.dtype)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -131,6 +145,11 @@ class Ia3Linear(nn.Module):
         vector = self._parameters["ia3_l"]
         if self.merged or vector is None:
             return
+        if self.quantized is not None:
+            raise FinegrainError(
+                "model.quantize: an IA3 vector cannot be merged into int8/4-bit base weights; use the adapter unmerged "
+                "(it loads onto a float base too), or train with model.quantize: null (choices: null, int8, q4)"
+            )
         self.weight.copy_((self.weight.float() * vector.float()).to(self.weight.dtype))
         if self.bias is not None and not self.feedforward:
             self.bias.copy_((self.bias.float() * vector.float().view(-1)).to(self.bias.dtype))
@@ -153,8 +172,11 @@ class Ia3Linear(nn.Module):
             self.bias.copy_((self.bias.float() / vector.view(-1)).to(self.bias.dtype))
         self.merged = False
 
-    def base_layer(self) -> Linear:
-        """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it)."""
+    def base_layer(self) -> nn.Linear:
+        """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it),
+        or the `QuantLinear` it wraps."""
+        if self.quantized is not None:
+            return self.quantized
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight = self.weight
         plain.bias = self.bias
