@@ -22,7 +22,9 @@ from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
-from finegrain.peft import inject, load_adapter, method_config, method_options, save_adapter
+from finegrain.peft import (
+    DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, save_adapter, set_adapter,
+)
 from finegrain.peft.full import FullConfig
 from finegrain.peft.full_files import load_head, save_model_dir
 from finegrain.rundir import has_checkpoint, is_finished
@@ -70,6 +72,16 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, adapter
+
+
+def base_model_metrics(task, model, items: list, examples: list, pad_id: int, batch_size: int) -> dict[str, Any]:
+    """The test metrics of the base model: every adapter switched off, then the run's switched on again."""
+    layers = list(adapter_layers(model).values())
+    set_adapter(layers, None)
+    try:
+        return task.metrics(task.predict(model, items, pad_id, batch_size), task.gold(examples))
+    finally:
+        set_adapter(layers, DEFAULT_ADAPTER)
 
 
 def _heads_take_any_dtype(model, head_modules) -> None:
@@ -293,6 +305,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         else:
             predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
             results["test"] = task.metrics(predictions, task.gold(splits.test))
+        if getattr(task, "reports_base_model", False) and adapter_layers(model):  # the test text, adapter off (task lm)
+            results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own

@@ -8,8 +8,11 @@ earlier run's labels first), a new label starts from a fresh row, and an earlier
 lacks is dropped. A head that is not one row per label (QA's start/end, regression's one output)
 must have the same shape in both runs.
 
-Refused in one line: an earlier run that is unfinished, of another task, or of another base
-model; an `init_labels` key the earlier run does not have.
+A run of `task: lm` (domain-adaptive pretraining on the user's unlabelled text) starts any task:
+its adapter carries over and the task's head starts fresh.
+
+Refused in one line: an earlier run that is unfinished, of another task (other than lm), or of
+another base model; an `init_labels` key the earlier run does not have.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def check_init_from(config: RunConfig) -> RunConfig:
     source = Path(config.init_from)
     earlier = rundir.read_config(source)
     rundir.require_adapter(source)
-    if earlier.task != config.task:
+    if earlier.task != config.task and earlier.task != "lm":  # an lm run (domain pretraining) gives its adapter to any task
         raise FinegrainError(f"init_from: {source} is a {earlier.task} run and this config trains {config.task}; "
                              "start from a run of the same task, or drop init_from")
     if (earlier.model.name or DEFAULT_MODEL) != (config.model.name or DEFAULT_MODEL):

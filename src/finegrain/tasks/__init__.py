@@ -16,6 +16,7 @@ from finegrain.tasks.base import (
 )
 from finegrain.tasks.classification import ClassificationTask
 from finegrain.tasks.instruct import InstructTask
+from finegrain.tasks.lm import LanguageModelTask
 from finegrain.tasks.qa import QATask
 from finegrain.tasks.regression import RegressionTask
 from finegrain.tasks.relation import RelationTask
@@ -28,6 +29,7 @@ TASKS: dict[str, type[Task]] = {
     "relation": RelationTask,
     "qa": QATask,
     "instruct": InstructTask,
+    "lm": LanguageModelTask,
 }
 
 __all__ = [
