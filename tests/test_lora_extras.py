@@ -173,3 +173,12 @@ def test_a_killed_pissa_run_resumes_to_the_uninterrupted_result(tiny_model_dir, 
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     adapter = "adapter/adapter_model.safetensors"
     assert (tmp_path / "run" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+
+
+def test_pissa_on_a_quantized_base_is_refused_in_one_line():
+    from finegrain.model.qlinear import QuantLinear, quantize_weight
+    from finegrain.peft import LoraLinear
+
+    base = QuantLinear(quantize_weight(torch.randn(16, 64), "int8"))
+    with pytest.raises(FinegrainError, match="lora.init: 'pissa' replaces the base weight by its residual, which int8/4-bit"):
+        LoraLinear.from_linear(base, r=2, init="pissa")

@@ -136,6 +136,11 @@ class LoraLinear(nn.Module):
         """
         if name in self.adapters:
             raise FinegrainError(f"lora: this layer already has an adapter named '{name}'; give the new one another name")
+        if init == "pissa" and self.quantized is not None:
+            raise FinegrainError(
+                "lora.init: 'pissa' replaces the base weight by its residual, which int8/4-bit weights cannot hold; "
+                "use init default or gaussian, or model.quantize: null"
+            )
         if init == "pissa" and self.adapters:
             raise FinegrainError(f"lora: init 'pissa' changes the base weight, which this layer's adapters {', '.join(self.adapters)} share; load it on a base of its own")
         base = self.weight if self.quantized is None else self.quantized  # a QuantLinear computes in float32
