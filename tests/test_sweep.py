@@ -7,6 +7,7 @@ import shutil
 from collections import Counter
 
 import pytest
+import torch
 
 import finegrain.sweep
 from finegrain.cli import main
@@ -86,3 +87,32 @@ def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsy
                  "--output", str(tmp_path / "s")]) != 0
     assert "--folds: data.test" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_prompted_labels_take_the_label_with_the_highest_mean_log_probability(tiny_model_dir):
+    import torch.nn.functional as F
+
+    from finegrain.checkpoint.load import load_model
+    from finegrain.evaluate.prompting import prompt_messages, prompted_labels
+
+    llama, tokenizer = load_model(str(tiny_model_dir), progress=False)
+    labels = ["fresh", "rotten", "so so"]
+    texts = ["great fun film", "dull and slow"]
+    chosen = prompted_labels(llama, tokenizer, texts, labels, batch_size=4)
+    for text, label in zip(texts, chosen):
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(prompt_messages(text, labels)), add_special_tokens=False)
+        scores = []
+        for candidate in labels:
+            ids = tokenizer.encode(" " + candidate, add_special_tokens=False)
+            logprobs = F.log_softmax(llama(torch.tensor([prompt + ids])).float(), -1)[0]
+            scores.append(sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)) / len(ids))
+        assert label == labels[max(range(len(labels)), key=scores.__getitem__)]
+
+
+def test_a_sweep_adds_the_prompted_baselines(tiny_model_dir, tmp_path):
+    config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 40), epochs=1)
+    summary = sweep(load_config(config_path, ["train.recipe=off"]), tmp_path / "s", seeds=1, prompted=[0, 1],
+                    progress=False)
+    scores = summary["runs"][0]["scores"]
+    assert 0 <= scores["baseline prompted 0-shot accuracy"] <= 1 and "baseline prompted 1-shot macro_f1" in scores
+    assert (tmp_path / "s" / "all" / "seed-0" / "prompted.json").is_file()

@@ -172,7 +172,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         shots = [int(k) for k in args.shots.split(",")] if args.shots else None
     except ValueError:
         raise FinegrainError(f"--shots: '{args.shots}' is not a list of whole numbers; write e.g. 8,16,32") from None
-    sweep(load_config(args.config, list(args.set or [])), args.output, seeds=args.seeds, shots=shots, folds=args.folds)
+    try:
+        prompted = [int(k) for k in args.prompted.split(",")] if args.prompted else None
+    except ValueError:
+        raise FinegrainError(f"--prompted: '{args.prompted}' is not a list of whole numbers; write e.g. 0,4") from None
+    sweep(load_config(args.config, list(args.set or [])), args.output, seeds=args.seeds, shots=shots, folds=args.folds,
+          prompted=prompted)
     print((Path(args.output) / TABLE).read_text(encoding="utf-8"))
 
 
@@ -367,6 +372,8 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for training and the data draw (default 3)")
     p.add_argument("--shots", metavar="K,K,...", help="training examples per class, e.g. 8,16,32,64")
     p.add_argument("--folds", type=int, help="K-fold cross-validation of the training data")
+    p.add_argument("--prompted", metavar="K,K,...",
+                   help="also score the base model prompted with K examples per class (0: zero-shot), e.g. 0,4")
     p.add_argument("--output", required=True, help="the sweep directory (rerun with the same arguments to continue)")
     p.set_defaults(func=cmd_sweep)
 

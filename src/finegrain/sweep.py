@@ -12,7 +12,9 @@ config once per combination of
 and writes, under the output directory, each run's own directory (`shots-16/seed-0/`), then
 `sweep.json` (every run's test scores and the summary), `sweep.md` (a table per labelled-set
 size: mean ± standard deviation and the 95% interval of the mean for each score, the baselines
-the runs computed — majority class, TF-IDF + linear model — the same way) and `sweep.png`
+the runs computed — majority class, TF-IDF + linear model, and with `--prompted 0,4` the base
+model prompted zero-shot and with 4 examples per class (`finegrain.evaluate.prompting`) — the
+same way) and `sweep.png`
 (the headline score against the labelled-set size, or against the run where sizes are not
 swept). A killed sweep continues where it stopped when run again with the same arguments:
 finished runs are read back, an interrupted one resumes from its checkpoint.
@@ -33,11 +35,12 @@ from tqdm import tqdm
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
+from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig, validate
 from finegrain.errors import FinegrainError
 from finegrain.run import train
 
-SUMMARY, TABLE, PLOT = "sweep.json", "sweep.md", "sweep.png"
+SUMMARY, TABLE, PLOT, PROMPTED = "sweep.json", "sweep.md", "sweep.png", "prompted.json"
 
 
 @dataclass
@@ -184,9 +187,33 @@ def plot(points: list[Point], headline: str, out_png: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def prompted_scores(config: RunConfig, point: Point, prompted: list[int], base: Any) -> dict[str, float]:
+    """The prompted baselines (`finegrain.evaluate.prompting`) on the point's own splits: the base
+    model with k examples per class in its prompt, for each k in `prompted` (0: zero-shot); kept
+    in the run directory (`prompted.json`) so that a continued sweep does not compute them again."""
+    from finegrain.evaluate.prompting import prompted_baseline
+    from finegrain.tasks import task_class
+
+    path = point.run_dir / PROMPTED
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    splits = task_class(config.task).load_splits(config.data)
+    test = splits.test or splits.validation
+    scores = {}
+    for k in prompted:
+        result = prompted_baseline(*base, splits.train, test, splits.labels, k=k, seed=point.seed)
+        for key in ("accuracy", "macro_f1"):
+            scores[f"baseline prompted {k}-shot {key}"] = result[key]
+    atomic_write_json(path, scores)
+    return scores
+
+
 def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int] | None = None,
-          folds: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the sweep (see the module docstring) and write its summary; returns sweep.json's content."""
+          folds: int | None = None, progress: bool = True, prompted: list[int] | None = None) -> dict[str, Any]:
+    """Run the sweep (see the module docstring) and write its summary; returns sweep.json's content.
+
+    `prompted`: also score the base model prompted with k examples per class for each k (0:
+    zero-shot) on each run's test split (classification)."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
@@ -197,10 +224,15 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
     configs = [point_config(config, point, folds) for point in points]
     bar = tqdm(points, desc="sweep", unit="run", disable=not progress)
     headline = None
+    if prompted and config.task != "classification":
+        raise FinegrainError(f"--prompted: prompted baselines label texts with class names; task {config.task} has none")
+    base = load_model(config.model.name, progress=False) if prompted else None
     for point, run_config in zip(bar, configs):
         bar.set_postfix_str(point.name)
         results = run_point(run_config, point, progress=False)
         point.scores = scores_of(results)
+        if prompted:
+            point.scores.update(prompted_scores(run_config, point, prompted, base))
         headline = headline or _headline(results)
     table = summary_table(points)
     summary = {
