@@ -79,6 +79,23 @@ def test_hf_sequence_classification_gives_the_runs_logits(runs, tmp_path, name):
     assert transformers.AutoTokenizer.from_pretrained(out)("good film").input_ids == finegrain.load(runs[name]).tokenizer.encode("good film")
 
 
+@pytest.mark.parametrize("method", ["ia3", "dora", "bitfit", "adalora", "head"])
+def test_hf_export_of_every_mergeable_method_gives_the_runs_logits(tiny_model_dir, tmp_path, method):
+    """The other methods merge through the same unload: bitfit's added biases become attention_bias/mlp_bias."""
+    import transformers
+
+    run = train(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), tmp_path / method, "--set", f"peft.method={method}",
+                "--set", "train.recipe=false")
+    export_run(run, "hf", tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(run, TEXTS):
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+    if method == "bitfit":
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert config["attention_bias"] and config["mlp_bias"]
+
+
 def test_hf_token_classification_gives_the_runs_logits(runs, tmp_path):
     import transformers
 

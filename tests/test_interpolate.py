@@ -134,3 +134,18 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
 def test_help():
     result = subprocess.run([sys.executable, "-m", "finegrain.cli", "interpolate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--alphas" in result.stdout and "--save" in result.stdout
+
+
+def test_bitfit_added_biases_start_from_zero(tiny_model_dir, tmp_path):
+    """A bias the method added has no base value: θ_base holds zero there, so α = 0 drops it."""
+    run = train(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), tmp_path / "bitfit", "--set", "peft.method=bitfit",
+                "--set", "train.recipe=false")
+    interpolation = Interpolation(run)
+    key = "model.layers.1.mlp.up_proj.bias"
+    assert key in interpolation.pairs and not interpolation.pairs[key][1].any()
+    predictor = finegrain.load(run)
+    task, tokenizer, data = predictor.task, predictor.tokenizer, predictor.config.data
+    torch.testing.assert_close(logits(interpolation.model, task, tokenizer, data), logits(predictor.model, task, tokenizer, data),
+                               atol=1e-5, rtol=1e-5)
+    interpolation.set_alpha(0.5)
+    torch.testing.assert_close(interpolation.model.get_parameter(key), interpolation.pairs[key][2] / 2)

@@ -173,7 +173,10 @@ def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architectur
     decoder = model.get_submodule("model")
     state = decoder_state_dict(model)
     hf_config = decoder.config.to_hf()
+    if hf_config["model_type"] == "qwen2":
+        architecture = architecture.replace("Llama", "Qwen2")
     hf_config.update(architectures=[architecture], num_hidden_layers=len(decoder.layers), torch_dtype="float32")
+    _declare_biases(state, hf_config, len(decoder.layers))
     if hf_config.get("pad_token_id") is None:
         hf_config["pad_token_id"] = tokenizer.pad_token_id  # sequence classification finds each row's last token by it
     if architecture == "LlamaForCausalLM":
@@ -197,6 +200,27 @@ def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architectur
     return state, hf_config
 
 
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _declare_biases(state: dict[str, torch.Tensor], hf_config: dict[str, Any], num_layers: int) -> None:
+    """Biases a method added to linear layers (bitfit) as LLaMA's `attention_bias` / `mlp_bias`: each
+    covers every projection of its kind, so a layer without one gets zeros (the same outputs)."""
+    qwen2 = hf_config["model_type"] == "qwen2"
+    for kind, modules, key in (("self_attn", _ATTENTION, "attention_bias"), ("mlp", _MLP, "mlp_bias")):
+        names = [f"model.layers.{i}.{kind}.{m}" for i in range(num_layers) for m in modules]
+        added = [name for name in names if f"{name}.bias" in state and not (qwen2 and name.endswith(("q_proj", "k_proj", "v_proj")))]
+        if not added:
+            continue
+        if qwen2:
+            raise FinegrainError(f"{added[0]}: a bias there has no place in transformers' Qwen2; export with --format peft")
+        for name in names:
+            weight = state[f"{name}.weight"]
+            state.setdefault(f"{name}.bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+        hf_config[key] = True
+
+
 def task_labels(task: Any) -> list[str] | None:
     """The names of the head's outputs, in order: classes, or NER's tags; None for regression."""
     if task.name == "regression":
@@ -216,6 +240,14 @@ def _export_gguf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> 
         )
     model, tokenizer, _ = merged_model(run_dir, config)
     llama_config = model.get_submodule("model").config
+    native = ("q_proj", "k_proj", "v_proj") if llama_config.attention_bias else ()
+    native += ("o_proj",) if llama_config.attention_out_bias else ()
+    added = [k for k in decoder_state_dict(model) if k.endswith("_proj.bias") and not k.endswith(tuple(f"{m}.bias" for m in native))]
+    if added:
+        raise FinegrainError(
+            f"{run_dir}: the merged model has biases the base has no place for ({added[0]}: peft.method bitfit), which "
+            "GGUF readers ignore; export with --format hf"
+        )
     if llama_config.rope_scaling:
         raise FinegrainError(f"{run_dir}: rope_scaling {llama_config.rope_scaling} is not written to GGUF yet; export with --format hf")
     fields = tokenizer_fields(tokenizer, config.model.name)

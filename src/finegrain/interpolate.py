@@ -91,8 +91,12 @@ class Interpolation:
         base_state = base.state_dict()
         self.pairs: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         for name, param in self.model.named_parameters():  # each shared (tied) parameter once
-            if name.startswith(("model.", "lm_head.")) and not torch.equal(param, base_state[name]):
-                self.pairs[name] = (param, base_state[name], param.detach().clone())
+            if not name.startswith(("model.", "lm_head.")):
+                continue
+            # A bias a method added (bitfit) is zero in the base: the layer had none.
+            base_value = base_state[name] if name in base_state else torch.zeros_like(param)
+            if not torch.equal(param, base_value):
+                self.pairs[name] = (param, base_value, param.detach().clone())
         del base, base_state
         self.alpha = 1.0
 
