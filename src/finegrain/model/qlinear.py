@@ -151,7 +151,9 @@ def dequantize(
     return tile
 
 
-def dequantize_reference(weight: QuantizedWeight, rows: slice = slice(None), columns: slice = slice(None)) -> torch.Tensor:
+def dequantize_reference(
+    weight: QuantizedWeight, rows: slice = slice(None), columns: slice = slice(None)
+) -> torch.Tensor:
     """`dequantize` in PyTorch: the fallback without a C compiler and the tests' reference."""
     fmt, (r0, r1, _), (c0, c1, _) = weight.format, rows.indices(weight.shape[0]), columns.indices(weight.shape[1])
     if fmt == "int8":
@@ -205,7 +207,8 @@ class QuantLinear(nn.Linear):
     def weight(self) -> torch.Tensor:
         raise FinegrainError(
             f"model.quantize: this {self.out_features}x{self.in_features} layer keeps {self.format} weights, not a "
-            "float weight, which this step needs; set model.quantize: null (choices: null, int8, q4; LoRA trains on int8/q4)"
+            "float weight, which this step needs; set model.quantize: null "
+            "(choices: null, int8, q4; LoRA trains on int8/q4)"
         )
 
     @property
@@ -269,7 +272,9 @@ class QuantLinear(nn.Linear):
         step = max(block, TILE_ELEMENTS // self.out_features // block * block)
         if step >= self.in_features:
             return matmul_t(rows, self._tile(), self.bias)
-        y = torch.zeros(rows.shape[0], self.out_features) if self.bias is None else self.bias.expand(rows.shape[0], -1).clone()
+        y = torch.zeros(rows.shape[0], self.out_features)
+        if self.bias is not None:
+            y += self.bias
         for c0 in range(0, self.in_features, step):
             y.addmm_(rows[:, c0 : c0 + step], self._tile(columns=slice(c0, c0 + step)).t())
         return y
@@ -293,7 +298,8 @@ class QuantLinear(nn.Linear):
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={self.format}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}")
 
 
 class QuantLinearFunction(torch.autograd.Function):
