@@ -177,3 +177,11 @@ def test_a_full_instruct_run_generates_from_its_own_model_and_exports_to_gguf(ti
     with torch.no_grad():
         back = load_model(path, progress=False)[0](ids)
     torch.testing.assert_close(back, expected, atol=1e-3 * expected.abs().max().item(), rtol=0)
+
+
+def test_a_quantised_base_is_refused_in_one_line_and_leaves_no_run(tiny_model_dir, tmp_path, capsys):
+    data = write_texts(tmp_path / "data.jsonl")
+    assert main(full_args(tiny_model_dir, data, tmp_path / "q", "--set", "model.quantize=int8", "--set", "train.recipe=false")) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "peft.method: full trains every weight" in lines[0] and "model.quantize" in lines[0], lines
+    assert not (tmp_path / "q").exists()

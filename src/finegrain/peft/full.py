@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
+from finegrain.model.qlinear import QuantLinear
 
 _DECODER_PREFIX = "model."
 
@@ -82,6 +83,12 @@ class FullConfig:
         frozen, so the prefix cache still runs them once.
         """
         decoder = model.get_submodule("model")
+        quantized = next((name for name, m in decoder.named_modules() if isinstance(m, QuantLinear)), None)
+        if quantized is not None:  # its weight is a frozen int8/4-bit buffer, no parameter to train
+            raise FinegrainError(
+                f"peft.method: full trains every weight, and model.quantize keeps model.{quantized}'s frozen; "
+                "drop model.quantize or choose an adapter method (lora, dora, ...)"
+            )
         if self.layers is not None:
             present = len(decoder.layers)
             missing = [i for i in self.layers if not 0 <= i < present]
