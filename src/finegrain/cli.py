@@ -9,6 +9,7 @@ import sys
 from finegrain.errors import FinegrainError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = "auto (CUDA where torch sees one, else the CPU), cpu, cuda or mps"
 
 
 class Parser(argparse.ArgumentParser):
@@ -146,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 TRAIN_FLAGS = {
     "model": "model.name", "data": "data.train", "dataset": "data.dataset", "output": "output",
     "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "seed": "train.seed",
+    "device": "train.device",
 }
 
 
@@ -193,11 +195,24 @@ def cmd_tune(args: argparse.Namespace) -> None:
               + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + f"; its config: {args.output}/best.yaml")
 
 
+def _load(run_dir: str, device: str | None):
+    """`finegrain.load(run_dir)`, on `device` when the --device flag names one (else the run's train.device)."""
+    from finegrain import load
+    from finegrain.rundir import is_ensemble
+
+    if device is None:
+        return load(run_dir)
+    if is_ensemble(run_dir):
+        raise FinegrainError(f"--device: {run_dir} is an ensemble, whose runs each predict on their own train.device; drop --device")
+    from finegrain.run import Predictor
+
+    return Predictor(run_dir, device=device)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
-    from finegrain import load
 
-    predictor = load(args.run_dir)
+    predictor = _load(args.run_dir, args.device)
     metrics = predictor.evaluate(args.data)
     print(predictor.task.report_text(metrics))
     if args.output:
@@ -206,9 +221,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_text
-    from finegrain import load
 
-    predictor = load(args.run_dir)
+    predictor = _load(args.run_dir, args.device)
     task, data = predictor.task, predictor.config.data
     if args.input == "-":
         examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
@@ -357,6 +371,7 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and count them instead of stopping")
+    p.add_argument("--device", help=DEVICE_HELP + " (sets train.device)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("probe", help="propose model.num_layers and lora.layers from a linear probe of every layer")
@@ -394,12 +409,14 @@ def build_parser() -> Parser:
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="a labelled JSONL/CSV/TSV file")
     p.add_argument("--output", help="also write the metrics as JSON here")
+    p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")
     p.add_argument("run_dir")
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
     p.add_argument("--output", help="write the JSONL here instead of standard output")
+    p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("chat", help="talk with a task: instruct run (or a base model) in the terminal")

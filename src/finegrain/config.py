@@ -159,6 +159,7 @@ class TrainConfig:
     prefix_cache_ram_mb: int = 4096  # a larger cache lives in a memory-mapped file in the run directory
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
     bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
+    device: str = "auto"  # auto (CUDA where torch sees one, else the CPU) | cpu | cuda | mps (finegrain.device)
     # auto: `finegrain train` chooses every recipe key this config leaves unset from the data
     # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
     recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work
@@ -361,6 +362,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
         (config.model.quantize in (None, "int8", "q4"), "model.quantize", "null, int8 or q4"),
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
+        (config.train.device in ("auto", "cpu", "cuda", "mps"), "train.device", "auto, cpu, cuda or mps"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),

@@ -48,7 +48,8 @@ def predict_outputs(
     """Model outputs for every item, in the items' order, computed in length-sorted batches.
 
     With `hidden` (the cached output of the layers below `start_layer`), only the layers from
-    `start_layer` up run. `progress` names a progress bar to show.
+    `start_layer` up run. `progress` names a progress bar to show. The outputs are on the CPU,
+    wherever the model runs (`finegrain.device.place`): tasks decode them there.
     """
     was_training = model.training
     model.eval()
@@ -58,7 +59,7 @@ def predict_outputs(
     for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         cached = [hidden[i] for i in indices] if hidden is not None else None
         batch = task.collate([items[i] for i in indices], pad_id, cached)
-        for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0)):
+        for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0).cpu()):  # on the CPU: itself
             results[i] = row
     model.train(was_training)
     return torch.stack(results)  # type: ignore[arg-type]

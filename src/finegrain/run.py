@@ -20,6 +20,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_loc
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
+from finegrain.device import peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.peft import (
@@ -72,6 +73,22 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, adapter
+
+
+def run_device(config: RunConfig, name: str | None = None) -> torch.device:
+    """Where the run computes: `name` (a `--device` flag) or `train.device` (`finegrain.device`).
+
+    A quantised base (`model.quantize`) computes in finegrain's CPU kernels: `auto` keeps it on
+    the CPU, another device is the one-line error.
+    """
+    key = "--device" if name else "train.device"
+    name = name or config.train.device
+    if config.model.quantize and name != "cpu":
+        if name == "auto":
+            return torch.device("cpu")
+        raise FinegrainError(f"{key}: {name}, but model.quantize: {config.model.quantize} runs on finegrain's CPU "
+                             "kernels only; use cpu, or model.quantize: null")
+    return resolve_device(name, key)
 
 
 def base_model_metrics(task, model, items: list, examples: list, pad_id: int, batch_size: int) -> dict[str, Any]:
@@ -242,6 +259,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
     model, tokenizer, task, adapter = build(config, splits.labels, progress, loaded=loaded)
+    device = run_device(config)
+    place(model, device)  # on the CPU: nothing
+    reset_peak_memory(device)
     pad_id = tokenizer.pad_token_id
     max_length = config.data.max_length
     train_items = task.encode(tokenizer, splits.train, max_length)
@@ -251,6 +271,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if long_texts and long_text_line(long_texts):  # never cut in silence
         print(long_text_line(long_texts), flush=True)
     task.set_class_weights(train_items)
+    if torch.is_tensor(getattr(task, "class_weights", None)):  # the loss weighs the logits by them, on their device
+        task.class_weights = task.class_weights.to(device)
     val_gold = task.gold(splits.validation)
     eval_batch = config.train.eval_batch_size
 
@@ -284,6 +306,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             "train_seconds": round(state.train_seconds, 2),
             "tokens_per_s": round(state.train_tokens / max(state.train_seconds, 1e-9), 1),
             "frozen_prefix_layers": trainer.start_layer,
+            "device": device.type,
             "peft_method": config.peft.method,
             "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
             "skipped_rows": len(splits.skipped),
@@ -309,6 +332,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)
         results["test"]["source"] = splits.origin["test"]
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
+    if device.type == "cuda":  # on the CPU the process's peak RSS tells (benchmarks read it)
+        results["train"]["peak_memory_mb"] = peak_memory_mb(device)
     add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own
     if splits.skipped:
         atomic_write_text(run_dir / rundir.SKIPPED_ROWS, "\n".join(splits.skipped) + "\n")
@@ -348,11 +373,13 @@ def build_trained(config: RunConfig, run_dir: str | Path, progress: bool = False
 class Predictor:
     """A trained run, ready to label new texts: `finegrain.load(RUN_DIR).predict([...])`."""
 
-    def __init__(self, run_dir: str | Path, progress: bool = False):
+    def __init__(self, run_dir: str | Path, progress: bool = False, device: str | None = None):
         run_dir = Path(run_dir)
         self.config = rundir.read_config(run_dir)
         rundir.require_adapter(run_dir)
         self.model, self.tokenizer, self.task = build_trained(self.config, run_dir, progress)
+        self.device = run_device(self.config, device)  # `device` (--device) or the run's train.device
+        place(self.model, self.device)
         attach_tfidf(self.task, run_dir)
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain.device import model_device, to_device
 from finegrain.inference import item_rows, sorted_batches
 from finegrain.model.backbone import hidden_states
 
@@ -82,7 +83,8 @@ def compute_prefix(
     windows of a long text, `documents` in the batch) gets its rows' states one after another,
     as `pad_inputs` splits them again. The states are views of one tensor
     (`cache_storage`: in RAM up to `ram_limit_bytes`, else memory-mapped in `spill_dir`), with
-    no autograd history: they are constants of the training that follows.
+    no autograd history: they are constants of the training that follows. The storage stays on
+    the CPU wherever the backbone runs (each training batch takes its rows to the device).
     """
     lengths = [len(item.input_ids) for item in items]
     starts = np.cumsum([0, *lengths]).tolist()
@@ -91,9 +93,11 @@ def compute_prefix(
     was_training = backbone.training
     backbone.eval()
     batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])
+    device = model_device(backbone)
     for batch in tqdm(batches, desc=f"caching layers 0-{end_layer - 1}", unit="batch", disable=not progress, leave=False):
-        inputs = task.collate([items[i] for i in batch], pad_id)
+        inputs = to_device(task.collate([items[i] for i in batch], pad_id), device)
         hidden = hidden_states(backbone, inputs, end_layer=end_layer)  # (B, T, H) after the layers below end_layer
+        hidden = hidden.to(storage.device)  # one copy per batch off the CPU; on it, `hidden` itself
         documents = inputs.get("documents", torch.arange(len(batch))).tolist()
         filled = dict.fromkeys(batch, 0)  # tokens of each item written so far
         for row, (d, n) in enumerate(zip(documents, inputs["lengths"].tolist())):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from finegrain.atomic import fault_point
 from finegrain.config import TrainConfig
 from finegrain.cpu import native_bf16, training_autocast
+from finegrain.device import model_device, to_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs  # also re-exported: `from finegrain.train.trainer import predict_outputs`
@@ -124,11 +125,14 @@ class Trainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
-        self.bf16 = config.bf16 and native_bf16()  # decided once: /proc/cpuinfo is not read per step
+        self.device = model_device(model)  # where `finegrain.device.place` put it; each batch follows
+        on_cpu = self.device.type == "cpu"
+        self.bf16 = config.bf16 and (not on_cpu or native_bf16())  # decided once: /proc/cpuinfo is not read per step
         if config.bf16 and not self.bf16:
             warnings.warn("train.bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16), where bf16 is "
                           "slower than float32; training stays float32", stacklevel=2)
-        self.autocast = training_autocast(self.bf16)
+        self.autocast = (training_autocast(self.bf16) if on_cpu
+                         else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16))
         self.bf16_copies: dict[str, torch.Tensor] = {}  # made for `fit`: see finegrain.train.precision
         self.start_layer = 0
         if config.prefix_cache:
@@ -248,6 +252,7 @@ class Trainer:
             totals[index] += weight
         sums, tokens = [0.0] * len(self.objectives), 0
         for index, batch, weight in pieces:
+            batch = to_device(batch, self.device)  # on the CPU: the batch itself
             objective = self.objectives[index]
             with self.autocast:
                 loss = objective.loss(self._forward, batch)
