@@ -17,12 +17,13 @@ import torch
 
 from finegrain import rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
-from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
+from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.device import peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
+from finegrain.model.bert import BertConfig
 from finegrain.peft import (
     DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, save_adapter, set_adapter,
 )
@@ -56,7 +57,11 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
             raise FinegrainError(f"model.num_layers: {config.model.num_layers} is not between 1 and {total}")
         backbone.layers = backbone.layers[: config.model.num_layers]
         backbone.config.num_layers = config.model.num_layers
-    backbone.config.causal = not config.model.bidirectional
+    if isinstance(backbone.config, BertConfig):  # an encoder attends both ways, whatever model.bidirectional says
+        _check_encoder_length(config, backbone.config)
+        config.lora.targets = encoder_targets(config.lora.targets)
+    else:
+        backbone.config.causal = not config.model.bidirectional
     backbone.gradient_checkpointing = config.train.activation_checkpointing
     task = task_class(config.task).from_config(config, labels)
     model = task.build_model(llama, tokenizer)
@@ -99,6 +104,36 @@ def base_model_metrics(task, model, items: list, examples: list, pad_id: int, ba
         return task.metrics(task.predict(model, items, pad_id, batch_size), task.gold(examples))
     finally:
         set_adapter(layers, DEFAULT_ADAPTER)
+
+
+def _check_encoder_length(config: RunConfig, encoder: BertConfig) -> None:
+    """An encoder's learned positions end at `max_position_embeddings`: longer rows have no position to read."""
+    if config.data.max_length > encoder.max_position_embeddings:
+        raise FinegrainError(
+            f"data.max_length: {config.data.max_length} tokens is beyond the encoder's {encoder.max_position_embeddings} "
+            f"positions; set data.max_length to at most {encoder.max_position_embeddings} (data.long_texts: windows reads the rest)"
+        )
+
+
+# The decoder's attention projections by their BERT names: LoRA's default targets (q_proj, v_proj) then
+# adapt an encoder's query and value, which is also PEFT's default for BERT.
+ENCODER_TARGETS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+
+def encoder_targets(targets: list[str] | str) -> list[str] | str:
+    """`lora.targets` for an encoder: q_proj, k_proj, v_proj by their BERT names, the rest as they are."""
+    return [ENCODER_TARGETS.get(t, t) for t in targets] if isinstance(targets, list) else targets
+
+
+def refuse_generative_on_encoder(config: RunConfig) -> None:
+    """A task that generates text (instruct) needs a decoder's language-model head: on an encoder it is
+    refused from the model's config.json alone, before any weights load."""
+    if task_class(config.task).peft_task_type == "CAUSAL_LM" and is_encoder(config.model.name):
+        where = getattr(config, "sources", {}).get("task", "config")
+        raise FinegrainError(
+            f"{where}: task '{config.task}' generates text, which needs a decoder's language-model head, and "
+            f"model '{config.model.name}' is a BERT encoder; use a LLaMA-family model (smollm2-135m) for it"
+        )
 
 
 def _heads_take_any_dtype(model, head_modules) -> None:
@@ -212,6 +247,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         except FinegrainError as exc:
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
         method_options(config)  # nor the method table
+        refuse_generative_on_encoder(config)
         if config.continual.classes or config.continual.tasks:
             raise FinegrainError("continual: this config is a sequence of stages; train it with `finegrain train` "
                                  "or finegrain.continual.train_sequence, which run one stage at a time")
