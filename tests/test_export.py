@@ -96,6 +96,24 @@ def test_hf_export_of_every_mergeable_method_gives_the_runs_logits(tiny_model_di
         assert config["attention_bias"] and config["mlp_bias"]
 
 
+def test_a_run_on_a_quantised_base_merges_into_the_float_base(tiny_model_dir, tmp_path):
+    """model.quantize: the adapter goes onto the base checkpoint's float weights; the run's own outputs
+    (on int8 weights) differ from the export's by the quantisation error only."""
+    import transformers
+
+    run = train(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), tmp_path / "int8", "--set", "model.quantize=int8",
+                "--set", "train.recipe=false")
+    export_run(run, "hf", tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    merged, _, _ = merged_model(run, read_config(run))
+    with torch.no_grad():
+        for ids, ours in run_logits(run, TEXTS):
+            batch = {"input_ids": torch.tensor([ids]), "lengths": torch.tensor([len(ids)])}
+            theirs = hf(torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(theirs, merged(batch)[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(theirs, ours, atol=0.05 * ours.abs().max().item(), rtol=0)
+
+
 def test_hf_token_classification_gives_the_runs_logits(runs, tmp_path):
     import transformers
 

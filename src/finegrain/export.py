@@ -116,9 +116,13 @@ def require_mergeable(config: RunConfig, run_dir: Path, what: str,
 
 
 def merged_model(run_dir: Path, config: RunConfig) -> tuple[nn.Module, Tokenizer, Any]:
-    """The run's task model in float32 with its adapter folded into plain linear layers, its tokenizer and task."""
+    """The run's task model in float32 with its adapter folded into plain linear layers, its tokenizer and task.
+
+    A run trained on a quantised base (`model.quantize`) is merged into the float weights of its
+    base checkpoint: the adapter learned the change on top of the quantised ones, so the result
+    differs from the run's own outputs by the base's quantisation error."""
     config = copy.deepcopy(config)
-    config.model.dtype = "float32"
+    config.model.dtype, config.model.quantize = "float32", None
     model, tokenizer, task = build_trained(config, run_dir)
     unload_adapters(model, merge=True)
     return model.eval(), tokenizer, task

@@ -85,7 +85,7 @@ class Interpolation:
         require_mergeable(self.config, self.run_dir, "interpolated",
                           "interpolation scales a change of the weights, which this method does not make")
         float32 = copy.deepcopy(self.config)
-        float32.model.dtype = "float32"
+        float32.model.dtype, float32.model.quantize = "float32", None  # as `merged_model` reads the base
         self.model, self.tokenizer, self.task = merged_model(self.run_dir, float32)
         base, _, _, _ = build(float32, rundir.read_labels(self.run_dir), progress, with_adapter=False)
         base_state = base.state_dict()
