@@ -269,6 +269,14 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
           + (f"; the run at alpha {results['best_alpha']:g} is {results['saved']}" if "saved" in results else ""))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Fit the run's temperature on validation and store it with the run (`finegrain.calibrate`)."""
+    from finegrain.calibrate import calibrate_run, summary_line
+
+    result = calibrate_run(args.run_dir)
+    print(f"{summary_line(result)}; wrote {args.run_dir}/temperature.json (predict and serve apply it)")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
@@ -446,6 +454,14 @@ def build_parser() -> Parser:
                    help="comma-separated alphas (default 0,0.25,0.5,0.75,1), or start,second,...,end such as 0,0.1,...,1")
     p.add_argument("--save", metavar="DIR", help="also write the run at the best alpha (on validation) as a new run directory")
     p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("calibrate", help="fit a temperature to a classification run's probabilities on its validation split",
+                       description="Temperature scaling: the logits divided by T, fitted by minimising the validation NLL; "
+                                   "labels are unchanged. Stores RUN/temperature.json, which predict, evaluate and serve apply, "
+                                   "and prints the expected calibration error (15 bins) before and after.")
+    p.add_argument("run_dir", help="a finished classification run directory")
+    p.set_defaults(func=cmd_calibrate)
+
 
     from finegrain.serve.cli import add_serve_parser
 

@@ -33,6 +33,7 @@ from finegrain.rundir import has_checkpoint, is_finished
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
+from finegrain.tasks.classification import attach_temperature
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
@@ -417,6 +418,7 @@ class Predictor:
         self.device = run_device(self.config, device)  # `device` (--device) or the run's train.device
         place(self.model, self.device)
         attach_tfidf(self.task, run_dir)
+        attach_temperature(self.task, run_dir)  # `finegrain calibrate`'s, when the run has one
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)
 

@@ -11,7 +11,8 @@ import of the training code. A run directory holds:
                          directory, the task's head in model/head/head.safetensors
     metrics.jsonl        training loss and validation metrics per step
     metrics.json         final validation and test metrics
-    report.md, report.html, confusion_matrix.png, learning_curve.png
+    report.md, report.html, confusion_matrix.png, learning_curve.png, reliability_diagram.png
+    temperature.json     `finegrain calibrate`: the temperature dividing a classifier's logits, fitted on validation
     skipped_rows.txt     the bad rows the data reader skipped
     interpolation.json, interpolation.png   `finegrain interpolate`: the metric between base and tuned weights
     checkpoint/          resumable training state; best/: the best weights so far
@@ -19,6 +20,9 @@ import of the training code. A run directory holds:
     .lock                held (flock) by the `train` working in the directory
     error.txt            the one-line error a failed `train` stopped with (removed when it starts again)
     .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)
+
+An ensemble directory (`finegrain ensemble`) holds instead `ensemble.json` (the member runs), its
+own and its members' test metrics in metrics.json, and its reports.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 CONFUSION_MATRIX = "confusion_matrix.png"
 LEARNING_CURVE = "learning_curve.png"
+RELIABILITY_DIAGRAM = "reliability_diagram.png"
+TEMPERATURE = "temperature.json"  # `finegrain calibrate` (finegrain.calibrate)
+ENSEMBLE = "ensemble.json"  # an ensemble directory's members (finegrain.ensemble)
 SKIPPED_ROWS = "skipped_rows.txt"
 INTERPOLATION = "interpolation.json"  # `finegrain interpolate` (finegrain.interpolate)
 INTERPOLATION_PLOT = "interpolation.png"
@@ -116,6 +123,25 @@ def require_adapter(run_dir: str | Path) -> None:
     """Refuse a run that has no trained adapter yet (predicting and serving need one)."""
     if not has_adapter(run_dir):
         raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
+
+
+def read_temperature(run_dir: str | Path) -> float | None:
+    """The temperature `finegrain calibrate` stored with the run, or None when it was not calibrated."""
+    path = Path(run_dir) / TEMPERATURE
+    if not path.is_file():
+        return None
+    try:
+        temperature = float(json.loads(path.read_text(encoding="utf-8"))["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FinegrainError(f"{path}: unreadable ({exc}); calibrate again with `finegrain calibrate {run_dir}`") from None
+    if not 0 < temperature < float("inf"):
+        raise FinegrainError(f"{path}: temperature {temperature} is not a positive number; calibrate again with `finegrain calibrate {run_dir}`")
+    return temperature
+
+
+def is_ensemble(path: str | Path) -> bool:
+    """Whether `path` is an ensemble directory written by `finegrain ensemble`."""
+    return (Path(path) / ENSEMBLE).is_file()
 
 
 def read_labels(run_dir: str | Path) -> list:

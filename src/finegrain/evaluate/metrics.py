@@ -18,7 +18,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "higher_is_better", "multilabel_metrics", "regression_metrics"]
+__all__ = [
+    "calibration_metrics", "classification_metrics", "higher_is_better", "multilabel_metrics", "regression_metrics",
+]
+
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 
 # Words that make a metric an error to minimise. Matched against whole "_"-separated words of
 # the last dotted part, so "mse" hits "val_mse" but not a name that merely contains the letters.
@@ -114,6 +118,46 @@ def classification_metrics(
         "confusion_matrix": confusion.tolist(),
         "num_outside_labels": int((~inside).sum()),
     }
+
+
+def calibration_metrics(
+    y_true: Sequence[str], probabilities: Sequence[Sequence[float]], labels: Sequence[str], num_bins: int = CALIBRATION_BINS,
+) -> dict[str, Any]:
+    """Expected calibration error and the reliability diagram's bins of single-label predictions.
+
+    An example's confidence is its largest probability, and it is right when that class (the first
+    one on a tie, as argmax) is the true one. Bin m of `num_bins` equal-width bins holds the
+    confidences in ((m - 1) / M, m / M] (the first also 0). ECE = sum over bins of
+    |bin| / n * |accuracy(bin) - confidence(bin)| (Guo et al. 2017, "On calibration of modern
+    neural networks").
+
+    Args:
+        y_true: the true class of each example.
+        probabilities: each example's probability of every class, in `labels` order.
+        labels: the classes, in head order.
+        num_bins: M.
+
+    Returns:
+        `ece`, `num_bins` and `bins`: per bin `lower`, `upper`, `count`, and (None when empty)
+        `confidence` (the mean) and `accuracy`.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64).reshape(len(y_true), len(labels))
+    index = {label: i for i, label in enumerate(labels)}
+    true_index = np.array([index.get(t, -1) for t in y_true], dtype=np.int64)
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = probs.argmax(axis=1) == true_index if len(probs) else np.zeros(0, dtype=bool)
+    bin_of = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+    bins, ece = [], 0.0
+    for m in range(num_bins):
+        inside = bin_of == m
+        count = int(inside.sum())
+        mean_confidence = float(confidence[inside].mean()) if count else None
+        accuracy = float(correct[inside].mean()) if count else None
+        if count:
+            ece += count / len(probs) * abs(accuracy - mean_confidence)  # type: ignore[operator]
+        bins.append({"lower": m / num_bins, "upper": (m + 1) / num_bins, "count": count,
+                     "confidence": mean_confidence, "accuracy": accuracy})
+    return {"ece": ece, "num_bins": num_bins, "bins": bins}
 
 
 def multilabel_metrics(

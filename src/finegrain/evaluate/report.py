@@ -31,6 +31,7 @@ __all__ = [
     "format_report_text",
     "plot_confusion_matrix",
     "plot_learning_curve",
+    "plot_reliability_diagram",
     "write_classification_report",
 ]
 
@@ -40,7 +41,11 @@ _AVERAGE_ROWS = (
     ("weighted", "weighted avg"),
     ("samples", "samples avg"),
 )
-_PLOTS = (("confusion_matrix.png", "Confusion matrix"), ("learning_curve.png", "Learning curve"))
+_PLOTS = (
+    ("confusion_matrix.png", "Confusion matrix"),
+    ("reliability_diagram.png", "Reliability diagram"),
+    ("learning_curve.png", "Learning curve"),
+)
 # Beyond this many classes only the non-zero counts are printed; beyond the second, none
 # (the cells are too small for digits; the colours still read).
 _MAX_ANNOTATED_LABELS = 30
@@ -130,7 +135,14 @@ def write_classification_report(
         written["confusion_matrix"] = plot_confusion_matrix(
             metrics, out / "confusion_matrix.png", title=f"{title}: confusion matrix"
         )
-    images = [(name, caption) for name, caption in _PLOTS if (out / name).is_file()]
+    if "calibration" in metrics:
+        written["reliability_diagram"] = plot_reliability_diagram(
+            metrics["calibration"], out / "reliability_diagram.png", title=f"{title}: reliability"
+        )
+    images = [
+        (name, caption) for name, caption in _PLOTS
+        if (out / name).is_file() and (name != "reliability_diagram.png" or "calibration" in metrics)
+    ]
     written["markdown"] = atomic_write_text(out / "report.md", _markdown(metrics, split_name, title, images))
     embedded = [
         (name, caption, base64.b64encode((out / name).read_bytes()).decode("ascii")) for name, caption in images
@@ -207,6 +219,47 @@ def plot_confusion_matrix(metrics: dict[str, Any], out_png: str | os.PathLike[st
                 )
     heading = title or "Confusion matrix"
     ax.set_title(f"{heading}\naccuracy {metrics['accuracy']:.4f} on {metrics['num_examples']:,} examples", fontsize=11)
+    return _save(fig, out_png)
+
+
+def plot_reliability_diagram(
+    calibration: dict[str, Any], out_png: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Draw the reliability diagram: each confidence bin's accuracy beside the diagonal of perfect calibration.
+
+    Bars are the accuracy of each non-empty bin, red gaps the distance to its mean confidence
+    (what ECE weighs by the bin's share of the examples); the lower panel is how many examples
+    each bin holds, since a gap over a handful of examples means little.
+
+    Args:
+        calibration: a dict from `calibration_metrics`.
+        out_png: the PNG to write.
+        title: the figure title; the ECE is added below it.
+
+    Returns:
+        `out_png` as a `Path`.
+    """
+    bins = calibration["bins"]
+    width = 1.0 / calibration["num_bins"]
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    fig = _figure(figsize=(5.2, 6.0))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    filled = [(c, b) for c, b in zip(centres, bins) if b["count"]]
+    top.bar([c for c, _ in filled], [b["accuracy"] for _, b in filled], width=width, color="#4a7fb5",
+            edgecolor="#23415f", label="accuracy")
+    top.bar([c for c, _ in filled], [b["confidence"] - b["accuracy"] for _, b in filled],
+            bottom=[b["accuracy"] for _, b in filled], width=width, color="#d9534f", alpha=0.35,
+            edgecolor="#a40000", label="gap to confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="#555555", linewidth=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, [b["count"] for b in bins], width=width, color="#888888")
+    bottom.set_xlabel("confidence (largest probability)")
+    bottom.set_ylabel("examples")
+    heading = title or "Reliability diagram"
+    top.set_title(f"{heading}\nECE {calibration['ece']:.4f} ({calibration['num_bins']} bins)", fontsize=11)
     return _save(fig, out_png)
 
 
@@ -349,6 +402,8 @@ def _summary(metrics: dict[str, Any], split_name: str) -> str:
         parts.append(f"hamming loss {metrics['hamming_loss']:.4f}")
     else:
         parts += [f"accuracy {metrics['accuracy']:.4f}", f"macro F1 {metrics['macro']['f1']:.4f}"]
+    if "calibration" in metrics:
+        parts.append(f"ECE {metrics['calibration']['ece']:.4f} ({metrics['calibration']['num_bins']} bins)")
     return " · ".join(parts)
 
 

@@ -32,6 +32,7 @@ from finegrain.model.llama import Llama
 from finegrain.peft import adapter_layers, adapter_state_dict, inference_form, load_tensors, read_adapter, set_adapter
 from finegrain.peft.full_files import head_state_dict, load_head
 from finegrain.tasks import ServedTask, task_class
+from finegrain.tasks.classification import attach_temperature
 from finegrain.tokenizer import Tokenizer
 
 # Runs of a task with no endpoint of its own (its adapter steers the language model) answer here.
@@ -229,6 +230,7 @@ class ModelRegistry:
         if not run.generative:
             task = task_class(config.task).from_config(config, rundir.read_labels(run.run_dir))
             attach_tfidf(task, run.run_dir)  # a classifier's TF-IDF model, when its run mixes one in
+            attach_temperature(task, run.run_dir)  # `finegrain calibrate`'s
         own = task.head_modules if task is not None else ()
         shared = [k for k in whole if not k.startswith(tuple(f"{name}." for name in own))]
         if shared:
@@ -267,6 +269,7 @@ class ModelRegistry:
         config = run.config
         task = task_class(config.task).from_config(config, rundir.read_labels(run.run_dir))
         attach_tfidf(task, run.run_dir)
+        attach_temperature(task, run.run_dir)  # `finegrain calibrate`'s
         tokenizer = copy_tokenizer(base.tokenizer)
         model = task.build_model(llama_view(base.llama, None, causal=not config.model.bidirectional), tokenizer)
         load_head(model, task.head_modules, rundir.model_dir(run.run_dir), f"train {run.run_dir} again")

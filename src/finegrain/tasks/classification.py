@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
+from finegrain import rundir
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states, padding_mask
@@ -222,6 +223,20 @@ class TextInputs:
         return {"longer": sum(item.longer for item in items), "truncated": sum(item.truncated for item in items)}
 
 
+def scale_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T) of each row of probabilities (N, C), in float64 (a probability that
+    underflowed to 0 stays the smallest); with p = softmax(z) this is softmax(z / T)."""
+    return (probs.double().clamp_min(1e-300).log() / temperature).softmax(-1).to(probs.dtype)
+
+
+def attach_temperature(task: Any, run_dir: str | Path) -> None:
+    """Give a trained run's classifier the temperature `finegrain calibrate` stored with the run
+    (`task.decode` scales the probabilities by it); nothing when the run was not calibrated."""
+    temperature = rundir.read_temperature(run_dir)
+    if temperature is not None:
+        task.temperature = temperature
+
+
 class Prediction(BaseModel):
     label: str | list[str] = Field(description="The label; a list of labels for a multi-label run.")
     probabilities: dict[str, Finite]
@@ -258,6 +273,7 @@ class ClassificationTask:
         self.head = head or HeadConfig()
         self.class_weights: torch.Tensor | None = None
         self.lexical: LexicalModel | None = None  # mixed into the probabilities (head.tfidf_mix)
+        self.temperature = 1.0  # scales the final probabilities; `finegrain calibrate` fits it (rundir.TEMPERATURE)
 
     @classmethod
     def from_config(cls, config, labels: list[str]) -> ClassificationTask:
@@ -351,14 +367,23 @@ class ClassificationTask:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
 
-    def decode(self, probs: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
-        """Per example: the label (or labels) and the probability of every label.
+    def final_probabilities(self, probs: torch.Tensor, items: list | None = None) -> torch.Tensor:
+        """The probabilities a prediction carries, from the model's.
 
         With the run's TF-IDF model (`lexical`) and the `items` (which carry the texts), its
-        probabilities are mixed in first; without `items`, `probs` are decoded as they are.
+        probabilities are mixed in first; then a calibrated run's `temperature` scales the result:
+        softmax(log p / T), which is softmax(logits / T) without a mix and never moves the argmax.
         """
         if self.lexical is not None and items is not None:
             probs = self.lexical.mix(probs, [item.text for item in items])
+        if self.temperature != 1.0 and not self.multi_label:
+            probs = scale_temperature(probs, self.temperature)
+        return probs
+
+    def decode(self, probs: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
+        """Per example: the label (or labels) and the probability of every label, from the model's
+        probabilities (`final_probabilities` mixes a TF-IDF model in and applies the temperature)."""
+        probs = self.final_probabilities(probs, items)
         results = []
         for row in probs.tolist():
             scores = dict(zip(self.labels, (round(p, 6) for p in row)))
@@ -370,12 +395,16 @@ class ClassificationTask:
         return results
 
     def metrics(self, predictions: list[dict[str, Any]], gold: list[Any]) -> dict[str, Any]:
-        from finegrain.evaluate.metrics import classification_metrics, multilabel_metrics
+        from finegrain.evaluate.metrics import calibration_metrics, classification_metrics, multilabel_metrics
 
         predicted = [p["label"] for p in predictions]
         if self.multi_label:
             return multilabel_metrics(gold, predicted, self.labels)
-        return classification_metrics(gold, predicted, self.labels)
+        metrics = classification_metrics(gold, predicted, self.labels)
+        if predictions and all("probabilities" in p for p in predictions):
+            probabilities = [[p["probabilities"][label] for label in self.labels] for p in predictions]
+            metrics["calibration"] = calibration_metrics(gold, probabilities, self.labels)
+        return metrics
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], split: str, title: str) -> None:
         from finegrain.evaluate.report import write_classification_report
