@@ -272,3 +272,27 @@ def test_the_dashboard_reads_runs_without_the_training_code():
     wrong = [f"{module} imports {target}" for module, targets in sorted(import_graph().items()) if within(module, "finegrain.ui")
              for target in sorted(targets) if within(target, "finegrain.train") or within(target, "finegrain.run")]
     assert not wrong, "finegrain.ui reads runs through finegrain.rundir and launches `finegrain train` as a command:\n" + "\n".join(wrong)
+
+
+def test_a_sweep_shows_its_table_and_plot(tiny_model_dir, tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    rows = [{"text": text, "label": label} for label, texts in SENTIMENT.items() for text in texts] * 5
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "sweep.yaml").write_text(textwrap.dedent(f"""\
+        task: classification
+        model: {{name: {tiny_model_dir}}}
+        data: {{train: {tmp_path / "train.jsonl"}, max_length: 16}}
+        lora: {{r: 4, layers: [-1]}}
+        train: {{epochs: 1, batch_size: 8, threads: 1, recipe: off}}
+        """))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--seeds", "2", "--output", str(root / "seeds")]) == 0
+    with TestClient(create_app(root)) as client:
+        listing = client.get("/api/runs").json()
+        assert listing["sweeps"] == ["seeds"] and len(listing["runs"]) == 2  # the sweep's runs are runs too
+        got = client.get("/api/sweep", params={"sweep": "seeds"}).json()
+        assert got["table"] == (root / "seeds" / rundir.SWEEP_TABLE).read_text() and got["plot"]
+        plot = client.get("/api/sweep-plot", params={"sweep": "seeds"})
+        assert plot.status_code == 200 and plot.content == (root / "seeds" / rundir.SWEEP_PLOT).read_bytes()
+        for bad in ("..", "/tmp", "seeds/../..", listing["runs"][0]["id"]):
+            assert client.get("/api/sweep", params={"sweep": bad}).status_code == 404

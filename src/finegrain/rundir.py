@@ -63,6 +63,10 @@ LOCK = ".lock"
 ERROR = "error.txt"
 EXPLICIT_KEYS = ".explicit_keys.json"
 
+# A `finegrain sweep` directory (the runs it trained below it): every run's scores and their
+# summary, the table of mean ± std, and the plot of the headline score.
+SWEEP, SWEEP_TABLE, SWEEP_PLOT = "sweep.json", "sweep.md", "sweep.png"
+
 # Inside checkpoint/ (and best/, which holds only the weights).
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -227,14 +231,15 @@ def read_metrics_log(run_dir: str | Path, start: int = 0) -> list[dict[str, Any]
     return records[start:]
 
 
-def find_runs(root: str | Path, depth: int = 3) -> list[Path]:
-    """The run directories (holding config.yaml) under `root`, `root` itself included, at most
-    `depth` levels down; symbolic links are not followed, so nothing outside `root` is listed."""
+def find_runs(root: str | Path, depth: int = 3, marker: str = CONFIG) -> list[Path]:
+    """The run directories (holding config.yaml; or the sweeps, with `marker` SWEEP_TABLE) under
+    `root`, `root` itself included, at most `depth` levels down; symbolic links are not followed,
+    so nothing outside `root` is listed."""
     root = Path(root)
     found = []
     for directory, subdirectories, files in os.walk(root):
         level = len(Path(directory).relative_to(root).parts)
-        if CONFIG in files:
+        if marker in files:
             found.append(Path(directory))
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and level < depth
                                    and d not in (ADAPTER, MODEL, CHECKPOINT, BEST, TENSORBOARD, TFIDF))

@@ -81,7 +81,7 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
 
     @app.get("/api/runs")
     def list_runs() -> dict[str, Any]:
-        return {"root": str(root), "runs": runs.list_runs(root)}
+        return {"root": str(root), "runs": runs.list_runs(root), "sweeps": runs.list_sweeps(root)}
 
     @app.get("/api/run")
     def run(run: str = Query(...)) -> dict[str, Any]:
@@ -119,6 +119,21 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
             "runs": [runs.summary(root, d) for d in run_dirs], "config": runs.differing(configs),
             "metrics": runs.table(metrics), "curves": [rundir.read_metrics_log(d) for d in run_dirs],
         }
+
+    @app.get("/api/sweep")
+    def sweep(sweep: str = Query(...)) -> dict[str, Any]:
+        """A `finegrain sweep`'s table (markdown: mean ± std of every score) and whether it has a plot."""
+        directory = runs.resolve_sweep(root, sweep)
+        return {"table": (directory / rundir.SWEEP_TABLE).read_text(encoding="utf-8"),
+                "plot": (directory / rundir.SWEEP_PLOT).is_file()}
+
+    @app.get("/api/sweep-plot")
+    def sweep_plot(sweep: str = Query(...)) -> Response:
+        directory = runs.resolve_sweep(root, sweep)
+        path = (directory / rundir.SWEEP_PLOT).resolve()
+        if not path.is_relative_to(directory) or not path.is_file():  # a link out of the sweep is no plot of it
+            raise runs.NotFound(f"sweep '{sweep}': no plot")
+        return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
 
     @app.post("/api/predict")
     def predict(body: PredictBody) -> dict[str, Any]:

@@ -49,6 +49,22 @@ def resolve_run(root: Path, identifier: str) -> Path:
     return path
 
 
+def resolve_sweep(root: Path, identifier: str) -> Path:
+    """The `finegrain sweep` directory `identifier` names, refused like `resolve_run` outside `root`."""
+    parts = Path(identifier).parts
+    base = root.resolve()
+    path = (base / identifier).resolve()
+    if not identifier or "\x00" in identifier or Path(identifier).is_absolute() or ".." in parts \
+            or not path.is_relative_to(base) or not (path / rundir.SWEEP_TABLE).is_file():
+        raise NotFound(f"sweep '{identifier}': not a sweep under the runs directory")
+    return path
+
+
+def list_sweeps(root: Path) -> list[str]:
+    """The sweep directories under `root`, as ids."""
+    return [run_id(root, path) for path in rundir.find_runs(root, marker=rundir.SWEEP_TABLE)]
+
+
 def resolve_file(run_dir: Path, name: str) -> Path:
     """A file of the run that `FILES` lists, refused when missing or when a link leads out of the run."""
     if name not in FILES:

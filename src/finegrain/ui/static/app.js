@@ -164,7 +164,8 @@ async function viewRuns(my) {
     });
     box.replaceChildren(h("div", {class: "toolbar"}, search, compare, h("span", {class: "muted"}, `${rows.length} of ${data.runs.length} runs`)),
       h("table", {id: "runs"}, h("thead", {}, head), h("tbody", {}, body)),
-      ...(data.runs.length ? [] : [h("p", {class: "muted"}, "No runs here yet: train one with `finegrain train ... --output RUNS_DIR/NAME`, or from Launch.")]));
+      ...(data.runs.length ? [] : [h("p", {class: "muted"}, "No runs here yet: train one with `finegrain train ... --output RUNS_DIR/NAME`, or from Launch.")]),
+      ...(data.sweeps.length ? [h("h3", {}, "Sweeps"), h("ul", {id: "sweeps"}, data.sweeps.map((id) => h("li", {}, h("a", {href: `#/sweep/${q(id)}`}, id))))] : []));
   };
   let last = null;
   every(3000, async () => {
@@ -289,6 +290,35 @@ async function viewCompare(my, ids) {
     h("h3", {}, "Metrics"), data.metrics.length ? table(data.metrics, "compare-metrics", 4) : h("p", {class: "muted"}, "No finished run among them."),
     h("h3", {}, "Curves"), h("div", {class: "grid", id: "compare-curves"}, keys.map((k) => chart(k, perRun.map((s, i) => ({name: names[i], points: s[k] || []})), `compare-${k.replace(/\W+/g, "_")}`))),
     h("h3", {}, "Config keys that differ"), data.config.length ? table(data.config, "compare-config", 6) : h("p", {class: "muted"}, "The configs are the same."));
+}
+
+// -- a sweep's table ---------------------------------------------------------------------------
+
+// The markdown `finegrain sweep` writes (headings, tables of mean ± std, notes) as HTML.
+function markdown(text) {
+  const out = [];
+  const lines = text.split("\n");
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if (line.startsWith("#")) out.push(h("h3", {}, line.replace(/^#+\s*/, "")));
+    else if (line.startsWith("|")) {
+      const rows = [];
+      for (; i < lines.length && lines[i].startsWith("|"); i++) rows.push(lines[i].slice(1, lines[i].trimEnd().endsWith("|") ? lines[i].trimEnd().length - 1 : undefined).split("|").map((c) => c.trim()));
+      i--;
+      const body = rows.slice(rows.length > 1 && rows[1].every((c) => /^:?-+:?$/.test(c)) ? 2 : 1);
+      out.push(h("table", {class: "sweep-table"}, h("thead", {}, h("tr", {}, rows[0].map((c) => h("th", {}, c.replace(/\*\*/g, ""))))),
+        h("tbody", {}, body.map((r) => h("tr", {}, r.map((c) => h("td", {}, c.replace(/\*\*/g, ""))))))));
+    } else if (line.trim()) out.push(h("p", {}, line.replace(/[*`]/g, "")));
+  }
+  return out;
+}
+
+async function viewSweep(my, id) {
+  let data;
+  try { data = await api(`/api/sweep?sweep=${q(id)}`); } catch (err) { main().replaceChildren(failure(err)); return; }
+  if (my !== viewId) return;
+  main().replaceChildren(h("h2", {}, `Sweep ${id}`), h("div", {id: "sweep", class: "card"}, markdown(data.table)),
+    ...(data.plot ? [h("img", {src: `/api/sweep-plot?sweep=${q(id)}`, alt: "headline score of the sweep's runs", id: "sweep-plot"})] : []));
 }
 
 // -- Playground --------------------------------------------------------------------------------
@@ -473,11 +503,12 @@ function route() {
   timers = [];
   const my = ++viewId;
   const [view, arg] = location.hash.replace(/^#\/?/, "").split(/\/(.*)/s);
-  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === (view === "run" ? "runs" : view || "runs"));
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === ({run: "runs", sweep: "compare"}[view] || view || "runs"));
   const id = arg ? decodeURIComponent(arg) : "";
   if (view === "run" && id) return viewRun(my, id);
   if (view === "compare") return viewCompare(my, arg ? arg.split(",").map(decodeURIComponent) : []);
   if (view === "playground") return viewPlayground(my, id);
+  if (view === "sweep" && id) return viewSweep(my, id);
   if (view === "launch") return viewLaunch(my);
   return viewRuns(my);
 }
