@@ -92,9 +92,10 @@ def test_cpu_and_auto_without_cuda_train_the_same_run(tiny_model_dir, tmp_path, 
 
 
 def _train(tiny_model_dir, tmp_path, device: str, data, *overrides: str) -> dict:
-    # No dropout: CUDA and the CPU draw different masks. lora.layers [-1]: the prefix cache runs too.
+    # No dropout: CUDA and the CPU draw different masks. No TF-IDF mix: the model's own probabilities
+    # are compared. lora.layers [-1]: the prefix cache runs too.
     config = write_config(tmp_path / f"{device}.yaml", tiny_model_dir, data, epochs=2, device=device)
-    assert main(["train", str(config), "--output", str(tmp_path / device), "--set", "lora.dropout=0",
+    assert main(["train", str(config), "--output", str(tmp_path / device), "--set", "lora.dropout=0", "--set", "head.tfidf_mix=0",
                  *(a for o in overrides for a in ("--set", o))]) == 0
     return json.loads((tmp_path / device / "metrics.json").read_text())
 
