@@ -7,7 +7,14 @@ __all__ = ["FinegrainError", "generate", "load", "load_model"]
 
 
 def load(run_dir):
-    """Load a trained run directory for prediction: `finegrain.load(RUN_DIR).predict([...])`."""
+    """Load a trained run directory (or an ensemble directory of `finegrain ensemble`) for prediction:
+    `finegrain.load(RUN_DIR).predict([...])`."""
+    from finegrain.rundir import is_ensemble
+
+    if is_ensemble(run_dir):
+        from finegrain.ensemble import EnsemblePredictor
+
+        return EnsemblePredictor(run_dir)
     from finegrain.run import Predictor
 
     return Predictor(run_dir)

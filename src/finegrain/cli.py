@@ -277,6 +277,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"{summary_line(result)}; wrote {args.run_dir}/temperature.json (predict and serve apply it)")
 
 
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    """Average the probabilities of classification runs into an ensemble directory (`finegrain.ensemble`)."""
+    from finegrain.ensemble import create_ensemble, summary_lines
+
+    results = create_ensemble(args.runs, args.output)
+    print("\n".join(summary_lines(results)))
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
@@ -461,6 +469,14 @@ def build_parser() -> Parser:
                                    "and prints the expected calibration error (15 bins) before and after.")
     p.add_argument("run_dir", help="a finished classification run directory")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ensemble", help="average the probabilities of classification runs with the same labels",
+                       description="Writes OUTPUT/ensemble.json naming the runs, the ensemble's and each run's test metrics "
+                                   "(metrics.json) and a report; `finegrain evaluate/predict OUTPUT` and finegrain.load(OUTPUT) "
+                                   "use it like one run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished classification run directories (at least two)")
+    p.add_argument("--output", required=True, help="the ensemble directory (new, or an ensemble to replace)")
+    p.set_defaults(func=cmd_ensemble)
 
 
     from finegrain.serve.cli import add_serve_parser

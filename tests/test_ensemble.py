@@ -1,0 +1,112 @@
+"""`finegrain ensemble`: averaged probabilities of tiny classification runs, loaded and evaluated like one run."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+import finegrain
+from finegrain.calibrate import calibrate_run
+from finegrain.cli import main
+from finegrain.ensemble import EnsemblePredictor, create_ensemble
+from finegrain.errors import FinegrainError
+
+from serve_helpers import train_run, train_task_run, write_jsonl
+
+SENTIMENT = {"fresh": ["great fun film", "a gripping story", "good cast"], "rotten": ["dull and slow", "badly acted", "a bad story"]}
+TOPIC = {"film": ["the movie", "the actors"], "food": ["the soup", "good cheese"], "sport": ["the match", "the team"]}
+TEXTS = ["great fun film and good cast", "dull and slow", "a gripping story", "badly acted and a bad story"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(60):
+        label = rng.choice(sorted(SENTIMENT))
+        rows.append({"text": " and ".join(rng.sample(SENTIMENT[label], 2)), "label": label})
+    data = write_jsonl(root / "data", rows)
+    members = [train_task_run(tiny_model_dir, root / f"seed{seed}", "classification", data, seed=seed) for seed in (0, 1)]
+    calibrate_run(members[1])  # a member predicts with its own temperature; the ensemble applies none of its own
+    return {"members": members, "data": data, "topic": train_run(tiny_model_dir, root / "topic", TOPIC), "root": root}
+
+
+def test_ensemble_averages_its_members(runs, capsys):
+    ensemble = runs["root"] / "ens"
+    assert main(["ensemble", *map(str, runs["members"]), "--output", str(ensemble)]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 2: test accuracy" in out and "points over the best run" in out
+    spec = json.loads((ensemble / "ensemble.json").read_text())
+    assert spec["members"] == [str(run.resolve()) for run in runs["members"]] and spec["labels"] == ["fresh", "rotten"]
+
+    predictor = finegrain.load(ensemble)
+    assert isinstance(predictor, EnsemblePredictor)
+    predicted = predictor.predict(TEXTS)
+    alone = [finegrain.load(run).predict(TEXTS) for run in runs["members"]]
+    for i, prediction in enumerate(predicted):
+        for label in ("fresh", "rotten"):
+            mean = sum(member[i]["probabilities"][label] for member in alone) / len(alone)
+            assert prediction["probabilities"][label] == pytest.approx(mean, abs=2e-6)
+        assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+
+    metrics = json.loads((ensemble / "metrics.json").read_text())
+    assert [m["run"] for m in metrics["members"]] == spec["members"]
+    assert all(m["test"]["num_examples"] == metrics["test"]["num_examples"] for m in metrics["members"])
+    assert "calibration" in metrics["test"]
+    for name in ("report.md", "report.html", "confusion_matrix.png", "reliability_diagram.png"):
+        assert (ensemble / name).is_file(), name
+
+
+def test_evaluate_and_predict_an_ensemble(runs, capsys, tmp_path):
+    ensemble = runs["root"] / "ens2"
+    create_ensemble(runs["members"], ensemble)
+    output = tmp_path / "metrics.json"
+    assert main(["evaluate", str(ensemble), "--data", str(runs["data"]), "--output", str(output)]) == 0
+    assert "weighted avg" in capsys.readouterr().out
+    metrics = json.loads(output.read_text())
+    examples = [json.loads(line) for line in runs["data"].read_text().splitlines()]
+    predictions = finegrain.load(ensemble).predict([e["text"] for e in examples])
+    right = sum(p["label"] == e["label"] for p, e in zip(predictions, examples))
+    assert metrics["num_examples"] == len(examples) and metrics["accuracy"] == pytest.approx(right / len(examples))
+
+    out_file = tmp_path / "predictions.jsonl"
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert main(["predict", str(ensemble), "--input", str(inputs), "--output", str(out_file)]) == 0
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [line["label"] for line in lines] == [p["label"] for p in finegrain.load(ensemble).predict(TEXTS)]
+
+
+def test_ensemble_refusals(runs, tmp_path, capsys):
+    first, second = map(str, runs["members"])
+    cases = [
+        ([first, str(tmp_path / "missing")], "missing: no such run directory"),
+        ([first, str(runs["topic"])], "labels ['film', 'food', 'sport'] differ from"),
+        ([first], "an ensemble needs at least two runs"),
+    ]
+    for arguments, message in cases:
+        assert main(["ensemble", *arguments, "--output", str(tmp_path / "ens")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ens").exists()
+
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    config = yaml.safe_load((runs["members"][0] / "config.yaml").read_text())
+    config["data"]["multi_label"] = True
+    (multi / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(FinegrainError, match="a multi-label classification run"):
+        create_ensemble([first, multi], tmp_path / "ens")
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(FinegrainError, match="exists and is not an ensemble directory"):
+        create_ensemble([first, second], taken)
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "ensemble.json").write_text(json.dumps({"members": [first, second]}))
+    with pytest.raises(FinegrainError, match="is an ensemble; name its member runs"):
+        create_ensemble([first, nested], tmp_path / "ens3")
