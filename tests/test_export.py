@@ -234,6 +234,11 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     one_line_error(capsys, "--dtype: 'q4_0' does not apply to --format hf", "f32, f16")
     assert main(["export", str(runs["full"]), "--format", "peft", "--output", out]) == 1
     one_line_error(capsys, "full fine-tune has no adapter", "--format hf")
+    encoder = train("minilm-l6", write_texts(tmp_path / "data.jsonl"), tmp_path / "encoder", "--set", "train.recipe=false",
+                    "--set", "lora.targets=[query,value]")
+    capsys.readouterr()  # training's progress
+    assert main(["export", str(encoder), "--format", "hf", "--output", out]) == 1
+    one_line_error(capsys, "bert encoder", "--format peft")
     monkeypatch.setattr(LoraConfig, "mergeable", False, raising=False)  # as prompt and prefix tuning say
     assert main(["export", str(runs["lora"]), "--format", "hf", "--output", out]) == 1
     one_line_error(capsys, "peft.method lora cannot be merged", "--format peft")

@@ -37,6 +37,7 @@ from finegrain.checkpoint.gguf import permute_rope, read_gguf_metadata
 from finegrain.checkpoint.load import resolve_model
 from finegrain.config import RunConfig
 from finegrain.errors import FinegrainError
+from finegrain.model.config import LlamaConfig
 from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
 from finegrain.run import build_trained
@@ -158,6 +159,7 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
             "export its adapter and head with --format peft"
         )
     model, tokenizer, task = merged_model(run_dir, config)
+    require_llama(model, run_dir)
     state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
     if dtype == "f16":
         state = {k: v.half() for k, v in state.items()}
@@ -170,6 +172,16 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
     return output
+
+
+def require_llama(model: nn.Module, run_dir: Path) -> None:
+    """Refuse a run on an encoder base (`minilm-l6`): its layers have no LLaMA names to write."""
+    config = model.get_submodule("model").config
+    if not isinstance(config, LlamaConfig):
+        raise FinegrainError(
+            f"{run_dir}: its base is a {config.model_type} encoder, and export writes LLaMA-family models; "
+            "export its adapter with --format peft"
+        )
 
 
 def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architecture: str) -> tuple[dict, dict]:
@@ -243,6 +255,7 @@ def _export_gguf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> 
             "for task: instruct runs); export it with --format hf"
         )
     model, tokenizer, _ = merged_model(run_dir, config)
+    require_llama(model, run_dir)
     llama_config = model.get_submodule("model").config
     native = ("q_proj", "k_proj", "v_proj") if llama_config.attention_bias else ()
     native += ("o_proj",) if llama_config.attention_out_bias else ()
