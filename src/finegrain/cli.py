@@ -67,11 +67,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         "hidden size": config.hidden_size,
         "intermediate size": config.intermediate_size,
         "attention heads": config.num_heads,
-        "key/value heads": config.num_kv_heads,
+        "key/value heads": getattr(config, "num_kv_heads", config.num_heads),  # an encoder: one per head
         "head dim": config.head_dim,
         "context length": config.max_position_embeddings,
-        "rope theta": config.rope_theta,
-        "rope scaling": config.rope_scaling,
+        "rope theta": getattr(config, "rope_theta", None),  # None: an encoder's learned positions
+        "rope scaling": getattr(config, "rope_scaling", None),
         "tied embeddings": config.tie_word_embeddings,
         "tokenizer": {
             "vocabulary": tokenizer.vocab_size,
@@ -207,6 +207,22 @@ def _load(run_dir: str, device: str | None):
     from finegrain.run import Predictor
 
     return Predictor(run_dir, device=device)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """The config trained per model × method (× seed) beside the baselines, as one table (finegrain.compare)."""
+    from finegrain.compare import compare
+
+    def names(value: str, flag: str) -> list[str]:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if not items:
+            raise FinegrainError(f"{flag}: '{value}' names nothing; write e.g. {flag} smollm2-135m,minilm-l6")
+        return items
+
+    written = compare(args.config, names(args.models, "--models"), names(args.methods, "--methods"), args.seeds,
+                      args.output, list(args.set or []))
+    print(written["markdown"].read_text(encoding="utf-8"))
+    print(f"table: {written['markdown']}, {written['html']}; plot: {written['plot']}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -362,7 +378,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model: architecture, size, quantization, tokenizer")
-    p.add_argument("--model", default=None, help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
+    p.add_argument("--model", default=None, help="smollm2-135m (default), minilm-l6, a .gguf file or a Hugging Face directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -420,6 +436,15 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
     p.add_argument("--output", required=True, help="the search directory (rerun with the same arguments to continue)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("compare", help="train a config per model and method (and seed): one table and plot with the baselines")
+    p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
+    p.add_argument("--models", required=True, metavar="A,B,...", help="models to compare, e.g. smollm2-135m,minilm-l6")
+    p.add_argument("--methods", default="lora", metavar="A,B,...", help="peft.method of each run, e.g. lora,full (default lora)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per model and method (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every run")
+    p.add_argument("--output", required=True, help="the comparison directory (rerun with the same arguments to continue)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir")

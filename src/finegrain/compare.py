@@ -1,0 +1,298 @@
+"""`finegrain compare`: one run config trained once per model × method (× seed) on the same splits,
+beside the baselines, as one table and one plot.
+
+    finegrain compare examples/rotten_tomatoes.yaml --models smollm2-135m,minilm-l6 --methods lora,full --seeds 3 --output DIR
+
+Each cell is an ordinary `finegrain train` run in its own process (its peak RSS is its own), in
+`DIR/runs/MODEL-METHOD-sSEED`; a cell whose run already finished is read, not trained again, so
+a compare cut short continues where it stopped and a finished one rewrites its table in seconds.
+The table (`DIR/report.md`, `DIR/report.html`, the rows in `DIR/compare.json`) gives per model
+and method the test score (mean ± sample std over seeds), training time, prediction speed
+(test examples per second through `finegrain.load`), peak RSS and trainable parameters, and the
+majority-class and TF-IDF baselines the runs measured on the same test split (classification);
+`DIR/compare.png` plots score against training time.
+
+A config is usually written for one model. What does not carry over to an encoder is replaced,
+and each replacement is listed under the table: `model.num_layers` (a decoder's layer cut),
+`head.pooling: last` (an encoder's last token is [SEP]; it pools the mean), the data recipe
+(its layer probe is the decoder's). Full fine-tuning takes a lower learning rate than an
+adapter (`FULL_LR`) unless `--set train.lr=...` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finegrain import rundir
+from finegrain.atomic import atomic_path, atomic_write_json
+from finegrain.checkpoint.load import is_encoder
+from finegrain.config import load_config
+from finegrain.errors import FinegrainError
+from finegrain.evaluate.report import Table, write_report
+from finegrain.peft import METHODS
+from finegrain.tasks import task_class
+from finegrain.train.trainer import flat_metrics
+
+RUNS = "runs"
+JSON_NAME, PLOT_NAME = "compare.json", "compare.png"
+FULL_LR = {"encoder": 1e-4, "decoder": 2e-5}  # peft.method full: every weight moves, an adapter's lr would wreck them
+POOLING_TASKS = ("classification", "regression")
+PREDICT_EXAMPLES = 512  # test examples timed through finegrain.load per cell
+
+
+@dataclass
+class Cell:
+    """One run of the comparison: a model, a method, a seed, and the overrides that make its config."""
+
+    model: str
+    method: str
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+    notes: list[str] = field(default_factory=list)  # the replacements made for this model, for the table
+
+
+def plan(config_path: str | None, models: list[str], methods: list[str], seeds: int, output: Path,
+         overrides: list[str] = ()) -> list[Cell]:
+    """The cells of a comparison, each config checked (model, method, keys) before any training starts.
+
+    Raises:
+        FinegrainError: no models, an unknown method, a seed count below 1, or a config that does not load.
+    """
+    if not models:
+        raise FinegrainError("--models: name at least one model, e.g. --models smollm2-135m,minilm-l6")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise FinegrainError(f"--methods: '{unknown[0]}' is not a method; use some of {', '.join(METHODS)}")
+    if seeds < 1:
+        raise FinegrainError(f"--seeds: {seeds}; run at least 1 seed")
+    base = load_config(config_path, list(overrides))
+    if task_class(base.task).peft_task_type == "CAUSAL_LM":
+        raise FinegrainError(f"task '{base.task}' generates text: compare scores classifiers and taggers; pick another config")
+    user_set = {o.partition("=")[0].strip() for o in overrides}
+    cells = []
+    for model in models:
+        encoder = is_encoder(model)
+        for method in methods:
+            adjusted, notes = _adjustments(base, encoder, method, user_set)
+            for seed in range(seeds):
+                cell_overrides = [*overrides, f"model.name={model}", f"peft.method={method}", f"train.seed={seed}", *adjusted]
+                load_config(config_path, cell_overrides)  # every cell's config is valid before the first trains
+                run_dir = output / RUNS / f"{_slug(model)}-{method}-s{seed}"
+                cells.append(Cell(model, method, seed, run_dir, cell_overrides, notes))
+    return cells
+
+
+def _adjustments(base, encoder: bool, method: str, user_set: set[str]) -> tuple[list[str], list[str]]:
+    """The overrides (and their notes) that fit a config to the model kind and the method."""
+    overrides, notes = [], []
+    if encoder:
+        if base.model.num_layers is not None and "model.num_layers" not in user_set:
+            overrides.append("model.num_layers=null")
+            notes.append(f"model.num_layers {base.model.num_layers} → all layers (a decoder's cut)")
+        if base.task in POOLING_TASKS and base.head.pooling == "last" and "head.pooling" not in user_set:
+            overrides.append("head.pooling=mean")
+            notes.append("head.pooling last → mean (an encoder's last token is [SEP])")
+        if base.train.recipe not in ("off", False) and "train.recipe" not in user_set:
+            overrides.append("train.recipe=off")
+            notes.append("train.recipe → off (its layer probe is the decoder's)")
+    if method == "full" and "train.lr" not in user_set:
+        lr = FULL_LR["encoder" if encoder else "decoder"]
+        if base.train.lr > lr:
+            overrides.append(f"train.lr={lr}")
+            notes.append(f"train.lr {base.train.lr:g} → {lr:g} (full fine-tuning)")
+    return overrides, notes
+
+
+def _slug(model: str) -> str:
+    """A directory name for a model name or path."""
+    name = Path(model.rstrip("/")).name or model
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict[str, Any]:
+    """Train one cell in its own process (unless its run already finished) and read its figures.
+
+    The child's stderr (progress bars, warnings) goes to `RUN_DIR.log` beside the run; its stdout
+    (the test report) to ours when `progress`.
+
+    Returns:
+        The cell's row: model, method, seed, score, train seconds, predict examples/s, peak RSS MB
+        (None for a run read from an earlier compare), trainable parameters, the run's baselines.
+
+    Raises:
+        FinegrainError: the run failed (its one-line error is in the message).
+    """
+    peak_rss_mb = None
+    if rundir.read_metrics(cell.run_dir) is None:
+        if progress:
+            print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
+        command = [sys.executable, "-m", "finegrain.cli", "train", *([config_path] if config_path else []),
+                   "--output", str(cell.run_dir)]
+        for override in cell.overrides:
+            command += ["--set", override]
+        log = cell.run_dir.with_name(cell.run_dir.name + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w", encoding="utf-8") as stderr:
+            child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
+            _, status, usage = os.wait4(child.pid, 0)  # its own rusage: the peak RSS of this run alone
+            child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            error = rundir.read_error(cell.run_dir) or _last_line(log)
+            raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")
+        peak_rss_mb = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    return _row(cell, peak_rss_mb)
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+def _row(cell: Cell, peak_rss_mb: float | None) -> dict[str, Any]:
+    results = rundir.read_metrics(cell.run_dir)
+    if results is None:
+        raise FinegrainError(f"{cell.run_dir / rundir.METRICS}: cannot be read; delete {cell.run_dir} to train the cell again")
+    config = rundir.read_config(cell.run_dir)
+    split = "test" if "test" in results else "validation"
+    metric = config.train.metric or task_class(config.task).from_config(config, results.get("labels", [])).headline_metric
+    return {
+        "model": cell.model, "method": cell.method, "seed": cell.seed, "run": str(cell.run_dir),
+        "split": split, "metric": metric, "score": _lookup(results.get(split, {}), metric),
+        "train_seconds": results["train"]["train_seconds"], "total_seconds": results["train"].get("total_seconds"),
+        "predict_per_s": predict_speed(cell.run_dir), "peak_rss_mb": peak_rss_mb,
+        "trainable_parameters": results["train"].get("trainable_parameters"),
+        "baselines": results.get("baselines"), "notes": cell.notes,
+    }
+
+
+def _lookup(metrics: dict[str, Any], name: str) -> float | None:
+    """A metric by the name `train.metric` takes: a top-level number or an average (`macro_f1`)."""
+    value = flat_metrics(metrics).get(name)
+    return None if value is None else float(value)
+
+
+def predict_speed(run_dir: Path) -> float:
+    """Test examples per second through `finegrain.load(run_dir)`, on up to `PREDICT_EXAMPLES` of them."""
+    from finegrain.run import Predictor
+
+    predictor = Predictor(run_dir)
+    splits = predictor.task.load_splits(predictor.config.data)
+    examples = (splits.test or splits.validation)[:PREDICT_EXAMPLES]
+    started = time.perf_counter()
+    predictor.predict_examples(examples)
+    return round(len(examples) / (time.perf_counter() - started), 1)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per model × method: the mean (and sample std) over its seeds."""
+    lines = []
+    for key in dict.fromkeys((r["model"], r["method"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["method"]) == key]
+        scores = [r["score"] for r in group if r["score"] is not None]
+        rss = [r["peak_rss_mb"] for r in group if r["peak_rss_mb"] is not None]
+        lines.append({
+            "model": key[0], "method": key[1], "seeds": len(group), "metric": group[0]["metric"],
+            "score": statistics.fmean(scores) if scores else None,
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
+            "predict_per_s": statistics.fmean(r["predict_per_s"] for r in group),
+            "peak_rss_mb": max(rss) if rss else None,
+            "trainable_parameters": group[0]["trainable_parameters"], "notes": group[0]["notes"],
+        })
+    return lines
+
+
+def baseline_lines(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The majority-class and TF-IDF baselines as the runs measured them (the first run's: same splits)."""
+    measured = next((r["baselines"] for r in rows if r.get("baselines")), None)
+    if not measured:
+        return []
+    key = "macro_f1" if metric in ("macro_f1", "macro.f1") else "accuracy"
+    names = {"majority": "majority class", "tfidf": "TF-IDF + linear model"}
+    return [
+        {"model": names[name], "score": measured[name].get(key), "train_seconds": measured[name].get("seconds")}
+        for name in names if isinstance(measured.get(name), dict)
+    ]
+
+
+def write_outputs(output: Path, rows: list[dict[str, Any]], title: str) -> dict[str, Path]:
+    """compare.json, compare.png and report.md / report.html (the table with the plot) in `output`."""
+    lines = summarize(rows)
+    metric = lines[0]["metric"]
+    baselines = baseline_lines(rows, metric)
+    atomic_write_json(output / JSON_NAME, {"rows": rows, "summary": lines, "baselines": baselines})
+    plot_score_time(output / PLOT_NAME, lines, baselines, metric)
+    table = Table(
+        "Models and methods",
+        ["model", "method", "seeds", f"{metric} (mean ± std)", "train s", "predict ex/s", "peak RSS MB", "trainable params"],
+        [[l["model"], l["method"], l["seeds"], _score(l), round(l["train_seconds"], 1), l["predict_per_s"],
+          l["peak_rss_mb"], l["trainable_parameters"]] for l in lines]
+        + [[b["model"], "baseline", 1, _score(b), b["train_seconds"], None, None, None] for b in baselines],
+    )
+    notes = sorted({f"{l['model']}: {n}" for l in lines for n in l["notes"]})
+    tables = [table] + ([Table("Settings changed per model", ["change"], [[n] for n in notes])] if notes else [])
+    best = max((l for l in lines if l["score"] is not None), key=lambda l: l["score"], default=None)
+    summary = f"{len(rows)} runs on the same splits ({rows[0]['split']} {metric})"
+    if best:
+        summary += f"; best: {best['model']} {best['method']} {best['score']:.4f}"
+    written = write_report(output, title, summary, tables, [(PLOT_NAME, f"{metric} against training time")])
+    return {**written, "json": output / JSON_NAME, "plot": output / PLOT_NAME}
+
+
+def _score(line: dict[str, Any]) -> str:
+    if line.get("score") is None:
+        return "n/a"
+    return f"{line['score']:.4f}" + (f" ± {line['std']:.4f}" if line.get("seeds", 1) > 1 else "")
+
+
+def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[dict[str, Any]], metric: str) -> Path:
+    """Score against training seconds (log scale): a point per model × method (its std as an error
+    bar), the baselines as grey crosses at their fitting time."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for line in lines:
+        if line["score"] is None:
+            continue
+        ax.errorbar([max(line["train_seconds"], 1e-3)], [line["score"]], yerr=[line["std"]], fmt="o", capsize=4,
+                    label=f"{line['model']} {line['method']}")
+    for base in baselines:
+        if base["score"] is not None:
+            ax.plot([max(base["train_seconds"] or 1e-3, 1e-3)], [base["score"]], "x", color="grey", markersize=9)
+            ax.annotate(base["model"], (max(base["train_seconds"] or 1e-3, 1e-3), base["score"]), fontsize=8,
+                        xytext=(5, 3), textcoords="offset points", color="dimgrey")
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (log scale)")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8, loc="lower right")
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+def compare(config_path: str | None, models: list[str], methods: list[str], seeds: int, output: str | Path,
+            overrides: list[str] = (), progress: bool = True) -> dict[str, Path]:
+    """Train every cell (or read it when finished) and write the comparison; returns the files written."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
+    cells = plan(config_path, models, methods, seeds, output, overrides)
+    rows = [run_cell(cell, config_path, progress) for cell in cells]
+    if not any(r["score"] is not None and not math.isnan(r["score"]) for r in rows):
+        raise FinegrainError("compare: no run has a score on its test or validation split; give the config a test split")
+    title = f"finegrain compare: {Path(config_path).name if config_path else 'default config'}"
+    return write_outputs(output, rows, title)

@@ -1,0 +1,94 @@
+"""finegrain compare on the tiny decoder and the tiny encoder: the cells it plans, the table, plot and
+rows it writes (baselines included), and a rerun that reads the finished runs instead of training."""
+
+import json
+import subprocess
+
+import pytest
+
+from finegrain.cli import main
+from finegrain.compare import compare, plan, summarize
+from finegrain.errors import FinegrainError
+from test_bert import random_reference, tiny_hf_config, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("compare-bert") / "tiny-bert"
+    random_reference(tiny_hf_config(max_position_embeddings=32)).save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare-data")
+    words = ["good great fine", "bad dull"]
+    rows = [{"text": f"the film was {words[i % 2]} {i % 5}", "label": "fresh" if i % 2 == 0 else "rotten"} for i in range(60)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "config.yaml").write_text(
+        f"model:\n  num_layers: 2\ndata:\n  train: {root / 'data.jsonl'}\n  split: [0.6, 0.2, 0.2]\n  max_length: 16\n"
+        "head:\n  pooling: last\n  tfidf_mix: 0\n"
+        "train:\n  epochs: 2\n  batch_size: 8\n  lr: 3.0e-3\n  threads: 1\n  recipe: off\n"
+    )
+    return root / "config.yaml"
+
+
+def test_plan_fits_a_decoder_config_to_the_encoder_and_checks_every_cell(tiny_model_dir, encoder_dir, config_path, tmp_path):
+    cells = plan(str(config_path), [str(tiny_model_dir), str(encoder_dir)], ["lora", "full"], 2, tmp_path)
+    assert [(c.model, c.method, c.seed) for c in cells] == [
+        (str(m), method, seed) for m in (tiny_model_dir, encoder_dir) for method in ("lora", "full") for seed in (0, 1)
+    ]
+    decoder, encoder = cells[0], cells[4]
+    assert not any(o.startswith(("model.num_layers", "head.pooling")) for o in decoder.overrides)
+    assert {"model.num_layers=null", "head.pooling=mean"} <= set(encoder.overrides)
+    assert any("[SEP]" in note for note in encoder.notes)
+    assert "train.lr=0.0001" in cells[6].overrides  # full fine-tuning of the encoder: its own lr
+    assert cells[5].run_dir.name == "tiny-bert-lora-s1"
+    with pytest.raises(FinegrainError, match=r"--methods: 'lorra' is not a method"):
+        plan(str(config_path), [str(tiny_model_dir)], ["lorra"], 1, tmp_path)
+    with pytest.raises(FinegrainError, match="not a task"):  # a cell's config is checked before any run starts
+        plan(str(config_path), [str(tiny_model_dir)], ["lora"], 1, tmp_path, ["task=clasification"])
+
+
+def test_compare_writes_one_table_with_the_baselines_and_a_rerun_trains_nothing(
+    tiny_model_dir, encoder_dir, config_path, tmp_path, monkeypatch, capsys
+):
+    output = tmp_path / "cmp"
+    assert main(["compare", str(config_path), "--models", f"{tiny_model_dir},{encoder_dir}", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "TF-IDF + linear model" in printed and "majority class" in printed
+    rows = json.loads((output / "compare.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(str(tiny_model_dir), "lora"), (str(encoder_dir), "lora")]
+    for row in rows:
+        assert 0 <= row["score"] <= 1 and row["train_seconds"] > 0 and row["predict_per_s"] > 0
+        assert row["peak_rss_mb"] > 50 and row["trainable_parameters"] > 0
+    assert rows[0]["baselines"]["tfidf"]["accuracy"] == rows[1]["baselines"]["tfidf"]["accuracy"]  # the same splits
+    report = (output / "report.md").read_text()
+    assert "| tiny-llama" not in report and f"| {tiny_model_dir} | lora |" in report
+    assert "head.pooling last → mean" in report and "compare.png" in report
+    assert (output / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (output / "report.html").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(subprocess, "Popen", no_training)
+    again = compare(str(config_path), [str(tiny_model_dir), str(encoder_dir)], ["lora"], 1, output, progress=False)
+    assert json.loads(again["json"].read_text())["rows"][0]["score"] == rows[0]["score"]
+
+
+def test_a_failed_cell_is_one_line_naming_the_run_and_its_log(tiny_model_dir, config_path, tmp_path):
+    with pytest.raises(FinegrainError) as error:
+        compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, tmp_path / "cmp", ["model.num_layers=5"], progress=False)
+    message = str(error.value)
+    assert "run failed" in message and "tiny-llama-lora-s0.log" in message and "model.num_layers: 5" in message
+    assert "\n" not in message
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    rows = [{"model": "m", "method": "lora", "metric": "accuracy", "score": s, "train_seconds": t, "predict_per_s": 10.0,
+             "peak_rss_mb": r, "trainable_parameters": 5, "notes": []} for s, t, r in ((0.8, 10.0, 100.0), (0.9, 20.0, 120.0))]
+    (line,) = summarize(rows)
+    assert line["score"] == pytest.approx(0.85) and line["std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert (line["seeds"], line["train_seconds"], line["peak_rss_mb"]) == (2, 15.0, 120.0)
