@@ -35,6 +35,7 @@ from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.checkpointing import RunWriter
+from finegrain.train.distributed import ShardedSampler, all_sum, sum_gradients, world_size
 from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.objectives import Objective, TaskObjective, method_training
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -120,6 +121,9 @@ class Trainer:
         self.objectives: list[Objective] = [TaskObjective(task, train), *objectives]
         if sampler is None:
             sampler = LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
+        self.world_size = world_size()  # under torchrun each rank trains on its share of every batch
+        if self.world_size > 1:
+            sampler = ShardedSampler(sampler, torch.distributed.get_rank(), self.world_size)
         self.sampler = sampler
         self.backbone = backbone(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -243,13 +247,15 @@ class Trainer:
         start = time.perf_counter()
         pieces = [
             (draw.objective, batch, weight)
-            for draw in group
+            for draw in group if draw.indices  # a rank's share of a small last batch may be empty
             for batch, weight in self.objectives[draw.objective].pieces(draw.indices, self.pad_id,
                                                                         self.config.micro_batch_tokens)
         ]
         totals = [0.0] * len(self.objectives)
         for index, _, weight in pieces:
             totals[index] += weight
+        if self.world_size > 1:  # each objective's mean loss is over the global batch
+            totals = all_sum(totals, self.device)
         sums, tokens = [0.0] * len(self.objectives), 0
         for index, batch, weight in pieces:
             batch = to_device(batch, self.device)  # on the CPU: the batch itself
@@ -263,8 +269,12 @@ class Trainer:
         extra = 0.0
         for term in self.terms:  # on the weights, not a batch: once per step, in float32
             term_loss = term.weight * term.loss(self.model)
-            term_loss.backward()
+            (term_loss / self.world_size).backward()  # the ranks' gradients are summed below
             extra += term_loss.item()
+        if self.world_size > 1:  # every rank then holds the gradient of the global batch
+            sum_gradients(self.trainable.values())
+            *sums, tokens = all_sum([*sums, tokens], self.device)
+            tokens = int(tokens)
         if self.config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.trainable.values(), self.config.max_grad_norm)
         self.optimizer.step()

@@ -1,0 +1,100 @@
+"""Training in several processes under torchrun: `torchrun --nproc-per-node N -m finegrain train CONFIG`.
+
+Each rank trains on its share of every batch. `ShardedSampler` splits each batch of the run's
+sampler across the ranks (every `world_size`-th item of a length bucket, so the shares hold
+alike lengths), so the global batch is the configured `train.batch_size` and every rank takes the
+same number of steps. Within a step each objective's mean loss is taken over the global batch:
+the ranks first add up their loss weights (`all_sum`), then, after their backward passes, their
+trainable gradients (`sum_gradients`: one all-reduce of one flat buffer per optimizer step, as
+DDP's buckets under `no_sync` for accumulation; only the trainable parameters, the adapter and
+head, take part). Every rank then holds the one-process gradient of the global batch, and the
+same optimizer step keeps their weights equal. Only rank 0 writes (`checkpointing.RunWriter`).
+
+The backend is PyTorch's own: gloo on the CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from finegrain.errors import FinegrainError
+from finegrain.train.sampler import Draw, Sampler
+
+
+def world_size() -> int:
+    """Processes in this torchrun job (torch.distributed initialised), else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def launched() -> bool:
+    """Whether torchrun started this process as one of several (its WORLD_SIZE above 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the job torchrun describes in the environment: gloo on the CPU, nccl on CUDA (each
+    rank on its LOCAL_RANK's GPU). Returns False, doing nothing, outside torchrun or when joined."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    available = dist.is_available() and (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available())
+    if not available:
+        raise FinegrainError(f"torchrun: this torch build has no {backend} backend for train.device {device.type}; "
+                             "run one process (plain `finegrain train`) or install a torch build with it")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the job (after the run's last collective call)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ShardedSampler:
+    """This rank's share of each batch of `sampler`: items `rank`, `rank + world_size`, ...
+
+    Args:
+        sampler: the run's sampler (its batches are the global batches).
+        rank: this process's rank.
+        world_size: processes in the job.
+    """
+
+    sampler: Sampler
+    rank: int
+    world_size: int
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> list[Draw]:
+        return [Draw(draw.objective, draw.indices[self.rank :: self.world_size]) for draw in self.sampler.epoch(epoch)]
+
+
+def all_sum(values: list[float], device: torch.device = torch.device("cpu")) -> list[float]:
+    """`values` summed over the ranks (in float64: loss weights and token counts stay exact)."""
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def sum_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Replace each parameter's gradient by its sum over the ranks, in one all-reduce of one flat
+    buffer; a parameter without a gradient here (an empty share of the batch) adds zeros."""
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for param in params:
+        count = param.numel()
+        param.grad = flat[offset : offset + count].view_as(param).to(param.dtype)
+        offset += count

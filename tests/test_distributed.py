@@ -1,0 +1,106 @@
+"""Training in two processes (torch.distributed, gloo, as torchrun runs it) on the tiny model: each
+rank's share of a global batch gives, summed over the ranks, the one-process gradient of that batch,
+and a two-process run ends with the one-process run's weights."""
+
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_llama
+from finegrain.config import TrainConfig
+from finegrain.model.config import LlamaConfig
+from finegrain.train.distributed import ShardedSampler, init_from_env, shutdown
+from finegrain.train.sampler import LengthBuckets
+from finegrain.train.trainer import Trainer
+from test_train import classifier
+
+CONFIG = TrainConfig(epochs=1, batch_size=8, grad_accum=2, threads=1, max_grad_norm=1.0, micro_batch_tokens=24,
+                     checkpoint_every=1000)
+
+
+def tiny_llama():
+    return random_llama(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    ))
+
+
+def first_step(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float]:
+    """The gradients of the first optimizer step (the first `grad_accum` batches), as the optimizer
+    would read them (after the all-reduce and clipping), and the step's logged loss."""
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in trainer.trainable.items()})
+    loss, _, _ = trainer._step(trainer.sampler.epoch(0)[: CONFIG.grad_accum])
+    return grads, loss
+
+
+def run(run_dir: Path) -> dict:
+    """One rank's (or the only process's) first-step gradients and loss, and the weights after one epoch."""
+    for name in ("step", "fit"):
+        (run_dir / name).mkdir(parents=True)
+    task, model, items = classifier(tiny_llama())
+    grads, loss = first_step(Trainer(model, task, items, CONFIG, run_dir / "step", pad_id=0, progress=False))
+    task, model, items = classifier(tiny_llama())
+    trainer = Trainer(model, task, items, CONFIG, run_dir / "fit", pad_id=0, progress=False)
+    trainer.fit()
+    return {"grads": grads, "loss": loss, "weights": {n: p.detach().clone() for n, p in trainer.trainable.items()},
+            "steps": trainer.state.step, "world_size": trainer.world_size,
+            "shares": [len(d.indices) for d in trainer.sampler.epoch(0)]}
+
+
+def worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    assert init_from_env(torch.device("cpu"))
+    try:
+        result = run(Path(out) / f"rank{rank}")
+    finally:
+        shutdown()
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_each_rank_gets_its_share_of_every_batch():
+    sampler = LengthBuckets([4 + i % 7 for i in range(21)], batch_size=8, seed=0)
+    shards = [ShardedSampler(sampler, rank, 2) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(sampler) == 3
+    for whole, *parts in zip(sampler.epoch(1), *(shard.epoch(1) for shard in shards)):
+        assert sorted(i for part in parts for i in part.indices) == sorted(whole.indices)
+        assert abs(len(parts[0].indices) - len(parts[1].indices)) <= 1
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """gloo, 2 processes: the summed gradient of a global batch (two accumulated batches, in
+    micro-batches) is the one-process gradient, the logged loss is the same, and after an epoch the
+    weights are the one-process run's, to float32 rounding; only rank 0 wrote run files."""
+    single = run(tmp_path / "single")
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+    assert [p.exitcode for p in processes] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert single["world_size"] == 1 and single["shares"] == [8, 8, 8]
+    for result in ranks:
+        assert result["world_size"] == 2 and result["shares"] == [4, 4, 4]  # half of each global batch
+        assert result["steps"] == single["steps"]
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        for name, weight in single["weights"].items():
+            torch.testing.assert_close(result["weights"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    assert any((tmp_path / "rank0" / "fit").iterdir()) and not any((tmp_path / "rank1" / "fit").iterdir())
