@@ -469,9 +469,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="write a finished run as a merged Hugging Face model, a GGUF file or its adapter",
-                       description="hf: the adapter folded into the weights, the head as LlamaForSequenceClassification or "
-                                   "LlamaForTokenClassification (instruct: LlamaForCausalLM); gguf: an instruct run's merged model "
-                                   "for llama.cpp/Ollama; peft: the adapter alone. Prompt and prefix tuning cannot merge.")
+                       description="hf: the adapter folded into the weights, the head as LlamaForSequenceClassification, "
+                                   "LlamaForTokenClassification or LlamaForQuestionAnswering (instruct: LlamaForCausalLM); gguf: "
+                                   "an instruct run's merged model for llama.cpp/Ollama; peft: the adapter alone. Methods that "
+                                   "cannot merge (prompt, prefix, adapter) export with --format peft only.")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"), help="hf, peft or gguf")
     p.add_argument("--dtype", help="hf: f32 (default) or f16; gguf: f16 (default), q8_0 or q4_0")
