@@ -13,6 +13,11 @@ longest text). Each side runs in its own process; the table shows training token
 tokens, padding not counted), training wall time, peak RSS and test accuracy, and the last line
 `train speedup vs transformers: X.XX` (the median pair with `--pairs N`). A shared host drifts
 by ±10-20% over minutes: run pairs.
+
+As in benchmarks/train_classification.py, finegrain runs with the OpenMP wait policy `finegrain
+train` sets for itself (waiting threads sleep) and transformers as it leaves it (they spin),
+which on a loaded host costs the peer more than its model does. `--same-openmp` gives the peer
+finegrain's policy too, so the ratio is the model, loop and batching alone.
 """
 
 from __future__ import annotations
@@ -111,9 +116,10 @@ def peer_side(args) -> dict:
     }
 
 
-def run_logged(side: str, args: list[str]) -> dict:
-    """One side in its own process (finegrain with the OpenMP wait policy `finegrain train` sets), one line as it ends."""
-    env = quiet_openmp(dict(os.environ)) if side == "finegrain" else {}
+def run_logged(side: str, args: list[str], same_openmp: bool = False) -> dict:
+    """One side in its own process (finegrain with the OpenMP wait policy `finegrain train` sets, the
+    peer too with `same_openmp`), one line as it ends."""
+    env = quiet_openmp(dict(os.environ)) if side == "finegrain" or same_openmp else {}
     result = run_side(__file__, side, args, env)
     print(f"  {side}: {result['tokens_per_s']:.1f} tok/s, {result['train_s']:.1f} s, accuracy {result['accuracy']:.3f}",
           flush=True)
@@ -127,6 +133,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--pairs", type=int, default=1, help="(finegrain, transformers) pairs run in turn (default 1)")
+    parser.add_argument("--same-openmp", action="store_true",
+                        help="run transformers with finegrain's OpenMP wait policy too (see the docstring)")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,9 +146,10 @@ def main() -> None:
 
     print_facts(machine_facts())
     print(f"{MODEL}, full fine-tuning: {args.train} train x {args.epochs} epochs, {args.test} test, batch {BATCH}, "
-          f"at most {MAX_LENGTH} tokens, lr {args.lr}")
+          f"at most {MAX_LENGTH} tokens, lr {args.lr}; transformers' OpenMP policy "
+          f"{'as finegrain sets it' if args.same_openmp else 'as it leaves it'}")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs), "--lr", str(args.lr)]
-    pairs = [(run_logged("finegrain", passed), run_logged("peer", passed)) for _ in range(args.pairs)]
+    pairs = [(run_logged("finegrain", passed), run_logged("peer", passed, args.same_openmp)) for _ in range(args.pairs)]
     print(f"{'':>16} {'tokens/s':>9} {'train s':>8} {'peak RSS MB':>12} {'accuracy':>9} {'trainable':>10}")
     for i, (ours, peer) in enumerate(pairs):
         number = f" #{i + 1}" if len(pairs) > 1 else ""

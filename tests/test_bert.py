@@ -328,3 +328,31 @@ def test_minilm_l6_equals_transformers():
         expected = reference(**encoded).last_hidden_state
     real = encoded["attention_mask"].bool()
     torch.testing.assert_close(ours[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_lora_on_the_top_layer_trains_over_the_cached_lower_one(bert_dir, tmp_path):
+    """The frozen-prefix cache on the encoder: layer 0 (with the embeddings) runs once, only layer 1 trains."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(write_texts(tmp_path / "data.jsonl")), "--output", str(run),
+                 "--set", "train.epochs=8", "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1",
+                 "--set", "train.lr=1e-2", "--set", "head.pooling=mean", "--set", "head.tfidf_mix=0",
+                 "--set", "train.recipe=off", "--set", "lora.layers=[-1]"]) == 0
+    results = json.loads((run / "metrics.json").read_text())
+    assert results["train"]["frozen_prefix_layers"] == 1
+    assert results["validation"]["accuracy"] == 1.0
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["query", "value"]  # the default q_proj, v_proj by BERT's names
+
+
+def test_ner_on_the_encoder_trains_and_predicts_words(bert_dir, tmp_path):
+    rows = [{"tokens": [["Anna", "Tom"][i % 2], "went", "to", ["Paris", "Berlin"][i % 2]], "tags": ["B-PER", "O", "O", "B-LOC"]}
+            for i in range(40)]
+    data = tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "ner"
+    assert main(["train", "--model", str(bert_dir), "--data", str(data), "--output", str(run), "--set", "task=ner",
+                 "--set", "train.epochs=4", "--batch-size", "8", "--set", "train.threads=1", "--set", "train.lr=3e-3",
+                 "--set", "peft.method=full"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["validation"]["f1"] == 1.0
+    predicted = finegrain.load(run).predict([["Tom", "went", "to", "Paris"]])[0]
+    assert predicted["tags"] == ["B-PER", "O", "O", "B-LOC"]
