@@ -356,3 +356,22 @@ def test_ner_on_the_encoder_trains_and_predicts_words(bert_dir, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["validation"]["f1"] == 1.0
     predicted = finegrain.load(run).predict([["Tom", "went", "to", "Paris"]])[0]
     assert predicted["tags"] == ["B-PER", "O", "O", "B-LOC"]
+
+
+def test_the_server_answers_an_encoder_run_as_finegrain_load_does(bert_dir, tmp_path):
+    from finegrain.serve.engine import Engine  # noqa: F401  (the server's modules import)
+    from finegrain.serve.models import ModelRegistry
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--data", str(write_texts(tmp_path / "data.jsonl")), "--output", str(run),
+                 "--set", "train.epochs=1", "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1",
+                 "--set", "head.pooling=first", "--set", "head.tfidf_mix=0", "--set", "train.recipe=off"]) == 0
+    registry = ModelRegistry([("enc", run)])
+    registry.load()
+    served = registry.runs["enc"]
+    assert served.model.model.config.causal is False  # model.bidirectional false in the config: still an encoder
+    texts = ["the film was good great", "bad dull film"]
+    items = served.task.encode(served.tokenizer, served.task.examples_from_inputs(texts, served.config.data), 16)
+    with served.base.use("enc"), torch.inference_mode():
+        predicted = served.task.predict(served.model, items, served.tokenizer.pad_token_id, 8)
+    assert predicted == finegrain.load(run).predict(texts)
