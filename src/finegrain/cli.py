@@ -231,6 +231,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     predictor = _load(args.run_dir, args.device)
     metrics = predictor.evaluate(args.data)
     print(predictor.task.report_text(metrics))
+    if args.robustness:
+        from finegrain.data.augment import robustness, robustness_line
+
+        metrics["robustness"] = robustness(predictor, args.data, metrics)
+        print(robustness_line(metrics["robustness"]))
     if args.output:
         atomic_write_json(args.output, metrics)
 
@@ -451,6 +456,8 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="a labelled JSONL/CSV/TSV file")
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
+    p.add_argument("--robustness", action="store_true",
+                   help="also score copies of the file with character typos, word deletion and adjacent-word swaps")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")

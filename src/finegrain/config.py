@@ -168,6 +168,16 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Extra training examples made by token-level noise (finegrain.data.augment): per kind, a
+    fraction of the training set's size; 0 (the default): none. Never applied to validation or test."""
+
+    deletion: float = 0.0  # random word deletion
+    swap: float = 0.0  # adjacent words swapped
+    typos: float = 0.0  # character typos (dropped, doubled, swapped letters, keyboard neighbours)
+
+
+@dataclass
 class ContinualConfig:
     """A sequence of stages trained one after the other (finegrain.continual); unset: one ordinary run."""
 
@@ -197,6 +207,7 @@ class RunConfig:
     # have (finegrain.warm_start); init_labels renames the earlier run's labels first ({old: new})
     init_from: str | None = None
     init_labels: dict[str, str] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
@@ -364,6 +375,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.train.prefix_cache_dtype in ("float32", "bfloat16"), "train.prefix_cache_dtype", "float32 or bfloat16"),
         (config.train.device in ("auto", "cpu", "cuda", "mps"), "train.device", "auto, cpu, cuda or mps"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
+        *((0 <= getattr(config.augment, kind) <= 1, f"augment.{kind}", "a fraction of the training set in [0, 1]")
+          for kind in ("deletion", "swap", "typos")),
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),

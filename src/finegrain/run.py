@@ -20,6 +20,7 @@ from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_loc
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
+from finegrain.data.augment import augment_examples
 from finegrain.device import peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
@@ -285,6 +286,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
 
     splits = task_class(config.task).load_splits(config.data)
     atomic_write_json(run_dir / rundir.LABELS, splits.labels)
+    splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     loaded, recipe = None, []
     if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
         loaded = load_model(
@@ -347,6 +349,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             "peft_method": config.peft.method,
             "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
             "skipped_rows": len(splits.skipped),
+            **({"augmented": augmented} if augmented else {}),  # perturbed copies among `examples`, per kind
         },
     }
     if recipe:
