@@ -190,6 +190,24 @@ class ContinualConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a finished run of the same task (finegrain.train.distill); no teacher: off."""
+
+    teacher: str | None = None  # the teacher's run directory; its outputs on the training set are computed once
+    temperature: float = 2.0  # softens teacher and student alike; the KL term is scaled by its square
+    alpha: float = 0.5  # the teacher's share: alpha * KL(teacher || student) + (1 - alpha) * the hard-label loss
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training on what the first trained layer reads (finegrain.train.adversarial); no method: off."""
+
+    method: str | None = None  # null | fgm (one normalised gradient step) | pgd (`steps` projected steps)
+    epsilon: float = 1.0  # the largest L2 norm of the perturbation of each token's vector
+    steps: int = 3  # pgd: ascent steps of 2 * epsilon / steps each, projected back onto the epsilon ball
+
+
+@dataclass
 class RunConfig:
     task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +220,8 @@ class RunConfig:
     instruct: InstructConfig = field(default_factory=InstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     output: str | None = None  # the run directory
     # a finished run to start from: its adapter and its head, row by row for the labels both runs
     # have (finegrain.warm_start); init_labels renames the earlier run's labels first ({old: new})
@@ -410,6 +430,11 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (len(config.data.split) == 3 and abs(sum(config.data.split) - 1) < 1e-6, "data.split", "three fractions summing to 1"),
         (0 <= config.head.label_smoothing < 1, "head.label_smoothing", "in [0, 1)"),
         (0 <= config.head.dropout < 1, "head.dropout", "in [0, 1)"),
+        (config.distill.temperature > 0, "distill.temperature", "above 0"),
+        (0 <= config.distill.alpha <= 1, "distill.alpha", "in [0, 1] (the teacher's share of the loss)"),
+        (config.adversarial.method in (None, "fgm", "pgd"), "adversarial.method", "null, fgm or pgd"),
+        (config.adversarial.epsilon > 0, "adversarial.epsilon", "above 0"),
+        (config.adversarial.steps >= 1, "adversarial.steps", "at least 1"),
     ]
     for ok, key, expected in checks:
         if not ok:

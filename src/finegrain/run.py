@@ -35,6 +35,9 @@ from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
+from finegrain.train.adversarial import AdversarialObjective
+from finegrain.train.distill import DistillObjective, check_teacher, teacher_logits
+from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
@@ -255,6 +258,8 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
                                  "or finegrain.continual.train_sequence, which run one stage at a time")
         if config.init_from:
             check_init_from(config)
+        if config.distill.teacher:
+            check_teacher(config)  # a finished run of this task and label set (reads the data's labels)
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
@@ -318,7 +323,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     def score(predictions: list[dict[str, Any]]) -> dict[str, Any]:
         return task.metrics(predictions, val_gold)
 
-    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter)
+    main = training_objective(config, task, model, train_items, splits, progress)
+    trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter,
+                      main=main)
     state = trainer.fit(resume=resume_dir is not None)
     # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
     mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
@@ -380,6 +387,29 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     write_results(run_dir, results, task, config.train.metric or task.headline_metric)
     trainer.writer.finish()  # the trackers of train.report_to get the final metrics, reports and adapter
     return results
+
+
+def training_objective(config: RunConfig, task, model, items: list, splits, progress: bool) -> Objective | None:
+    """The run's objective over its training `items`: the task's loss, distilled from `distill.teacher`
+    (`train.distill`: the teacher runs here, once) and made adversarial by `adversarial.method`
+    (`train.adversarial`) where the config says so; None for the task's loss alone."""
+    if not (config.distill.teacher or config.adversarial.method):
+        return None
+    objective: Objective = TaskObjective(task, items)
+    if config.distill.teacher:
+        teacher_config = check_teacher(config, splits.labels)
+        with torch.random.fork_rng():  # building the teacher draws a head init: the student's seed stream stays its own
+            teacher, tokenizer, teacher_task = build_trained(teacher_config, config.distill.teacher, progress)
+        logits = teacher_logits(teacher, teacher_task, tokenizer, splits.train, teacher_config.data.max_length,
+                                splits.labels, config.train.eval_batch_size, progress)
+        del teacher
+        objective = DistillObjective(task, items, teacher=logits, temperature=config.distill.temperature,
+                                     alpha=config.distill.alpha)
+    if config.adversarial.method:
+        adversarial = config.adversarial
+        objective = AdversarialObjective(objective, adversarial.method, adversarial.epsilon, adversarial.steps,
+                                         model.model.embed_tokens)
+    return objective
 
 
 def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> None:

@@ -93,6 +93,8 @@ class Trainer:
         run_dir: where `metrics.jsonl`, `checkpoint/` and `best/` go (names: `finegrain.rundir`).
         objectives: more objectives beside the task's own (another task's items, a distillation
             term); a batch trains the objective its sampler's draw names.
+        main: the run's own objective over `train` (objective 0), in place of the task's loss
+            (`TaskObjective`): one that wraps it adds to it (`train.distill`, `train.adversarial`).
         method: the adapter method's config (`finegrain.peft.METHODS`). What it declares beyond the
             objectives (`train.objectives.method_training`: AdaLoRA's regulariser and rank
             allocation) joins every step; None, or a method that declares nothing, adds nothing.
@@ -114,11 +116,12 @@ class Trainer:
         objectives: Sequence[Objective] = (),
         sampler: Sampler | None = None,
         method: Any = None,
+        main: Objective | None = None,
     ):
         self.model, self.task, self.config = model, task, config
         self.validation_items, self.score = list(validation), score
         self.pad_id, self.progress = pad_id, progress
-        self.objectives: list[Objective] = [TaskObjective(task, train), *objectives]
+        self.objectives: list[Objective] = [main if main is not None else TaskObjective(task, train), *objectives]
         if sampler is None:
             sampler = LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
         self.world_size = world_size()  # under torchrun each rank trains on its share of every batch

@@ -1,0 +1,163 @@
+"""Knowledge distillation (finegrain.train.distill) on the tiny model: the loss, the teacher run once,
+exact resume, and the one-line errors for a teacher that does not suit the run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+import finegrain.run
+from finegrain.config import load_config
+from finegrain.errors import FinegrainError
+from finegrain.run import train
+from finegrain.tasks.classification import ClassificationTask, Encoded
+from finegrain.train.distill import DistillObjective, soft_loss
+
+from test_train import write_config, write_data
+
+
+def test_soft_loss_is_t_squared_kl_of_the_teacher_from_the_student():
+    torch.manual_seed(0)
+    student, teacher, T = torch.randn(5, 3), torch.randn(5, 3), 2.0
+    p_t, log_p_s = (teacher / T).softmax(-1), (student / T).log_softmax(-1)
+    expected = (p_t * (p_t.log() - log_p_s)).sum(-1).mean() * T**2
+    torch.testing.assert_close(soft_loss(student, teacher, T), expected)
+    assert soft_loss(teacher, teacher, T).abs() < 1e-6
+    # multi-label: each label's sigmoid a two-class distribution
+    q_t, q_s = (teacher / T).sigmoid(), (student / T).sigmoid()
+    binary = (q_t * (q_t / q_s).log() + (1 - q_t) * ((1 - q_t) / (1 - q_s)).log()).mean(-1).mean() * T**2
+    torch.testing.assert_close(soft_loss(student, teacher, T, multi_label=True), binary)
+
+
+def test_objective_mixes_soft_and_hard_by_alpha():
+    task = ClassificationTask(["a", "b", "c"])
+    items = [Encoded([5, 6, 7], 0), Encoded([5, 6], 2), Encoded([9], 1)]
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.5, 3.0], [1.0, 1.0, 1.0]])
+    student = torch.tensor([[0.3, 0.1, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    objective = DistillObjective(task, items, teacher=teacher, temperature=3.0, alpha=0.25)
+    [(batch, weight)] = objective.pieces([2, 0], pad_id=0, max_tokens=None)
+    torch.testing.assert_close(batch["teacher_logits"], teacher[[2, 0]])  # each item's own row
+    rows = student[[2, 0]]
+    loss = objective.loss(lambda b: rows, batch)
+    hard = F.cross_entropy(rows, torch.tensor([1, 0]))
+    torch.testing.assert_close(loss, 0.25 * soft_loss(rows, teacher[[2, 0]], 3.0) + 0.75 * hard)
+    with pytest.raises(ValueError):
+        DistillObjective(task, items, teacher=teacher[:2])
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir, tmp_path_factory):
+    """A finished tiny teacher run (both layers kept) and its data."""
+    root = tmp_path_factory.mktemp("teacher")
+    data = write_data(root / "data.jsonl", 120)
+    config = write_config(root / "teacher.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    train(load_config(str(config), [f"output={root / 'run'}"]), progress=False)
+    return root / "run", data
+
+
+def student_config(tmp_path, tiny_model_dir, data, teacher_dir, *overrides):
+    path = write_config(tmp_path / "student.yaml", tiny_model_dir, data, epochs=2, eval_every=0, checkpoint_every=2)
+    return load_config(str(path), ["model.num_layers=1", f"distill.teacher={teacher_dir}", *overrides])
+
+
+def test_teacher_runs_once_and_its_term_enters_the_loss(teacher, tiny_model_dir, tmp_path, monkeypatch):
+    teacher_dir, data = teacher
+    calls = []
+    real = finegrain.run.teacher_logits
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finegrain.run, "teacher_logits", counted)
+    distilled = tmp_path / "distilled"
+    train(student_config(tmp_path, tiny_model_dir, data, teacher_dir, f"output={distilled}"), progress=False)
+    assert calls == [1]  # two epochs, one teacher pass
+    plain = tmp_path / "plain"
+    config = student_config(tmp_path, tiny_model_dir, data, teacher_dir, f"output={plain}")
+    config.distill.teacher = None
+    train(config, progress=False)
+
+    def losses(run):
+        records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [r["train_loss"] for r in records if "train_loss" in r]
+
+    assert len(losses(distilled)) == len(losses(plain))
+    assert losses(distilled)[0] != pytest.approx(losses(plain)[0])  # same seed, same batches: the soft term differs
+    assert json.loads((distilled / "metrics.json").read_text())["test"]["accuracy"] >= 0
+
+
+def test_killed_distilled_run_resumes_exactly(teacher, tiny_model_dir, tmp_path):
+    teacher_dir, data = teacher
+    config = write_config(tmp_path / "student.yaml", tiny_model_dir, data, epochs=2, eval_every=0, checkpoint_every=2)
+    spec = yaml.safe_load(config.read_text())
+    spec["model"]["num_layers"] = 1
+    spec["distill"] = {"teacher": str(teacher_dir), "temperature": 3.0, "alpha": 0.7}
+    config.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
+                              timeout=300, env={**env, **extra})
+
+    straight = cli(str(config), "--output", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = cli(str(config), "--output", str(tmp_path / "killed"), FINEGRAIN_FAULT="train_step:17")  # mid-epoch 2
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = cli("--resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "killed")]
+    assert metrics[0]["test"]["accuracy"] == metrics[1]["test"]["accuracy"]
+
+
+def copy_run(teacher_dir, tmp_path, edit_config=None, labels=None):
+    copy = tmp_path / "teacher-copy"
+    shutil.copytree(teacher_dir, copy)
+    if edit_config:
+        spec = yaml.safe_load((copy / "config.yaml").read_text())
+        edit_config(spec)
+        (copy / "config.yaml").write_text(yaml.safe_dump(spec))
+    if labels:
+        (copy / "labels.json").write_text(json.dumps(labels))
+    return copy
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"distill.teacher: .* is not a run directory"),
+    ("unfinished", r"distill.teacher: .* is an unfinished run"),
+    ("task", r"distill.teacher: .* is a regression run and this is a classification run"),
+    ("labels", r"distill.teacher: .* has another label set \(it lacks \['rotten'\], and has \['sour'\]"),
+    ("larger", r"distill.teacher: the student would keep 2 layers .* keeps 1; set model.num_layers to at most 1"),
+])
+def test_unsuitable_teacher_is_one_line_before_the_run_directory(teacher, tiny_model_dir, tmp_path, case, message):
+    teacher_dir, data = teacher
+    if case == "missing":
+        path = tmp_path / "nowhere"
+    elif case == "unfinished":  # trained but not yet written out: no adapter
+        path = copy_run(teacher_dir, tmp_path)
+        shutil.rmtree(path / "adapter")
+    elif case == "task":
+        path = copy_run(teacher_dir, tmp_path, lambda spec: spec.update(task="regression"))
+    elif case == "labels":
+        path = copy_run(teacher_dir, tmp_path, labels=["fresh", "sour"])
+    else:
+        path = copy_run(teacher_dir, tmp_path, lambda spec: spec["model"].update(num_layers=1))
+    output = tmp_path / "student"
+    config = student_config(tmp_path, tiny_model_dir, data, path, f"output={output}")
+    if case == "larger":
+        config.model.num_layers = 2
+    with pytest.raises(FinegrainError, match=message) as error:
+        train(config, progress=False)
+    assert "\n" not in str(error.value)
+    assert not output.exists()
