@@ -2,21 +2,26 @@
 rank's share of a global batch gives, summed over the ranks, the one-process gradient of that batch,
 and a two-process run ends with the one-process run's weights."""
 
+import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import random_llama
+from finegrain.cli import main
 from finegrain.config import TrainConfig
 from finegrain.model.config import LlamaConfig
 from finegrain.train.distributed import ShardedSampler, init_from_env, shutdown
 from finegrain.train.sampler import LengthBuckets
 from finegrain.train.trainer import Trainer
-from test_train import classifier
+from test_train import classifier, write_config, write_data
 
 CONFIG = TrainConfig(epochs=1, batch_size=8, grad_accum=2, threads=1, max_grad_norm=1.0, micro_batch_tokens=24,
                      checkpoint_every=1000)
@@ -104,3 +109,28 @@ def test_two_processes_train_as_one(tmp_path):
         for name, weight in single["weights"].items():
             torch.testing.assert_close(result["weights"][name], weight, atol=1e-5, rtol=1e-4, msg=name)
     assert any((tmp_path / "rank0" / "fit").iterdir()) and not any((tmp_path / "rank1" / "fit").iterdir())
+
+
+def test_torchrun_train_writes_one_run_equal_to_one_process(tiny_model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m finegrain train CONFIG`: rank 0 writes the run directory and
+    the report; the adapter is the one-process run's."""
+    data = write_data(tmp_path / "data.jsonl", 64)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1)
+    options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0"]  # dropout: each rank draws its own masks
+    assert main(["train", str(config), "--output", str(tmp_path / "one"), *options]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "finegrain", "train", str(config), "--output",
+         str(tmp_path / "two"), *options],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("weighted avg") == 1  # one report, from rank 0
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    results = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    assert results[0]["train"]["steps"] == results[1]["train"]["steps"]
+    assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]

@@ -130,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
             return
         results = train(config)
+    if not results:  # a torchrun rank above 0: rank 0 reports
+        return
     split = "test" if "test" in results else "validation"
     if split in results:
         print(f"\n{split} ({results[split].get('num_examples', '?')} examples, {results[split]['source']}):")

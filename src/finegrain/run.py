@@ -41,6 +41,8 @@ from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import applies as recipe_applies
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
+from finegrain.train.checkpointing import process_rank
+from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
 from finegrain.train.trainer import Trainer, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
@@ -244,6 +246,10 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
     `resume_dir`, a run that never reached its first checkpoint starts again from the beginning
     (see `open_run`). A directory this call created is removed again if it fails before a checkpoint.
     """
+    if launched() and world_size() == 1:  # under torchrun: join the job (gloo on the CPU, nccl on CUDA)
+        init_from_env(run_device(config if resume_dir is None else rundir.read_config(resume_dir)))
+    if process_rank() > 0:
+        return _train_beside_rank0()
     if resume_dir is not None and not (Path(resume_dir) / rundir.CONFIG).is_file():
         rundir.read_config(resume_dir)  # the one-line "not a run directory" error, before anything is created
     if resume_dir is None:
@@ -277,6 +283,18 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             raise
 
 
+def _train_beside_rank0() -> dict[str, Any]:
+    """A torchrun rank above 0: it waits for rank 0 to open the run and plan its config, trains its
+    share of every batch with that config and writes nothing; rank 0 tests and writes the results.
+    Returns an empty dict."""
+    shared: list[Any] = [None, None]
+    torch.distributed.broadcast_object_list(shared)  # rank 0's, in `_train`
+    run_dir, resume = Path(shared[0]), shared[1]
+    config = rundir.read_config(run_dir)
+    vars(config).pop("explicit", None)  # final as rank 0 planned it: no recipe here
+    return _train(config, run_dir, run_dir if resume else None, progress=False)
+
+
 def error_line(exc: BaseException) -> str:
     """The error as one line, as the command line prints it."""
     text = str(exc) if isinstance(exc, FinegrainError) else f"internal error: {type(exc).__name__}: {exc}"
@@ -285,12 +303,14 @@ def error_line(exc: BaseException) -> str:
 
 def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: bool) -> dict[str, Any]:
     """`train` once the run directory is locked and open; `resume_dir` is set when continuing a checkpoint."""
-    torch.set_num_threads(config.train.threads or available_cpus())
+    torch.set_num_threads(config.train.threads or cpus_per_rank(available_cpus()))
+    writes = process_rank() == 0  # under torchrun, only rank 0 writes the run
     seed_everything(config.train.seed)
     started = time.perf_counter()
 
     splits = task_class(config.task).load_splits(config.data)
-    atomic_write_json(run_dir / rundir.LABELS, splits.labels)
+    if writes:
+        atomic_write_json(run_dir / rundir.LABELS, splits.labels)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     loaded, recipe = None, []
     if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
@@ -302,6 +322,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
+    if writes and world_size() > 1:  # the other ranks wait for the run's final config (`_train_beside_rank0`)
+        torch.distributed.broadcast_object_list([str(run_dir), resume_dir is not None])
     model, tokenizer, task, adapter = build(config, splits.labels, progress, loaded=loaded)
     device = run_device(config)
     place(model, device)  # on the CPU: nothing
@@ -327,6 +349,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter,
                       main=main)
     state = trainer.fit(resume=resume_dir is not None)
+    if not writes:
+        return {}
     # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
     mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:

@@ -36,6 +36,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def cpus_per_rank(cpus: int) -> int:
+    """This rank's share of the machine's `cpus`: torchrun's ranks on one machine split its cores."""
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the job torchrun describes in the environment: gloo on the CPU, nccl on CUDA (each
     rank on its LOCAL_RANK's GPU). Returns False, doing nothing, outside torchrun or when joined."""
@@ -77,6 +82,14 @@ class ShardedSampler:
 
     def epoch(self, epoch: int) -> list[Draw]:
         return [Draw(draw.objective, draw.indices[self.rank :: self.world_size]) for draw in self.sampler.epoch(epoch)]
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite `tensors` with rank 0's, as DDP does when it wraps a model: every rank then starts
+    from the same weights, whatever random draws (an adapter's init, the recipe's probe) each made."""
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
 
 
 def all_sum(values: list[float], device: torch.device = torch.device("cpu")) -> list[float]:

@@ -35,7 +35,7 @@ from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.checkpointing import RunWriter
-from finegrain.train.distributed import ShardedSampler, all_sum, sum_gradients, world_size
+from finegrain.train.distributed import ShardedSampler, all_sum, broadcast_from_rank0, sum_gradients, world_size
 from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.objectives import Objective, TaskObjective, method_training
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -132,6 +132,8 @@ class Trainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
+        if self.world_size > 1:
+            broadcast_from_rank0(self.trainable.values())
         self.device = model_device(model)  # where `finegrain.device.place` put it; each batch follows
         on_cpu = self.device.type == "cpu"
         self.bf16 = config.bf16 and (not on_cpu or native_bf16())  # decided once: /proc/cpuinfo is not read per step
