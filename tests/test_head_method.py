@@ -58,9 +58,10 @@ def test_train_and_predict_through_the_cli(tiny_model_dir, tmp_path, task):
 
 
 def test_the_recipe_plans_a_head_run(tiny_model_dir, tmp_path):
-    """The recipe puts the adapted layers it picks in peft.layers; the head method takes the key and adapts none."""
+    """The recipe chooses no adapted layers for the head method, which adapts none."""
     run_dir = train_method_run(tmp_path, tiny_model_dir, {"method": "head"}, recipe="auto", epochs=1)
-    assert json.loads((run_dir / "metrics.json").read_text())["train"]["frozen_prefix_layers"] >= 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["frozen_prefix_layers"] >= 1 and "peft.layers" not in metrics["recipe"]
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] is None
 
 

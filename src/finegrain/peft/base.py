@@ -251,7 +251,7 @@ def method_config(config: RunConfig, num_layers: int, modules_to_save: list[str]
         FinegrainError: as `method_options`, or a layer index is outside the model.
     """
     method, options = method_options(config)
-    layers = adapted_layers(options.layers, num_layers, "lora" if method.name == "lora" else "peft")
+    layers = adapted_layers(getattr(options, "layers", None), num_layers, "lora" if method.name == "lora" else "peft")
     return method.from_section(options, layers=layers, modules_to_save=modules_to_save)
 
 

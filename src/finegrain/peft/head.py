@@ -35,11 +35,8 @@ class NoLayer(nn.Module):
 
 @dataclass
 class HeadOptions:
-    """peft.method: head: no options of its own."""
-
-    # Unused: no decoder layer is adapted. Accepted so that the recipe, or a config switched from
-    # another method, may set it; the whole backbone is frozen and cached whatever it says.
-    layers: list[int] | None = None
+    """peft.method: head: no options of its own (no decoder layer is adapted: the recipe leaves
+    `peft.layers` unset, and a LoRA config's `layers` is dropped with a note on switching)."""
 
 
 @dataclass

@@ -110,9 +110,7 @@ class PromptOptions:
 
     num_virtual_tokens: int = 20
     init_text: str | None = None  # start the virtual tokens as this text's tokens; unset: random vocabulary tokens
-    # Not read: virtual tokens change the input of every layer. Taken because the recipe writes the
-    # adapted layers it picks into `peft.layers` for every method other than LoRA.
-    layers: list[int] | None = None
+    # No `layers`: virtual tokens change the input of every layer (the recipe leaves it unset).
 
 
 @dataclass

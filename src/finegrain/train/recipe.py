@@ -30,12 +30,14 @@ a rerun with the same config reproduces it and any key can be overridden.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from finegrain.config import RunConfig
+from finegrain.peft import METHODS
 from finegrain.tasks.classification import encode_texts
 from finegrain.train.probe import probe_layers
 
@@ -78,9 +80,13 @@ class Recipe:
         return key not in self.explicit
 
     @property
-    def layers_key(self) -> str:
-        """Where the adapted layers go: LoRA's `lora:` section, any other method's `peft:` keys."""
-        return "lora.layers" if self.config.peft.method == "lora" else "peft.layers"
+    def layers_key(self) -> str | None:
+        """Where the adapted layers go: LoRA's `lora:` section, another method's `peft:` keys; None
+        for a method without layers to choose (head, prompt)."""
+        method = METHODS.get(self.config.peft.method)
+        if method is None or "layers" not in {f.name for f in dataclasses.fields(method.options)}:
+            return None
+        return "lora.layers" if method.name == "lora" else "peft.layers"
 
     def set(self, key: str, value: Any, reason: str) -> None:
         """Set `key`; a key set again keeps one entry, its reasons joined."""
@@ -113,7 +119,7 @@ class Recipe:
         self._targets()
         self._tfidf_mix()
         probe = None
-        if self.unset("model.num_layers") or self.unset("head.pooling") or self.unset(self.layers_key):
+        if self.unset("model.num_layers") or self.unset("head.pooling") or (self.layers_key and self.unset(self.layers_key)):
             probe = self._probe(splits, tokenizer, llama, progress)
         self._budget(len(splits.train), probe, len(llama.model.layers), splits)
         self._evaluation(len(splits.train))
@@ -223,7 +229,7 @@ class Recipe:
             train = examples * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
 
-        if not self.unset(self.layers_key):
+        if self.layers_key is None or not self.unset(self.layers_key):
             return
         cut = config.model.num_layers or total_layers
         candidates = [k for k in ADAPTED_LAYERS if k <= cut] or [cut]
