@@ -18,7 +18,7 @@ from finegrain.config import load_config
 from finegrain.errors import FinegrainError
 from finegrain.run import train
 from finegrain.tasks.classification import ClassificationTask, Encoded
-from finegrain.train.distill import DistillObjective, soft_loss
+from finegrain.train.distill import DistillObjective, check_teacher, soft_loss, teacher_logits
 
 from test_train import write_config, write_data
 
@@ -161,3 +161,45 @@ def test_unsuitable_teacher_is_one_line_before_the_run_directory(teacher, tiny_m
         train(config, progress=False)
     assert "\n" not in str(error.value)
     assert not output.exists()
+
+
+def test_regression_student_learns_the_teachers_values_in_its_own_units(tiny_model_dir, tmp_path):
+    from test_regression import write_scores
+
+    from finegrain.run import Predictor, build_trained
+
+    data = write_scores(tmp_path / "scores.jsonl", 120)
+    spec = {
+        "task": "regression", "model": {"name": str(tiny_model_dir)},
+        "data": {"train": str(data), "label_field": "score", "max_length": 8},
+        "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [-1]},
+        "train": {"epochs": 2, "lr": 1e-2, "batch_size": 16, "threads": 1, "checkpoint_every": 1000},
+    }
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(spec))
+    train(load_config(str(tmp_path / "teacher.yaml"), [f"output={tmp_path / 'teacher'}"]), progress=False)
+    student = load_config(str(tmp_path / "teacher.yaml"), [f"output={tmp_path / 'student'}", "model.num_layers=1",
+                                                           f"distill.teacher={tmp_path / 'teacher'}"])
+    results = train(student, progress=False)
+    assert "r2" in results["test"]
+
+    # The cached targets are the teacher's predicted values, standardised by the student's mean and std.
+    predictor = Predictor(tmp_path / "teacher")
+    examples = predictor.task.read_file(predictor.config.data, str(data))[:10]
+    values = torch.tensor([p["value"] for p in predictor.predict_examples(examples)])
+    model, tokenizer, task = build_trained(predictor.config, tmp_path / "teacher")
+    labels = ["score", 0.5, 2.0]
+    cached = teacher_logits(model, task, tokenizer, examples, 8, labels, progress=False)
+    torch.testing.assert_close(cached[:, 0] * 2.0 + 0.5, values, atol=1e-4, rtol=0)
+    with pytest.raises(FinegrainError, match=r"distill.teacher: .* predicts 'score' and this run 'rating'"):
+        check_teacher(student, ["rating", 0.0, 1.0])
+
+
+def test_relation_student_trains_on_the_teachers_logits(tiny_model_dir, tmp_path):
+    from test_relation import run_config
+
+    path = run_config(tmp_path, tiny_model_dir)
+    train(load_config(str(path), [f"output={tmp_path / 'teacher'}"]), progress=False)
+    results = train(load_config(str(path), [f"output={tmp_path / 'student'}", "model.num_layers=1",
+                                             f"distill.teacher={tmp_path / 'teacher'}", "distill.alpha=0.9"]),
+                    progress=False)
+    assert 0.0 <= results["test"]["f1"] <= 1.0

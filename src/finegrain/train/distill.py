@@ -6,8 +6,10 @@ fewer kept layers, another method) on
     a * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - a) * the task's hard-label loss
 
 (Hinton et al., 2015: the T^2 keeps the soft term's gradients on the scale of the hard one's as T
-changes). Multi-label classification compares each label's sigmoid(logit / T) as two-class
-distributions instead. The teacher runs once over the training examples before training
+changes), for classification and relation runs. Multi-label classification compares each label's
+sigmoid(logit / T) as two-class distributions instead; regression has no distribution to soften,
+and its soft term is the squared error to the teacher's value (in the student's standardised
+units), with no temperature. The teacher runs once over the training examples before training
 (`teacher_logits`), in evaluation mode and float32, and its logits are kept beside the items: no
 epoch runs it again. A resumed run computes them again, to the same numbers (the teacher is
 deterministic), so it goes on exactly as an uninterrupted one.
@@ -34,7 +36,7 @@ from finegrain.tasks import task_class
 from finegrain.train.batching import micro_batches
 from finegrain.train.objectives import Forward, TaskObjective
 
-TASKS = ("classification",)  # the tasks whose outputs are one row of class logits per example
+TASKS = ("classification", "relation", "regression")  # one row of outputs (class logits, a value) per example
 
 
 def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConfig:
@@ -53,7 +55,7 @@ def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConf
         raise FinegrainError(f"distill.teacher: {teacher} is an unfinished run (no trained adapter yet); finish it "
                              f"with `finegrain train --resume {teacher}` or name a finished run")
     if config.task not in TASKS:
-        raise FinegrainError(f"distill.teacher: distillation is for task {' or '.join(TASKS)} so far, "
+        raise FinegrainError(f"distill.teacher: distillation is for the tasks {', '.join(TASKS)} so far, "
                              f"not {config.task}; unset distill.teacher")
     teacher_config = rundir.read_config(teacher)
     if teacher_config.task != config.task:
@@ -66,7 +68,11 @@ def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConf
     if labels is None:
         labels = config.data.labels or task_class(config.task).load_splits(config.data).labels
     teacher_labels = rundir.read_labels(teacher)
-    if set(teacher_labels) != set(labels):
+    if config.task == "regression":  # labels.json: [label field, mean, std]; the scale is converted
+        if teacher_labels[0] != labels[0]:
+            raise FinegrainError(f"distill.teacher: {teacher} predicts '{teacher_labels[0]}' and this run "
+                                 f"'{labels[0]}'; name a teacher trained on the same target")
+    elif set(teacher_labels) != set(labels):
         missing, extra = sorted(set(labels) - set(teacher_labels)), sorted(set(teacher_labels) - set(labels))
         raise FinegrainError(
             f"distill.teacher: {teacher} has another label set (it lacks {missing or 'none'}, and has "
@@ -89,7 +95,9 @@ def teacher_logits(
     model: torch.nn.Module, task: Any, tokenizer: Any, examples: list, max_length: int, labels: list[str],
     batch_size: int = 64, progress: bool = True,
 ) -> torch.Tensor:
-    """(N, C) float32: the teacher's logits for each example, its columns in the order of `labels`.
+    """(N, C) float32: the teacher's logits for each example, its columns in the order of `labels`
+    (a regression teacher's (N, 1) values moved to the standardised units of the student's
+    `labels`, [field, mean, std]).
 
     The teacher encodes the examples itself (its tokenizer and `max_length`), so a teacher of
     another base model serves too: an example is one row of logits whichever tokens it became.
@@ -101,8 +109,10 @@ def teacher_logits(
     with torch.no_grad():
         logits = predict_outputs(model, task, items, tokenizer.pad_token_id, batch_size,
                                  progress="teacher" if progress else None).float()  # (N, C)
-    columns = [task.labels.index(label) for label in labels]
-    return logits[:, columns]
+    if task.name == "regression":
+        mean, std = (float(labels[1]), float(labels[2])) if len(labels) > 2 else (0.0, 1.0)
+        return (logits * task.std + task.mean - mean) / std
+    return logits[:, [task.labels.index(label) for label in labels]]
 
 
 def soft_loss(
@@ -125,7 +135,9 @@ def soft_loss(
 
 @dataclass
 class DistillObjective(TaskObjective):
-    """The task's loss mixed with the teacher's soft outputs: `alpha` * the KL term + (1 - `alpha`) * hard.
+    """The task's loss mixed with the teacher's soft outputs: `alpha` * the soft term + (1 - `alpha`) * hard.
+
+    The soft term is `soft_loss` for class logits, the squared error to the teacher's value for regression.
 
     Args (beyond `TaskObjective`'s):
         teacher: (N, C) the teacher's logits for `items`, row i for item i (`teacher_logits`).
@@ -154,7 +166,11 @@ class DistillObjective(TaskObjective):
 
     def loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
         outputs = forward(batch)
-        soft = soft_loss(outputs, batch["teacher_logits"], self.temperature, getattr(self.task, "multi_label", False))
+        if self.task.name == "regression":  # a value, not a distribution: its squared error to the teacher's
+            soft = F.mse_loss(outputs[:, 0].float(), batch["teacher_logits"][:, 0])
+        else:
+            multi_label = getattr(self.task, "multi_label", False)
+            soft = soft_loss(outputs, batch["teacher_logits"], self.temperature, multi_label)
         if self.alpha == 1:
             return soft
         return self.alpha * soft + (1 - self.alpha) * self.task.loss(outputs, batch)
