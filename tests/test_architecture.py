@@ -45,6 +45,7 @@ FORBIDDEN_ABOVE = {
     "finegrain.inference": ("finegrain.train",),
     "finegrain.tasks": ("finegrain.train",),
     "finegrain.serve": ("finegrain.train", "finegrain.run"),
+    "finegrain.ui": ("finegrain.train", "finegrain.run"),  # the dashboard reads runs through rundir and serves through serve
 }
 
 
