@@ -134,3 +134,39 @@ def test_torchrun_train_writes_one_run_equal_to_one_process(tiny_model_dir, tmp_
     results = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     assert results[0]["train"]["steps"] == results[1]["train"]["steps"]
     assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
+
+
+def test_resume_one_then_two_then_one_process(tiny_model_dir, tmp_path):
+    """A run killed in one process, resumed by two (torchrun; a killed rank ends the job, non-zero)
+    and finished by one ends with the adapter of an uninterrupted one-process run."""
+    data = write_data(tmp_path / "data.jsonl", 96)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=2)
+    options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0"]
+    assert main(["train", str(config), "--output", str(tmp_path / "whole"), *options]) == 0
+    run_dir = str(tmp_path / "interrupted")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def finegrain(*args: str, processes: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)] \
+            if processes > 1 else [sys.executable]
+        return subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300,
+                              env={**env, "FINEGRAIN_FAULT": fault} if fault else env)
+
+    def checkpoint_step() -> int:
+        return json.loads((tmp_path / "interrupted" / "checkpoint" / "state.json").read_text())["step"]
+
+    assert finegrain("train", str(config), "--output", run_dir, *options, fault="train_step:7").returncode != 0
+    assert checkpoint_step() == 6  # checkpoint_every 2
+    killed = finegrain("train", "--resume", run_dir, processes=2, fault="train_step:4")  # each rank at its 4th step
+    assert killed.returncode != 0
+    assert checkpoint_step() == 8  # the two processes trained steps 7 and 8 (killed at 10, after 9)
+    assert not (tmp_path / "interrupted" / "metrics.json").exists()
+    done = finegrain("train", "--resume", run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], atol=1e-5, rtol=1e-4, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in line]
+    assert steps == list(range(1, 21))  # each step logged once: the killed steps were trimmed and done again
