@@ -170,3 +170,14 @@ def test_resume_one_then_two_then_one_process(tiny_model_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
              if "train_loss" in line]
     assert steps == list(range(1, 21))  # each step logged once: the killed steps were trimmed and done again
+
+
+def test_more_processes_than_a_batch_is_one_line():
+    from finegrain.errors import FinegrainError
+    from finegrain.train.distributed import check_world
+
+    check_world(8, 24, 2)
+    with pytest.raises(FinegrainError, match="^torchrun: 4 processes, but train.batch_size is 2: .* run at most 2 "):
+        check_world(2, 24, 4)
+    with pytest.raises(FinegrainError, match="^torchrun: 4 processes, but the training data has 3 rows"):
+        check_world(8, 3, 4)

@@ -63,6 +63,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def check_world(batch_size: int, rows: int, processes: int) -> None:
+    """Refuse a job with more processes than a global batch (or the training data) has rows:
+    a rank with nothing to train on every step is a mistake to name, not to run."""
+    if processes > min(batch_size, rows):
+        what = f"train.batch_size is {batch_size}" if batch_size <= rows else f"the training data has {rows} rows"
+        raise FinegrainError(f"torchrun: {processes} processes, but {what}: each global batch is split across the "
+                             f"processes; run at most {min(batch_size, rows)} (--nproc-per-node) or raise train.batch_size")
+
+
 @dataclass(frozen=True)
 class ShardedSampler:
     """This rank's share of each batch of `sampler`: items `rank`, `rank + world_size`, ...

@@ -35,7 +35,9 @@ from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.checkpointing import RunWriter
-from finegrain.train.distributed import ShardedSampler, all_sum, broadcast_from_rank0, sum_gradients, world_size
+from finegrain.train.distributed import (
+    ShardedSampler, all_sum, broadcast_from_rank0, check_world, sum_gradients, world_size,
+)
 from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.objectives import Objective, TaskObjective, method_training
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -126,6 +128,7 @@ class Trainer:
             sampler = LengthBuckets(self.objectives[0].lengths, config.batch_size, config.seed)
         self.world_size = world_size()  # under torchrun each rank trains on its share of every batch
         if self.world_size > 1:
+            check_world(config.batch_size, len(train), self.world_size)
             sampler = ShardedSampler(sampler, torch.distributed.get_rank(), self.world_size)
         self.sampler = sampler
         self.backbone = backbone(model)
