@@ -335,7 +335,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     val_items = task.encode(tokenizer, splits.validation, max_length)
     test_items = task.encode(tokenizer, splits.test, max_length) if splits.test else []
     long_texts = long_text_summary(task, config.data, {"train": train_items, "validation": val_items, "test": test_items})
-    if long_texts and long_text_line(long_texts):  # never cut in silence
+    if writes and long_texts and long_text_line(long_texts):  # never cut in silence (said once, by rank 0)
         print(long_text_line(long_texts), flush=True)
     task.set_class_weights(train_items)
     if torch.is_tensor(getattr(task, "class_weights", None)):  # the loss weighs the logits by them, on their device
