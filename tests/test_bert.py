@@ -375,3 +375,21 @@ def test_the_server_answers_an_encoder_run_as_finegrain_load_does(bert_dir, tmp_
     with served.base.use("enc"), torch.inference_mode():
         predicted = served.task.predict(served.model, items, served.tokenizer.pad_token_id, 8)
     assert predicted == finegrain.load(run).predict(texts)
+
+
+@pytest.mark.parametrize("task, data", [
+    ("relation", ["--set", "data.train=examples/data/semeval/train.txt", "--set", "data.test=examples/data/semeval/test.txt"]),
+    ("qa", ["--set", "data.train=examples/data/squad/train.json", "--set", "data.test=examples/data/squad/test.json",
+            "--set", "qa.stride=16", "--set", "qa.max_answer_length=8"]),
+])
+def test_relation_and_qa_heads_run_on_the_encoder(bert_dir, tmp_path, task, data):
+    """The other heads read the encoder through the same contract: a run trains, tests and predicts."""
+    run = tmp_path / task
+    assert main(["train", "--model", str(bert_dir), "--output", str(run), "--set", f"task={task}", *data,
+                 "--set", "data.max_length=64", "--set", "train.epochs=1", "--batch-size", "8",
+                 "--set", "train.threads=1", "--set", "data.split=[0.8,0.2,0.0]"]) == 0
+    results = json.loads((run / "metrics.json").read_text())
+    assert results["train"]["steps"] > 0 and "test" in results
+    predictor = finegrain.load(run)
+    examples = predictor.task.read_file(predictor.config.data, data[3].split("=", 1)[1])  # the test file
+    assert len(predictor.predict_examples(examples)) == len(examples) > 0
