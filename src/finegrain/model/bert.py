@@ -363,20 +363,6 @@ def build_bert(config: BertConfig, state_dict: dict[str, torch.Tensor], dtype: t
     return model.to(dtype).eval()
 
 
-def init_weights(model: nn.Module, std: float = 0.02) -> None:
-    """Hugging Face BERT's initialisation (normal(0, std) matrices and embeddings, zero biases, unit
-    norms), for models built from a config alone (tests, the benchmark)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
 __all__ = [
-    "ACTIVATIONS", "ENCODER_TYPES", "Bert", "BertConfig", "BertModel", "build_bert", "hf_state_dict",
-    "init_weights", "state_dict_from_hf",
+    "ACTIVATIONS", "ENCODER_TYPES", "Bert", "BertConfig", "BertModel", "build_bert", "hf_state_dict", "state_dict_from_hf",
 ]
