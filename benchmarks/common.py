@@ -254,10 +254,10 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
                 (out.loss * (len(part) / len(rows))).backward()
                 ntok += int(enc.attention_mask.sum())
             opt.step()
-            opt.zero_grad()
             steps += 1
-            if after_step is not None:
+            if after_step is not None:  # before zero_grad: AdaLoRA scores weights by this step's gradients
                 after_step(model, steps)
+            opt.zero_grad()
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     model.eval()
