@@ -88,7 +88,7 @@ def test_a_failed_cell_is_one_line_naming_the_run_and_its_log(tiny_model_dir, co
 
 def test_summary_is_the_mean_and_sample_std_over_seeds():
     rows = [{"model": "m", "method": "lora", "metric": "accuracy", "score": s, "train_seconds": t, "predict_per_s": 10.0,
-             "peak_rss_mb": r, "trainable_parameters": 5, "notes": []} for s, t, r in ((0.8, 10.0, 100.0), (0.9, 20.0, 120.0))]
+             "peak_rss_mb": r, "trainable_parameters": 5, "notes": [], "total_seconds": None} for s, t, r in ((0.8, 10.0, 100.0), (0.9, 20.0, 120.0))]
     (line,) = summarize(rows)
     assert line["score"] == pytest.approx(0.85) and line["std"] == pytest.approx(0.0707107, rel=1e-5)
-    assert (line["seeds"], line["train_seconds"], line["peak_rss_mb"]) == (2, 15.0, 120.0)
+    assert (line["seeds"], line["train_seconds"], line["total_seconds"], line["peak_rss_mb"]) == (2, 15.0, 15.0, 120.0)

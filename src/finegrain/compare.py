@@ -7,10 +7,10 @@ Each cell is an ordinary `finegrain train` run in its own process (its peak RSS 
 `DIR/runs/MODEL-METHOD-sSEED`; a cell whose run already finished is read, not trained again, so
 a compare cut short continues where it stopped and a finished one rewrites its table in seconds.
 The table (`DIR/report.md`, `DIR/report.html`, the rows in `DIR/compare.json`) gives per model
-and method the test score (mean ± sample std over seeds), training time, prediction speed
+and method the test score (mean ± sample std over seeds), training and whole-run time, prediction speed
 (test examples per second through `finegrain.load`), peak RSS and trainable parameters, and the
 majority-class and TF-IDF baselines the runs measured on the same test split (classification);
-`DIR/compare.png` plots score against training time.
+`DIR/compare.png` plots score against whole-run time.
 
 A config is usually written for one model. What does not carry over to an encoder is replaced,
 and each replacement is listed under the table: `model.num_layers` (a decoder's layer cut),
@@ -204,6 +204,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "score": statistics.fmean(scores) if scores else None,
             "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
             "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
+            "total_seconds": statistics.fmean(r["total_seconds"] or r["train_seconds"] for r in group),
             "predict_per_s": statistics.fmean(r["predict_per_s"] for r in group),
             "peak_rss_mb": max(rss) if rss else None,
             "trainable_parameters": group[0]["trainable_parameters"], "notes": group[0]["notes"],
@@ -233,10 +234,13 @@ def write_outputs(output: Path, rows: list[dict[str, Any]], title: str) -> dict[
     plot_score_time(output / PLOT_NAME, lines, baselines, metric)
     table = Table(
         "Models and methods",
-        ["model", "method", "seeds", f"{metric} (mean ± std)", "train s", "predict ex/s", "peak RSS MB", "trainable params"],
-        [[l["model"], l["method"], l["seeds"], _score(l), round(l["train_seconds"], 1), l["predict_per_s"],
-          l["peak_rss_mb"], l["trainable_parameters"]] for l in lines]
-        + [[b["model"], "baseline", 1, _score(b), b["train_seconds"], None, None, None] for b in baselines],
+        ["model", "method", "seeds", f"{metric} (mean ± std)", "train s", "run s", "predict ex/s", "peak RSS MB",
+         "trainable params"],
+        [[l["model"], l["method"], l["seeds"], _score(l), _figure(l["train_seconds"], ".1f"), _figure(l["total_seconds"], ".1f"),
+          _figure(l["predict_per_s"], ".1f"), _figure(l["peak_rss_mb"], ".0f"), _figure(l["trainable_parameters"], ",")]
+         for l in lines]
+        + [[b["model"], "baseline", 1, _score(b), _figure(b["train_seconds"], ".3f"), _figure(b["train_seconds"], ".3f"),
+            None, None, None] for b in baselines],
     )
     notes = sorted({f"{l['model']}: {n}" for l in lines for n in l["notes"]})
     tables = [table] + ([Table("Settings changed per model", ["change"], [[n] for n in notes])] if notes else [])
@@ -244,8 +248,13 @@ def write_outputs(output: Path, rows: list[dict[str, Any]], title: str) -> dict[
     summary = f"{len(rows)} runs on the same splits ({rows[0]['split']} {metric})"
     if best:
         summary += f"; best: {best['model']} {best['method']} {best['score']:.4f}"
-    written = write_report(output, title, summary, tables, [(PLOT_NAME, f"{metric} against training time")])
+    written = write_report(output, title, summary, tables, [(PLOT_NAME, f"{metric} against whole-run time")])
     return {**written, "json": output / JSON_NAME, "plot": output / PLOT_NAME}
+
+
+def _figure(value: float | int | None, spec: str) -> str | None:
+    """A table cell: `value` in `spec`'s format (None stays empty, shown as n/a)."""
+    return None if value is None else format(value, spec)
 
 
 def _score(line: dict[str, Any]) -> str:
@@ -255,8 +264,9 @@ def _score(line: dict[str, Any]) -> str:
 
 
 def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[dict[str, Any]], metric: str) -> Path:
-    """Score against training seconds (log scale): a point per model × method (its std as an error
-    bar), the baselines as grey crosses at their fitting time."""
+    """Score against whole-run seconds (log scale: loading, the frozen-prefix cache, training and
+    testing, what a user waits for): a point per model × method (its std as an error bar), the
+    baselines as grey crosses at their fitting time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -266,7 +276,7 @@ def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[
     for line in lines:
         if line["score"] is None:
             continue
-        ax.errorbar([max(line["train_seconds"], 1e-3)], [line["score"]], yerr=[line["std"]], fmt="o", capsize=4,
+        ax.errorbar([max(line["total_seconds"], 1e-3)], [line["score"]], yerr=[line["std"]], fmt="o", capsize=4,
                     label=f"{line['model']} {line['method']}")
     for base in baselines:
         if base["score"] is not None:
@@ -274,7 +284,7 @@ def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[
             ax.annotate(base["model"], (max(base["train_seconds"] or 1e-3, 1e-3), base["score"]), fontsize=8,
                         xytext=(5, 3), textcoords="offset points", color="dimgrey")
     ax.set_xscale("log")
-    ax.set_xlabel("training seconds (log scale)")
+    ax.set_xlabel("whole-run seconds (log scale)")
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
     if lines:
