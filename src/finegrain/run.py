@@ -21,7 +21,7 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
-from finegrain.device import peak_memory_mb, place, reset_peak_memory, resolve_device
+from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.model.bert import BertConfig
@@ -425,6 +425,7 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
         teacher_config = check_teacher(config, splits.labels)
         with torch.random.fork_rng():  # building the teacher draws a head init: the student's seed stream stays its own
             teacher, tokenizer, teacher_task = build_trained(teacher_config, config.distill.teacher, progress)
+        place(teacher, model_device(model))  # beside the student (off the CPU its batches follow it there)
         logits = teacher_logits(teacher, teacher_task, tokenizer, splits.train, teacher_config.data.max_length,
                                 splits.labels, config.train.eval_batch_size, progress)
         del teacher

@@ -108,7 +108,7 @@ def teacher_logits(
                              "distillation needs one row of outputs per example")
     with torch.no_grad():
         logits = predict_outputs(model, task, items, tokenizer.pad_token_id, batch_size,
-                                 progress="teacher" if progress else None).float()  # (N, C)
+                                 progress="teacher" if progress else None).float().cpu()  # (N, C)
     if task.name == "regression":
         mean, std = (float(labels[1]), float(labels[2])) if len(labels) > 2 else (0.0, 1.0)
         return (logits * task.std + task.mean - mean) / std
