@@ -24,8 +24,6 @@ from torch.testing import assert_close
 import finegrain
 from finegrain.cli import main
 from finegrain.errors import FinegrainError
-from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama
 from finegrain.peft import AdaLoraConfig, AdaLoraLinear, adapter_layers, inject, load_adapter, save_adapter
 from finegrain.peft.adalora import Orthogonality, adalora_rank
 from finegrain.peft.base import WEIGHTS_NAME, read_adapter
@@ -37,26 +35,11 @@ pytestmark = pytest.mark.filterwarnings(
     # and takes a matrix the allocation left with no rank for an unsharded DeepSpeed tensor
     "ignore:Adapter 'default'.*invalid shape",
 )
+from peft_fixtures import hf_model, ours_of  # noqa: F401 (fixtures)
 
 TEXTS = ["good film 3", "bad film 5", "a good story", "bad"]
 ENTITIES = {"LOC": ["Paris", "London", "New York"], "PER": ["Anna Smith", "John"]}
 FILLER = ["the", "film", "was", "good", "in", "and", "story", "."]
-
-
-@pytest.fixture(scope="module")
-def hf_model() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ours_of(hf_model: transformers.LlamaForCausalLM) -> Llama:
-    model = Llama(LlamaConfig.from_hf(hf_model.config.to_dict()))
-    model.load_state_dict(hf_model.state_dict())
-    return model.eval()
 
 
 IDS = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -16,11 +16,11 @@ from torch.testing import assert_close
 
 import finegrain
 from finegrain.errors import FinegrainError
-from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama, RMSNorm
+from finegrain.model.llama import RMSNorm
 from finegrain.peft import LoraConfig, adapter_layers, adapter_state_dict, inject, load_adapter, save_adapter, unload_adapters
 from finegrain.peft.base import read_adapter
 from finegrain.peft.bitfit import BitfitConfig, BitfitLinear, BitfitNorm
+from peft_fixtures import hf_model, input_ids, ours_of  # noqa: F401 (fixtures)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Unsupported layer type:UserWarning"),  # PEFT on LlamaRMSNorm
@@ -28,27 +28,6 @@ pytestmark = [
 ]
 
 NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
-
-
-@pytest.fixture(scope="module")
-def hf_model() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ours_of(hf_model: transformers.LlamaForCausalLM) -> Llama:
-    model = Llama(LlamaConfig.from_hf(hf_model.config.to_dict()))
-    model.load_state_dict(hf_model.state_dict())
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 def perturb(model: torch.nn.Module, seed: int = 3) -> None:

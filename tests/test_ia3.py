@@ -24,8 +24,6 @@ import finegrain
 from finegrain.cli import main
 from finegrain.config import load_config
 from finegrain.errors import FinegrainError
-from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama
 from finegrain.peft import (
     adapter_layers,
     inject,
@@ -38,32 +36,12 @@ from finegrain.peft import (
 )
 from finegrain.peft.base import MethodLayers
 from finegrain.peft.ia3 import Ia3Config, Ia3Linear
+from peft_fixtures import hf_model, input_ids, ours_of  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 POSITIVE = ["great fun film", "a gripping story", "good cast and a fine script", "the actors were great"]
 NEGATIVE = ["dull and slow", "badly acted", "a bad story told slowly", "two hours I will never get back"]
-
-
-@pytest.fixture(scope="module")
-def hf_model() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ours_of(hf_model: transformers.LlamaForCausalLM) -> Llama:
-    model = Llama(LlamaConfig.from_hf(hf_model.config.to_dict()))
-    model.load_state_dict(hf_model.state_dict())
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")

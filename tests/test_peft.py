@@ -4,19 +4,15 @@ with an active one, checked against PEFT's `load_adapter` / `set_adapter` on the
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import peft
 import pytest
 import torch
-import transformers
 from torch.testing import assert_close
-
-import dataclasses
 
 from finegrain.config import RunConfig, load_config
 from finegrain.errors import FinegrainError
-from finegrain.model.config import LlamaConfig
-from finegrain.model.llama import Llama
 from finegrain.peft import (
     METHODS,
     LoraConfig,
@@ -29,29 +25,9 @@ from finegrain.peft import (
     save_adapter,
     set_adapter,
 )
+from peft_fixtures import hf_model, input_ids, ours_of  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def hf_model() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ours_of(hf_model: transformers.LlamaForCausalLM) -> Llama:
-    model = Llama(LlamaConfig.from_hf(hf_model.config.to_dict()))
-    model.load_state_dict(hf_model.state_dict())
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def input_ids() -> torch.Tensor:
-    return torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
