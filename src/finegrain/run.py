@@ -257,7 +257,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             task_class(config.task)  # the config layer cannot read the task table: checked here, before anything is created
         except FinegrainError as exc:
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
-        method_options(config)  # nor the method table
+        method_options(config, note=False)  # nor the method table (build notes what a switch of method drops)
         refuse_generative_on_encoder(config)
         if config.continual.classes or config.continual.tasks:
             raise FinegrainError("continual: this config is a sequence of stages; train it with `finegrain train` "

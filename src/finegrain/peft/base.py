@@ -204,12 +204,13 @@ ADAPTER_LAYERS = tuple(method.layer for method in METHODS.values() if method.lay
 ADAPTER_LAYERS += (MethodLayers,)  # the layers of several methods at one path of a served base
 
 
-def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
+def method_options(config: RunConfig, note: bool = True) -> tuple[type[AdapterConfig], Any]:
     """A run's adapter method (`peft.method`) and its options, checked before anything is built.
 
     The options are the method's `options` class read from the keys under `peft:`; LoRA's sit in
     the `lora:` section (where `finegrain.config.load_config` puts LoRA's `peft:` keys). An error
-    names the config line or `--set` that gave the key.
+    names the config line or `--set` that gave the key. `note`: warn about the `lora:` options a
+    switch of method drops (a run's early check passes False, so the note comes once, from `build`).
 
     Raises:
         FinegrainError: the method is unknown, or an option is unknown or of the wrong type.
@@ -223,18 +224,18 @@ def method_options(config: RunConfig) -> tuple[type[AdapterConfig], Any]:
         )
     options = getattr(config, method.name, None)  # a section of its own (LoRA's, from before `peft:`)
     if not isinstance(options, method.options):  # none, or a run-config section of that name (`head:`)
-        values = {**_carried_lora_options(config, method), **config.peft.options}
+        values = {**_carried_lora_options(config, method, note), **config.peft.options}
         options = from_dict(method.options, values, "config", "peft.", sources)
     return method, options
 
 
-def _carried_lora_options(config: RunConfig, method: type[AdapterConfig]) -> dict[str, Any]:
+def _carried_lora_options(config: RunConfig, method: type[AdapterConfig], note: bool = True) -> dict[str, Any]:
     """The keys a config set in its `lora:` section that `method` also takes (`layers`, `targets`):
     switching `peft.method` on a LoRA config keeps them; the others are dropped with a note."""
     taken = {f.name for f in dataclasses.fields(method.options)}
     set_keys = [key.split(".", 1)[1] for key in sorted(getattr(config, "explicit", ())) if key.startswith("lora.")]
     dropped = [key for key in set_keys if key not in taken]
-    if dropped:
+    if dropped and note:
         warnings.warn(f"peft.method: {method.name} does not take lora.{', lora.'.join(dropped)}; "
                       f"{'it is' if len(dropped) == 1 else 'they are'} left out", stacklevel=3)
     return {key: getattr(config.lora, key) for key in set_keys if key in taken}

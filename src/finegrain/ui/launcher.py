@@ -31,6 +31,7 @@ LAUNCH_DIR = ".launch"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PROGRESS = re.compile(r"training:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
+CANCEL_GRACE = 15.0  # seconds a cancelled run has to save and exit after Ctrl-C before it is killed
 
 
 @dataclass
@@ -146,6 +147,8 @@ class Launcher:
                 job.state, job.ended = CANCELLED, time.time()
             elif job.state == RUNNING and job.process is not None:
                 _signal_group(job.process, signal.SIGINT)
+                # A run busy where Ctrl-C waits (a C kernel, a checkpoint write) still ends in time.
+                threading.Thread(target=_stop, args=(job.process, CANCEL_GRACE), daemon=True).start()
         return job
 
     def describe(self) -> list[dict[str, Any]]:
