@@ -37,6 +37,7 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear, linear
+from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 from finegrain.peft.lora import LoraConfig, LoraMatmul, keep_mask
 
 KEYS = ("lora_A", "lora_E", "lora_B")  # the tensors of a layer's active adapter, as PEFT names them
@@ -73,11 +74,7 @@ class AdaLoraLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        init_frozen(self, in_features, out_features, bias, dtype, device)
         self.adapters: dict[str, AdaLoraAdapter] = {}
         self.active_adapter: str | None = None
         self.active: AdaLoraAdapter | None = None
@@ -90,11 +87,7 @@ class AdaLoraLinear(nn.Module):
         """Wrap `linear`, sharing its frozen weight and bias, with one active adapter of `options`."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     dtype=linear.weight.dtype, device=linear.weight.device)
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
+        share_frozen(layer, linear)
         layer.add_adapter(adapter_name, **options)
         layer.set_adapter(adapter_name)
         return layer
@@ -173,10 +166,7 @@ class AdaLoraLinear(nn.Module):
 
     def base_layer(self) -> Linear:
         """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it)."""
-        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         rank = None if self.active is None else int((self.active.lora_E != 0).sum())

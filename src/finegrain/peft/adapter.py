@@ -45,6 +45,7 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear, linear
+from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 
 PLACEMENTS = {"houlsby": ("down_proj", "o_proj"), "pfeiffer": ("down_proj",)}  # the wrapped sublayer outputs
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -87,11 +88,7 @@ class BottleneckLinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        init_frozen(self, in_features, out_features, bias, dtype, device)
         self.adapters: dict[str, Bottleneck] = {}
         self.active_adapter: str | None = None
         self.active: Bottleneck | None = None
@@ -104,11 +101,7 @@ class BottleneckLinear(nn.Module):
         """Wrap `module`, sharing (and freezing) its weight and bias, with adapter `adapter_name` active."""
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
                     dtype=module.weight.dtype, device=module.weight.device)
-        layer.weight = module.weight
-        layer.weight.requires_grad_(False)
-        if module.bias is not None:
-            layer.bias = module.bias
-            layer.bias.requires_grad_(False)
+        share_frozen(layer, module)
         layer.add_adapter(adapter_name, **options)
         layer.set_adapter(adapter_name)
         return layer
@@ -162,10 +155,7 @@ class BottleneckLinear(nn.Module):
 
     def base_layer(self) -> Linear:
         """A plain `Linear` holding this layer's `weight` and `bias` (the adapter left out)."""
-        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ from torch import nn
 from finegrain.errors import FinegrainError
 from finegrain.model.linear import Linear, linear
 from finegrain.model.qlinear import QuantLinear
+from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 
 INITS = ("ones", "random")  # PEFT's init_ia3_weights true / false
 FEEDFORWARD = "down_proj"  # the default feed-forward target, as PEFT's for LLaMA
@@ -54,11 +55,8 @@ class Ia3Linear(nn.Module):
         feedforward: bool = False,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.feedforward = in_features, out_features, feedforward
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        init_frozen(self, in_features, out_features, bias, dtype, device)
+        self.feedforward = feedforward
         self.adapters: dict[str, nn.Parameter] = {}
         self.active_adapter: str | None = None
         self.register_parameter("ia3_l", None)
@@ -81,11 +79,7 @@ class Ia3Linear(nn.Module):
             linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype,
             device=linear.weight.device, feedforward=options.get("feedforward", False),
         )
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
+        share_frozen(layer, linear)
         layer.add_adapter(adapter_name, **options)
         layer.set_adapter(adapter_name)
         return layer
@@ -175,12 +169,7 @@ class Ia3Linear(nn.Module):
     def base_layer(self) -> nn.Linear:
         """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it),
         or the `QuantLinear` it wraps."""
-        if self.quantized is not None:
-            return self.quantized
-        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return (

@@ -25,6 +25,7 @@ from finegrain.config import LoraSection
 from finegrain.errors import FinegrainError
 from finegrain.model import fused
 from finegrain.model.linear import Linear, linear, matmul_t
+from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 from finegrain.model.qlinear import QuantLinear
 
 INITS = ("default", "gaussian", "pissa")
@@ -75,13 +76,7 @@ class LoraLinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        weight = torch.empty(out_features, in_features, dtype=dtype, device=device)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
+        init_frozen(self, in_features, out_features, bias, dtype, device)
         self.adapters: dict[str, LoraAdapter] = {}
         self.active_adapter: str | None = None
         self.active: LoraAdapter | None = None
@@ -106,11 +101,7 @@ class LoraLinear(nn.Module):
                 dtype=linear.weight.dtype,
                 device=linear.weight.device,
             )
-            layer.weight = linear.weight
-            layer.weight.requires_grad_(False)
-            if linear.bias is not None:
-                layer.bias = linear.bias
-                layer.bias.requires_grad_(False)
+            share_frozen(layer, linear)
         layer.add_adapter(adapter_name, **options)
         layer.set_adapter(adapter_name)
         return layer
@@ -269,12 +260,7 @@ class LoraLinear(nn.Module):
     def base_layer(self) -> Linear:
         """A plain `Linear` holding this layer's `weight` and `bias` (with whatever is merged into it);
         the `QuantLinear` itself under model.quantize."""
-        if self.quantized is not None:
-            return self.quantized
-        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return (
