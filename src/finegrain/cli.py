@@ -308,6 +308,16 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(results)))
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    """A smaller run: layers, KV groups and FFN channels removed by importance, then recovered (`finegrain.prune`)."""
+    from finegrain.prune import prune_run, summary_lines
+
+    report = prune_run(args.run_dir, args.output, args.layers, args.heads, args.ffn, args.recover_epochs, args.distill,
+                       args.examples, list(args.set or []))
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {args.output} (the pruned model before recovery: {args.output}/pruned, what was kept: pruning.json)")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive conversation with a `task: instruct` run's adapted model, or a bare `--model`."""
     from finegrain.generation import generate
@@ -512,6 +522,26 @@ def build_parser() -> Parser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished classification run directories (at least two)")
     p.add_argument("--output", required=True, help="the ensemble directory (new, or an ensemble to replace)")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("prune", help="make a finished run smaller: drop layers, attention heads and FFN channels by importance, then recover",
+                       description="Structured pruning of a classification run (its adapter merged first). Layers: each skipped "
+                                   "alone, scored by how far the validation predictions move (KL); attention heads (whole KV "
+                                   "groups) and FFN channels: gradient x activation on validation batches, the same count kept in "
+                                   "every layer (transformers' LlamaConfig has one head count and one FFN width). Then a short full "
+                                   "fine-tune recovers it. OUTPUT is an ordinary run (peft.method full) that evaluate, predict, "
+                                   "serve, export and finegrain.load take; OUTPUT/pruned and OUTPUT/model load in transformers.")
+    p.add_argument("run_dir", help="a finished classification run directory")
+    p.add_argument("--layers", help="decoder layers to keep: N, or auto (drop the least important while validation, before "
+                                    "recovery, stays within 0.02 of the unpruned run); default: keep all")
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads (KV groups) to remove, in [0, 1)")
+    p.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN channels to remove, in [0, 1)")
+    p.add_argument("--recover-epochs", type=float, default=1.0, help="epochs of recovery fine-tuning (default 1; 0: none)")
+    p.add_argument("--distill", action="store_true", help="recover from the unpruned run's soft outputs (distill.teacher)")
+    p.add_argument("--examples", type=int, default=256, help="validation examples that score importance (default 256)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the recovery run's config, e.g. train.lr=1e-4 (default 5e-5, every weight trains)")
+    p.add_argument("--output", required=True, help="a new directory: the pruned run")
+    p.set_defaults(func=cmd_prune)
 
 
     from finegrain.serve.cli import add_serve_parser

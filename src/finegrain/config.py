@@ -23,7 +23,9 @@ from finegrain.errors import FinegrainError
 class ModelConfig:
     name: str | None = None  # smollm2-135m (default), minilm-l6 (an encoder), a .gguf file or a Hugging Face directory
     dtype: str = "float32"
-    num_layers: int | None = None  # keep only the first N decoder layers (the rest are dropped)
+    # keep only the first N decoder layers (the rest are dropped); auto: the layer probe chooses N during `train`
+    # (finegrain.train.recipe), and the adapted layers when lora.layers / peft.layers is unset or auto
+    num_layers: int | str | None = None
     bidirectional: bool = False  # remove the causal mask (token-level tasks)
     quantize: str | None = None  # null | int8 | q4: the decoder's linear weights stay quantised (model/qlinear.py)
 
@@ -87,7 +89,7 @@ class LoraSection:
     dropout: float = 0.05
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     rslora: bool = False
-    layers: list[int] | None = None  # adapt only these decoder layers; negative counts from the top
+    layers: list[int] | str | None = None  # adapt only these decoder layers; negative counts from the top; auto: the probe's
     lr_ratio: float | None = None  # LoRA+: lora_B's learning rate is train.lr times this (16 in the paper)
     init: str = "default"  # default | gaussian | pissa (A, B from the base weight's top singular vectors)
 
@@ -106,6 +108,8 @@ class HeadConfig:
     # classification: the weight of a TF-IDF + logistic regression's probabilities mixed into the
     # model's (finegrain.tasks.lexical): 0 (off), a number below 1, or auto (chosen on validation)
     tfidf_mix: float | str = 0.0
+    # a model directory whose head/head.safetensors starts the head in place of head.init (`finegrain prune`'s pruned/)
+    weights: str | None = None
 
 
 @dataclass
@@ -383,6 +387,15 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.head.subword in ("first", "last"), "head.subword", "first or last"),
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.head.init in ("random", "probe"), "head.init", "random or probe"),
+        (config.model.num_layers is None or config.model.num_layers == "auto"
+         or (isinstance(config.model.num_layers, int) and config.model.num_layers >= 1), "model.num_layers",
+         "a number of layers (at least 1), auto (the layer probe chooses) or null (all)"),
+        (not isinstance(config.lora.layers, str) or config.lora.layers == "auto", "lora.layers",
+         "a list of layer indices, auto (the layer probe chooses) or null (all)"),
+        *((config.task == "classification" and not config.data.multi_label, key,
+           "a number for this task, not auto: the layer probe reads single-label classification data")
+          for key, value in (("model.num_layers", config.model.num_layers), ("lora.layers", config.lora.layers),
+                             ("peft.layers", config.peft.options.get("layers"))) if value == "auto"),
         (config.head.tfidf_mix == "auto" or (isinstance(config.head.tfidf_mix, (int, float))
                                              and not isinstance(config.head.tfidf_mix, bool)
                                              and 0 <= config.head.tfidf_mix < 1), "head.tfidf_mix",

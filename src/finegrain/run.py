@@ -39,7 +39,7 @@ from finegrain.train.adversarial import AdversarialObjective
 from finegrain.train.distill import DistillObjective, check_teacher, teacher_logits
 from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
-from finegrain.train.recipe import applies as recipe_applies
+from finegrain.train.recipe import probe_scope
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
 from finegrain.train.checkpointing import process_rank
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
@@ -82,6 +82,9 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
             adapter = warm_start(model, config, labels, list(task.head_modules))
         else:
             inject(model, adapter)
+            if config.head.weights:  # the head a pruned model kept (`finegrain prune`'s pruned/)
+                load_head(model, task.head_modules, config.head.weights,
+                          "set head.weights to a model directory that holds one (finegrain prune's pruned/), or null")
         for name in task.head_modules:  # weights and biases of the head
             model.get_submodule(name).requires_grad_(True)
     return model, tokenizer, task, adapter
@@ -314,11 +317,12 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     loaded, recipe = None, []
-    if resume_dir is None and recipe_applies(config) and hasattr(config, "explicit"):
+    scope = probe_scope(config)  # None: the whole recipe; the auto keys alone (model.num_layers: auto) under recipe: off
+    if resume_dir is None and (scope is None or scope):
         loaded = load_model(
             config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress, quantize=config.model.quantize
         )
-        recipe = Recipe(config, config.explicit).plan(splits, loaded[1], loaded[0], progress)
+        recipe = Recipe(config, getattr(config, "explicit", set()), scope).plan(splits, loaded[1], loaded[0], progress)
         validate(config, "the recipe")
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:

@@ -14,6 +14,8 @@ import of the training code. A run directory holds:
     report.md, report.html, confusion_matrix.png, learning_curve.png, reliability_diagram.png
     temperature.json     `finegrain calibrate`: the temperature dividing a classifier's logits, fitted on validation
     skipped_rows.txt     the bad rows the data reader skipped
+    pruned/, pruning.json   `finegrain prune`: the pruned model before its recovery fine-tune (the run's base), and
+                         what was kept and why (finegrain.prune)
     interpolation.json, interpolation.png   `finegrain interpolate`: the metric between base and tuned weights
     checkpoint/          resumable training state; best/: the best weights so far
     tensorboard/         TensorBoard events, when train.report_to names tensorboard
@@ -51,6 +53,8 @@ CONFUSION_MATRIX = "confusion_matrix.png"
 LEARNING_CURVE = "learning_curve.png"
 RELIABILITY_DIAGRAM = "reliability_diagram.png"
 TEMPERATURE = "temperature.json"  # `finegrain calibrate` (finegrain.calibrate)
+PRUNED = "pruned"  # `finegrain prune`: the pruned model, a Hugging Face directory (finegrain.prune)
+PRUNING = "pruning.json"  # `finegrain prune`: what was kept, the importance scores, the sizes
 ENSEMBLE = "ensemble.json"  # an ensemble directory's members (finegrain.ensemble)
 SKIPPED_ROWS = "skipped_rows.txt"
 INTERPOLATION = "interpolation.json"  # `finegrain interpolate` (finegrain.interpolate)
@@ -242,5 +246,5 @@ def find_runs(root: str | Path, depth: int = 3, marker: str = CONFIG) -> list[Pa
         if marker in files:
             found.append(Path(directory))
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and level < depth
-                                   and d not in (ADAPTER, MODEL, CHECKPOINT, BEST, TENSORBOARD, TFIDF))
+                                   and d not in (ADAPTER, MODEL, CHECKPOINT, BEST, TENSORBOARD, TFIDF, PRUNED))
     return sorted(found)

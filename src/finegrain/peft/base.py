@@ -225,6 +225,8 @@ def method_options(config: RunConfig, note: bool = True) -> tuple[type[AdapterCo
     options = getattr(config, method.name, None)  # a section of its own (LoRA's, from before `peft:`)
     if not isinstance(options, method.options):  # none, or a run-config section of that name (`head:`)
         values = {**_carried_lora_options(config, method, note), **config.peft.options}
+        if values.get("layers") == "auto":  # chosen by the layer probe when `train` plans the run (finegrain.train.recipe)
+            values.pop("layers")
         options = from_dict(method.options, values, "config", "peft.", sources)
     return method, options
 

@@ -80,7 +80,7 @@ def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConf
         )
     same_base = _base(teacher_config.model.name) == _base(config.model.name)
     student, kept = config.model.num_layers, teacher_config.model.num_layers
-    if same_base and kept is not None and (student is None or student > kept):
+    if same_base and kept is not None and student != "auto" and (student is None or student > kept):  # auto: checked once planned
         raise FinegrainError(f"distill.teacher: the student would keep {student or 'all'} layers of the base and its "
                              f"teacher {teacher} keeps {kept}; set model.num_layers to at most {kept}")
     return teacher_config

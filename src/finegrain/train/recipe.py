@@ -26,6 +26,10 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
 
 Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
 a rerun with the same config reproduces it and any key can be overridden.
+
+A key set to `auto` (`model.num_layers`, `lora.layers`, `peft.layers`) counts as unset. With
+`train.recipe: off`, `model.num_layers: auto` still runs the probe's rules above (the cut, and the
+adapted layers unless the config gives them), and nothing else (`probe_scope`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ MEAN_MARGIN = 0.03  # macro-F1 by which the probe's mean pooling must beat the l
 CUT_TOLERANCE = 0.01  # macro-F1 a lower cut may lose against the probe's best layer (about its noise)
 LOW_CUT_TOLERANCE = 0.03  # and when the time budget asks for it
 TRAIN_COST = 3.0  # a training step's forward + backward costs ~3 forward passes
+AUTO = "auto"  # a key set to this is chosen as if unset (model.num_layers, lora.layers, peft.layers)
 
 
 @dataclass
@@ -72,12 +77,22 @@ def percentile(values: list[int], q: float) -> int:
 class Recipe:
     """Fills the unset keys of `config` from the training split; `choices` lists what it set."""
 
-    def __init__(self, config: RunConfig, explicit: set[str]):
-        self.config, self.explicit = config, explicit
+    def __init__(self, config: RunConfig, explicit: set[str], only: set[str] | None = None):
+        self.config, self.explicit, self.only = config, explicit, only  # only: the keys it may set (None: all)
         self.choices: list[Choice] = []
 
     def unset(self, key: str) -> bool:
-        return key not in self.explicit
+        """Whether the recipe chooses `key`: one the config left unset or set to auto (within `only`)."""
+        if self.only is not None and key not in self.only:
+            return False
+        return key not in self.explicit or self.value(key) == AUTO
+
+    def value(self, key: str) -> Any:
+        """The config's value of a dotted key (a method's `peft:` option from its options)."""
+        section, name = key.split(".")
+        if section == "peft" and name != "method":
+            return self.config.peft.options.get(name)
+        return getattr(getattr(self.config, section), name, None)
 
     @property
     def layers_key(self) -> str | None:
@@ -273,6 +288,27 @@ class Recipe:
 def applies(config: RunConfig) -> bool:
     """Whether `finegrain train` fills this config's unset keys from the data."""
     return config.train.recipe in ("auto", True) and config.task in RECIPE_TASKS and not config.data.multi_label
+
+
+def auto_keys(config: RunConfig) -> set[str]:
+    """The keys `config` sets to auto, which the layer probe chooses during `train`."""
+    values = {"model.num_layers": config.model.num_layers, "lora.layers": config.lora.layers,
+              "peft.layers": config.peft.options.get("layers")}
+    return {key for key, value in values.items() if value == AUTO}
+
+
+def probe_scope(config: RunConfig) -> set[str] | None:
+    """The keys `train`'s plan may set: None (every unset key) under `train.recipe: auto`; else the
+    auto keys, with the adapted layers beside `model.num_layers: auto` unless the config gives them
+    (empty: no plan)."""
+    if applies(config) and hasattr(config, "explicit"):  # a config read from a file: its set keys are known
+        return None
+    keys = auto_keys(config)
+    if "model.num_layers" in keys:
+        layers_key = Recipe(config, set()).layers_key
+        if layers_key and layers_key not in getattr(config, "explicit", set()):
+            keys.add(layers_key)
+    return keys
 
 
 def recipe_text(choices: list[Choice]) -> str:
