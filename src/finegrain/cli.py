@@ -126,8 +126,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             summary = train_sequence(config)["continual"]
             for name, row in zip(summary["stages"], summary["accuracy_matrix"]):
                 print(f"after {name}: " + "  ".join(f"{value:.3f}" for value in row))
+            forward = f"forward transfer {summary['fwt']:+.3f}, " if "fwt" in summary else ""
             print(f"average accuracy {summary['average_accuracy']:.3f}, backward transfer {summary['bwt']:+.3f}, "
-                  f"{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
+                  f"{forward}{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
             return
         results = train(config)
     if not results:  # a torchrun rank above 0: rank 0 reports

@@ -185,12 +185,17 @@ class AugmentConfig:
 class ContinualConfig:
     """A sequence of stages trained one after the other (finegrain.continual); unset: one ordinary run."""
 
-    strategy: str = "sequential"  # sequential | replay | joint | adapters
+    strategy: str = "sequential"  # sequential | replay | joint | adapters | ewc | lwf
     classes: list[list[str]] | None = None  # class-incremental: groups of the data's labels, one per stage
     tasks: list[dict[str, Any]] | None = None  # task-incremental: each stage's `data:` keys (its own labels and head)
     buffer: str = "balanced"  # replay: balanced (as many of each earlier class as fit) | reservoir (uniform)
     buffer_size: int = 200  # replay: earlier training examples kept
     replay_ratio: float | None = None  # replay: earlier examples per new one in a stage; null: the whole buffer
+    ewc_lambda: float = 1000.0  # ewc: strength of the pull to the earlier run's weights, each weighted by its Fisher information
+    lwf_temperature: float = 2.0  # lwf: softens the earlier and the current model's old outputs alike
+    lwf_alpha: float = 0.5  # lwf: the earlier outputs' share: alpha * KL + (1 - alpha) * the task's loss
+    lwf_heads: list[str] | None = None  # lwf: runs whose heads are kept (a task-incremental sequence: its earlier stages); null: init_from's
+    fwt: bool = True  # a sequence also trains each later stage alone from the base: forward transfer (continual.fwt)
 
 
 @dataclass
@@ -425,8 +430,14 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.window_stride is None or config.data.window_stride >= 1, "data.window_stride",
          "at least 1 token, or null for half a window"),
         (config.data.max_windows >= 1, "data.max_windows", "at least 1"),
-        (config.continual.strategy in ("sequential", "replay", "joint", "adapters"), "continual.strategy",
-         "sequential, replay, joint or adapters"),
+        (config.continual.strategy in ("sequential", "replay", "joint", "adapters", "ewc", "lwf"), "continual.strategy",
+         "sequential, replay, joint, adapters, ewc or lwf"),
+        (config.continual.strategy not in ("ewc", "lwf") or config.init_from or config.continual.classes
+         or config.continual.tasks, "continual.strategy",
+         "ewc or lwf in a sequence (continual.classes or continual.tasks) or with init_from (the earlier run they hold to)"),
+        (config.continual.ewc_lambda >= 0, "continual.ewc_lambda", "at least 0"),
+        (config.continual.lwf_temperature > 0, "continual.lwf_temperature", "above 0"),
+        (0 <= config.continual.lwf_alpha <= 1, "continual.lwf_alpha", "in [0, 1] (the earlier outputs' share of the loss)"),
         (not (config.continual.classes and config.continual.tasks), "continual.classes",
          "unset when continual.tasks is set (a sequence is class- or task-incremental)"),
         (config.continual.buffer in ("balanced", "reservoir"), "continual.buffer", "balanced or reservoir"),

@@ -18,6 +18,8 @@ started from the previous stage's run (`init_from`), trained on what the strateg
 | `replay` | those plus a buffer of earlier stages' examples (`buffer: balanced` keeps as many of each earlier class as `buffer_size` allows, `reservoir` a uniform sample; `replay_ratio`: that many buffered per new example, else the whole buffer) |
 | `joint` | every example of stages 1..k, from the base model: the upper bound |
 | `adapters` | stage k's examples on a fresh adapter of its own (task-incremental only: a stage's test set is read with its own adapter, so nothing is forgotten by construction) |
+| `ewc` | stage k's examples, the weights held near stage k-1's by their Fisher information on stage k-1's training examples (`ewc_lambda`; `finegrain.train.ewc`) |
+| `lwf` | stage k's examples, with the earlier heads' outputs of stage k-1's model on them distilled (`lwf_temperature`, `lwf_alpha`; `finegrain.train.lwf`; classification) |
 
 After each stage, every stage seen so far is tested: `R[i][j]` is the test score (the task's
 headline, accuracy for classification) on stage j's test set after training stage i. The
@@ -25,6 +27,11 @@ sequence's `DIR/metrics.json` holds `continual.accuracy_matrix` (row i lists sta
 `average_accuracy` (the last row's mean), `bwt` (backward transfer: the mean over earlier
 stages of R[last][j] - R[j][j]; negative is forgetting), `forgetting` (per stage: its best
 earlier score minus its last) and each stage's seconds, with a heatmap `accuracy_matrix.png`.
+With `continual.fwt` (the default) each later stage is also trained alone from the base model
+(`DIR/reference/stage-N`: its own examples, labels and test set; not counted in the sequence's
+seconds), and `fwt` (forward transfer) is the mean over stages 1.. of R[j][j] minus that run's
+score: what starting from the earlier stages gives the new one (positive helps). `adapters`
+trains each stage from the base already, so its references are its own diagonal.
 A killed sequence continues when run again: finished stages are read back, an interrupted one
 resumes from its checkpoint.
 """
@@ -139,12 +146,19 @@ def stage_training(config: RunConfig, stages: list[Stage], k: int) -> list:
     return list(stage.train) + buffer
 
 
-def stage_config(config: RunConfig, stages: list[Stage], k: int, output: Path) -> RunConfig:
+CARRIED = ("sequential", "replay", "ewc", "lwf")  # strategies whose stage k starts from stage k-1's run
+HOLDING = ("ewc", "lwf")  # strategies whose stage k also holds on to stage k-1's run in training
+
+
+def stage_config(config: RunConfig, stages: list[Stage], k: int, output: Path, alone: bool = False) -> RunConfig:
     """The run config of stage k: its data written as files, started from stage k-1 where the
-    strategy carries the model over."""
-    stage, files = stages[k], output / "data" / stages[k].name
+    strategy carries the model over. `alone`: stage k's own examples from the base model instead
+    (the reference of forward transfer), in `DIR/reference/`."""
+    stage = stages[k]
+    files = output / "data" / (f"reference-{stage.name}" if alone else stage.name)
+    training = list(stage.train) if alone else stage_training(config, stages, k)
     paths = {}
-    for split, examples in (("train", stage_training(config, stages, k)), ("validation", stage.validation),
+    for split, examples in (("train", training), ("validation", stage.validation),
                             ("test", stage.test)):
         if examples:
             paths[split] = files / f"{split}.jsonl"
@@ -160,9 +174,14 @@ def stage_config(config: RunConfig, stages: list[Stage], k: int, output: Path) -
         run.data.labels = stage.labels
     if not run.data.validation:
         run.data.split = [1.0 - run.data.split[1] if run.data.split[1] else 1.0, run.data.split[1], 0.0]
-    carries = config.continual.strategy in ("sequential", "replay")
-    run.init_from = str(output / stages[k - 1].name) if k and carries else config.init_from
-    run.output = str(output / stage.name)
+    carries = k and not alone and config.continual.strategy in CARRIED
+    run.init_from = str(output / stages[k - 1].name) if carries else config.init_from
+    run.output = str(output / "reference" / stage.name if alone else output / stage.name)
+    if carries and config.continual.strategy in HOLDING:
+        for key in ("strategy", "ewc_lambda", "lwf_temperature", "lwf_alpha"):
+            setattr(run.continual, key, getattr(config.continual, key))
+        if config.continual.tasks:  # every earlier task's head, each kept frozen beside this stage's
+            run.continual.lwf_heads = [str(output / s.name) for s in stages[:k]]
     return run
 
 
@@ -225,25 +244,53 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         run_stage(stage_config(config, stages, k, output), progress=False)
         seconds.append(round(time.perf_counter() - started, 1))
         matrix.append([score(reader(config, stages, k, j, output), stages[j], output) for j in range(k + 1)])
-    summary = transfer(matrix)
+    reference, reference_seconds = references(config, stages, matrix, output, progress)
+    summary = transfer(matrix, reference)
     results = {"continual": {"strategy": config.continual.strategy,
                              "kind": "class-incremental" if class_incremental else "task-incremental",
                              "stages": [s.name for s in stages], "accuracy_matrix": matrix, **summary,
-                             "seconds": seconds, "total_seconds": round(sum(seconds), 1)}}
+                             "seconds": seconds, "total_seconds": round(sum(seconds), 1),
+                             **({"fwt_reference": reference, "reference_seconds": reference_seconds}
+                                if reference else {})}}
     atomic_write_json(output / rundir.METRICS, results)
     heatmap(matrix, [s.name for s in stages], output / MATRIX_PNG, config.continual.strategy)
     return results
 
 
-def transfer(matrix: list[list[float]]) -> dict[str, Any]:
-    """Average accuracy, backward transfer and per-stage forgetting of a lower-triangular matrix."""
+def references(config: RunConfig, stages: list[Stage], matrix: list[list[float]], output: Path,
+               progress: bool) -> tuple[list[float] | None, list[float]]:
+    """The score of each stage 1.. trained alone from the base model on its own examples (forward
+    transfer's reference), and the seconds each took; (None, []) with `continual.fwt` off.
+
+    A reference run already finished under `DIR/reference/` is read back, as a stage is.
+    """
+    if not config.continual.fwt:
+        return None, []
+    if config.continual.strategy == "adapters":  # each stage is trained alone from the base already
+        return [matrix[k][k] for k in range(1, len(stages))], []
+    scores, seconds = [], []
+    for k in tqdm(range(1, len(stages)), desc="forward transfer: stages alone", unit="stage", disable=not progress):
+        started = time.perf_counter()
+        run = stage_config(config, stages, k, output, alone=True)
+        run_stage(run, progress=False)
+        seconds.append(round(time.perf_counter() - started, 1))
+        scores.append(score(Predictor(run.output), stages[k], output))
+    return scores, seconds
+
+
+def transfer(matrix: list[list[float]], reference: list[float] | None = None) -> dict[str, Any]:
+    """Average accuracy, backward transfer and per-stage forgetting of a lower-triangular matrix;
+    forward transfer too given `reference` (stage 1..'s scores trained alone from the base)."""
     last = matrix[-1]
     earlier = range(len(matrix) - 1)
-    return {
+    summary = {
         "average_accuracy": statistics.fmean(last),
         "bwt": statistics.fmean(last[j] - matrix[j][j] for j in earlier),
         "forgetting": [max(matrix[i][j] for i in range(j, len(matrix) - 1)) - last[j] for j in earlier],
     }
+    if reference is not None:
+        summary["fwt"] = statistics.fmean(matrix[k][k] - reference[k - 1] for k in range(1, len(matrix)))
+    return summary
 
 
 def heatmap(matrix: list[list[float]], names: list[str], out_png: Path, strategy: str) -> None:

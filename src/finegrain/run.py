@@ -26,7 +26,8 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.model.bert import BertConfig
 from finegrain.peft import (
-    DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, save_adapter, set_adapter,
+    DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, read_adapter, save_adapter,
+    set_adapter,
 )
 from finegrain.peft.full import FullConfig
 from finegrain.peft.full_files import load_head, save_model_dir
@@ -37,12 +38,15 @@ from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.adversarial import AdversarialObjective
 from finegrain.train.distill import DistillObjective, check_teacher, teacher_logits
+from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
+from finegrain.train.lwf import LwfObjective, old_head, teacher_outputs
 from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import probe_scope
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
 from finegrain.train.checkpointing import process_rank
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
+from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 from finegrain.train.trainer import Trainer, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
@@ -351,6 +355,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         return task.metrics(predictions, val_gold)
 
     main = training_objective(config, task, model, train_items, splits, progress)
+    if config.continual.strategy in ("ewc", "lwf"):  # a run started from an earlier one holds on to it
+        main = continual_objective(config, task, model, train_items, splits.labels,
+                                   main or TaskObjective(task, train_items), pad_id, progress)
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter,
                       main=main)
     state = trainer.fit(resume=resume_dir is not None)
@@ -440,6 +447,47 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
         objective = AdversarialObjective(objective, adversarial.method, adversarial.epsilon, adversarial.steps,
                                          model.model.embed_tokens)
     return objective
+
+
+def continual_objective(config: RunConfig, task, model, items: list, labels: list, inner: Objective, pad_id: int,
+                        progress: bool) -> Objective:
+    """`continual.strategy` ewc or lwf of a run started from an earlier one (`init_from`): the earlier
+    run's trained model is built here, once, and gives the Fisher information and weights to hold
+    (`train.ewc`), or its heads' outputs on this run's training items (`train.lwf`)."""
+    strategy, continual, source = config.continual.strategy, config.continual, config.init_from
+    if not source:
+        raise FinegrainError(f"continual.strategy: {strategy} holds on to an earlier run; set init_from (its run directory)")
+    if strategy == "lwf" and (config.task != "classification" or config.distill.teacher):
+        raise FinegrainError(f"continual.strategy: lwf distils the earlier run's class outputs (classification, without "
+                             f"distill.teacher); this run is {config.task}" + (" with a teacher" if config.distill.teacher else "")
+                             + "; use ewc or replay")
+    earlier_config = rundir.read_config(source)
+    with torch.random.fork_rng():  # building draws a head init: this run's seed stream stays its own
+        earlier, tokenizer, earlier_task = build_trained(earlier_config, source, progress)
+    place(earlier, model_device(model))
+    batch_size = config.train.eval_batch_size
+    if strategy == "lwf":
+        head = task.head_modules[0]
+        runs = continual.lwf_heads or [source]
+        weights = [read_adapter(rundir.adapter_dir(run))[1][f"{head}.weight"] for run in runs]
+        heads = [old_head(rundir.read_labels(run), w, labels) for run, w in zip(runs, weights)]
+        teacher = teacher_outputs(earlier, earlier_task, items, pad_id, head, weights, batch_size, progress)
+        return LwfObjective(task, items, teacher=teacher, temperature=continual.lwf_temperature,
+                            alpha=continual.lwf_alpha, model=model, head=head, heads=heads)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in earlier.named_parameters():  # the weights this run trains, and only those, need F
+        p.requires_grad_(name in trained)
+    earlier_splits = task_class(earlier_config.task).load_splits(earlier_config.data)
+    earlier_items = earlier_task.encode(tokenizer, earlier_splits.train, earlier_config.data.max_length)
+    start, hidden = 0, None
+    if config.train.prefix_cache:  # the frozen layers run once per example, as in training
+        start = lowest_trainable_layer(earlier, len(earlier.model.layers))
+        hidden = compute_prefix(earlier.model, earlier_task, earlier_items, start, pad_id, batch_size, False) if start else None
+    fisher = fisher_diagonal(earlier, earlier_task, earlier_items, set(trained), pad_id, hidden, start, progress)
+    theta, weights = anchors(dict(earlier.named_parameters()), fisher, trained, list(task.head_modules),
+                             rundir.read_labels(source), labels)
+    del earlier
+    return EwcObjective(inner, trained, theta, weights, continual.ewc_lambda)
 
 
 def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> None:
