@@ -6,6 +6,7 @@ error anywhere. FINEGRAIN_UI_SCREENSHOTS=docs/img saves a screenshot of each vie
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: a
 
 from serve_helpers import train_run  # noqa: E402
 from test_ui import SENTIMENT  # noqa: E402
+from test_ui_spans import span_runs  # noqa: E402
 
 TIMEOUT_MS = 30_000
 
@@ -143,6 +145,84 @@ def test_playground(page, url, shots, root):
     assert page.inner_text("#predicted-label") == finegrain.load(root / "sentiment").predict([text])[0]["label"]
     assert page.locator("#probabilities tr").count() == 2
     shot(page, shots, "playground")
+    assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def span_root(tiny_model_dir, tmp_path_factory):
+    return span_runs(tiny_model_dir, tmp_path_factory)
+
+
+def test_span_predictions_and_continual_tables(page, span_root, shots):
+    """An NER, a QA and a relation run's test predictions with their errors marked, the playground's
+    entities and answer in the text, and a continual sequence's tables."""
+    with serving(span_root) as url:
+        page.goto(f"{url}/#/run/ner")
+        page.wait_for_selector("#prediction-list .prediction")
+        rows = [json.loads(line) for line in (span_root / "ner" / rundir.TEST_PREDICTIONS).read_text().splitlines()]
+        wrong = [r for r in rows if not r["correct"]]
+        assert page.inner_text("#predictions-count").startswith(f"{len(wrong)} of {len(rows)} test examples wrong")
+        cards = page.locator("#prediction-list .prediction")
+        assert cards.count() == min(20, len(wrong)) and page.locator("#prediction-list .prediction.right").count() == 0
+        first = wrong[0]
+        card = cards.nth(0)
+        assert card.locator(".gold-line mark").count() >= len(first["gold"])  # an entity cut by another spans two marks
+        gold = {(e["type"], e["start"], e["end"]) for e in first["gold"]}
+        predicted = {(e["type"], e["start"], e["end"]) for e in first["predicted"]}
+        assert card.locator(".predicted-line mark.wrong").count() >= len(predicted - gold) > 0 or \
+            card.locator(".gold-line mark.missed").count() >= len(gold - predicted) > 0
+        page.uncheck("#errors-only")
+        page.wait_for_function(f"() => document.querySelectorAll('#prediction-list .prediction').length === {min(20, len(rows))}")
+        page.locator("#predictions").scroll_into_view_if_needed()
+        shot(page, shots, "run-ner")
+
+        page.goto(f"{url}/#/run/qa")
+        page.wait_for_selector("#prediction-list .prediction.wrong .question")
+        qa = [json.loads(line) for line in (span_root / "qa" / rundir.TEST_PREDICTIONS).read_text().splitlines()]
+        first = next(r for r in qa if not r["correct"])
+        card = page.locator("#prediction-list .prediction").nth(0)
+        assert first["question"] in card.inner_text()
+        marked_gold = card.locator(".context mark.gold").all_inner_texts()
+        assert "".join(marked_gold).replace("\n", "") or not first["gold"]
+        if first["predicted"]["start"] is not None:
+            assert "".join(card.locator(".context mark.answer").all_inner_texts()) == first["predicted"]["answer"]
+        page.locator("#predictions").scroll_into_view_if_needed()
+        shot(page, shots, "run-qa")
+
+        page.goto(f"{url}/#/run/relation")
+        page.wait_for_selector("#prediction-list .prediction mark.head")
+        assert page.locator("#prediction-list .prediction").nth(0).locator("mark.tail").count() >= 1
+
+        page.goto(f"{url}/#/compare")
+        page.click("#sequences a")
+        page.wait_for_selector("#accuracy-matrix")
+        continual = json.loads((span_root / "sequence" / rundir.METRICS).read_text())["continual"]
+        assert page.locator("#accuracy-matrix tr").count() == 1 + len(continual["accuracy_matrix"])
+        assert f"{continual['bwt']:.4f}" in page.inner_text("#continual-summary")
+        shot(page, shots, "continual")
+
+        import finegrain
+
+        sentence = "Anna Berg met Tom in Paris today"
+        page.goto(f"{url}/#/playground/ner")
+        page.fill("#playground-input", sentence)
+        page.click("#predict")
+        page.wait_for_selector("#entities")
+        expected = finegrain.load(span_root / "ner").predict([sentence])[0]["entities"]
+        assert page.locator("#entities mark.entity").count() == len(expected)
+        shot(page, shots, "playground-ner")
+        item = next((r for r in qa if r["predicted"]["start"] is not None), qa[0])
+        page.goto(f"{url}/#/playground/qa")
+        page.fill("#playground-question", item["question"])
+        page.fill("#playground-input", item["context"])
+        page.click("#predict")
+        page.wait_for_selector("#answer")
+        answer = finegrain.load(span_root / "qa").predict([{"question": item["question"], "context": item["context"]}])[0]
+        if answer["start"] is None:
+            assert page.inner_text("#answer") == "no answer in the context"
+        else:
+            assert page.inner_text("#answer mark.answer") == answer["answer"]
+        page.goto("about:blank")
     assert page.errors == []
 
 

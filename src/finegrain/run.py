@@ -24,6 +24,7 @@ from finegrain.data.augment import augment_examples
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
+from finegrain.evaluate.predictions import write_test_predictions
 from finegrain.model.bert import BertConfig
 from finegrain.peft import (
     DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, read_adapter, save_adapter,
@@ -411,6 +412,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         else:
             predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
             results["test"] = task.metrics(predictions, task.gold(splits.test))
+            write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, config.task, splits.test, predictions)
         if getattr(task, "reports_base_model", False) and adapter_layers(model):  # the test text, adapter off (task lm)
             results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)
         results["test"]["source"] = splits.origin["test"]

@@ -16,6 +16,7 @@ import of the training code. A run directory holds:
     skipped_rows.txt     the bad rows the data reader skipped
     pruned/, pruning.json   `finegrain prune`: the pruned model before its recovery fine-tune (the run's base), and
                          what was kept and why (finegrain.prune)
+    test_predictions.jsonl   ner, relation, qa: each test example's gold and predicted spans (finegrain.evaluate.predictions)
     interpolation.json, interpolation.png   `finegrain interpolate`: the metric between base and tuned weights
     checkpoint/          resumable training state; best/: the best weights so far
     tensorboard/         TensorBoard events, when train.report_to names tensorboard
@@ -57,6 +58,7 @@ PRUNED = "pruned"  # `finegrain prune`: the pruned model, a Hugging Face directo
 PRUNING = "pruning.json"  # `finegrain prune`: what was kept, the importance scores, the sizes
 ENSEMBLE = "ensemble.json"  # an ensemble directory's members (finegrain.ensemble)
 SKIPPED_ROWS = "skipped_rows.txt"
+TEST_PREDICTIONS = "test_predictions.jsonl"  # span tasks only (finegrain.evaluate.predictions)
 INTERPOLATION = "interpolation.json"  # `finegrain interpolate` (finegrain.interpolate)
 INTERPOLATION_PLOT = "interpolation.png"
 CHECKPOINT = "checkpoint"

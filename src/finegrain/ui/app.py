@@ -81,7 +81,8 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
 
     @app.get("/api/runs")
     def list_runs() -> dict[str, Any]:
-        return {"root": str(root), "runs": runs.list_runs(root), "sweeps": runs.list_sweeps(root)}
+        return {"root": str(root), "runs": runs.list_runs(root), "sweeps": runs.list_sweeps(root),
+                "sequences": runs.list_sequences(root)}
 
     @app.get("/api/run")
     def run(run: str = Query(...)) -> dict[str, Any]:
@@ -99,6 +100,17 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
         run_dir = runs.resolve_run(root, run)
         records = rundir.read_metrics_log(run_dir, start)
         return {"records": records, "next": start + len(records), "status": rundir.status(run_dir)}
+
+    @app.get("/api/predictions")
+    def predictions(run: str = Query(...), errors: bool = Query(True), offset: int = Query(0, ge=0),
+                    limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
+        """A page of a span run's test predictions (gold and predicted spans), the wrong ones by default."""
+        run_dir = runs.resolve_run(root, run)
+        page = runs.read_predictions(run_dir, errors, offset, limit)
+        if page is None:
+            raise runs.NotFound(f"run '{run}': no {rundir.TEST_PREDICTIONS} (NER, relation and QA runs write it when they test)")
+        config, _ = runs.read_config(run_dir)
+        return {"task": config.task if config is not None else None, **page}
 
     @app.get("/api/file")
     def file(run: str = Query(...), name: str = Query(...)) -> Response:
@@ -134,6 +146,12 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
         if not path.is_relative_to(directory) or not path.is_file():  # a link out of the sweep is no plot of it
             raise runs.NotFound(f"sweep '{sweep}': no plot")
         return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/continual")
+    def continual(sequence: str = Query(...)) -> dict[str, Any]:
+        """A continual sequence's tables: the accuracy matrix (R[i][j]: stage j's test score after
+        training stage i), average accuracy, backward transfer, forgetting, seconds per stage."""
+        return runs.read_continual(runs.resolve_sequence(root, sequence))
 
     @app.post("/api/predict")
     def predict(body: PredictBody) -> dict[str, Any]:

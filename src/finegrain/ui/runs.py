@@ -5,6 +5,7 @@ refused unless it stays inside the runs directory."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ FILES = {
     rundir.LEARNING_CURVE: "image/png",
     rundir.CONFIG: "text/plain; charset=utf-8",
     rundir.SKIPPED_ROWS: "text/plain; charset=utf-8",
+    rundir.TEST_PREDICTIONS: "application/x-ndjson; charset=utf-8",
 }
 # Metrics to headline when the task's own is absent from metrics.json, in order of preference.
 FALLBACK_METRICS = ("accuracy", "micro_f1", "f1", "rougeL", "mse")
@@ -51,18 +53,63 @@ def resolve_run(root: Path, identifier: str) -> Path:
 
 def resolve_sweep(root: Path, identifier: str) -> Path:
     """The `finegrain sweep` directory `identifier` names, refused like `resolve_run` outside `root`."""
+    return _resolve_marked(root, identifier, rundir.SWEEP_TABLE, "sweep")
+
+
+def resolve_sequence(root: Path, identifier: str) -> Path:
+    """The continual sequence (`finegrain train` of a config with `continual:`) `identifier` names:
+    a directory whose metrics.json holds `continual`, refused like `resolve_run` outside `root`."""
+    path = _resolve_marked(root, identifier, rundir.METRICS, "continual sequence")
+    if read_continual(path) is None:
+        raise NotFound(f"continual sequence '{identifier}': not a continual sequence under the runs directory")
+    return path
+
+
+def _resolve_marked(root: Path, identifier: str, marker: str, what: str) -> Path:
+    """The directory under `root` that `identifier` names and that holds file `marker`."""
     parts = Path(identifier).parts
     base = root.resolve()
     path = (base / identifier).resolve()
     if not identifier or "\x00" in identifier or Path(identifier).is_absolute() or ".." in parts \
-            or not path.is_relative_to(base) or not (path / rundir.SWEEP_TABLE).is_file():
-        raise NotFound(f"sweep '{identifier}': not a sweep under the runs directory")
+            or not path.is_relative_to(base) or not (path / marker).is_file():
+        raise NotFound(f"{what} '{identifier}': not a {what} under the runs directory")
     return path
 
 
 def list_sweeps(root: Path) -> list[str]:
     """The sweep directories under `root`, as ids."""
     return [run_id(root, path) for path in rundir.find_runs(root, marker=rundir.SWEEP_TABLE)]
+
+
+def list_sequences(root: Path) -> list[str]:
+    """The continual sequences under `root` (their stages are runs below them), as ids."""
+    return [run_id(root, path) for path in rundir.find_runs(root, marker=rundir.METRICS)
+            if not (path / rundir.CONFIG).is_file() and read_continual(path) is not None]
+
+
+def read_continual(directory: Path) -> dict[str, Any] | None:
+    """The `continual` section of a sequence's metrics.json (accuracy matrix, BWT, ...), None for anything else."""
+    metrics = rundir.read_metrics(directory)
+    section = metrics.get("continual") if isinstance(metrics, dict) else None
+    return section if isinstance(section, dict) and isinstance(section.get("accuracy_matrix"), list) else None
+
+
+def read_predictions(run_dir: Path, errors_only: bool, offset: int, limit: int) -> dict[str, Any] | None:
+    """A page of the run's test predictions (`test_predictions.jsonl`: NER, relation and QA runs),
+    the wrong ones only when `errors_only`, with the counts; None when the run has none."""
+    path = (run_dir / rundir.TEST_PREDICTIONS).resolve()
+    if not path.is_relative_to(run_dir.resolve()) or not path.is_file():
+        return None
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a file some other tool cut short: what is whole still shows
+            continue
+    errors = [r for r in records if not r.get("correct")]
+    chosen = errors if errors_only else records
+    return {"total": len(records), "errors": len(errors), "matched": len(chosen), "offset": offset,
+            "records": chosen[offset : offset + limit]}
 
 
 def resolve_file(run_dir: Path, name: str) -> Path:

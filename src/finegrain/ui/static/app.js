@@ -1,5 +1,5 @@
 // finegrain ui: one page, no framework. Views are picked by the URL's hash:
-// #/runs, #/run/ID, #/compare/ID,ID,..., #/playground/ID, #/launch.
+// #/runs, #/run/ID, #/compare/ID,ID,..., #/sweep/ID, #/continual/ID, #/playground/ID, #/launch.
 "use strict";
 
 const COLORS = ["#2f6fdf", "#d2552c", "#23874a", "#8a4bd1", "#b7791f", "#1b9aaa", "#c2407f", "#5b6470"];
@@ -56,6 +56,7 @@ function duration(s) {
   s = Math.round(s);
   return s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min`;
 }
+const fixed = (v, digits) => typeof v === "number" ? v.toFixed(digits) : "";
 const when = (t) => t ? new Date(t * 1000).toLocaleString() : "";
 const badge = (status) => h("span", {class: `badge ${status}`}, status);
 
@@ -165,7 +166,7 @@ async function viewRuns(my) {
     box.replaceChildren(h("div", {class: "toolbar"}, search, compare, h("span", {class: "muted"}, `${rows.length} of ${data.runs.length} runs`)),
       h("table", {id: "runs"}, h("thead", {}, head), h("tbody", {}, body)),
       ...(data.runs.length ? [] : [h("p", {class: "muted"}, "No runs here yet: train one with `finegrain train ... --output RUNS_DIR/NAME`, or from Launch.")]),
-      ...(data.sweeps.length ? [h("h3", {}, "Sweeps"), h("ul", {id: "sweeps"}, data.sweeps.map((id) => h("li", {}, h("a", {href: `#/sweep/${q(id)}`}, id))))] : []));
+      ...collections(data));
   };
   let last = null;
   every(3000, async () => {
@@ -208,6 +209,7 @@ async function viewRun(my, id) {
       data.playground ? h("a", {href: `#/playground/${q(s.id)}`}, "Try it in the playground →") : null),
     h("h3", {}, "Learning curves"), curves,
     report(id, data),
+    data.files.includes("test_predictions.jsonl") ? testPredictions(my, id) : null,
     h("h3", {}, "Effective config"), h("pre", {id: "config"}, data.config_text));
   const records = [];
   let next = 0, status = s.status;
@@ -267,11 +269,98 @@ function report(id, data) {
   return box;
 }
 
+// -- test predictions of NER, relation and QA runs ---------------------------------------------
+
+// `text` with `spans` ({start, end, cls, label, title}) marked. Spans may overlap (gold and predicted
+// answers): the text is cut at every span's edges and each piece carries the classes of all spans over it.
+function marked(text, spans) {
+  spans = spans.filter((s) => Number.isInteger(s.start) && Number.isInteger(s.end) && s.start < s.end);
+  const cuts = [...new Set([0, text.length, ...spans.flatMap((s) => [s.start, s.end])])].filter((c) => c >= 0 && c <= text.length).sort((a, b) => a - b);
+  const out = [];
+  for (let i = 0; i + 1 < cuts.length; i++) {
+    const [a, b] = [cuts[i], cuts[i + 1]];
+    const over = spans.filter((s) => s.start <= a && s.end >= b);
+    if (!over.length) { out.push(text.slice(a, b)); continue; }
+    out.push(h("mark", {class: [...new Set(over.flatMap((s) => s.cls.split(" ")))].join(" "), title: over.map((s) => s.title).filter(Boolean).join("; ") || null},
+      text.slice(a, b), over.filter((s) => s.end === b && s.label).map((s) => h("sup", {}, s.label))));
+  }
+  return out;
+}
+
+const spanKey = (e) => `${e.type}|${e.start}|${e.end}`;
+
+// One test example: gold against predicted, what is wrong in red (a missed gold entity dashed).
+function predictionCard(task, r) {
+  const card = h("div", {class: `prediction ${r.correct ? "right" : "wrong"}`, "data-index": r.index});
+  const where = h("span", {class: "muted source", title: r.source}, r.source.split("/").pop());
+  if (task === "ner") {
+    const gold = new Set(r.gold.map(spanKey)), predicted = new Set(r.predicted.map(spanKey));
+    card.append(
+      h("div", {class: "line gold-line"}, h("span", {class: "tag"}, "gold"), marked(r.text, r.gold.map((e) => ({...e, label: e.type,
+        cls: `entity gold${predicted.has(spanKey(e)) ? "" : " missed"}`, title: predicted.has(spanKey(e)) ? `${e.type}: found` : `${e.type}: missed`})))),
+      h("div", {class: "line predicted-line"}, h("span", {class: "tag"}, "predicted"), marked(r.text, r.predicted.map((e) => ({...e, label: e.type,
+        cls: `entity ${gold.has(spanKey(e)) ? "right" : "wrong"}`, title: `${e.type} ${fmt(e.score, 3)}${gold.has(spanKey(e)) ? "" : ": not in gold"}`})))),
+      where);
+  } else if (task === "relation") {
+    card.append(
+      h("div", {class: "line"}, marked(r.text, [{...r.head, cls: "entity head", label: "e1"}, {...r.tail, cls: "entity tail", label: "e2"}])),
+      h("div", {class: "line"}, "gold ", h("b", {}, r.gold), " · predicted ", h("b", {class: r.correct ? "ok" : "error"}, r.predicted), ` (${fmt(r.probability, 3)})`, " ", where));
+  } else if (task === "qa") {
+    const p = r.predicted;
+    const spans = [...r.gold.map((a) => ({...a, cls: "gold", title: "gold answer"})),
+      {start: p.start, end: p.end, cls: `answer ${r.correct ? "right" : "wrong"}`, title: `predicted (${fmt(p.score, 3)})`}];
+    card.append(
+      h("div", {class: "line question"}, h("b", {}, r.question)),
+      h("div", {class: "line context"}, marked(r.context, spans)),
+      h("div", {class: "line"}, "predicted ", h("b", {class: r.correct ? "ok" : "error"}, p.answer ? `“${p.answer}”` : "(no answer)"),
+        ` EM ${r.exact_match} F1 ${fmt(r.f1, 2)} · gold `, r.gold.length ? r.gold.map((a) => `“${a.text}”`).join(" | ") : "(no answer)", " ", where));
+  }
+  return card;
+}
+
+// The run's test predictions (test_predictions.jsonl), a page at a time, the wrong ones first.
+function testPredictions(my, id) {
+  const LIMIT = 20;
+  const state = {errors: true, offset: 0};
+  const list = h("div", {id: "prediction-list"});
+  const info = h("span", {class: "muted", id: "predictions-count"});
+  const only = h("input", {type: "checkbox", id: "errors-only", checked: true});
+  const prev = h("button", {class: "secondary", id: "predictions-prev", onclick: () => { state.offset = Math.max(0, state.offset - LIMIT); load(); }}, "← previous");
+  const next = h("button", {class: "secondary", id: "predictions-next", onclick: () => { state.offset += LIMIT; load(); }}, "next →");
+  only.addEventListener("change", () => { state.errors = only.checked; state.offset = 0; load(); });
+  const legend = h("span", {class: "legend-marks"}, h("mark", {class: "entity gold"}, "gold"), h("mark", {class: "entity right"}, "right"),
+    h("mark", {class: "entity wrong"}, "wrong"), h("mark", {class: "entity gold missed"}, "missed"));
+  const load = async () => {
+    let got;
+    try { got = await api(`/api/predictions?run=${q(id)}&errors=${state.errors}&offset=${state.offset}&limit=${LIMIT}`); }
+    catch (err) { list.replaceChildren(failure(err)); return; }
+    if (my !== viewId) return;
+    const shown = got.records.length ? `${got.offset + 1}–${got.offset + got.records.length} of ${got.matched}` : "none";
+    info.textContent = `${got.errors} of ${got.total} test examples wrong; showing ${shown}`;
+    prev.disabled = got.offset === 0;
+    next.disabled = got.offset + LIMIT >= got.matched;
+    list.replaceChildren(...(got.records.length ? got.records.map((r) => predictionCard(got.task, r))
+      : [h("p", {class: "muted"}, state.errors ? "No wrong prediction in the test split." : "No test predictions.")]));
+  };
+  load();
+  return h("div", {id: "predictions"}, h("h3", {}, "Test predictions"),
+    h("div", {class: "toolbar"}, h("label", {}, only, " wrong ones only"), prev, next, info, legend), list);
+}
+
 // -- Compare ----------------------------------------------------------------------------------
+
+// The sweeps and continual sequences under the runs directory, as lists of links.
+function collections(data) {
+  const list = (title, id, ids, view) => ids.length ? [h("h3", {}, title), h("ul", {id}, ids.map((x) => h("li", {}, h("a", {href: `#/${view}/${q(x)}`}, x))))] : [];
+  return [...list("Sweeps", "sweeps", data.sweeps || [], "sweep"), ...list("Continual sequences", "sequences", data.sequences || [], "continual")];
+}
 
 async function viewCompare(my, ids) {
   if (ids.length < 2) {
     main().replaceChildren(h("h2", {}, "Compare"), h("p", {class: "muted"}, "Tick two or more runs in Runs and press Compare selected."));
+    let data;
+    try { data = await api("/api/runs"); } catch (err) { main().append(failure(err)); return; }
+    if (my === viewId) main().append(...collections(data));
     return;
   }
   let data;
@@ -319,6 +408,31 @@ async function viewSweep(my, id) {
   if (my !== viewId) return;
   main().replaceChildren(h("h2", {}, `Sweep ${id}`), h("div", {id: "sweep", class: "card"}, markdown(data.table)),
     ...(data.plot ? [h("img", {src: `/api/sweep-plot?sweep=${q(id)}`, alt: "headline score of the sweep's runs", id: "sweep-plot"})] : []));
+}
+
+// -- a continual sequence's tables ----------------------------------------------------------------
+
+async function viewContinual(my, id) {
+  let c;
+  try { c = await api(`/api/continual?sequence=${q(id)}`); } catch (err) { main().replaceChildren(failure(err)); return; }
+  if (my !== viewId) return;
+  const stages = c.stages || c.accuracy_matrix.map((_, i) => `stage ${i}`);
+  const matrix = h("table", {class: "cm", id: "accuracy-matrix"}, h("tr", {}, h("th", {}, "after ↓ / tested on →"), stages.map((s) => h("th", {}, s))),
+    c.accuracy_matrix.map((row, i) => h("tr", {}, h("th", {}, `after ${stages[i]}`), stages.map((_, j) => {
+      if (j >= row.length) return h("td", {class: "empty"}, "");
+      const td = h("td", {class: i === j ? "diag" : ""}, fixed(row[j], 3));
+      td.style.background = `rgba(35, 135, 74, ${(0.08 + 0.6 * Math.max(0, Math.min(1, row[j]))).toFixed(3)})`;
+      return td;
+    }))));
+  const perStage = h("table", {id: "continual-stages"}, h("thead", {}, h("tr", {}, ["stage", "last score", "forgetting", "seconds"].map((t, i) => h("th", {class: i ? "num" : ""}, t)))),
+    h("tbody", {}, stages.map((s, j) => h("tr", {}, h("td", {}, s), h("td", {class: "num"}, fixed(c.accuracy_matrix.at(-1)[j], 3)),
+      h("td", {class: "num"}, fixed((c.forgetting || [])[j], 3)), h("td", {class: "num"}, fixed((c.seconds || [])[j], 1))))));
+  main().replaceChildren(h("h2", {}, `Continual sequence ${id}`),
+    h("div", {class: "card", id: "continual-summary"}, `${c.kind || ""} · strategy ${c.strategy || "?"} · average accuracy `, h("b", {}, fixed(c.average_accuracy, 4)),
+      " · BWT ", h("b", {class: c.bwt < 0 ? "error" : "ok"}, fixed(c.bwt, 4)), c.total_seconds !== undefined ? ` · ${duration(c.total_seconds)}` : ""),
+    h("h3", {}, "Accuracy matrix (rows: after training a stage; columns: the stage tested)"), matrix,
+    h("h3", {}, "Per stage"), perStage,
+    h("p", {class: "muted"}, "BWT (backward transfer): the mean over earlier stages of the last score minus the score just after training it; negative is forgetting."));
 }
 
 // -- Playground --------------------------------------------------------------------------------
@@ -391,6 +505,9 @@ function showPrediction(task, input, p) {
       const fill = h("span", {}); fill.style.width = `${(100 * v).toFixed(1)}%`;
       return h("tr", {}, h("td", {}, label), h("td", {}, h("div", {class: "bar"}, fill)), h("td", {class: "num"}, v.toFixed(3)));
     })));
+    if (p.head && p.tail && input && typeof input.text === "string") {  // a relation: its two mentions in the text
+      box.append(h("div", {id: "mentions"}, marked(input.text, [{...p.head, cls: "entity head", label: "e1"}, {...p.tail, cls: "entity tail", label: "e2"}])));
+    }
   } else if (Array.isArray(p.entities) && typeof input === "string") {
     const text = h("div", {id: "entities"});
     let at = 0;
@@ -503,12 +620,13 @@ function route() {
   timers = [];
   const my = ++viewId;
   const [view, arg] = location.hash.replace(/^#\/?/, "").split(/\/(.*)/s);
-  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === ({run: "runs", sweep: "compare"}[view] || view || "runs"));
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === ({run: "runs", sweep: "compare", continual: "compare"}[view] || view || "runs"));
   const id = arg ? decodeURIComponent(arg) : "";
   if (view === "run" && id) return viewRun(my, id);
   if (view === "compare") return viewCompare(my, arg ? arg.split(",").map(decodeURIComponent) : []);
   if (view === "playground") return viewPlayground(my, id);
   if (view === "sweep" && id) return viewSweep(my, id);
+  if (view === "continual" && id) return viewContinual(my, id);
   if (view === "launch") return viewLaunch(my);
   return viewRuns(my);
 }
