@@ -10,6 +10,7 @@ from finegrain.errors import FinegrainError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "auto (CUDA where torch sees one, else the CPU), cpu, cuda or mps"
+NPROC_HELP = "run in N processes on this machine under torchrun (as `torchrun --nproc-per-node N -m finegrain ...`)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -107,9 +108,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from finegrain.run import train
     from finegrain.tasks import task_class
 
+    if args.nproc is not None:
+        return _launch_torchrun(args)
     if args.resume:
         if args.config or args.set or any(getattr(args, flag) is not None for flag in TRAIN_FLAGS):
             raise FinegrainError("--resume continues a run with its saved config.yaml; drop the config file and other options")
+        from finegrain.rundir import task_runs
+
+        if task_runs(args.resume):  # a multi-task run (finegrain.multitask)
+            return _train_multitask(args.resume)
         results = train(None, resume_dir=args.resume)
     else:
         overrides = list(args.set or [])
@@ -130,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"average accuracy {summary['average_accuracy']:.3f}, backward transfer {summary['bwt']:+.3f}, "
                   f"{forward}{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
             return
+        if config.tasks:  # several tasks on one backbone (finegrain.multitask)
+            return _train_multitask(None, config)
         results = train(config)
     if not results:  # a torchrun rank above 0: rank 0 reports
         return
@@ -144,6 +153,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     if summary["skipped_rows"]:
         print(f"skipped {summary['skipped_rows']} bad rows (listed in skipped_rows.txt)")
+
+
+def _launch_torchrun(args: argparse.Namespace) -> None:
+    """`--nproc N`: the same command in N processes under torchrun on this machine (`finegrain.launch`)."""
+    from finegrain.launch import launch
+
+    launch(args.command, args.argv, args.nproc, args, TRAIN_FLAGS)
+
+
+def _train_multitask(resume_dir, config=None) -> None:
+    """Train (or resume) a multi-task run and print its table of tasks."""
+    from finegrain.multitask import summary_table, train as train_tasks
+
+    results = train_tasks(config, resume_dir=resume_dir)
+    print("\n" + summary_table(results), end="")
+    print(f"metrics: {resume_dir or config.output}/metrics.json")
 
 
 # Common options that have their own flag, and the config key each sets.
@@ -229,10 +254,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from finegrain.sharded import torchrun_job
+    from finegrain.train.distributed import launched
+
+    if args.nproc is not None:
+        return _launch_torchrun(args)
+    if args.robustness and launched():
+        raise FinegrainError("--robustness scores the file's copies in one process; drop it under torchrun")
+    with torchrun_job(args.run_dir, args.device):
+        _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
+    from finegrain.sharded import evaluate
 
     predictor = _load(args.run_dir, args.device)
-    metrics = predictor.evaluate(args.data)
+    metrics = evaluate(predictor, args.data)  # under torchrun: each rank its shard; None on ranks above 0
+    if metrics is None:
+        return
     print(predictor.task.report_text(metrics))
     if args.robustness:
         from finegrain.data.augment import robustness, robustness_line
@@ -244,7 +284,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from finegrain.sharded import torchrun_job
+    from finegrain.train.distributed import launched
+
+    if args.nproc is not None:
+        return _launch_torchrun(args)
+    if args.input == "-" and launched():
+        raise FinegrainError("--input -: under torchrun every process reads the input; give a file")
+    with torchrun_job(args.run_dir, args.device):
+        _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_text
+    from finegrain.sharded import predict_examples
 
     predictor = _load(args.run_dir, args.device)
     task, data = predictor.task, predictor.config.data
@@ -255,10 +308,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if not examples:
         source = "standard input" if args.input == "-" else args.input
         raise FinegrainError(f"{source}: no text to label; give one text per line (stdin) or a file with a {data.text_field} field")
-    lines = [
-        _json_line({**task.input_record(e), **p}, i + 1, args.run_dir)
-        for i, (e, p) in enumerate(zip(examples, predictor.predict_examples(examples)))
-    ]
+    predictions = predict_examples(predictor, examples, args.input)  # under torchrun: rank 0 gathers them in order
+    if predictions is None:
+        return
+    lines = [_json_line({**task.input_record(e), **p}, i + 1, args.run_dir) for i, (e, p) in enumerate(zip(examples, predictions))]
     if args.output:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     else:
@@ -422,6 +475,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and count them instead of stopping")
     p.add_argument("--device", help=DEVICE_HELP + " (sets train.device)")
+    p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("probe", help="propose model.num_layers and lora.layers from a linear probe of every layer")
@@ -471,6 +525,7 @@ def build_parser() -> Parser:
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.add_argument("--robustness", action="store_true",
                    help="also score copies of the file with character typos, word deletion and adjacent-word swaps")
+    p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")
@@ -478,6 +533,7 @@ def build_parser() -> Parser:
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
     p.add_argument("--output", help="write the JSONL here instead of standard output")
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
+    p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("chat", help="talk with a task: instruct run (or a base model) in the terminal")
@@ -561,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_openmp()  # first, before anything imports torch: libgomp reads it once, when it loads
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what --nproc hands to torchrun
     try:
         args.func(args)
     except FinegrainError as e:
