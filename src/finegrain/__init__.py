@@ -8,13 +8,17 @@ __all__ = ["FinegrainError", "generate", "load", "load_model"]
 
 def load(run_dir):
     """Load a trained run directory (or an ensemble directory of `finegrain ensemble`) for prediction:
-    `finegrain.load(RUN_DIR).predict([...])`."""
-    from finegrain.rundir import is_ensemble
+    `finegrain.load(RUN_DIR).predict([...])`; a multi-task run's: `.predict([...], task="NAME")`."""
+    from finegrain.rundir import is_ensemble, task_runs
 
     if is_ensemble(run_dir):
         from finegrain.ensemble import EnsemblePredictor
 
         return EnsemblePredictor(run_dir)
+    if task_runs(run_dir):  # a multi-task run: predict(texts, task="...")
+        from finegrain.multitask import MultiTaskPredictor
+
+        return MultiTaskPredictor(run_dir)
     from finegrain.run import Predictor
 
     return Predictor(run_dir)

@@ -78,6 +78,7 @@ class PeftSection:
     rest: ClassVar[str] = "options"  # from_dict puts keys this class does not name here
     method: str = "lora"
     options: dict[str, Any] = field(default_factory=dict)
+    share: bool = True  # a multi-task run (`tasks:`): one adapter for every task (true) or one adapter per task
 
 
 @dataclass
@@ -217,6 +218,15 @@ class AdversarialConfig:
 
 
 @dataclass
+class MultitaskConfig:
+    """How the tasks of a multi-task run (`tasks:`) share its training steps (finegrain.multitask)."""
+
+    sampling: str = "proportional"  # proportional (every batch of every task once an epoch) | temperature | round_robin
+    temperature: float = 2.0  # sampling: temperature: task i gets a share of the batches proportional to n_i ** (1 / T)
+    select: str | None = None  # the task whose validation metric picks the best checkpoint; null: the mean of all
+
+
+@dataclass
 class RunConfig:
     task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -237,6 +247,9 @@ class RunConfig:
     init_from: str | None = None
     init_labels: dict[str, str] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # several tasks on one backbone (finegrain.multitask): name -> {task, data, head, relation, qa, metric, loss_weight}
+    tasks: dict[str, dict[str, Any]] | None = None
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
@@ -374,11 +387,11 @@ def _lora_options_to_their_section(values: dict[str, Any], sources: dict[str, st
     peft = values.get("peft")
     if not isinstance(peft, dict) or peft.get("method", "lora") != "lora":
         return
-    options = {key: value for key, value in peft.items() if key != "method"}
+    options = {key: value for key, value in peft.items() if key not in ("method", "share")}
     if options:
         lora = values.get("lora") if isinstance(values.get("lora"), dict) else {}
         values["lora"] = {**lora, **options}
-        values["peft"] = {key: value for key, value in peft.items() if key == "method"}
+        values["peft"] = {key: value for key, value in peft.items() if key in ("method", "share")}
         for key in options:
             sources[f"lora.{key}"] = sources.get(f"peft.{key}", sources.get("peft", "config"))
 
@@ -459,18 +472,22 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.adversarial.method in (None, "fgm", "pgd"), "adversarial.method", "null, fgm or pgd"),
         (config.adversarial.epsilon > 0, "adversarial.epsilon", "above 0"),
         (config.adversarial.steps >= 1, "adversarial.steps", "at least 1"),
+        (config.multitask.sampling in ("proportional", "temperature", "round_robin"), "multitask.sampling",
+         "proportional, temperature or round_robin"),
+        (config.multitask.temperature > 0, "multitask.temperature", "above 0"),
+        (config.tasks is None or len(config.tasks) >= 2, "tasks", "at least two tasks (one task is an ordinary run: task: and data:)"),
     ]
     for ok, key, expected in checks:
         if not ok:
             raise FinegrainError(f"{(sources or {}).get(key, where)}: '{key}' must be {expected}")
-    if not (config.data.dataset or config.data.train or config.continual.tasks):  # a sequence's stages name their data
+    if not (config.data.dataset or config.data.train or config.continual.tasks or config.tasks):  # stages, tasks name theirs
         raise FinegrainError(f"{where}: no training data; set data.dataset (e.g. rotten_tomatoes) or data.train (a file)")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """The config as plain data, as a YAML config writes it (`peft:`'s options beside its method)."""
     values = dataclasses.asdict(config)
-    values["peft"] = {"method": config.peft.method, **config.peft.options}
+    values["peft"] = {"method": config.peft.method, **config.peft.options, **({} if config.peft.share else {"share": False})}
     return values
 
 

@@ -267,6 +267,9 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             raise FinegrainError(f"{getattr(config, 'sources', {}).get('task', 'config')}: {exc}") from None
         method_options(config, note=False)  # nor the method table (build notes what a switch of method drops)
         refuse_generative_on_encoder(config)
+        if config.tasks:
+            raise FinegrainError("tasks: this config is a multi-task run; train it with `finegrain train` "
+                                 "or finegrain.multitask.train, which trains every task together")
         if config.continual.classes or config.continual.tasks:
             raise FinegrainError("continual: this config is a sequence of stages; train it with `finegrain train` "
                                  "or finegrain.continual.train_sequence, which run one stage at a time")

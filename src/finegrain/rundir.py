@@ -25,7 +25,9 @@ import of the training code. A run directory holds:
     .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)
 
 An ensemble directory (`finegrain ensemble`) holds instead `ensemble.json` (the member runs), its
-own and its members' test metrics in metrics.json, and its reports.
+own and its members' test metrics in metrics.json, and its reports. A multi-task run (`tasks:`,
+finegrain.multitask) holds the training's files above and `tasks/NAME/`, one finished run per task;
+its metrics.json holds every task's metrics under `tasks` and report.md a table of them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ TEMPERATURE = "temperature.json"  # `finegrain calibrate` (finegrain.calibrate)
 PRUNED = "pruned"  # `finegrain prune`: the pruned model, a Hugging Face directory (finegrain.prune)
 PRUNING = "pruning.json"  # `finegrain prune`: what was kept, the importance scores, the sizes
 ENSEMBLE = "ensemble.json"  # an ensemble directory's members (finegrain.ensemble)
+TASKS_DIR = "tasks"  # a multi-task run's finished run of each task (finegrain.multitask)
 SKIPPED_ROWS = "skipped_rows.txt"
 TEST_PREDICTIONS = "test_predictions.jsonl"  # span tasks only (finegrain.evaluate.predictions)
 INTERPOLATION = "interpolation.json"  # `finegrain interpolate` (finegrain.interpolate)
@@ -131,6 +134,9 @@ def read_config(run_dir: str | Path) -> RunConfig:
 
 def require_adapter(run_dir: str | Path) -> None:
     """Refuse a run that has no trained adapter yet (predicting and serving need one)."""
+    if not has_adapter(run_dir) and task_runs(run_dir):
+        raise FinegrainError(f"{run_dir}: a multi-task run; load it with finegrain.load (predict(texts, task=...)) or "
+                             f"pass one task's run, {Path(run_dir) / TASKS_DIR}/NAME")
     if not has_adapter(run_dir):
         raise FinegrainError(f"{run_dir}: the run has no trained adapter yet; finish it with `finegrain train --resume {run_dir}`")
 
@@ -147,6 +153,14 @@ def read_temperature(run_dir: str | Path) -> float | None:
     if not 0 < temperature < float("inf"):
         raise FinegrainError(f"{path}: temperature {temperature} is not a positive number; calibrate again with `finegrain calibrate {run_dir}`")
     return temperature
+
+
+def task_runs(run_dir: str | Path) -> dict[str, Path]:
+    """A multi-task run's tasks (`tasks:`, finegrain.multitask) and the run directory of each
+    (`tasks/NAME`), in config order; empty for any other run."""
+    if not (Path(run_dir) / CONFIG).is_file():
+        return {}
+    return {name: Path(run_dir) / TASKS_DIR / name for name in read_config(run_dir).tasks or {}}
 
 
 def is_ensemble(path: str | Path) -> bool:

@@ -145,6 +145,16 @@ def parse_run_arguments(arguments: list[str]) -> list[tuple[str, Path]]:
     return named
 
 
+def task_run_arguments(runs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """Runs to serve, a multi-task run (finegrain.multitask) as its tasks' runs: NAME.TASK for
+    DIR/tasks/TASK, each on its task's endpoint, all on the one base."""
+    expanded = []
+    for name, run_dir in runs:
+        tasks = rundir.task_runs(run_dir)
+        expanded += [(f"{name}.{task}", path) for task, path in tasks.items()] or [(name, run_dir)]
+    return expanded
+
+
 def base_id(source: str | None) -> str:
     from finegrain.checkpoint.load import DEFAULT_MODEL
 
@@ -168,7 +178,7 @@ class ModelRegistry:
 
     def __init__(self, runs: list[tuple[str, Path]], base_models: list[str | None] = ()):
         self.runs: dict[str, ServedRun] = {}
-        for name, run_dir in runs:
+        for name, run_dir in task_run_arguments(runs):
             if name in self.runs:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
             config = rundir.read_config(run_dir)
