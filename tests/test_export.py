@@ -1,5 +1,6 @@
 """`finegrain export` on the tiny model: the merged model in transformers (sequence and token
-classification, causal LM) with the run's logits, GGUF files that gguf's reader, transformers and
+classification, causal LM; on a tiny random BERT, BertForSequenceClassification,
+BertForTokenClassification and BertForQuestionAnswering) with the run's logits, GGUF files that gguf's reader, transformers and
 finegrain read back (f16 exactly up to float16, q8_0/q4_0 within their quantisation), the adapter
 alone through PEFT, and one-line errors."""
 
@@ -235,10 +236,10 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     assert main(["export", str(runs["full"]), "--format", "peft", "--output", out]) == 1
     one_line_error(capsys, "full fine-tune has no adapter", "--format hf")
     encoder = train("minilm-l6", write_texts(tmp_path / "data.jsonl"), tmp_path / "encoder", "--set", "train.recipe=false",
-                    "--set", "lora.targets=[query,value]")
+                    "--set", "lora.targets=[query,value]", "--set", "head.pooling=mean")
     capsys.readouterr()  # training's progress
     assert main(["export", str(encoder), "--format", "hf", "--output", out]) == 1
-    one_line_error(capsys, "bert encoder", "--format peft")
+    one_line_error(capsys, "head.pooling mean: BertForSequenceClassification reads the [CLS] token", "head.pooling=first", "--format peft")
     monkeypatch.setattr(LoraConfig, "mergeable", False, raising=False)  # as prompt and prefix tuning say
     assert main(["export", str(runs["lora"]), "--format", "hf", "--output", out]) == 1
     one_line_error(capsys, "peft.method lora cannot be merged", "--format peft")
@@ -251,3 +252,76 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
 def test_help():
     result = subprocess.run([sys.executable, "-m", "finegrain.cli", "export", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--format" in result.stdout and "gguf" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny random transformers BertModel with its WordPiece tokenizer (tests/test_bert.py's)."""
+    from test_bert import random_reference, tiny_hf_config, write_tokenizer
+
+    directory = tmp_path_factory.mktemp("export-bert") / "tiny-bert"
+    random_reference(tiny_hf_config()).save_pretrained(directory)
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.mark.parametrize("task, method", [("classification", "lora"), ("classification", "full"), ("regression", "lora"),
+                                          ("ner", "full"), ("ner", "lora")])
+def test_hf_export_of_an_encoder_run_gives_the_runs_logits(bert_dir, tmp_path, task, method):
+    """BertForSequenceClassification (through its near-linear pooler) and BertForTokenClassification
+    load the exported directory and give the run's logits; the tokenizer gives the run's ids."""
+    import transformers
+
+    if task == "ner":
+        data = tmp_path / "ner.jsonl"
+        data.write_text("".join(json.dumps({"tokens": [n, "went", "to", c], "tags": ["B-PER", "O", "O", "B-LOC"]}) + "\n"
+                                for n, c in [("Anna", "Paris"), ("Tom", "Berlin")] * 20))
+        texts = [["Anna", "went", "to", "Paris"], ["Tom", "saw", "Berlin", "film"]]
+    elif task == "regression":
+        data = tmp_path / "scores.jsonl"
+        data.write_text("".join(json.dumps({"text": f"the film was {'good' if i % 2 else 'bad'}", "label": float(i % 2)}) + "\n"
+                                for i in range(40)))
+        texts = ["the film was good great", "bad dull story"]
+    else:
+        data, texts = write_texts(tmp_path / "data.jsonl"), ["the film was good", "bad dull story !", "great"]
+    run = train(bert_dir, data, tmp_path / "run", "--set", f"task={task}", "--set", f"peft.method={method}",
+                "--set", "head.pooling=first", "--set", "train.recipe=off", "--set", "train.lr=1e-3")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    cls = transformers.BertForTokenClassification if task == "ner" else transformers.BertForSequenceClassification
+    assert config["architectures"] == [cls.__name__] and config["model_type"] == "bert"
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(out) if task == "ner" else \
+        transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(hf) is cls
+    hf.eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(run, texts):
+            theirs = hf(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+            torch.testing.assert_close(theirs, ours[: len(ids)] if task == "ner" else ours, atol=1e-5, rtol=1e-5)
+    if task == "regression":
+        assert config["problem_type"] == "regression" and config["num_labels"] == 1
+    else:
+        names = finegrain.load(run).task.tags if task == "ner" else ["fresh", "rotten"]
+        assert list(config["id2label"].values()) == list(names)
+    text = "the film was good"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text).input_ids == finegrain.load(run).tokenizer.encode(text)
+
+
+def test_hf_export_of_an_encoder_qa_run_gives_its_start_and_end_logits(bert_dir, tmp_path):
+    import transformers
+
+    squad = EXAMPLES / "squad"
+    run = train(bert_dir, squad / "train.json", tmp_path / "qa", "--set", "task=qa", "--set", "data.max_length=64",
+                "--set", f"data.validation={squad / 'dev.json'}", "--set", "qa.stride=16", "--set", "train.recipe=off")
+    export_run(run, "hf", tmp_path / "hf-qa")
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "hf-qa").eval()
+    assert type(hf) is transformers.BertForQuestionAnswering
+    predictor = finegrain.load(run)
+    examples = predictor.task.read_file(predictor.config.data, str(squad / "dev.json"))[:2]
+    items = predictor.task.encode(predictor.tokenizer, examples, 64)
+    with torch.no_grad():
+        for item in items[:4]:
+            ours = predictor.model(predictor.task.collate([item], predictor.tokenizer.pad_token_id))[0][: len(item.input_ids)]
+            out = hf(torch.tensor([item.input_ids]))
+            torch.testing.assert_close(torch.stack([out.start_logits[0], out.end_logits[0]], -1), ours, atol=1e-5, rtol=1e-5)

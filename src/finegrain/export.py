@@ -6,6 +6,9 @@
   `score.bias`), `LlamaForQuestionAnswering` (qa: `qa_outputs`, the decoder under `transformer.`),
   `LlamaForCausalLM` (instruct), with the labels in config.json's
   `id2label`/`label2id`. `transformers` loads the directory and gives the run's logits.
+  A run on a BERT-family encoder (`minilm-l6`) is written the same way as `BertForSequenceClassification`
+  (classification, regression), `BertForTokenClassification` (ner) or `BertForQuestionAnswering` (qa),
+  the encoder under `bert.` (see `bert_state_dict` for the [CLS] pooler a sequence classifier needs).
 - `gguf`: the merged causal language model of a generation run (task: instruct) as one llama.cpp
   file (`f16`, `q8_0` or `q4_0` matrices; norms stay F32), under llama.cpp's tensor names with the
   q/k row permutation its converter applies (`checkpoint.gguf.permute_rope`), and the tokenizer
@@ -34,9 +37,11 @@ from torch import nn
 from finegrain import rundir
 from finegrain.atomic import atomic_dir, atomic_path
 from finegrain.checkpoint.gguf import permute_rope, read_gguf_metadata
-from finegrain.checkpoint.load import resolve_model
+from finegrain.checkpoint.load import is_encoder, resolve_model
 from finegrain.config import RunConfig
 from finegrain.errors import FinegrainError
+from finegrain.model.bert import BertConfig
+from finegrain.model.bert import hf_state_dict as bert_encoder_state_dict
 from finegrain.model.config import LlamaConfig
 from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
@@ -56,6 +61,17 @@ HF_HEADS = {
     "qa": "LlamaForQuestionAnswering",
     "instruct": "LlamaForCausalLM",
 }
+# The same for a run on a BERT-family encoder.
+BERT_HEADS = {
+    "classification": "BertForSequenceClassification",
+    "regression": "BertForSequenceClassification",
+    "ner": "BertForTokenClassification",
+    "qa": "BertForQuestionAnswering",
+}
+# The pooler of an exported BertForSequenceClassification computes tanh(POOLER_SCALE * h) for the [CLS]
+# state h: linear to a relative (POOLER_SCALE * |h|)^2 / 3, below float32's resolution (6e-8) while
+# |h| < 400, so the classifier, scaled by 1 / POOLER_SCALE, gives the run's logits (`bert_state_dict`).
+POOLER_SCALE = 1e-6
 # Hugging Face module path inside a decoder layer -> llama.cpp's name (`checkpoint.gguf` reads them back).
 _GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -146,11 +162,14 @@ def _export_peft(run_dir: Path, output: Path) -> Path:
 
 
 def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Path:
-    architecture = HF_HEADS.get(config.task)
+    encoder = is_encoder(config.model.name)
+    architecture = (BERT_HEADS if encoder else HF_HEADS).get(config.task)
     if architecture is None:
         raise FinegrainError(
             f"{run_dir}: a task {config.task} head has no transformers class; export its adapter and head with --format peft"
         )
+    if encoder:
+        return _export_bert(run_dir, config, output, dtype, architecture)
     if config.model.bidirectional:
         raise FinegrainError(f"{run_dir}: model.bidirectional runs have no transformers class (transformers' LLaMA is causal)")
     if architecture == "LlamaForSequenceClassification" and config.head.pooling != "last":
@@ -174,13 +193,77 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
     return output
 
 
+def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, architecture: str) -> Path:
+    """`_export_hf` for a run on a BERT-family encoder: the merged encoder and head as `architecture`."""
+    if architecture == "BertForSequenceClassification" and config.head.pooling != "first":
+        raise FinegrainError(
+            f"{run_dir}: head.pooling {config.head.pooling}: BertForSequenceClassification reads the [CLS] token only; "
+            "train with head.pooling=first to export to transformers, or export the adapter with --format peft"
+        )
+    model, tokenizer, task = merged_model(run_dir, config)
+    state, hf_config = bert_state_dict(model, task, architecture)
+    if dtype == "f16":
+        state = {k: v.half() for k, v in state.items()}
+        hf_config["torch_dtype"] = "float16"
+    with atomic_dir(output) as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+    return output
+
+
+def bert_state_dict(model: nn.Module, task: Any, architecture: str) -> tuple[dict, dict]:
+    """The merged task model on an encoder under `architecture`'s names (`bert.` + `BertModel`'s), and its config.json.
+
+    finegrain's sequence head reads the [CLS] state h itself (`score(h)`, no bias), where
+    `BertForSequenceClassification` reads `classifier(tanh(pooler.dense(h)))`. The pooler is written
+    as `POOLER_SCALE` times the identity (no bias), where tanh is linear to far below float32's
+    resolution, and the classifier as `score / POOLER_SCALE` with a zero bias: the logits are the
+    run's. Token classification and QA heads read each token's state: `classifier` and `qa_outputs`
+    are `score` as it is.
+    """
+    encoder = model.get_submodule("model")
+    config: BertConfig = encoder.config
+    state = {f"bert.{k}": v.detach().to("cpu").float().contiguous().clone() for k, v in bert_encoder_state_dict(encoder).items()}
+    hf_config = config.to_hf()
+    hf_config.update(architectures=[architecture], num_hidden_layers=len(encoder.layers), torch_dtype="float32")
+    head = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.score.state_dict().items()}
+    if architecture == "BertForQuestionAnswering":
+        state.update({f"qa_outputs.{k}": v for k, v in head.items()})
+        return state, hf_config
+    weight = head["weight"]
+    bias = head.get("bias", torch.zeros(weight.shape[0]))
+    if architecture == "BertForSequenceClassification":
+        hidden = config.hidden_size
+        state["bert.pooler.dense.weight"] = torch.eye(hidden) * POOLER_SCALE
+        state["bert.pooler.dense.bias"] = torch.zeros(hidden)
+        weight = weight / POOLER_SCALE
+    state.update({"classifier.weight": weight.contiguous(), "classifier.bias": bias.contiguous()})
+    _label_config(hf_config, task, weight.shape[0])
+    return state, hf_config
+
+
+def _label_config(hf_config: dict[str, Any], task: Any, num_labels: int) -> None:
+    """`num_labels`, the label names (`id2label`, `label2id`) and `problem_type` of a classifier's config.json."""
+    hf_config["num_labels"] = num_labels
+    names = task_labels(task)
+    if names:
+        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
+    if task.name == "regression":
+        hf_config["problem_type"] = "regression"
+    elif getattr(task, "multi_label", False):
+        hf_config["problem_type"] = "multi_label_classification"
+
+
 def require_llama(model: nn.Module, run_dir: Path) -> None:
     """Refuse a run on an encoder base (`minilm-l6`): its layers have no LLaMA names to write."""
     config = model.get_submodule("model").config
     if not isinstance(config, LlamaConfig):
         raise FinegrainError(
-            f"{run_dir}: its base is a {config.model_type} encoder, and export writes LLaMA-family models; "
-            "export its adapter with --format peft"
+            f"{run_dir}: its base is a {config.model_type} encoder, which this format does not hold (LLaMA-family "
+            "decoders only); export it with --format hf, or its adapter with --format peft"
         )
 
 
@@ -204,15 +287,7 @@ def hf_state_dict(model: nn.Module, task: Any, tokenizer: Tokenizer, architectur
         state.update({f"qa_outputs.{k}": v.detach().clone().contiguous() for k, v in head.items()})
         return state, hf_config
     state.update({f"score.{k}": v.detach().clone().contiguous() for k, v in head.items()})
-    names = task_labels(task)
-    hf_config["num_labels"] = state["score.weight"].shape[0]
-    if names:
-        hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
-        hf_config["label2id"] = {name: i for i, name in enumerate(names)}
-    if task.name == "regression":
-        hf_config["problem_type"] = "regression"
-    elif getattr(task, "multi_label", False):
-        hf_config["problem_type"] = "multi_label_classification"
+    _label_config(hf_config, task, state["score.weight"].shape[0])
     return state, hf_config
 
 
