@@ -7,7 +7,11 @@ import subprocess
 import pytest
 
 from finegrain.cli import main
-from finegrain.compare import compare, plan, summarize
+import finegrain.compare
+from finegrain.checkpoint.load import load_model
+from finegrain.compare import compare, plan, prompted_model, summarize
+from finegrain.config import load_config
+from finegrain.evaluate.prompting import prompted_baseline
 from finegrain.errors import FinegrainError
 from test_bert import random_reference, tiny_hf_config, write_tokenizer
 
@@ -70,12 +74,37 @@ def test_compare_writes_one_table_with_the_baselines_and_a_rerun_trains_nothing(
     assert (output / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (output / "report.html").read_text()
 
+    # The zero-shot prompted decoder: the first decoder of --models, on the runs' own test split.
+    prompted = json.loads((output / "prompted.json").read_text())
+    assert prompted["model"] == str(tiny_model_dir) and prompted["split"] == "test" and prompted["seconds"] > 0
+    config = load_config(str(config_path))
+    splits = finegrain.compare.task_class("classification").load_splits(config.data)
+    expected = prompted_baseline(*load_model(tiny_model_dir, progress=False), splits.train, splits.test, splits.labels, k=0, seed=0)
+    assert (prompted["accuracy"], prompted["examples"]) == (expected["accuracy"], len(splits.test))
+    baseline = json.loads((output / "compare.json").read_text())["baselines"][-1]
+    assert baseline["model"] == f"zero-shot prompted tiny-llama ({len(splits.test)} test examples)"
+    assert baseline["score"] == prompted["accuracy"] and baseline["total_seconds"] == prompted["seconds"]
+    assert f"| {baseline['model']} | baseline | 1 | {prompted['accuracy']:.4f} |" in (output / "report.md").read_text()
+
     def no_training(*args, **kwargs):
-        raise AssertionError("a finished cell was trained again")
+        raise AssertionError("a finished cell was trained again, or the prompted baseline computed again")
 
     monkeypatch.setattr(subprocess, "Popen", no_training)
+    monkeypatch.setattr(finegrain.compare, "load_model", no_training)
     again = compare(str(config_path), [str(tiny_model_dir), str(encoder_dir)], ["lora"], 1, output, progress=False)
     assert json.loads(again["json"].read_text())["rows"][0]["score"] == rows[0]["score"]
+    assert json.loads(again["json"].read_text())["baselines"][-1] == baseline
+
+
+def test_the_prompted_decoder_is_the_first_decoder_and_only_for_single_label_classification(
+    tiny_model_dir, encoder_dir, config_path
+):
+    config = load_config(str(config_path))
+    assert prompted_model(config, [str(encoder_dir), str(tiny_model_dir)]) == str(tiny_model_dir)
+    assert prompted_model(load_config(str(config_path), [f"model.name={tiny_model_dir}"]), [str(encoder_dir)]) == str(tiny_model_dir)
+    assert prompted_model(load_config(str(config_path), ["task=regression"]), [str(tiny_model_dir)]) is None
+    assert prompted_model(load_config(str(config_path), ["data.multi_label=true"]), [str(tiny_model_dir)]) is None
+    assert prompted_model(load_config(str(config_path), [f"model.name={encoder_dir}"]), [str(encoder_dir)]) is None
 
 
 def test_a_failed_cell_is_one_line_naming_the_run_and_its_log(tiny_model_dir, config_path, tmp_path):

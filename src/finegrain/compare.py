@@ -12,6 +12,12 @@ and method the test score (mean ± sample std over seeds), training and whole-ru
 majority-class and TF-IDF baselines the runs measured on the same test split (classification);
 `DIR/compare.png` plots score against whole-run time.
 
+For single-label classification the table also holds the zero-shot prompted decoder
+(`finegrain.evaluate.prompting`: the base model asked for each text's label by name, no training)
+on the same test split, up to `PROMPTED_EXAMPLES` of it: the first decoder of `--models` (the
+config's model when every one is an encoder and the config names a decoder). It is computed once
+and kept in `DIR/prompted.json`, so a rerun reads it.
+
 A config is usually written for one model. What does not carry over to an encoder is replaced,
 and each replacement is listed under the table: `model.num_layers` (a decoder's layer cut),
 `head.pooling: last` (an encoder's last token is [SEP]; it pools the mean), the data recipe
@@ -21,6 +27,7 @@ adapter (`FULL_LR`) unless `--set train.lr=...` says otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -33,8 +40,8 @@ from typing import Any
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json
-from finegrain.checkpoint.load import is_encoder
-from finegrain.config import load_config
+from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
+from finegrain.config import RunConfig, load_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
@@ -46,6 +53,8 @@ JSON_NAME, PLOT_NAME = "compare.json", "compare.png"
 FULL_LR = {"encoder": 1e-4, "decoder": 2e-5}  # peft.method full: every weight moves, an adapter's lr would wreck them
 POOLING_TASKS = ("classification", "regression")
 PREDICT_EXAMPLES = 512  # test examples timed through finegrain.load per cell
+PROMPTED_NAME = "prompted.json"
+PROMPTED_EXAMPLES = 200  # test examples the prompted decoder labels (a sample, drawn with seed 0)
 
 
 @dataclass
@@ -212,24 +221,84 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return lines
 
 
-def baseline_lines(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The majority-class and TF-IDF baselines as the runs measured them (the first run's: same splits)."""
-    measured = next((r["baselines"] for r in rows if r.get("baselines")), None)
-    if not measured:
-        return []
+def baseline_lines(rows: list[dict[str, Any]], metric: str, prompted: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The majority-class and TF-IDF baselines as the runs measured them (the first run's: same splits),
+    and the zero-shot prompted decoder (`prompted_baseline`) when there is one."""
+    measured = next((r["baselines"] for r in rows if r.get("baselines")), None) or {}
     key = "macro_f1" if metric in ("macro_f1", "macro.f1") else "accuracy"
     names = {"majority": "majority class", "tfidf": "TF-IDF + linear model"}
-    return [
-        {"model": names[name], "score": measured[name].get(key), "train_seconds": measured[name].get("seconds")}
+    lines = [
+        {"model": names[name], "score": measured[name].get(key), "train_seconds": measured[name].get("seconds"),
+         "total_seconds": measured[name].get("seconds"), "predict_per_s": None}
         for name in names if isinstance(measured.get(name), dict)
     ]
+    if prompted:
+        lines.append({
+            "model": f"zero-shot prompted {_slug(prompted['model'])} ({prompted['examples']} {prompted['split']} examples)",
+            "score": prompted.get(key), "train_seconds": 0.0, "total_seconds": prompted["seconds"],
+            "predict_per_s": round(prompted["examples"] / max(prompted["seconds"], 1e-9), 1),
+        })
+    return lines
 
 
-def write_outputs(output: Path, rows: list[dict[str, Any]], title: str) -> dict[str, Path]:
+def prompted_model(base: RunConfig, models: list[str]) -> str | None:
+    """The decoder to prompt: the first of `models` that is not an encoder, else the config's model
+    when it is a decoder; None when the task is not single-label classification or no decoder is named."""
+    if base.task != "classification" or base.data.multi_label:
+        return None
+    for model in [*models, base.model.name or DEFAULT_MODEL]:
+        if not is_encoder(model):
+            return model
+    return None
+
+
+def prompted_baseline(config_path: str | None, models: list[str], output: Path, overrides: list[str] = (),
+                      progress: bool = True) -> dict[str, Any] | None:
+    """The zero-shot prompted decoder on the runs' test split (validation when there is none), read
+    from `output/prompted.json` when an earlier compare computed it for the same model.
+
+    Returns:
+        model, split, examples, accuracy, macro_f1 and seconds (loading the model and labelling); None
+        where the comparison has no prompted baseline (`prompted_model`).
+    """
+    from finegrain.evaluate.prompting import prompted_baseline as prompted_scores
+
+    base = load_config(config_path, list(overrides))
+    model = prompted_model(base, models)
+    if model is None:
+        return None
+    path = output / PROMPTED_NAME
+    if path.is_file():
+        kept = _read_json(path)
+        if isinstance(kept, dict) and kept.get("model") == model:
+            return kept
+    if progress:
+        print(f"compare: prompting {model} zero-shot on the test split", flush=True)
+    started = time.perf_counter()
+    splits = task_class(base.task).load_splits(base.data)
+    split, examples = ("test", splits.test) if splits.test else ("validation", splits.validation)
+    llama, tokenizer = load_model(model, progress=False)
+    scores = prompted_scores(llama, tokenizer, splits.train, examples, splits.labels, k=0, seed=0,
+                             max_examples=PROMPTED_EXAMPLES)
+    result = {"model": model, "split": split, "examples": scores["examples"], "accuracy": scores["accuracy"],
+              "macro_f1": scores["macro_f1"], "seconds": round(time.perf_counter() - started, 2)}
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    return result
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: computed again
+
+
+def write_outputs(output: Path, rows: list[dict[str, Any]], title: str, prompted: dict[str, Any] | None = None) -> dict[str, Path]:
     """compare.json, compare.png and report.md / report.html (the table with the plot) in `output`."""
     lines = summarize(rows)
     metric = lines[0]["metric"]
-    baselines = baseline_lines(rows, metric)
+    baselines = baseline_lines(rows, metric, prompted)
     atomic_write_json(output / JSON_NAME, {"rows": rows, "summary": lines, "baselines": baselines})
     plot_score_time(output / PLOT_NAME, lines, baselines, metric)
     table = Table(
@@ -239,8 +308,8 @@ def write_outputs(output: Path, rows: list[dict[str, Any]], title: str) -> dict[
         [[l["model"], l["method"], l["seeds"], _score(l), _figure(l["train_seconds"], ".1f"), _figure(l["total_seconds"], ".1f"),
           _figure(l["predict_per_s"], ".1f"), _figure(l["peak_rss_mb"], ".0f"), _figure(l["trainable_parameters"], ",")]
          for l in lines]
-        + [[b["model"], "baseline", 1, _score(b), _figure(b["train_seconds"], ".3f"), _figure(b["train_seconds"], ".3f"),
-            None, None, None] for b in baselines],
+        + [[b["model"], "baseline", 1, _score(b), _figure(b["train_seconds"], ".3f"), _figure(b["total_seconds"], ".3f"),
+            _figure(b["predict_per_s"], ".1f"), None, None] for b in baselines],
     )
     notes = sorted({f"{l['model']}: {n}" for l in lines for n in l["notes"]})
     tables = [table] + ([Table("Settings changed per model", ["change"], [[n] for n in notes])] if notes else [])
@@ -280,9 +349,10 @@ def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[
                     label=f"{line['model']} {line['method']}")
     for base in baselines:
         if base["score"] is not None:
-            ax.plot([max(base["train_seconds"] or 1e-3, 1e-3)], [base["score"]], "x", color="grey", markersize=9)
-            ax.annotate(base["model"], (max(base["train_seconds"] or 1e-3, 1e-3), base["score"]), fontsize=8,
-                        xytext=(5, 3), textcoords="offset points", color="dimgrey")
+            seconds = max(base["total_seconds"] or 1e-3, 1e-3)
+            ax.plot([seconds], [base["score"]], "x", color="grey", markersize=9)
+            ax.annotate(base["model"], (seconds, base["score"]), fontsize=8, xytext=(5, 3), textcoords="offset points",
+                        color="dimgrey")
     ax.set_xscale("log")
     ax.set_xlabel("whole-run seconds (log scale)")
     ax.set_ylabel(metric)
@@ -304,5 +374,6 @@ def compare(config_path: str | None, models: list[str], methods: list[str], seed
     rows = [run_cell(cell, config_path, progress) for cell in cells]
     if not any(r["score"] is not None and not math.isnan(r["score"]) for r in rows):
         raise FinegrainError("compare: no run has a score on its test or validation split; give the config a test split")
+    prompted = prompted_baseline(config_path, models, output, overrides, progress)
     title = f"finegrain compare: {Path(config_path).name if config_path else 'default config'}"
-    return write_outputs(output, rows, title)
+    return write_outputs(output, rows, title, prompted)
