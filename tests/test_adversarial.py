@@ -127,7 +127,7 @@ def test_cli_trains_with_pgd_on_the_cached_states_and_fgm_on_the_embeddings(tiny
 def test_bad_adversarial_options_are_one_line(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "data.jsonl", 20)
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data)
-    for override, key in (("adversarial.method=freelb", "adversarial.method"),
+    for override, key in (("adversarial.method=vat", "adversarial.method"),
                           ("adversarial.epsilon=0", "adversarial.epsilon"), ("adversarial.steps=0", "adversarial.steps")):
         with pytest.raises(FinegrainError, match=f"'{key}' must be"):
             load_config(str(config), [override])

@@ -170,6 +170,9 @@ class TrainConfig:
     recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work
     time_budget: float | None = 15.0  # minutes the recipe plans a run for (estimated layer passes); null: no limit
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow (finegrain.train.tracking)
+    # the run's weights are the mean of the trainable weights at its last K evaluations (finegrain.train.averaging),
+    # in place of the best evaluation's; null: off
+    average_last: int | None = None
 
 
 @dataclass
@@ -206,15 +209,18 @@ class DistillConfig:
     teacher: str | None = None  # the teacher's run directory; its outputs on the training set are computed once
     temperature: float = 2.0  # softens teacher and student alike; the KL term is scaled by its square
     alpha: float = 0.5  # the teacher's share: alpha * KL(teacher || student) + (1 - alpha) * the hard-label loss
+    hidden: bool = False  # also match the teacher's hidden states (pooled, a few mapped layers; a learned projection where widths differ)
+    hidden_weight: float = 1.0  # the hidden-state term's weight beside the output term
+    unlabelled: str | None = None  # a file of texts without labels: the teacher labels them and the student learns its soft outputs
 
 
 @dataclass
 class AdversarialConfig:
     """Adversarial training on what the first trained layer reads (finegrain.train.adversarial); no method: off."""
 
-    method: str | None = None  # null | fgm (one normalised gradient step) | pgd (`steps` projected steps)
+    method: str | None = None  # null | fgm (one normalised gradient step) | pgd (`steps` projected steps) | freelb (mean loss over `steps` ascent steps)
     epsilon: float = 1.0  # the largest L2 norm of the perturbation of each token's vector
-    steps: int = 3  # pgd: ascent steps of 2 * epsilon / steps each, projected back onto the epsilon ball
+    steps: int = 3  # pgd, freelb: ascent steps of 2 * epsilon / steps each, projected back onto the epsilon ball
 
 
 @dataclass
@@ -469,7 +475,12 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (0 <= config.head.dropout < 1, "head.dropout", "in [0, 1)"),
         (config.distill.temperature > 0, "distill.temperature", "above 0"),
         (0 <= config.distill.alpha <= 1, "distill.alpha", "in [0, 1] (the teacher's share of the loss)"),
-        (config.adversarial.method in (None, "fgm", "pgd"), "adversarial.method", "null, fgm or pgd"),
+        (config.adversarial.method in (None, "fgm", "pgd", "freelb"), "adversarial.method", "null, fgm, pgd or freelb"),
+        (config.distill.hidden_weight >= 0, "distill.hidden_weight", "at least 0"),
+        (not (config.distill.hidden or config.distill.unlabelled) or config.distill.teacher, "distill.teacher",
+         "set (a finished run) when distill.hidden or distill.unlabelled is"),
+        (config.train.average_last is None or config.train.average_last >= 2, "train.average_last",
+         "at least 2 (evaluations whose weights are averaged), or null"),
         (config.adversarial.epsilon > 0, "adversarial.epsilon", "above 0"),
         (config.adversarial.steps >= 1, "adversarial.steps", "at least 1"),
         (config.multitask.sampling in ("proportional", "temperature", "round_robin"), "multitask.sampling",

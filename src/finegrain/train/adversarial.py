@@ -1,14 +1,21 @@
 """Adversarial training: each batch's loss also on inputs pushed, within a small ball, towards a higher loss.
 
-`adversarial: {method: fgm|pgd, epsilon, steps}` wraps the run's objective (`AdversarialObjective`):
-a step minimises clean loss + adversarial loss, the second on the inputs plus a perturbation
-`delta` found by gradient ascent on the loss:
+`adversarial: {method: fgm|pgd|freelb, epsilon, steps}` wraps the run's objective
+(`AdversarialObjective`): with fgm and pgd a step minimises clean loss + adversarial loss, the
+second on the inputs plus a perturbation `delta` found by gradient ascent on the loss:
 
 - fgm (Miyato et al., 2017): one step, delta = epsilon * g / ||g||, g the gradient of the clean
   loss with respect to the input (the clean forward gives it at no extra forward);
 - pgd (Madry et al., 2018): `steps` ascent steps of 2 * epsilon / steps along the normalised
   gradient, each projected back onto the ball of radius epsilon (the first reuses the clean
-  forward's gradient, so pgd costs `steps` + 1 forwards a batch).
+  forward's gradient, so pgd costs `steps` + 1 forwards a batch);
+- freelb (Zhu et al., 2020): `steps` forwards at delta_0 = 0, delta_1, ... delta_{K-1}, each delta
+  one ascent step of 2 * epsilon / steps from the one before, projected onto the ball; the loss is
+  the mean of the K losses, so the trained weights get the mean of the K gradients ("free" large
+  batch: the ascent steps' forwards also train, where pgd throws them away). delta starts at zero
+  (the FreeLB code's `adv_init_mag` 0), so the first of the K losses is the clean one and freelb
+  with `steps` 1 is plain training. It costs `steps` forwards a batch and keeps their graphs
+  until the backward.
 
 The norm is each token's L2 norm over the hidden size: every token's vector moves by at most
 epsilon (padding, which gets no gradient, not at all). The ascent steps take gradients of delta
@@ -52,15 +59,15 @@ class AdversarialObjective:
     Args:
         inner: the objective wrapped (the task's loss, or distillation's); its items, batches and
             cached states are this objective's.
-        method: fgm or pgd.
+        method: fgm, pgd or freelb.
         epsilon: the largest L2 norm of each token's perturbation.
-        steps: pgd's ascent steps (fgm takes one).
+        steps: pgd's ascent steps, freelb's forwards (fgm takes one step).
         embedding: the decoder's token embedding, perturbed when a batch carries no cached states.
     """
 
     def __init__(self, inner: Objective, method: str, epsilon: float, steps: int, embedding: nn.Module):
-        if method not in ("fgm", "pgd"):
-            raise ValueError(f"adversarial method {method!r}: fgm or pgd")
+        if method not in ("fgm", "pgd", "freelb"):
+            raise ValueError(f"adversarial method {method!r}: fgm, pgd or freelb")
         self.inner, self.method, self.epsilon, self.embedding = inner, method, epsilon, embedding
         self.steps = 1 if method == "fgm" else steps
         self.step_size = epsilon if method == "fgm" else 2 * epsilon / steps
@@ -83,7 +90,10 @@ class AdversarialObjective:
         return self.inner.pieces(indices, pad_id, max_tokens)
 
     def loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
-        """Clean loss + the loss at the perturbation the ascent steps found (held fixed)."""
+        """Clean loss + the loss at the perturbation the ascent steps found (held fixed); for
+        freelb the mean loss over the ascent's perturbations (`free_loss`)."""
+        if self.method == "freelb":
+            return self.free_loss(forward, batch)
         delta = None  # None: a zero perturbation made to the input's shape, to read the clean loss's gradient
         clean = None
         for step in range(self.steps):
@@ -97,6 +107,23 @@ class AdversarialObjective:
             delta.requires_grad_(step + 1 < self.steps)  # the next ascent step's gradient; none in the last forward
         adversarial, _ = self.perturbed_loss(forward, batch, delta)
         return clean + adversarial
+
+    def free_loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
+        """FreeLB: the mean of the losses at delta_0 = 0, ..., delta_{K-1}, each delta one projected
+        ascent step from the last; each loss keeps its graph (its gradient reaches the weights with
+        its delta held fixed), and only the last forward needs no gradient with respect to delta."""
+        delta, losses = None, []
+        for step in range(self.steps):
+            loss, delta = self.perturbed_loss(forward, batch, delta)
+            losses.append(loss)
+            if step + 1 == self.steps:
+                break
+            (g,) = torch.autograd.grad(loss, delta, retain_graph=True, allow_unused=True)
+            if g is None:
+                raise FinegrainError("adversarial: the perturbation does not reach the loss (the input is replaced "
+                                     "before the first trained layer, as prompt tuning does); unset adversarial.method")
+            delta = project(delta.detach() + self.step_size * per_token_unit(g), self.epsilon).requires_grad_(True)
+        return torch.stack(losses).mean()
 
     def perturbed_loss(self, forward: Forward, batch: dict[str, Any],
                        delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

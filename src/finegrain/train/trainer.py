@@ -34,6 +34,7 @@ from finegrain.inference import predict_outputs  # also re-exported: `from fineg
 from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
+from finegrain.train.averaging import WeightAverage
 from finegrain.train.checkpointing import RunWriter
 from finegrain.train.distributed import (
     ShardedSampler, all_sum, broadcast_from_rank0, check_world, sum_gradients, world_size,
@@ -78,6 +79,7 @@ class TrainState:
     train_seconds: float = 0.0
     train_tokens: int = 0
     best_validation: dict[str, Any] | None = None  # all validation metrics at the best step
+    averaged: dict[str, Any] | None = None  # train.average_last: the evaluations averaged and what they scored
 
 
 class Trainer:
@@ -153,6 +155,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.terms, self.hooks = method_training(method, self.total_steps)
+        self.average = WeightAverage(config.average_last) if config.average_last else None
+        if self.average is not None:  # a step hook's state is in every checkpoint: resume averages the same weights
+            self.hooks.append(self.average)
         head_names = {n for n in self.trainable if not n.startswith("model.")}
         head_lr = config.head_lr or config.lr
         scaled = lr_scales(model)  # adapter tensors at another rate (LoRA+'s lora_B), after the others
@@ -206,6 +211,8 @@ class Trainer:
             bar.close()
             self.writer.close()
         self.model.eval()
+        if self.average is not None and self.average.snapshots:
+            self._average()
         self.writer.restore_best(self.trainable)
         return self.state
 
@@ -237,6 +244,8 @@ class Trainer:
                     end_of_epoch and not config.eval_every
                 ) or state.step == self.total_steps:
                     self._validate()
+                    if self.average is not None:
+                        self.average.snapshot(self.trainable, state.step)
                 if end_of_epoch:
                     state.epoch += 1
                     state.batch_in_epoch = 0
@@ -319,6 +328,29 @@ class Trainer:
         fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None))
 
     # -- validation and best weights -------------------------------------------------------
+
+    def _average(self) -> None:
+        """train.average_last: the mean of the last evaluations' weights becomes the run's (`best/`),
+        validated like a checkpoint; the best single evaluation's score stays in `state.averaged`."""
+        state, average = self.state, self.average
+        average.load_mean(self.trainable)
+        state.averaged = {"evaluations": len(average.steps), "steps": list(average.steps)}
+        if self.score is not None and self.validation_items:
+            predictions = self.task.predict(self.model, self.validation_items, self.pad_id,
+                                            self.config.eval_batch_size, self.validation_hidden, self.start_layer)
+            metrics = self.score(predictions)
+            flat = flat_metrics(metrics)
+            name = self.config.metric or self.task.headline_metric
+            self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation",
+                             "averaged": len(average.steps), **flat})
+            best = state.best_metric if higher_is_better(name) else -state.best_metric
+            state.averaged.update({"metric": name, "validation": flat[name], "best_single": best,
+                                   "best_single_step": state.best_step})
+            state.best_validation = metrics
+            if self.progress:
+                tqdm.write(f"the mean of the weights at steps {average.steps}: validation {name} {flat[name]:.4f} "
+                           f"(the best single evaluation, step {state.best_step}: {best:.4f})")
+        self.writer.save_best(self.trainable)
 
     def _validate(self) -> None:
         if self.score is None or not self.validation_items:
