@@ -70,19 +70,20 @@ def student_config(tmp_path, tiny_model_dir, data, teacher_dir, *overrides):
 def test_teacher_runs_once_and_its_term_enters_the_loss(teacher, tiny_model_dir, tmp_path, monkeypatch):
     teacher_dir, data = teacher
     calls = []
-    real = finegrain.run.teacher_logits
+    real = finegrain.run.teacher_pass
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finegrain.run, "teacher_logits", counted)
+    monkeypatch.setattr(finegrain.run, "teacher_pass", counted)
     monkeypatch.chdir(teacher_dir.parent)
     distilled = tmp_path / "distilled"
     train(student_config(tmp_path, tiny_model_dir, data, teacher_dir.name, f"output={distilled}"), progress=False)
     assert calls == [1]  # two epochs, one teacher pass
     saved = yaml.safe_load((distilled / "config.yaml").read_text())["distill"]
-    assert saved == {"teacher": str(teacher_dir.resolve()), "temperature": 2.0, "alpha": 0.5}  # resumable from anywhere
+    assert saved == {"teacher": str(teacher_dir.resolve()), "temperature": 2.0, "alpha": 0.5,  # resumable from anywhere
+                     "hidden": False, "hidden_weight": 1.0, "unlabelled": None}
     plain = tmp_path / "plain"
     config = student_config(tmp_path, tiny_model_dir, data, teacher_dir, f"output={plain}")
     config.distill.teacher = None

@@ -38,7 +38,11 @@ from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.adversarial import AdversarialObjective
-from finegrain.train.distill import DistillObjective, check_teacher, teacher_logits
+from finegrain.train.distill import (
+    DistillObjective, attach_hidden_match, check_teacher, matched_layers, soft_objective, teacher_pass,
+    unlabelled_examples, with_unlabelled,
+)
+from finegrain.train.prefix_cache import lowest_trainable_layer as trained_from
 from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
 from finegrain.train.lwf import LwfObjective, old_head, teacher_outputs
 from finegrain.train.objectives import Objective, TaskObjective
@@ -358,12 +362,14 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     def score(predictions: list[dict[str, Any]]) -> dict[str, Any]:
         return task.metrics(predictions, val_gold)
 
-    main = training_objective(config, task, model, train_items, splits, progress)
+    extra: list[Objective] = []  # distill.unlabelled's objective, beside the main one
+    main = training_objective(config, task, model, train_items, splits, progress, tokenizer, extra)
     if config.continual.strategy in ("ewc", "lwf"):  # a run started from an earlier one holds on to it
         main = continual_objective(config, task, model, train_items, splits.labels,
                                    main or TaskObjective(task, train_items), pad_id, progress)
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter,
-                      main=main)
+                      main=main, objectives=extra,
+                      sampler=with_unlabelled(train_items, extra, config.train.batch_size, config.train.seed))
     state = trainer.fit(resume=resume_dir is not None)
     if not writes:
         return {}
@@ -396,6 +402,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             "peft_method": config.peft.method,
             "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
             "skipped_rows": len(splits.skipped),
+            **({"unlabelled": len(extra[0].items)} if extra else {}),  # distill.unlabelled's texts, the teacher's labels
+            **({"average_last": state.averaged} if state.averaged else {}),  # the run's weights are this mean
             **({"augmented": augmented} if augmented else {}),  # perturbed copies among `examples`, per kind
         },
     }
@@ -430,28 +438,46 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     return results
 
 
-def training_objective(config: RunConfig, task, model, items: list, splits, progress: bool) -> Objective | None:
+def training_objective(config: RunConfig, task, model, items: list, splits, progress: bool, tokenizer=None,
+                       extra: list | None = None) -> Objective | None:
     """The run's objective over its training `items`: the task's loss, distilled from `distill.teacher`
-    (`train.distill`: the teacher runs here, once) and made adversarial by `adversarial.method`
-    (`train.adversarial`) where the config says so; None for the task's loss alone."""
+    (`train.distill`: the teacher runs here, once, also over `distill.unlabelled`'s texts, whose
+    objective, encoded by the student's `tokenizer`, is appended to `extra`) and made adversarial by
+    `adversarial.method` (`train.adversarial`) where the config says so; None for the task's loss alone."""
     if not (config.distill.teacher or config.adversarial.method):
         return None
     objective: Objective = TaskObjective(task, items)
     if config.distill.teacher:
         teacher_config = check_teacher(config, splits.labels)
         with torch.random.fork_rng():  # building the teacher draws a head init: the student's seed stream stays its own
-            teacher, tokenizer, teacher_task = build_trained(teacher_config, config.distill.teacher, progress)
+            teacher, teacher_tokenizer, teacher_task = build_trained(teacher_config, config.distill.teacher, progress)
         place(teacher, model_device(model))  # beside the student (off the CPU its batches follow it there)
-        logits = teacher_logits(teacher, teacher_task, tokenizer, splits.train, teacher_config.data.max_length,
-                                splits.labels, config.train.eval_batch_size, progress)
+        distill, layers = config.distill, len(model.model.layers)
+        pairs = matched_layers(layers, len(teacher.model.layers), trained_from(model, layers)) if distill.hidden else []
+        unlabelled = unlabelled_examples(task, config) if distill.unlabelled else []
+        outputs = teacher_pass(teacher, teacher_task, teacher_tokenizer, splits.train + unlabelled,
+                               teacher_config.data.max_length, splits.labels, config.train.eval_batch_size, progress,
+                               [t for _, t in pairs])
+        width = teacher.model.config.hidden_size
         del teacher
-        objective = DistillObjective(task, items, teacher=logits, temperature=config.distill.temperature,
-                                     alpha=config.distill.alpha)
-    if config.adversarial.method:
-        adversarial = config.adversarial
-        objective = AdversarialObjective(objective, adversarial.method, adversarial.epsilon, adversarial.steps,
-                                         model.model.embed_tokens)
-    return objective
+        labelled, rest = outputs.split(len(splits.train))
+        match = attach_hidden_match(model, pairs, width, distill.hidden_weight) if pairs else None
+        objective = DistillObjective(task, items, teacher=labelled, temperature=distill.temperature,
+                                     alpha=distill.alpha, match=match)
+        if unlabelled:
+            soft = soft_objective(task, task.encode(tokenizer, unlabelled, config.data.max_length), rest,
+                                  distill.temperature, match)
+            extra.append(adversarial_objective(config, model, soft))
+    return adversarial_objective(config, model, objective)
+
+
+def adversarial_objective(config: RunConfig, model, objective: Objective) -> Objective:
+    """`objective` made adversarial by `adversarial.method` (`train.adversarial`), or as it is."""
+    adversarial = config.adversarial
+    if not adversarial.method:
+        return objective
+    return AdversarialObjective(objective, adversarial.method, adversarial.epsilon, adversarial.steps,
+                                model.model.embed_tokens)
 
 
 def continual_objective(config: RunConfig, task, model, items: list, labels: list, inner: Objective, pad_id: int,
