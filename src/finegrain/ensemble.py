@@ -9,8 +9,10 @@ evaluates like one run, so `finegrain evaluate ENS --data FILE` and `finegrain p
 
 Each member predicts with everything its run applies (its calibration temperature, a TF-IDF mix);
 the average is decoded with the first member's labels. The test split is the first member's
-(`data` of its config), scored for every member alike. Serving an ensemble is not supported: serve
-its members.
+(`data` of its config), scored for every member alike. `finegrain serve ENS` (or `NAME=ENS`) serves
+it like one run on its task's endpoint (`serve.models.ModelRegistry`: each member's adapter on the
+shared base, their probabilities averaged per request), when its runs share a base model and the
+keys that encode a text (`data.max_length`, `template`, `long_texts`, ...).
 """
 
 from __future__ import annotations

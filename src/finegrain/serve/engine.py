@@ -70,6 +70,8 @@ class Engine:
         `encode` call, within the request it came from.
         """
         run = self.registry.runs[name]
+        if run.members:
+            return self.predict_ensemble(name, jobs)
         items = [item for job in jobs for item in job.payload]
         rows: list[torch.Tensor | None] = [None] * len(items)
         with run.base.use(name):
@@ -82,6 +84,19 @@ class Engine:
         for job in jobs:
             results.append(run.task.decode(scores[start : start + len(job.payload)], job.payload))
             start += len(job.payload)
+        return results
+
+    def predict_ensemble(self, name: str, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        """An ensemble's predictions: each member's (as `predict`: its temperature, its TF-IDF mix),
+        their probabilities averaged in the ensemble's label order and decoded, as `finegrain.ensemble` does."""
+        run = self.registry.runs[name]
+        by_member = [self.predict(member, jobs) for member in run.members]  # [member][job][example]
+        labels = run.task.labels
+        results = []
+        for j in range(len(jobs)):
+            stacked = torch.tensor([[[p["probabilities"][label] for label in labels] for p in member[j]]
+                                    for member in by_member], dtype=torch.float64)  # (M, N, C)
+            results.append(run.task.decode(stacked.mean(0)))
         return results
 
     def model_of(self, name: str) -> tuple[ServedBase, Any, str | None]:

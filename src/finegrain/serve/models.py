@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,6 +118,10 @@ class ServedRun:
     model: nn.Module | None = None  # the task's model (`task.build_model`) on a view of the base
     own_tokenizer: Tokenizer | None = None  # when the task added tokens (relation markers): the run's own copy
     adapter_bytes: int = 0
+    # An ensemble of `finegrain ensemble`: the names of its member runs (served under NAME#1, NAME#2, ...,
+    # not listed on their own); it has a task (to decode the averaged probabilities) and no model.
+    members: list[str] = field(default_factory=list)
+    part_of: str | None = None  # a member run: its ensemble's name
 
     @property
     def generative(self) -> bool:
@@ -181,6 +186,9 @@ class ModelRegistry:
         for name, run_dir in task_run_arguments(runs):
             if name in self.runs:
                 raise FinegrainError(f"{run_dir}: a second run named '{name}'; name them with NAME=RUN_DIR")
+            if rundir.is_ensemble(run_dir):
+                self._add_ensemble(name, Path(run_dir))
+                continue
             config = rundir.read_config(run_dir)
             rundir.require_adapter(run_dir)
             if rundir.has_model(run_dir):  # a full fine-tune: its own model is its base, shared with no one
@@ -199,6 +207,36 @@ class ModelRegistry:
         if not self.base_sources:
             raise FinegrainError("serve: nothing to serve; give run directories and/or --model")
 
+    def _add_ensemble(self, name: str, directory: Path) -> None:
+        """An ensemble directory: its member runs (named NAME#1, NAME#2, ...) and the ensemble itself,
+        which averages their probabilities (`serve.engine.Engine.predict`) as `finegrain.load(ENS)` does.
+        A request's texts are encoded once for all members: they must share the base and the encoding keys."""
+        try:
+            spec = json.loads((directory / rundir.ENSEMBLE).read_text(encoding="utf-8"))
+            members, labels = [Path(m) for m in spec["members"]], [str(label) for label in spec["labels"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FinegrainError(f"{directory / rundir.ENSEMBLE}: not a readable ensemble ({exc}); write it again with "
+                                 f"`finegrain ensemble RUN1 RUN2 ... --output {directory}`") from None
+        configs = []
+        for i, member in enumerate(members):
+            config = rundir.read_config(member)
+            rundir.require_adapter(member)
+            if rundir.has_model(member):
+                config.model.name = str(rundir.model_dir(member).resolve())
+            configs.append(config)
+            self.runs[f"{name}#{i + 1}"] = ServedRun(f"{name}#{i + 1}", member, config, part_of=name)
+        for key in ("model.name", "data.max_length", "data.template", "data.long_texts", "data.window_stride",
+                    "data.max_windows"):
+            section, option = key.split(".")
+            values = {repr(getattr(getattr(config, section), option)) for config in configs}
+            if len(values) > 1:
+                raise FinegrainError(f"{directory}: its runs differ in {key} ({', '.join(sorted(values))}), and the server "
+                                     f"encodes a text once for all of them; serve the runs one by one, or ensemble runs "
+                                     f"that share {key}")
+        config = copy.deepcopy(configs[0])
+        config.data.labels = labels
+        self.runs[name] = ServedRun(name, directory, config, members=[f"{name}#{i + 1}" for i in range(len(members))])
+
     def endpoints(self) -> list[str]:
         """The task endpoints the served runs need, generation endpoints always."""
         return sorted({run.endpoint for run in self.runs.values()}) + list(GENERATE_ENDPOINTS)
@@ -215,7 +253,13 @@ class ModelRegistry:
             base = ServedBase(base_id(source), source, llama, tokenizer, num_bytes)
             by_source[source] = self.bases[base.name] = base
         for run in self.runs.values():
-            self._load_run(run, by_source[run.config.model.name])
+            if not run.members:
+                self._load_run(run, by_source[run.config.model.name])
+        for run in self.runs.values():  # an ensemble: the task that decodes its members' averaged probabilities
+            if run.members:
+                run.base = self.runs[run.members[0]].base
+                run.task = task_class(run.config.task).from_config(run.config, run.config.data.labels)
+                run.adapter_bytes = sum(self.runs[member].adapter_bytes for member in run.members)
         for base in self.bases.values():
             base.layers = list(adapter_layers(base.llama).values())
             set_adapter(base.layers, None)  # until a batch asks for an adapter
@@ -292,7 +336,11 @@ class ModelRegistry:
         """`/v1/models` entries: runs first, then base models."""
         entries = []
         for run in self.runs.values():
+            if run.part_of is not None:  # served through its ensemble only
+                continue
             entry = {"id": run.name, "task": run.config.task, "endpoint": run.endpoint, "base": base_id(run.config.model.name)}
+            if run.members:
+                entry["members"] = [str(self.runs[member].run_dir) for member in run.members]
             if run.task is not None:
                 entry.update(run.task.describe())  # labels (classification, ner, relation), multi_label
             if run.base is not None:

@@ -104,6 +104,7 @@ class ModelCard(BaseModel):
     multi_label: bool | None = None
     adapter_bytes: int | None = Field(None, description="Memory the run adds to its shared base.")
     parameter_bytes: int | None = Field(None, description="Memory of a base model's weights.")
+    members: list[str] | None = Field(None, description="An ensemble's member runs, whose probabilities it averages.")
 
 
 class ModelList(BaseModel):

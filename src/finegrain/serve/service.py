@@ -102,7 +102,7 @@ class Service:
         if endpoint in GENERATE_ENDPOINTS:
             runs = [n for n, r in self.registry.runs.items() if r.generative]
             return runs + [e["id"] for e in self.registry.describe() if e["task"] == "generation"]
-        return [n for n, r in self.registry.runs.items() if r.endpoint == endpoint]
+        return [n for n, r in self.registry.runs.items() if r.endpoint == endpoint and r.part_of is None]
 
     def pick(self, model: str | None, endpoint: str) -> str:
         """The model a request names (or the only one answering `endpoint`), once the models are loaded."""
