@@ -8,6 +8,7 @@
     metrics.py   Prometheus text format
     logs.py      JSON logs, PII masking
     cli.py       the command and the uvicorn runner (graceful drain on SIGTERM)
+    workers.py   --workers N: worker processes on one port, the base weights mapped from one shared file
     settings.py  the limits and batching settings
 
 Nothing is imported here, so that `finegrain --help` does not wait for torch and fastapi.

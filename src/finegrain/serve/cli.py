@@ -49,6 +49,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"open connections at most; one more is answered 503 and closed (default {defaults.max_connections})")
     p.add_argument("--docs", action="store_true",
                    help="serve Swagger UI at /docs, to API key holders only (the page loads its JavaScript from a public CDN)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes behind the one port, each batching on its own; the base weights are "
+                        "mapped read-only from one file, shared by all (default 1: this process serves)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-bodies", action="store_true", help="log request bodies, with e-mails, phones and ID numbers masked")
     p.set_defaults(func=cmd_serve)
@@ -56,16 +59,34 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Validate everything a user can get wrong, bind, then serve until SIGTERM/SIGINT."""
+    """Validate everything a user can get wrong, bind, then serve until SIGTERM/SIGINT; with
+    `--workers N`, N worker processes on the one port (`finegrain.serve.workers`)."""
     from finegrain.cpu import configure_openmp
 
     if args.threads is not None and args.threads < 1:
         raise FinegrainError("--threads: must be at least 1")
+    if args.workers < 1:
+        raise FinegrainError("--workers: must be at least 1")
     configure_openmp(args.threads)  # before torch is imported (by the app's modules below)
-    from finegrain.serve.app import ServeSettings, create_app
-    from finegrain.serve.logs import setup_logging
+    registry, settings, keys = check_arguments(args)
+    if args.workers > 1:
+        from finegrain.serve.workers import serve_workers
+
+        serve_workers(args, registry, bind(args.host, args.port))
+        return
+    serve(args, registry, settings, keys, bind(args.host, args.port))
+
+
+def check_arguments(args: argparse.Namespace):
+    """The registry, settings and API keys the command line gives, every error a user can make
+    (a flag's value, a key file, a run directory) raised before a port is bound or a model loaded.
+
+    Returns:
+        (`ModelRegistry`, `ServeSettings`, `ApiKeys`).
+    """
     from finegrain.serve.models import ModelRegistry, parse_run_arguments
     from finegrain.serve.security import check_bind, load_keys
+    from finegrain.serve.settings import ServeSettings
 
     for flag in ("max_batch", "max_queue", "max_body_bytes", "max_texts", "max_tokens_per_text", "max_new_tokens", "max_connections"):
         if getattr(args, flag) < 1:
@@ -83,12 +104,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, timeout=args.timeout, rate_limit=args.rate_limit, log_bodies=args.log_bodies,
         docs=args.docs, read_timeout=args.read_timeout, keep_alive=args.keep_alive, max_connections=args.max_connections,
     )
+    return registry, settings, keys
+
+
+def serve(args: argparse.Namespace, registry, settings, keys, sock: socket.socket) -> None:
+    """Serve `registry` on the bound `sock` until SIGTERM/SIGINT (one process: the server, or one worker)."""
+    from finegrain.serve.app import create_app
+    from finegrain.serve.logs import setup_logging
+
     if args.threads:  # else torch's default: OMP_NUM_THREADS, as configure_openmp set it
         import torch
 
         torch.set_num_threads(args.threads)
     setup_logging(args.log_level)
-    sock = bind(args.host, args.port)
     runner = Runner()
     app = create_app(registry, settings, keys, on_fatal=runner.stop_failed)
     if not runner.run(app, sock, settings.timeout + 5):

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,13 +241,20 @@ class ModelRegistry:
         """The task endpoints the served runs need, generation endpoints always."""
         return sorted({run.endpoint for run in self.runs.values()}) + list(GENERATE_ENDPOINTS)
 
-    def load(self) -> None:
-        """Read every base model once and every adapter onto its base."""
+    def load(self, load_base: Callable[[str | None], tuple[Llama, Tokenizer]] | None = None) -> None:
+        """Read every base model once and every adapter onto its base; a second call does nothing.
+
+        Args:
+            load_base: reads a base model from its source (default `load_model`); `finegrain serve
+                --workers` passes one that maps the weights from a file all workers share.
+        """
         from finegrain.checkpoint.load import load_model
 
+        if self.bases:  # loaded already: a worker of `serve --workers` loads before it accepts connections
+            return
         by_source: dict[str | None, ServedBase] = {}
         for source in self.base_sources:
-            llama, tokenizer = load_model(source, progress=False)
+            llama, tokenizer = load_model(source, progress=False) if load_base is None else load_base(source)
             llama.eval().requires_grad_(False)
             num_bytes = sum(p.nbytes for p in {id(p): p for p in llama.parameters()}.values())
             base = ServedBase(base_id(source), source, llama, tokenizer, num_bytes)
