@@ -74,3 +74,14 @@ def test_average_last_must_be_at_least_two(tiny_model_dir, tmp_path):
     with pytest.raises(FinegrainError, match=r"'train.average_last' must be at least 2") as error:
         load_config(str(config), ["train.average_last=1"])
     assert "\n" not in str(error.value) and "--set train.average_last=1" in str(error.value)
+
+
+def test_fewer_evaluations_than_average_last_is_one_line(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "data.jsonl", 40)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    output = tmp_path / "run"
+    with pytest.raises(FinegrainError, match=r"train.average_last: 3 evaluations to average, but this run evaluates 1 "
+                                             r"time\(s\) \(once per epoch, \d+ steps\); set train.eval_every to at most \d+") as error:
+        train(load_config(str(config), [f"output={output}", "train.average_last=3"]), progress=False)
+    assert "\n" not in str(error.value) and not output.exists()
+

@@ -157,6 +157,7 @@ class Trainer:
         self.terms, self.hooks = method_training(method, self.total_steps)
         self.average = WeightAverage(config.average_last) if config.average_last else None
         if self.average is not None:  # a step hook's state is in every checkpoint: resume averages the same weights
+            check_evaluations(config, self.total_steps, self.steps_per_epoch)
             self.hooks.append(self.average)
         head_names = {n for n in self.trainable if not n.startswith("model.")}
         head_lr = config.head_lr or config.lr
@@ -377,6 +378,18 @@ class Trainer:
             state.bad_evals += 1
             if self.config.patience is not None and state.bad_evals >= self.config.patience:
                 state.stopped_early = True
+
+
+def check_evaluations(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> None:
+    """train.average_last: a one-line error when the run evaluates fewer times than the weights it averages."""
+    every = config.eval_every
+    count = math.ceil(total_steps / every) if every else math.ceil(total_steps / steps_per_epoch)
+    if count < config.average_last:
+        schedule = f"every {every} steps" if every else "once per epoch"
+        raise FinegrainError(
+            f"train.average_last: {config.average_last} evaluations to average, but this run evaluates {count} "
+            f"time(s) ({schedule}, {total_steps} steps); set train.eval_every to at most "
+            f"{max(1, total_steps // config.average_last)}")
 
 
 def backbone(model: nn.Module) -> nn.Module:
