@@ -115,6 +115,17 @@ def test_a_failed_cell_is_one_line_naming_the_run_and_its_log(tiny_model_dir, co
     assert "\n" not in message
 
 
+def test_no_prompted_leaves_the_prompted_decoder_out(tiny_model_dir, config_path, tmp_path, monkeypatch):
+    def no_prompting(*args, **kwargs):
+        raise AssertionError("the prompted decoder was loaded")
+
+    monkeypatch.setattr(finegrain.compare, "load_model", no_prompting)
+    assert main(["compare", str(config_path), "--models", str(tiny_model_dir), "--output", str(tmp_path / "cmp"),
+                 "--no-prompted", "--set", "train.epochs=1"]) == 0
+    models = [b["model"] for b in json.loads((tmp_path / "cmp" / "compare.json").read_text())["baselines"]]
+    assert models == ["majority class", "TF-IDF + linear model"] and not (tmp_path / "cmp" / "prompted.json").exists()
+
+
 def test_summary_is_the_mean_and_sample_std_over_seeds():
     rows = [{"model": "m", "method": "lora", "metric": "accuracy", "score": s, "train_seconds": t, "predict_per_s": 10.0,
              "peak_rss_mb": r, "trainable_parameters": 5, "notes": [], "total_seconds": None} for s, t, r in ((0.8, 10.0, 100.0), (0.9, 20.0, 120.0))]

@@ -263,7 +263,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         return items
 
     written = compare(args.config, names(args.models, "--models"), names(args.methods, "--methods"), args.seeds,
-                      args.output, list(args.set or []))
+                      args.output, list(args.set or []), prompted=not args.no_prompted)
     print(written["markdown"].read_text(encoding="utf-8"))
     print(f"table: {written['markdown']}, {written['html']}; plot: {written['plot']}")
 
@@ -531,6 +531,8 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per model and method (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every run")
     p.add_argument("--output", required=True, help="the comparison directory (rerun with the same arguments to continue)")
+    p.add_argument("--no-prompted", action="store_true",
+                   help="leave out the zero-shot prompted decoder baseline (minutes of a decoder's forward passes on CPU)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")

@@ -365,8 +365,9 @@ def plot_score_time(out_png: Path, lines: list[dict[str, Any]], baselines: list[
 
 
 def compare(config_path: str | None, models: list[str], methods: list[str], seeds: int, output: str | Path,
-            overrides: list[str] = (), progress: bool = True) -> dict[str, Path]:
-    """Train every cell (or read it when finished) and write the comparison; returns the files written."""
+            overrides: list[str] = (), progress: bool = True, prompted: bool = True) -> dict[str, Path]:
+    """Train every cell (or read it when finished) and write the comparison; returns the files written.
+    `prompted`: add the zero-shot prompted decoder baseline (`prompted_baseline`) where the task allows."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
@@ -374,6 +375,6 @@ def compare(config_path: str | None, models: list[str], methods: list[str], seed
     rows = [run_cell(cell, config_path, progress) for cell in cells]
     if not any(r["score"] is not None and not math.isnan(r["score"]) for r in rows):
         raise FinegrainError("compare: no run has a score on its test or validation split; give the config a test split")
-    prompted = prompted_baseline(config_path, models, output, overrides, progress)
+    scores = prompted_baseline(config_path, models, output, overrides, progress) if prompted else None
     title = f"finegrain compare: {Path(config_path).name if config_path else 'default config'}"
-    return write_outputs(output, rows, title, prompted)
+    return write_outputs(output, rows, title, scores)
