@@ -18,11 +18,13 @@ from finegrain.cli import main
 from finegrain.config import load_config
 from finegrain.errors import FinegrainError
 from finegrain.export import merged_model
+from finegrain.inference import predict_outputs
 from finegrain.model.config import LlamaConfig
 from finegrain.model.llama import Llama
 from finegrain.prune import group_scores, layer_scores, prune_run, removed, taylor_scores
 from finegrain.rundir import read_config
 from finegrain.tasks import task_class
+from finegrain.train.distill import soft_loss
 from finegrain.train.recipe import Recipe
 
 from conftest import tiny_tokenizer
@@ -82,6 +84,15 @@ def test_an_identity_layer_scores_zero_and_lowest(run):
     assert len(scores) == 4
     assert scores[2] == pytest.approx(0, abs=1e-7)
     assert all(s > 1e-6 for i, s in enumerate(scores) if i != 2)
+    # The same as running the model with the layer taken out of the list (the first and the top one here).
+    layers = model.model.layers
+    with torch.no_grad():
+        reference = predict_outputs(model, task, items, pad_id)
+        for i in (0, 3):
+            model.model.layers = torch.nn.ModuleList(layer for j, layer in enumerate(layers) if j != i)
+            kl = soft_loss(predict_outputs(model, task, items, pad_id), reference, 1.0)
+            model.model.layers = layers
+            assert scores[i] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
 
 
 def test_silenced_heads_and_channels_score_zero_and_lowest(run):

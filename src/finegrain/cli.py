@@ -603,7 +603,7 @@ def build_parser() -> Parser:
                                    "groups) and FFN channels: gradient x activation on validation batches, the same count kept in "
                                    "every layer (transformers' LlamaConfig has one head count and one FFN width). Then a short full "
                                    "fine-tune recovers it. OUTPUT is an ordinary run (peft.method full) that evaluate, predict, "
-                                   "serve, export and finegrain.load take; OUTPUT/pruned and OUTPUT/model load in transformers.")
+                                   "export and finegrain.load take; OUTPUT/pruned and OUTPUT/model load in transformers.")
     p.add_argument("run_dir", help="a finished classification run directory")
     p.add_argument("--layers", help="decoder layers to keep: N, or auto (drop the least important while validation, before "
                                     "recovery, stays within 0.02 of the unpruned run); default: keep all")

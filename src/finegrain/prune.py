@@ -47,13 +47,15 @@ from torch import nn
 from tqdm import tqdm
 
 from finegrain import rundir
-from finegrain.atomic import atomic_write_json, atomic_write_text
+from finegrain.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finegrain.config import LoraSection, PeftSection, dump_yaml, load_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.export import merged_model, require_llama, require_mergeable
-from finegrain.inference import predict_outputs, sorted_batches
+from finegrain.inference import item_rows, sorted_batches
+from finegrain.model.backbone import hidden_states
 from finegrain.model.linear import Linear
+from finegrain.model.llama import at_rows
 from finegrain.data.pipeline import sample
 from finegrain.peft.full_files import save_model_dir
 from finegrain.run import Predictor, train, write_results
@@ -64,29 +66,53 @@ from finegrain.train.trainer import flat_metrics
 TASKS = ("classification",)  # a head of class logits: the layer score compares their distributions
 AUTO_TOLERANCE = 0.02  # --layers auto: the validation metric the cut model may lose before recovery
 TAYLOR_BATCH = 8  # examples per gradient in the Taylor scores (a squared gradient per batch)
+SCORE_BATCH = 16  # examples per batch of the layer scores: length-sorted batches this small carry little padding
 RECOVERY_LR = 5e-5  # full fine-tuning of every kept weight: LoRA's 1e-3 would undo the pruned model
 
 
 # ---------------------------------------------------------------------------------------------- scores
 
 
+class SkippedLayer(nn.Module):
+    """A decoder layer's stand-in that passes its input on: the model as if the layer were removed."""
+
+    def forward(self, x, cos, sin, mask, is_causal, input_pos=None, rows=None, prefix=None) -> torch.Tensor:
+        return x if rows is None else at_rows(x, rows)  # (B, T, H), or (B, 1, H) at `rows`, as a layer returns
+
+
 @torch.no_grad()
-def layer_scores(model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = 64,
+def layer_scores(model: nn.Module, task: Any, items: list, pad_id: int, batch_size: int = SCORE_BATCH,
                  progress: bool = True) -> list[float]:
     """Per decoder layer, the mean KL divergence of the task's class distributions from the whole
-    model's when that layer alone is skipped (0: the layer changes nothing)."""
-    backbone = model.model
-    reference = predict_outputs(model, task, items, pad_id, batch_size)
-    multi_label = getattr(task, "multi_label", False)
-    layers, scores = backbone.layers, []
+    model's when that layer alone is skipped (0: the layer changes nothing).
+
+    Each batch runs up the layers once; the model without layer i starts from the kept input of
+    layer i, so scoring L layers costs about L * L / 2 layer passes, not L * L.
+    """
+    backbone, multi_label = model.model, getattr(task, "multi_label", False)
+    layers = list(backbone.layers)
+    totals, count = torch.zeros(len(layers), dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    batches = sorted_batches([len(item.input_ids) for item in items], batch_size, [len(item_rows(item)) for item in items])
     try:
-        for i in tqdm(range(len(layers)), desc="scoring layers", unit="layer", disable=not progress, leave=False):
-            backbone.layers = nn.ModuleList(layer for j, layer in enumerate(layers) if j != i)
-            outputs = predict_outputs(model, task, items, pad_id, batch_size)
-            scores.append(max(0.0, float(soft_loss(outputs, reference, 1.0, multi_label))))
+        for indices in tqdm(batches, desc="scoring layers", unit="batch", disable=not progress, leave=False):
+            inputs = task.collate([items[i] for i in indices], pad_id)
+            reference = model(inputs)  # (B, C)
+            x = None  # the input of layer i: (B, T, H)
+            for i, layer in enumerate(layers):
+                batch = inputs if x is None else {**inputs, "hidden": x}
+                backbone.layers[i] = SkippedLayer()
+                try:
+                    skipped = model(batch, start_layer=i)
+                finally:
+                    backbone.layers[i] = layer
+                totals[i] += float(soft_loss(skipped, reference, 1.0, multi_label)) * len(reference)
+                x = hidden_states(backbone, batch, i, i + 1)
+            count += len(reference)
     finally:
-        backbone.layers = layers
-    return scores
+        model.train(was_training)
+    return (totals / max(count, 1)).clamp(min=0).tolist()
 
 
 def taylor_scores(model: nn.Module, task: Any, items: list, pad_id: int, progress: bool = True,
@@ -233,7 +259,7 @@ def parse_layers(value: str | int | None) -> int | str | None:
         raise FinegrainError(f"--layers: '{value}' is neither a number of layers to keep nor auto") from None
 
 
-def check_request(layers: int | str | None, heads: float, ffn: float, recover_epochs: float) -> None:
+def check_request(layers: int | str | None, heads: float, ffn: float, recover_epochs: float, examples: int = 1) -> None:
     """One-line errors for what the user asked, before anything is loaded."""
     for flag, fraction, what in (("--heads", heads, "attention heads"), ("--ffn", ffn, "FFN channels")):
         if not 0 <= fraction < 1:
@@ -242,6 +268,8 @@ def check_request(layers: int | str | None, heads: float, ffn: float, recover_ep
         raise FinegrainError(f"--layers: {layers} keeps no layer; give a number from 1, or auto")
     if layers is None and heads == 0 and ffn == 0:
         raise FinegrainError("nothing to prune: give --layers (N or auto), --heads or --ffn")
+    if examples < 1:
+        raise FinegrainError(f"--examples: {examples} validation examples cannot score anything; give at least 1 (default 256)")
     if recover_epochs < 0 or not math.isfinite(recover_epochs):
         raise FinegrainError(f"--recover-epochs: {recover_epochs:g} must be 0 (no recovery) or more")
 
@@ -266,7 +294,7 @@ def prune_run(run_dir: str | Path, output: str | Path, layers: int | str | None 
     """
     run_dir, output = Path(run_dir), Path(output)
     layers = parse_layers(layers)
-    check_request(layers, heads, ffn, recover_epochs)
+    check_request(layers, heads, ffn, recover_epochs, examples)
     config = rundir.read_config(run_dir)
     rundir.require_adapter(run_dir)
     if config.task not in TASKS:
@@ -274,7 +302,9 @@ def prune_run(run_dir: str | Path, output: str | Path, layers: int | str | None 
                              "runs so far (train a smaller model with model.num_layers instead)")
     require_mergeable(config, run_dir, "pruned", "prune a run of a method that merges (lora, dora, ia3, full, ...)")
     if output.exists():
-        raise FinegrainError(f"{output}: already exists; choose a new --output for the pruned run")
+        unfinished = (output / rundir.PRUNING).is_file() and rundir.has_checkpoint(output) and not rundir.is_finished(output)
+        hint = f"its recovery stopped: continue it with `finegrain train --resume {output}`, or " if unfinished else ""
+        raise FinegrainError(f"{output}: already exists; {hint}choose a new --output for the pruned run")
     model, tokenizer, task = merged_model(run_dir, config)
     require_llama(model, run_dir)
     backbone = model.model
@@ -297,8 +327,8 @@ def prune_run(run_dir: str | Path, output: str | Path, layers: int | str | None 
     before = {"parameters": parameters(model), "validation": validation()}
     report: dict[str, Any] = {"source": str(run_dir.resolve()), "validation_examples": len(items), "metric": metric}
     if layers is not None:
-        scores = layer_scores(model, task, items, pad_id, batch, progress)
-        kept = choose_layers(model, scores, layers, validation, before["validation"], higher_is_better(metric))
+        scores = layer_scores(model, task, items, pad_id, progress=progress)
+        kept = choose_layers(model, scores, layers, validation, before["validation"], higher_is_better(metric), progress)
         keep_layers(backbone, kept)
         report["layers"] = {"kept": kept, "of": total, "scores": [round(s, 6) for s in scores],
                             "score": "KL of the class distributions when the layer alone is skipped"}
@@ -331,7 +361,7 @@ def prune_run(run_dir: str | Path, output: str | Path, layers: int | str | None 
 
 
 def choose_layers(model: nn.Module, scores: list[float], keep: int | str, validation, reference: float,
-                  higher: bool) -> list[int]:
+                  higher: bool, progress: bool = False) -> list[int]:
     """The indices of the layers to keep: the `keep` highest-scored, or with "auto" all but those
     whose removal, least important first, keeps `validation()` within AUTO_TOLERANCE of `reference`."""
     order = sorted(range(len(scores)), key=lambda i: (scores[i], -i))  # least important first; ties: the top layer
@@ -339,7 +369,7 @@ def choose_layers(model: nn.Module, scores: list[float], keep: int | str, valida
         return sorted(order[len(scores) - keep:])
     backbone, layers, dropped = model.model, model.model.layers, []
     try:
-        for i in order[:-1]:
+        for i in tqdm(order[:-1], desc="dropping layers", unit="layer", disable=not progress, leave=False):
             trial = set(dropped) | {i}
             backbone.layers = nn.ModuleList(layer for j, layer in enumerate(layers) if j not in trial)
             value = validation()
@@ -379,7 +409,8 @@ def recovery_config(config, run_dir: Path, output: Path, epochs: float, distill:
 def finish_unrecovered(config, output: Path, splits, progress: bool) -> dict[str, Any]:
     """--recover-epochs 0: the pruned model is the run's model; its labels, test metrics and reports."""
     atomic_write_json(output / rundir.LABELS, splits.labels)
-    shutil.copytree(output / rundir.PRUNED, output / rundir.MODEL)
+    with atomic_dir(output / rundir.MODEL) as tmp:  # the run is finished once model/ is whole
+        shutil.copytree(output / rundir.PRUNED, tmp, dirs_exist_ok=True)
     predictor = Predictor(output, progress=progress)
     results: dict[str, Any] = {"task": config.task, "labels": splits.labels, "train": {"examples": 0, "steps": 0}}
     if splits.test:
