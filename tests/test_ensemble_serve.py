@@ -77,6 +77,8 @@ def test_members_that_encode_texts_differently_are_refused_in_one_line(ensemble,
     shutil.copytree(directory, mixed)
     text = (mixed / "ensemble.json").read_text().replace(str(members[1].resolve()), str(longer.resolve()))
     (mixed / "ensemble.json").write_text(text)
+    registry = ModelRegistry([("ens", directory)])
+    assert list(registry.runs) == ["ens", "ens#1", "ens#2", "ens#3"]  # the ensemble first (the dashboard takes it)
     with pytest.raises(FinegrainError, match=r"mixed: its runs differ in data.max_length \(16, 32\)") as error:
         ModelRegistry([("mixed", mixed)])
     assert "\n" not in str(error.value)

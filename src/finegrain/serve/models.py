@@ -217,14 +217,14 @@ class ModelRegistry:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FinegrainError(f"{directory / rundir.ENSEMBLE}: not a readable ensemble ({exc}); write it again with "
                                  f"`finegrain ensemble RUN1 RUN2 ... --output {directory}`") from None
-        configs = []
+        configs, served = [], []
         for i, member in enumerate(members):
             config = rundir.read_config(member)
             rundir.require_adapter(member)
             if rundir.has_model(member):
                 config.model.name = str(rundir.model_dir(member).resolve())
             configs.append(config)
-            self.runs[f"{name}#{i + 1}"] = ServedRun(f"{name}#{i + 1}", member, config, part_of=name)
+            served.append(ServedRun(f"{name}#{i + 1}", member, config, part_of=name))
         for key in ("model.name", "data.max_length", "data.template", "data.long_texts", "data.window_stride",
                     "data.max_windows"):
             section, option = key.split(".")
@@ -235,7 +235,9 @@ class ModelRegistry:
                                      f"that share {key}")
         config = copy.deepcopy(configs[0])
         config.data.labels = labels
-        self.runs[name] = ServedRun(name, directory, config, members=[f"{name}#{i + 1}" for i in range(len(members))])
+        # The ensemble before its members: a reader of one directory's registry (the dashboard) takes the first run.
+        self.runs[name] = ServedRun(name, directory, config, members=[run.name for run in served])
+        self.runs.update((run.name, run) for run in served)
 
     def endpoints(self) -> list[str]:
         """The task endpoints the served runs need, generation endpoints always."""
