@@ -165,6 +165,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
     bf16: bool = False  # bf16 autocast for training where the CPU computes bf16 natively (an approximation)
     device: str = "auto"  # auto (CUDA where torch sees one, else the CPU) | cpu | cuda | mps (finegrain.device)
+    fsdp: bool = False  # under torchrun: shard the model across the processes (FSDP2, finegrain.train.fsdp); peft.method full always is
     # auto: `finegrain train` chooses every recipe key this config leaves unset from the data
     # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
     recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work

@@ -25,6 +25,7 @@ from finegrain import rundir
 from finegrain.atomic import atomic_dir, atomic_write_text, fault_point, recover_dir
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights, save_weights
+from finegrain.train import sharded_checkpoint as sharded
 from finegrain.train.tracking import Sink, open_sinks
 
 
@@ -94,6 +95,9 @@ class RunWriter:
         path = self.run_dir / rundir.BEST / rundir.TRAINABLE
         if path.exists():
             self._load_trainable(path, trainable)
+        elif sharded.is_sharded(path.parent):  # an FSDP run's (finegrain.train.fsdp), whole here
+            self._copy_trainable(path.parent / sharded.SHARDED, sharded.read_whole(path.parent, self._fix())["model"],
+                                 trainable)
 
     # -- checkpoint/ -----------------------------------------------------------------------
 
@@ -117,16 +121,37 @@ class RunWriter:
     def load_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                         scheduler: Any, hooks: Sequence[Any] = ()) -> dict[str, Any]:
         """Load `checkpoint/` into the weights, optimizer, scheduler, RNGs and step hooks; returns
-        the saved training state. Records logged after it are dropped from metrics.jsonl."""
+        the saved training state. Records logged after it are dropped from metrics.jsonl. A sharded
+        checkpoint (the ranks of an FSDP run wrote it: finegrain.train.fsdp) is read whole here."""
         directory = recover_dir(self.run_dir / rundir.CHECKPOINT)
         recover_dir(self.run_dir / rundir.BEST)
         if not (directory / rundir.STATE).exists():
             raise FinegrainError(f"{directory}: no checkpoint to resume from; start the run again without --resume")
-        self._load_trainable(directory / rundir.TRAINABLE, trainable)
+        moments = None
+        if sharded.is_sharded(directory):
+            whole = sharded.read_whole(directory, self._fix())
+            self._copy_trainable(directory / sharded.SHARDED, whole["model"], trainable)
+            moments = sharded.optimizer_by_index(whole["optimizer"], sharded.parameter_names(optimizer, trainable))
+            moments = sharded.with_own_kernels(moments, optimizer)
+        else:
+            self._load_trainable(directory / rundir.TRAINABLE, trainable)
+        return self._restore(directory, self._read_saved(directory), optimizer, moments, scheduler, hooks)
+
+    def _read_saved(self, directory: Path) -> dict[str, Any]:
+        """`checkpoint/`'s optimizer.pt: the optimizer (one process's), scheduler, RNG and step hook states."""
         try:
-            saved = torch.load(directory / rundir.OPTIMIZER, weights_only=False)
-            state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
+            return torch.load(directory / rundir.OPTIMIZER, weights_only=False)
         except Exception as exc:  # a damaged pickle raises any of a dozen types
+            raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {self._fix()}") from None
+
+    def _restore(self, directory: Path, saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                 moments: dict[str, Any] | None, scheduler: Any, hooks: Sequence[Any]) -> dict[str, Any]:
+        """What a checkpoint holds beside the weights: the step hooks, the optimizer (`moments`, or
+        the one-process state in `saved`; None: loaded already), the scheduler, the RNG states and the
+        training state (returned); the log is cut back to its step."""
+        try:
+            state = json.loads((directory / rundir.STATE).read_text(encoding="utf-8"))
+        except Exception as exc:
             raise FinegrainError(f"{directory}: cannot be read ({type(exc).__name__}: {exc}); {self._fix()}") from None
         hook_states = saved.get("hooks", [])
         if len(hook_states) != len(hooks):
@@ -134,7 +159,8 @@ class RunWriter:
                                  f"method has {len(hooks)}; {self._fix()}")
         for hook, hook_state in zip(hooks, hook_states):
             hook.load_state_dict(hook_state)
-        optimizer.load_state_dict(saved["optimizer"])
+        if moments is not None or "optimizer" in saved:
+            optimizer.load_state_dict(moments or saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         random.setstate(saved["rng"]["python"])
         np.random.set_state(saved["rng"]["numpy"])
@@ -158,12 +184,11 @@ class RunWriter:
 
     def _load_trainable(self, path: Path, trainable: Mapping[str, torch.Tensor]) -> None:
         """Load saved trainable weights, refusing a damaged file or one of another config."""
-        fix = self._fix()
-        tensors = load_weights(path, fix)
-        for name, param in trainable.items():
-            if name not in tensors or tensors[name].shape != param.shape:
-                found = tuple(tensors[name].shape) if name in tensors else "nothing"
-                raise FinegrainError(f"{path}: '{name}' is {found}, the model needs {tuple(param.shape)}; {fix}")
+        self._copy_trainable(path, load_weights(path, self._fix()), trainable)
+
+    def _copy_trainable(self, path: Path, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor]) -> None:
+        """Copy `tensors` (read from `path`) into the trainable parameters, refusing those of another config."""
+        check_trainable(path, tensors, trainable, self._fix())
         with torch.no_grad():
             for name, param in trainable.items():
                 param.copy_(tensors[name])
@@ -175,6 +200,15 @@ class RunWriter:
             return "the finished run's adapter does not need it; to train on, train the run again into another --output"
         return (f"delete {self.run_dir / rundir.CHECKPOINT} and {self.run_dir / rundir.BEST}, then "
                 f"`finegrain train --resume {self.run_dir}` restarts the run from its start")
+
+
+def check_trainable(path: Path, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor],
+                    fix: str) -> None:
+    """Refuse saved weights (read from `path`) that lack one of the trainable parameters or shape it otherwise."""
+    for name, param in trainable.items():
+        if name not in tensors or tensors[name].shape != param.shape:
+            found = tuple(tensors[name].shape) if name in tensors else "nothing"
+            raise FinegrainError(f"{path}: '{name}' is {found}, the model needs {tuple(param.shape)}; {fix}")
 
 
 def _copies(trainable: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

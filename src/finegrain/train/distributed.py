@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -120,3 +121,18 @@ def sum_gradients(params: Iterable[torch.Tensor]) -> None:
         count = param.numel()
         param.grad = flat[offset : offset + count].view_as(param).to(param.dtype)
         offset += count
+
+
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective call that failed because another process of the job is gone
+    (killed or crashed): gloo and nccl raise a RuntimeError that says so only in its text."""
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _PEER_GONE)
+
+
+def lost_peer_error(run_dir: Path) -> FinegrainError:
+    """The one line each surviving rank ends with when another rank of the job died."""
+    return FinegrainError(f"torchrun: another process of this job ended during training, so this one stops too; "
+                          f"`finegrain train --resume {run_dir}` continues from the last complete checkpoint")

@@ -37,7 +37,7 @@ from finegrain.train import precision
 from finegrain.train.averaging import WeightAverage
 from finegrain.train.checkpointing import RunWriter
 from finegrain.train.distributed import (
-    ShardedSampler, all_sum, broadcast_from_rank0, check_world, sum_gradients, world_size,
+    ShardedSampler, all_sum, broadcast_from_rank0, check_world, lost_peer_error, peer_lost, sum_gradients, world_size,
 )
 from finegrain.train.linear_probe import HeadInputs, fit_head
 from finegrain.train.objectives import Objective, TaskObjective, method_training
@@ -133,11 +133,18 @@ class Trainer:
             check_world(config.batch_size, len(train), self.world_size)
             sampler = ShardedSampler(sampler, torch.distributed.get_rank(), self.world_size)
         self.sampler = sampler
+        self.sharded = self.world_size > 1 and (config.fsdp or getattr(method, "name", None) == "full")
+        self.unsharded, own_embedding_unit = model, True
+        if self.sharded:  # FSDP2: a twin sliced across the ranks trains in the model's place (finegrain.train.fsdp)
+            from finegrain.train import fsdp  # here: FSDP's imports cost one-process runs start-up time for nothing
+
+            model, own_embedding_unit = fsdp.shard(model, model_device(model))
+            self.model = model
         self.backbone = backbone(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise FinegrainError("nothing to train: no parameter requires grad; check lora.targets and lora.layers")
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             broadcast_from_rank0(self.trainable.values())
         self.device = model_device(model)  # where `finegrain.device.place` put it; each batch follows
         on_cpu = self.device.type == "cpu"
@@ -149,7 +156,7 @@ class Trainer:
                          else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16))
         self.bf16_copies: dict[str, torch.Tensor] = {}  # made for `fit`: see finegrain.train.precision
         self.start_layer = 0
-        if config.prefix_cache:
+        if config.prefix_cache and own_embedding_unit:  # FSDP: the cache runs the table outside the root's forward
             self.start_layer = lowest_trainable_layer(model, len(self.backbone.layers))
         self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
@@ -177,7 +184,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.validation_hidden: list[torch.Tensor] | None = None
-        self.writer = RunWriter(Path(run_dir))
+        self.writer = fsdp.ShardedRunWriter(Path(run_dir), model) if self.sharded else RunWriter(Path(run_dir))
 
     # -- public ----------------------------------------------------------------------------
 
@@ -204,9 +211,13 @@ class Trainer:
             disable=not self.progress, dynamic_ncols=True,
         )
         try:
-            if self.bf16:  # layers below start_layer never run in a training step (their outputs are cached)
+            if self.bf16 and not self.sharded:  # below start_layer nothing runs in a step; FSDP: autocast alone
                 self.bf16_copies = precision.bf16_copies(self.model, skip=self.backbone.layers[: self.start_layer])
             self._loop(bar)
+        except RuntimeError as exc:  # under torchrun: a collective call failed because another rank died
+            if self.world_size > 1 and peer_lost(exc):
+                raise lost_peer_error(self.writer.run_dir) from None
+            raise
         finally:
             self.bf16_copies = {}
             bar.close()
@@ -215,7 +226,20 @@ class Trainer:
         if self.average is not None and self.average.snapshots:
             self._average()
         self.writer.restore_best(self.trainable)
+        if self.sharded:
+            self._unshard()
         return self.state
+
+    def _unshard(self) -> None:
+        """FSDP: rank 0's model gets the trained weights back, whole (finegrain.train.fsdp.gather), and
+        becomes the trainer's again: the test and the saved model that follow run in one process."""
+        from finegrain.train import fsdp
+
+        fsdp.gather(self.model, self.unsharded)
+        self.model, self.sharded = self.unsharded, False
+        self.backbone = backbone(self.model)
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.model.eval()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -269,13 +293,21 @@ class Trainer:
             for batch, weight in self.objectives[draw.objective].pieces(draw.indices, self.pad_id,
                                                                         self.config.micro_batch_tokens)
         ]
+        real = len(pieces)
+        if self.sharded:  # every rank runs as many forwards (each all-gathers), the surplus at weight 0
+            from finegrain.train import fsdp
+
+            first = lambda: (0, self.objectives[0].pieces([0], self.pad_id, None)[0][0], 0.0)  # noqa: E731
+            pieces, real = fsdp.even_pieces(pieces, first, self.device)
         totals = [0.0] * len(self.objectives)
         for index, _, weight in pieces:
             totals[index] += weight
         if self.world_size > 1:  # each objective's mean loss is over the global batch
             totals = all_sum(totals, self.device)
         sums, tokens = [0.0] * len(self.objectives), 0
-        for index, batch, weight in pieces:
+        for number, (index, batch, weight) in enumerate(pieces):
+            if self.sharded:  # reduce-scatter once per step, after the last backward (as DDP's no_sync)
+                self.model.set_requires_gradient_sync(number == len(pieces) - 1 or bool(self.terms))
             batch = to_device(batch, self.device)  # on the CPU: the batch itself
             objective = self.objectives[index]
             with self.autocast:
@@ -283,14 +315,15 @@ class Trainer:
             # totals 0: nothing labelled, every loss is 0
             (loss * (objective.weight * weight) / (totals[index] or 1.0)).backward()
             sums[index] += loss.item() * weight
-            tokens += int(batch["lengths"].sum())
+            tokens += int(batch["lengths"].sum()) if number < real else 0
         extra = 0.0
         for term in self.terms:  # on the weights, not a batch: once per step, in float32
             term_loss = term.weight * term.loss(self.model)
             (term_loss / self.world_size).backward()  # the ranks' gradients are summed below
             extra += term_loss.item()
-        if self.world_size > 1:  # every rank then holds the gradient of the global batch
-            sum_gradients(self.trainable.values())
+        if self.world_size > 1:  # every rank then holds the gradient of the global batch (FSDP: its slice of it)
+            if not self.sharded:
+                sum_gradients(self.trainable.values())
             *sums, tokens = all_sum([*sums, tokens], self.device)
             tokens = int(tokens)
         if self.config.max_grad_norm:
