@@ -238,3 +238,40 @@ def test_a_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert a["validation"] == b["validation"] and a["train"]["best_step"] == b["train"]["best_step"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_regression_relation_and_qa_train_together(tiny_model_dir, tmp_path):
+    rng = random.Random(0)
+    scores, relations, questions = tmp_path / "scores.jsonl", tmp_path / "relations.jsonl", tmp_path / "qa.jsonl"
+    with open(scores, "w", encoding="utf-8") as f:
+        for i in range(48):
+            value = (-1.0, 1.0)[i % 2]
+            f.write(json.dumps({"text": " ".join(rng.sample(WORDS["spam" if value > 0 else "ham"].split(), 2)), "score": value}) + "\n")
+    with open(relations, "w", encoding="utf-8") as f:
+        for i in range(48):
+            cause = i % 2 == 0
+            text = "fire made smoke" if cause else "fire near smoke"
+            f.write(json.dumps({"text": text, "head": [0, 4], "tail": [10, 15] if cause else [10, 15],
+                                "label": "Cause" if cause else "Other"}) + "\n")
+    with open(questions, "w", encoding="utf-8") as f:
+        for i in range(48):
+            city = PLACES[i % 3]
+            context = f"{PEOPLE[i % 3]} lives in {city} now"
+            f.write(json.dumps({"id": str(i), "question": "where?", "context": context,
+                                "answers": {"text": [city], "answer_start": [context.index(city)]}}) + "\n")
+    tasks = {
+        "score": {"task": "regression", "data": {"train": str(scores), "label_field": "score"}},
+        "cause": {"task": "relation", "data": {"train": str(relations)}},
+        "where": {"task": "qa", "data": {"train": str(questions), "validation": str(questions), "test": str(questions),
+                                         "max_length": 64}, "qa": {"stride": 8}},
+    }
+    path = write_config(tmp_path, tiny_model_dir, tasks=tasks, epochs=1)
+    output = tmp_path / "run"
+    assert main(["train", str(path), "--output", str(output)]) == 0
+    results = json.loads((output / "metrics.json").read_text())
+    assert {name: task["metric"] for name, task in results["tasks"].items()} == {"score": "neg_mse", "cause": "f1", "where": "f1"}
+    assert all("test" in task for task in results["tasks"].values())
+    predictor = finegrain.load(output)
+    assert "value" in predictor.predict(["win prize"], task="score")[0]
+    context = {"question": "where?", "context": "anna lives in rome now"}
+    assert predictor.predict([context], task="where") == finegrain.load(output / "tasks" / "where").predict([context])
