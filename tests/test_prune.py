@@ -169,6 +169,16 @@ def test_transformers_loads_the_pruned_backbone_with_the_same_hidden_states(run,
         torch.testing.assert_close(hf(ids).last_hidden_state, ours.model(ids), atol=1e-5, rtol=1e-5)
         causal = transformers.LlamaForCausalLM.from_pretrained(out / "model").eval()
         torch.testing.assert_close(causal(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    # `finegrain export` writes the pruned run as LlamaForSequenceClassification with the run's logits.
+    exported = tmp_path / "hf"
+    assert main(["export", str(out), "--format", "hf", "--output", str(exported)]) == 0
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    predictor = finegrain.load(out)
+    for text in TEXTS:
+        item = predictor.task.encode(predictor.tokenizer, predictor.task.examples_from_inputs([text], predictor.config.data), 16)[0]
+        with torch.no_grad():
+            run_logits = predictor.model(predictor.task.collate([item], predictor.tokenizer.pad_token_id))[0]
+            torch.testing.assert_close(classifier(torch.tensor([item.input_ids])).logits[0], run_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_prune_command_end_to_end_with_a_distilled_recovery(run, tmp_path, capsys):
