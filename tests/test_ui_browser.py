@@ -195,11 +195,15 @@ def test_span_predictions_and_continual_tables(page, span_root, shots):
 
         page.goto(f"{url}/#/compare")
         page.click("#sequences a")
-        page.wait_for_selector("#accuracy-matrix")
+        page.wait_for_selector(".accuracy-matrix")
         continual = json.loads((span_root / "sequence" / rundir.METRICS).read_text())["continual"]
-        assert page.locator("#accuracy-matrix tr").count() == 1 + len(continual["accuracy_matrix"])
-        assert f"{continual['bwt']:.4f}" in page.inner_text("#continual-summary")
+        assert page.locator(".accuracy-matrix tr").count() == 1 + len(continual["accuracy_matrix"])
+        assert f"{continual['bwt']:.4f}" in page.inner_text(".continual-summary")
         shot(page, shots, "continual")
+        # Two stages compared: the sequence they belong to shows its tables under theirs.
+        page.goto(f"{url}/#/compare/sequence%2Fstage-0,sequence%2Fstage-1")
+        page.wait_for_selector(".compare-continual .accuracy-matrix")
+        assert f"{continual['bwt']:.4f}" in page.inner_text(".compare-continual .continual-summary")
 
         import finegrain
 
@@ -212,6 +216,12 @@ def test_span_predictions_and_continual_tables(page, span_root, shots):
         assert page.locator("#entities mark.entity").count() == len(expected)
         shot(page, shots, "playground-ner")
         item = next((r for r in qa if r["predicted"]["start"] is not None), qa[0])
+        page.goto(f"{url}/#/playground/relation")
+        page.wait_for_function("() => document.querySelector('#playground-input')?.value.includes('head')")
+        page.click("#predict")
+        page.wait_for_selector("#mentions")
+        assert page.locator("#mentions mark.head").inner_text().startswith("Anna")
+        assert page.locator("#mentions mark.tail").inner_text().startswith("Paris")
         page.goto(f"{url}/#/playground/qa")
         page.fill("#playground-question", item["question"])
         page.fill("#playground-input", item["context"])

@@ -149,3 +149,6 @@ def test_a_continual_sequence_shows_its_tables(client, root):
     assert [len(row) for row in got["accuracy_matrix"]] == [1, 2]
     for bad in ("sentiment", "sequence/stage-0", "..", "/tmp"):
         assert client.get("/api/continual", params={"sequence": bad}).status_code == 404
+    stages = client.get("/api/compare", params={"run": ["sequence/stage-0", "sequence/stage-1"]}).json()
+    assert stages["sequences"] == ["sequence"] and stages["sweeps"] == []
+    assert client.get("/api/compare", params={"run": ["sequence/stage-0", "ner"]}).json()["sequences"] == []

@@ -130,6 +130,9 @@ def create_app(root: str | Path, keys: ApiKeys | None = None, hosts: list[str] |
         return {
             "runs": [runs.summary(root, d) for d in run_dirs], "config": runs.differing(configs),
             "metrics": runs.table(metrics), "curves": [rundir.read_metrics_log(d) for d in run_dirs],
+            # The sweeps and continual sequences holding every one of the runs: their tables show here too.
+            "sweeps": runs.holding(root, runs.list_sweeps(root), run_dirs),
+            "sequences": runs.holding(root, runs.list_sequences(root), run_dirs),
         }
 
     @app.get("/api/sweep")

@@ -87,6 +87,12 @@ def list_sequences(root: Path) -> list[str]:
             if not (path / rundir.CONFIG).is_file() and read_continual(path) is not None]
 
 
+def holding(root: Path, ids: list[str], run_dirs: list[Path]) -> list[str]:
+    """The ones of `ids` (sweeps, sequences) whose directory holds every one of `run_dirs`."""
+    base = root.resolve()
+    return [i for i in ids if all(d.resolve().is_relative_to(base / i) for d in run_dirs)]
+
+
 def read_continual(directory: Path) -> dict[str, Any] | None:
     """The `continual` section of a sequence's metrics.json (accuracy matrix, BWT, ...), None for anything else."""
     metrics = rundir.read_metrics(directory)

@@ -379,6 +379,19 @@ async function viewCompare(my, ids) {
     h("h3", {}, "Metrics"), data.metrics.length ? table(data.metrics, "compare-metrics", 4) : h("p", {class: "muted"}, "No finished run among them."),
     h("h3", {}, "Curves"), h("div", {class: "grid", id: "compare-curves"}, keys.map((k) => chart(k, perRun.map((s, i) => ({name: names[i], points: s[k] || []})), `compare-${k.replace(/\W+/g, "_")}`))),
     h("h3", {}, "Config keys that differ"), data.config.length ? table(data.config, "compare-config", 6) : h("p", {class: "muted"}, "The configs are the same."));
+  // The sweep or continual sequence these runs belong to: its own table, below the runs'.
+  for (const id of data.sweeps) {
+    try {
+      const got = await api(`/api/sweep?sweep=${q(id)}`);
+      if (my === viewId) main().append(h("h3", {}, "Sweep ", h("a", {href: `#/sweep/${q(id)}`}, id)), h("div", {class: "card compare-sweep"}, markdown(got.table)));
+    } catch (err) { main().append(failure(err)); }
+  }
+  for (const id of data.sequences) {
+    try {
+      const c = await api(`/api/continual?sequence=${q(id)}`);
+      if (my === viewId) main().append(h("h3", {}, "Continual sequence ", h("a", {href: `#/continual/${q(id)}`}, id)), h("div", {class: "compare-continual"}, continualTables(c)));
+    } catch (err) { main().append(failure(err)); }
+  }
 }
 
 // -- a sweep's table ---------------------------------------------------------------------------
@@ -416,23 +429,28 @@ async function viewContinual(my, id) {
   let c;
   try { c = await api(`/api/continual?sequence=${q(id)}`); } catch (err) { main().replaceChildren(failure(err)); return; }
   if (my !== viewId) return;
+  main().replaceChildren(h("h2", {}, `Continual sequence ${id}`), ...continualTables(c));
+}
+
+// A sequence's summary (strategy, average accuracy, BWT), its accuracy matrix and its per-stage table.
+function continualTables(c) {
   const stages = c.stages || c.accuracy_matrix.map((_, i) => `stage ${i}`);
-  const matrix = h("table", {class: "cm", id: "accuracy-matrix"}, h("tr", {}, h("th", {}, "after ↓ / tested on →"), stages.map((s) => h("th", {}, s))),
+  const matrix = h("table", {class: "cm accuracy-matrix"}, h("tr", {}, h("th", {}, "after ↓ / tested on →"), stages.map((s) => h("th", {}, s))),
     c.accuracy_matrix.map((row, i) => h("tr", {}, h("th", {}, `after ${stages[i]}`), stages.map((_, j) => {
       if (j >= row.length) return h("td", {class: "empty"}, "");
       const td = h("td", {class: i === j ? "diag" : ""}, fixed(row[j], 3));
       td.style.background = `rgba(35, 135, 74, ${(0.08 + 0.6 * Math.max(0, Math.min(1, row[j]))).toFixed(3)})`;
       return td;
     }))));
-  const perStage = h("table", {id: "continual-stages"}, h("thead", {}, h("tr", {}, ["stage", "last score", "forgetting", "seconds"].map((t, i) => h("th", {class: i ? "num" : ""}, t)))),
+  const perStage = h("table", {class: "continual-stages"}, h("thead", {}, h("tr", {}, ["stage", "last score", "forgetting", "seconds"].map((t, i) => h("th", {class: i ? "num" : ""}, t)))),
     h("tbody", {}, stages.map((s, j) => h("tr", {}, h("td", {}, s), h("td", {class: "num"}, fixed(c.accuracy_matrix.at(-1)[j], 3)),
       h("td", {class: "num"}, fixed((c.forgetting || [])[j], 3)), h("td", {class: "num"}, fixed((c.seconds || [])[j], 1))))));
-  main().replaceChildren(h("h2", {}, `Continual sequence ${id}`),
-    h("div", {class: "card", id: "continual-summary"}, `${c.kind || ""} · strategy ${c.strategy || "?"} · average accuracy `, h("b", {}, fixed(c.average_accuracy, 4)),
+  return [
+    h("div", {class: "card continual-summary"}, `${c.kind || ""} · strategy ${c.strategy || "?"} · average accuracy `, h("b", {}, fixed(c.average_accuracy, 4)),
       " · BWT ", h("b", {class: c.bwt < 0 ? "error" : "ok"}, fixed(c.bwt, 4)), c.total_seconds !== undefined ? ` · ${duration(c.total_seconds)}` : ""),
     h("h3", {}, "Accuracy matrix (rows: after training a stage; columns: the stage tested)"), matrix,
     h("h3", {}, "Per stage"), perStage,
-    h("p", {class: "muted"}, "BWT (backward transfer): the mean over earlier stages of the last score minus the score just after training it; negative is forgetting."));
+    h("p", {class: "muted"}, "BWT (backward transfer): the mean over earlier stages of the last score minus the score just after training it; negative is forgetting.")];
 }
 
 // -- Playground --------------------------------------------------------------------------------
