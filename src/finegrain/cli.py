@@ -564,7 +564,9 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("export", help="write a finished run as a merged Hugging Face model, a GGUF file or its adapter",
                        description="hf: the adapter folded into the weights, the head as LlamaForSequenceClassification, "
-                                   "LlamaForTokenClassification or LlamaForQuestionAnswering (instruct: LlamaForCausalLM); gguf: "
+                                   "LlamaForTokenClassification or LlamaForQuestionAnswering (instruct: LlamaForCausalLM), or on an encoder "
+                                   "(minilm-l6) BertForSequenceClassification, BertForTokenClassification or "
+                                   "BertForQuestionAnswering; gguf: "
                                    "an instruct run's merged model for llama.cpp/Ollama; peft: the adapter alone. Methods that "
                                    "cannot merge (prompt, prefix, adapter) export with --format peft only.")
     p.add_argument("run_dir", help="a finished run directory")
