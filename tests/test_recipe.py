@@ -47,6 +47,7 @@ def test_recipe_fills_only_unset_keys_from_the_data(tiny_model_dir, tmp_path):
     for label, n in counts.items():
         assert math.isclose(weights[label], math.sqrt(len(splits.train) / (3 * n)), abs_tol=1e-4)
     assert config.train.metric == "macro_f1" and config.train.patience == 2
+    assert config.head.init == "probe", choices["head.init"].reason  # the rarest class has 10 or more training examples
     lengths = [len(ids) for ids in tokenizer.encode_batch([e.text for e in splits.train])]
     assert config.data.max_length == max(32, 16 * math.ceil(percentile(lengths, 0.95) / 16))
     # 160 examples: 2,000 seen needs 13 epochs, capped at 10.
@@ -158,8 +159,36 @@ def test_head_init_probe_starts_training_from_the_fitted_head(tiny_model_dir, tm
                      "--set", "train.recipe=off", "--set", f"head.init={init}", "--set", "train.epochs=1",
                      "--set", "lora.layers=[-1]", "--set", "train.threads=1"]) == 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if init == "probe":  # the fitted head alone is validated before the first step: a candidate for the best
+            assert records[0]["step"] == 0 and records[0]["split"] == "validation"
+            records = records[1:]
         runs[init] = records[0]["train_loss"]
     assert runs["probe"] < runs["random"]  # the first step's loss: the fitted head already separates the topics
+
+
+def test_fit_head_chooses_its_l2_on_validation():
+    import torch
+    from torch import nn
+
+    from finegrain.train.linear_probe import L2, fit_head, fit_softmax
+
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))  # labels at random: a close fit is all noise
+    model = nn.Module()
+    model.head = nn.Linear(40, 3, bias=False)
+    assert fit_head(model, "head", x, y) == L2  # no validation: the default strength
+    l2 = fit_head(model, "head", x, y, validation=(torch.randn(200, 40), torch.randint(0, 3, (200,))))
+    assert l2 == 1.0  # the strongest: on noise, the flattest head predicts unseen examples best
+    torch.testing.assert_close(model.head.weight, fit_softmax(x, y, 3, l2=1.0).float())
+
+
+def test_the_head_starts_at_random_where_the_rarest_class_is_too_small(tiny_model_dir):
+    from collections import Counter
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl"])
+    recipe = Recipe(config, config.explicit)
+    recipe._head_init(Counter({"a": 40, "b": 3}))
+    assert config.head.init == "random" and "3 training example" in recipe.choices[0].reason
 
 
 def test_head_init_probe_is_for_single_label_classification_only(tiny_model_dir):

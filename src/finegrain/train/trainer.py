@@ -353,13 +353,24 @@ class Trainer:
         )
 
     def _fit_head(self) -> None:
-        """LP-FT (finegrain.train.linear_probe): the head fitted on the frozen model's pooled states."""
+        """LP-FT (finegrain.train.linear_probe): the head fitted on the frozen model's pooled states,
+        its L2 chosen on validation; then validated, so that the fitted head alone is the first
+        candidate for the best checkpoint (fine-tuning that does worse on validation is not kept)."""
         head, main = self.task.head_modules[0], self.objectives[0]
+        desc = "fitting the head" if self.progress else None
         with HeadInputs(self.model, head):
             features = predict_outputs(self.model, self.task, main.items, self.pad_id, self.config.eval_batch_size,
-                                       main.hidden, self.start_layer, "fitting the head" if self.progress else None)
+                                       main.hidden, self.start_layer, desc)
+            validation = None
+            if self.validation_items:
+                validation = (predict_outputs(self.model, self.task, self.validation_items, self.pad_id,
+                                              self.config.eval_batch_size, self.validation_hidden, self.start_layer, desc),
+                              torch.tensor([item.target for item in self.validation_items]))
         targets = torch.tensor([item.target for item in main.items])
-        fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None))
+        l2 = fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None), validation)
+        if self.progress:
+            tqdm.write(f"head fitted on the frozen states (L2 {l2:g}{', chosen on validation' if validation else ''})")
+        self._validate()
 
     # -- validation and best weights -------------------------------------------------------
 
