@@ -37,6 +37,17 @@ machine would). `finegrain serve` runs three times, with its default threads:
 For each, the median latency of `--requests` sequential one-text requests (default 20) alone
 and beside the load, and the ratio. Last line:
 `competing load: before xA.A slower, passive xB.B, finegrain xC.C`.
+
+    python benchmarks/serve.py --workers 1,2 [--quick] [--texts-per-request 4]
+
+serves the same run with `finegrain serve --workers N` for each N, the machine's cores split
+between the workers (--threads cores/N each; one worker: all of them), and sends the same load
+(`--requests` requests of `--texts-per-request` texts, `--concurrency` clients). The table gives
+requests/s, texts/s, p50 and p99 latency, and the memory after the load from /proc/PID/smaps_rollup:
+RSS, PSS (shared pages split between the processes that map them) and USS (private pages) of one
+worker (the mean over the workers), and the PSS of the whole server (master and workers), beside
+the bytes of base parameters each worker maps from the shared weights file. Last line:
+`workers: 2 workers xA.AA the requests/s of 1, total PSS xB.BB`.
 """
 
 from __future__ import annotations
@@ -189,9 +200,11 @@ def classify_one(connection: http.client.HTTPConnection, text: str) -> dict | No
     return json.loads(payload)["predictions"][0] if response.status == 200 else None
 
 
-def load(port: int, texts: list[str], requests: int, concurrency: int) -> dict:
+def load(port: int, texts: list, requests: int, concurrency: int, send=None) -> dict:
     """Send `requests` one-text requests from `concurrency` threads: requests/s, latency
-    percentiles (of answered requests) and the number of failed ones."""
+    percentiles (of answered requests) and the number of failed ones. `send(connection, item)`
+    (default `classify_one`) sends one of `texts` and answers None on a failure."""
+    send = send or classify_one
     latencies: list[float] = []
     failures: list[int] = []
     counter = iter(range(requests))
@@ -205,7 +218,7 @@ def load(port: int, texts: list[str], requests: int, concurrency: int) -> dict:
             if i is None:
                 break
             started = time.perf_counter()
-            if classify_one(connection, texts[i % len(texts)]) is None:
+            if send(connection, texts[i % len(texts)]) is None:
                 failures.append(i)
             else:
                 latencies.append(time.perf_counter() - started)
@@ -311,6 +324,76 @@ def run_competing_load(run_dir: Path, texts: list[str], tmp_path: Path, requests
     print(f"competing load: before x{ratios['before']:.1f} slower, passive x{ratios['passive']:.1f}, finegrain x{ratios['finegrain']:.1f}")
 
 
+# ---------------------------------------------------------------------------------------------- worker processes
+
+
+def worker_events(log: Path, name: str) -> list[dict]:
+    """The JSON log lines of event `name` in a server's log."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    return [entry for entry in map(json.loads, lines) if entry.get("event") == name]
+
+
+def classify_texts(connection: http.client.HTTPConnection, texts: list[str]) -> list | None:
+    """The predictions for several texts in one request; None when the server answered anything but 200."""
+    connection.request("POST", "/v1/classify", json.dumps({"texts": texts}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = response.read()
+    return json.loads(payload)["predictions"] if response.status == 200 else None
+
+
+def batch_load(port: int, texts: list[str], requests: int, per_request: int, concurrency: int) -> dict:
+    """`load` with `per_request` texts in each request: requests/s, texts/s and latency percentiles."""
+    groups = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1, per_request)]
+    result = load(port, groups, requests, concurrency, send=classify_texts)
+    result["texts_per_s"] = result["rps"] * per_request
+    return result
+
+
+def run_workers(run_dir: Path, texts: list[str], tmp_path: Path, counts: list[int], args) -> None:
+    """Throughput and memory of `finegrain serve --workers N` for each N, the cores split between the workers."""
+    from finegrain.serve.workers import memory_figures
+
+    cores = os.cpu_count() or 1
+    print(f"load: {args.requests} requests of {args.texts_per_request} Rotten Tomatoes texts each (at most {MAX_LENGTH} "
+          f"tokens), {args.concurrency} concurrent clients; {cores} cores split between the workers", flush=True)
+    print(f"{'workers':>7} {'threads':>7} {'req/s':>7} {'texts/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
+          f"{'worker RSS':>10} {'PSS':>7} {'USS':>7} {'server PSS':>10} {'mapped MB':>9}")
+    results = {}
+    for count in counts:
+        threads = max(1, cores // count)
+        command = [sys.executable, "-m", "finegrain.serve", f"bench={run_dir}", "--host", LOOPBACK, "--timeout", "600",
+                   "--threads", str(threads), "--max-queue", "4096", "--log-level", "info"]
+        if count > 1:
+            command += ["--workers", str(count)]
+        log = tmp_path / f"workers-{count}.log"
+        server = Server(f"finegrain --workers {count}", command, log)
+        try:
+            server.wait_ready()
+            deadline = time.time() + 300
+            while count > 1 and len(worker_events(log, "loaded")) < count and time.time() < deadline:
+                time.sleep(0.2)
+            batch_load(server.port, texts, args.concurrency, args.texts_per_request, args.concurrency)  # warm-up
+            result = batch_load(server.port, texts, args.requests, args.texts_per_request, args.concurrency)
+            loaded = worker_events(log, "loaded")
+            pids = [entry["pid"] for entry in loaded] if count > 1 else [server.process.pid]
+            workers = [memory_figures(pid) for pid in pids]
+            master = memory_figures(server.process.pid) if count > 1 else {"pss": 0.0}
+            result["worker"] = {key: sum(w[key] for w in workers) / len(workers) for key in ("rss", "pss", "uss")}
+            result["server_pss"] = master["pss"] + sum(w["pss"] for w in workers)
+            result["mapped_mb"] = loaded[0]["mapped_bytes"] / 2**20 if count > 1 else 0.0
+        finally:
+            server.stop()
+        results[count] = result
+        w = result["worker"]
+        print(f"{count:>7} {threads:>7} {result['rps']:>7.1f} {result['texts_per_s']:>8.1f} {result['p50_ms']:>8.1f} "
+              f"{result['p99_ms']:>8.1f} {result['failed']:>6} {w['rss']:>8.0f}MB {w['pss']:>5.0f}MB {w['uss']:>5.0f}MB "
+              f"{result['server_pss']:>8.0f}MB {result['mapped_mb']:>9.0f}", flush=True)
+    if 1 in results and len(results) > 1:
+        most = max(results)
+        print(f"workers: {most} workers x{results[most]['rps'] / results[1]['rps']:.2f} the requests/s of 1, "
+              f"total PSS x{results[most]['server_pss'] / results[1]['server_pss']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 training texts, 32 requests per server: about 2 minutes")
@@ -319,6 +402,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each server")
     parser.add_argument("--competing-load", action="store_true",
                         help="single-request latency alone and beside a busy 2-thread process, spinning vs passive OpenMP waits")
+    parser.add_argument("--workers", metavar="N,N,...",
+                        help="throughput and memory of `finegrain serve --workers N` for each N, e.g. 1,2")
+    parser.add_argument("--texts-per-request", type=int, default=4, help="texts in each request of --workers (default 4)")
     parser.add_argument("--side", choices=["transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -335,6 +421,14 @@ def main() -> None:
             run_competing_load(run_dir, texts, Path(tmp), args.requests or 20)
         return
     args.requests = args.requests or (32 if args.quick else 1000)
+    if args.workers:
+        print_facts(machine_facts())
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir, texts, train_s = train_run(Path(tmp), 16 if args.quick else 64, 500)
+            print(f"run: SmolLM2-135M float32, LoRA r=8 on q_proj/v_proj of 30 layers, 2 labels, trained in {train_s:.1f} s",
+                  flush=True)
+            run_workers(run_dir, texts, Path(tmp), [int(n) for n in args.workers.split(",")], args)
+        return
 
     import torch
 
