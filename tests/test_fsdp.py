@@ -153,3 +153,29 @@ def test_full_fine_tune_resumes_one_then_two_then_one_process(tiny_model_dir, tm
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train_loss" in line]
     assert steps == list(range(1, steps[-1] + 1))  # each step logged once: the killed steps were done again
+
+
+def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path):
+    """train.fsdp: true shards an adapter run too (LoRA on the top layer: the layer below and the
+    embedding run once, sharded, for the prefix cache; LP-FT fits the head on the gathered weights):
+    the adapter equals the one-process run's, and the run reports the same steps and test accuracy."""
+    data = write_data(tmp_path / "data.jsonl", 64)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1)
+    options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0", "--set", "head.init=probe"]
+    assert main(["train", str(config), "--output", str(tmp_path / "one"), *options]) == 0
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "finegrain", "train", str(config),
+         "--output", str(tmp_path / "two"), *options, "--set", "train.fsdp=true"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert is_sharded(tmp_path / "two" / "best")
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    results = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    assert results[0]["train"]["frozen_prefix_layers"] == results[1]["train"]["frozen_prefix_layers"] == 1
+    assert results[0]["train"]["steps"] == results[1]["train"]["steps"]
+    assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]

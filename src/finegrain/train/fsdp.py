@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from finegrain import rundir
 from finegrain.atomic import fault_point, recover_dir
@@ -55,7 +56,7 @@ from finegrain.train.checkpointing import RunWriter, check_trainable
 from finegrain.train.distributed import broadcast_from_rank0
 
 
-def shard(model: nn.Module, device: torch.device) -> tuple[nn.Module, bool]:
+def shard(model: nn.Module, device: torch.device, sample: dict[str, Any]) -> tuple[nn.Module, bool]:
     """A sharded twin of the task `model` (a collective call), and whether its embedding table is a
     unit of its own (the prefix cache runs the table outside the root's forward; a table tied to an
     output head stays in the root).
@@ -63,6 +64,8 @@ def shard(model: nn.Module, device: torch.device) -> tuple[nn.Module, bool]:
     The twin is a copy of the module tree that starts from the same parameter objects (rank 0's
     values, broadcast first); `fully_shard` replaces them in the twin by its slices. The model's own
     weights are then freed, so a rank holds the model once (sliced), not once whole and once sliced.
+    One forward of the batch `sample` through the twin's root sets FSDP up from the root down: the
+    prefix cache calls the embedding first, which would otherwise make it a root of its own.
     """
     broadcast_from_rank0(model.parameters())  # every rank slices the same weights, whatever each drew
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -84,6 +87,11 @@ def shard(model: nn.Module, device: torch.device) -> tuple[nn.Module, bool]:
     with torch.no_grad():
         for param in model.parameters():  # the twin holds this rank's slices now
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        training = twin.training
+        twin.eval()  # no dropout: the run's random draws stay those of a run without FSDP
+        twin(sample)
+        twin.train(training)
+    twin.reshard()  # the root keeps its weights gathered after a forward, for the backward that follows
     return twin, own_unit
 
 
@@ -96,6 +104,16 @@ def gather(twin: nn.Module, model: nn.Module) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.data = whole[name].to(device=param.device, dtype=param.dtype)
+
+
+def keep_gathered_writes(twin: nn.Module) -> None:
+    """What was written into the root unit's gathered weights (LP-FT fits the head in place after a
+    forward, which leaves them gathered) becomes the ranks' slices; FSDP would drop it when it next
+    frees the gathered copy. A collective call."""
+    gathered = {name: p.detach().clone() for name, p in twin.named_parameters() if not isinstance(p, DTensor)}
+    twin.reshard()
+    if gathered:
+        set_model_state_dict(twin, gathered, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def even_pieces(pieces: list[tuple[int, Any, float]], fill: Callable[[], tuple[int, Any, float]],
@@ -126,7 +144,7 @@ class ShardedRunWriter(RunWriter):
     def __init__(self, run_dir: Path, model: nn.Module):
         super().__init__(run_dir)
         self.model = model
-        self.only_trained = StateDictOptions(ignore_frozen_params=True)
+        self.only_trained = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen weights are the base's
 
     def save_best(self, trainable: Mapping[str, torch.Tensor]) -> None:
         weights = get_model_state_dict(self.model, options=self.only_trained)

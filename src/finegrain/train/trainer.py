@@ -138,7 +138,8 @@ class Trainer:
         if self.sharded:  # FSDP2: a twin sliced across the ranks trains in the model's place (finegrain.train.fsdp)
             from finegrain.train import fsdp  # here: FSDP's imports cost one-process runs start-up time for nothing
 
-            model, own_embedding_unit = fsdp.shard(model, model_device(model))
+            sample = to_device(self.objectives[0].pieces([0], pad_id, None)[0][0], model_device(model))
+            model, own_embedding_unit = fsdp.shard(model, model_device(model), sample)
             self.model = model
         self.backbone = backbone(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -368,6 +369,10 @@ class Trainer:
                               torch.tensor([item.target for item in self.validation_items]))
         targets = torch.tensor([item.target for item in main.items])
         l2 = fit_head(self.model, head, features, targets, getattr(self.task, "class_weights", None), validation)
+        if self.sharded:  # fitted into the head's gathered weights: into the slices with them
+            from finegrain.train import fsdp
+
+            fsdp.keep_gathered_writes(self.model)
         if self.progress:
             tqdm.write(f"head fitted on the frozen states (L2 {l2:g}{', chosen on validation' if validation else ''})")
         self._validate()
