@@ -12,6 +12,7 @@ same splits. Each run's peak RSS comes from /usr/bin/time when present.
     python benchmarks/classification_results.py --datasets trec_fine --max-train 2000
     python benchmarks/classification_results.py --files train.jsonl test.jsonl --name mine --only recipe
     python benchmarks/classification_results.py --table /tmp/finegrain-classification-results/results.json
+    python benchmarks/classification_results.py --only recipe --set train.time_budget=null   # on a busy host
 
 Prints a Markdown table and writes it with every run's metrics.json under --output.
 """
@@ -52,6 +53,7 @@ def run(name: str, recipe: str, selection: list[str], args: argparse.Namespace) 
         sets.append(f"data.max_train_examples={args.max_train}")
     if args.max_eval:
         sets.append(f"data.max_eval_examples={args.max_eval}")
+    sets += args.set
     command = [*finegrain(), "train", *RECIPES[recipe], "--output", str(out)]
     for option in sets:
         command += ["--set", option]
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=2000, help="cap the training split (0: no cap)")
     parser.add_argument("--max-eval", type=int, default=1000, help="cap validation and test each (0: no cap)")
     parser.add_argument("--output", default="/tmp/finegrain-classification-results")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed on to every run (e.g. train.time_budget=null: the idle machine's plan on a busy one, "
+                             "where that plan was not shrunk to the budget)")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print the table of an earlier run's results.json, run nothing")
     args = parser.parse_args()
     if args.table:
