@@ -52,11 +52,11 @@ from finegrain.config import LoraSection, PeftSection, dump_yaml, load_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.export import merged_model, require_llama, require_mergeable
+from finegrain.data.pipeline import sample
 from finegrain.inference import item_rows, sorted_batches
 from finegrain.model.backbone import hidden_states
 from finegrain.model.linear import Linear
 from finegrain.model.llama import at_rows
-from finegrain.data.pipeline import sample
 from finegrain.peft.full_files import save_model_dir
 from finegrain.run import Predictor, train, write_results
 from finegrain.tasks import task_class
