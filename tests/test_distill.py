@@ -152,7 +152,7 @@ def test_unsuitable_teacher_is_one_line_before_the_run_directory(teacher, tiny_m
         path = copy_run(teacher_dir, tmp_path)
         shutil.rmtree(path / "adapter")
     elif case == "task":
-        path = copy_run(teacher_dir, tmp_path, lambda spec: spec.update(task="regression"))
+        path = copy_run(teacher_dir, tmp_path, lambda spec: (spec.update(task="regression"), spec["head"].update(init="random")))
     elif case == "labels":
         path = copy_run(teacher_dir, tmp_path, labels=["fresh", "sour"])
     else:

@@ -33,7 +33,8 @@ def write_texts(path, n: int = 48):
 def full_args(model_dir, data, output, *extra: str) -> list[str]:
     return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=2",
             "--batch-size", "8", "--set", "data.max_length=12", "--set", "train.threads=1", "--set", "train.lr=1e-3",
-            "--set", "peft.method=full", "--set", "head.tfidf_mix=0", *extra]
+            "--set", "peft.method=full", "--set", "head.tfidf_mix=0",
+            "--set", "head.init=random", *extra]  # LP-FT may keep its step-0 head: these tests check the trained layers
 
 
 @pytest.fixture(scope="module")
