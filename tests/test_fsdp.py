@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -152,7 +151,8 @@ def test_full_fine_tune_resumes_one_then_two_then_one_process(tiny_model_dir, tm
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-5, rtol=1e-4, msg=name)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train_loss" in line]
-    assert steps == list(range(1, steps[-1] + 1))  # each step logged once: the killed steps were done again
+    total = json.loads((tmp_path / "whole" / "metrics.json").read_text())["train"]["steps"]
+    assert steps == list(range(1, total + 1))  # each step logged once: the killed steps were done again
 
 
 def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path):
@@ -179,3 +179,41 @@ def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path
     assert results[0]["train"]["frozen_prefix_layers"] == results[1]["train"]["frozen_prefix_layers"] == 1
     assert results[0]["train"]["steps"] == results[1]["train"]["steps"]
     assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
+
+
+def tied_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    assert init_from_env(torch.device("cpu"))
+    try:
+        from finegrain.train.fsdp import shard
+
+        llama = tiny_llama()
+        ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = llama(ids)
+        twin, own_unit = shard(llama, torch.device("cpu"), ids)
+        with torch.no_grad():
+            logits = twin(ids)
+        assert all(p.numel() == 0 for p in llama.parameters())  # the model's own weights were freed
+    finally:
+        shutdown()
+    torch.save({"own_unit": own_unit, "expected": expected, "logits": logits}, Path(out) / f"tied{rank}.pt")
+
+
+def test_an_embedding_tied_to_the_output_head_stays_in_the_root_unit(tmp_path):
+    """A causal LM whose output head is the embedding table: the table is not a unit of its own (the
+    head in the root reads it), and the sharded model computes the whole model's logits."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=tied_worker, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"tied{rank}.pt", weights_only=False)
+        assert not result["own_unit"]
+        torch.testing.assert_close(result["logits"], result["expected"], atol=1e-5, rtol=1e-4)

@@ -20,10 +20,15 @@ How the trainer uses it (`finegrain.train.trainer.Trainer`):
   with plain sums only: gloo has neither the average nor the pre-multiplied sum FSDP2 would
   otherwise use.
 - Checkpoints and `best/` are sharded (`ShardedRunWriter`, `finegrain.train.sharded_checkpoint`).
+- A weight written in place while gathered (LP-FT's head, fitted after a forward) is carried into
+  the slices (`keep_gathered_writes`); FSDP would drop it when it frees the gathered copy.
 
-Not sharded here: bf16 training under FSDP runs under autocast alone (the trainer's bf16 copies
-of the frozen matrices would be copies of one rank's slices); an output head tied to the
-embedding table keeps the table in the root unit, and the prefix cache is then off.
+What runs otherwise than without FSDP, each said in one line (`note`): bf16 training runs under
+autocast alone (the trainer's bf16 copies of the frozen matrices would be copies of one rank's
+slices); an output head tied to the embedding table keeps the table in the root unit, and the
+prefix cache is then off. The model is still read whole on every rank before it is sliced: the
+set-up peaks at one whole copy per rank; the gradients and the optimizer state (twice the
+weights, for AdamW) are sliced from the start.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import copy
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +99,12 @@ def shard(model: nn.Module, device: torch.device, sample: dict[str, Any]) -> tup
         twin.train(training)
     twin.reshard()  # the root keeps its weights gathered after a forward, for the backward that follows
     return twin, own_unit
+
+
+def note(text: str) -> None:
+    """Say `text` once for the job (rank 0), as a warning: what runs otherwise under FSDP than without."""
+    if dist.get_rank() == 0:
+        warnings.warn(text, stacklevel=3)
 
 
 def gather(twin: nn.Module, model: nn.Module) -> None:

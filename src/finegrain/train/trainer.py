@@ -177,8 +177,15 @@ class Trainer:
                          else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16))
         self.bf16_copies: dict[str, torch.Tensor] = {}  # made for `fit`: see finegrain.train.precision
         self.start_layer = 0
-        if config.prefix_cache and own_embedding_unit:  # FSDP: the cache runs the table outside the root's forward
+        if config.prefix_cache:
             self.start_layer = lowest_trainable_layer(model, len(self.backbone.layers))
+            if self.start_layer and not own_embedding_unit:  # the cache would run the table outside the root's forward
+                self.start_layer = 0
+                fsdp.note("train.prefix_cache: off under FSDP: the embedding table is tied to the output head, so it "
+                          "cannot be sharded on its own for the cache to run it alone; every step runs every layer")
+        if self.sharded and self.bf16:
+            fsdp.note("train.bf16 under FSDP: bf16 autocast alone, without bf16 copies of the frozen matrices "
+                      "(each rank holds only its slices of them)")
         self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
