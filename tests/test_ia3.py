@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,11 +149,16 @@ def test_options_and_their_errors(tmp_path):
     assert method_config(load_config(path), num_layers=2, modules_to_save=["score"]) == Ia3Config(
         targets=("k_proj", "v_proj"), feedforward=(), layers=[1], modules_to_save=["score"]
     )
-    with pytest.raises(FinegrainError, match=r"ia3.feedforward: 'down_proj' is not one of ia3.targets \['k_proj', 'v_proj'\]"):
+    with pytest.raises(FinegrainError, match=r"peft.feedforward: 'down_proj' is not one of peft.targets \['k_proj', 'v_proj'\]"):
         method_config(load_config(path, ["peft.feedforward=[down_proj]"]), num_layers=2, modules_to_save=[])
     assert Ia3Config().feedforward == ("down_proj",) and Ia3Config(targets="all-linear").feedforward == ("down_proj",)
-    with pytest.raises(FinegrainError, match="ia3.init: 'zeros' is unknown; use one of ones, random"):
+    with pytest.raises(FinegrainError, match="peft.init: 'zeros' is unknown; use one of ones, random"):
         Ia3Config(init="zeros")
+    # every option's error names the key under `peft:`, where an IA3 run's options are written
+    for override, message in (("peft.targets=[]", "peft.targets: empty"), ("peft.init=zeros", "peft.init: 'zeros'"),
+                              ("peft.feedforward=['(']", "peft.feedforward: '(' is not a valid regular expression")):
+        with pytest.raises(FinegrainError, match=re.escape(message)):
+            method_config(load_config(path, [override]), num_layers=2, modules_to_save=[])
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: ia3\n  rank: 4\n")
     with pytest.raises(FinegrainError, match=r"c.yaml:5: unknown key 'peft.rank'"):
         method_config(load_config(path), num_layers=2, modules_to_save=[])

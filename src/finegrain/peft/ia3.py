@@ -224,22 +224,22 @@ class Ia3Config:
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.targets = _names_or_pattern(self.targets, "ia3.targets", allow_all_linear=True)
+        self.targets = _names_or_pattern(self.targets, "peft.targets", allow_all_linear=True)
         if self.feedforward is None:
             targeted = self.targets if isinstance(self.targets, tuple) else (FEEDFORWARD,)
             self.feedforward = tuple(t for t in targeted if t.endswith(FEEDFORWARD))
-        self.feedforward = _names_or_pattern(self.feedforward, "ia3.feedforward", allow_empty=True)
+        self.feedforward = _names_or_pattern(self.feedforward, "peft.feedforward", allow_empty=True)
         if self.init not in INITS:
-            raise FinegrainError(f"ia3.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
+            raise FinegrainError(f"peft.init: '{self.init}' is unknown; use one of {', '.join(INITS)}")
         if isinstance(self.targets, tuple) and isinstance(self.feedforward, tuple):
             stray = [name for name in self.feedforward if name not in self.targets]
             if stray:
-                raise FinegrainError(f"ia3.feedforward: '{stray[0]}' is not one of ia3.targets {list(self.targets)}; add it there or drop it")
+                raise FinegrainError(f"peft.feedforward: '{stray[0]}' is not one of peft.targets {list(self.targets)}; add it there or drop it")
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
             if not all(isinstance(i, int) and i >= 0 for i in self.layers):
-                raise FinegrainError(f"ia3.layers: must be a list of layer indices >= 0, got {self.layers!r}")
+                raise FinegrainError(f"peft.layers: must be a list of layer indices >= 0, got {self.layers!r}")
             self.layers = sorted(set(self.layers))
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
