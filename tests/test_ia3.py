@@ -156,7 +156,7 @@ def test_options_and_their_errors(tmp_path):
         Ia3Config(init="zeros")
     # every option's error names the key under `peft:`, where an IA3 run's options are written
     for override, message in (("peft.targets=[]", "peft.targets: empty"), ("peft.init=zeros", "peft.init: 'zeros'"),
-                              ("peft.feedforward=['(']", "peft.feedforward: '(' is not a valid regular expression")):
+                              ("peft.feedforward=(", "peft.feedforward: '(' is not a valid regular expression")):
         with pytest.raises(FinegrainError, match=re.escape(message)):
             method_config(load_config(path, [override]), num_layers=2, modules_to_save=[])
     path.write_text("data:\n  dataset: sms_spam\npeft:\n  method: ia3\n  rank: 4\n")
