@@ -117,10 +117,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         if task_runs(args.resume):  # a multi-task run (finegrain.multitask)
             return _train_multitask(args.resume)
-        from finegrain.rundir import task_runs
-
-        if task_runs(args.resume):  # a multi-task run (finegrain.multitask)
-            return _train_multitask(args.resume)
         results = train(None, resume_dir=args.resume)
     else:
         overrides = list(args.set or [])
@@ -141,8 +137,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"average accuracy {summary['average_accuracy']:.3f}, backward transfer {summary['bwt']:+.3f}, "
                   f"{forward}{summary['total_seconds']:.0f} s ({config.output}/metrics.json)")
             return
-        if config.tasks:  # several tasks on one backbone (finegrain.multitask)
-            return _train_multitask(None, config)
         if config.tasks:  # several tasks on one backbone (finegrain.multitask)
             return _train_multitask(None, config)
         results = train(config)
@@ -166,15 +160,6 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
     from finegrain.launch import launch
 
     launch(args.command, args.argv, args.nproc, args, TRAIN_FLAGS)
-
-
-def _train_multitask(resume_dir, config=None) -> None:
-    """Train (or resume) a multi-task run and print its table of tasks."""
-    from finegrain.multitask import summary_table, train as train_tasks
-
-    results = train_tasks(config, resume_dir=resume_dir)
-    print("\n" + summary_table(results), end="")
-    print(f"metrics: {resume_dir or config.output}/metrics.json")
 
 
 def _train_multitask(resume_dir, config=None) -> None:
