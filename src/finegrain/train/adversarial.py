@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.train.objectives import Forward, Objective
+from finegrain.train.objectives import Forward, Objective, WrappedObjective
 
 
 def per_token_unit(g: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
     return delta * (epsilon / norm.clamp_min(epsilon))
 
 
-class AdversarialObjective:
+class AdversarialObjective(WrappedObjective):
     """An objective's loss plus the same loss on perturbed inputs (see the module docstring).
 
     Args:
@@ -68,26 +68,10 @@ class AdversarialObjective:
     def __init__(self, inner: Objective, method: str, epsilon: float, steps: int, embedding: nn.Module):
         if method not in ("fgm", "pgd", "freelb"):
             raise ValueError(f"adversarial method {method!r}: fgm, pgd or freelb")
-        self.inner, self.method, self.epsilon, self.embedding = inner, method, epsilon, embedding
+        super().__init__(inner)
+        self.method, self.epsilon, self.embedding = method, epsilon, embedding
         self.steps = 1 if method == "fgm" else steps
         self.step_size = epsilon if method == "fgm" else 2 * epsilon / steps
-
-    # The objective's data is the inner one's: the trainer sets `hidden` (the prefix cache) here.
-    task = property(lambda self: self.inner.task)
-    items = property(lambda self: self.inner.items)
-    lengths = property(lambda self: self.inner.lengths)
-    weight = property(lambda self: self.inner.weight)
-
-    @property
-    def hidden(self) -> list[torch.Tensor] | None:
-        return self.inner.hidden
-
-    @hidden.setter
-    def hidden(self, value: list[torch.Tensor] | None) -> None:
-        self.inner.hidden = value
-
-    def pieces(self, indices: list[int], pad_id: int, max_tokens: int | None) -> list[tuple[dict[str, Any], float]]:
-        return self.inner.pieces(indices, pad_id, max_tokens)
 
     def loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
         """Clean loss + the loss at the perturbation the ascent steps found (held fixed); for

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finegrain.errors import FinegrainError
-from finegrain.train.objectives import Forward, Objective
+from finegrain.train.objectives import Forward, Objective, WrappedObjective
 
 
 def fisher_diagonal(
@@ -107,7 +107,7 @@ def anchors(
     return theta, weights
 
 
-class EwcObjective:
+class EwcObjective(WrappedObjective):
     """An objective's loss plus the EWC penalty on the trained weights (see the module docstring).
 
     The penalty is added to each micro-batch's mean loss; the trainer weighs those by their share
@@ -122,25 +122,9 @@ class EwcObjective:
 
     def __init__(self, inner: Objective, parameters: dict[str, nn.Parameter], theta: dict[str, torch.Tensor],
                  fisher: dict[str, torch.Tensor], strength: float):
-        self.inner, self.strength = inner, strength
+        super().__init__(inner)
+        self.strength = strength
         self.held = [(parameters[n], theta[n], fisher[n]) for n in fisher]
-
-    # The objective's data is the inner one's: the trainer sets `hidden` (the prefix cache) here.
-    task = property(lambda self: self.inner.task)
-    items = property(lambda self: self.inner.items)
-    lengths = property(lambda self: self.inner.lengths)
-    weight = property(lambda self: self.inner.weight)
-
-    @property
-    def hidden(self) -> list[torch.Tensor] | None:
-        return self.inner.hidden
-
-    @hidden.setter
-    def hidden(self, value: list[torch.Tensor] | None) -> None:
-        self.inner.hidden = value
-
-    def pieces(self, indices: list[int], pad_id: int, max_tokens: int | None) -> list[tuple[dict[str, Any], float]]:
-        return self.inner.pieces(indices, pad_id, max_tokens)
 
     def penalty(self) -> torch.Tensor:
         """lambda / 2 * sum F (theta - theta*)^2, in float32."""

@@ -84,6 +84,34 @@ class TaskObjective:
         return self.task.loss(forward(batch), batch)
 
 
+class WrappedObjective:
+    """An objective that adds to another's loss (adversarial training, EWC): its items, batches
+    and cached states are the inner objective's, and the trainer sets `hidden` (the prefix cache)
+    there."""
+
+    def __init__(self, inner: Objective):
+        self.inner = inner
+
+    task = property(lambda self: self.inner.task)
+    items = property(lambda self: self.inner.items)
+    lengths = property(lambda self: self.inner.lengths)
+    weight = property(lambda self: self.inner.weight)
+
+    @property
+    def hidden(self) -> list[torch.Tensor] | None:
+        return self.inner.hidden
+
+    @hidden.setter
+    def hidden(self, value: list[torch.Tensor] | None) -> None:
+        self.inner.hidden = value
+
+    def pieces(self, indices: list[int], pad_id: int, max_tokens: int | None) -> list[tuple[dict[str, Any], float]]:
+        return self.inner.pieces(indices, pad_id, max_tokens)
+
+    def loss(self, forward: Forward, batch: dict[str, Any]) -> torch.Tensor:
+        return self.inner.loss(forward, batch)
+
+
 class ModelTerm(Protocol):
     """A loss term on the trained weights, not on a batch: the trainer adds `weight * loss(model)`
     to each optimizer step's loss, once (AdaLoRA's orthogonality regulariser)."""
