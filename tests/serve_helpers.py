@@ -43,6 +43,7 @@ def train_task_run(
         "model": {"name": str(model_dir)},
         "data": {"train": str(train_file), "max_length": 16, **data},
         "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [-1]},
+        "head": {"init": "random"},  # not the recipe's LP-FT, which may keep its step-0 head on these tiny runs
         "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "threads": 1, "eval_every": 100, "seed": seed},
     }
     for section, values in (sections or {}).items():

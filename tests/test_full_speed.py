@@ -13,7 +13,7 @@ from finegrain.train import trainer as trainer_module
 from finegrain.train.trainer import Trainer, adamw, lr_lambda
 
 
-def plain_adamw(groups, lr, weight_decay):
+def plain_adamw(groups, lr, weight_decay, fused=False):
     """torch's reference AdamW: a Python loop of tensor operations per parameter."""
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=False, fused=False)
 
@@ -64,7 +64,7 @@ def full_trainer(tiny_model, tmp_path):
     items = [Encoded(torch.randint(3, 128, (4 + i % 7,), generator=generator).tolist(), i % 2) for i in range(24)]
     config = TrainConfig(epochs=1, batch_size=8, threads=1, lr=1e-3, weight_decay=0.01, warmup_ratio=0.34)
     tmp_path.mkdir()
-    return Trainer(model, task, items, config, tmp_path, pad_id=0, progress=False)
+    return Trainer(model, task, items, config, tmp_path, pad_id=0, progress=False, method=FullConfig())  # fused: full alone
 
 
 def test_a_full_run_trains_to_the_weights_of_the_plain_adamw(tiny_config, tmp_path, monkeypatch):

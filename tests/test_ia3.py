@@ -187,7 +187,7 @@ def write_config(path, model_dir, data, method: str, **train):
         "model": {"name": str(model_dir), "num_layers": 2},
         "data": {"train": str(data), "max_length": 16},
         "peft": {"method": method, "layers": [-1]},
-        "head": {"tfidf_mix": 0, "pooling": "last"},  # the adapter alone, read as PEFT's SEQ_CLS model reads it
+        "head": {"tfidf_mix": 0, "pooling": "last", "init": "random"},  # the adapter alone, read as PEFT's SEQ_CLS model reads it
         "train": {"epochs": 2, "lr": 2e-2, "batch_size": 8, "threads": 1, "eval_every": 3, "checkpoint_every": 2, **train},
     }
     path.write_text(yaml.safe_dump(config))

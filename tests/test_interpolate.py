@@ -30,7 +30,7 @@ def write_texts(path, n: int = 64):
 def train(model_dir, data, output, *extra: str) -> Path:
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=2",
                  "--batch-size", "8", "--set", "data.max_length=12", "--set", "train.threads=1", "--set", "train.lr=1e-2",
-                 "--set", "lora.layers=null", "--set", "head.tfidf_mix=0", *extra]) == 0
+                 "--set", "lora.layers=null", "--set", "head.tfidf_mix=0", "--set", "head.init=random", *extra]) == 0
     return Path(output)
 
 

@@ -45,6 +45,7 @@ def write_config(path: Path, model_dir: Path, data: Path, **train) -> Path:
         "model": {"name": str(model_dir)},
         "data": {"train": str(data), "max_length": 16},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": "all-linear", "layers": [-1]},
+        "head": {"init": "random"},  # not the recipe's LP-FT, which may keep its step-0 head on these tiny runs
         "train": {"epochs": 2, "lr": 5e-3, "batch_size": 8, "threads": 1, "eval_every": 5, "checkpoint_every": 2, **train},
     }
     path.write_text(yaml.safe_dump(config))
