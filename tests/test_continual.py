@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from types import SimpleNamespace
 
@@ -26,6 +23,8 @@ from finegrain.errors import FinegrainError
 from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
 from finegrain.train.lwf import LwfObjective, OldHead, old_head
 from finegrain.train.objectives import TaskObjective
+
+from test_train import assert_same_adapter, kill_and_resume, train_cli
 
 WORDS = {"sport": "goal match team", "tech": "chip code server", "food": "bread soup salt", "art": "paint stage song",
          "spam": "win prize now", "ham": "see you soon"}
@@ -300,26 +299,15 @@ def test_killed_ewc_and_lwf_runs_resume_exactly(strategy, tiny_model_dir, tmp_pa
     spec["continual"] = {"strategy": strategy, "ewc_lambda": 1e4}
     later = tmp_path / "later.yaml"
     later.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def cli(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
-                              timeout=300, env={**env, **extra})
-
-    straight = cli(str(later), "--output", str(tmp_path / "straight"))
+    straight = train_cli(str(later), "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = cli(str(later), "--output", str(tmp_path / "killed"), FINEGRAIN_FAULT="train_step:9")  # mid-epoch 2
-    assert killed.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
-    resumed = cli("--resume", str(tmp_path / "killed"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    kill_and_resume(later, tmp_path / "killed", "train_step:9")  # mid-epoch 2
+    assert_same_adapter(tmp_path / "straight", tmp_path / "killed")
     # The strategy changed the training: the same run without it ends elsewhere.
     spec.pop("continual")
     later.write_text(yaml.safe_dump(spec))
     assert main(["train", str(later), "--output", str(tmp_path / "plain")]) == 0
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     c = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.allclose(a[key], c[key], atol=1e-6) for key in a)
 

@@ -2,16 +2,12 @@
 exact resume, and the one-line errors for a teacher that does not suit the run."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
 
 import finegrain.run
 from finegrain.config import load_config
@@ -20,7 +16,7 @@ from finegrain.run import train
 from finegrain.tasks.classification import ClassificationTask, Encoded
 from finegrain.train.distill import DistillObjective, check_teacher, soft_loss, teacher_logits
 
-from test_train import write_config, write_data
+from test_train import assert_same_adapter, kill_and_resume, train_cli, write_config, write_data
 
 
 def test_soft_loss_is_t_squared_kl_of_the_teacher_from_the_student():
@@ -105,22 +101,10 @@ def test_killed_distilled_run_resumes_exactly(teacher, tiny_model_dir, tmp_path)
     spec["model"]["num_layers"] = 1
     spec["distill"] = {"teacher": str(teacher_dir), "temperature": 3.0, "alpha": 0.7}
     config.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def cli(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
-                              timeout=300, env={**env, **extra})
-
-    straight = cli(str(config), "--output", str(tmp_path / "straight"))
+    straight = train_cli(str(config), "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = cli(str(config), "--output", str(tmp_path / "killed"), FINEGRAIN_FAULT="train_step:17")  # mid-epoch 2
-    assert killed.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
-    resumed = cli("--resume", str(tmp_path / "killed"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    kill_and_resume(config, tmp_path / "killed", "train_step:17")  # mid-epoch 2
+    assert_same_adapter(tmp_path / "straight", tmp_path / "killed")
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "killed")]
     assert metrics[0]["test"]["accuracy"] == metrics[1]["test"]["accuracy"]
 

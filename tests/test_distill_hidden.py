@@ -5,9 +5,6 @@ resumes exactly, and the one-line errors."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +24,7 @@ from finegrain.train.distill import (
     DistillObjective, TeacherOutputs, attach_hidden_match, matched_layers, pooled_states, teacher_pass,
 )
 
-from test_train import write_config, write_data
+from test_train import assert_same_adapter, kill_and_resume, train_cli, write_config, write_data
 
 TEXTS = ["great fun film", "dull and slow and badly acted", "a gripping story with a good cast", "bad"]
 
@@ -175,25 +172,13 @@ def test_a_killed_run_with_everything_on_resumes_exactly(teacher, tiny_model_dir
     spec["adversarial"] = {"method": "freelb", "steps": 2, "epsilon": 0.5}
     spec["train"]["average_last"] = 3
     config.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def cli(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
-                              timeout=600, env={**env, **extra})
-
-    straight = cli(str(config), "--output", str(tmp_path / "straight"))
+    straight = train_cli(str(config), "--output", str(tmp_path / "straight"), timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     steps = json.loads((tmp_path / "straight" / "metrics.json").read_text())["train"]["steps"]
     assert steps >= 8
     kill_at = steps * 3 // 4  # in the second epoch, past a checkpoint and some evaluations
-    killed = cli(str(config), "--output", str(tmp_path / "killed"), FINEGRAIN_FAULT=f"train_step:{kill_at}")
-    assert killed.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
-    resumed = cli("--resume", str(tmp_path / "killed"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    kill_and_resume(config, tmp_path / "killed", f"train_step:{kill_at}", timeout=600)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "killed")
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "killed")]
     assert metrics[0]["train"]["frozen_prefix_layers"] == 1  # the prefix cache was on
     assert metrics[0]["train"]["average_last"] == metrics[1]["train"]["average_last"]

@@ -59,6 +59,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def train_cli(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`finegrain train ARGS` in a fresh one-thread process, with `env` added (FINEGRAIN_FAULT=...)."""
+    return subprocess.run([sys.executable, "-m", "finegrain.cli", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def kill_and_resume(config: Path, run_dir: Path, fault: str, timeout: int = 300) -> None:
+    """Train `config` into `run_dir`, killed at FINEGRAIN_FAULT=`fault` before it finishes, then `--resume` it."""
+    killed = train_cli(str(config), "--output", str(run_dir), timeout=timeout, FINEGRAIN_FAULT=fault)
+    assert killed.returncode != 0 and not (run_dir / "metrics.json").exists()
+    resumed = train_cli("--resume", str(run_dir), timeout=timeout)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path) -> None:
+    """The two runs' saved adapters hold the same tensors (within 1e-6)."""
+    a = load_file(a_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
 def test_cli_train_evaluate_predict(tiny_model_dir, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl", 120)
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=3)
