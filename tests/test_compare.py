@@ -9,7 +9,7 @@ import pytest
 from finegrain.cli import main
 import finegrain.compare
 from finegrain.checkpoint.load import load_model
-from finegrain.compare import compare, plan, prompted_model, summarize
+from finegrain.compare import compare, methods_per_model, plan, prompted_model, summarize
 from finegrain.config import load_config
 from finegrain.evaluate.prompting import prompted_baseline
 from finegrain.errors import FinegrainError
@@ -53,6 +53,23 @@ def test_plan_fits_a_decoder_config_to_the_encoder_and_checks_every_cell(tiny_mo
         plan(str(config_path), [str(tiny_model_dir)], ["lorra"], 1, tmp_path)
     with pytest.raises(FinegrainError, match="not a task"):  # a cell's config is checked before any run starts
         plan(str(config_path), [str(tiny_model_dir)], ["lora"], 1, tmp_path, ["task=clasification"])
+
+
+def test_methods_can_be_given_per_model(tiny_model_dir, encoder_dir, config_path, tmp_path):
+    decoder, encoder = str(tiny_model_dir), str(encoder_dir)
+    cells = plan(str(config_path), [decoder, encoder], [f"{decoder}:lora", f"{encoder}:full"], 1, tmp_path)
+    assert [(c.model, c.method) for c in cells] == [(decoder, "lora"), (encoder, "full")]
+    assert "train.lr=0.0001" in cells[1].overrides and cells[1].run_dir.name == "tiny-bert-full-s0"
+    # A plain method serves the models not named; a named model runs only its own.
+    assert methods_per_model([decoder, encoder], ["lora", "ia3", f"{encoder}:full", f"{encoder}:lora"]) == {
+        decoder: ["lora", "ia3"], encoder: ["full", "lora"]}
+    assert methods_per_model(["C:/models/x", "y"], ["C:/models/x:full", "lora"]) == {"C:/models/x": ["full"], "y": ["lora"]}
+    with pytest.raises(FinegrainError, match=r"--methods: 'minilm:full' names model 'minilm', which is not in --models"):
+        methods_per_model([decoder, encoder], ["minilm:full"])
+    with pytest.raises(FinegrainError, match=rf"--methods: no method for model '{decoder}'; add {decoder}:METHOD"):
+        methods_per_model([decoder, encoder], [f"{encoder}:full"])
+    with pytest.raises(FinegrainError, match=r"--methods: 'fulll' is not a method"):
+        methods_per_model([decoder, encoder], [f"{encoder}:fulll"])
 
 
 def test_compare_writes_one_table_with_the_baselines_and_a_rerun_trains_nothing(

@@ -513,7 +513,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("compare", help="train a config per model and method (and seed): one table and plot with the baselines")
     p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml")
     p.add_argument("--models", required=True, metavar="A,B,...", help="models to compare, e.g. smollm2-135m,minilm-l6")
-    p.add_argument("--methods", default="lora", metavar="A,B,...", help="peft.method of each run, e.g. lora,full (default lora)")
+    p.add_argument("--methods", default="lora", metavar="A,B,...", help="peft.method of each run, e.g. lora,full (default lora); MODEL:METHOD for one model, "
+                        "e.g. smollm2-135m:lora,minilm-l6:full")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per model and method (default 1)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every run")
     p.add_argument("--output", required=True, help="the comparison directory (rerun with the same arguments to continue)")

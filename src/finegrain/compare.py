@@ -3,6 +3,10 @@ beside the baselines, as one table and one plot.
 
     finegrain compare examples/rotten_tomatoes.yaml --models smollm2-135m,minilm-l6 --methods lora,full --seeds 3 --output DIR
 
+`--methods` applies each method to every model, or to one model written as `MODEL:METHOD`
+(`--methods smollm2-135m:lora,minilm-l6:full`: an adapter for the decoder, full fine-tuning for
+the encoder, without the two cells neither needs); a model named that way runs only its own.
+
 Each cell is an ordinary `finegrain train` run in its own process (its peak RSS is its own), in
 `DIR/runs/MODEL-METHOD-sSEED`; a cell whose run already finished is read, not trained again, so
 a compare cut short continues where it stopped and a finished one rewrites its table in seconds.
@@ -78,9 +82,7 @@ def plan(config_path: str | None, models: list[str], methods: list[str], seeds: 
     """
     if not models:
         raise FinegrainError("--models: name at least one model, e.g. --models smollm2-135m,minilm-l6")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise FinegrainError(f"--methods: '{unknown[0]}' is not a method; use some of {', '.join(METHODS)}")
+    per_model = methods_per_model(models, methods)
     if seeds < 1:
         raise FinegrainError(f"--seeds: {seeds}; run at least 1 seed")
     base = load_config(config_path, list(overrides))
@@ -90,7 +92,7 @@ def plan(config_path: str | None, models: list[str], methods: list[str], seeds: 
     cells = []
     for model in models:
         encoder = is_encoder(model)
-        for method in methods:
+        for method in per_model[model]:
             adjusted, notes = _adjustments(base, encoder, method, user_set)
             for seed in range(seeds):
                 cell_overrides = [*overrides, f"model.name={model}", f"peft.method={method}", f"train.seed={seed}", *adjusted]
@@ -98,6 +100,32 @@ def plan(config_path: str | None, models: list[str], methods: list[str], seeds: 
                 run_dir = output / RUNS / f"{_slug(model)}-{method}-s{seed}"
                 cells.append(Cell(model, method, seed, run_dir, cell_overrides, notes))
     return cells
+
+
+def methods_per_model(models: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """The methods each model runs: a plain `METHOD` of `--methods` for every model, a
+    `MODEL:METHOD` for that model alone (a model named so runs only the methods named for it).
+
+    Raises:
+        FinegrainError: an unknown method, a `MODEL:` that is not in `--models`, or a model left with no method.
+    """
+    plain, pinned = [], {}
+    for entry in methods:
+        model, _, method = entry.rpartition(":")
+        if method not in METHODS:
+            raise FinegrainError(f"--methods: '{method}' is not a method; use some of {', '.join(METHODS)}")
+        if not model:
+            plain.append(method)
+        elif model not in models:
+            raise FinegrainError(f"--methods: '{entry}' names model '{model}', which is not in --models ({', '.join(models)}); "
+                                 "write MODEL:METHOD with a model of --models")
+        else:
+            pinned.setdefault(model, []).append(method)
+    per_model = {model: list(dict.fromkeys(pinned.get(model, plain))) for model in models}
+    for model, chosen in per_model.items():
+        if not chosen:
+            raise FinegrainError(f"--methods: no method for model '{model}'; add {model}:METHOD or a plain METHOD, e.g. lora")
+    return per_model
 
 
 def _adjustments(base, encoder: bool, method: str, user_set: set[str]) -> tuple[list[str], list[str]]:
