@@ -3,11 +3,6 @@ rank's share of a global batch gives, summed over the ranks, the one-process gra
 and a two-process run ends with the one-process run's weights."""
 
 import json
-import multiprocessing
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +13,10 @@ from conftest import random_llama
 from finegrain.cli import main
 from finegrain.config import TrainConfig
 from finegrain.model.config import LlamaConfig
-from finegrain.train.distributed import ShardedSampler, init_from_env, shutdown
+from finegrain.train.distributed import ShardedSampler, shutdown
 from finegrain.train.sampler import LengthBuckets
 from finegrain.train.trainer import Trainer
+from launch_helpers import finegrain, join_job, spawn
 from test_train import classifier, write_config, write_data
 
 CONFIG = TrainConfig(epochs=1, batch_size=8, grad_accum=2, threads=1, max_grad_norm=1.0, micro_batch_tokens=24,
@@ -59,21 +55,12 @@ def run(run_dir: Path) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    assert init_from_env(torch.device("cpu"))
+    join_job(rank, world_size, port)
     try:
         result = run(Path(out) / f"rank{rank}")
     finally:
         shutdown()
     torch.save(result, Path(out) / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_each_rank_gets_its_share_of_every_batch():
@@ -90,14 +77,7 @@ def test_two_processes_train_as_one(tmp_path):
     micro-batches) is the one-process gradient, the logged loss is the same, and after an epoch the
     weights are the one-process run's, to float32 rounding; only rank 0 wrote run files."""
     single = run(tmp_path / "single")
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    assert [p.exitcode for p in processes] == [0, 0]
+    spawn(worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert single["world_size"] == 1 and single["shares"] == [8, 8, 8]
     for result in ranks:
@@ -118,12 +98,7 @@ def test_torchrun_train_writes_one_run_equal_to_one_process(tiny_model_dir, tmp_
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1)
     options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0"]  # dropout: each rank draws its own masks
     assert main(["train", str(config), "--output", str(tmp_path / "one"), *options]) == 0
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "finegrain", "train", str(config), "--output",
-         str(tmp_path / "two"), *options],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = finegrain("train", str(config), "--output", str(tmp_path / "two"), *options, processes=2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("weighted avg") == 1  # one report, from rank 0
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
@@ -144,13 +119,6 @@ def test_resume_one_then_two_then_one_process(tiny_model_dir, tmp_path):
     options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0"]
     assert main(["train", str(config), "--output", str(tmp_path / "whole"), *options]) == 0
     run_dir = str(tmp_path / "interrupted")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def finegrain(*args: str, processes: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
-        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)] \
-            if processes > 1 else [sys.executable]
-        return subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300,
-                              env={**env, "FINEGRAIN_FAULT": fault} if fault else env)
 
     def checkpoint_step() -> int:
         return json.loads((tmp_path / "interrupted" / "checkpoint" / "state.json").read_text())["step"]

@@ -3,22 +3,13 @@ non-zero, the surviving rank says why in one line, nothing half-written takes th
 file, and `--resume` finishes the run as if nothing had happened."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from finegrain.cli import main
+from launch_helpers import finegrain
 from test_train import write_config, write_data
-
-
-def torchrun(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"FINEGRAIN_FAULT": fault} if fault else {})}
-    return subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "finegrain",
-                           *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_rank0_killed_while_writing_a_checkpoint_ends_the_job(tiny_model_dir, tmp_path):
@@ -30,7 +21,7 @@ def test_rank0_killed_while_writing_a_checkpoint_ends_the_job(tiny_model_dir, tm
     options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0"]
     assert main(["train", str(config), "--output", str(tmp_path / "whole"), *options]) == 0
     run_dir = tmp_path / "killed"
-    killed = torchrun("train", str(config), "--output", str(run_dir), *options, fault="checkpoint_write:2")
+    killed = finegrain("train", str(config), "--output", str(run_dir), *options, processes=2, fault="checkpoint_write:2")
     assert killed.returncode != 0
     said = [line for line in killed.stderr.splitlines() if line.startswith("finegrain train:")]
     assert len(said) <= 1 and all("another process of this job ended" in line for line in said), said

@@ -4,10 +4,6 @@ its checkpoints are sharded (DCP), resume with another number of processes (1 ->
 rank killed while one is written leaves the previous checkpoint whole."""
 
 import json
-import multiprocessing
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -17,10 +13,11 @@ from finegrain.cli import main
 from finegrain.config import TrainConfig
 from finegrain.peft.full import FullConfig
 from finegrain.tasks.classification import ClassificationTask, Encoded
-from finegrain.train.distributed import init_from_env, shutdown
+from finegrain.train.distributed import shutdown
 from finegrain.train.sharded_checkpoint import is_sharded, optimizer_by_index, optimizer_by_name
 from finegrain.train.trainer import Trainer
-from test_distributed import free_port, tiny_llama
+from launch_helpers import finegrain, join_job, spawn
+from test_distributed import tiny_llama
 from test_train import write_config, write_data
 
 CONFIG = TrainConfig(epochs=1, batch_size=8, grad_accum=2, threads=1, max_grad_norm=1.0, micro_batch_tokens=24,
@@ -61,10 +58,7 @@ def run(run_dir: Path) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    assert init_from_env(torch.device("cpu"))
+    join_job(rank, world_size, port)
     try:
         result = run(Path(out) / "two")
     finally:
@@ -77,14 +71,7 @@ def test_two_sharded_processes_train_as_one(tmp_path):
     the gradient of a global batch (two accumulated batches in micro-batches of unequal count on the
     two ranks) is the one-process gradient, and after an epoch rank 0 holds the one-process weights."""
     single = run(tmp_path / "single")
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    assert [p.exitcode for p in processes] == [0, 0]
+    spawn(worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert not single["sharded"] and not single["checkpoint_sharded"]
     assert all(r["sharded"] and r["steps"] == single["steps"] for r in ranks)
@@ -121,13 +108,6 @@ def test_full_fine_tune_resumes_one_then_two_then_one_process(tiny_model_dir, tm
     options = ["--set", "peft.method=full", "--set", "head.tfidf_mix=0"]
     assert main(["train", str(config), "--output", str(tmp_path / "whole"), *options]) == 0
     run_dir = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def finegrain(*args: str, processes: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
-        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)] \
-            if processes > 1 else [sys.executable]
-        return subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300,
-                              env={**env, "FINEGRAIN_FAULT": fault} if fault else env)
 
     def checkpoint_step() -> int:
         return json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
@@ -163,11 +143,8 @@ def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1)
     options = ["--set", "lora.dropout=0", "--set", "head.tfidf_mix=0", "--set", "head.init=probe"]
     assert main(["train", str(config), "--output", str(tmp_path / "one"), *options]) == 0
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "finegrain", "train", str(config),
-         "--output", str(tmp_path / "two"), *options, "--set", "train.fsdp=true"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = finegrain("train", str(config), "--output", str(tmp_path / "two"), *options, "--set", "train.fsdp=true",
+                     processes=2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert is_sharded(tmp_path / "two" / "best")
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
@@ -181,11 +158,8 @@ def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path
     assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
 
 
-def tied_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    assert init_from_env(torch.device("cpu"))
+def tied_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    join_job(rank, world_size, port)
     try:
         from finegrain.train.fsdp import shard
 
@@ -205,14 +179,7 @@ def tied_worker(rank: int, port: int, out: str) -> None:
 def test_an_embedding_tied_to_the_output_head_stays_in_the_root_unit(tmp_path):
     """A causal LM whose output head is the embedding table: the table is not a unit of its own (the
     head in the root reads it), and the sharded model computes the whole model's logits."""
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=tied_worker, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    assert [p.exitcode for p in processes] == [0, 0]
+    spawn(tied_worker, str(tmp_path))
     for rank in range(2):
         result = torch.load(tmp_path / f"tied{rank}.pt", weights_only=False)
         assert not result["own_unit"]

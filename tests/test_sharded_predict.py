@@ -3,20 +3,17 @@
 one-process output, in the input's order; `evaluate` gives the one-process metrics."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from finegrain.cli import main
 from finegrain.sharded import merge_long_texts, shard, unshard
+from launch_helpers import finegrain
 from serve_helpers import train_run
 
 LABELS = {"pos": ["great", "good", "fine", "lovely"], "neg": ["bad", "awful", "poor", "dull"]}
 WORDS = [*LABELS["pos"], *LABELS["neg"], "film", "plot", "and", "very", "the", "acting"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +29,6 @@ def write_input(path: Path, count: int) -> Path:
         rows.append({"text": " ".join(words), "label": "pos" if words[0] in LABELS["pos"] else "neg"})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def finegrain(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
 def assert_same_predictions(found: Path, expected: Path) -> None:
