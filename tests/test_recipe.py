@@ -69,7 +69,7 @@ def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
         validation, test = [None] * 100, [None] * 100
 
     # 40 us per layer-token: 1,000 x 400 tokens x (20 layers, 4 epochs ...) is far beyond one minute.
-    recipe._budget(1000, {"seconds_per_layer_token": 4e-5}, 30, Splits)
+    recipe._budget(1000, 100, {"seconds_per_layer_token": 4e-5}, 30, Splits)
     assert config.lora.layers == [-2, -1]  # the fewest adapted layers tried
     assert config.train.epochs == 1  # then fewer epochs
     assert config.model.num_layers == 12  # then the lowest layer within 0.03 of the best
@@ -77,6 +77,54 @@ def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
     keys = [c.key for c in recipe.choices]
     assert keys == ["train.epochs", "model.num_layers", "data.max_length", "lora.layers"]  # one entry per key
     assert "min of layer passes" in recipe.choices[-1].reason
+    assert recipe.choices[2].reason.count("shorter texts") == 1  # halved twice, said once
+
+
+def test_a_large_training_set_is_sampled_for_fine_tuning_before_texts_are_cut(tiny_model_dir):
+    """10,000 long texts: after fewer adapted layers, one epoch and the lower cut, the recipe fine-tunes
+    on the largest stratified sample that fits the budget, keeping the texts' length."""
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl"])  # the 15-min budget
+    recipe = Recipe(config, config.explicit)
+    recipe.lengths = [400] * 10_000
+    recipe.scores = [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
+    config.train.epochs, config.data.max_length, config.model.num_layers = 4, 512, 20
+
+    class Splits:
+        validation, test = [None] * 100, [None] * 100
+
+    recipe._budget(10_000, 1_000, {"seconds_per_layer_token": 3e-5}, 30, Splits)
+    assert config.lora.layers == [-2, -1] and config.train.epochs == 1 and config.model.num_layers == 12
+    # 3e-5 s x (200 held out x 400 tokens x 12 layers + n x 400 x (10 frozen + (3 + 1) x 2 adapted)) <= 900 s
+    fixed, per_example = 3e-5 * 200 * 400 * 12, 3e-5 * 400 * 18
+    assert config.train.fine_tune_examples == int((900 - fixed) / per_example) == 4033
+    assert config.data.max_length == 512  # kept
+    assert [c.key for c in recipe.choices] == ["train.epochs", "model.num_layers", "train.fine_tune_examples", "lora.layers"]
+    # A sample keeps 40 of the rarest class: with 100 of 10,000 in it, no sample under 4,000 (then shorter texts).
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "train.time_budget=5"])
+    recipe = Recipe(config, config.explicit)
+    recipe.lengths, recipe.scores = [400] * 10_000, [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
+    config.train.epochs, config.data.max_length, config.model.num_layers = 1, 512, 20
+    recipe._budget(10_000, 100, {"seconds_per_layer_token": 3e-5}, 30, Splits)
+    assert config.train.fine_tune_examples == 4_000 and config.data.max_length < 512
+
+
+def test_fine_tune_examples_samples_training_alone(tiny_model_dir, tmp_path):
+    """train.fine_tune_examples: the model trains on a stratified sample; the TF-IDF baseline and mix
+    learn from every training example; the option is refused for other tasks."""
+    data = write_topics(tmp_path / "train.jsonl", {"sport": 60, "money": 40, "rare": 20})
+    test = write_topics(tmp_path / "test.jsonl", {"sport": 10, "money": 10, "rare": 10}, seed=1)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(run_dir),
+                 "--set", f"data.test={test}", "--set", "data.split=[0.9,0.1,0.0]", "--set", "train.epochs=1",
+                 "--set", "train.threads=1", "--set", "train.fine_tune_examples=30", "--set", "head.tfidf_mix=0"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["examples"] == metrics["train"]["rows"] == 30
+    assert metrics["train"]["sampled_from"] == 108  # 90% of 120
+    assert metrics["train"]["steps"] == 2  # 30 examples in batches of 16
+    assert metrics["baselines"]["train_examples"] == 108
+    from finegrain.errors import FinegrainError
+    with pytest.raises(FinegrainError, match="train.fine_tune_examples"):
+        load_config(None, ["data.dataset=wnut16", "task=ner", "train.fine_tune_examples=10"])
 
 
 def test_cli_train_without_a_config_prints_and_saves_the_recipe(tiny_model_dir, tmp_path, capsys):

@@ -170,6 +170,9 @@ class TrainConfig:
     # (finegrain.train.recipe: lengths, class weights, epochs, early stopping, layer cut); off: defaults
     recipe: str | bool = "auto"  # YAML reads a bare off as false: both spellings work
     time_budget: float | None = 15.0  # minutes the recipe plans a run for (estimated layer passes); null: no limit
+    # classification: fine-tune (and fit the LP-FT head) on a stratified sample of this many training
+    # examples; the TF-IDF mix and the baselines still read all of them. null: every example
+    fine_tune_examples: int | None = None
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow (finegrain.train.tracking)
     # the run's weights are the mean of the trainable weights at its last K evaluations (finegrain.train.averaging),
     # in place of the best evaluation's; null: off
@@ -438,6 +441,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),
+        (config.train.fine_tune_examples is None or (config.train.fine_tune_examples >= 1 and config.task == "classification"),
+         "train.fine_tune_examples", "a number of training examples of at least 1, for a classification task; or null"),
         (all(t in ("tensorboard", "mlflow") for t in config.train.report_to), "train.report_to",
          "a list of tensorboard and/or mlflow, e.g. [tensorboard, mlflow]"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),

@@ -6,6 +6,7 @@ What the run directory holds, and the names of its files, is `finegrain.rundir`'
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
+from finegrain.data.split import stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
@@ -339,6 +341,10 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
+    every = splits  # what the TF-IDF mix and the baselines learn from: every training example
+    if config.train.fine_tune_examples and config.train.fine_tune_examples < len(splits.train):
+        sampled = stratified_subset(splits.train, config.train.fine_tune_examples, seed=config.train.seed)
+        splits = dataclasses.replace(splits, train=sampled)
     if writes and world_size() > 1:  # the other ranks wait for the run's final config (`_train_beside_rank0`)
         torch.distributed.broadcast_object_list([str(run_dir), resume_dir is not None])
     model, tokenizer, task, adapter = build(config, splits.labels, progress, loaded=loaded)
@@ -374,7 +380,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if not writes:
         return {}
     # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
-    mix = fit_tfidf_mix(config, task, model, splits, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
+    mix = fit_tfidf_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:
         print(mix_line(mix), flush=True)
     if isinstance(adapter, FullConfig):  # the trained model itself, as a Hugging Face directory
@@ -390,6 +396,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         "labels": splits.labels,
         "train": {
             "examples": len(splits.train),
+            **({"sampled_from": len(every.train)} if every is not splits else {}),  # train.fine_tune_examples
             "rows": len(train_items),  # what the model trains on: QA windows, packed instruct rows
             "steps": state.step,
             "epochs": round(state.step / trainer.steps_per_epoch, 3),
@@ -430,7 +437,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     results["train"]["total_seconds"] = round(time.perf_counter() - started, 2)
     if device.type == "cuda":  # on the CPU the process's peak RSS tells (benchmarks read it)
         results["train"]["peak_memory_mb"] = peak_memory_mb(device)
-    add_baselines(results, config.data, splits)  # after the clock: the whole-run time is finegrain's own
+    add_baselines(results, config.data, every)  # after the clock: the whole-run time is finegrain's own
     if splits.skipped:
         atomic_write_text(run_dir / rundir.SKIPPED_ROWS, "\n".join(splits.skipped) + "\n")
     write_results(run_dir, results, task, config.train.metric or task.headline_metric)

@@ -187,6 +187,7 @@ def add_baselines(results: dict[str, Any], data: Any, splits: Any) -> None:
     baselines: dict[str, Any] = {
         "split": split,
         "texts": "raw (data.template not applied)",
+        "train_examples": len(splits.train),
         **classification_baselines(
             [e.text for e in splits.train], [e.label for e in splits.train],
             [e.text for e in examples], [e.label for e in examples], splits.labels,

@@ -24,7 +24,8 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   token's by 0.03 or more (long documents: 0.91 against 0.68 on BBC News; on Rotten Tomatoes
   snippets the last token fine-tuned better, 0.818 against 0.798), adapt the top layers below it;
 - and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers,
-  fewer epochs, a lower cut (within 0.03 of the best), then shorter texts.
+  fewer epochs, a lower cut (within 0.03 of the best), fine-tuning on a stratified sample of
+  the training set (`train.fine_tune_examples`, at least ~2,000 examples), then shorter texts.
 
 Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
 a rerun with the same config reproduces it and any key can be overridden.
@@ -107,7 +108,7 @@ class Recipe:
         return "lora.layers" if method.name == "lora" else "peft.layers"
 
     def set(self, key: str, value: Any, reason: str) -> None:
-        """Set `key`; a key set again keeps one entry, its reasons joined."""
+        """Set `key`; a key set again keeps one entry, its (different) reasons joined."""
         section, name = key.split(".")
         target = getattr(self.config, section)
         if section == "peft" and name != "method":
@@ -118,7 +119,9 @@ class Recipe:
         if earlier is None:
             self.choices.append(Choice(key, value, reason))
         else:
-            earlier.value, earlier.reason = value, f"{earlier.reason}; then {reason}"
+            earlier.value = value
+            if not earlier.reason.endswith(reason):  # halved twice: said once
+                earlier.reason = f"{earlier.reason}; then {reason}"
 
     # -- the rules ---------------------------------------------------------------------------
 
@@ -140,8 +143,8 @@ class Recipe:
         probe = None
         if self.unset("model.num_layers") or self.unset("head.pooling") or (self.layers_key and self.unset(self.layers_key)):
             probe = self._probe(splits, tokenizer, llama, progress)
-        self._budget(len(splits.train), probe, len(llama.model.layers), splits)
-        self._evaluation(len(splits.train))
+        self._budget(len(splits.train), min(counts.values()), probe, len(llama.model.layers), splits)
+        self._evaluation(self.config.train.fine_tune_examples or len(splits.train))
         return self.choices
 
     def _length(self, lengths: list[int]) -> None:
@@ -249,19 +252,24 @@ class Recipe:
         best = max(self.scores[1:])
         return next(k for k in range(1, len(self.scores)) if self.scores[k] >= best - tolerance)
 
-    def _budget(self, examples: int, probe: dict[str, Any] | None, total_layers: int, splits) -> None:
-        """Fewer adapted layers, then epochs, then a lower cut, then shorter texts, until the
-        estimated layer passes fit `train.time_budget` (timed by the probe on this machine)."""
+    def _budget(self, examples: int, rarest: int, probe: dict[str, Any] | None, total_layers: int, splits) -> None:
+        """Fewer adapted layers, then epochs, then a lower cut, then fine-tuning on a sample, then
+        shorter texts, until the estimated layer passes fit `train.time_budget` (timed by the probe
+        on this machine)."""
         config = self.config
         budget = 60 * (config.train.time_budget or 0)
         per_token = probe["seconds_per_layer_token"] if probe else None
         held_out = len(splits.validation) + len(splits.test)
 
-        def estimate(adapted: int) -> float:
+        def estimate(adapted: int, trained: int | None = None) -> float:
             cut, tokens = config.model.num_layers or total_layers, self.mean_tokens()
+            trained = (config.train.fine_tune_examples or examples) if trained is None else trained
             # The frozen prefix once, the adapted layers each epoch (and once to fit the head), the held-out sets.
-            train = examples * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
+            train = trained * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
+
+        # A sample keeps EXAMPLES_SEEN examples and RARE_SEEN of the rarest class at least (stratified).
+        floor = max(EXAMPLES_SEEN, math.ceil(RARE_SEEN * examples / rarest))
 
         if self.layers_key is None or not self.unset(self.layers_key):
             return
@@ -279,6 +287,14 @@ class Recipe:
                 self.set("model.num_layers", low, f"to fit train.time_budget, the lowest layer within "
                          f"{LOW_CUT_TOLERANCE} of the probe's best ({self.scores[low]:.3f})")
                 adapted = min(adapted, low)
+            elif self.unset("train.fine_tune_examples") and (config.train.fine_tune_examples or examples) > floor:
+                trained = config.train.fine_tune_examples or examples
+                per_example = (estimate(adapted, trained) - estimate(adapted, 0)) / trained
+                size = max(floor, min(trained - 1, int((budget - estimate(adapted, 0)) / per_example)))
+                self.set("train.fine_tune_examples", size, f"to fit train.time_budget with the texts' length kept, "
+                         f"fine-tune on a stratified sample of {size:,} of the {examples:,} training examples (at least "
+                         f"{EXAMPLES_SEEN:,}, and {RARE_SEEN} of the rarest class); the TF-IDF mix and the baselines "
+                         "read all of them")
             elif self.unset("data.max_length") and config.data.max_length > 128:
                 self.set("data.max_length", max(128, config.data.max_length // 2), "shorter texts to fit train.time_budget")
             else:
