@@ -109,7 +109,9 @@ def test_compare_writes_one_table_with_the_baselines_and_a_rerun_trains_nothing(
     monkeypatch.setattr(subprocess, "Popen", no_training)
     monkeypatch.setattr(finegrain.compare, "load_model", no_training)
     again = compare(str(config_path), [str(tiny_model_dir), str(encoder_dir)], ["lora"], 1, output, progress=False)
-    assert json.loads(again["json"].read_text())["rows"][0]["score"] == rows[0]["score"]
+    again_rows = json.loads(again["json"].read_text())["rows"]
+    assert again_rows[0]["score"] == rows[0]["score"]
+    assert [r["peak_rss_mb"] for r in again_rows] == [r["peak_rss_mb"] for r in rows]  # kept beside each run
     assert json.loads(again["json"].read_text())["baselines"][-1] == baseline
 
 

@@ -53,6 +53,7 @@ from finegrain.tasks import task_class
 from finegrain.train.trainer import flat_metrics
 
 RUNS = "runs"
+USAGE_SUFFIX = ".usage.json"  # beside a cell's run directory: its peak RSS, which the run itself does not record
 JSON_NAME, PLOT_NAME = "compare.json", "compare.png"
 FULL_LR = {"encoder": 1e-4, "decoder": 2e-5}  # peft.method full: every weight moves, an adapter's lr would wreck them
 POOLING_TASKS = ("classification", "regression")
@@ -159,33 +160,37 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
     """Train one cell in its own process (unless its run already finished) and read its figures.
 
     The child's stderr (progress bars, warnings) goes to `RUN_DIR.log` beside the run; its stdout
-    (the test report) to ours when `progress`.
+    (the test report) to ours when `progress`. Its peak RSS is kept in `RUN_DIR.usage.json` beside
+    them, so a rerun that reads the finished run still has it.
 
     Returns:
         The cell's row: model, method, seed, score, train seconds, predict examples/s, peak RSS MB
-        (None for a run read from an earlier compare), trainable parameters, the run's baselines.
+        (None for a run that compare did not train), trainable parameters, the run's baselines.
 
     Raises:
         FinegrainError: the run failed (its one-line error is in the message).
     """
-    peak_rss_mb = None
-    if rundir.read_metrics(cell.run_dir) is None:
-        if progress:
-            print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
-        command = [sys.executable, "-m", "finegrain.cli", "train", *([config_path] if config_path else []),
-                   "--output", str(cell.run_dir)]
-        for override in cell.overrides:
-            command += ["--set", override]
-        log = cell.run_dir.with_name(cell.run_dir.name + ".log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w", encoding="utf-8") as stderr:
-            child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
-            _, status, usage = os.wait4(child.pid, 0)  # its own rusage: the peak RSS of this run alone
-            child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            error = rundir.read_error(cell.run_dir) or _last_line(log)
-            raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")
-        peak_rss_mb = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    usage_path = cell.run_dir.with_name(cell.run_dir.name + USAGE_SUFFIX)
+    if rundir.read_metrics(cell.run_dir) is not None:
+        kept = _read_json(usage_path)
+        return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
+    if progress:
+        print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
+    command = [sys.executable, "-m", "finegrain.cli", "train", *([config_path] if config_path else []),
+               "--output", str(cell.run_dir)]
+    for override in cell.overrides:
+        command += ["--set", override]
+    log = cell.run_dir.with_name(cell.run_dir.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as stderr:
+        child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)  # its own rusage: the peak RSS of this run alone
+        child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        error = rundir.read_error(cell.run_dir) or _last_line(log)
+        raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")
+    peak_rss_mb = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    atomic_write_json(usage_path, {"peak_rss_mb": peak_rss_mb})
     return _row(cell, peak_rss_mb)
 
 
