@@ -145,6 +145,67 @@ def test_packed_rows_see_the_virtual_tokens_and_their_own_example_only(tiny_mode
     assert_close(together, torch.cat(alone, 1))
 
 
+def prompt_outputs(model: torch.nn.Module, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`run(model)`'s output and, after backward of a loss over it, every trainable tensor's gradient."""
+    model.zero_grad()
+    out = run(model)
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("head", ["classifier", "tagger", "packed"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_virtual_tokens_run_once_as_a_prefix_with_every_rows_logits_and_gradients(tiny_model, monkeypatch, head, checkpointing):
+    from finegrain.model import backbone
+
+    if head == "packed":
+        model = tiny_model.model
+        causal = torch.ones(7, 7, dtype=torch.bool).tril()
+        causal[4:, :4] = False
+        batch = {"input_ids": torch.cat((IDS, IDS.flip(0)), 1)[:, :7], "lengths": torch.tensor([7, 7]),
+                 "attention_mask": causal[None, None].expand(2, 1, 7, 7), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2]] * 2)}
+        run = lambda m: hidden_states(m, batch)  # noqa: E731
+    else:
+        model = (SequenceClassifier if head == "classifier" else TokenClassifier)(tiny_model.model, 3)
+        ids = IDS.clone()
+        ids[1, 4:] = 0  # right padding
+        run = lambda m: m({"input_ids": ids, "lengths": torch.tensor([7, 4])})  # noqa: E731
+    inject(model, PromptConfig(num_virtual_tokens=3, modules_to_save=["score"] * (head != "packed")))
+    perturb(model)
+    model.train()
+    tiny_model.model.gradient_checkpointing = checkpointing
+    decoder = tiny_model.model
+    calls = []
+    monkeypatch.setattr(decoder, "prefix_keys_values", lambda x: calls.append(x.shape) or type(decoder).prefix_keys_values(decoder, x))
+    once, once_grads = prompt_outputs(model, run)
+    assert calls == [(1, 3, decoder.config.hidden_size)]  # one batch-1 run of the 3 virtual tokens
+    monkeypatch.setattr(backbone, "virtual_tokens_once", lambda *args: False)  # the reference: them before every row
+    every_row, every_row_grads = prompt_outputs(model, run)
+    assert len(calls) == 1
+    assert_close(once, every_row)
+    assert sorted(once_grads) == sorted(every_row_grads) and any(n.endswith("prompt_encoder.embedding.weight") for n in once_grads)
+    for name, grad in once_grads.items():
+        assert grad.abs().sum() > 0
+        # float32 rounding of sums over the batch, in another order: relative to the gradient's scale
+        # (in float64 the two ways agree to 1e-7, where the norms' float32 arithmetic stops them).
+        assert_close(grad, every_row_grads[name], atol=1e-5 * float(grad.abs().max()), rtol=1e-5)
+
+
+def test_virtual_tokens_run_in_every_row_where_they_see_the_rows(tiny_model):
+    from finegrain.model.backbone import virtual_tokens_once
+
+    decoder = tiny_model.model
+    assert virtual_tokens_once(decoder, None, None)
+    assert virtual_tokens_once(decoder, torch.ones(2, 1, 4, 4, dtype=torch.bool), None)
+    assert not virtual_tokens_once(decoder, torch.ones(2, 4), None)  # a key mask (left padding): positions count it
+    assert not virtual_tokens_once(decoder, None, {0: (torch.zeros(1, 2, 3, 16),) * 2})  # prefix tuning's come first
+    decoder.config.causal = False  # bidirectional: the virtual tokens see every row's tokens
+    try:
+        assert not virtual_tokens_once(decoder, None, None)
+    finally:
+        decoder.config.causal = True
+
+
 class WordTokenizer:
     """Token ids of words in a fixed list, BOS (1) first, as a LLaMA tokenizer's `encode` gives."""
 

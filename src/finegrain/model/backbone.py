@@ -17,6 +17,9 @@ before every row, `prefix_encoder` (prefix tuning, `finegrain.peft.prefix`) give
 per adapted layer. Either way the row's own tokens sit at positions P.. (as in PEFT, where they
 follow the virtual tokens or the cached prefix), the mask, positions and `rows` are shifted here,
 and the virtual tokens' states are dropped before the head: a head sees its T input positions.
+In a causal decoder the virtual tokens see only each other, so they run through the layers once
+per batch (batch 1) and the rows see their keys and values as a prefix (`virtual_tokens_once`):
+the same numbers, to float32 rounding, without P more tokens in every row.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def hidden_states(
     if mask is None and not decoder.config.causal:
         mask = padding_mask(batch["lengths"].to(x.device), x.shape[1])  # (B, T)
     virtual = 0
+    if prompts is not None and virtual_tokens_once(decoder, mask, prefix):
+        prefix, prompts = decoder.prefix_keys_values(prompts.to(x.dtype)[None]), None  # {layer: (k, v)}, once
     if prompts is not None:
         virtual = prompts.shape[0]
         x = torch.cat((prompts.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)  # (B, P+T, H)
@@ -72,7 +77,7 @@ def hidden_states(
             positions = torch.cat((torch.arange(virtual, device=x.device).expand(len(x), -1), positions + virtual), 1)
         rows = None if rows is None else rows + virtual
     elif prefix is not None:
-        shift = next(iter(prefix.values()))[0].shape[2]  # P
+        shift = next(iter(prefix.values()))[0].shape[2]  # P (prefix tuning's, or the virtual tokens')
         if positions is None:
             positions = torch.arange(shift, shift + x.shape[1], device=x.device).expand(x.shape[0], -1)  # (B, T)
         else:
@@ -83,6 +88,20 @@ def hidden_states(
     if virtual and rows is None:
         x = x[:, virtual:]  # (B, T, H): the head reads the row's own positions
     return decoder.norm(x) if end_layer is None else x
+
+
+def virtual_tokens_once(decoder: nn.Module, mask: torch.Tensor | None, prefix: dict | None) -> bool:
+    """Whether prompt tuning's virtual tokens can run once for the whole batch and reach its rows as
+    a prefix of keys and values (`LlamaModel.prefix_keys_values`), rather than before every row.
+
+    In a causal decoder they see only each other, and every token sees all of them (no mask, or
+    packed rows' mask, which the prefix extends); a bidirectional decoder's see the row's tokens,
+    and an active prefix-tuning adapter would come before them: those run them in every row.
+    """
+    return (
+        decoder.config.causal and prefix is None and (mask is None or mask.dim() == 4)
+        and hasattr(decoder, "prefix_keys_values")
+    )
 
 
 def with_virtual_tokens(mask: torch.Tensor | None, P: int, causal: bool) -> torch.Tensor | None:

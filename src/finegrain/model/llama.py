@@ -113,6 +113,18 @@ class Attention(nn.Module):
         y = ops.attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
 
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated keys and the values (B, nkv, T, hd) this attention computes from x (B, T, H),
+        as a later query sees them (`LlamaModel.prefix_keys_values`)."""
+        B, T, _ = x.shape
+        if self.qkv_proj is None:
+            k, v = self.k_proj(x), self.v_proj(x)  # (B, T, nkv*hd)
+        else:
+            _, k, v = self._project(x)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return ops.apply_rope(k, cos, sin), v
+
     def _project(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """q (B, T, nh*hd), or (B, 1, nh*hd) at `rows`, and k, v (B, T, nkv*hd).
 
@@ -250,6 +262,23 @@ class LlamaModel(nn.Module):
                 input_pos = torch.cat((torch.arange(P, device=x.device), input_pos))
         x = self.run_layers(x, attention_mask, position_ids, input_pos)
         return x[:, P:] if virtual else x
+
+    def prefix_keys_values(self, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's rotated keys and values (1, nkv, P, hd) of P tokens x (1, P, H) that come
+        first in every row, at positions 0..P-1.
+
+        In a causal decoder such tokens see nothing after them, so their states are the same in
+        every row: prompt tuning's virtual tokens run through the layers once, here, and the rows'
+        own tokens see them as a prefix (`run_layers(prefix=...)`), as they see prefix tuning's.
+        The top layer's output is never read, so only its keys and values are computed.
+        """
+        cos, sin = self._rope(torch.arange(x.shape[1], device=x.device)[None], x.dtype)  # (1, 1, P, hd)
+        prefix = {}
+        for i, layer in enumerate(self.layers):
+            prefix[i] = layer.self_attn.keys_values(layer.input_layernorm(x), cos, sin)
+            if i < len(self.layers) - 1:
+                x = layer(x, cos, sin, None, True)
+        return prefix
 
     def run_layers(
         self,

@@ -3,9 +3,12 @@
 The base model stays frozen; only the (P, H) embeddings train (and the task's head). The method's
 entry in `finegrain.peft.METHODS` is `PromptConfig`; its module, `PromptEncoder`, is a child of the
 decoder (`model.prompt_encoder`, holding named adapters like every adapter layer) that
-`finegrain.model.backbone.hidden_states` asks for the active adapter's embeddings: it puts them
-before each row, shifts the mask, positions and `rows`, and drops their states before the head.
-As in PEFT, the row's own tokens then sit at positions P..P+T-1. Generation (task instruct, a
+`finegrain.model.backbone.hidden_states` asks for the active adapter's embeddings. In a causal
+decoder they see only each other, so it runs them through the layers once per batch (batch 1) and
+gives every row their keys and values as a prefix, as prefix tuning's (the same logits and
+gradients as P more tokens in every row, to float32 rounding, without their cost); elsewhere it
+puts them before each row, shifts the mask, positions and `rows`, and drops their states before
+the head. As in PEFT, the row's own tokens sit at positions P..P+T-1. Generation (task instruct, a
 served generative run) reads them in `LlamaModel.forward`, where they fill the KV cache's first P slots.
 
 Saved as PEFT's `PROMPT_TUNING`: `adapter_config.json` with `num_virtual_tokens`, `token_dim`, ...
