@@ -201,6 +201,88 @@ def test_ewc_penalty_is_zero_at_the_earlier_weights_and_grows_away_from_them():
     assert loss.item() == pytest.approx(LINEAR_TASK.loss(current(batch), batch).item() + expected, rel=1e-5)
 
 
+def test_a_same_width_head_of_other_labels_is_not_held():
+    # Task-incremental: Rotten Tomatoes (fresh, rotten) then SMS spam (ham, spam), both 2 wide.
+    torch.manual_seed(0)
+    earlier = LinearModel(torch.randn(2, 4))
+    fisher = fisher_diagonal(earlier, LINEAR_TASK, linear_items(torch.randn(6, 4), [0, 1] * 3), {"score.weight"}, pad_id=0)
+    params = dict(LinearModel(torch.zeros(2, 4)).named_parameters())
+    theta, weights = anchors(dict(earlier.named_parameters()), fisher, params, ["score"], ["fresh", "rotten"],
+                             ["ham", "spam"])
+    assert theta == {} and weights == {}
+    # The same labels in another order: each row is held to its label's row.
+    theta, weights = anchors(dict(earlier.named_parameters()), fisher, params, ["score"], ["a", "b"], ["b", "a"])
+    torch.testing.assert_close(weights["score.weight"], fisher["score.weight"].flip(0))
+    torch.testing.assert_close(theta["score.weight"], earlier.score.weight.detach().flip(0))
+
+
+def tiny_fisher_setup(tiny_model_dir, overrides, n=40):
+    """A tiny task model with a trained-looking adapter and head, its encoded items of many lengths
+    (some of each) and their cached states below the adapted layer."""
+    from finegrain.run import build
+    from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "data.max_length=12",
+                                "lora.r=4", "lora.alpha=8", "lora.targets=all-linear", "lora.layers=[-1]", *overrides])
+    labels = ["sport", "tech", "food"]
+    torch.manual_seed(0)
+    model, tokenizer, task, _ = build(config, labels, progress=False)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # B = 0 at init would leave A's gradients 0
+        for name, p in model.named_parameters():
+            if name in names:
+                p.add_(0.3 * torch.randn_like(p))
+    rng = random.Random(0)
+    examples = [Example(text=" ".join(rng.choice(WORDS[label].split()) for _ in range(rng.randint(1, 7))), label=label,
+                        source=f"x:{i}") for i, label in enumerate(labels[i % 3] for i in range(n))]
+    items = task.encode(tokenizer, examples, config.data.max_length)
+    start = lowest_trainable_layer(model, len(model.model.layers))
+    hidden = compute_prefix(model.model, task, items, start, tokenizer.pad_token_id, 16, False) if start else None
+    return model, task, items, names, tokenizer.pad_token_id, hidden, start
+
+
+@pytest.mark.parametrize("setting", ["lora", "class_weights", "windows", "no_prefix_cache"])
+def test_batched_fisher_is_the_one_example_at_a_time_fisher(setting, tiny_model_dir, monkeypatch):
+    import finegrain.train.ewc as ewc
+
+    overrides = {"windows": ["data.long_texts=windows", "data.max_length=4", "data.window_stride=2"],
+                 "no_prefix_cache": ["lora.layers=null"]}.get(setting, [])
+    model, task, items, names, pad_id, hidden, start = tiny_fisher_setup(tiny_model_dir, overrides)
+    assert (start == 1) == (setting != "no_prefix_cache")
+    if setting == "class_weights":  # a weighted mean over one example is that example's loss
+        task.class_weights = torch.tensor([0.5, 2.0, 1.0])
+    if setting == "windows":
+        assert any(item.row_lengths for item in items) and any(not item.row_lengths for item in items)
+    alone = fisher_diagonal(model, task, items, names, pad_id, hidden, start, batch_size=1)
+    lengths = Counter(tuple(item.row_lengths or [len(item.input_ids)]) for item in items)
+    assert max(lengths.values()) > 1  # some batches hold several examples
+    monkeypatch.setattr(ewc, "_single_sums", lambda *a, **k: pytest.fail("the batched path fell back"))
+    batched = fisher_diagonal(model, task, items, names, pad_id, hidden, start, batch_size=8)
+    assert batched.keys() == alone.keys() == names
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names) and "score.weight" in names
+    for name in names:
+        assert float(alone[name].sum()) > 0, name
+        torch.testing.assert_close(batched[name], alone[name], rtol=1e-4, atol=1e-6 * float(alone[name].max()))
+
+
+def test_fisher_runs_examples_alone_where_per_example_gradients_do_not_hold(tiny_model_dir, monkeypatch):
+    import finegrain.train.ewc as ewc
+
+    # IA3's scaling vectors have no per-example rule: every example runs alone.
+    model, task, items, names, pad_id, hidden, start = tiny_fisher_setup(tiny_model_dir, ["peft.method=ia3"], n=12)
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    assert not ewc.PerExample(model, params).covers
+    alone = fisher_diagonal(model, task, items, names, pad_id, hidden, start, batch_size=1)
+    torch.testing.assert_close(fisher_diagonal(model, task, items, names, pad_id, hidden, start), alone)
+    # A rule that went wrong (here: twice the gradients) fails the check against autograd's batch
+    # gradient, and the examples run alone again: the same F.
+    model, task, items, names, pad_id, hidden, start = tiny_fisher_setup(tiny_model_dir, [], n=12)
+    alone = fisher_diagonal(model, task, items, names, pad_id, hidden, start, batch_size=1)
+    rule = ewc._row_gradients
+    monkeypatch.setattr(ewc, "_row_gradients", lambda *a: {k: 2 * v for k, v in rule(*a).items()})
+    torch.testing.assert_close(fisher_diagonal(model, task, items, names, pad_id, hidden, start), alone)
+
+
 def test_lwf_distils_the_cached_earlier_outputs_on_the_old_heads():
     torch.manual_seed(0)
     model = LinearModel(torch.randn(3, 4))  # labels [a, b, new]
