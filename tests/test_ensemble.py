@@ -19,17 +19,24 @@ TOPIC = {"film": ["the movie", "the actors"], "food": ["the soup", "good cheese"
 TEXTS = ["great fun film and good cast", "dull and slow", "a gripping story", "badly acted and a bad story"]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ensemble")
+def seed_members(tiny_model_dir, root, seeds) -> tuple:
+    """The sentiment task's data (60 rows) and one run of it per seed, the last one calibrated: a member
+    predicts with its own temperature, an ensemble applies none of its own."""
     rng = random.Random(0)
     rows = []
     for _ in range(60):
         label = rng.choice(sorted(SENTIMENT))
         rows.append({"text": " and ".join(rng.sample(SENTIMENT[label], 2)), "label": label})
     data = write_jsonl(root / "data", rows)
-    members = [train_task_run(tiny_model_dir, root / f"seed{seed}", "classification", data, seed=seed) for seed in (0, 1)]
-    calibrate_run(members[1])  # a member predicts with its own temperature; the ensemble applies none of its own
+    members = [train_task_run(tiny_model_dir, root / f"seed{seed}", "classification", data, seed=seed) for seed in seeds]
+    calibrate_run(members[-1])
+    return data, members
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    data, members = seed_members(tiny_model_dir, root, (0, 1))
     return {"members": members, "data": data, "topic": train_run(tiny_model_dir, root / "topic", TOPIC), "root": root}
 
 

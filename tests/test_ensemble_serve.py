@@ -2,36 +2,25 @@
 probabilities averaged per request exactly as `finegrain.load(ENS)` does; listed as one model; a
 run beside it; the one-line refusal of members that encode a text differently."""
 
-import random
-
 import httpx
 import pytest
 import yaml
 
 import finegrain
-from finegrain.calibrate import calibrate_run
 from finegrain.ensemble import create_ensemble
 from finegrain.errors import FinegrainError
 from finegrain.serve.models import ModelRegistry
 
-from serve_helpers import Server, train_task_run, write_jsonl
+from serve_helpers import Server
+from test_ensemble import TEXTS, seed_members
 
-SENTIMENT = {"fresh": ["great fun film", "a gripping story", "good cast"], "rotten": ["dull and slow", "badly acted", "a bad story"]}
-TEXTS = ["great fun film and good cast", "dull and slow", "a gripping story", "badly acted and a bad story"]
 KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def ensemble(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble-serve")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(60):
-        label = rng.choice(sorted(SENTIMENT))
-        rows.append({"text": " and ".join(rng.sample(SENTIMENT[label], 2)), "label": label})
-    data = write_jsonl(root / "data", rows)
-    members = [train_task_run(tiny_model_dir, root / f"seed{seed}", "classification", data, seed=seed) for seed in (0, 1, 2)]
-    calibrate_run(members[2])  # a member predicts with its own temperature, served as finegrain.load applies it
+    _, members = seed_members(tiny_model_dir, root, (0, 1, 2))
     create_ensemble(members, root / "ens")
     return root / "ens", members
 
