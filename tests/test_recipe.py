@@ -57,23 +57,29 @@ def test_recipe_fills_only_unset_keys_from_the_data(tiny_model_dir, tmp_path):
     assert all(c.reason for c in choices.values())
 
 
-def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
-    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "train.time_budget=1"])
+class HeldOut:  # 100 validation and 100 test examples, as the budget counts them
+    validation, test = [None] * 100, [None] * 100
+
+
+def planned_budget(tiny_model_dir, examples: int, rarest: int, epochs: int, seconds: float, *options: str):
+    """The config after `Recipe._budget` for `examples` texts of 400 tokens (512 allowed), 20 kept of
+    30 layers, `epochs` epochs and `seconds` per layer-token, and the recipe. The probe peaks at layer
+    20 (0.90), with layer 12 within 0.03 of it and layer 8 further."""
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", *options])
     recipe = Recipe(config, config.explicit)
-    recipe.lengths = [400] * 1000
-    # A probe that peaks at layer 20 (0.90), with layer 12 within 0.03 of it and layer 8 further.
-    recipe.scores = [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
-    config.train.epochs, config.data.max_length, config.model.num_layers = 4, 512, 20
+    recipe.lengths, recipe.scores = [400] * examples, [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
+    config.train.epochs, config.data.max_length, config.model.num_layers = epochs, 512, 20
+    recipe._budget(examples, rarest, {"seconds_per_layer_token": seconds}, 30, HeldOut)
+    return config, recipe
 
-    class Splits:
-        validation, test = [None] * 100, [None] * 100
 
+def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
     # 40 us per layer-token: 1,000 x 400 tokens x (20 layers, 4 epochs ...) is far beyond one minute.
-    recipe._budget(1000, 100, {"seconds_per_layer_token": 4e-5}, 30, Splits)
+    config, recipe = planned_budget(tiny_model_dir, 1000, 100, 4, 4e-5, "train.time_budget=1")
     assert config.lora.layers == [-2, -1]  # the fewest adapted layers tried
     assert config.train.epochs == 1  # then fewer epochs
     assert config.model.num_layers == 12  # then the lowest layer within 0.03 of the best
-    assert config.data.max_length == 128  # then shorter texts, down to 128
+    assert config.data.max_length == 128  # then shorter texts, down to 128 (1,000 examples: no sample)
     keys = [c.key for c in recipe.choices]
     assert keys == ["train.epochs", "model.num_layers", "data.max_length", "lora.layers"]  # one entry per key
     assert "min of layer passes" in recipe.choices[-1].reason
@@ -83,16 +89,7 @@ def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
 def test_a_large_training_set_is_sampled_for_fine_tuning_before_texts_are_cut(tiny_model_dir):
     """10,000 long texts: after fewer adapted layers, one epoch and the lower cut, the recipe fine-tunes
     on the largest stratified sample that fits the budget, keeping the texts' length."""
-    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl"])  # the 15-min budget
-    recipe = Recipe(config, config.explicit)
-    recipe.lengths = [400] * 10_000
-    recipe.scores = [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
-    config.train.epochs, config.data.max_length, config.model.num_layers = 4, 512, 20
-
-    class Splits:
-        validation, test = [None] * 100, [None] * 100
-
-    recipe._budget(10_000, 1_000, {"seconds_per_layer_token": 3e-5}, 30, Splits)
+    config, recipe = planned_budget(tiny_model_dir, 10_000, 1_000, 4, 3e-5)  # the 15-min budget
     assert config.lora.layers == [-2, -1] and config.train.epochs == 1 and config.model.num_layers == 12
     # 3e-5 s x (200 held out x 400 tokens x 12 layers + n x 400 x (10 frozen + (3 + 1) x 2 adapted)) <= 900 s
     fixed, per_example = 3e-5 * 200 * 400 * 12, 3e-5 * 400 * 18
@@ -100,11 +97,7 @@ def test_a_large_training_set_is_sampled_for_fine_tuning_before_texts_are_cut(ti
     assert config.data.max_length == 512  # kept
     assert [c.key for c in recipe.choices] == ["train.epochs", "model.num_layers", "train.fine_tune_examples", "lora.layers"]
     # A sample keeps 40 of the rarest class: with 100 of 10,000 in it, no sample under 4,000 (then shorter texts).
-    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "train.time_budget=5"])
-    recipe = Recipe(config, config.explicit)
-    recipe.lengths, recipe.scores = [400] * 10_000, [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
-    config.train.epochs, config.data.max_length, config.model.num_layers = 1, 512, 20
-    recipe._budget(10_000, 100, {"seconds_per_layer_token": 3e-5}, 30, Splits)
+    config, _ = planned_budget(tiny_model_dir, 10_000, 100, 1, 3e-5, "train.time_budget=5")
     assert config.train.fine_tune_examples == 4_000 and config.data.max_length < 512
 
 
