@@ -64,6 +64,16 @@ def test_methods_can_be_given_per_model(tiny_model_dir, encoder_dir, config_path
     assert methods_per_model([decoder, encoder], ["lora", "ia3", f"{encoder}:full", f"{encoder}:lora"]) == {
         decoder: ["lora", "ia3"], encoder: ["full", "lora"]}
     assert methods_per_model(["C:/models/x", "y"], ["C:/models/x:full", "lora"]) == {"C:/models/x": ["full"], "y": ["lora"]}
+    # The decoder's adapted layers (above its cached prefix) are not the encoder's: it trains every layer.
+    layered = tmp_path / "layered.yaml"
+    layered.write_text(config_path.read_text() + "lora:\n  layers: [-1]\n")
+    decoder_cell, encoder_cell = plan(str(layered), [decoder, encoder], [f"{decoder}:lora", f"{encoder}:full"], 1, tmp_path)
+    assert "lora.layers=null" in encoder_cell.overrides and "lora.layers=null" not in decoder_cell.overrides
+    assert "lora.layers [-1] → every layer (the decoder's adapted layers)" in encoder_cell.notes
+    assert load_config(str(layered), encoder_cell.overrides).lora.layers is None
+    assert load_config(str(layered), decoder_cell.overrides).lora.layers == [-1]
+    kept = plan(str(layered), [encoder], ["lora"], 1, tmp_path, ["lora.layers=[-2]"])[0]  # the user's choice stays
+    assert "lora.layers=null" not in kept.overrides and load_config(str(layered), kept.overrides).lora.layers == [-2]
     with pytest.raises(FinegrainError, match=r"--methods: 'minilm:full' names model 'minilm', which is not in --models"):
         methods_per_model([decoder, encoder], ["minilm:full"])
     with pytest.raises(FinegrainError, match=rf"--methods: no method for model '{decoder}'; add {decoder}:METHOD"):

@@ -24,9 +24,11 @@ and kept in `DIR/prompted.json`, so a rerun reads it.
 
 A config is usually written for one model. What does not carry over to an encoder is replaced,
 and each replacement is listed under the table: `model.num_layers` (a decoder's layer cut),
-`head.pooling: last` (an encoder's last token is [SEP]; it pools the mean), the data recipe
-(its layer probe is the decoder's). Full fine-tuning takes a lower learning rate than an
-adapter (`FULL_LR`) unless `--set train.lr=...` says otherwise.
+`head.pooling: last` (an encoder's last token is [SEP]; it pools the mean), the adapted layers
+`lora.layers` / `peft.layers` (the decoder's choice above its cached prefix: the encoder adapts,
+or fully fine-tunes, every layer), the data recipe (its layer probe is the decoder's). Full
+fine-tuning takes a lower learning rate than an adapter (`FULL_LR`) unless `--set train.lr=...`
+says otherwise.
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ def _adjustments(base, encoder: bool, method: str, user_set: set[str]) -> tuple[
         if base.model.num_layers is not None and "model.num_layers" not in user_set:
             overrides.append("model.num_layers=null")
             notes.append(f"model.num_layers {base.model.num_layers} → all layers (a decoder's cut)")
+        for key, layers in (("lora.layers", base.lora.layers), ("peft.layers", base.peft.options.get("layers"))):
+            if isinstance(layers, list) and key not in user_set:
+                overrides.append(f"{key}=null")
+                notes.append(f"{key} {layers} → every layer (the decoder's adapted layers)")
         if base.task in POOLING_TASKS and base.head.pooling == "last" and "head.pooling" not in user_set:
             overrides.append("head.pooling=mean")
             notes.append("head.pooling last → mean (an encoder's last token is [SEP])")
