@@ -155,6 +155,19 @@ def test_no_prompted_leaves_the_prompted_decoder_out(tiny_model_dir, config_path
     assert models == ["majority class", "TF-IDF + linear model"] and not (tmp_path / "cmp" / "prompted.json").exists()
 
 
+def test_a_cells_peak_rss_is_its_own_not_the_comparisons(tiny_model_dir, config_path, tmp_path):
+    # ru_maxrss of a child carries the parent's memory at the fork: a large comparison process
+    # (here 800 MB held) must not show up as the tiny run's peak.
+    ballast = b"\x01" * (800 * 2**20)
+    parent = finegrain.compare.own_peak_rss_mb()
+    compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, tmp_path / "cmp", ["train.epochs=1"],
+            progress=False, prompted=False)
+    (row,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert parent > 800 and 50 < row["peak_rss_mb"] < parent - 400
+    assert json.loads((tmp_path / "cmp" / "runs" / "tiny-llama-lora-s0.usage.json").read_text()) == {"peak_rss_mb": row["peak_rss_mb"]}
+    del ballast
+
+
 def test_summary_is_the_mean_and_sample_std_over_seeds():
     rows = [{"model": "m", "method": "lora", "metric": "accuracy", "score": s, "train_seconds": t, "predict_per_s": 10.0,
              "peak_rss_mb": r, "trainable_parameters": 5, "notes": [], "total_seconds": None} for s, t, r in ((0.8, 10.0, 100.0), (0.9, 20.0, 120.0))]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -166,8 +165,8 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
     """Train one cell in its own process (unless its run already finished) and read its figures.
 
     The child's stderr (progress bars, warnings) goes to `RUN_DIR.log` beside the run; its stdout
-    (the test report) to ours when `progress`. Its peak RSS is kept in `RUN_DIR.usage.json` beside
-    them, so a rerun that reads the finished run still has it.
+    (the test report) to ours when `progress`. Its peak RSS (`own_peak_rss_mb`, written by the child
+    itself) is kept in `RUN_DIR.usage.json` beside them, so a rerun that reads the finished run still has it.
 
     Returns:
         The cell's row: model, method, seed, score, train seconds, predict examples/s, peak RSS MB
@@ -182,7 +181,7 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
         return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
     if progress:
         print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
-    command = [sys.executable, "-m", "finegrain.cli", "train", *([config_path] if config_path else []),
+    command = [sys.executable, "-c", CHILD, str(usage_path), "train", *([config_path] if config_path else []),
                "--output", str(cell.run_dir)]
     for override in cell.overrides:
         command += ["--set", override]
@@ -190,14 +189,39 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as stderr:
         child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
-        _, status, usage = os.wait4(child.pid, 0)  # its own rusage: the peak RSS of this run alone
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child.wait()
     if child.returncode != 0:
         error = rundir.read_error(cell.run_dir) or _last_line(log)
         raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")
-    peak_rss_mb = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
-    atomic_write_json(usage_path, {"peak_rss_mb": peak_rss_mb})
-    return _row(cell, peak_rss_mb)
+    kept = _read_json(usage_path)
+    return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
+
+
+# A cell's process: `finegrain train ARGS`, then its own peak RSS written to the path before them.
+CHILD = ("import sys; from finegrain.cli import main; from finegrain.compare import write_peak_rss; "
+         "code = main(sys.argv[2:]); code == 0 and write_peak_rss(sys.argv[1]); sys.exit(code)")
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: /proc's VmHWM, the high-water mark of this
+    program's own memory. Not `getrusage`/`wait4`'s ru_maxrss: Linux carries the parent's memory at
+    the fork across exec into it, so every cell after the first read the comparison's own peak
+    (950 MB after it had timed a decoder's predictions) instead of the run's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: KiB, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def write_peak_rss(usage_path: str) -> None:
+    """Write this process's peak RSS (`own_peak_rss_mb`) to a cell's `RUN_DIR.usage.json`."""
+    atomic_write_json(Path(usage_path), {"peak_rss_mb": own_peak_rss_mb()})
 
 
 def _last_line(path: Path) -> str:
