@@ -191,6 +191,46 @@ def test_virtual_tokens_run_once_as_a_prefix_with_every_rows_logits_and_gradient
         assert_close(grad, every_row_grads[name], atol=1e-5 * float(grad.abs().max()), rtol=1e-5)
 
 
+TASK_INPUTS = {
+    "classification": (["a", "b"], ["great fun film and good cast", "dull"]),
+    "regression": (["score", 0.0, 1.0], ["great fun film and good cast", "dull"]),
+    "ner": (["PER"], ["Anna Smith was in Paris .", "John and the actors"]),
+    "relation": (["Other", "Cause-Effect(e1,e2)"], ["The <e1>fire</e1> caused the <e2>smoke</e2> .", "<e1>rain</e1> and <e2>wind</e2>"]),
+    "qa": ([], [{"question": "who was in Paris?", "context": "Anna Smith was in Paris ."}, {"question": "who?", "context": "John"}]),
+    "instruct": ([], ["What is the plural of child?", "Name a film."]),
+}
+
+
+@pytest.mark.parametrize("name", list(TASK_INPUTS))
+def test_every_task_sees_the_virtual_tokens_once_as_in_every_row(tiny_model_dir, monkeypatch, name):
+    """Each task's model, on a batch its own `encode` and `collate` make (padded rows, the rows
+    shortcut, spans, markers, packed chat rows), gives the logits and gradients of the in-row route."""
+    from finegrain.config import RunConfig
+    from finegrain.model import backbone
+    from finegrain.tasks import TASKS
+
+    llama, tokenizer = finegrain.load_model(str(tiny_model_dir), progress=False)
+    config = RunConfig(task=name)
+    config.data.max_length = 256
+    labels, inputs = TASK_INPUTS[name]
+    task = TASKS[name].from_config(config, labels)
+    model = task.build_model(llama, tokenizer)
+    inject(model, PromptConfig(num_virtual_tokens=3, modules_to_save=[n for n, _ in model.named_children() if n != "model"]))
+    perturb(model)
+    items = task.encode(tokenizer, task.examples_from_inputs(inputs, config.data), config.data.max_length)
+    batch = task.collate(items, tokenizer.pad_token_id or 0)
+    decoder, calls = llama.model, []
+    monkeypatch.setattr(decoder, "prefix_keys_values", lambda x: calls.append(x.shape) or type(decoder).prefix_keys_values(decoder, x))
+    once, once_grads = prompt_outputs(model.train(), lambda m: m(batch))
+    assert calls == [(1, 3, decoder.config.hidden_size)]
+    monkeypatch.setattr(backbone, "virtual_tokens_once", lambda *args: False)
+    every_row, every_row_grads = prompt_outputs(model, lambda m: m(batch))
+    assert_close(once, every_row)
+    assert any(n.endswith("prompt_encoder.embedding.weight") for n in once_grads)
+    for key, grad in once_grads.items():
+        assert_close(grad, every_row_grads[key], atol=1e-5 * float(grad.abs().max()), rtol=1e-5)
+
+
 def test_virtual_tokens_run_in_every_row_where_they_see_the_rows(tiny_model):
     from finegrain.model.backbone import virtual_tokens_once
 
