@@ -144,7 +144,7 @@ class Recipe:
         if self.unset("model.num_layers") or self.unset("head.pooling") or (self.layers_key and self.unset(self.layers_key)):
             probe = self._probe(splits, tokenizer, llama, progress)
         self._budget(len(splits.train), min(counts.values()), probe, len(llama.model.layers), splits)
-        self._evaluation(self.config.train.fine_tune_examples or len(splits.train))
+        self._evaluation(min(self.config.train.fine_tune_examples or len(splits.train), len(splits.train)))
         return self.choices
 
     def _length(self, lengths: list[int]) -> None:
@@ -263,7 +263,7 @@ class Recipe:
 
         def estimate(adapted: int, trained: int | None = None) -> float:
             cut, tokens = config.model.num_layers or total_layers, self.mean_tokens()
-            trained = (config.train.fine_tune_examples or examples) if trained is None else trained
+            trained = min(config.train.fine_tune_examples or examples, examples) if trained is None else trained
             # The frozen prefix once, the adapted layers each epoch (and once to fit the head), the held-out sets.
             train = trained * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
