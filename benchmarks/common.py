@@ -167,12 +167,17 @@ def finegrain_classification(n_train: int, n_test: int, epochs: int, max_length:
         }, "benchmark")
         results = train(config, progress=False)
     tokens = results["train"]["tokens_per_s"] * results["train"]["train_seconds"]
+    return side_summary(results, tokens_per_text=round(tokens / (n_train * epochs), 1),
+                        accuracy=results["test"]["accuracy"], macro_f1=results["test"]["macro"]["f1"])
+
+
+def side_summary(results: dict, **scores) -> dict:
+    """What a benchmark's finegrain side reports of a `finegrain.run.train` result: training time and
+    tokens/s, `scores`, trainable parameters and this process's peak RSS."""
     return {
         "train_s": results["train"]["train_seconds"],
         "tokens_per_s": results["train"]["tokens_per_s"],
-        "tokens_per_text": round(tokens / (n_train * epochs), 1),
-        "accuracy": results["test"]["accuracy"],
-        "macro_f1": results["test"]["macro"]["f1"],
+        **scores,
         "trainable": results["train"]["trainable_parameters"],
         "peak_rss_mb": round(peak_rss_mb()),
     }

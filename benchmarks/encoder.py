@@ -36,7 +36,9 @@ import torch  # noqa: E402
 
 from finegrain.cpu import quiet_openmp  # noqa: E402
 
-from common import LABELS, benchmark_split, machine_facts, peak_rss_mb, print_facts, run_side, write_peer_split  # noqa: E402
+from common import (  # noqa: E402
+    LABELS, benchmark_split, machine_facts, peak_rss_mb, print_facts, run_side, side_summary, write_peer_split,
+)
 
 MODEL = "minilm-l6"
 BATCH, MAX_LENGTH = 16, 64
@@ -61,13 +63,7 @@ def finegrain_side(args) -> dict:
             "output": str(Path(tmp, "run")),
         }, "benchmark")
         results = train(config, progress=False)
-    return {
-        "train_s": results["train"]["train_seconds"],
-        "tokens_per_s": results["train"]["tokens_per_s"],
-        "accuracy": results["test"]["accuracy"],
-        "trainable": results["train"]["trainable_parameters"],
-        "peak_rss_mb": round(peak_rss_mb()),
-    }
+    return side_summary(results, accuracy=results["test"]["accuracy"])
 
 
 def peer_side(args) -> dict:

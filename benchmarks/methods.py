@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     finegrain_classification, machine_facts, peak_rss_mb, peer_classification, peer_lora, print_facts, run_side,
+    side_summary,
 )
 
 from finegrain.cpu import quiet_openmp  # noqa: E402
@@ -156,13 +157,7 @@ def finegrain_ner(n_train: int, n_test: int, epochs: int, peft: dict, lr: float,
             "output": str(Path(tmp, "run")),
         }, "benchmark")
         results = train(config, progress=False)
-    return {
-        "train_s": results["train"]["train_seconds"],
-        "tokens_per_s": results["train"]["tokens_per_s"],
-        "f1": results["test"]["micro"]["f1"],
-        "trainable": results["train"]["trainable_parameters"],
-        "peak_rss_mb": round(peak_rss_mb()),
-    }
+    return side_summary(results, f1=results["test"]["micro"]["f1"])
 
 
 def peer_ner(n_train: int, n_test: int, epochs: int, adapt, lr: float, after_step=None, seed: int = 0) -> dict:
