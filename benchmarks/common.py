@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from finegrain.cpu import peak_rss_mb
 
 # Parameters of one SmolLM2-135M decoder layer: q and o (576 x 576), k and v (576 x 192),
 # gate, up and down (576 x 1536); norms are negligible. 30 layers: 106 M without embeddings.
@@ -65,8 +66,6 @@ def ceiling_share(tokens_per_s: float, layers: int, ceiling_gflops: float) -> fl
     return 100 * 4 * SMOLLM2_LAYER_PARAMS * layers * tokens_per_s / (ceiling_gflops * 1e9)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_side(script: str, side: str, args: list[str], env: dict[str, str] | None = None) -> dict:

@@ -8,6 +8,7 @@ import pytest
 
 from finegrain.cli import main
 import finegrain.compare
+import finegrain.cpu
 from finegrain.checkpoint.load import load_model
 from finegrain.compare import compare, methods_per_model, plan, prompted_model, summarize
 from finegrain.config import load_config
@@ -159,7 +160,7 @@ def test_a_cells_peak_rss_is_its_own_not_the_comparisons(tiny_model_dir, config_
     # ru_maxrss of a child carries the parent's memory at the fork: a large comparison process
     # (here 800 MB held) must not show up as the tiny run's peak.
     ballast = b"\x01" * (800 * 2**20)
-    parent = finegrain.compare.own_peak_rss_mb()
+    parent = finegrain.cpu.peak_rss_mb()
     compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, tmp_path / "cmp", ["train.epochs=1"],
             progress=False, prompted=False)
     (row,) = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]

@@ -47,6 +47,7 @@ from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
+from finegrain.cpu import peak_rss_mb
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
@@ -165,7 +166,7 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
     """Train one cell in its own process (unless its run already finished) and read its figures.
 
     The child's stderr (progress bars, warnings) goes to `RUN_DIR.log` beside the run; its stdout
-    (the test report) to ours when `progress`. Its peak RSS (`own_peak_rss_mb`, written by the child
+    (the test report) to ours when `progress`. Its peak RSS (`finegrain.cpu.peak_rss_mb`, written by the child
     itself) is kept in `RUN_DIR.usage.json` beside them, so a rerun that reads the finished run still has it.
 
     Returns:
@@ -176,9 +177,14 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
         FinegrainError: the run failed (its one-line error is in the message).
     """
     usage_path = cell.run_dir.with_name(cell.run_dir.name + USAGE_SUFFIX)
-    if rundir.read_metrics(cell.run_dir) is not None:
-        kept = _read_json(usage_path)
-        return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
+    if rundir.read_metrics(cell.run_dir) is None:
+        _train_cell(cell, config_path, usage_path, progress)
+    kept = _read_json(usage_path)
+    return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
+
+
+def _train_cell(cell: Cell, config_path: str | None, usage_path: Path, progress: bool) -> None:
+    """`finegrain train` of one cell in a child process that writes its peak RSS to `usage_path`."""
     if progress:
         print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
     command = [sys.executable, "-c", CHILD, str(usage_path), "train", *([config_path] if config_path else []),
@@ -193,8 +199,6 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
     if child.returncode != 0:
         error = rundir.read_error(cell.run_dir) or _last_line(log)
         raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")
-    kept = _read_json(usage_path)
-    return _row(cell, kept.get("peak_rss_mb") if isinstance(kept, dict) else None)
 
 
 # A cell's process: `finegrain train ARGS`, then its own peak RSS written to the path before them.
@@ -202,26 +206,9 @@ CHILD = ("import sys; from finegrain.cli import main; from finegrain.compare imp
          "code = main(sys.argv[2:]); code == 0 and write_peak_rss(sys.argv[1]); sys.exit(code)")
 
 
-def own_peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: /proc's VmHWM, the high-water mark of this
-    program's own memory. Not `getrusage`/`wait4`'s ru_maxrss: Linux carries the parent's memory at
-    the fork across exec into it, so every cell after the first read the comparison's own peak
-    (950 MB after it had timed a decoder's predictions) instead of the run's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)  # kB
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: KiB, bytes on macOS
-    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
-
-
 def write_peak_rss(usage_path: str) -> None:
-    """Write this process's peak RSS (`own_peak_rss_mb`) to a cell's `RUN_DIR.usage.json`."""
-    atomic_write_json(Path(usage_path), {"peak_rss_mb": own_peak_rss_mb()})
+    """Write this process's peak RSS (`finegrain.cpu.peak_rss_mb`) to a cell's `RUN_DIR.usage.json`."""
+    atomic_write_json(Path(usage_path), {"peak_rss_mb": peak_rss_mb()})
 
 
 def _last_line(path: Path) -> str:

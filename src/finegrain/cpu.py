@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -145,3 +146,19 @@ def training_autocast(requested: bool, cpuinfo: Path = CPUINFO) -> "torch.autoca
 
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=requested and native_bf16(cpuinfo))
 
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: /proc's VmHWM, the high-water mark of this
+    program's own memory. Not `getrusage`/`wait4`'s ru_maxrss: Linux carries the parent's memory at
+    the fork across exec into it, so every `finegrain compare` cell after the first read the
+    comparison's own peak (950 MB after it had timed a decoder's predictions) instead of the run's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: KiB, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
