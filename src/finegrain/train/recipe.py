@@ -289,8 +289,9 @@ class Recipe:
                 adapted = min(adapted, low)
             elif self.unset("train.fine_tune_examples") and (config.train.fine_tune_examples or examples) > floor:
                 trained = config.train.fine_tune_examples or examples
-                per_example = (estimate(adapted, trained) - estimate(adapted, 0)) / trained
-                size = max(floor, min(trained - 1, int((budget - estimate(adapted, 0)) / per_example)))
+                fixed = estimate(adapted, 0)  # the held-out sets alone
+                per_example = (estimate(adapted, trained) - fixed) / trained
+                size = max(floor, min(trained - 1, int((budget - fixed) / per_example)))
                 self.set("train.fine_tune_examples", size, f"to fit train.time_budget with the texts' length kept, "
                          f"fine-tune on a stratified sample of {size:,} of the {examples:,} training examples (at least "
                          f"{EXAMPLES_SEEN:,}, and {RARE_SEEN} of the rarest class); the TF-IDF mix and the baselines "
