@@ -68,6 +68,55 @@ def ceiling_share(tokens_per_s: float, layers: int, ceiling_gflops: float) -> fl
 
 
 
+def peer_base() -> Path:
+    """The default model's GGUF as a transformers directory (float32 safetensors, config, tokenizer)
+    for the peer to load: converting the GGUF takes transformers ~16 s a load, reading the
+    directory well under one. Built once per machine under the temporary directory, keyed by the
+    GGUF's size and time, and renamed into place whole. A model class loaded from it gets the same
+    weights as from the GGUF and draws its new head from the same random numbers (checked for
+    sequence and token classification)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finegrain.checkpoint.load import resolve_model
+
+    gguf = resolve_model(None)
+    stat = gguf.stat()
+    directory = Path(tempfile.gettempdir(), f"finegrain-peer-{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not (directory / "config.json").is_file():
+        state = torch.random.get_rng_state()  # the conversion must not move the caller's seed
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # dequantized to float32 already; transformers refuses to save a "gguf" model
+        del model.config.quantization_config
+        building = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        model.save_pretrained(building)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(building)
+        torch.random.set_rng_state(state)
+        try:
+            building.rename(directory)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(building, ignore_errors=True)
+    return directory
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (`peak_rss_mb`) again from its present memory, after giving
+    freed memory back to the system, so that one process can measure several runs in turn. Linux
+    only (/proc/self/clear_refs); elsewhere the peak keeps counting from the process's start."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def run_side(script: str, side: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     """Run one side of a benchmark in its own process (so peak RSS is its own); it prints JSON last.
     `env`: variables to add to its environment."""
@@ -217,7 +266,6 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finegrain.checkpoint.load import resolve_model
     from finegrain.datasets import rotten_tomatoes
     from finegrain.evaluate.metrics import classification_metrics
 
@@ -230,13 +278,11 @@ def peer_classification(n_train: int, n_test: int, epochs: int, eval_batch: int 
     random.shuffle(list(range(len(rotten_tomatoes()))))
     train = [(e.text, LABELS[e.label]) for e in train_examples]
     test = [(e.text, LABELS[e.label]) for e in test_examples]
-    gguf = resolve_model(None)  # the default model's GGUF
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    base = peer_base()  # the default model's GGUF, dequantized
+    tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token_id = 2
     tok.padding_side = "left"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, num_labels=2, dtype=torch.float32
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, dtype=torch.float32)
     model.config.pad_token_id = 2
     model = adapt(model)
     trainable = [p for p in model.parameters() if p.requires_grad]

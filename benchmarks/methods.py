@@ -6,7 +6,9 @@ Each method trains on the Rotten Tomatoes benchmark split of `train_classificati
 peer's split, at most 64 tokens, batch 16, AdamW at a constant learning rate without decay or
 clipping, a linear head on the last token, every layer of the default model), once in finegrain
 (`peft: {method: M, ...}`) and, where PEFT has the method, once in transformers+PEFT with the
-same options, each in its own process. Both sides of a method share its learning rate (a
+same options. Each side runs in its own process, its methods one after the other (the base model
+read anew for each, the peak RSS started again before each; the peer reads the GGUF converted once
+to a transformers directory, `common.peer_base`). Both sides of a method share its learning rate (a
 method's usual one: 3e-4 for LoRA and its kin, 3e-3 for IA3 and bitfit, 3e-2 for prompt tuning,
 3e-5 for full fine-tuning). `head` (the head alone on the frozen model) and `full` (every
 weight) need no PEFT: the peer side freezes all but the head, or nothing. `adapter`
@@ -14,13 +16,14 @@ weight) need no PEFT: the peer side freezes all but the head, or nothing. `adapt
 
 The table: trainable parameters, training tokens/s (real tokens), peak RSS, test accuracy, and
 finegrain's tokens/s over PEFT's same method. `head` gets no ratio: finegrain runs its frozen backbone once before training (the prefix
-cache), outside the training time the table shows. `--quick` (128 training and 128 test examples;
-under 3 minutes per method pair on a quiet 2-core machine) shows speed, not accuracy. Last line:
+cache), outside the training time the table shows. `--quick` (48 training and 16 test examples:
+three steps a method; every method on both sides in under 3 minutes on a quiet 2-core machine)
+shows speed, not accuracy. Last lines: the whole benchmark's seconds, then
 `methods vs peft: min ratio X.XX over N methods`.
 
 `--task ner`: the second table, on WNUT-16 tweets (`finegrain.datasets.wnut16`, its fixed split:
 the first `--train` tweets of its train part and the first `--test` of its test part; default
-2,000 and 239, `--quick` 128 and 128), with entity F1 (seqeval's default mode) in place of
+2,000 and 239, `--quick` 48 and 16), with entity F1 (seqeval's default mode) in place of
 accuracy. Both sides tag in BIO over the 10 types, label each word's first subtoken (each word
 tokenized on its own, as `finegrain.tasks.tokens` does), read predictions by argmax at those
 subtokens, at most 64 tokens, the same methods and learning rates, PEFT's task type TOKEN_CLS.
@@ -39,14 +42,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    finegrain_classification, machine_facts, peak_rss_mb, peer_classification, peer_lora, print_facts, run_side,
-    side_summary,
+    finegrain_classification, machine_facts, peak_rss_mb, peer_base, peer_classification, peer_lora, print_facts,
+    reset_peak_rss, run_side, side_summary,
 )
 
 from finegrain.cpu import quiet_openmp  # noqa: E402
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 VIRTUAL_TOKENS = 20
+QUICK_TRAIN, QUICK_TEST = 48, 16  # --quick: 3 steps of 16 a method
 
 
 def peer_peft(config_of):
@@ -171,17 +175,15 @@ def peer_ner(n_train: int, n_test: int, epochs: int, adapt, lr: float, after_ste
     import torch.nn.functional as F
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from finegrain.checkpoint.load import resolve_model
     from finegrain.evaluate.entities import entity_metrics
     from finegrain.tags import tag_set
 
     torch.manual_seed(seed)
     tags = tag_set(wnut16_types(), "BIO")
     index = {tag: i for i, tag in enumerate(tags)}
-    gguf = resolve_model(None)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForTokenClassification.from_pretrained(gguf.parent, gguf_file=gguf.name, num_labels=len(tags),
-                                                            dtype=torch.float32)
+    base = peer_base()
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForTokenClassification.from_pretrained(base, num_labels=len(tags), dtype=torch.float32)
     model.config.pad_token_id = 2
     model = adapt(model)
 
@@ -243,26 +245,31 @@ def peer_ner(n_train: int, n_test: int, epochs: int, adapt, lr: float, after_ste
     }
 
 
-def side(args) -> dict:
-    from finegrain.peft import METHODS  # noqa: F401 (the methods this checkout has)
-
+def side(args) -> dict[str, dict]:
+    """One side's result for each of `args.methods`, trained one after the other in this process
+    (the base model read once from disk per method, the peak RSS started again before each)."""
     steps = -(-args.train // 16) * args.epochs
     ner = args.task == "ner"
-    lr, section, peer = methods(steps, "TOKEN_CLS" if ner else "SEQ_CLS")[args.method]
-    if args.side == "finegrain":
-        run = finegrain_ner if ner else finegrain_classification
-        return run(args.train, args.test, args.epochs, peft=section, lr=lr)
-    adapt, after_step = peer if isinstance(peer, tuple) else (peer, None)
-    if ner:
-        return peer_ner(args.train, args.test, args.epochs, adapt=adapt, lr=lr, after_step=after_step)
-    result = peer_classification(args.train, args.test, args.epochs, adapt=adapt, lr=lr, after_step=after_step)
-    result.pop("predictions")
-    return result
+    table = methods(steps, "TOKEN_CLS" if ner else "SEQ_CLS")
+    results = {}
+    for method in args.methods.split(","):
+        reset_peak_rss()
+        lr, section, peer = table[method]
+        if args.side == "finegrain":
+            run = finegrain_ner if ner else finegrain_classification
+            results[method] = run(args.train, args.test, args.epochs, peft=section, lr=lr)
+            continue
+        adapt, after_step = peer if isinstance(peer, tuple) else (peer, None)
+        run = peer_ner if ner else peer_classification
+        results[method] = run(args.train, args.test, args.epochs, adapt=adapt, lr=lr, after_step=after_step)
+        results[method].pop("predictions", None)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="128 training and 128 test examples, 1 epoch")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_TRAIN} training and {QUICK_TEST} test examples, 1 epoch: speed only, in under 3 minutes")
     parser.add_argument("--task", choices=["classification", "ner"], default="classification",
                         help="classification: Rotten Tomatoes, accuracy (default); ner: WNUT-16, entity F1")
     parser.add_argument("--train", type=int, default=None, help="training examples (default 2000)")
@@ -270,10 +277,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="default 1")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: all of finegrain.peft.METHODS)")
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.train = args.train or (128 if args.quick else 2000)
-    args.test = args.test or (128 if args.quick else 239 if args.task == "ner" else 1000)
+    args.train = args.train or (QUICK_TRAIN if args.quick else 2000)
+    args.test = args.test or (QUICK_TEST if args.quick else 239 if args.task == "ner" else 1000)
     if args.side:
         print(json.dumps(side(args)))
         return
@@ -285,26 +291,24 @@ def main() -> None:
     unknown = [m for m in chosen if m not in METHODS or m not in table]
     if unknown:
         parser.error(f"--methods: {', '.join(unknown)} not in this checkout's methods ({', '.join(m for m in table if m in METHODS)})")
+    started = time.perf_counter()
     print_facts(machine_facts())
     score = "f1" if args.task == "ner" else "accuracy"
     data = "WNUT-16 tweets (entity F1)" if args.task == "ner" else "Rotten Tomatoes (accuracy)"
     print(f"{data}: {args.train} train x {args.epochs} epochs, {args.test} test, at most 64 tokens per text, batch 16")
     passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs), "--task", args.task]
-    rows = []
-    for method in chosen:
-        ours = run_side(__file__, "finegrain", [*passed, "--method", method], quiet_openmp(dict(os.environ)))
-        peer = run_side(__file__, "peer", [*passed, "--method", method]) if table[method][2] is not None else None
-        rows.append((method, ours, peer))
-        print(f"  {method}: finegrain {ours['tokens_per_s']:.1f} tok/s, {score} {ours[score]:.3f}"
-              + (f"; peft {peer['tokens_per_s']:.1f} tok/s, {score} {peer[score]:.3f}" if peer else "; no peft"),
-              flush=True)
+    with_peer = [m for m in chosen if table[m][2] is not None]
+    peer_base()  # converted once, before either side is timed
+    print(f"finegrain: {len(chosen)} methods, then transformers + PEFT: {len(with_peer)}", flush=True)
+    ours = run_side(__file__, "finegrain", [*passed, "--methods", ",".join(chosen)], quiet_openmp(dict(os.environ)))
+    peer = run_side(__file__, "peer", [*passed, "--methods", ",".join(with_peer)]) if with_peer else {}
     print(f"{'method':>8} {'side':>10} {'trainable':>12} {'tokens/s':>9} {'peak RSS MB':>12} {score:>9} {'x peft':>7}")
     ratios = []
-    for method, ours, peer in rows:
+    for method in chosen:
         # head: finegrain runs the frozen backbone once before training (the prefix cache), outside
         # its training time, so its tokens/s is not comparable with the peer's; compare whole runs.
-        ratio = ours["tokens_per_s"] / peer["tokens_per_s"] if peer and method != "head" else None
-        for name, r in (("finegrain", ours), ("peft", peer)):
+        ratio = ours[method]["tokens_per_s"] / peer[method]["tokens_per_s"] if method in peer and method != "head" else None
+        for name, r in (("finegrain", ours[method]), ("peft", peer.get(method))):
             if r is None:
                 continue
             shown = f"{ratio:.2f}" if name == "finegrain" and ratio else ""
@@ -312,6 +316,7 @@ def main() -> None:
                   f"{r[score]:>9.3f} {shown:>7}")
         if ratio:
             ratios.append(ratio)
+    print(f"whole benchmark: {time.perf_counter() - started:.0f} s")
     if ratios:
         print(f"methods vs peft: min ratio {min(ratios):.2f} over {len(ratios)} methods")
 
