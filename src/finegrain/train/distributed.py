@@ -15,6 +15,7 @@ The backend is PyTorch's own: gloo on the CPU, nccl on CUDA.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    # Leave the job when this process exits, while the interpreter still runs: one still joined at
+    # its exit can abort in gloo's threads ("terminate called without an active exception"). Not
+    # sooner: a run of several stages (continual, sweep) trains in the one job it joined, as joining
+    # again under torchrun can hang.
+    atexit.register(shutdown)
     return True
 
 
