@@ -1,11 +1,14 @@
 """A multi-task run against each of its tasks trained alone at the same settings.
 
-    python benchmarks/multitask.py examples/multitask.yaml --output runs/multitask-bench [--set KEY=VALUE ...]
+    python benchmarks/multitask.py examples/multitask.yaml --output runs/multitask-bench [--seeds 0,1,2] [--alone spam] [--set KEY=VALUE ...]
 
-Trains the multi-task config once (`OUTPUT/multitask`), then every task of it as an ordinary
-single-task run (`OUTPUT/single-NAME`): the config `finegrain.multitask.task_specs` derives for
-the task (the run's shared keys, the task's own data, head and metric), which is what the task
-trains like inside the multi-task run. Prints a table of each task's test score both ways and the
+Trains the multi-task config once (`OUTPUT/seed-S/multitask`), then every task of it as an
+ordinary single-task run (`OUTPUT/seed-S/single-NAME`): the config `finegrain.multitask.task_specs`
+derives for the task (the run's shared keys, the task's own data, head and metric), which is what
+the task trains like inside the multi-task run. `--seeds`: the whole comparison once per
+`train.seed` (default: the config's), the table then giving each side's mean and standard
+deviation over the seeds and the mean of the differences; `--alone`: train only these tasks
+alone (the others' rows are left out). Prints a table of each task's test score both ways and the
 whole-run seconds, and writes it to OUTPUT/comparison.md. Finished runs are read back, so an
 interrupted comparison continues where it stopped.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from finegrain import rundir
@@ -29,32 +33,53 @@ def finished(run_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def compare(config_path: str, overrides: list[str], seed_dir: Path, alone_names: list[str] | None) -> tuple[dict, dict]:
+    """One seed's multi-task run and single-task runs: (metrics.json of the multi-task run, of each single run)."""
+    config = load_config(config_path, overrides)
+    specs = [spec for spec in task_specs(config) if alone_names is None or spec.name in alone_names]
+    config.output = str(seed_dir / "multitask")
+    together = finished(Path(config.output)) or train_tasks(config)
+    alone = {}
+    for spec in specs:
+        spec.config.output = str(seed_dir / f"single-{spec.name}")
+        alone[spec.name] = finished(Path(spec.config.output)) or train(spec.config)
+    return together, alone
+
+
+def spread(values: list[float]) -> str:
+    return f"{values[0]:.4f}" if len(values) == 1 else f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the config's)")
+    parser.add_argument("--alone", default=None, help="comma-separated tasks to train alone (default: every task)")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     output = Path(args.output)
-    config = load_config(args.config, args.set)
-    specs = task_specs(config)
-    config.output = str(output / "multitask")
-    together = finished(Path(config.output)) or train_tasks(config)
-    alone = {}
-    for spec in specs:
-        spec.config.output = str(output / f"single-{spec.name}")
-        alone[spec.name] = finished(Path(spec.config.output)) or train(spec.config)
-    rows = ["| task | metric | alone | together | difference |", "|---|---|---|---|---|"]
-    for spec in specs:
-        metric = together["tasks"][spec.name]["metric"]
-        a = flat_metrics(alone[spec.name]["test"])[metric]
-        b = flat_metrics(together["tasks"][spec.name]["test"])[metric]
-        rows.append(f"| {spec.name} | {metric} | {a:.4f} | {b:.4f} | {100 * (b - a):+.1f} points |")
-    seconds_alone = sum(run["train"]["total_seconds"] for run in alone.values())
-    train_alone = sum(run["train"]["train_seconds"] for run in alone.values())
-    rows.append(f"\nwhole runs: {seconds_alone:.0f} s for the {len(specs)} single-task runs together "
-                f"({train_alone:.0f} s training), {together['train']['total_seconds']:.0f} s for the multi-task run "
-                f"({together['train']['train_seconds']:.0f} s training)")
+    names = [spec.name for spec in task_specs(load_config(args.config, args.set))]
+    alone_names = args.alone.split(",") if args.alone else None
+    unknown = [name for name in alone_names or [] if name not in names]
+    if unknown:
+        parser.error(f"--alone: {', '.join(unknown)} not a task of {args.config} ({', '.join(names)})")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [load_config(args.config, args.set).train.seed]
+    runs = [compare(args.config, [*args.set, f"train.seed={seed}"], output / f"seed-{seed}", alone_names) for seed in seeds]
+    rows = [f"seeds: {', '.join(map(str, seeds))}", "",
+            "| task | metric | alone | together | difference |", "|---|---|---|---|---|"]
+    for name in alone_names or names:
+        metric = runs[0][0]["tasks"][name]["metric"]
+        a = [flat_metrics(alone[name]["test"])[metric] for _, alone in runs]
+        b = [flat_metrics(together["tasks"][name]["test"])[metric] for together, _ in runs]
+        each = "" if len(seeds) == 1 else f" ({', '.join(f'{100 * (y - x):+.1f}' for x, y in zip(a, b))})"
+        rows.append(f"| {name} | {metric} | {spread(a)} | {spread(b)} | "
+                    f"{100 * (statistics.mean(b) - statistics.mean(a)):+.1f} points{each} |")
+    for seed, (together, alone) in zip(seeds, runs):
+        rows.append(f"\nseed {seed}: {sum(run['train']['total_seconds'] for run in alone.values()):.0f} s for the "
+                    f"{len(alone)} single-task runs together ({sum(run['train']['train_seconds'] for run in alone.values()):.0f} s "
+                    f"training), {together['train']['total_seconds']:.0f} s for the multi-task run "
+                    f"({together['train']['train_seconds']:.0f} s training)")
     table = "\n".join(rows) + "\n"
     atomic_write_text(output / "comparison.md", table)
     print(table, end="")
