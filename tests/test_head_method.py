@@ -30,6 +30,23 @@ def test_only_the_head_trains_and_the_whole_backbone_is_the_frozen_prefix(tiny_m
     assert lowest_trainable_layer(model, len(model.model.layers)) == len(model.model.layers)
 
 
+def test_the_head_reads_each_texts_last_token_when_every_layer_is_cached(tiny_model_dir):
+    """With the whole backbone cached no layer runs above it to pick each row's last real token:
+    the classifier still reads that token's state (it read the first token's, and trained at chance)."""
+    from finegrain.model.backbone import hidden_states
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "peft.method=head"])
+    model, _, _, _ = build(config, ["fresh", "rotten"], progress=False)
+    model.eval()
+    layers = len(model.model.layers)
+    batch = {"input_ids": torch.tensor([[5, 9, 14, 3, 7], [6, 11, 2, 0, 0]]), "lengths": torch.tensor([5, 3])}
+    with torch.no_grad():
+        whole = model(batch)  # (2, C): every layer runs
+        for start in (layers - 1, layers):  # one layer above the cache, and none
+            cached = {**batch, "hidden": hidden_states(model.model, batch, end_layer=start)}
+            torch.testing.assert_close(model(cached, start_layer=start), whole)
+
+
 def test_a_task_without_a_head_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
     config = method_config_file(tmp_path, tiny_model_dir, {"method": "head"})
     chat = Path(__file__).resolve().parent.parent / "examples" / "data" / "instruct" / "train.jsonl"

@@ -313,6 +313,8 @@ class LlamaModel(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
+        if rows is not None and not layers:  # no layer ran to read the rows' positions: read them here
+            x = x[torch.arange(B, device=x.device), rows.to(x.device)][:, None]  # (B, 1, H)
         return x
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
