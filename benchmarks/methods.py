@@ -104,7 +104,8 @@ def methods(steps: int, task_type: str = "SEQ_CLS") -> dict[str, tuple[float, di
         "ia3": (3e-3, {"method": "ia3"}, peer_peft(lambda peft: peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type=task_type))),
         "prompt": (3e-2, {"method": "prompt", "num_virtual_tokens": VIRTUAL_TOKENS}, peer_peft(
-            lambda peft: peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type=task_type))),
+            lambda peft: peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type=task_type,
+                                               prompt_tuning_init="SAMPLE_VOCAB"))),  # finegrain's start
         "prefix": (1e-2, {"method": "prefix", "num_virtual_tokens": VIRTUAL_TOKENS}, peer_peft(
             lambda peft: peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type=task_type))),
         "bitfit": (3e-3, {"method": "bitfit"}, None),
