@@ -59,12 +59,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     output = Path(args.output)
-    names = [spec.name for spec in task_specs(load_config(args.config, args.set))]
+    config = load_config(args.config, args.set)
+    names = [spec.name for spec in task_specs(config)]
     alone_names = args.alone.split(",") if args.alone else None
     unknown = [name for name in alone_names or [] if name not in names]
     if unknown:
         parser.error(f"--alone: {', '.join(unknown)} not a task of {args.config} ({', '.join(names)})")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [load_config(args.config, args.set).train.seed]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.train.seed]
     runs = [compare(args.config, [*args.set, f"train.seed={seed}"], output / f"seed-{seed}", alone_names) for seed in seeds]
     rows = [f"seeds: {', '.join(map(str, seeds))}", "",
             "| task | metric | alone | together | difference |", "|---|---|---|---|---|"]
