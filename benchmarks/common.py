@@ -66,8 +66,6 @@ def ceiling_share(tokens_per_s: float, layers: int, ceiling_gflops: float) -> fl
     return 100 * 4 * SMOLLM2_LAYER_PARAMS * layers * tokens_per_s / (ceiling_gflops * 1e9)
 
 
-
-
 def peer_base() -> Path:
     """The default model's GGUF as a transformers directory (float32 safetensors, config, tokenizer)
     for the peer to load: converting the GGUF takes transformers ~16 s a load, reading the

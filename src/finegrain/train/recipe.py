@@ -144,7 +144,7 @@ class Recipe:
         if self.unset("model.num_layers") or self.unset("head.pooling") or (self.layers_key and self.unset(self.layers_key)):
             probe = self._probe(splits, tokenizer, llama, progress)
         self._budget(len(splits.train), min(counts.values()), probe, len(llama.model.layers), splits)
-        self._evaluation(min(self.config.train.fine_tune_examples or len(splits.train), len(splits.train)))
+        self._evaluation(self.fine_tuned(len(splits.train)))
         return self.choices
 
     def _length(self, lengths: list[int]) -> None:
@@ -263,7 +263,7 @@ class Recipe:
 
         def estimate(adapted: int, trained: int | None = None) -> float:
             cut, tokens = config.model.num_layers or total_layers, self.mean_tokens()
-            trained = min(config.train.fine_tune_examples or examples, examples) if trained is None else trained
+            trained = self.fine_tuned(examples) if trained is None else trained
             # The frozen prefix once, the adapted layers each epoch (and once to fit the head), the held-out sets.
             train = trained * tokens * ((cut - adapted) + (TRAIN_COST * config.train.epochs + 1) * adapted)
             return per_token * (train + held_out * tokens * cut)
@@ -287,8 +287,8 @@ class Recipe:
                 self.set("model.num_layers", low, f"to fit train.time_budget, the lowest layer within "
                          f"{LOW_CUT_TOLERANCE} of the probe's best ({self.scores[low]:.3f})")
                 adapted = min(adapted, low)
-            elif self.unset("train.fine_tune_examples") and (config.train.fine_tune_examples or examples) > floor:
-                trained = config.train.fine_tune_examples or examples
+            elif self.unset("train.fine_tune_examples") and self.fine_tuned(examples) > floor:
+                trained = self.fine_tuned(examples)
                 fixed = estimate(adapted, 0)  # the held-out sets alone
                 per_example = (estimate(adapted, trained) - fixed) / trained
                 size = max(floor, min(trained - 1, int((budget - fixed) / per_example)))
@@ -305,6 +305,10 @@ class Recipe:
         if timed:
             reason += f" (estimated {estimate(adapted) / 60:.1f} min of layer passes against a {budget / 60:.0f}-min budget)"
         self.set(self.layers_key, list(range(-adapted, 0)), reason)
+
+    def fine_tuned(self, examples: int) -> int:
+        """How many of the `examples` training examples fine-tuning reads (`train.fine_tune_examples`, at most all)."""
+        return min(self.config.train.fine_tune_examples or examples, examples)
 
     def mean_tokens(self) -> float:
         """Mean tokens per training text at the current `data.max_length`."""
