@@ -63,6 +63,24 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
+def leaving_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank 1 leaves the job at once, as a rank that failed does (at its exit); rank 0, done, then
+    leaves together with the others: its barrier meets a closed peer, which is no error of its own."""
+    import time
+
+    join_job(rank, world_size, port)
+    if rank == 1:
+        return
+    time.sleep(1)
+    shutdown(together=True)
+    Path(out, "left").write_text("ok")
+
+
+def test_a_rank_leaving_together_after_another_failed_ends_cleanly(tmp_path):
+    spawn(leaving_worker, str(tmp_path))
+    assert (tmp_path / "left").read_text() == "ok"
+
+
 def test_each_rank_gets_its_share_of_every_batch():
     sampler = LengthBuckets([4 + i % 7 for i in range(21)], batch_size=8, seed=0)
     shards = [ShardedSampler(sampler, rank, 2) for rank in range(2)]

@@ -74,6 +74,7 @@ def test_two_processes_evaluate_as_one(run_dir, tmp_path):
     done = finegrain("evaluate", str(run_dir), "--data", str(source), "--output", str(tmp_path / "two.json"), processes=2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("weighted avg") == 1  # one report, from rank 0
+    assert done.stderr.count("long texts:") == 1 and "9 of 17 input texts" in done.stderr  # once, for the whole file
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two.keys() == one.keys()
     for key in ("accuracy", "confusion_matrix", "data", "num_examples", "source"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from finegrain.errors import FinegrainError
@@ -254,15 +255,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from finegrain.sharded import torchrun_job
+    from finegrain.sharded import join_job
     from finegrain.train.distributed import launched
 
     if args.nproc is not None:
         return _launch_torchrun(args)
     if args.robustness and launched():
         raise FinegrainError("--robustness scores the file's copies in one process; drop it under torchrun")
-    with torchrun_job(args.run_dir, args.device):
-        _evaluate(args)
+    join_job(args.run_dir, args.device)
+    _evaluate(args)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -284,15 +285,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from finegrain.sharded import torchrun_job
+    from finegrain.sharded import join_job
     from finegrain.train.distributed import launched
 
     if args.nproc is not None:
         return _launch_torchrun(args)
     if args.input == "-" and launched():
         raise FinegrainError("--input -: under torchrun every process reads the input; give a file")
-    with torchrun_job(args.run_dir, args.device):
-        _predict(args)
+    join_job(args.run_dir, args.device)
+    _predict(args)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -617,6 +618,15 @@ def build_parser() -> Parser:
     return parser
 
 
+def leave_job() -> None:
+    """Under torchrun, leave the job with the other ranks once this one's command has succeeded
+    (after a failure each rank leaves at its exit: `init_from_env`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from finegrain.train.distributed import shutdown
+
+        shutdown(together=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from finegrain.cpu import configure_openmp
 
@@ -626,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what --nproc hands to torchrun
     try:
         args.func(args)
+        leave_job()
     except FinegrainError as e:
         if args.debug:
             raise

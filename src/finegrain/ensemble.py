@@ -26,7 +26,7 @@ import torch
 from finegrain import rundir
 from finegrain.atomic import atomic_write_json, exclusive_lock
 from finegrain.errors import FinegrainError
-from finegrain.run import Predictor
+from finegrain.run import Predictor, report_long_texts
 from finegrain.tasks import task_class
 
 
@@ -79,9 +79,13 @@ class EnsemblePredictor:
         """The label and averaged probabilities of each text (as `Predictor.predict`)."""
         return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size)
 
-    def predict_examples(self, examples: list, batch_size: int = 64) -> list[dict[str, Any]]:
-        """Predictions for examples in the task's own type: the members' probabilities averaged."""
-        return self.combine([member.predict_examples(examples, batch_size) for member in self.members])
+    def predict_examples(self, examples: list, batch_size: int = 64, report: bool = True) -> list[dict[str, Any]]:
+        """Predictions for examples in the task's own type: the members' probabilities averaged
+        (`report`: say once how many texts did not fit, as `Predictor.predict_examples`)."""
+        predictions = self.combine([member.predict_examples(examples, batch_size, report=False) for member in self.members])
+        if report:
+            report_long_texts(self.long_texts)
+        return predictions
 
     def combine(self, member_predictions: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """The ensemble's predictions from its members' (each member's list in the same example order)."""
@@ -149,7 +153,7 @@ def create_ensemble(runs: list[str | Path], output: str | Path, progress: bool =
         examples = splits.test or splits.validation
         gold = task.gold(examples)
         batch_size = first.config.train.eval_batch_size
-        member_predictions = [predictor.predict_examples(examples, batch_size) for predictor in predictors]
+        member_predictions = [predictor.predict_examples(examples, batch_size, report=i == 0) for i, predictor in enumerate(predictors)]
         predictions = task.decode(average(member_predictions, labels))
         results: dict[str, Any] = {
             "task": "classification", "labels": labels,

@@ -556,6 +556,13 @@ def build_trained(config: RunConfig, run_dir: str | Path, progress: bool = False
     return model, tokenizer, task
 
 
+def report_long_texts(summary: dict[str, Any] | None) -> None:
+    """Say on stderr (stdout may carry the predictions) how many input texts did not fit."""
+    line = summary and long_text_line(summary)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 class Predictor:
     """A trained run, ready to label new texts: `finegrain.load(RUN_DIR).predict([...])`."""
 
@@ -581,12 +588,13 @@ class Predictor:
         """
         return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size)
 
-    def predict_examples(self, examples: list, batch_size: int = 64) -> list[dict[str, Any]]:
-        """Predictions for examples in the task's own type (as `read_file` returns them)."""
+    def predict_examples(self, examples: list, batch_size: int = 64, report: bool = True) -> list[dict[str, Any]]:
+        """Predictions for examples in the task's own type (as `read_file` returns them); `report`:
+        say how many texts did not fit (off where a caller says it once for several parts)."""
         items = self.task.encode(self.tokenizer, examples, self.config.data.max_length)
         self.long_texts = long_text_summary(self.task, self.config.data, {"input": items})
-        if self.long_texts and long_text_line(self.long_texts):  # to stderr: stdout may carry the predictions
-            print(long_text_line(self.long_texts), file=sys.stderr, flush=True)
+        if report:
+            report_long_texts(self.long_texts)
         return self.task.predict(self.model, items, self.tokenizer.pad_token_id, batch_size)
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:

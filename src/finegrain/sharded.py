@@ -12,8 +12,6 @@ ranks write nothing. The job runs on PyTorch's own backends, as training does
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch.distributed as dist
 from finegrain import rundir
 from finegrain.device import resolve_device
 from finegrain.errors import FinegrainError
-from finegrain.train.distributed import init_from_env, launched, shutdown, world_size
+from finegrain.train.distributed import init_from_env, launched, world_size
 
 
 def rank() -> int:
@@ -43,20 +41,16 @@ def job_device(run_dir: str | Path, device: str | None) -> torch.device:
     return run_device(rundir.read_config(run_dir))
 
 
-@contextmanager
-def torchrun_job(run_dir: str | Path, device: str | None) -> Iterator[None]:
-    """Join the job torchrun describes (nothing at all outside torchrun) and leave it at the end.
+def join_job(run_dir: str | Path, device: str | None) -> None:
+    """Join the job torchrun describes (nothing at all outside torchrun). The ranks leave it
+    together when the command ends (`finegrain.cli.main`), or each at its exit after a failure.
 
     Args:
         run_dir: the run (or ensemble) that predicts.
         device: the `--device` flag, or None for the run's `train.device`.
     """
-    joined = launched() and init_from_env(job_device(run_dir, device))
-    try:
-        yield
-    finally:
-        if joined:
-            shutdown()
+    if launched():
+        init_from_env(job_device(run_dir, device))
 
 
 def shard(examples: list, ranks: int, index: int) -> list:
@@ -90,7 +84,7 @@ def predict_examples(predictor: Any, examples: list, source: str) -> list[dict[s
     if processes == 1:
         return predictor.predict_examples(examples)
     check_processes(processes, len(examples), source)
-    mine = predictor.predict_examples(shard(examples, processes, rank()))
+    mine = predictor.predict_examples(shard(examples, processes, rank()), report=False)
     long_texts = getattr(predictor, "long_texts", None)
     gathered: list[Any] | None = [None] * processes if rank() == 0 else None
     dist.gather_object((mine, long_texts), gathered, dst=0)
@@ -98,6 +92,9 @@ def predict_examples(predictor: Any, examples: list, source: str) -> list[dict[s
         return None
     if long_texts is not None:
         predictor.long_texts = merge_long_texts([summary for _, summary in gathered])
+        from finegrain.run import report_long_texts
+
+        report_long_texts(predictor.long_texts)  # once, for the whole input
     return unshard([predictions for predictions, _ in gathered], len(examples))
 
 

@@ -56,7 +56,8 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
-    # Leave the job when this process exits, while the interpreter still runs: one still joined at
+    # A command that succeeds leaves with the other ranks (`finegrain.cli.leave_job`); after a
+    # failure, leave at this process's exit, while the interpreter still runs: one still joined at
     # its exit can abort in gloo's threads ("terminate called without an active exception"). Not
     # sooner: a run of several stages (continual, sweep) trains in the one job it joined, as joining
     # again under torchrun can hang.
@@ -64,9 +65,21 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the job (after the run's last collective call)."""
+def shutdown(together: bool = False) -> None:
+    """Leave the job (after the run's last collective call).
+
+    Args:
+        together: first wait until every rank is leaving (a barrier), so that none closes its
+            connections while another still works with them; only after a command succeeded on
+            this rank, since after a failure the others may never come.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together:
+            try:
+                dist.barrier()
+            except RuntimeError as e:  # another rank failed and is gone: it reports that itself
+                if not peer_lost(e):
+                    raise
         dist.destroy_process_group()
 
 
