@@ -256,13 +256,14 @@ def side(args) -> dict[str, dict]:
     for method in args.methods.split(","):
         reset_peak_rss()
         lr, section, peer = table[method]
+        lr = args.lr or lr
         if args.side == "finegrain":
             run = finegrain_ner if ner else finegrain_classification
-            results[method] = run(args.train, args.test, args.epochs, peft=section, lr=lr)
+            results[method] = run(args.train, args.test, args.epochs, peft=section, lr=lr, seed=args.seed)
             continue
         adapt, after_step = peer if isinstance(peer, tuple) else (peer, None)
         run = peer_ner if ner else peer_classification
-        results[method] = run(args.train, args.test, args.epochs, adapt=adapt, lr=lr, after_step=after_step)
+        results[method] = run(args.train, args.test, args.epochs, adapt=adapt, lr=lr, after_step=after_step, seed=args.seed)
         results[method].pop("predictions", None)
     return results
 
@@ -277,6 +278,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=None, help="test examples (default 1000; ner: 239, all of its test part)")
     parser.add_argument("--epochs", type=int, default=1, help="default 1")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: all of finegrain.peft.METHODS)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="both sides' seed: head and adapter draws, dropout masks, batch order (default 0)")
+    parser.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's own)")
     parser.add_argument("--side", choices=["finegrain", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.train = args.train or (QUICK_TRAIN if args.quick else 2000)
@@ -296,8 +300,11 @@ def main() -> None:
     print_facts(machine_facts())
     score = "f1" if args.task == "ner" else "accuracy"
     data = "WNUT-16 tweets (entity F1)" if args.task == "ner" else "Rotten Tomatoes (accuracy)"
-    print(f"{data}: {args.train} train x {args.epochs} epochs, {args.test} test, at most 64 tokens per text, batch 16")
-    passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs), "--task", args.task]
+    rate = f"lr {args.lr:g} for every method" if args.lr else "each method's own lr"
+    print(f"{data}: {args.train} train x {args.epochs} epochs, {args.test} test, at most 64 tokens per text, batch 16, "
+          f"seed {args.seed}, {rate}")
+    passed = ["--train", str(args.train), "--test", str(args.test), "--epochs", str(args.epochs), "--task", args.task,
+              "--seed", str(args.seed), *(["--lr", str(args.lr)] if args.lr else [])]
     with_peer = [m for m in chosen if table[m][2] is not None]
     peer_base()  # converted once, before either side is timed
     print(f"finegrain: {len(chosen)} methods, then transformers + PEFT: {len(with_peer)}", flush=True)
