@@ -621,7 +621,7 @@ def build_parser() -> Parser:
 def leave_job() -> None:
     """Under torchrun, leave the job with the other ranks once this one's command has succeeded
     (after a failure each rank leaves at its exit: `init_from_env`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # distributed.launched(), without importing torch for one process
         from finegrain.train.distributed import shutdown
 
         shutdown(together=True)
