@@ -627,6 +627,13 @@ def leave_job() -> None:
         shutdown(together=True)
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: `print` writes the text and its newline apart, and the
+    ranks of a torchrun job share one stderr, so their lines would run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     from finegrain.cpu import configure_openmp
 
@@ -640,15 +647,15 @@ def main(argv: list[str] | None = None) -> int:
     except FinegrainError as e:
         if args.debug:
             raise
-        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        say(f"finegrain {args.command}: error: {e}")
         return 1
     except KeyboardInterrupt:
-        print(f"finegrain {args.command}: interrupted", file=sys.stderr)
+        say(f"finegrain {args.command}: interrupted")
         return 130
     except Exception as e:
         if args.debug:
             raise
-        print(f"finegrain {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        say(f"finegrain {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         return 1
     return 0
 
