@@ -137,3 +137,28 @@ class _FakeTokenizer:
 
     def encode_batch(self, texts, add_special_tokens=True):
         return [[ord(c) for c in t] for t in texts]
+
+
+def test_heads_start_as_transformers_heads_do(tiny_config):
+    """Every task's linear head starts at normal(0, 0.02), as transformers' `score` layers: the
+    hidden^-0.5 draw of before gave confident random logits that cost AdaLoRA 5 points (docs/METHODS.md)."""
+    from dataclasses import replace
+
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForSequenceClassification
+
+    from finegrain.model.llama import LlamaModel
+    from finegrain.tasks.classification import SequenceClassifier
+    from finegrain.tasks.relation import RelationClassifier
+    from finegrain.tasks.tokens import TokenClassifier
+
+    torch.manual_seed(0)
+    backbone = LlamaModel(replace(tiny_config, hidden_size=1024, num_layers=1))
+    theirs = LlamaForSequenceClassification(HFConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, num_labels=8)).score.weight
+    for head in (SequenceClassifier(backbone, 8).score, TokenClassifier(backbone, 8).score,
+                 RelationClassifier(backbone, [1, 2, 3, 4], 8).score):
+        weight = head.weight.detach()
+        assert abs(float(weight.mean())) < 0.002
+        assert float(weight.std()) == pytest.approx(0.02, rel=0.05)  # 8,192 or more draws: a 1% spread
+    assert float(theirs.detach().std()) == pytest.approx(0.02, rel=0.1)  # 512 draws
