@@ -21,11 +21,19 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows, predict_outputs
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: positions that carry no loss
-# A linear head's weights start at normal(0, 0.02), transformers' `initializer_range` for LLaMA and
-# BERT heads. Drawn at hidden^-0.5 (0.042 on the default model) the untrained head gave confident
-# random logits that the first hundred-odd steps spent unlearning: ~7 points of AdaLoRA's accuracy
-# at 2,000 x 1 (docs/METHODS.md), whose updates start at zero.
-HEAD_INIT_STD = 0.02
+
+
+def linear_head(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """A task's linear head (`score`), started as transformers starts its heads: weights from
+    normal(0, 0.02) (its `initializer_range` for LLaMA and BERT), bias zero. Drawn at hidden^-0.5
+    (0.042 on the default model) the untrained head gave confident random logits that the first
+    hundred-odd steps spent unlearning: ~7 points of AdaLoRA's accuracy at 2,000 x 1
+    (docs/METHODS.md), whose updates start at zero."""
+    head = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.normal_(head.weight, std=0.02)
+    if bias:
+        nn.init.zeros_(head.bias)
+    return head
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import HEAD_INIT_STD, Endpoint, class_weights, document_mean, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, class_weights, document_mean, labelled_weight, linear_head, pad_inputs, predict_scores
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 from finegrain.tasks.lexical import LexicalModel
 
@@ -150,8 +150,7 @@ class SequenceClassifier(nn.Module):
     def __init__(self, backbone: LlamaModel, num_labels: int, pooling: str = "last"):
         super().__init__()
         self.model = backbone
-        self.score = nn.Linear(backbone.config.hidden_size, num_labels, bias=False)
-        nn.init.normal_(self.score.weight, std=HEAD_INIT_STD)
+        self.score = linear_head(backbone.config.hidden_size, num_labels, bias=False)
         self.pooling = pooling
 
     def forward(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:

@@ -50,7 +50,7 @@ from finegrain.data.relation import (
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import HEAD_INIT_STD, Endpoint, class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, class_weights, labelled_weight, linear_head, pad_inputs, predict_scores
 from finegrain.tasks.schemas import Finite, ModelName, NonEmptyText, Strict, whole
 
 _DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
@@ -147,9 +147,7 @@ class RelationClassifier(nn.Module):
             self.marker_embeddings.weight.copy_(
                 embeddings.mean(0) + torch.randn(len(MARKERS), hidden_size) * embeddings.std(0)
             )
-        self.score = nn.Linear(2 * hidden_size, num_labels)
-        nn.init.normal_(self.score.weight, std=HEAD_INIT_STD)
-        nn.init.zeros_(self.score.bias)
+        self.score = linear_head(2 * hidden_size, num_labels)
         self.register_buffer("markers", torch.tensor(list(markers)), persistent=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

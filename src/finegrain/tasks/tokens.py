@@ -48,7 +48,7 @@ from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
 from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
-from finegrain.tasks.base import HEAD_INIT_STD, IGNORE_INDEX, Endpoint, class_weights, labelled_weight, pad_inputs, predict_scores
+from finegrain.tasks.base import IGNORE_INDEX, Endpoint, class_weights, labelled_weight, linear_head, pad_inputs, predict_scores
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 
 
@@ -123,9 +123,7 @@ class TokenClassifier(nn.Module):
         super().__init__()
         self.model = backbone
         self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(backbone.config.hidden_size, num_tags)
-        nn.init.normal_(self.score.weight, std=HEAD_INIT_STD)
-        nn.init.zeros_(self.score.bias)
+        self.score = linear_head(backbone.config.hidden_size, num_tags)
 
     def forward(self, batch: dict[str, torch.Tensor], start_layer: int = 0) -> torch.Tensor:
         """Tag logits (B, T, C) for right-padded `input_ids` (B, T) and `lengths` (B,).
