@@ -23,11 +23,17 @@ LABELS = {"fresh": 1, "rotten": 0}  # the peer's class indices
 
 
 def machine_facts() -> dict:
+    """The machine a figure was measured on. `cpu` carries the CPU family and model where
+    /proc/cpuinfo gives them: hosts named alike ("AMD EPYC") have been Zen 2, 3 and 4."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields and "model" in fields:
+            cpu += f" (family {fields['cpu family']}, model {fields['model']})"
+    except OSError:
         pass
     return {
         "cpu": cpu,
