@@ -61,14 +61,17 @@ class HeldOut:  # 100 validation and 100 test examples, as the budget counts the
     validation, test = [None] * 100, [None] * 100
 
 
-def planned_budget(tiny_model_dir, examples: int, rarest: int, epochs: int, seconds: float, *options: str):
-    """The config after `Recipe._budget` for `examples` texts of 400 tokens (512 allowed), 20 kept of
-    30 layers, `epochs` epochs and `seconds` per layer-token, and the recipe. The probe peaks at layer
-    20 (0.90), with layer 12 within 0.03 of it and layer 8 further."""
+def planned_budget(tiny_model_dir, examples: int, rarest: int, epochs: int, seconds: float, *options: str,
+                   scores=(0.5,) * 8 + (0.85,) * 4 + (0.88,) * 8 + (0.90,) * 11, cut: int = 20):
+    """The config after `Recipe._budget` for `examples` texts of 400 tokens (512 allowed), `cut` kept of
+    30 layers, `epochs` epochs and `seconds` per layer-token, and the recipe. By default the probe peaks
+    at layer 20 (0.90), with layer 12 within 0.03 of it and layer 8 further."""
     config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", *options])
     recipe = Recipe(config, config.explicit)
-    recipe.lengths, recipe.scores = [400] * examples, [0.5] * 8 + [0.85] * 4 + [0.88] * 8 + [0.90] * 11
-    config.train.epochs, config.data.max_length, config.model.num_layers = epochs, 512, 20
+    recipe.lengths, recipe.scores = [400] * examples, list(scores)
+    config.train.epochs, config.data.max_length = epochs, 512
+    if "model.num_layers" not in config.explicit:
+        config.model.num_layers = cut
     recipe._budget(examples, rarest, {"seconds_per_layer_token": seconds}, 30, HeldOut)
     return config, recipe
 
@@ -84,6 +87,20 @@ def test_recipe_shrinks_the_run_to_the_time_budget(tiny_model_dir):
     assert keys == ["train.epochs", "model.num_layers", "data.max_length", "lora.layers"]  # one entry per key
     assert "min of layer passes" in recipe.choices[-1].reason
     assert recipe.choices[2].reason.count("shorter texts") == 1  # halved twice, said once
+
+
+def test_the_cut_comes_down_the_plateau_with_the_adapted_layers(tiny_model_dir):
+    """The probe peaks at layer 7 and stays within 0.01 of it up to 13 (the cut for 6 adapted layers).
+    Under the budget the cut follows fewer adapted layers down (at most that many above the best), so
+    the epochs are kept; a cut the config fixes stays, and an epoch goes instead."""
+    plateau = (0.5,) * 3 + (0.9,) * 4 + (0.98,) + (0.975,) * 6 + (0.9,) * 17
+    # 6e-6 s x 400 tokens x (1,000 x (7 frozen + (3 x 2 + 1) x 2 adapted) + 200 held out x 9 layers) = 55 s
+    config, recipe = planned_budget(tiny_model_dir, 1000, 100, 2, 6e-6, "train.time_budget=1", scores=plateau, cut=13)
+    assert (config.model.num_layers, config.lora.layers, config.train.epochs) == (9, [-2, -1], 2)
+    assert "at most 2 above the probe's best" in next(c.reason for c in recipe.choices if c.key == "model.num_layers")
+    config, _ = planned_budget(tiny_model_dir, 1000, 100, 2, 6e-6, "train.time_budget=1", "model.num_layers=13",
+                               scores=plateau)
+    assert (config.model.num_layers, config.lora.layers, config.train.epochs) == (13, [-2, -1], 1)
 
 
 def test_a_large_training_set_is_sampled_for_fine_tuning_before_texts_are_cut(tiny_model_dir):

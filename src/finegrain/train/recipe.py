@@ -23,8 +23,8 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   frozen states classify within 0.01 macro-F1 of the best, pool by the mean where the probe's mean-pooled states beat the last
   token's by 0.03 or more (long documents: 0.91 against 0.68 on BBC News; on Rotten Tomatoes
   snippets the last token fine-tuned better, 0.818 against 0.798), adapt the top layers below it;
-- and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers,
-  fewer epochs, a lower cut (within 0.03 of the best), fine-tuning on a stratified sample of
+- and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers (the
+  cut coming down the probe's plateau with them: at most that many above the best layer), fewer epochs, a lower cut (within 0.03 of the best), fine-tuning on a stratified sample of
   the training set (`train.fine_tune_examples`, at least ~2,000 examples), then shorter texts.
 
 Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
@@ -84,6 +84,7 @@ class Recipe:
     def __init__(self, config: RunConfig, explicit: set[str], only: set[str] | None = None):
         self.config, self.explicit, self.only = config, explicit, only  # only: the keys it may set (None: all)
         self.choices: list[Choice] = []
+        self.scores: list[float] | None = None  # the probe's macro-F1 by layer, once it ran
 
     def unset(self, key: str) -> bool:
         """Whether the recipe chooses `key`: one the config left unset or set to auto (within `only`)."""
@@ -235,17 +236,24 @@ class Recipe:
         self.scores = scores = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
         best = max(range(1, len(scores)), key=lambda k: (scores[k], -k))
         if self.unset("model.num_layers"):
-            # The top of the probe's plateau, at most the adapted block above its best layer: the adapted
-            # layers then start from states near the best frozen ones (Rotten Tomatoes, last token: a cut
-            # at 14 reached 0.758 test accuracy, the main job's 20 0.818; the probe's plateau is 14-20).
-            top = min(len(scores) - 1, best + ADAPTED_LAYERS[0])
-            cut = max(k for k in range(best, top + 1) if scores[k] >= scores[best] - CUT_TOLERANCE)
+            cut = self.plateau_cut(ADAPTED_LAYERS[0])
             self.set("model.num_layers", cut, f"a linear probe of the frozen layers 1-{max_layers} "
                      f"({result['train_examples']} train, {result['validation_examples']} validation examples, "
                      f"{pooling}-pooled) scored best at layer {best} (macro-F1 {scores[best]:.3f}); layer {cut} is the "
-                     f"highest of layers {best}-{top} within {CUT_TOLERANCE} of it ({scores[cut]:.3f}), so the adapted "
-                     f"layers start near the best frozen states; the layers above it are dropped")
+                     f"highest of layers {best}-{min(len(scores) - 1, best + ADAPTED_LAYERS[0])} within {CUT_TOLERANCE} "
+                     f"of it ({scores[cut]:.3f}), so the adapted layers start near the best frozen states; the layers "
+                     "above it are dropped")
         return result
+
+    def plateau_cut(self, adapted: int) -> int:
+        """The highest layer at most `adapted` above the probe's best whose macro-F1 is within
+        CUT_TOLERANCE of the best's: the top of the probe's plateau, so that `adapted` layers under it
+        start from states near the best frozen ones (Rotten Tomatoes, last token: a cut at 14 reached
+        0.758 test accuracy, the main job's 20 0.818; the probe's plateau is 14-20)."""
+        scores = self.scores
+        best = max(range(1, len(scores)), key=lambda k: (scores[k], -k))
+        top = min(len(scores) - 1, best + adapted)
+        return max(k for k in range(best, top + 1) if scores[k] >= scores[best] - CUT_TOLERANCE)
 
     def lowest_within(self, tolerance: float) -> int:
         """The lowest probed layer whose macro-F1 is within `tolerance` of the best layer's."""
@@ -278,7 +286,20 @@ class Recipe:
         timed = bool(per_token and budget)
         adapted = candidates[0]
         if timed:
-            adapted = next((k for k in candidates if estimate(k) <= budget), candidates[-1])
+            # With fewer adapted layers the cut comes down the probe's plateau with them, so that the
+            # frozen layers above the best one are not paid for by the epochs (long documents: the prefix
+            # pass of every layer under the adapted ones costs as much as the training).
+            follow = self.unset("model.num_layers") and self.scores is not None
+            for adapted in candidates:
+                if follow:
+                    config.model.num_layers = min(cut, max(adapted, self.plateau_cut(adapted)))
+                if estimate(adapted) <= budget:
+                    break
+            if config.model.num_layers != cut:
+                self.set("model.num_layers", config.model.num_layers, f"with {adapted} adapted layers to fit "
+                         f"train.time_budget, the highest layer at most {adapted} above the probe's best within "
+                         f"{CUT_TOLERANCE} of it: frozen layers above the best that the probe does not prefer cost passes "
+                         "that the epochs need more")
         while timed and estimate(adapted) > budget:
             if self.unset("train.epochs") and config.train.epochs > 1:
                 self.set("train.epochs", config.train.epochs - 1, "one epoch fewer to fit train.time_budget")
