@@ -9,7 +9,8 @@ again). For the unpruned run and each level the table gives the decoder's parame
 layers' alone), the test score from metrics.json, and predict examples/s: `finegrain.load(run)
 .predict` over the test texts with `--threads` threads, the runs timed round after round
 (unpruned, level 1, level 2, ...) so that each meets the same load, the median of `--rounds`
-taken; the unpruned run's adapter is merged first, so every model runs plain linear layers. Writes OUTPUT/curve.md and OUTPUT/curve.json and prints the table.
+taken; every run's adapter is merged first, so every model runs plain linear layers (`measure`,
+which benchmarks/distill_table.py shares). Writes OUTPUT/curve.md and OUTPUT/curve.json and prints the table.
 """
 
 from __future__ import annotations
@@ -60,19 +61,27 @@ def main() -> None:
             prune_run(args.run, target, layers, float(heads), float(ffn), args.recover_epochs, args.distill)
         runs[level] = target
 
-    torch.set_num_threads(args.threads)
-    config = rundir.read_config(args.run)
+    table = measure(runs, args.threads, args.rounds, output / "curve")
+    print(table)
+
+
+def measure(runs: dict[str, Path], threads: int, rounds: int, stem: Path) -> str:
+    """The table of `runs` (the first is the reference): parameters, test score and predict
+    examples/s, timed round after round; written as STEM.md and STEM.json and returned."""
+    first = next(iter(runs.values()))
+    torch.set_num_threads(threads)
+    config = rundir.read_config(first)
     splits = task_class(config.task).load_splits(config.data)
     texts = [e.text for e in splits.test]
     predictors = {name: finegrain.load(path) for name, path in runs.items()}
-    unload_adapters(predictors["unpruned"].model, merge=True)  # plain weights like the pruned runs': the same kernels timed
-    for predictor in predictors.values():  # warm-up: first-call costs out of the timing
-        predictor.predict(texts[:32])
+    for predictor in predictors.values():
+        unload_adapters(predictor.model, merge=True)  # plain weights everywhere: the same kernels timed
+        predictor.predict(texts[:32])  # warm-up: first-call costs out of the timing
     seconds = {name: [] for name in runs}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, predictor in predictors.items():
             seconds[name].append(predict_seconds(predictor, texts))
-    metric = config.train.metric or predictors["unpruned"].task.headline_metric
+    metric = config.train.metric or next(iter(predictors.values())).task.headline_metric
     rows = []
     for name, path in runs.items():
         test = json.loads((path / rundir.METRICS).read_text())["test"]
@@ -81,18 +90,17 @@ def main() -> None:
         rows.append({"run": name, "path": str(path), "decoder_parameters": sizes["decoder"], "layer_parameters": sizes["layers"],
                      metric: flat.get(metric), "predict_examples_per_s": len(texts) / statistics.median(seconds[name])})
     base = rows[0]
-    lines = [f"| run | decoder parameters | layers' parameters | test {metric} | predict examples/s ({args.threads} threads) |",
+    lines = [f"| run | decoder parameters | layers' parameters | test {metric} | predict examples/s ({threads} threads) |",
              "|---|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['run']} | {row['decoder_parameters']:,} ({row['decoder_parameters'] / base['decoder_parameters']:.0%}) "
                      f"| {row['layer_parameters']:,} ({row['layer_parameters'] / base['layer_parameters']:.0%}) "
-                     f"| {row[metric]:.4f} | {row['predict_examples_per_s']:.1f} "
+                     f"| {row[metric]:.4f} ({row[metric] / base[metric]:.1%}) | {row['predict_examples_per_s']:.1f} "
                      f"(x{row['predict_examples_per_s'] / base['predict_examples_per_s']:.2f}) |")
     table = "\n".join(lines)
-    (output / "curve.md").write_text(table + "\n", encoding="utf-8")
-    (output / "curve.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    print(table)
-
+    stem.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return table
 
 if __name__ == "__main__":
     main()

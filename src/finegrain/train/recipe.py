@@ -24,8 +24,9 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
   token's by 0.03 or more (long documents: 0.91 against 0.68 on BBC News; on Rotten Tomatoes
   snippets the last token fine-tuned better, 0.818 against 0.798), adapt the top layers below it;
 - and, when the estimated time exceeds `train.time_budget` minutes, fewer adapted layers (the
-  cut coming down the probe's plateau with them: at most that many above the best layer), fewer epochs, a lower cut (within 0.03 of the best), fine-tuning on a stratified sample of
-  the training set (`train.fine_tune_examples`, at least ~2,000 examples), then shorter texts.
+  cut coming down the probe's plateau with them: at most that many above the best layer), fewer
+  epochs, a lower cut (within 0.03 of the best), fine-tuning on a stratified sample of the
+  training set (`train.fine_tune_examples`, at least ~2,000 examples), then shorter texts.
 
 Every choice is a value in the run's `config.yaml` (with its reason as a comment above it), so
 a rerun with the same config reproduces it and any key can be overridden.
