@@ -235,7 +235,7 @@ class Recipe:
                           f"({last:.3f}) by less than {MEAN_MARGIN}: keep the last token, which fine-tuning teaches to summarise")
             self.set("head.pooling", pooling, reason)
         self.scores = scores = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
-        best = max(range(1, len(scores)), key=lambda k: (scores[k], -k))
+        best = self.best_layer
         if self.unset("model.num_layers"):
             cut = self.plateau_cut(ADAPTED_LAYERS[0])
             self.set("model.num_layers", cut, f"a linear probe of the frozen layers 1-{max_layers} "
@@ -246,19 +246,23 @@ class Recipe:
                      "above it are dropped")
         return result
 
+    @property
+    def best_layer(self) -> int:
+        """The probed layer with the highest macro-F1 (the lowest of equals)."""
+        return max(range(1, len(self.scores)), key=lambda k: (self.scores[k], -k))
+
     def plateau_cut(self, adapted: int) -> int:
         """The highest layer at most `adapted` above the probe's best whose macro-F1 is within
         CUT_TOLERANCE of the best's: the top of the probe's plateau, so that `adapted` layers under it
         start from states near the best frozen ones (Rotten Tomatoes, last token: a cut at 14 reached
         0.758 test accuracy, the main job's 20 0.818; the probe's plateau is 14-20)."""
-        scores = self.scores
-        best = max(range(1, len(scores)), key=lambda k: (scores[k], -k))
+        scores, best = self.scores, self.best_layer
         top = min(len(scores) - 1, best + adapted)
         return max(k for k in range(best, top + 1) if scores[k] >= scores[best] - CUT_TOLERANCE)
 
     def lowest_within(self, tolerance: float) -> int:
         """The lowest probed layer whose macro-F1 is within `tolerance` of the best layer's."""
-        best = max(self.scores[1:])
+        best = self.scores[self.best_layer]
         return next(k for k in range(1, len(self.scores)) if self.scores[k] >= best - tolerance)
 
     def _budget(self, examples: int, rarest: int, probe: dict[str, Any] | None, total_layers: int, splits) -> None:
