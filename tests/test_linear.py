@@ -26,6 +26,15 @@ def calls(monkeypatch) -> list[tuple]:
     return seen
 
 
+@pytest.fixture
+def wide_grads_in(monkeypatch):
+    """Choose where the input's gradient of a wide weight (in > out) runs, whatever this CPU is:
+    `wide_grads_in("mkl")` or `wide_grads_in("onednn")`."""
+    def choose(library: str) -> None:
+        monkeypatch.setattr(linear_module, "_wide_grads_in_mkl", lambda: library == "mkl")
+    return choose
+
+
 def exact(x, weight, bias=None):
     """x W^T + b in float64, the reference both float32 paths round from."""
     y = x.double() @ weight.double().T
@@ -35,7 +44,8 @@ def exact(x, weight, bias=None):
 @needs_onednn
 @pytest.mark.parametrize("shape", [(MIN_ROWS, 48), (5, 9, 48)], ids=["2d", "3d"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_frozen_linear_runs_in_onednn_and_equals_f_linear_in_both_passes(shape, with_bias, calls):
+def test_frozen_linear_runs_in_onednn_and_equals_f_linear_in_both_passes(shape, with_bias, calls, wide_grads_in):
+    wide_grads_in("onednn")
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     weight = torch.randn(40, 48) / 7
@@ -51,9 +61,10 @@ def test_frozen_linear_runs_in_onednn_and_equals_f_linear_in_both_passes(shape, 
 @needs_onednn
 @pytest.mark.parametrize("shape", [(MIN_ROWS, 48), (5, 9, 48)], ids=["2d", "3d"])
 @pytest.mark.parametrize("trains", ["weight", "weight and bias", "bias", "weight and input"])
-def test_trained_linear_runs_in_onednn_with_the_gradients_of_f_linear(shape, trains, calls):
+def test_trained_linear_runs_in_onednn_with_the_gradients_of_f_linear(shape, trains, calls, wide_grads_in):
     """A weight or bias that trains (full fine-tuning, bitfit): forward and input gradient in oneDNN,
     every gradient that is asked for equal to F.linear's, none computed that is not."""
+    wide_grads_in("onednn")
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad="input" in trains)
     weight = torch.nn.Parameter(torch.randn(40, 48) / 7, requires_grad="weight" in trains)
@@ -73,6 +84,33 @@ def test_trained_linear_runs_in_onednn_with_the_gradients_of_f_linear(shape, tra
 
 
 @needs_onednn
+@pytest.mark.parametrize("shape", [(MIN_ROWS, 48), (5, 9, 48)], ids=["2d", "3d"])
+def test_wide_weights_input_gradient_runs_in_mkl_where_chosen_tall_ones_stay_in_onednn(shape, calls, wide_grads_in):
+    """Without AVX-512 the input's gradient of a weight wider than tall is MKL's grad @ W (no
+    oneDNN call); a tall weight's still reads its transpose in oneDNN. Both equal the exact product."""
+    wide_grads_in("mkl")
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    wide, tall = torch.randn(40, 48) / 7, torch.randn(56, 40) / 7
+    y = linear(linear(x, wide), tall)
+    grad = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, grad)
+    rows = shape[:-1]
+    assert calls == [(shape, (40, 48)), ((*rows, 40), (56, 40)), ((*rows, 56), (40, 56))]  # no (48, 40) view
+    assert_close(grad_x.double(), grad.double() @ tall.double() @ wide.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_wide_gradients_choose_mkl_only_without_avx512(monkeypatch):
+    import finegrain.cpu
+
+    for flags, mkl in ((frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512f"}), False)):
+        linear_module._wide_grads_in_mkl.cache_clear()
+        monkeypatch.setattr(finegrain.cpu, "cpu_flags", lambda flags=flags: flags)
+        assert linear_module._wide_grads_in_mkl() is mkl
+    linear_module._wide_grads_in_mkl.cache_clear()
+
+
+@needs_onednn
 def test_autocast_and_few_rows_keep_f_linear(calls):
     torch.manual_seed(0)
     x = torch.randn(MIN_ROWS, 16)
@@ -87,7 +125,10 @@ def test_autocast_and_few_rows_keep_f_linear(calls):
 
 
 @needs_onednn
-def test_lora_matmul_in_float32_runs_both_passes_in_onednn(calls):
+@pytest.mark.parametrize("library", ["onednn", "mkl"])
+def test_lora_matmul_in_float32_runs_its_passes_where_chosen(library, calls, wide_grads_in):
+    """The forward in oneDNN; the input's gradient of this wide weight in oneDNN or MKL (`matmul_grad`)."""
+    wide_grads_in(library)
     torch.manual_seed(0)
     x = torch.randn(4, 10, 24, requires_grad=True)
     weight, bias = torch.randn(16, 24) / 5, torch.randn(16)
@@ -97,7 +138,7 @@ def test_lora_matmul_in_float32_runs_both_passes_in_onednn(calls):
     ours = LoraMatmul.apply(x, weight, bias, A, B, 1.5 / 0.8, keep)
     grad = torch.randn_like(ours)
     got = torch.autograd.grad(ours, (x, A, B), grad)
-    assert [w for _, w in calls] == [(16, 24), (24, 16)]
+    assert [w for _, w in calls] == [(16, 24), (24, 16)] if library == "onednn" else [(16, 24)]
     xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
     plain = xd @ weight.double().T + bias.double() + (xd * keep / 0.8) @ Ad.T @ Bd.T * 1.5
     assert_close(ours.double(), plain, atol=1e-5, rtol=1e-5)

@@ -15,6 +15,12 @@ grad^T x as autograd computes it (on 2 cores, oneDNN took 10-15% less CPU time t
 the forward and the input's gradient of the default model's shapes at 220-490 rows, and the
 same for the weight's). Other dtypes, autocast, few rows (decoding) and builds without oneDNN
 keep `F.linear`.
+
+The input's gradient of a weight wider than it is tall (in > out: the FFN's down projection,
+k and v) is the exception on CPUs without AVX-512 (`matmul_grad`): there oneDNN reads the
+transposed view slowly, and MKL's grad @ W ran 1.2-1.4x as fast on the Zen 2 host of
+docs/PERFORMANCE.md (down_proj's shape at 64-1,024 rows), which took 6-8% off a LoRA
+training step.
 `FINEGRAIN_ONEDNN=0` turns it off. Importing this module caps oneDNN's caches (below) unless
 the user set them.
 """
@@ -76,6 +82,23 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return F.linear(x, weight, bias)
 
 
+@functools.cache
+def _wide_grads_in_mkl() -> bool:
+    from finegrain.cpu import cpu_flags
+
+    return "avx512f" not in cpu_flags()
+
+
+def matmul_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad @ weight with no autograd: (..., out) x (out, in) -> (..., in), the input's gradient of
+    a linear layer; in MKL where weight is wider than tall on a CPU without AVX-512 (see the
+    module docstring), else as `matmul_t` on weight's transpose."""
+    out, width = weight.shape
+    if width > out and grad.dtype == weight.dtype == torch.float32 and _wide_grads_in_mkl():
+        return (grad.reshape(-1, out) @ weight).view(*grad.shape[:-1], width)
+    return matmul_t(grad, weight.t())
+
+
 class FrozenLinearFunction(torch.autograd.Function):
     """x W^T + b for a frozen W and b: the backward pass returns the input's gradient only."""
 
@@ -87,7 +110,7 @@ class FrozenLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return matmul_t(grad, weight.t()), None, None
+        return matmul_grad(grad, weight), None, None
 
 
 class TrainedLinearFunction(torch.autograd.Function):
@@ -103,7 +126,7 @@ class TrainedLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad
         rows = grad.reshape(-1, grad.shape[-1])  # (B*T, out)
-        grad_x = matmul_t(grad, weight.t()) if needs_x else None
+        grad_x = matmul_grad(grad, weight) if needs_x else None
         grad_weight = rows.t() @ x.reshape(-1, x.shape[-1]) if needs_weight else None  # (out, in)
         grad_bias = rows.sum(0) if needs_bias else None
         return grad_x, grad_weight, grad_bias

@@ -41,7 +41,7 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.model import native
-from finegrain.model.linear import MIN_ROWS, matmul_t
+from finegrain.model.linear import MIN_ROWS, matmul_grad, matmul_t
 
 CHOICES = ("int8", "q4")  # model.quantize (or null: float weights)
 FORMATS = {"int8": 0, "q4_0": 1, "q4_1": 2, "q4_k": 3}  # the format codes of qlinear.c
@@ -259,7 +259,7 @@ class QuantLinear(nn.Linear):
         g = grad.reshape(-1, self.out_features).float()  # (N, out)
         step = max(1, TILE_ELEMENTS // self.in_features)
         if step >= self.out_features:
-            grad_x = matmul_t(g, self._tile().t())
+            grad_x = matmul_grad(g, self._tile())
         else:
             grad_x = torch.zeros(g.shape[0], self.in_features)
             for r0 in range(0, self.out_features, step):

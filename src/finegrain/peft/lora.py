@@ -24,7 +24,7 @@ from torch import nn
 from finegrain.config import LoraSection
 from finegrain.errors import FinegrainError
 from finegrain.model import fused
-from finegrain.model.linear import Linear, linear, matmul_t
+from finegrain.model.linear import Linear, linear, matmul_grad, matmul_t
 from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 from finegrain.model.qlinear import QuantLinear
 
@@ -310,7 +310,7 @@ class LoraMatmul(torch.autograd.Function):
             grad_A = grad_a.t() @ (x2 if keep is None else x2 * as_bytes(keep, x2))  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = matmul_t(g, weight.t()) if ctx.quantized is None else ctx.quantized.matmul_grad(g)  # (N, in)
+            grad_x = matmul_grad(g, weight) if ctx.quantized is None else ctx.quantized.matmul_grad(g)  # (N, in)
             if keep is None:
                 grad_x.addmm_(grad_a, lora_A)
             elif not fused.lora_add_grad_x(grad_x, grad_a, lora_A, keep):
