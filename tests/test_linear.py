@@ -138,7 +138,7 @@ def test_lora_matmul_in_float32_runs_its_passes_where_chosen(library, calls, wid
     ours = LoraMatmul.apply(x, weight, bias, A, B, 1.5 / 0.8, keep)
     grad = torch.randn_like(ours)
     got = torch.autograd.grad(ours, (x, A, B), grad)
-    assert [w for _, w in calls] == [(16, 24), (24, 16)] if library == "onednn" else [(16, 24)]
+    assert [w for _, w in calls] == ([(16, 24), (24, 16)] if library == "onednn" else [(16, 24)])
     xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
     plain = xd @ weight.double().T + bias.double() + (xd * keep / 0.8) @ Ad.T @ Bd.T * 1.5
     assert_close(ours.double(), plain, atol=1e-5, rtol=1e-5)
