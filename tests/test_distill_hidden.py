@@ -22,6 +22,7 @@ from finegrain.run import train
 from finegrain.tasks.classification import ClassificationTask
 from finegrain.train.distill import (
     DistillObjective, TeacherOutputs, attach_hidden_match, matched_layers, pooled_states, teacher_pass,
+    unlabelled_examples,
 )
 
 from test_train import assert_same_adapter, kill_and_resume, train_cli, write_config, write_data
@@ -161,6 +162,28 @@ def test_a_narrower_student_learns_hidden_states_and_unlabelled_texts(teacher, n
     assert saved["distill_projection.0.weight"].shape == (64, 32)  # trained and checkpointed beside the adapter
     adapter = load_file(tmp_path / "student" / "adapter" / "adapter_model.safetensors")
     assert not any("distill_projection" in key for key in adapter)  # and not part of the adapter
+
+
+def test_augment_perturbs_the_unlabelled_texts_too(teacher, tiny_model_dir, tmp_path):
+    teacher_dir, data, unlabelled = teacher
+    config = write_config(tmp_path / "student.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    run_config = load_config(str(config), [
+        f"output={tmp_path / 'student'}", f"distill.teacher={teacher_dir}", f"distill.unlabelled={unlabelled}",
+        "augment.typos=0.5", "augment.swap=0.25", "model.num_layers=1",
+    ])
+    texts = unlabelled_examples(ClassificationTask(["fresh", "rotten"]), run_config)
+    originals = [json.loads(line)["text"] for line in unlabelled.read_text().splitlines()]
+    assert [e.text for e in texts[:40]] == originals  # the file's texts first, as they are
+    kinds = [e.source.rsplit("(", 1)[-1] for e in texts[40:]]
+    assert kinds == ["swap)"] * 10 + ["typos)"] * 20  # then the copies, in the labelled set's fractions
+    assert sum(e.text not in originals for e in texts[40:]) >= 25  # perturbed (a swap of equal words changes nothing)
+    assert all(e.label is None for e in texts)
+    assert texts == unlabelled_examples(ClassificationTask(["fresh", "rotten"]), run_config)  # seeded: resume sees the same
+    results = train(run_config, progress=False)
+    assert results["train"]["unlabelled"] == 70  # the teacher labelled the copies too
+    added = results["train"]["augmented"]  # the labelled set's copies, counted apart
+    labelled = results["train"]["examples"] - added["typos"] - added["swap"]
+    assert added == {"typos": round(0.5 * labelled), "swap": round(0.25 * labelled)}
 
 
 def test_a_killed_run_with_everything_on_resumes_exactly(teacher, tiny_model_dir, tmp_path):

@@ -215,7 +215,7 @@ class DistillConfig:
     alpha: float = 0.5  # the teacher's share: alpha * KL(teacher || student) + (1 - alpha) * the hard-label loss
     hidden: bool = False  # also match the teacher's hidden states (pooled, a few mapped layers; a learned projection where widths differ)
     hidden_weight: float = 1.0  # the hidden-state term's weight beside the output term
-    unlabelled: str | None = None  # a file of texts without labels: the teacher labels them and the student learns its soft outputs
+    unlabelled: str | None = None  # texts without labels the teacher labels (and `augment`'s copies of them) for the soft loss
 
 
 @dataclass

@@ -39,7 +39,10 @@ field not needed): the teacher labels them in the same pass, and they join train
 objective (`soft_objective`) whose loss is the soft term alone (weight 1 each batch, and the
 hidden term with `distill.hidden`), their batches interleaved with the labelled ones
 (`Interleaved`, seeded by the epoch, so resume sees the same order). They never reach validation
-or test; metrics.json counts them (`train.unlabelled`).
+or test; metrics.json counts them (`train.unlabelled`). With `augment`, they gain perturbed copies
+in the same fractions as the labelled set (counted among them), and the teacher labels those too:
+the noisy texts a student meets beside the clean ones carry the teacher's reading of the noise
+(the data augmentation of TinyBERT, Jiao et al., 2020, with finegrain's token-level noise).
 
 `check_teacher` refuses, before a run directory is created, a teacher that is not a finished run,
 is of another task or label set, or keeps more layers of the same base than the student would.
@@ -63,6 +66,7 @@ from tqdm import tqdm
 from finegrain import rundir
 from finegrain.checkpoint.load import DEFAULT_MODEL
 from finegrain.config import RunConfig
+from finegrain.data.augment import augment_examples
 from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows, sorted_batches
 from finegrain.model.backbone import padding_mask
@@ -466,13 +470,15 @@ class Interleaved:
 
 
 def unlabelled_examples(task: Any, config: RunConfig) -> list:
-    """The texts of `distill.unlabelled`, read as the training data is (labels not needed, and ignored)."""
+    """The texts of `distill.unlabelled`, read as the training data is (labels not needed, and ignored),
+    and after them the perturbed copies `augment` asks for, in the same fractions as the labelled set's."""
     path = Path(config.distill.unlabelled)
     if not path.is_file():
         raise FinegrainError(f"distill.unlabelled: {path} is not a file; name a file of texts in the training data's "
                              "format (the label field may be left out)")
     # A label the file happens to carry is not used: the teacher's outputs stand for it.
-    return without_labels(task.read_file(config.data, str(path), require_label=False))
+    texts = without_labels(task.read_file(config.data, str(path), require_label=False))
+    return augment_examples(texts, config.augment, config.train.seed)[0]
 
 
 def without_labels(examples: list) -> list:
