@@ -171,14 +171,15 @@ def test_augment_perturbs_the_unlabelled_texts_too(teacher, tiny_model_dir, tmp_
         f"output={tmp_path / 'student'}", f"distill.teacher={teacher_dir}", f"distill.unlabelled={unlabelled}",
         "augment.typos=0.5", "augment.swap=0.25", "model.num_layers=1",
     ])
-    texts = unlabelled_examples(ClassificationTask(["fresh", "rotten"]), run_config)
+    task = ClassificationTask(["fresh", "rotten"])
+    texts = unlabelled_examples(task, run_config)
     originals = [json.loads(line)["text"] for line in unlabelled.read_text().splitlines()]
     assert [e.text for e in texts[:40]] == originals  # the file's texts first, as they are
     kinds = [e.source.rsplit("(", 1)[-1] for e in texts[40:]]
     assert kinds == ["swap)"] * 10 + ["typos)"] * 20  # then the copies, in the labelled set's fractions
     assert sum(e.text not in originals for e in texts[40:]) >= 25  # perturbed (a swap of equal words changes nothing)
     assert all(e.label is None for e in texts)
-    assert texts == unlabelled_examples(ClassificationTask(["fresh", "rotten"]), run_config)  # seeded: resume sees the same
+    assert texts == unlabelled_examples(task, run_config)  # seeded: resume sees the same
     results = train(run_config, progress=False)
     assert results["train"]["unlabelled"] == 70  # the teacher labelled the copies too
     added = results["train"]["augmented"]  # the labelled set's copies, counted apart
