@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import finegrain.model.linear as linear_module
-from finegrain.model.linear import MIN_ROWS, Linear, linear, matmul_t, onednn_available
+from finegrain.model.linear import MIN_ROWS, Linear, linear, matmul_grad, matmul_t, onednn_available
 from finegrain.peft.lora import LoraMatmul, keep_mask
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear op")
@@ -32,6 +32,7 @@ def wide_grads_in(monkeypatch):
     `wide_grads_in("mkl")` or `wide_grads_in("onednn")`."""
     def choose(library: str) -> None:
         monkeypatch.setattr(linear_module, "_wide_grads_in_mkl", lambda: library == "mkl")
+        monkeypatch.setattr(linear_module, "MKL_GRAD_MIN_OUT", 0)  # the tests' small weights count as tall
     return choose
 
 
@@ -108,6 +109,20 @@ def test_wide_gradients_choose_mkl_only_without_avx512(monkeypatch):
         monkeypatch.setattr(finegrain.cpu, "cpu_flags", lambda flags=flags: flags)
         assert linear_module._wide_grads_in_mkl() is mkl
     linear_module._wide_grads_in_mkl.cache_clear()
+
+
+@needs_onednn
+def test_only_tall_wide_weights_take_their_gradient_to_mkl(calls, monkeypatch):
+    """On a CPU that sends wide weights' input gradients to MKL, the down projection's shape goes
+    there and a key/value projection's (wide but short) stays in oneDNN; both are exact."""
+    monkeypatch.setattr(linear_module, "_wide_grads_in_mkl", lambda: True)
+    torch.manual_seed(0)
+    for weight, in_onednn in ((torch.randn(192, 576) / 24, True), (torch.randn(576, 1536) / 40, False)):
+        calls.clear()
+        grad = torch.randn(MIN_ROWS, weight.shape[0])
+        got = matmul_grad(grad, weight)
+        assert (calls == [((MIN_ROWS, weight.shape[0]), (weight.shape[1], weight.shape[0]))]) is in_onednn
+        assert_close(got.double(), grad.double() @ weight.double(), atol=1e-4, rtol=1e-5)
 
 
 @needs_onednn

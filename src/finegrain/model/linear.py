@@ -18,10 +18,12 @@ keep `F.linear`.
 `FINEGRAIN_ONEDNN=0` turns it off. Importing this module caps oneDNN's caches (below) unless
 the user set them.
 
-The input's gradient of a weight wider than it is tall (in > out: the FFN's down projection,
-k and v) is the exception on CPUs without AVX-512 (`matmul_grad`): there oneDNN reads the
-transposed view slowly, and MKL's grad @ W ran 1.2-1.4x as fast on the Zen 2 host of
-docs/PERFORMANCE.md (down_proj's shape at 64-1,024 rows): 5-9% more tokens/s in LoRA training.
+The input's gradient of a weight wider than it is tall and at least `MKL_GRAD_MIN_OUT` tall
+(the FFN's down projection) is the exception on CPUs without AVX-512 (`matmul_grad`): there
+oneDNN reads the transposed view slowly, and MKL's grad @ W ran 1.1-1.5x as fast on the Zen 2
+host of docs/PERFORMANCE.md (down_proj's shape at 64-1,024 rows, and 960 x 2560 and 2048 x 5632):
+5-9% more tokens/s in LoRA training. The narrow key and value projections (192 x 576 here,
+256 x 2048 in a 1.1B LLaMA) are the other way round: oneDNN ran their gradients 1.2-1.5x as fast.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 32  # below this (decoding), MKL is as fast or faster
+MKL_GRAD_MIN_OUT = 512  # `matmul_grad`: a wide weight's input gradient runs in MKL from this many output rows
 
 # oneDNN, and PyTorch's layer over it, each cache a compiled matmul per shape, with its
 # buffers. Bucketed batches make hundreds of row counts: in the Rotten Tomatoes benchmark
@@ -90,10 +93,10 @@ def _wide_grads_in_mkl() -> bool:
 
 def matmul_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad @ weight with no autograd: (..., out) x (out, in) -> (..., in), the input's gradient of
-    a linear layer; in MKL where weight is wider than tall on a CPU without AVX-512 (see the
-    module docstring), else as `matmul_t` on weight's transpose."""
+    a linear layer; in MKL where weight is wider than tall and at least `MKL_GRAD_MIN_OUT` tall on
+    a CPU without AVX-512 (see the module docstring), else as `matmul_t` on weight's transpose."""
     out, width = weight.shape
-    if width > out and grad.dtype == weight.dtype == torch.float32 and _wide_grads_in_mkl():
+    if width > out >= MKL_GRAD_MIN_OUT and grad.dtype == weight.dtype == torch.float32 and _wide_grads_in_mkl():
         return (grad.reshape(-1, out) @ weight).view(*grad.shape[:-1], width)
     return matmul_t(grad, weight.t())
 
