@@ -25,6 +25,8 @@ def test_yaml_and_overrides(tmp_path):
         ("data: [1, 2\n", r"c.yaml:\d+: not valid YAML"),
         ("train:\n  schedule: sawtooth\ndata:\n  dataset: trec\n", "'train.schedule' must be linear, cosine or constant"),
         ("train:\n  lr: 0.1\n", "no training data"),
+        ("train:\n  micro_batch_tokens: big\ndata:\n  dataset: trec\n", "'train.micro_batch_tokens' must be auto"),
+        ("train:\n  micro_batch_tokens: 0\ndata:\n  dataset: trec\n", "'train.micro_batch_tokens' must be auto"),
     ],
 )
 def test_bad_configs(tmp_path, text, message):

@@ -3,6 +3,7 @@ bidirectional attention with padding, decoding, metrics, and PEFT TOKEN_CLS adap
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_metrics
 from finegrain.peft import LoraConfig, apply_lora, lora_layers, save_adapter
 from finegrain.tasks.tokens import IGNORE_INDEX, TokenClassificationTask, TokenClassifier
-from finegrain.train.batching import micro_batches
+from finegrain.train.batching import AUTO_PIECE_BUDGET, micro_batches, piece_tokens
 from finegrain.train.sampler import Draw
 from finegrain.train.trainer import Trainer, predict_outputs
 
@@ -373,6 +374,32 @@ def test_micro_batches_are_the_fewest_equal_pieces_within_the_budget():
     assert [len(p) for p in micro_batches(list(range(16)), [64] * 16, 320)] == [4, 4, 4, 4]
     assert micro_batches([0, 1, 2, 3, 4], [1, 2, 3, 4, 100], 250) == [[0, 1, 2], [3, 4]]
     assert micro_batches([0, 1], [500, 500], 320) == [[0], [1]]  # a row longer than the budget runs alone
+
+
+def test_auto_pieces_hold_a_1b_llamas_320_tokens_of_activations():
+    assert piece_tokens("auto", 2048, 5632, 22) == 320  # TinyLlama-1.1B's shape, every layer trained
+    assert piece_tokens("auto", 576, 1536, 30) == 853  # the default model, every layer trained
+    assert piece_tokens("auto", 576, 1536, 6) == 4266  # the main job: the top 6 of 20 layers
+    assert piece_tokens("auto", 4096, 11008, 32) == 111  # LLaMA-7B
+    assert piece_tokens("auto", 576, 1536, 0) is None  # the head alone: whole batches
+    assert piece_tokens(320, 576, 1536, 30) == 320 and piece_tokens(None, 576, 1536, 30) is None
+
+
+def test_the_trainer_sizes_auto_pieces_by_the_layers_that_train(backbone_and_tokenizer, tmp_path):
+    backbone, tokenizer = backbone_and_tokenizer
+    task = TokenClassificationTask(["LOC", "PER"])
+    items = task.encode(tokenizer, sentences(4, seed=3), 32)
+    shape = backbone.config
+    width = shape.hidden_size + shape.intermediate_size
+    for layers, trained in ((None, shape.num_layers), ([shape.num_layers - 1], 1)):
+        model = task.build_model(SimpleNamespace(model=copy.deepcopy(backbone)))
+        apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear", layers=layers))
+        trainer = Trainer(model, task, items, TrainConfig(threads=1), tmp_path / str(trained), tokenizer.pad_token_id,
+                          progress=False)
+        assert trainer.piece_tokens == AUTO_PIECE_BUDGET // (trained * width)
+        explicit = Trainer(model, task, items, TrainConfig(threads=1, micro_batch_tokens=40), tmp_path / "explicit",
+                           tokenizer.pad_token_id, progress=False)
+        assert explicit.piece_tokens == 40
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch(backbone_and_tokenizer, tmp_path):

@@ -147,7 +147,9 @@ class TrainConfig:
     head_lr: float | None = None  # defaults to lr
     batch_size: int = 16
     grad_accum: int = 1
-    micro_batch_tokens: int | None = 320  # a batch runs in pieces of at most this many padded tokens: less memory, same gradient
+    # A batch runs in pieces of at most this many padded tokens: less memory, same gradient. auto: as
+    # many as the model's width and trained layers allow within a 1.1B LLaMA's 320 (train.batching).
+    micro_batch_tokens: int | str | None = "auto"
     schedule: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
@@ -447,8 +449,9 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "a list of tensorboard and/or mlflow, e.g. [tensorboard, mlflow]"),
         (config.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (config.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
-        (config.train.micro_batch_tokens is None or config.train.micro_batch_tokens >= 1, "train.micro_batch_tokens",
-         "at least 1, or null for whole batches"),
+        (config.train.micro_batch_tokens in (None, "auto")
+         or (isinstance(config.train.micro_batch_tokens, int) and config.train.micro_batch_tokens >= 1),
+         "train.micro_batch_tokens", "auto (sized to the model), a number of tokens (at least 1), or null for whole batches"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
         (config.data.long_texts in ("truncate", "head_tail", "windows"), "data.long_texts", "truncate, head_tail or windows"),

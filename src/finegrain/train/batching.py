@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 import random
 
+# `train.micro_batch_tokens: auto`: a piece may hold as many activations as 320 tokens through the
+# 22 layers of a 1.1B LLaMA (hidden 2048, FFN 5632), the shape whose peak benchmarks/memory.py
+# keeps (5.8 GB in float32; 1.9 GB on a q4 base, against a 2.5 GB target). A token's activations
+# in a layer grow with the layer's widths, and only the layers from the lowest trained one up keep
+# theirs for the backward pass.
+AUTO_PIECE_BUDGET = 320 * 22 * (2048 + 5632)
+
 
 def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 32) -> list[list[int]]:
     """Index batches for one epoch.
@@ -24,6 +31,17 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def piece_tokens(setting: int | str | None, hidden: int, intermediate: int,
+                 trained_layers: int) -> int | None:
+    """`train.micro_batch_tokens` in padded tokens (None: whole batches). `auto` fits
+    `AUTO_PIECE_BUDGET` to the model: 853 tokens for the default model with all 30 layers
+    trained, 320 for the 1.1B, 111 for a 7B; whole batches when only a head trains."""
+    if setting != "auto":
+        return setting  # type: ignore[return-value]  # validated: a number or None
+    per_token = trained_layers * (hidden + intermediate)
+    return max(1, AUTO_PIECE_BUDGET // per_token) if per_token else None
 
 
 def micro_batches(batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:

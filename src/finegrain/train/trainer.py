@@ -35,6 +35,7 @@ from finegrain.peft.base import lr_scales
 from finegrain.tasks.base import Task
 from finegrain.train import precision
 from finegrain.train.averaging import WeightAverage
+from finegrain.train.batching import piece_tokens
 from finegrain.train.checkpointing import RunWriter
 from finegrain.train.distributed import (
     ShardedSampler, all_sum, broadcast_from_rank0, check_world, lost_peer_error, peer_lost, sum_gradients, world_size,
@@ -189,6 +190,10 @@ class Trainer:
         if self.sharded and self.bf16:
             fsdp.note("train.bf16 under FSDP: bf16 autocast alone, without bf16 copies of the frozen matrices "
                       "(each rank holds only its slices of them)")
+        layers, shape = len(self.backbone.layers), backbone(self.unsharded).config
+        trained_layers = layers - lowest_trainable_layer(self.unsharded, layers)
+        self.piece_tokens = piece_tokens(config.micro_batch_tokens, shape.hidden_size, shape.intermediate_size,
+                                         trained_layers)
         self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
@@ -313,15 +318,14 @@ class Trainer:
 
     def _step(self, group: list[Draw]) -> tuple[float, int, float]:
         """One optimizer step on a group of `grad_accum` batches, each run in micro-batches of at
-        most `micro_batch_tokens`. Each piece's mean loss is weighted by its share of its
-        objective's loss terms in the group, so that the gradient is that of each objective's one
-        mean loss over the group, times the objective's weight."""
+        most `piece_tokens` (`train.micro_batch_tokens`). Each piece's mean loss is weighted by its
+        share of its objective's loss terms in the group, so that the gradient is that of each
+        objective's one mean loss over the group, times the objective's weight."""
         start = time.perf_counter()
         pieces = [
             (draw.objective, batch, weight)
             for draw in group if draw.indices  # a rank's share of a small last batch may be empty
-            for batch, weight in self.objectives[draw.objective].pieces(draw.indices, self.pad_id,
-                                                                        self.config.micro_batch_tokens)
+            for batch, weight in self.objectives[draw.objective].pieces(draw.indices, self.pad_id, self.piece_tokens)
         ]
         real = len(pieces)
         if self.sharded:  # every rank runs as many forwards (each all-gathers), the surplus at weight 0
