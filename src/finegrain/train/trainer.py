@@ -180,9 +180,14 @@ class Trainer:
         self.autocast = (training_autocast(self.bf16) if on_cpu
                          else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16))
         self.bf16_copies: dict[str, torch.Tensor] = {}  # made for `fit`: see finegrain.train.precision
+        layers = len(self.backbone.layers)
+        lowest = lowest_trainable_layer(model, layers)  # layers below it keep no activations for backward
+        shape = backbone(self.unsharded).config
+        self.piece_tokens = piece_tokens(config.micro_batch_tokens, shape.hidden_size, shape.intermediate_size,
+                                         layers - lowest)
         self.start_layer = 0
         if config.prefix_cache:
-            self.start_layer = lowest_trainable_layer(model, len(self.backbone.layers))
+            self.start_layer = lowest
             if self.start_layer and not own_embedding_unit:  # the cache would run the table outside the root's forward
                 self.start_layer = 0
                 fsdp.note("train.prefix_cache: off under FSDP: the embedding table is tied to the output head, so it "
@@ -190,10 +195,6 @@ class Trainer:
         if self.sharded and self.bf16:
             fsdp.note("train.bf16 under FSDP: bf16 autocast alone, without bf16 copies of the frozen matrices "
                       "(each rank holds only its slices of them)")
-        layers, shape = len(self.backbone.layers), backbone(self.unsharded).config
-        trained_layers = layers - lowest_trainable_layer(self.unsharded, layers)
-        self.piece_tokens = piece_tokens(config.micro_batch_tokens, shape.hidden_size, shape.intermediate_size,
-                                         trained_layers)
         self.batches_per_epoch = len(self.sampler)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
