@@ -279,6 +279,39 @@ def test_a_classification_run_on_the_encoder_trains_and_loads(bert_dir, tmp_path
     assert [p["label"] for p in predicted] == ["fresh", "rotten"]
 
 
+def test_an_encoder_student_learns_from_a_decoder_teacher(bert_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """A BERT student of a LLaMA teacher: the teacher reads every text, unlabelled ones too, with its
+    own tokenizer; the hidden term projects the encoder's states; the student is an ordinary run."""
+    data = write_texts(tmp_path / "data.jsonl")
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(json.dumps({"text": f"the film was {w} {WORDS[i]}"}) + "\n"
+                                  for i, w in enumerate(["good", "bad", "great", "dull"] * 4)))
+    common = ["--data", str(data), "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1",
+              "--set", "head.tfidf_mix=0", "--set", "train.recipe=off", "--set", "lora.targets=all-linear"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", str(tiny_model_dir), "--output", str(teacher), "--set", "train.epochs=4",
+                 "--set", "train.lr=5e-3", *common]) == 0
+    seen = []
+    real = finegrain.run.teacher_pass
+
+    def recorded(model, task, tokenizer, examples, *args, **kwargs):
+        seen.append((tokenizer.vocab_size, len(examples)))
+        return real(model, task, tokenizer, examples, *args, **kwargs)
+
+    monkeypatch.setattr(finegrain.run, "teacher_pass", recorded)
+    student = tmp_path / "student"
+    assert main(["train", "--model", str(bert_dir), "--output", str(student), "--set", "train.epochs=3",
+                 "--set", "train.lr=3e-3", "--set", "head.pooling=mean", "--set", f"distill.teacher={teacher}",
+                 "--set", f"distill.unlabelled={unlabelled}", "--set", "distill.hidden=true", *common]) == 0
+    results = json.loads((student / "metrics.json").read_text())
+    teacher_vocab = finegrain.load(teacher).tokenizer.vocab_size
+    assert teacher_vocab != len(SPECIALS) + len(WORDS)
+    assert seen == [(teacher_vocab, results["train"]["examples"] + 16)]  # one pass, the teacher's tokenizer, both kinds
+    assert results["train"]["unlabelled"] == 16
+    assert results["validation"]["accuracy"] == 1.0  # the label is in the words
+    predicted = finegrain.load(student).predict(["the film was good great", "the film was bad dull"])
+    assert [p["label"] for p in predicted] == ["fresh", "rotten"]
+
 def test_instruct_on_an_encoder_is_refused_before_anything_loads(bert_dir, tmp_path, monkeypatch, capsys):
     import finegrain.run
 
