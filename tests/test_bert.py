@@ -281,7 +281,7 @@ def test_a_classification_run_on_the_encoder_trains_and_loads(bert_dir, tmp_path
 
 def test_an_encoder_student_learns_from_a_decoder_teacher(bert_dir, tiny_model_dir, tmp_path, monkeypatch):
     """A BERT student of a LLaMA teacher: the teacher reads every text, unlabelled ones too, with its
-    own tokenizer; the hidden term projects the encoder's states; the student is an ordinary run."""
+    own tokenizer; the hidden term reads the encoder's layers; the student is an ordinary run."""
     data = write_texts(tmp_path / "data.jsonl")
     unlabelled = tmp_path / "unlabelled.jsonl"
     unlabelled.write_text("".join(json.dumps({"text": f"the film was {w} {WORDS[i]}"}) + "\n"
@@ -311,6 +311,7 @@ def test_an_encoder_student_learns_from_a_decoder_teacher(bert_dir, tiny_model_d
     assert results["validation"]["accuracy"] == 1.0  # the label is in the words
     predicted = finegrain.load(student).predict(["the film was good great", "the film was bad dull"])
     assert [p["label"] for p in predicted] == ["fresh", "rotten"]
+
 
 def test_instruct_on_an_encoder_is_refused_before_anything_loads(bert_dir, tmp_path, monkeypatch, capsys):
     import finegrain.run
