@@ -151,6 +151,43 @@ def test_unsuitable_teacher_is_one_line_before_the_run_directory(teacher, tiny_m
     assert not output.exists()
 
 
+def test_an_ensemble_teaches_its_members_mean_probabilities(teacher, tiny_model_dir, tmp_path, monkeypatch):
+    """`distill.teacher: ENS`: one pass per member, and the student learns the log of their mean
+    probabilities; `distill.hidden` wants a single run."""
+    from finegrain.ensemble import create_ensemble
+
+    teacher_dir, data = teacher
+    second = write_config(tmp_path / "second.yaml", tiny_model_dir, data, epochs=1, eval_every=0, seed=1)
+    train(load_config(str(second), [f"output={tmp_path / 'second'}"]), progress=False)
+    ensemble = tmp_path / "ens"
+    create_ensemble([teacher_dir, tmp_path / "second"], ensemble)
+    passes, taught = [], []
+    real_pass, real_objective = finegrain.run.teacher_pass, finegrain.run.DistillObjective
+
+    def recorded_pass(*args, **kwargs):
+        passes.append(real_pass(*args, **kwargs))
+        return passes[-1]
+
+    def recorded_objective(*args, **kwargs):
+        taught.append(kwargs["teacher"])
+        return real_objective(*args, **kwargs)
+
+    monkeypatch.setattr(finegrain.run, "teacher_pass", recorded_pass)
+    monkeypatch.setattr(finegrain.run, "DistillObjective", recorded_objective)
+    output = tmp_path / "student"
+    train(student_config(tmp_path, tiny_model_dir, data, ensemble, f"output={output}"), progress=False)
+    assert len(passes) == 2 and len(taught) == 1
+    assert not torch.allclose(passes[0].logits, passes[1].logits)  # two seeds, two teachers
+    mean = (passes[0].logits.softmax(-1) + passes[1].logits.softmax(-1)) / 2
+    torch.testing.assert_close(taught[0].logits.softmax(-1), mean[: len(taught[0])])
+    assert "accuracy" in json.loads((output / "metrics.json").read_text())["test"]  # a finished run
+    hidden = tmp_path / "hidden"
+    with pytest.raises(FinegrainError, match=r"distill.hidden: .*ens is an ensemble.*unset distill.hidden") as error:
+        train(student_config(tmp_path, tiny_model_dir, data, ensemble, f"output={hidden}", "distill.hidden=true"),
+              progress=False)
+    assert "\n" not in str(error.value) and not hidden.exists()
+
+
 def test_regression_student_learns_the_teachers_values_in_its_own_units(tiny_model_dir, tmp_path):
     from test_regression import write_scores
 

@@ -212,7 +212,7 @@ class ContinualConfig:
 class DistillConfig:
     """Knowledge distillation from a finished run of the same task (finegrain.train.distill); no teacher: off."""
 
-    teacher: str | None = None  # the teacher's run directory; its outputs on the training set are computed once
+    teacher: str | None = None  # the teacher's run or ensemble directory; its outputs on the training set are computed once
     temperature: float = 2.0  # softens teacher and student alike; the KL term is scaled by its square
     alpha: float = 0.5  # the teacher's share: alpha * KL(teacher || student) + (1 - alpha) * the hard-label loss
     hidden: bool = False  # also match the teacher's hidden states (pooled, a few mapped layers; a learned projection where widths differ)

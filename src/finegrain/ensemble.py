@@ -17,7 +17,6 @@ keys that encode a text (`data.max_length`, `template`, `long_texts`, ...).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ class EnsemblePredictor:
 
     def __init__(self, ensemble_dir: str | Path, progress: bool = False):
         self.ensemble_dir = Path(ensemble_dir)
-        spec = read_ensemble(self.ensemble_dir)
+        spec = rundir.read_ensemble(self.ensemble_dir)
         self.labels = check_members(spec["members"])
         self.members = [Predictor(run, progress) for run in spec["members"]]
         self.config, self.tokenizer = self.members[0].config, self.members[0].tokenizer
@@ -104,18 +103,6 @@ def averaging_task(config, labels: list[str]):
     """The task that decodes and scores the averaged probabilities: the first member's, without
     what a member applies to its own (its temperature, its TF-IDF model), in `labels` order."""
     return task_class(config.task).from_config(config, labels)
-
-
-def read_ensemble(ensemble_dir: Path) -> dict[str, Any]:
-    """ensemble.json, with a one-line error when it is missing or damaged."""
-    path = ensemble_dir / rundir.ENSEMBLE
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(spec.get("members"), list):
-            raise ValueError("no list of members")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise FinegrainError(f"{path}: not a readable ensemble ({exc}); write it again with `finegrain ensemble RUN1 RUN2 ... --output {ensemble_dir}`") from None
-    return spec
 
 
 # What `create_ensemble` writes: a directory holding only these (an ensemble, or one whose writing

@@ -41,8 +41,8 @@ from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.adversarial import AdversarialObjective
 from finegrain.train.distill import (
-    DistillObjective, attach_hidden_match, check_teacher, matched_layers, soft_objective, teacher_pass,
-    unlabelled_examples, with_unlabelled,
+    DistillObjective, attach_hidden_match, averaged_outputs, check_teacher, matched_layers, soft_objective,
+    teacher_pass, unlabelled_examples, with_unlabelled,
 )
 from finegrain.train.prefix_cache import lowest_trainable_layer as trained_from
 from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
@@ -455,19 +455,21 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
         return None
     objective: Objective = TaskObjective(task, items)
     if config.distill.teacher:
-        teacher_config = check_teacher(config, splits.labels)
-        with torch.random.fork_rng():  # building the teacher draws a head init: the student's seed stream stays its own
-            teacher, teacher_tokenizer, teacher_task = build_trained(teacher_config, config.distill.teacher, progress)
-        place(teacher, model_device(model))  # beside the student (off the CPU its batches follow it there)
         distill, layers = config.distill, len(model.model.layers)
-        pairs = matched_layers(layers, len(teacher.model.layers), trained_from(model, layers)) if distill.hidden else []
         unlabelled = unlabelled_examples(task, config) if distill.unlabelled else []
-        outputs = teacher_pass(teacher, teacher_task, teacher_tokenizer, splits.train + unlabelled,
-                               teacher_config.data.max_length, splits.labels, config.train.eval_batch_size, progress,
-                               [t for _, t in pairs])
-        width = teacher.model.config.hidden_size
-        del teacher
-        labelled, rest = outputs.split(len(splits.train))
+        passes = []
+        for teacher_dir, teacher_config in check_teacher(config, splits.labels):  # one run, or an ensemble's members
+            with torch.random.fork_rng():  # building a teacher draws a head init: the student's seeds stay its own
+                teacher, teacher_tokenizer, teacher_task = build_trained(teacher_config, teacher_dir, progress)
+            place(teacher, model_device(model))  # beside the student (off the CPU its batches follow it there)
+            pairs = (matched_layers(layers, len(teacher.model.layers), trained_from(model, layers))
+                     if distill.hidden else [])
+            passes.append(teacher_pass(teacher, teacher_task, teacher_tokenizer, splits.train + unlabelled,
+                                       teacher_config.data.max_length, splits.labels, config.train.eval_batch_size,
+                                       progress, [t for _, t in pairs]))
+            width = teacher.model.config.hidden_size
+            del teacher
+        labelled, rest = averaged_outputs(passes).split(len(splits.train))
         match = attach_hidden_match(model, pairs, width, distill.hidden_weight) if pairs else None
         objective = DistillObjective(task, items, teacher=labelled, temperature=distill.temperature,
                                      alpha=distill.alpha, match=match)

@@ -168,6 +168,19 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE).is_file()
 
 
+def read_ensemble(ensemble_dir: str | Path) -> dict[str, Any]:
+    """ensemble.json, with a one-line error when it is missing or damaged."""
+    ensemble_dir = Path(ensemble_dir)
+    path = ensemble_dir / ENSEMBLE
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(spec.get("members"), list):
+            raise ValueError("no list of members")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise FinegrainError(f"{path}: not a readable ensemble ({exc}); write it again with `finegrain ensemble RUN1 RUN2 ... --output {ensemble_dir}`") from None
+    return spec
+
+
 def read_labels(run_dir: str | Path) -> list:
     """labels.json: the label set in head order (for regression: `[label field, mean, std]`)."""
     return json.loads((Path(run_dir) / LABELS).read_text(encoding="utf-8"))

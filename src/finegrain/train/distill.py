@@ -44,13 +44,21 @@ in the same fractions as the labelled set (counted among them), and the teacher 
 the noisy texts a student meets beside the clean ones carry the teacher's reading of the noise
 (the data augmentation of TinyBERT, Jiao et al., 2020, with finegrain's token-level noise).
 
-`check_teacher` refuses, before a run directory is created, a teacher that is not a finished run,
-is of another task or label set, or keeps more layers of the same base than the student would.
+An ensemble directory (`finegrain ensemble`, single-label classification) teaches as one model
+(Hinton et al. distilled an ensemble into one net): each member runs its pass in turn, and the
+student learns the log of their mean probabilities (`averaged_outputs`), the distribution the
+ensemble predicts before any member's calibration temperature. Hidden states are one model's, so
+`distill.hidden` needs a single run.
+
+`check_teacher` refuses, before a run directory is created, a teacher that is not a finished run
+(or an ensemble of them), is of another task or label set, or keeps more layers of the same base
+than the student would.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -80,8 +88,10 @@ TASKS = ("classification", "relation", "regression", "ner")  # one row of output
 HIDDEN_LAYERS = 4  # the most student layers `distill.hidden` matches
 
 
-def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConfig:
-    """The teacher run's config, once `distill.teacher` is known to suit this run; else a one-line error.
+def check_teacher(config: RunConfig, labels: list[str] | None = None) -> list[tuple[Path, RunConfig]]:
+    """The teacher runs and their configs, once `distill.teacher` is known to suit this run; else a
+    one-line error. A run teaches alone; an ensemble (`finegrain ensemble`) by its members, each
+    checked as a teacher of its own.
 
     Args:
         config: the student's run config (`distill.teacher` set).
@@ -89,15 +99,28 @@ def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConf
             or the training data's), which reads the data once more.
     """
     teacher = Path(config.distill.teacher)
+    if config.task not in TASKS:
+        raise FinegrainError(f"distill.teacher: distillation is for the tasks {', '.join(TASKS)} so far, "
+                             f"not {config.task}; unset distill.teacher")
+    if labels is None:
+        labels = config.data.labels or task_class(config.task).load_splits(config.data).labels
+    if not rundir.is_ensemble(teacher):
+        return [(teacher, _check_teacher_run(config, teacher, labels))]
+    if config.distill.hidden:
+        raise FinegrainError(f"distill.hidden: {teacher} is an ensemble, whose members' hidden states differ; "
+                             "unset distill.hidden or name one of its runs as distill.teacher")
+    members = [Path(member) for member in rundir.read_ensemble(teacher)["members"]]
+    return [(member, _check_teacher_run(config, member, labels)) for member in members]
+
+
+def _check_teacher_run(config: RunConfig, teacher: Path, labels: list[str]) -> RunConfig:
+    """The config of the run `teacher`, once it is known to suit the student `config`; else a one-line error."""
     if not (teacher / rundir.CONFIG).is_file():
         raise FinegrainError(f"distill.teacher: {teacher} is not a run directory (no {rundir.CONFIG}); "
                              "name the output directory of a finished `finegrain train`")
     if not rundir.has_adapter(teacher):
         raise FinegrainError(f"distill.teacher: {teacher} is an unfinished run (no trained adapter yet); finish it "
                              f"with `finegrain train --resume {teacher}` or name a finished run")
-    if config.task not in TASKS:
-        raise FinegrainError(f"distill.teacher: distillation is for the tasks {', '.join(TASKS)} so far, "
-                             f"not {config.task}; unset distill.teacher")
     teacher_config = rundir.read_config(teacher)
     if teacher_config.task != config.task:
         raise FinegrainError(f"distill.teacher: {teacher} is a {teacher_config.task} run and this is a {config.task} "
@@ -106,8 +129,6 @@ def check_teacher(config: RunConfig, labels: list[str] | None = None) -> RunConf
         kinds = {True: "multi-label", False: "single-label"}
         raise FinegrainError(f"distill.teacher: {teacher} is {kinds[teacher_config.data.multi_label]} and this run is "
                              f"{kinds[config.data.multi_label]}; name a teacher of the same kind")
-    if labels is None:
-        labels = config.data.labels or task_class(config.task).load_splits(config.data).labels
     teacher_labels = rundir.read_labels(teacher)
     if config.task == "regression":  # labels.json: [label field, mean, std]; the scale is converted
         if teacher_labels[0] != labels[0]:
@@ -216,6 +237,16 @@ def teacher_logits(
 ) -> torch.Tensor:
     """`teacher_pass(...).logits`: (N, C) float32, the teacher's logits for each example."""
     return teacher_pass(model, task, tokenizer, examples, max_length, labels, batch_size, progress).logits
+
+
+def averaged_outputs(passes: list[TeacherOutputs]) -> TeacherOutputs:
+    """One teacher's outputs from the passes of an ensemble's members: each example's logits are
+    the log of the members' mean probabilities (what `finegrain ensemble` predicts; softmax gives
+    them back); a single pass is returned as it is."""
+    if len(passes) == 1:
+        return passes[0]
+    log_probs = torch.stack([p.logits.log_softmax(-1) for p in passes])  # (M, N, C)
+    return TeacherOutputs(torch.logsumexp(log_probs, 0) - math.log(len(passes)))
 
 
 def word_logits(logits: torch.Tensor, items: list) -> tuple[torch.Tensor, torch.Tensor]:
