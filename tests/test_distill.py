@@ -11,6 +11,7 @@ import yaml
 
 import finegrain.run
 from finegrain.config import load_config
+from finegrain.ensemble import create_ensemble
 from finegrain.errors import FinegrainError
 from finegrain.run import train
 from finegrain.tasks.classification import ClassificationTask, Encoded
@@ -58,6 +59,17 @@ def teacher(tiny_model_dir, tmp_path_factory):
     return root / "run", data
 
 
+@pytest.fixture(scope="module")
+def ensemble(teacher, tiny_model_dir, tmp_path_factory):
+    """An ensemble of the tiny teacher and a second one trained with another seed."""
+    teacher_dir, data = teacher
+    root = tmp_path_factory.mktemp("ensemble")
+    second = write_config(root / "second.yaml", tiny_model_dir, data, epochs=1, eval_every=0, seed=1)
+    train(load_config(str(second), [f"output={root / 'second'}"]), progress=False)
+    create_ensemble([teacher_dir, root / "second"], root / "ens")
+    return root / "ens"
+
+
 def student_config(tmp_path, tiny_model_dir, data, teacher_dir, *overrides):
     path = write_config(tmp_path / "student.yaml", tiny_model_dir, data, epochs=2, eval_every=0, checkpoint_every=2)
     return load_config(str(path), ["model.num_layers=1", f"distill.teacher={teacher_dir}", *overrides])
@@ -94,12 +106,13 @@ def test_teacher_runs_once_and_its_term_enters_the_loss(teacher, tiny_model_dir,
     assert json.loads((distilled / "metrics.json").read_text())["test"]["accuracy"] >= 0
 
 
-def test_killed_distilled_run_resumes_exactly(teacher, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["run", "ensemble"])
+def test_killed_distilled_run_resumes_exactly(teacher, ensemble, tiny_model_dir, tmp_path, kind):
     teacher_dir, data = teacher
     config = write_config(tmp_path / "student.yaml", tiny_model_dir, data, epochs=2, eval_every=0, checkpoint_every=2)
     spec = yaml.safe_load(config.read_text())
     spec["model"]["num_layers"] = 1
-    spec["distill"] = {"teacher": str(teacher_dir), "temperature": 3.0, "alpha": 0.7}
+    spec["distill"] = {"teacher": str(teacher_dir if kind == "run" else ensemble), "temperature": 3.0, "alpha": 0.7}
     config.write_text(yaml.safe_dump(spec))
     straight = train_cli(str(config), "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -151,16 +164,10 @@ def test_unsuitable_teacher_is_one_line_before_the_run_directory(teacher, tiny_m
     assert not output.exists()
 
 
-def test_an_ensemble_teaches_its_members_mean_probabilities(teacher, tiny_model_dir, tmp_path, monkeypatch):
+def test_an_ensemble_teaches_its_members_mean_probabilities(teacher, ensemble, tiny_model_dir, tmp_path, monkeypatch):
     """`distill.teacher: ENS`: one pass per member, and the student learns the log of their mean
     probabilities; `distill.hidden` wants a single run."""
-    from finegrain.ensemble import create_ensemble
-
-    teacher_dir, data = teacher
-    second = write_config(tmp_path / "second.yaml", tiny_model_dir, data, epochs=1, eval_every=0, seed=1)
-    train(load_config(str(second), [f"output={tmp_path / 'second'}"]), progress=False)
-    ensemble = tmp_path / "ens"
-    create_ensemble([teacher_dir, tmp_path / "second"], ensemble)
+    _, data = teacher
     passes, taught = [], []
     real_pass, real_objective = finegrain.run.teacher_pass, finegrain.run.DistillObjective
 

@@ -174,7 +174,7 @@ def read_ensemble(ensemble_dir: str | Path) -> dict[str, Any]:
     path = ensemble_dir / ENSEMBLE
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(spec.get("members"), list):
+        if not isinstance(spec.get("members"), list) or not spec["members"]:
             raise ValueError("no list of members")
     except (OSError, ValueError, AttributeError) as exc:
         raise FinegrainError(f"{path}: not a readable ensemble ({exc}); write it again with `finegrain ensemble RUN1 RUN2 ... --output {ensemble_dir}`") from None
