@@ -169,13 +169,16 @@ def is_ensemble(path: str | Path) -> bool:
 
 
 def read_ensemble(ensemble_dir: str | Path) -> dict[str, Any]:
-    """ensemble.json, with a one-line error when it is missing or damaged."""
+    """ensemble.json (`members`: the run directories, `labels`), with a one-line error when it is
+    missing or damaged."""
     ensemble_dir = Path(ensemble_dir)
     path = ensemble_dir / ENSEMBLE
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(spec.get("members"), list) or not spec["members"]:
             raise ValueError("no list of members")
+        if not isinstance(spec.get("labels"), list):
+            raise ValueError("no list of labels")
     except (OSError, ValueError, AttributeError) as exc:
         raise FinegrainError(f"{path}: not a readable ensemble ({exc}); write it again with `finegrain ensemble RUN1 RUN2 ... --output {ensemble_dir}`") from None
     return spec

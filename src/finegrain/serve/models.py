@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -211,12 +210,8 @@ class ModelRegistry:
         """An ensemble directory: its member runs (named NAME#1, NAME#2, ...) and the ensemble itself,
         which averages their probabilities (`serve.engine.Engine.predict`) as `finegrain.load(ENS)` does.
         A request's texts are encoded once for all members: they must share the base and the encoding keys."""
-        try:
-            spec = json.loads((directory / rundir.ENSEMBLE).read_text(encoding="utf-8"))
-            members, labels = [Path(m) for m in spec["members"]], [str(label) for label in spec["labels"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FinegrainError(f"{directory / rundir.ENSEMBLE}: not a readable ensemble ({exc}); write it again with "
-                                 f"`finegrain ensemble RUN1 RUN2 ... --output {directory}`") from None
+        spec = rundir.read_ensemble(directory)
+        members, labels = [Path(m) for m in spec["members"]], [str(label) for label in spec["labels"]]
         configs, served = [], []
         for i, member in enumerate(members):
             config = rundir.read_config(member)
