@@ -51,6 +51,23 @@ def test_the_shared_file_gives_the_loaded_model_without_a_copy(tiny_model_dir, t
     assert memory_figures()["pss"] <= memory_figures()["rss"]
 
 
+def test_a_worker_is_ready_before_it_accepts_a_connection(run_dir, monkeypatch):
+    """A worker loads its models before serving, so its app is ready once its start-up is over: a
+    request the kernel hands it at once is answered, not refused as "still loading"."""
+    from fastapi.testclient import TestClient
+
+    from finegrain.serve.app import create_app
+    from finegrain.serve.models import ModelRegistry
+
+    registry = ModelRegistry([("run", run_dir)])
+    registry.load()
+    loaded = registry.load
+    monkeypatch.setattr(registry, "load", lambda: (time.sleep(0.5), loaded()))  # a slow no-op
+    with TestClient(create_app(registry)) as client:  # the lifespan's start-up has run
+        assert client.get("/readyz").json()["status"] == "ready"
+        assert client.post("/v1/classify", json={"texts": TEXTS[:2]}).status_code == 200
+
+
 def test_two_workers_answer_on_one_port_and_drain_on_sigterm(run_dir):
     single = Server([str(run_dir)])
     try:

@@ -47,7 +47,8 @@ def create_app(
     registry: ModelRegistry, settings: ServeSettings | None = None, keys: ApiKeys | None = None,
     engine: Callable[[ModelRegistry, Metrics], Engine] = Engine, on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The ASGI app serving `registry`. Its models load in the background at start-up (`/readyz`).
+    """The ASGI app serving `registry`. Its models load in the background at start-up (`/readyz`);
+    a registry loaded already (a worker of `serve --workers`) is ready before the first connection.
 
     Args:
         registry: the runs and base models (constructed, not necessarily loaded).
@@ -82,7 +83,10 @@ def create_app(
         log("ready", seconds=round(time.perf_counter() - started, 2), models=registry.describe())
 
     async def lifespan(app: FastAPI):
-        threading.Thread(target=load, name="finegrain-load", daemon=True).start()
+        if registry.bases:  # a worker of `serve --workers` loaded before serving: ready before it accepts
+            load()
+        else:
+            threading.Thread(target=load, name="finegrain-load", daemon=True).start()
         yield
         state["draining"] = True
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
