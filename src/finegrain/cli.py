@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from finegrain.errors import FinegrainError
 
@@ -262,6 +263,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return _launch_torchrun(args)
     if args.robustness and launched():
         raise FinegrainError("--robustness scores the file's copies in one process; drop it under torchrun")
+    if args.paraphrase and not args.robustness:
+        raise FinegrainError("--paraphrase adds the paraphrased copies to --robustness; add --robustness")
+    if args.paraphrase_prompt and not args.paraphrase:
+        raise FinegrainError("--paraphrase-prompt asks for the --paraphrase copies; add --robustness --paraphrase")
     join_job(args.run_dir, args.device)
     _evaluate(args)
 
@@ -278,10 +283,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.robustness:
         from finegrain.data.augment import robustness, robustness_line
 
-        metrics["robustness"] = robustness(predictor, args.data, metrics)
+        rewrite = _paraphraser(predictor, args.paraphrase_prompt) if args.paraphrase else None
+        metrics["robustness"] = robustness(predictor, args.data, metrics, rewrite)
         print(robustness_line(metrics["robustness"]))
     if args.output:
         atomic_write_json(args.output, metrics)
+
+
+def _paraphraser(predictor, prompt: str | None) -> Callable[[list], tuple[list, int]]:
+    """`evaluate --paraphrase`: examples -> their copies rewritten by the run's `augment.paraphraser`
+    (the default model unless it names one), asked by `prompt` or else the run's
+    `augment.paraphrase_prompt`; unjudged."""
+    from finegrain.paraphrase import paraphrased
+    from finegrain.run import load_paraphraser
+
+    augment = predictor.config.augment
+    prompt = prompt or augment.paraphrase_prompt
+    if prompt.count("{text}") != 1:
+        raise FinegrainError("--paraphrase-prompt: holds {text} once, where the text goes; add it")
+    llama, tokenizer = load_paraphraser(augment.paraphraser, progress=True)
+    return lambda examples: paraphrased(examples, llama, tokenizer, prompt, progress=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -530,6 +551,12 @@ def build_parser() -> Parser:
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.add_argument("--robustness", action="store_true",
                    help="also score copies of the file with character typos, word deletion and adjacent-word swaps")
+    p.add_argument("--paraphrase", action="store_true",
+                   help="with --robustness: also score the file's texts as the run's augment.paraphraser rewrites them "
+                        "(an instruct model, the default one unless the run names another; minutes on a CPU)")
+    p.add_argument("--paraphrase-prompt", metavar="PROMPT",
+                   help="what the paraphraser is asked, {text} standing for the text (default: the run's "
+                        "augment.paraphrase_prompt); the same prompt gives runs the same copies to compare on")
     p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
     p.set_defaults(func=cmd_evaluate)
 

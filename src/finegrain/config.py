@@ -181,14 +181,27 @@ class TrainConfig:
     average_last: int | None = None
 
 
+# What `augment.paraphrase`'s instruct model is asked (finegrain.paraphrase).
+DEFAULT_PROMPT = ("Paraphrase this sentence. Keep its meaning and its opinion. Answer with the paraphrased sentence only."
+                  "\n\nSentence: {text}")
+
+
 @dataclass
 class AugmentConfig:
-    """Extra training examples made by token-level noise (finegrain.data.augment): per kind, a
-    fraction of the training set's size; 0 (the default): none. Never applied to validation or test."""
+    """Extra training examples: per kind, a fraction of the training set's size (of each batch's, for
+    mixup); 0 (the default): none. Never applied to validation or test. Token-level noise
+    (finegrain.data.augment), paraphrases by an instruct model (finegrain.paraphrase) and embedding
+    mixup for classification (finegrain.train.mixup)."""
 
     deletion: float = 0.0  # random word deletion
     swap: float = 0.0  # adjacent words swapped
     typos: float = 0.0  # character typos (dropped, doubled, swapped letters, keyboard neighbours)
+    paraphrase: float = 0.0  # classification: paraphrases written by `paraphraser`, kept where `judge` agrees with the label
+    paraphraser: str | None = None  # an instruct model (name, path, GGUF) or a run of task instruct; null: the default model
+    judge: str | None = None  # a finished run of this task and labels; null: TF-IDF + logistic regression on the training split
+    paraphrase_prompt: str = DEFAULT_PROMPT  # what the paraphraser is asked; {text} stands for the text
+    mixup: float = 0.0  # classification: mixed pairs of pooled states, per text of a batch
+    mixup_alpha: float = 0.4  # mixing weights ~ Beta(alpha, alpha)
 
 
 @dataclass
@@ -439,7 +452,15 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.train.device in ("auto", "cpu", "cuda", "mps"), "train.device", "auto, cpu, cuda or mps"),
         (config.train.epochs > 0, "train.epochs", "above 0"),
         *((0 <= getattr(config.augment, kind) <= 1, f"augment.{kind}", "a fraction of the training set in [0, 1]")
-          for kind in ("deletion", "swap", "typos")),
+          for kind in ("deletion", "swap", "typos", "paraphrase")),
+        (0 <= config.augment.mixup <= 1, "augment.mixup", "a fraction of each batch in [0, 1]"),
+        (config.augment.mixup_alpha > 0, "augment.mixup_alpha", "above 0"),
+        (config.augment.paraphrase_prompt.count("{text}") == 1, "augment.paraphrase_prompt",
+         "a prompt holding {text} once, where the text goes"),
+        (not config.augment.mixup or config.task == "classification", "augment.mixup",
+         "0 unless the task is classification (it mixes what a classification head reads)"),
+        (not config.augment.paraphrase or (config.task == "classification" and not config.data.multi_label),
+         "augment.paraphrase", "0 unless the task is single-label classification (the judge checks one label a paraphrase)"),
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),

@@ -175,7 +175,7 @@ def refuse_unsupported(config: RunConfig, sources: dict[str, str]) -> None:
         (config.peft.method == "full", "peft.method", "full trains the backbone of one task; use an adapter method (lora)"),
         (not config.peft.share and config.train.head_lr is not None, "train.head_lr",
          "with peft.share: false the tasks' adapters would train at it too; unset it"),
-        (any(getattr(config.augment, kind) for kind in ("deletion", "swap", "typos")), "augment", "unset it in a multi-task run"),
+        (any(getattr(config.augment, kind) for kind in ("deletion", "swap", "typos", "paraphrase", "mixup")), "augment", "unset it in a multi-task run"),
         (launched(), "tasks", "a multi-task run trains in one process; run it without torchrun"),
     ]
     for bad, key, fix in refused:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from finegrain import rundir
+from finegrain import paraphrase, rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, dump_yaml, validate
@@ -47,6 +47,7 @@ from finegrain.train.distill import (
 from finegrain.train.prefix_cache import lowest_trainable_layer as trained_from
 from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
 from finegrain.train.lwf import LwfObjective, old_head, teacher_outputs
+from finegrain.train.mixup import MixupObjective
 from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import probe_scope
@@ -329,7 +330,10 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     splits = task_class(config.task).load_splits(config.data)
     if writes:
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
+    paraphrases, tried = paraphrase_training(config, splits, run_dir, resume_dir is not None, writes, progress)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
+    if config.augment.paraphrase:  # after the token-level noise, which copies originals alone
+        splits.train, augmented = splits.train + paraphrases, {**augmented, "paraphrase": len(paraphrases)}
     loaded, recipe = None, []
     scope = probe_scope(config)  # None: the whole recipe; the auto keys alone (model.num_layers: auto) under recipe: off
     if resume_dir is None and (scope is None or scope):
@@ -412,6 +416,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             **({"unlabelled": len(extra[0].items)} if extra else {}),  # distill.unlabelled's texts, the teacher's labels
             **({"average_last": state.averaged} if state.averaged else {}),  # the run's weights are this mean
             **({"augmented": augmented} if augmented else {}),  # perturbed copies among `examples`, per kind
+            **({"paraphrases": tried} if config.augment.paraphrase else {}),  # rewrites tried; augmented.paraphrase kept
         },
     }
     if recipe:
@@ -449,9 +454,10 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
                        extra: list | None = None) -> Objective | None:
     """The run's objective over its training `items`: the task's loss, distilled from `distill.teacher`
     (`train.distill`: the teacher runs here, once, also over `distill.unlabelled`'s texts, whose
-    objective, encoded by the student's `tokenizer`, is appended to `extra`) and made adversarial by
-    `adversarial.method` (`train.adversarial`) where the config says so; None for the task's loss alone."""
-    if not (config.distill.teacher or config.adversarial.method):
+    objective, encoded by the student's `tokenizer`, is appended to `extra`), with mixed pairs of
+    texts (`augment.mixup`, `train.mixup`) and made adversarial by `adversarial.method`
+    (`train.adversarial`) where the config says so; None for the task's loss alone."""
+    if not (config.distill.teacher or config.adversarial.method or config.augment.mixup):
         return None
     objective: Objective = TaskObjective(task, items)
     if config.distill.teacher:
@@ -477,7 +483,70 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
             soft = soft_objective(task, task.encode(tokenizer, unlabelled, config.data.max_length), rest,
                                   distill.temperature, match)
             extra.append(adversarial_objective(config, model, soft))
+    if config.augment.mixup:
+        head = model.get_submodule(task.head_modules[0])
+        objective = MixupObjective(objective, head, config.augment.mixup, config.augment.mixup_alpha)
     return adversarial_objective(config, model, objective)
+
+
+def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, writes: bool,
+                        progress: bool) -> tuple[list, int]:
+    """`augment.paraphrase`: the rewrites of training examples its judge kept (finegrain.paraphrase)
+    and how many were tried; written to the run's paraphrases.jsonl, and read back from it on resume."""
+    augment = config.augment
+    if not augment.paraphrase:
+        return [], 0
+    path = run_dir / rundir.PARAPHRASES
+    found = paraphrase.read_rewrites(path, splits.train) if resume else None
+    if found is None:
+        if launched():
+            raise FinegrainError("augment.paraphrase: the paraphrases are written in one process; "
+                                 "train without torchrun, or set augment.paraphrase to 0")
+        judge = judge_run(augment.judge, splits.labels) if augment.judge else paraphrase.tfidf_judge(splits.train, splits.labels)
+        llama, tokenizer = load_paraphraser(augment.paraphraser, progress)
+        found = paraphrase.paraphrase_examples(
+            splits.train, augment.paraphrase, config.train.seed, judge=judge,
+            write=lambda texts: paraphrase.rewrite(llama, tokenizer, texts, config.train.seed, augment.paraphrase_prompt,
+                                                   progress=progress))
+        if writes:
+            paraphrase.write_rewrites(path, found[1])
+    kept, records = found
+    if progress:
+        print(f"paraphrases: {len(kept)} of {len(records)} kept (written and given their text's label by the judge)",
+              flush=True)
+    return kept, len(records)
+
+
+def load_paraphraser(source: str | None, progress: bool):
+    """The instruct model and tokenizer of `augment.paraphraser`: a run of task instruct (its model with
+    the adapter), else a model as `model.name` takes it; null: the default model."""
+    source = source or DEFAULT_MODEL
+    with torch.random.fork_rng():  # building draws initial weights: the run's own seed stream stays its own
+        if (Path(source) / rundir.CONFIG).is_file():
+            config = rundir.read_config(source)
+            if config.task != "instruct":
+                raise FinegrainError(f"augment.paraphraser: {source} is a {config.task} run; name a run of task "
+                                     "instruct, or a model")
+            rundir.require_adapter(source)
+            model, tokenizer, _ = build_trained(config, source, progress)
+            return model.llama, tokenizer
+        try:
+            return load_model(source, progress=progress)
+        except FinegrainError as exc:
+            raise FinegrainError(f"augment.paraphraser: {exc}") from None
+
+
+def judge_run(judge_dir: str, labels: list) -> Any:
+    """`augment.judge`: the labels a finished classification run of this run's label set gives texts."""
+    config = rundir.read_config(judge_dir)
+    rundir.require_adapter(judge_dir)
+    theirs = rundir.read_labels(judge_dir)
+    if config.task != "classification" or config.data.multi_label or sorted(theirs) != sorted(labels):
+        raise FinegrainError(f"augment.judge: {judge_dir} is not a single-label classification run of this run's "
+                             f"labels {labels}; name one, or unset augment.judge (TF-IDF judges)")
+    with torch.random.fork_rng():
+        predictor = Predictor(judge_dir)
+    return lambda texts: [p["label"] for p in predictor.predict(texts)] if texts else []
 
 
 def adversarial_objective(config: RunConfig, model, objective: Objective) -> Objective:

@@ -7,7 +7,8 @@ dropped, doubled, replaced by a keyboard neighbour, or swapped with the next one
 round(fraction × training examples) perturbed copies of training examples drawn at random
 (`augment_examples`); validation and test never see them, and metrics.json counts them under
 `train.augmented`. The same functions make the perturbed copies of a labelled file that
-`finegrain evaluate RUN --data FILE --robustness` scores beside the clean one.
+`finegrain evaluate RUN --data FILE --robustness` scores beside the clean one (with `--paraphrase`,
+also the copies an instruct model rewrote: finegrain.paraphrase).
 
 What each changes (`rate` is the share of words, or of letters, touched, at least one):
     deletion  words removed (never the last one)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import string
+from collections.abc import Callable
 from typing import Any
 
 from finegrain.config import AugmentConfig
@@ -124,13 +126,13 @@ def augment_examples(train: list, augment: AugmentConfig, seed: int) -> tuple[li
     for kind, fraction in fractions.items():
         rng = random.Random(f"augment:{kind}:{seed}")
         count = round(fraction * len(train))
-        chosen = [train[i] for i in _draw(len(train), count, rng)]
+        chosen = [train[i] for i in draw(len(train), count, rng)]
         extra += [dataclasses.replace(e, text=PERTURB[kind](e.text, rng), source=f"{e.source} ({kind})") for e in chosen]
         counts[kind] = count
     return train + extra, counts
 
 
-def _draw(total: int, count: int, rng: random.Random) -> list[int]:
+def draw(total: int, count: int, rng: random.Random) -> list[int]:
     """`count` indices below `total`: without replacement while they last, then again."""
     indices: list[int] = []
     while len(indices) < count:
@@ -138,11 +140,14 @@ def _draw(total: int, count: int, rng: random.Random) -> list[int]:
     return indices
 
 
-def robustness(predictor: Any, path: str, clean: dict[str, Any]) -> dict[str, Any]:
+def robustness(predictor: Any, path: str, clean: dict[str, Any],
+               paraphrase: Callable[[list], tuple[list, int]] | None = None) -> dict[str, Any]:
     """`evaluate --robustness`: the run's headline score on the labelled file `path` and on its
     copies under each perturbation (seed 0), beside `clean` (the file's metrics as they are).
 
-    `predictor` is a `finegrain.load(...)` result (a run or an ensemble).
+    `predictor` is a `finegrain.load(...)` result (a run or an ensemble). With `paraphrase` (the
+    examples -> their paraphrased copies and how many were rewritten: `--paraphrase`), also the
+    score on those copies, and the count as `paraphrased`.
     """
     task = predictor.task
     metric = predictor.config.train.metric or task.headline_metric
@@ -151,6 +156,10 @@ def robustness(predictor: Any, path: str, clean: dict[str, Any]) -> dict[str, An
     scores = {"metric": metric, "rate": RATE, "clean": _score(clean, metric)}
     for kind in KINDS:
         scores[kind] = _score(task.metrics(predictor.predict_examples(perturbed(examples, kind)), gold), metric)
+    if paraphrase is not None:
+        _require_texts(examples, "--paraphrase")
+        copies, scores["paraphrased"] = paraphrase(examples)
+        scores["paraphrase"] = _score(task.metrics(predictor.predict_examples(copies), gold), metric)
     return scores
 
 
@@ -169,4 +178,7 @@ def robustness_line(scores: dict[str, Any]) -> str:
     """One line: the clean score, then each perturbation's and its change."""
     parts = [f"{scores['metric']} clean {scores['clean']:.4f}"]
     parts += [f"{kind} {scores[kind]:.4f} ({scores[kind] - scores['clean']:+.4f})" for kind in KINDS]
+    if "paraphrase" in scores:
+        parts.append(f"paraphrase {scores['paraphrase']:.4f} ({scores['paraphrase'] - scores['clean']:+.4f}; "
+                     f"{scores['paraphrased']} texts rewritten)")
     return "robustness (" + f"{scores['rate']:.0%} of words or letters" + "): " + ", ".join(parts)

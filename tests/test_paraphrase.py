@@ -1,0 +1,190 @@
+"""Paraphrase augmentation (finegrain.paraphrase): a reply cleaned to its rewrite, rewrites kept where
+the judge gives the original's label, a run that trains on them, writes them down and reads them
+back on resume, `evaluate --robustness --paraphrase`, and one-line errors. The instruct model is the
+tiny random one (its rewrites are noise) or a stand-in; one marked test asks the real default model."""
+
+import json
+
+import pytest
+import torch
+
+import finegrain.paraphrase as paraphrase
+import finegrain.run
+from finegrain.cli import main
+from finegrain.config import load_config
+from finegrain.data.readers import Example
+from finegrain.errors import FinegrainError
+from finegrain.run import judge_run, paraphrase_training, train
+
+from test_train import write_config, write_data
+
+EXAMPLES = [Example(f"text number {i} is {'good' if i % 2 else 'bad'}", "fresh" if i % 2 else "rotten", f"f:{i + 1}")
+            for i in range(10)]
+
+
+def stand_in(texts):
+    """A paraphraser stand-in: "indeed" added to each text, none for the texts of number 3 or 6."""
+    return [None if ("number 3 " in t or "number 6 " in t) else t + " indeed" for t in texts]
+
+
+@pytest.mark.parametrize("reply, rewrite", [
+    ("Paraphrased sentence: The film is a delight.", "The film is a delight."),
+    ('Here is the revised sentence: "A dull plot."\nI hope this helps.', "A dull plot."),
+    ("\n  'Quietly moving.'  ", "Quietly moving."),
+    ("the film, is GOOD!", None),  # the original's words again
+    ("Here's a revised version of the sentence:", None),  # announces one, gives none
+    (" ".join(["word"] * 14), None),  # more than twice the original's words and five more
+    ("   ", None),
+])
+def test_a_reply_is_cleaned_to_its_rewrite(reply, rewrite):
+    assert paraphrase.clean("The film is good.", reply) == rewrite
+
+
+def test_rewrites_are_kept_where_the_judge_gives_the_originals_label():
+    judge = lambda texts: ["fresh"] * len(texts)  # noqa: E731 - says fresh of everything
+    kept, records = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=1, write=stand_in, judge=judge)
+    assert len(records) == 8 and len({r["index"] for r in records}) == 8  # round(0.8 * 10), drawn without repeats
+    for r in records:
+        assert r["text"] == EXAMPLES[r["index"]].text and r["label"] == EXAMPLES[r["index"]].label
+        written = r["index"] not in (3, 6)
+        assert r["paraphrase"] == (EXAMPLES[r["index"]].text + " indeed" if written else None)
+        assert r["judged"] == ("fresh" if written else None)
+        assert r["kept"] == (written and r["label"] == "fresh")
+    assert [(e.text, e.label, e.source) for e in kept] == [
+        (r["paraphrase"], r["label"], f"{r['source']} (paraphrase)") for r in records if r["kept"]]
+    again, _ = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=1, write=stand_in, judge=judge)
+    other, _ = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=2, write=stand_in, judge=judge)
+    assert again == kept and [e.source for e in other] != [e.source for e in kept]
+
+
+def test_the_tfidf_judge_learns_the_training_split():
+    judge = paraphrase.tfidf_judge(EXAMPLES * 3, ["fresh", "rotten"])
+    assert judge(["it is good", "it is bad"]) == ["fresh", "rotten"] and judge([]) == []
+
+
+def test_the_tiny_model_rewrites_the_same_for_the_same_seed(tiny_model_dir):
+    from finegrain.checkpoint.load import load_model
+
+    tiny_model, tiny_tokenizer = load_model(str(tiny_model_dir), progress=False)
+    texts = ["a good film", "a bad and dull film with a plot", "fine"]
+    first = paraphrase.rewrite(tiny_model, tiny_tokenizer, texts, seed=0, batch_size=2)
+    assert len(first) == 3 and all(t is None or isinstance(t, str) for t in first)
+    assert paraphrase.rewrite(tiny_model, tiny_tokenizer, texts, seed=0, batch_size=2) == first
+    tiny_tokenizer.chat_template = None
+    with pytest.raises(FinegrainError, match="augment.paraphraser: the model has no chat template"):
+        paraphrase.rewrite(tiny_model, tiny_tokenizer, texts, seed=0)
+
+
+def test_a_run_trains_on_the_kept_paraphrases_and_reads_them_back_on_resume(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_data(tmp_path / "data.jsonl", 60)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    turns = {"great fun film": "badly acted", "dull and slow": "a gripping story"}  # rewrites of the other label
+
+    def stand_in_run(llama, tokenizer, texts, *args, **kwargs):
+        return [next((t.replace(a, b) for a, b in turns.items() if a in t), t + " indeed") for t in texts]
+
+    monkeypatch.setattr(paraphrase, "rewrite", stand_in_run)
+    run_dir = tmp_path / "run"
+    overrides = [f"output={run_dir}", "augment.paraphrase=0.5", f"augment.paraphraser={tiny_model_dir}"]
+    plain = train(load_config(str(config), [f"output={tmp_path / 'plain'}"]), progress=False)
+    results = train(load_config(str(config), overrides), progress=False)
+    records = [json.loads(line) for line in (run_dir / "paraphrases.jsonl").read_text().splitlines()]
+    kept = sum(r["kept"] for r in records)
+    assert len(records) == results["train"]["paraphrases"] == round(0.5 * plain["train"]["examples"])
+    assert 0 < kept < len(records)  # the TF-IDF judge keeps some rewrites, not those turned to the other label
+    assert results["train"]["augmented"] == {"paraphrase": kept}
+    assert results["train"]["examples"] == plain["train"]["examples"] + kept
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run generates again")
+
+    monkeypatch.setattr(paraphrase, "rewrite", refuse)
+    monkeypatch.setattr(finegrain.run, "load_paraphraser", refuse)
+    run_config = load_config(str(config), overrides)
+    from finegrain.tasks import task_class
+
+    splits = task_class("classification").load_splits(run_config.data)
+    again, tried = paraphrase_training(run_config, splits, run_dir, resume=True, writes=False, progress=False)
+    assert tried == len(records) and [e.text for e in again] == [r["paraphrase"] for r in records if r["kept"]]
+    lines = (run_dir / "paraphrases.jsonl").read_text().splitlines()
+    damaged = json.loads(lines[1])
+    damaged["text"] = "not a training text"
+    (run_dir / "paraphrases.jsonl").write_text("\n".join([lines[0], json.dumps(damaged), *lines[2:]]) + "\n")
+    with pytest.raises(FinegrainError, match=r"paraphrases.jsonl:2: rewrites a text the training split does not hold"):
+        paraphrase_training(run_config, splits, run_dir, resume=True, writes=False, progress=False)
+
+
+def test_a_judge_run_labels_the_rewrites_and_an_unsuitable_one_is_one_line(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "data.jsonl", 40)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    judge_dir = tmp_path / "judge"
+    train(load_config(str(config), [f"output={judge_dir}"]), progress=False)
+    from finegrain import load
+
+    texts = ["great and good", "bad and awful"]
+    assert judge_run(str(judge_dir), ["fresh", "rotten"])(texts) == [p["label"] for p in load(judge_dir).predict(texts)]
+    with pytest.raises(FinegrainError, match="augment.judge: .* is not a single-label classification run of this run's labels"):
+        judge_run(str(judge_dir), ["fresh", "sour"])
+    with pytest.raises(FinegrainError, match="not a finegrain run directory"):
+        judge_run(str(tmp_path / "nowhere"), ["fresh", "rotten"])
+
+
+def test_a_paraphraser_run_of_another_task_is_one_line(tiny_model_dir, tmp_path):
+    data = write_data(tmp_path / "data.jsonl", 40)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    run_dir = tmp_path / "classifier"
+    train(load_config(str(config), [f"output={run_dir}"]), progress=False)
+    with pytest.raises(FinegrainError, match="augment.paraphraser: .* is a classification run; name a run of task instruct"):
+        finegrain.run.load_paraphraser(str(run_dir), progress=False)
+    with pytest.raises(FinegrainError, match="^augment.paraphraser: "):
+        finegrain.run.load_paraphraser(str(tmp_path / "no-such-model"), progress=False)
+
+
+def test_evaluate_robustness_scores_the_paraphrased_copies(tiny_model_dir, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl", 40)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    run_dir = tmp_path / "run"
+    train(load_config(str(config), [f"output={run_dir}", f"augment.paraphraser={tiny_model_dir}"]), progress=False)
+    test = write_data(tmp_path / "test.jsonl", 12, seed=5)
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(run_dir), "--data", str(test), "--robustness", "--paraphrase", "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())["robustness"]
+    assert 0 <= scores["paraphrase"] <= 1 and 0 <= scores["paraphrased"] <= 12
+    assert f"{scores['paraphrased']} texts rewritten" in capsys.readouterr().out
+    prompt = ["--paraphrase-prompt", "Say it again: {text}"]
+    assert main(["evaluate", str(run_dir), "--data", str(test), "--robustness", "--paraphrase", *prompt, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["robustness"]["paraphrase"] >= 0
+    assert main(["evaluate", str(run_dir), "--data", str(test), "--paraphrase"]) == 1
+    assert "--paraphrase adds the paraphrased copies to --robustness; add --robustness" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--data", str(test), "--robustness", "--paraphrase", "--paraphrase-prompt", "Again."]) == 1
+    assert "--paraphrase-prompt: holds {text} once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["augment.paraphrase=1.5"], "'augment.paraphrase' must be a fraction of the training set in"),
+    (["augment.paraphrase_prompt=Paraphrase it."], "'augment.paraphrase_prompt' must be a prompt holding {text} once"),
+    (["task=regression", "augment.paraphrase=0.2"], "'augment.paraphrase' must be 0 unless the task is single-label classification"),
+    (["data.multi_label=true", "augment.paraphrase=0.2"], "'augment.paraphrase' must be 0 unless the task is single-label"),
+])
+def test_bad_paraphrase_options_are_one_line(tiny_model_dir, tmp_path, overrides, message):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 10))
+    with pytest.raises(FinegrainError, match=message):
+        load_config(str(config), overrides)
+
+
+@pytest.mark.real_model
+def test_the_default_model_paraphrases_film_review_sentences():
+    from finegrain.checkpoint.load import load_model
+
+    llama, tokenizer = load_model("smollm2-135m", progress=False)
+    texts = ["A remarkable 179-minute meditation on the nature of revolution.",
+             "IHOPs don't pile on this much syrup.",
+             "This one is certainly well-meaning, but it's also simple-minded and contrived.",
+             "It has its faults, but it is a kind, unapologetic, sweetheart of a movie."]
+    prompt = ("Paraphrase this sentence from a film review. Keep its meaning and its opinion of the film. "
+              "Answer with the paraphrased sentence only.\n\nSentence: {text}")
+    rewrites = paraphrase.rewrite(llama, tokenizer, texts, seed=0, prompt=prompt)
+    written = [(t, r) for t, r in zip(texts, rewrites) if r is not None]
+    assert len(written) >= 2  # the model answers most with a sentence of its own
+    for text, rewrite in written:  # new words, the same length give or take
+        assert rewrite != text and len(rewrite.split()) <= 2 * len(text.split()) + 5
