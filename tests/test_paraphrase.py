@@ -129,6 +129,18 @@ def test_a_judge_run_labels_the_rewrites_and_an_unsuitable_one_is_one_line(tiny_
         judge_run(str(tmp_path / "nowhere"), ["fresh", "rotten"])
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("judge", "nowhere", r"augment.judge: .*nowhere: not a finegrain run directory"),
+    ("paraphraser", "no-model.gguf", r"augment.paraphraser: .*no-model.gguf: no such file or directory"),
+])
+def test_a_missing_judge_or_paraphraser_is_refused_before_the_run_directory(tiny_model_dir, tmp_path, key, value, message):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 20))
+    overrides = [f"output={tmp_path / 'run'}", "augment.paraphrase=0.5", f"augment.{key}={tmp_path / value}"]
+    with pytest.raises(FinegrainError, match=message):
+        train(load_config(str(config), overrides), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_paraphraser_run_of_another_task_is_one_line(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "data.jsonl", 40)
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)

@@ -2,14 +2,14 @@
 and the paraphrased copies that `finegrain evaluate RUN --robustness` scores.
 
 With `augment: {paraphrase: F}` a single-label classification run draws round(F × N) of its N
-training examples (seeded) and an instruct model rewrites each: `augment.paraphraser`, a model as
-`model.name` takes it or a run of task instruct, by default the default model (SmolLM2-135M-Instruct).
-It is asked in its chat template, by `augment.paraphrase_prompt` ({text} stands for the text; the
+training examples (seeded), and an instruct model rewrites each: `augment.paraphraser`, a model as
+`model.name` takes it or a run of task instruct; by default the default model (SmolLM2-135M-Instruct).
+It is asked in its chat template by `augment.paraphrase_prompt` ({text} stands for the text; the
 default asks to keep the sentence's meaning and opinion, and a prompt that names the kind of text,
-"a sentence from a film review", does better with a small model), and samples at temperature 0.7
-(top-p 0.9). A rewrite that is empty, the text again, or far longer than it is
-dropped (`clean`). The rest go to a judge, and only the rewrites it gives the original's label stay
-(the filter of LAMBADA, Anaby-Tavor et al., 2020): by default TF-IDF + logistic regression fitted on
+"a sentence from a film review", does better with a small model), and it samples at temperature
+0.7 (top-p 0.9). A rewrite that is empty, the text again, or far longer than it is dropped
+(`clean`). The rest go to a judge, and only the rewrites it gives the original's label stay (the
+filter of LAMBADA, Anaby-Tavor et al., 2020): by default TF-IDF + logistic regression fitted on
 the training split, or a finished run of the same task and labels (`augment.judge`: say, the run
 without augmentation). The run writes every rewrite with the judge's verdict to paraphrases.jsonl
 (`write_rewrites`); metrics.json counts the rewrites kept (`train.augmented.paraphrase`) and tried

@@ -18,7 +18,7 @@ import torch
 
 from finegrain import paraphrase, rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
-from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
+from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, resolve_model
 from finegrain.config import RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
@@ -285,6 +285,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         if config.distill.teacher:
             check_teacher(config)  # a finished run of this task and label set (reads the data's labels)
             config.distill.teacher = str(Path(config.distill.teacher).resolve())  # config.yaml resumes from anywhere
+        check_paraphrase_sources(config)
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
@@ -517,18 +518,44 @@ def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, 
     return kept, len(records)
 
 
+def check_paraphrase_sources(config: RunConfig) -> None:
+    """`augment.paraphrase`'s judge and paraphraser checked before anything is created (one-line
+    errors), their paths made absolute so that config.yaml resumes from anywhere."""
+    augment = config.augment
+    if not augment.paraphrase:
+        return
+    if augment.judge:
+        check_judge(augment.judge)
+        augment.judge = str(Path(augment.judge).resolve())
+    if augment.paraphraser and (Path(augment.paraphraser) / rundir.CONFIG).is_file():
+        instruct_run(augment.paraphraser)
+        augment.paraphraser = str(Path(augment.paraphraser).resolve())
+    else:
+        try:
+            resolve_model(augment.paraphraser)
+        except FinegrainError as exc:
+            raise FinegrainError(f"augment.paraphraser: {exc}") from None
+
+
+def instruct_run(source: str) -> RunConfig:
+    """The config of `augment.paraphraser` naming a run: a finished run of task instruct, or a one-line error."""
+    try:
+        config = rundir.read_config(source)
+        rundir.require_adapter(source)
+    except FinegrainError as exc:
+        raise FinegrainError(f"augment.paraphraser: {exc}") from None
+    if config.task != "instruct":
+        raise FinegrainError(f"augment.paraphraser: {source} is a {config.task} run; name a run of task instruct, or a model")
+    return config
+
+
 def load_paraphraser(source: str | None, progress: bool):
     """The instruct model and tokenizer of `augment.paraphraser`: a run of task instruct (its model with
     the adapter), else a model as `model.name` takes it; null: the default model."""
     source = source or DEFAULT_MODEL
     with torch.random.fork_rng():  # building draws initial weights: the run's own seed stream stays its own
         if (Path(source) / rundir.CONFIG).is_file():
-            config = rundir.read_config(source)
-            if config.task != "instruct":
-                raise FinegrainError(f"augment.paraphraser: {source} is a {config.task} run; name a run of task "
-                                     "instruct, or a model")
-            rundir.require_adapter(source)
-            model, tokenizer, _ = build_trained(config, source, progress)
+            model, tokenizer, _ = build_trained(instruct_run(source), source, progress)
             return model.llama, tokenizer
         try:
             return load_model(source, progress=progress)
@@ -536,14 +563,23 @@ def load_paraphraser(source: str | None, progress: bool):
             raise FinegrainError(f"augment.paraphraser: {exc}") from None
 
 
+def check_judge(judge_dir: str, labels: list | None = None) -> None:
+    """`augment.judge` is a finished single-label classification run (of `labels`, when given)."""
+    try:
+        config = rundir.read_config(judge_dir)
+        rundir.require_adapter(judge_dir)
+        theirs = rundir.read_labels(judge_dir)
+    except FinegrainError as exc:
+        raise FinegrainError(f"augment.judge: {exc}") from None
+    if config.task != "classification" or config.data.multi_label or (labels is not None and sorted(theirs) != sorted(labels)):
+        raise FinegrainError(f"augment.judge: {judge_dir} is not a single-label classification run"
+                             + (f" of this run's labels {labels}" if labels is not None else "")
+                             + "; name one, or unset augment.judge (TF-IDF judges)")
+
+
 def judge_run(judge_dir: str, labels: list) -> Any:
     """`augment.judge`: the labels a finished classification run of this run's label set gives texts."""
-    config = rundir.read_config(judge_dir)
-    rundir.require_adapter(judge_dir)
-    theirs = rundir.read_labels(judge_dir)
-    if config.task != "classification" or config.data.multi_label or sorted(theirs) != sorted(labels):
-        raise FinegrainError(f"augment.judge: {judge_dir} is not a single-label classification run of this run's "
-                             f"labels {labels}; name one, or unset augment.judge (TF-IDF judges)")
+    check_judge(judge_dir, labels)
     with torch.random.fork_rng():
         predictor = Predictor(judge_dir)
     return lambda texts: [p["label"] for p in predictor.predict(texts)] if texts else []
