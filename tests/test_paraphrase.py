@@ -6,15 +6,16 @@ tiny random one (its rewrites are noise) or a stand-in; one marked test asks the
 import json
 
 import pytest
-import torch
 
 import finegrain.paraphrase as paraphrase
 import finegrain.run
+from finegrain import load
 from finegrain.cli import main
 from finegrain.config import load_config
 from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
 from finegrain.run import judge_run, paraphrase_training, train
+from finegrain.tasks import task_class
 
 from test_train import write_config, write_data
 
@@ -101,8 +102,6 @@ def test_a_run_trains_on_the_kept_paraphrases_and_reads_them_back_on_resume(tiny
     monkeypatch.setattr(paraphrase, "rewrite", refuse)
     monkeypatch.setattr(finegrain.run, "load_paraphraser", refuse)
     run_config = load_config(str(config), overrides)
-    from finegrain.tasks import task_class
-
     splits = task_class("classification").load_splits(run_config.data)
     again, tried = paraphrase_training(run_config, splits, run_dir, resume=True, writes=False, progress=False)
     assert tried == len(records) and [e.text for e in again] == [r["paraphrase"] for r in records if r["kept"]]
@@ -119,8 +118,6 @@ def test_a_judge_run_labels_the_rewrites_and_an_unsuitable_one_is_one_line(tiny_
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
     judge_dir = tmp_path / "judge"
     train(load_config(str(config), [f"output={judge_dir}"]), progress=False)
-    from finegrain import load
-
     texts = ["great and good", "bad and awful"]
     assert judge_run(str(judge_dir), ["fresh", "rotten"])(texts) == [p["label"] for p in load(judge_dir).predict(texts)]
     with pytest.raises(FinegrainError, match="augment.judge: .* is not a single-label classification run of this run's labels"):
