@@ -267,6 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise FinegrainError("--paraphrase adds the paraphrased copies to --robustness; add --robustness")
     if args.paraphrase_prompt and not args.paraphrase:
         raise FinegrainError("--paraphrase-prompt asks for the --paraphrase copies; add --robustness --paraphrase")
+    if args.paraphrase_prompt and args.paraphrase_prompt.count("{text}") != 1:
+        raise FinegrainError("--paraphrase-prompt: holds {text} once, where the text goes; add it")
     join_job(args.run_dir, args.device)
     _evaluate(args)
 
@@ -299,8 +301,6 @@ def _paraphraser(predictor, prompt: str | None) -> Callable[[list], tuple[list, 
 
     augment = predictor.config.augment
     prompt = prompt or augment.paraphrase_prompt
-    if prompt.count("{text}") != 1:
-        raise FinegrainError("--paraphrase-prompt: holds {text} once, where the text goes; add it")
     llama, tokenizer = load_paraphraser(augment.paraphraser, progress=True)
     return lambda examples: paraphrased(examples, llama, tokenizer, prompt, progress=True)
 

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from finegrain.atomic import atomic_write_text
@@ -59,7 +58,6 @@ def clean(original: str, reply: str) -> str | None:
     return line
 
 
-@torch.inference_mode()
 def rewrite(llama: Any, tokenizer: Any, texts: Sequence[str], seed: int, prompt: str = DEFAULT_PROMPT,
             batch_size: int = 16, progress: bool = False) -> list[str | None]:
     """A rewrite of each text (`clean`ed; None where none was usable), in the texts' order. Texts of
