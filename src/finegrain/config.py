@@ -365,6 +365,16 @@ def explicit_keys(values: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+def dotted(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys (`train.lr`); lists and scalars are the values."""
+    if not isinstance(value, dict):
+        return {prefix.rstrip("."): value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(dotted(item, f"{prefix}{key}."))
+    return flat
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults) and apply `section.key=value` overrides."""
     values: dict[str, Any] = {}

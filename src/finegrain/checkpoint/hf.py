@@ -42,15 +42,20 @@ def read_json(path: Path) -> dict[str, Any]:
         raise FinegrainError(f"{path}: not UTF-8 text ({e.reason}); restore the file from its source") from e
 
 
+def indexed_shards(index: Path) -> list[Path]:
+    """The weight files a sharded checkpoint's `index` lists (beside it), each checked to be there."""
+    shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+    missing = [s for s in shards if not (index.parent / s).exists()]
+    if missing:
+        raise FinegrainError(f"{index}: shard {missing[0]} is missing; download all shards the index lists")
+    return [index.parent / s for s in shards]
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, sharded (with its index) or single."""
     index = directory / INDEX_FILE
     if index.exists():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (directory / s).exists()]
-        if missing:
-            raise FinegrainError(f"{index}: shard {missing[0]} is missing; download all shards the index lists")
-        return [directory / s for s in shards]
+        return indexed_shards(index)
     files = sorted(directory.glob("*.safetensors")) or bin_files(directory)
     if not files:
         raise FinegrainError(f"{directory}: no *.safetensors weights; pass a directory with model.safetensors")
@@ -61,11 +66,7 @@ def bin_files(directory: Path) -> list[Path]:
     """The PyTorch weight files of a directory without safetensors: `pytorch_model.bin`, or the shards its index lists."""
     index = directory / BIN_INDEX_FILE
     if index.exists():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (directory / s).exists()]
-        if missing:
-            raise FinegrainError(f"{index}: shard {missing[0]} is missing; download all shards the index lists")
-        return [directory / s for s in shards]
+        return indexed_shards(index)
     single = directory / "pytorch_model.bin"
     return [single] if single.exists() else []
 

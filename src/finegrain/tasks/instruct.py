@@ -156,6 +156,21 @@ def pack(items: Sequence[InstructEncoded], max_length: int) -> list[InstructEnco
     ]
 
 
+def collate_packed(items: list[InstructEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids` (or cached `hidden`), `lengths`, `targets` (B, T) with -100 at padding,
+    and for packed rows `attention_mask` (B, 1, T, T) and `position_ids` (B, T)."""
+    batch = pad_inputs(items, pad_id, hidden)
+    T = int(batch["lengths"].max())
+    targets = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        targets[row, : len(item.targets)] = torch.tensor(item.targets, dtype=torch.long)
+    batch["targets"] = targets
+    if any(len(item.lengths) > 1 for item in items):
+        batch["attention_mask"], batch["position_ids"] = packed_attention(items, T)
+    return batch
+
+
 def packed_attention(items: Sequence[InstructEncoded], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The block-diagonal causal mask (B, 1, T, T) and position ids (B, T) of packed rows padded to T.
 
@@ -322,17 +337,7 @@ class InstructTask:
     def collate(
         self, items: list[InstructEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Right-padded `input_ids` (or cached `hidden`), `lengths`, `targets` (B, T) with -100 at padding,
-        and for packed rows `attention_mask` (B, 1, T, T) and `position_ids` (B, T)."""
-        batch = pad_inputs(items, pad_id, hidden)
-        T = int(batch["lengths"].max())
-        targets = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
-        for row, item in enumerate(items):
-            targets[row, : len(item.targets)] = torch.tensor(item.targets, dtype=torch.long)
-        batch["targets"] = targets
-        if any(len(item.lengths) > 1 for item in items):
-            batch["attention_mask"], batch["position_ids"] = packed_attention(items, T)
-        return batch
+        return collate_packed(items, pad_id, hidden)
 
     # -- model -----------------------------------------------------------------------------
 

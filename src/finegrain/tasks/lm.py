@@ -26,8 +26,8 @@ from finegrain.data.load import read_file as read_table
 from finegrain.data.readers import Example, ReadResult
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
-from finegrain.tasks.base import IGNORE_INDEX, pad_inputs
-from finegrain.tasks.instruct import InstructEncoded, InstructModel, pack, packed_attention
+from finegrain.tasks.base import IGNORE_INDEX
+from finegrain.tasks.instruct import InstructEncoded, InstructModel, collate_packed, pack
 
 
 def read_text(data, path: str) -> ReadResult:
@@ -114,15 +114,7 @@ class LanguageModelTask:
         return pack(pieces, max_length)
 
     def collate(self, items: list[InstructEncoded], pad_id: int, hidden: list[torch.Tensor] | None = None):
-        batch = pad_inputs(items, pad_id, hidden)
-        T = int(batch["lengths"].max())
-        targets = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
-        for row, item in enumerate(items):
-            targets[row, : len(item.targets)] = torch.tensor(item.targets, dtype=torch.long)
-        batch["targets"] = targets
-        if any(len(item.lengths) > 1 for item in items):
-            batch["attention_mask"], batch["position_ids"] = packed_attention(items, T)
-        return batch
+        return collate_packed(items, pad_id, hidden)
 
     # -- model -----------------------------------------------------------------------------
 

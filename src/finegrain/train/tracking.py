@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finegrain import rundir
+from finegrain.config import dotted
 from finegrain.errors import FinegrainError
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -59,7 +60,7 @@ def open_sinks(run_dir: Path) -> list[Sink]:
     sinks: list[Sink] = []
     for name in dict.fromkeys(config.train.report_to):
         sinks.append(TensorBoardSink(Path(run_dir)) if name == "tensorboard" else MlflowSink(Path(run_dir)))
-    values = flatten(dataclasses.asdict(config))
+    values = dotted(dataclasses.asdict(config))
     for sink in sinks:
         sink.start(values)
     return sinks
@@ -71,16 +72,6 @@ def check_installed(report_to: list[str]) -> None:
         if importlib.util.find_spec(name) is None:
             raise FinegrainError(f"train.report_to: {name} needs the '{name}' package, which is not installed; "
                                  f"{INSTALL} (or remove {name} from train.report_to)")
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys; lists and scalars are the values."""
-    if not isinstance(value, dict):
-        return {prefix.rstrip("."): value}
-    flat: dict[str, Any] = {}
-    for key, item in value.items():
-        flat.update(flatten(item, f"{prefix}{key}."))
-    return flat
 
 
 def numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -98,7 +89,7 @@ def final_numbers(run_dir: Path) -> dict[str, float]:
     metrics = json.loads(path.read_text(encoding="utf-8"))
     values = {}
     for split in ("validation", "test"):
-        for key, value in flatten(metrics.get(split) or {}).items():
+        for key, value in dotted(metrics.get(split) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key.count(".") <= 1 and key:
                 values[f"final_{split}/{key}"] = float(value)
     return values

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain import rundir
-from finegrain.config import RunConfig
+from finegrain.config import RunConfig, dotted
 from finegrain.errors import FinegrainError
 from finegrain.tasks import task_class
 
@@ -190,21 +190,11 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["started"])
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level of dotted keys (`train.lr`); lists and scalars are leaves."""
-    if not isinstance(value, dict):
-        return {prefix.rstrip("."): value}
-    flat: dict[str, Any] = {}
-    for key, item in value.items():
-        flat.update(flatten(item, f"{prefix}{key}."))
-    return flat
-
-
 def config_values(config: RunConfig | None) -> dict[str, Any]:
     """The effective config as dotted keys (defaults included), for a diff."""
     if config is None:
         return {}
-    return flatten(dataclasses.asdict(config))
+    return dotted(dataclasses.asdict(config))
 
 
 def metric_values(metrics: dict[str, Any] | None) -> dict[str, float]:
@@ -214,7 +204,7 @@ def metric_values(metrics: dict[str, Any] | None) -> dict[str, float]:
         return {}
     values: dict[str, float] = {}
     for split in ("validation", "test"):
-        for key, value in flatten(metrics.get(split) or {}, f"{split}.").items():
+        for key, value in dotted(metrics.get(split) or {}, f"{split}.").items():
             last = key.rsplit(".", 1)[-1]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key.count(".") <= 2 \
                     and ".per_class." not in key and last != "support" and last != "num_outside_labels":
