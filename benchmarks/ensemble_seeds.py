@@ -76,7 +76,12 @@ def main() -> None:
     args = parser.parse_args()
     if not 2 <= args.size <= args.seeds:
         parser.error(f"--size {args.size}: an ensemble needs 2 to --seeds ({args.seeds}) members")
-    given = {int(seed): Path(path) for seed, path in (item.split("=", 1) for item in args.run)}
+    given = {}
+    for item in args.run:
+        seed, _, path = item.partition("=")
+        if not seed.isdigit() or not rundir.is_finished(Path(path)):
+            parser.error(f"--run {item}: give SEED=DIR, DIR a finished run of CONFIG at that seed")
+        given[int(seed)] = Path(path)
     args.output.mkdir(parents=True, exist_ok=True)
     runs = {seed: given.get(seed) or train(args.config, args.output / f"s{seed}", [*args.settings, f"train.seed={seed}"])
             for seed in range(args.seeds)}

@@ -180,17 +180,8 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
     model, tokenizer, task = merged_model(run_dir, config)
     require_llama(model, run_dir)
     state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
-    if dtype == "f16":
-        state = {k: v.half() for k, v in state.items()}
-        hf_config["torch_dtype"] = "float16"
-    with atomic_dir(output) as tmp:
-        tmp = Path(tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-    return output
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    return _write_hf(output, state, hf_config, tokenizer, dtype, generation)
 
 
 def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, architecture: str) -> Path:
@@ -202,12 +193,21 @@ def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, arc
         )
     model, tokenizer, task = merged_model(run_dir, config)
     state, hf_config = bert_state_dict(model, task, architecture)
+    return _write_hf(output, state, hf_config, tokenizer, dtype)
+
+
+def _write_hf(output: Path, state: dict, hf_config: dict, tokenizer: Any, dtype: str,
+              generation: dict | None = None) -> Path:
+    """A transformers checkpoint directory, written whole or not at all: config.json (and
+    generation_config.json), model.safetensors in `dtype` (f32 or f16), and the tokenizer."""
     if dtype == "f16":
         state = {k: v.half() for k, v in state.items()}
         hf_config["torch_dtype"] = "float16"
     with atomic_dir(output) as tmp:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
     return output
