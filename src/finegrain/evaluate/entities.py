@@ -20,7 +20,6 @@ import numpy as np
 
 from finegrain.tags import (
     SCHEMES,
-    Entity,
     allowed_transitions,
     check_tags,
     convert_tags,

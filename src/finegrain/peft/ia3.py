@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.model.linear import Linear, linear
+from finegrain.model.linear import linear
 from finegrain.model.qlinear import QuantLinear
 from finegrain.peft.frozen import init_frozen, plain_linear, share_frozen
 
