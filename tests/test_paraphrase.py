@@ -9,9 +9,9 @@ import pytest
 
 import finegrain.paraphrase as paraphrase
 import finegrain.run
-from finegrain import load
+from finegrain import load, rundir
 from finegrain.cli import main
-from finegrain.config import load_config
+from finegrain.config import AugmentConfig, load_config
 from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
 from finegrain.run import judge_run, paraphrase_training, train
@@ -111,6 +111,30 @@ def test_a_run_trains_on_the_kept_paraphrases_and_reads_them_back_on_resume(tiny
     (run_dir / "paraphrases.jsonl").write_text("\n".join([lines[0], json.dumps(damaged), *lines[2:]]) + "\n")
     with pytest.raises(FinegrainError, match=r"paraphrases.jsonl:2: rewrites a text the training split does not hold"):
         paraphrase_training(run_config, splits, run_dir, resume=True, writes=False, progress=False)
+
+
+def test_judge_self_trains_the_config_without_augmentation_first(tiny_model_dir, tmp_path, monkeypatch):
+    """`augment.judge: self` trains RUN/judge and judges with it: the same verdicts and the same run as
+    naming a finished run of the config, trained beforehand, as the judge."""
+    data = write_data(tmp_path / "data.jsonl", 60)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
+    monkeypatch.setattr(paraphrase, "rewrite", lambda llama, tokenizer, texts, *args, **kwargs: [t + " indeed" for t in texts])
+    common = ["augment.paraphrase=0.5", f"augment.paraphraser={tiny_model_dir}"]
+    run_dir, plain, named = tmp_path / "run", tmp_path / "plain", tmp_path / "named"
+    (run_dir / "judge").mkdir(parents=True)
+    (run_dir / "judge" / "stray.txt").write_text("left by an earlier start")
+    results = train(load_config(str(config), [f"output={run_dir}", *common, "augment.judge=self"]), progress=False)
+    judge_config = rundir.read_config(run_dir / "judge")
+    assert judge_config.augment == AugmentConfig() and rundir.is_finished(run_dir / "judge")
+    assert not (run_dir / "judge" / "stray.txt").exists()
+    assert rundir.read_config(run_dir).augment.judge == "self"
+    train(load_config(str(config), [f"output={plain}"]), progress=False)
+    by_name = train(load_config(str(config), [f"output={named}", *common, f"augment.judge={plain}"]), progress=False)
+    verdicts = [json.loads(line) for line in (run_dir / "paraphrases.jsonl").read_text().splitlines()]
+    assert verdicts == [json.loads(line) for line in (named / "paraphrases.jsonl").read_text().splitlines()]
+    assert verdicts and all(v["judged"] in ("fresh", "rotten") and v["kept"] == (v["judged"] == v["label"]) for v in verdicts)
+    assert results["train"]["augmented"] == by_name["train"]["augmented"]
+    assert results["test"] == by_name["test"]  # the run's own random streams are untouched by the judge's training
 
 
 def test_a_judge_run_labels_the_rewrites_and_an_unsuitable_one_is_one_line(tiny_model_dir, tmp_path):

@@ -198,7 +198,9 @@ class AugmentConfig:
     typos: float = 0.0  # character typos (dropped, doubled, swapped letters, keyboard neighbours)
     paraphrase: float = 0.0  # classification: paraphrases written by `paraphraser`, kept where `judge` agrees with the label
     paraphraser: str | None = None  # an instruct model (name, path, GGUF) or a run of task instruct; null: the default model
-    judge: str | None = None  # a finished run of this task and labels; null: TF-IDF + logistic regression on the training split
+    # A finished run of this task and labels; self: this config without augmentation, trained first into
+    # RUN/judge; null: TF-IDF + logistic regression on the training split.
+    judge: str | None = None
     paraphrase_prompt: str = DEFAULT_PROMPT  # what the paraphraser is asked; {text} stands for the text
     mixup: float = 0.0  # classification: mixed pairs of pooled states, per text of a batch
     mixup_alpha: float = 0.4  # mixing weights ~ Beta(alpha, alpha)

@@ -10,8 +10,9 @@ default asks to keep the sentence's meaning and opinion, and a prompt that names
 0.7 (top-p 0.9). A rewrite that is empty, the text again, or far longer than it is dropped
 (`clean`). The rest go to a judge, and only the rewrites it gives the original's label stay (the
 filter of LAMBADA, Anaby-Tavor et al., 2020): by default TF-IDF + logistic regression fitted on
-the training split, or a finished run of the same task and labels (`augment.judge`: say, the run
-without augmentation). The run writes every rewrite with the judge's verdict to paraphrases.jsonl
+the training split, a finished run of the same task and labels (`augment.judge`: say, the run
+without augmentation), or `self`: the run's config without augmentation, trained first into
+RUN/judge (`finegrain.run.train_own_judge`). The run writes every rewrite with the judge's verdict to paraphrases.jsonl
 (`write_rewrites`); metrics.json counts the rewrites kept (`train.augmented.paraphrase`) and tried
 (`train.paraphrases`). A resumed run reads the file back instead of generating again.
 """

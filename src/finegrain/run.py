@@ -8,18 +8,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from finegrain import paraphrase, rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, resolve_model
-from finegrain.config import RunConfig, dump_yaml, validate
+from finegrain.config import AugmentConfig, RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
 from finegrain.data.split import stratified_subset
@@ -490,6 +492,9 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
     return adversarial_objective(config, model, objective)
 
 
+SELF_JUDGE = "self"  # augment.judge: this config without augmentation judges the paraphrases (train_own_judge)
+
+
 def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, writes: bool,
                         progress: bool) -> tuple[list, int]:
     """`augment.paraphrase`: the rewrites of training examples its judge kept (finegrain.paraphrase)
@@ -503,7 +508,12 @@ def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, 
         if launched():
             raise FinegrainError("augment.paraphrase: the paraphrases are written in one process; "
                                  "train without torchrun, or set augment.paraphrase to 0")
-        judge = judge_run(augment.judge, splits.labels) if augment.judge else paraphrase.tfidf_judge(splits.train, splits.labels)
+        if augment.judge == SELF_JUDGE:
+            judge = judge_run(str(train_own_judge(config, run_dir, progress)), splits.labels)
+        elif augment.judge:
+            judge = judge_run(augment.judge, splits.labels)
+        else:
+            judge = paraphrase.tfidf_judge(splits.train, splits.labels)
         llama, tokenizer = load_paraphraser(augment.paraphraser, progress)
         found = paraphrase.paraphrase_examples(
             splits.train, augment.paraphrase, config.train.seed, judge=judge,
@@ -518,13 +528,31 @@ def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, 
     return kept, len(records)
 
 
+def train_own_judge(config: RunConfig, run_dir: Path, progress: bool) -> Path:
+    """`augment.judge: self`: this run's config without augmentation, trained into RUN/judge (LAMBADA's
+    classifier of the original data, in the same command); a judge an earlier start left is trained again.
+    The run's own random streams are left as they were, so its training is the same as with `judge: RUN`."""
+    judge_dir = run_dir / rundir.JUDGE
+    shutil.rmtree(judge_dir, ignore_errors=True)
+    judge_config = copy.deepcopy(config)
+    judge_config.augment, judge_config.output = AugmentConfig(), str(judge_dir)
+    if progress:
+        print(f"augment.judge: self: training the judge, this config without augmentation, into {judge_dir}", flush=True)
+    streams = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        train(judge_config, progress=progress)
+    random.setstate(streams[0])
+    np.random.set_state(streams[1])
+    return judge_dir
+
+
 def check_paraphrase_sources(config: RunConfig) -> None:
     """`augment.paraphrase`'s judge and paraphraser checked before anything is created (one-line
     errors), their paths made absolute so that config.yaml resumes from anywhere."""
     augment = config.augment
     if not augment.paraphrase:
         return
-    if augment.judge:
+    if augment.judge and augment.judge != SELF_JUDGE:
         check_judge(augment.judge)
         augment.judge = str(Path(augment.judge).resolve())
     if augment.paraphraser and (Path(augment.paraphraser) / rundir.CONFIG).is_file():

@@ -57,6 +57,7 @@ LEARNING_CURVE = "learning_curve.png"
 RELIABILITY_DIAGRAM = "reliability_diagram.png"
 TEMPERATURE = "temperature.json"  # `finegrain calibrate` (finegrain.calibrate)
 PARAPHRASES = "paraphrases.jsonl"  # augment.paraphrase: every rewrite tried, the judge's label, kept or not (finegrain.paraphrase)
+JUDGE = "judge"  # augment.judge: self, the run of this config without augmentation that judges the paraphrases
 PRUNED = "pruned"  # `finegrain prune`: the pruned model, a Hugging Face directory (finegrain.prune)
 PRUNING = "pruning.json"  # `finegrain prune`: what was kept, the importance scores, the sizes
 ENSEMBLE = "ensemble.json"  # an ensemble directory's members (finegrain.ensemble)
