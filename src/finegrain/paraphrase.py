@@ -12,9 +12,10 @@ default asks to keep the sentence's meaning and opinion, and a prompt that names
 filter of LAMBADA, Anaby-Tavor et al., 2020): by default TF-IDF + logistic regression fitted on
 the training split, a finished run of the same task and labels (`augment.judge`: say, the run
 without augmentation), or `self`: the run's config without augmentation, trained first into
-RUN/judge (`finegrain.run.train_own_judge`). The run writes every rewrite with the judge's verdict to paraphrases.jsonl
-(`write_rewrites`); metrics.json counts the rewrites kept (`train.augmented.paraphrase`) and tried
-(`train.paraphrases`). A resumed run reads the file back instead of generating again.
+RUN/judge (`finegrain.run.train_own_judge`). The run writes every rewrite with the judge's
+verdict to paraphrases.jsonl (`write_rewrites`); metrics.json counts the rewrites kept
+(`train.augmented.paraphrase`) and tried (`train.paraphrases`). A resumed run reads the file
+back instead of generating again.
 """
 
 from __future__ import annotations
