@@ -602,7 +602,8 @@ def check_judge(judge_dir: str, labels: list | None = None) -> None:
     if config.task != "classification" or config.data.multi_label or (labels is not None and sorted(theirs) != sorted(labels)):
         raise FinegrainError(f"augment.judge: {judge_dir} is not a single-label classification run"
                              + (f" of this run's labels {labels}" if labels is not None else "")
-                             + "; name one, or unset augment.judge (TF-IDF judges)")
+                             + "; name one, set augment.judge: self (this config trained without augmentation "
+                             "judges), or unset it (TF-IDF judges)")
 
 
 def judge_run(judge_dir: str, labels: list) -> Any:
