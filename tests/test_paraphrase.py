@@ -144,7 +144,7 @@ def test_a_judge_run_labels_the_rewrites_and_an_unsuitable_one_is_one_line(tiny_
     train(load_config(str(config), [f"output={judge_dir}"]), progress=False)
     texts = ["great and good", "bad and awful"]
     assert judge_run(str(judge_dir), ["fresh", "rotten"])(texts) == [p["label"] for p in load(judge_dir).predict(texts)]
-    with pytest.raises(FinegrainError, match="augment.judge: .* is not a single-label classification run of this run's labels; "
+    with pytest.raises(FinegrainError, match=r"augment.judge: .* is not a single-label classification run of this run's labels \[.*\]; "
                        "name one, set augment.judge: self"):
         judge_run(str(judge_dir), ["fresh", "sour"])
     with pytest.raises(FinegrainError, match="not a finegrain run directory"):
