@@ -8,14 +8,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finegrain import paraphrase, rundir
@@ -54,7 +52,7 @@ from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import probe_scope
 from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
-from finegrain.train.checkpointing import process_rank
+from finegrain.train.checkpointing import process_rank, rng_states, set_rng_states
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 from finegrain.train.trainer import Trainer, seed_everything
@@ -538,11 +536,10 @@ def train_own_judge(config: RunConfig, run_dir: Path, progress: bool) -> Path:
     judge_config.augment, judge_config.output = AugmentConfig(), str(judge_dir)
     if progress:
         print(f"augment.judge: self: training the judge, this config without augmentation, into {judge_dir}", flush=True)
-    streams = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
+    streams = rng_states()
+    with torch.random.fork_rng():  # the devices' streams too
         train(judge_config, progress=progress)
-    random.setstate(streams[0])
-    np.random.set_state(streams[1])
+    set_rng_states(streams)
     return judge_dir
 
 

@@ -36,6 +36,18 @@ def process_rank() -> int:
     return 0
 
 
+def rng_states() -> dict[str, Any]:
+    """This process's random streams (Python's, NumPy's, torch's CPU generator), as a checkpoint keeps them."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back the streams `rng_states` took."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
 class RunWriter:
     """The run directory's training files, written by rank 0 only.
 
@@ -107,12 +119,11 @@ class RunWriter:
         state of the method's step hooks (`train.objectives.StepHook`: AdaLoRA's allocator) included."""
         if not self.writes:
             return
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         with atomic_dir(self.run_dir / rundir.CHECKPOINT) as tmp:
             save_weights(_copies(trainable), os.path.join(tmp, rundir.TRAINABLE))
             fault_point("checkpoint_write")  # test-only (tests/test_faults.py)
             torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
                  "hooks": [hook.state_dict() for hook in hooks]},
                 os.path.join(tmp, rundir.OPTIMIZER),
             )
@@ -162,9 +173,7 @@ class RunWriter:
         if moments is not None or "optimizer" in saved:
             optimizer.load_state_dict(moments or saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        set_rng_states(saved["rng"])
         self._trim_log(state["step"])
         return state
 

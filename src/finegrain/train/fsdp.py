@@ -36,13 +36,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,7 +56,7 @@ from finegrain.atomic import fault_point, recover_dir
 from finegrain.errors import FinegrainError
 from finegrain.peft.base import load_weights
 from finegrain.train import sharded_checkpoint as sharded
-from finegrain.train.checkpointing import RunWriter, check_trainable
+from finegrain.train.checkpointing import RunWriter, check_trainable, rng_states
 from finegrain.train.distributed import broadcast_from_rank0
 
 
@@ -173,7 +171,7 @@ class ShardedRunWriter(RunWriter):
     def save_checkpoint(self, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                         scheduler: Any, state: dict[str, Any], hooks: Sequence[Any] = ()) -> None:
         weights, moments = get_state_dict(self.model, optimizer, options=self.only_trained)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        rng = rng_states()
         with sharded.shared_atomic_dir(self.run_dir / rundir.CHECKPOINT) as tmp:
             sharded.save({"model": weights, "optimizer": moments}, tmp)
             fault_point(f"sharded_checkpoint_rank{self.rank}")  # test-only (tests/test_fsdp.py): one rank killed
