@@ -33,12 +33,12 @@ from finegrain.ensemble import average  # noqa: E402
 from finegrain.tasks import task_class  # noqa: E402
 
 
-def subsets(correct: dict[int, list[bool]], probabilities: dict[int, list[dict]], labels: list[str], gold: list[str],
+def subsets(accuracies: dict[int, float], probabilities: dict[int, list[dict]], labels: list[str], gold: list[str],
             size: int) -> list[dict]:
     """Per subset of `size` seeds: the members' accuracies, the ensemble's, and its gains."""
     rows = []
-    for seeds in itertools.combinations(sorted(correct), size):
-        members = [sum(correct[s]) / len(gold) for s in seeds]
+    for seeds in itertools.combinations(sorted(accuracies), size):
+        members = [accuracies[s] for s in seeds]
         votes = average([probabilities[s] for s in seeds], labels).argmax(-1).tolist()
         accuracy = sum(labels[v] == g for v, g in zip(votes, gold)) / len(gold)
         rows.append({"seeds": list(seeds), "members": members, "ensemble": accuracy,
@@ -95,9 +95,9 @@ def main() -> None:
         start = time.perf_counter()
         probabilities[seed] = predictor.predict(texts)
         seconds[seed] = time.perf_counter() - start
-    correct = {seed: [p["label"] == g for p, g in zip(predictions, gold)] for seed, predictions in probabilities.items()}
-    accuracies = {seed: sum(c) / len(gold) for seed, c in correct.items()}
-    rows = subsets(correct, probabilities, labels, gold, args.size)
+    accuracies = {seed: sum(p["label"] == g for p, g in zip(predictions, gold)) / len(gold)
+                  for seed, predictions in probabilities.items()}
+    rows = subsets(accuracies, probabilities, labels, gold, args.size)
     one = statistics.median(len(texts) / t for t in seconds.values())
     ensemble = statistics.median(len(texts) / sum(seconds[s] for s in row["seeds"]) for row in rows)
     text = table(rows, accuracies, args.size) + (

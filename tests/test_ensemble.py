@@ -133,8 +133,8 @@ def test_seed_ensemble_benchmark_scores_every_subset():
     p_a = {0: [0.9, 0.4, 0.2, 0.4], 1: [0.4, 0.9, 0.4, 0.2], 2: [0.7, 0.2, 0.9, 0.1]}  # P(a) per text, per seed
     probabilities = {s: [{"label": "a" if p > 0.5 else "b", "probabilities": {"a": p, "b": 1 - p}} for p in ps]
                      for s, ps in p_a.items()}
-    correct = {s: [p["label"] == g for p, g in zip(ps, gold)] for s, ps in probabilities.items()}
-    rows = module.subsets(correct, probabilities, ["a", "b"], gold, 2)
+    accuracies = {s: sum(p["label"] == g for p, g in zip(ps, gold)) / 4 for s, ps in probabilities.items()}
+    rows = module.subsets(accuracies, probabilities, ["a", "b"], gold, 2)
     assert [row["seeds"] for row in rows] == [[0, 1], [0, 2], [1, 2]]
     # Seeds 0 and 1 each get 3 of 4; their mean P(a) is 0.65, 0.65, 0.3, 0.3: all 4 right.
     assert rows[0]["members"] == [0.75, 0.75] and rows[0]["ensemble"] == 1.0
@@ -142,4 +142,4 @@ def test_seed_ensemble_benchmark_scores_every_subset():
     # Seeds 0 and 2 (3 and 2 of 4 right): mean P(a) 0.8, 0.3, 0.55, 0.25: 2 of 4, below the best member.
     assert rows[1]["ensemble"] == 0.5
     assert rows[1]["over_best"] == pytest.approx(-0.25) and rows[1]["over_mean"] == pytest.approx(-0.125)
-    assert "Over 3 ensembles of 2" in module.table(rows, {s: sum(c) / 4 for s, c in correct.items()}, 2)
+    assert "Over 3 ensembles of 2" in module.table(rows, accuracies, 2)
