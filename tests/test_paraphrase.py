@@ -4,8 +4,15 @@ back on resume, `evaluate --robustness --paraphrase`, and one-line errors. The i
 tiny random one (its rewrites are noise) or a stand-in; one marked test asks the real default model."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+import yaml
 
 import finegrain.paraphrase as paraphrase
 import finegrain.run
@@ -16,8 +23,11 @@ from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
 from finegrain.run import judge_run, paraphrase_training, train
 from finegrain.tasks import task_class
+from finegrain.tasks.classification import ClassificationTask
+from finegrain.train.agreement import AgreeingObjective, Agreement
+from finegrain.train.objectives import TaskObjective
 
-from test_train import write_config, write_data
+from test_train import assert_same_adapter, train_cli, write_config, write_data
 
 EXAMPLES = [Example(f"text number {i} is {'good' if i % 2 else 'bad'}", "fresh" if i % 2 else "rotten", f"f:{i + 1}")
             for i in range(10)]
@@ -56,6 +66,10 @@ def test_rewrites_are_kept_where_the_judge_gives_the_originals_label():
     again, _ = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=1, write=stand_in, judge=judge)
     other, _ = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=2, write=stand_in, judge=judge)
     assert again == kept and [e.source for e in other] != [e.source for e in kept]
+    assert all(paraphrase.is_paraphrase(e) for e in kept) and not any(paraphrase.is_paraphrase(e) for e in EXAMPLES)
+    unjudged, records = paraphrase.paraphrase_examples(EXAMPLES, 0.8, seed=1, write=stand_in, judge=None)
+    assert [r["kept"] for r in records] == [r["index"] not in (3, 6) for r in records]  # every usable rewrite
+    assert all(r["judged"] is None for r in records) and len(unjudged) == 6
 
 
 def test_the_tfidf_judge_learns_the_training_split():
@@ -199,11 +213,71 @@ def test_evaluate_robustness_scores_the_paraphrased_copies(tiny_model_dir, tmp_p
     (["augment.paraphrase_prompt=Paraphrase it."], "'augment.paraphrase_prompt' must be a prompt holding {text} once"),
     (["task=regression", "augment.paraphrase=0.2"], "'augment.paraphrase' must be 0 unless the task is single-label classification"),
     (["data.multi_label=true", "augment.paraphrase=0.2"], "'augment.paraphrase' must be 0 unless the task is single-label"),
+    (["augment.paraphrase=0.2", "augment.judge=current", "augment.mixup=0.5"],
+     "'augment.judge' must be a run, self or null beside distill.teacher or augment.mixup"),
 ])
 def test_bad_paraphrase_options_are_one_line(tiny_model_dir, tmp_path, overrides, message):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 10))
     with pytest.raises(FinegrainError, match=message):
         load_config(str(config), overrides)
+
+
+def test_the_current_judge_counts_a_rewrite_only_where_the_model_gives_its_label():
+    """Rows 1 and 2 are rewrites: the model gives row 1 its label (it counts) and row 2 another (its
+    term drops out, its place in the mean stays); rows 0 and 3 are originals and count right or wrong."""
+    task = ClassificationTask(["a", "b", "c"])
+    agreement = Agreement()
+    objective = AgreeingObjective(TaskObjective(task, []), {1, 2}, agreement)
+    logits = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0], [2.0, 0, 0]], requires_grad=True)
+    targets = torch.tensor([1, 1, 0, 0])
+    batch = {"targets": targets, "judged": torch.tensor([False, True, True, False])}
+    loss = objective.loss(lambda b: logits, batch)
+    counted = [0, 1, 3]
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[counted], targets[counted], reduction="sum").item() / 4)
+    loss.backward()
+    assert logits.grad[2].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+    agreement.after_step(torch.nn.Linear(1, 1), 1, 1)
+    assert (agreement.seen, agreement.agreed) == (2, 1)
+    every = torch.ones(4, dtype=torch.bool)  # all rewrites, all given another label: nothing counts
+    nothing = objective.loss(lambda b: logits, {"targets": torch.tensor([1, 0, 0, 1]), "judged": every})
+    assert nothing.item() == 0
+    nothing.backward()  # a step of such pieces still runs
+    agreement.after_step(torch.nn.Linear(1, 1), 2, 2)
+    assert agreement.state_dict() == {"seen": 6, "agreed": 1}
+
+
+def test_a_run_judged_by_its_own_model_keeps_every_rewrite_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """`augment.judge: current`: every usable rewrite joins the training set; the counts of rows the model
+    agreed with are in metrics.json, and a run killed mid-epoch 2 ends as the uninterrupted one did."""
+    data = write_data(tmp_path / "data.jsonl", 60)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=2, eval_every=0, checkpoint_every=2)
+    spec = yaml.safe_load(config.read_text())
+    spec["augment"] = {"paraphrase": 1.0, "judge": "current", "paraphraser": str(tiny_model_dir)}
+    config.write_text(yaml.safe_dump(spec))
+
+    def train_with_stand_in(run_dir, **env):  # a fresh process whose paraphraser is `stand_in`
+        script = ("import sys, finegrain.paraphrase as p, test_paraphrase as t; from finegrain.cli import main; "
+                  "p.rewrite = lambda llama, tokenizer, texts, *a, **k: t.stand_in(texts); sys.exit(main(sys.argv[1:]))")
+        return subprocess.run([sys.executable, "-c", script, "train", str(config), "--output", str(run_dir)],
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+    straight = train_with_stand_in(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "straight" / "paraphrases.jsonl").read_text().splitlines()]
+    written = sum(r["paraphrase"] is not None for r in records)
+    assert written and all(r["judged"] is None and r["kept"] == (r["paraphrase"] is not None) for r in records)
+    killed = train_with_stand_in(tmp_path / "killed", FINEGRAIN_FAULT="train_step:9")  # mid-epoch 2
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = train_cli("--resume", str(tmp_path / "killed"))  # the paraphrases read back from the run
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_adapter(tmp_path / "straight", tmp_path / "killed")
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("straight", "killed")]
+    assert metrics[0]["train"]["augmented"] == {"paraphrase": written}
+    agreement = metrics[0]["train"]["paraphrase_agreement"]
+    assert agreement["seen"] == 2 * written and 0 <= agreement["agreed"] <= agreement["seen"]
+    assert metrics[1]["train"]["paraphrase_agreement"] == agreement  # the counts are in every checkpoint
+    assert metrics[1]["test"] == metrics[0]["test"]
 
 
 @pytest.mark.real_model

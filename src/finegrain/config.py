@@ -199,7 +199,8 @@ class AugmentConfig:
     paraphrase: float = 0.0  # classification: paraphrases written by `paraphraser`, kept where `judge` agrees with the label
     paraphraser: str | None = None  # an instruct model (name, path, GGUF) or a run of task instruct; null: the default model
     # A finished run of this task and labels; self: this config without augmentation, trained first into
-    # RUN/judge; null: TF-IDF + logistic regression on the training split.
+    # RUN/judge; current: the model as it trains (a rewrite counts in a step where it gives the label);
+    # null: TF-IDF + logistic regression on the training split.
     judge: str | None = None
     paraphrase_prompt: str = DEFAULT_PROMPT  # what the paraphraser is asked; {text} stands for the text
     mixup: float = 0.0  # classification: mixed pairs of pooled states, per text of a batch
@@ -473,6 +474,9 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "0 unless the task is classification (it mixes what a classification head reads)"),
         (not config.augment.paraphrase or (config.task == "classification" and not config.data.multi_label),
          "augment.paraphrase", "0 unless the task is single-label classification (the judge checks one label a paraphrase)"),
+        (config.augment.judge != "current" or not (config.distill.teacher or config.augment.mixup), "augment.judge",
+         "a run, self or null beside distill.teacher or augment.mixup (current judges in the task's own loss; "
+         "the teacher can judge: name its run)"),
         (config.train.lr > 0, "train.lr", "above 0"),
         (config.train.recipe in ("auto", "off", True, False), "train.recipe", "auto or off"),
         (config.train.time_budget is None or config.train.time_budget > 0, "train.time_budget", "above 0 (minutes), or null"),

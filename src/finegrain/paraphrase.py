@@ -12,7 +12,9 @@ default asks to keep the sentence's meaning and opinion, and a prompt that names
 filter of LAMBADA, Anaby-Tavor et al., 2020): by default TF-IDF + logistic regression fitted on
 the training split, a finished run of the same task and labels (`augment.judge`: say, the run
 without augmentation), or `self`: the run's config without augmentation, trained first into
-RUN/judge (`finegrain.run.train_own_judge`). The run writes every rewrite with the judge's
+RUN/judge (`finegrain.run.train_own_judge`), or `current`: the model as it trains keeps every usable
+rewrite in the training set and counts it in a step only where it gives the original's label there
+(finegrain.train.agreement). The run writes every rewrite with the judge's
 verdict to paraphrases.jsonl (`write_rewrites`); metrics.json counts the rewrites kept
 (`train.augmented.paraphrase`) and tried (`train.paraphrases`). A resumed run reads the file
 back instead of generating again.
@@ -98,24 +100,34 @@ def tfidf_judge(train: Sequence[Any], labels: list[str]) -> Callable[[list[str]]
 
 
 def paraphrase_examples(train: list, fraction: float, seed: int, write: Callable[[list[str]], list[str | None]],
-                        judge: Callable[[list[str]], list[str]]) -> tuple[list, list[dict[str, Any]]]:
+                        judge: Callable[[list[str]], list[str]] | None) -> tuple[list, list[dict[str, Any]]]:
     """round(`fraction` × len(train)) examples drawn at random (seeded; again past one each), each
-    rewritten by `write`, and the rewrites `judge` gives the example's label, as examples of that
-    label; with them, a record per rewrite tried (the lines of `rundir.PARAPHRASES`)."""
+    rewritten by `write`, and the rewrites `judge` gives the example's label (every rewrite, unjudged,
+    with no judge), as examples of that label; with them, a record per rewrite tried (the lines of
+    `rundir.PARAPHRASES`)."""
     indices = draw(len(train), round(fraction * len(train)), random.Random(f"augment:paraphrase:{seed}"))
     rewrites = write([train[i].text for i in indices])
     written = [k for k, text in enumerate(rewrites) if text is not None]
-    verdicts = dict(zip(written, judge([rewrites[k] for k in written])))
+    verdicts = dict(zip(written, judge([rewrites[k] for k in written]))) if judge else {}
     records = [{"index": i, "source": train[i].source, "label": train[i].label, "text": train[i].text,
-                "paraphrase": rewrites[k], "judged": verdicts.get(k), "kept": verdicts.get(k) == train[i].label}
+                "paraphrase": rewrites[k], "judged": verdicts.get(k),
+                "kept": verdicts.get(k) == train[i].label if judge else rewrites[k] is not None}
                for k, i in enumerate(indices)]
     return examples_of(train, records), records
 
 
+_MARK = " (paraphrase)"  # ends a rewrite's source
+
+
 def examples_of(train: list, records: list[dict[str, Any]]) -> list:
     """The kept rewrites as examples: each a copy of the training example it rewrites, with the new text."""
-    return [dataclasses.replace(train[r["index"]], text=r["paraphrase"], source=f"{r['source']} (paraphrase)")
+    return [dataclasses.replace(train[r["index"]], text=r["paraphrase"], source=r["source"] + _MARK)
             for r in records if r["kept"]]
+
+
+def is_paraphrase(example: Any) -> bool:
+    """Whether a training example is a rewrite (`examples_of`): a file's row has a source FILE:LINE."""
+    return example.source.endswith(_MARK)
 
 
 def write_rewrites(path: Path, records: list[dict[str, Any]]) -> None:

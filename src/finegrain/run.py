@@ -40,6 +40,7 @@ from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.adversarial import AdversarialObjective
+from finegrain.train.agreement import AgreeingObjective, Agreement
 from finegrain.train.distill import (
     DistillObjective, attach_hidden_match, averaged_outputs, check_teacher, matched_layers, soft_objective,
     teacher_pass, unlabelled_examples, with_unlabelled,
@@ -374,12 +375,13 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         return task.metrics(predictions, val_gold)
 
     extra: list[Objective] = []  # distill.unlabelled's objective, beside the main one
-    main = training_objective(config, task, model, train_items, splits, progress, tokenizer, extra)
+    hooks: list[Agreement] = []  # augment.judge: current's counts
+    main = training_objective(config, task, model, train_items, splits, progress, tokenizer, extra, hooks)
     if config.continual.strategy in ("ewc", "lwf"):  # a run started from an earlier one holds on to it
         main = continual_objective(config, task, model, train_items, splits.labels,
                                    main or TaskObjective(task, train_items), pad_id, progress)
     trainer = Trainer(model, task, train_items, config.train, run_dir, pad_id, val_items, score, progress, method=adapter,
-                      main=main, objectives=extra,
+                      main=main, objectives=extra, hooks=hooks,
                       sampler=with_unlabelled(train_items, extra, config.train.batch_size, config.train.seed))
     state = trainer.fit(resume=resume_dir is not None)
     if not writes:
@@ -418,6 +420,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             **({"average_last": state.averaged} if state.averaged else {}),  # the run's weights are this mean
             **({"augmented": augmented} if augmented else {}),  # perturbed copies among `examples`, per kind
             **({"paraphrases": tried} if config.augment.paraphrase else {}),  # rewrites tried; augmented.paraphrase kept
+            **({"paraphrase_agreement": hooks[0].state_dict()} if hooks else {}),  # judge: current: rows seen, agreed with
         },
     }
     if recipe:
@@ -452,15 +455,22 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
 
 
 def training_objective(config: RunConfig, task, model, items: list, splits, progress: bool, tokenizer=None,
-                       extra: list | None = None) -> Objective | None:
+                       extra: list | None = None, hooks: list | None = None) -> Objective | None:
     """The run's objective over its training `items`: the task's loss, distilled from `distill.teacher`
     (`train.distill`: the teacher runs here, once, also over `distill.unlabelled`'s texts, whose
     objective, encoded by the student's `tokenizer`, is appended to `extra`), with mixed pairs of
-    texts (`augment.mixup`, `train.mixup`) and made adversarial by `adversarial.method`
-    (`train.adversarial`) where the config says so; None for the task's loss alone."""
-    if not (config.distill.teacher or config.adversarial.method or config.augment.mixup):
+    texts (`augment.mixup`, `train.mixup`), counting the paraphrases only where the model agrees
+    with their label (`augment.judge: current`, `train.agreement`, whose counts are appended to
+    `hooks`) and made adversarial by `adversarial.method` (`train.adversarial`) where the config
+    says so; None for the task's loss alone."""
+    judged = config.augment.paraphrase and config.augment.judge == CURRENT_JUDGE
+    if not (config.distill.teacher or config.adversarial.method or config.augment.mixup or judged):
         return None
     objective: Objective = TaskObjective(task, items)
+    if judged:
+        hooks.append(Agreement())
+        objective = AgreeingObjective(objective, {i for i, e in enumerate(splits.train) if paraphrase.is_paraphrase(e)},
+                                      hooks[-1])
     if config.distill.teacher:
         distill, layers = config.distill, len(model.model.layers)
         unlabelled = unlabelled_examples(task, config) if distill.unlabelled else []
@@ -491,6 +501,7 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
 
 
 SELF_JUDGE = "self"  # augment.judge: this config without augmentation judges the paraphrases (train_own_judge)
+CURRENT_JUDGE = "current"  # augment.judge: the model judges them as it trains (finegrain.train.agreement)
 
 
 def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, writes: bool,
@@ -506,7 +517,9 @@ def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, 
         if launched():
             raise FinegrainError("augment.paraphrase: the paraphrases are written in one process; "
                                  "train without torchrun, or set augment.paraphrase to 0")
-        if augment.judge == SELF_JUDGE:
+        if augment.judge == CURRENT_JUDGE:
+            judge = None  # every usable rewrite is kept: the model judges them as it trains
+        elif augment.judge == SELF_JUDGE:
             judge = judge_run(str(train_own_judge(config, run_dir, progress)), splits.labels)
         elif augment.judge:
             judge = judge_run(augment.judge, splits.labels)
@@ -520,7 +533,9 @@ def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, 
         if writes:
             paraphrase.write_rewrites(path, found[1])
     kept, records = found
-    if progress:
+    if progress and augment.judge == CURRENT_JUDGE:
+        print(f"paraphrases: {len(kept)} of {len(records)} written; the classifier judges them as it trains", flush=True)
+    elif progress:
         print(f"paraphrases: {len(kept)} of {len(records)} kept (written and given their text's label by the judge)",
               flush=True)
     return kept, len(records)
@@ -549,7 +564,7 @@ def check_paraphrase_sources(config: RunConfig) -> None:
     augment = config.augment
     if not augment.paraphrase:
         return
-    if augment.judge and augment.judge != SELF_JUDGE:
+    if augment.judge and augment.judge not in (SELF_JUDGE, CURRENT_JUDGE):
         check_judge(augment.judge)
         augment.judge = str(Path(augment.judge).resolve())
     if augment.paraphraser and (Path(augment.paraphraser) / rundir.CONFIG).is_file():

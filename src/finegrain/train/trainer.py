@@ -41,7 +41,7 @@ from finegrain.train.distributed import (
     ShardedSampler, all_sum, broadcast_from_rank0, check_world, lost_peer_error, peer_lost, sum_gradients, world_size,
 )
 from finegrain.train.linear_probe import HeadInputs, fit_head
-from finegrain.train.objectives import Objective, TaskObjective, method_training
+from finegrain.train.objectives import Objective, StepHook, TaskObjective, method_training
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
 from finegrain.train.sampler import Draw, LengthBuckets, Sampler
 
@@ -126,6 +126,7 @@ class Trainer:
         method: the adapter method's config (`finegrain.peft.METHODS`). What it declares beyond the
             objectives (`train.objectives.method_training`: AdaLoRA's regulariser and rank
             allocation) joins every step; None, or a method that declares nothing, adds nothing.
+        hooks: the run's own step hooks beside the method's (their state is in every checkpoint).
         sampler: which items form each batch; default length buckets of `train` (objective 0),
             `config.batch_size` items each, seeded by `config.seed`.
     """
@@ -145,6 +146,7 @@ class Trainer:
         sampler: Sampler | None = None,
         method: Any = None,
         main: Objective | None = None,
+        hooks: Sequence[StepHook] = (),
     ):
         self.model, self.task, self.config = model, task, config
         self.validation_items, self.score = list(validation), score
@@ -199,6 +201,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
         self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
         self.terms, self.hooks = method_training(method, self.total_steps)
+        self.hooks.extend(hooks)  # the run's own (augment.judge: current's counts), after the method's
         self.average = WeightAverage(config.average_last) if config.average_last else None
         if self.average is not None:  # a step hook's state is in every checkpoint: resume averages the same weights
             check_evaluations(config, self.total_steps, self.steps_per_epoch)
