@@ -89,6 +89,9 @@ def test_a_run_trains_on_augmented_examples_and_evaluates_robustness(tiny_model_
     metrics = json.loads((run / "metrics.json").read_text())
     base = metrics["train"]["examples"] - sum(metrics["train"]["augmented"].values())
     assert metrics["train"]["augmented"] == {"deletion": round(0.1 * base), "typos": round(0.2 * base)}
+    copies = f"{round(0.1 * base) + round(0.2 * base)} augmented copies of them (deletion {round(0.1 * base)}, typos {round(0.2 * base)})"
+    for report in ("report.md", "report.html"):  # the report counts them too
+        assert f"trained on {base} examples and {copies}; validation and test hold none" in (run / report).read_text()
     assert metrics["test"]["num_examples"] == 6 and metrics["validation"]["num_examples"] == 6  # untouched splits
     data = tmp_path / "run.jsonl"
     output = tmp_path / "robust.json"

@@ -277,6 +277,8 @@ def test_a_run_judged_by_its_own_model_keeps_every_rewrite_and_resumes_exactly(t
     agreement = metrics[0]["train"]["paraphrase_agreement"]
     assert agreement["seen"] == 2 * written and 0 <= agreement["agreed"] <= agreement["seen"]
     assert metrics[1]["train"]["paraphrase_agreement"] == agreement  # the counts are in every checkpoint
+    assert (f"{written} of {len(records)} paraphrases kept; as it trained, the model agreed with "
+            f"{agreement['agreed']} of {agreement['seen']} paraphrase rows") in (tmp_path / "killed" / "report.md").read_text()
     assert metrics[1]["test"] == metrics[0]["test"]
 
 

@@ -220,3 +220,21 @@ def test_report_names_classes_never_predicted(tmp_path: Path) -> None:
     assert line in written["markdown"].read_text() and line in written["html"].read_text()
     perfect = write_classification_report(tmp_path / "ok", classification_metrics(y_true, y_true, labels))
     assert "Never predicted" not in perfect["markdown"].read_text()  # "absent" has no support: not a miss
+
+
+def test_the_report_says_what_augmentation_added(tmp_path: Path) -> None:
+    """`training_line`, from the run's train section: nothing without copies; beside a drawn subset
+    (train.fine_tune_examples) it names what the draw was from; any task's report carries it."""
+    train = {"examples": 130, "augmented": {"typos": 20, "paraphrase": 10}, "paraphrases": 16}
+    assert report_module.training_line({"training": train}) == (
+        "trained on 100 examples and 30 augmented copies of them (typos 20, paraphrase 10); validation and test "
+        "hold none; 10 of 16 paraphrases kept")
+    sampled = {**train, "examples": 50, "sampled_from": 130, "paraphrase_agreement": {"seen": 20, "agreed": 7}}
+    assert report_module.training_line({"training": sampled}) == (
+        "trained on 50 examples drawn from 100 and 30 augmented copies of them (typos 20, paraphrase 10); validation "
+        "and test hold none; 10 of 16 paraphrases kept; as it trained, the model agreed with 7 of 20 paraphrase rows")
+    assert report_module.training_line({"training": {"examples": 100}}) is None and report_module.training_line({}) is None
+    written = report_module.write_report(tmp_path, "regression: test", "split: test", note="trained on 100 examples and more")
+    assert all("trained on 100 examples and more" in path.read_text() for path in written.values())
+    plain = report_module.write_report(tmp_path / "plain", "regression: test", "split: test")
+    assert plain["markdown"].read_text() == "# regression: test\n\nsplit: test\n"

@@ -684,7 +684,9 @@ def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> 
         plot_learning_curve(run_dir / rundir.METRICS_LOG, run_dir / rundir.LEARNING_CURVE, metric)
     split = "test" if "test" in results else "validation"
     if split in results:
-        metrics = {**results[split], "baselines": results["baselines"]} if "baselines" in results else results[split]
+        metrics = {**results[split], "training": results["train"]}  # the report says what augmentation added
+        if "baselines" in results:
+            metrics["baselines"] = results["baselines"]
         task.write_report(run_dir, metrics, split, f"{task.name}: {split}")
 
 

@@ -407,6 +407,30 @@ def _summary(metrics: dict[str, Any], split_name: str) -> str:
     return " · ".join(parts)
 
 
+def training_line(metrics: dict[str, Any]) -> str | None:
+    """What augmentation added to the training split, from `metrics["training"]` (metrics.json's
+    `train` section, which `finegrain.run.write_results` adds to the report's metrics): the copies
+    per kind beside the originals, the paraphrases kept of those tried and, under `augment.judge:
+    current`, the rows the model agreed with as it trained; None where nothing was added."""
+    train = metrics.get("training") or {}
+    added = train.get("augmented")
+    if not added:
+        return None
+    copies = sum(added.values())
+    kinds = ", ".join(f"{kind} {count:,}" for kind, count in added.items())
+    if "sampled_from" in train:  # train.fine_tune_examples drew from the originals and the copies
+        line = f"trained on {train['examples']:,} examples drawn from {train['sampled_from'] - copies:,} and "
+    else:
+        line = f"trained on {train['examples'] - copies:,} examples and "
+    line += f"{copies:,} augmented copies of them ({kinds}); validation and test hold none"
+    if "paraphrases" in train:
+        line += f"; {added.get('paraphrase', 0):,} of {train['paraphrases']:,} paraphrases kept"
+    if "paraphrase_agreement" in train:
+        agreement = train["paraphrase_agreement"]
+        line += f"; as it trained, the model agreed with {agreement['agreed']:,} of {agreement['seen']:,} paraphrase rows"
+    return line
+
+
 def _score_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, scores, is_average) for each table row."""
     rows = [(str(label), scores, False) for label, scores in metrics["per_class"].items()]
@@ -462,6 +486,8 @@ def _md_cell(text: str) -> str:
 
 def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list[tuple[str, str]]) -> str:
     out = [f"# {_md_cell(title)}", "", _summary(metrics, split_name), ""]
+    if training_line(metrics):
+        out += [_md_cell(training_line(metrics)), ""]
     if metrics.get("baselines", {}).get("warning"):
         out += [f"**{_md_cell(metrics['baselines']['warning'])}** (see [Against baselines](#against-baselines))", ""]
     out += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
@@ -528,6 +554,7 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
         f"<style>\n{_CSS}\n</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p class="summary">{e(_summary(metrics, split_name))}</p>',
+        *(f'<p class="summary">{e(line)}</p>' for line in [training_line(metrics)] if line),
         *(f"<p class=warning>{e(w)}</p>" for w in [metrics.get("baselines", {}).get("warning")] if w),
         "<table><thead><tr><th>label</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr></thead>",
         "<tbody>",
@@ -727,7 +754,7 @@ class Table:
 
 def write_report(
     out_dir: str | os.PathLike[str], title: str, summary: str, tables: Sequence[Table] = (),
-    images: Sequence[tuple[str, str]] = (),
+    images: Sequence[tuple[str, str]] = (), note: str | None = None,
 ) -> dict[str, Path]:
     """Write `report.md` and a self-contained `report.html` for any task's metrics.
 
@@ -735,6 +762,7 @@ def write_report(
         out_dir: the run directory (or any directory).
         title: the report's heading.
         summary: one line of headline figures.
+        note: a line under it (`training_line`), or None.
         tables: the tables, in order.
         images: (PNG file name in `out_dir`, caption); the learning curve is added when present.
             Missing files are left out.
@@ -746,7 +774,7 @@ def write_report(
     images = [*images, ("learning_curve.png", "Learning curve")]
     images = [(name, caption) for name, caption in dict(images).items() if (out / name).is_file()]
 
-    md = [f"# {_md_cell(title)}", "", _md_cell(summary)]
+    md = [f"# {_md_cell(title)}", "", _md_cell(summary), *(["", _md_cell(note)] if note else [])]
     for table in tables:
         md += ["", f"## {_md_cell(table.heading)}", "", "| " + " | ".join(map(_md_cell, table.columns)) + " |"]
         md.append("|" + "---|" * len(table.columns))
@@ -758,6 +786,7 @@ def write_report(
     page = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
         f"<style>\n{_CSS}\n</style></head><body>", f"<h1>{e(title)}</h1>", f'<p class="summary">{e(summary)}</p>',
+        *([f'<p class="summary">{e(note)}</p>'] if note else []),
     ]
     for table in tables:
         page += [f"<h2>{e(table.heading)}</h2>", "<table><thead><tr>"]

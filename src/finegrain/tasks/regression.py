@@ -152,7 +152,7 @@ class RegressionTask:
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], split: str, title: str) -> None:
         """report.md/html: the error and correlation figures, and predictions by range of the true value (PNG)."""
-        from finegrain.evaluate.report import Table, plot_bars, write_report
+        from finegrain.evaluate.report import Table, plot_bars, training_line, write_report
 
         ranges = metrics["by_range"]
         names = [f"{r['low']:.2f} to {r['high']:.2f}" for r in ranges]
@@ -166,7 +166,8 @@ class RegressionTask:
         )
         rows = [[n, r["count"], r["mean_true"], r["mean_predicted"], r["mae"]] for n, r in zip(names, ranges)]
         table = Table("By range of the true value", ["true value", "examples", "mean true", "mean predicted", "mae"], rows)
-        write_report(run_dir, title, summary, [table], [("by_range.png", "Mean prediction by range of the true value")])
+        write_report(run_dir, title, summary, [table], [("by_range.png", "Mean prediction by range of the true value")],
+                     note=training_line(metrics))
 
 
     @staticmethod
