@@ -615,7 +615,7 @@ def check_judge(judge_dir: str, labels: list | None = None) -> None:
         raise FinegrainError(f"augment.judge: {judge_dir} is not a single-label classification run"
                              + (f" of this run's labels {labels}" if labels is not None else "")
                              + "; name one, set augment.judge: self (this config trained without augmentation "
-                             "judges), or unset it (TF-IDF judges)")
+                             "judges) or current (the model as it trains), or unset it (TF-IDF judges)")
 
 
 def judge_run(judge_dir: str, labels: list) -> Any:
