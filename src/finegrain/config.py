@@ -186,6 +186,10 @@ DEFAULT_PROMPT = ("Paraphrase this sentence. Keep its meaning and its opinion. A
                   "\n\nSentence: {text}")
 
 
+SELF_JUDGE = "self"  # augment.judge: this config without augmentation judges the paraphrases (run.train_own_judge)
+CURRENT_JUDGE = "current"  # augment.judge: the model judges them as it trains (finegrain.train.agreement)
+
+
 @dataclass
 class AugmentConfig:
     """Extra training examples: per kind, a fraction of the training set's size (of each batch's, for
@@ -474,7 +478,7 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "0 unless the task is classification (it mixes what a classification head reads)"),
         (not config.augment.paraphrase or (config.task == "classification" and not config.data.multi_label),
          "augment.paraphrase", "0 unless the task is single-label classification (the judge checks one label a paraphrase)"),
-        (config.augment.judge != "current" or not (config.distill.teacher or config.augment.mixup), "augment.judge",
+        (config.augment.judge != CURRENT_JUDGE or not (config.distill.teacher or config.augment.mixup), "augment.judge",
          "a run, self or null beside distill.teacher or augment.mixup (current judges in the task's own loss; "
          "the teacher can judge: name its run)"),
         (config.train.lr > 0, "train.lr", "above 0"),

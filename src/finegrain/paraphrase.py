@@ -14,10 +14,10 @@ the training split, a finished run of the same task and labels (`augment.judge`:
 without augmentation), or `self`: the run's config without augmentation, trained first into
 RUN/judge (`finegrain.run.train_own_judge`), or `current`: the model as it trains keeps every usable
 rewrite in the training set and counts it in a step only where it gives the original's label there
-(finegrain.train.agreement). The run writes every rewrite with the judge's
-verdict to paraphrases.jsonl (`write_rewrites`); metrics.json counts the rewrites kept
-(`train.augmented.paraphrase`) and tried (`train.paraphrases`). A resumed run reads the file
-back instead of generating again.
+(finegrain.train.agreement). The run writes every rewrite with the judge's verdict to
+paraphrases.jsonl (`write_rewrites`); metrics.json counts the rewrites kept
+(`train.augmented.paraphrase`) and tried (`train.paraphrases`). A resumed run reads the file back
+instead of generating again.
 """
 
 from __future__ import annotations

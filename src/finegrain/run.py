@@ -19,7 +19,7 @@ import torch
 from finegrain import paraphrase, rundir
 from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock, fault_point, remove_stale_temps
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, resolve_model
-from finegrain.config import AugmentConfig, RunConfig, dump_yaml, validate
+from finegrain.config import CURRENT_JUDGE, SELF_JUDGE, AugmentConfig, RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
 from finegrain.data.split import stratified_subset
@@ -498,10 +498,6 @@ def training_objective(config: RunConfig, task, model, items: list, splits, prog
         head = model.get_submodule(task.head_modules[0])
         objective = MixupObjective(objective, head, config.augment.mixup, config.augment.mixup_alpha)
     return adversarial_objective(config, model, objective)
-
-
-SELF_JUDGE = "self"  # augment.judge: this config without augmentation judges the paraphrases (train_own_judge)
-CURRENT_JUDGE = "current"  # augment.judge: the model judges them as it trains (finegrain.train.agreement)
 
 
 def paraphrase_training(config: RunConfig, splits, run_dir: Path, resume: bool, writes: bool,

@@ -486,8 +486,9 @@ def _md_cell(text: str) -> str:
 
 def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list[tuple[str, str]]) -> str:
     out = [f"# {_md_cell(title)}", "", _summary(metrics, split_name), ""]
-    if training_line(metrics):
-        out += [_md_cell(training_line(metrics)), ""]
+    line = training_line(metrics)
+    if line:
+        out += [_md_cell(line), ""]
     if metrics.get("baselines", {}).get("warning"):
         out += [f"**{_md_cell(metrics['baselines']['warning'])}** (see [Against baselines](#against-baselines))", ""]
     out += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
