@@ -184,3 +184,25 @@ def test_an_embedding_tied_to_the_output_head_stays_in_the_root_unit(tmp_path):
         result = torch.load(tmp_path / f"tied{rank}.pt", weights_only=False)
         assert not result["own_unit"]
         torch.testing.assert_close(result["logits"], result["expected"], atol=1e-5, rtol=1e-4)
+
+
+def pieces_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from finegrain.train.fsdp import even_pieces
+
+    join_job(rank, world_size, port)
+    try:  # rank 0 has three pieces, rank 1 one, rank 2 none
+        pieces = [(0, {"piece": n}, 1.0) for n in range((3, 1, 0)[rank])]
+        result = even_pieces(pieces, lambda: (0, {"piece": "first"}, 1.0), torch.device("cpu"))
+    finally:
+        shutdown()
+    torch.save(result, Path(out) / f"pieces{rank}.pt")
+
+
+def test_a_rank_with_fewer_pieces_repeats_its_last_at_weight_0_marked_as_filler(tmp_path):
+    """Every rank runs as many forwards; the repeats, and a rank's stand-in piece where it has none,
+    say so (an objective that counts what it sees leaves them out)."""
+    spawn(pieces_worker, str(tmp_path), world_size=3)
+    most, fewer, none = (torch.load(tmp_path / f"pieces{rank}.pt", weights_only=False) for rank in range(3))
+    assert most == ([(0, {"piece": n}, 1.0) for n in range(3)], 3)
+    assert fewer == ([(0, {"piece": 0}, 1.0), *[(0, {"piece": 0, "filler": True}, 0.0)] * 2], 1)
+    assert none == ([(0, {"piece": "first", "filler": True}, 0.0)] * 3, 0)

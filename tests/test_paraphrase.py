@@ -244,6 +244,10 @@ def test_the_current_judge_counts_a_rewrite_only_where_the_model_gives_its_label
     nothing.backward()  # a step of such pieces still runs
     agreement.after_step(torch.nn.Linear(1, 1), 2, 2)
     assert agreement.state_dict() == {"seen": 6, "agreed": 1}
+    repeat = objective.loss(lambda b: logits, {**batch, "filler": True})  # FSDP's weight-0 repeat of a piece
+    assert repeat.item() == pytest.approx(loss.item())
+    agreement.after_step(torch.nn.Linear(1, 1), 3, 3)
+    assert agreement.state_dict() == {"seen": 6, "agreed": 1}  # not seen twice
 
 
 def test_a_run_judged_by_its_own_model_keeps_every_rewrite_and_resumes_exactly(tiny_model_dir, tmp_path):

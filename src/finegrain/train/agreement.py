@@ -9,7 +9,8 @@ in training the classifier is still weak, and so is its judgement: that is the t
 the model mid-training instead of a finished one (`augment.judge: RUN` or `self`).
 
 `Agreement` counts the rewrites' rows seen and agreed with over the run (every forward counts, an
-adversarial step's perturbed ones too); it is a step hook, so every checkpoint keeps the counts.
+adversarial step's perturbed ones too, FSDP's weight-0 repeats of a piece not); it is a step hook,
+so every checkpoint keeps the counts.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class AgreeingObjective(WrappedObjective):
         outputs = forward(batch)
         targets, judged = batch["targets"], batch["judged"].to(batch["targets"].device)
         disagree = judged & (outputs.detach().argmax(-1) != targets)
-        self.agreement.add(int(judged.sum()), int((judged & ~disagree).sum()))
+        if not batch.get("filler"):  # FSDP's weight-0 repeat of a piece (fsdp.even_pieces) is not seen again
+            self.agreement.add(int(judged.sum()), int((judged & ~disagree).sum()))
         if not disagree.any():
             return self.task.loss(outputs, batch)
         kept = {**batch, "targets": targets.masked_fill(disagree, IGNORE_INDEX)}

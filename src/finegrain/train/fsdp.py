@@ -131,13 +131,14 @@ def even_pieces(pieces: list[tuple[int, Any, float]], fill: Callable[[], tuple[i
     """This rank's micro-batches of a step, made as many as the rank with the most has (a collective
     call), and how many of them are real. A rank with fewer repeats its last one at loss weight 0
     (`fill`: a zero-weight piece for a rank with none): FSDP all-gathers in every forward, and a
-    rank that skipped one would leave the others waiting."""
+    rank that skipped one would leave the others waiting. A repeat's batch says `filler: True`, so
+    that an objective that counts what it sees (`finegrain.train.agreement`) leaves it out."""
     counts = torch.tensor([len(pieces)], device=device)  # nccl reduces CUDA tensors only
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     real = len(pieces)
     if real < int(counts):
         index, batch, _ = pieces[-1] if pieces else fill()
-        pieces = [*pieces, *[(index, batch, 0.0)] * (int(counts) - real)]
+        pieces = [*pieces, *[(index, {**batch, "filler": True}, 0.0)] * (int(counts) - real)]
     return pieces, real
 
 
