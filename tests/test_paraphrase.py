@@ -177,6 +177,22 @@ def test_a_missing_judge_or_paraphraser_is_refused_before_the_run_directory(tiny
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("keyword", ["self", "current"])
+def test_a_judge_keyword_that_is_also_a_run_here_is_one_line(tiny_model_dir, tmp_path, monkeypatch, keyword):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, write_data(tmp_path / "data.jsonl", 20))
+    (tmp_path / keyword).mkdir()
+    (tmp_path / keyword / "config.yaml").write_text("task: classification\n")
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"output={tmp_path / 'run'}", "augment.paraphrase=0.5", f"augment.judge={keyword}"]
+    with pytest.raises(FinegrainError, match=rf"^augment.judge: {keyword} is a keyword, and ./{keyword} is also a run "
+                       rf"here; write ./{keyword} to judge with that run"):
+        train(load_config(str(config), overrides), progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / keyword / "config.yaml").unlink()  # a directory of that name that holds no run is no run
+    with pytest.raises(FinegrainError, match="augment.paraphraser: "):  # past the judge, to the paraphraser
+        train(load_config(str(config), [*overrides, f"augment.paraphraser={tmp_path / 'none.gguf'}"]), progress=False)
+
+
 def test_a_paraphraser_run_of_another_task_is_one_line(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "data.jsonl", 40)
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, data, epochs=1, eval_every=0)
