@@ -20,7 +20,7 @@ generated one linear layer at a time and quantised at once (`finegrain.model.qli
 checkpoint is quantised at load, so no float32 copy of the decoder ever exists. Last line:
 `memory: peak RSS X.XX GB with q4 (target 2.5 GB: met)`. `--shape 7b` takes LLaMA-7B's shape
 (hidden 4096, 32 layers, FFN 11008) against this machine's 24 GB; with a batch of 2 x 128 tokens it
-peaks where 8 x 128 does, since `train.micro_batch_tokens: auto` (111 tokens for this shape, 320
+peaks where 8 x 128 does, since `train.micro_batch_tokens: auto` (89 tokens for this shape, 256
 for the 1.1B) runs either as pieces of one row. `--speed` instead times LoRA training steps (5 x 64
 tokens) of the default model (SmolLM2-135M, its bundled Q4_1 GGUF) in float32 and quantised, in one
 process, alternately, by the wall clock and by the process's CPU time (the work done, whatever

@@ -376,11 +376,12 @@ def test_micro_batches_are_the_fewest_equal_pieces_within_the_budget():
     assert micro_batches([0, 1], [500, 500], 320) == [[0], [1]]  # a row longer than the budget runs alone
 
 
-def test_auto_pieces_hold_a_1b_llamas_320_tokens_of_activations():
-    assert piece_tokens("auto", 2048, 5632, 22) == 320  # TinyLlama-1.1B's shape, every layer trained
-    assert piece_tokens("auto", 576, 1536, 30) == 853  # the default model, every layer trained
-    assert piece_tokens("auto", 576, 1536, 6) == 4266  # the main job: the top 6 of 20 layers
-    assert piece_tokens("auto", 4096, 11008, 32) == 111  # LLaMA-7B
+def test_auto_pieces_hold_a_batch_of_16_by_64_tokens_through_20_layers_of_the_default_model():
+    assert piece_tokens("auto", 576, 1536, 20) == 1024  # examples/rotten_tomatoes_robust.yaml: its batches whole
+    assert piece_tokens("auto", 576, 1536, 30) == 682  # the default model, every layer trained
+    assert piece_tokens("auto", 576, 1536, 6) == 3413  # the main job: the top 6 of 20 layers
+    assert piece_tokens("auto", 2048, 5632, 22) == 256  # TinyLlama-1.1B's shape, every layer trained
+    assert piece_tokens("auto", 4096, 11008, 32) == 89  # LLaMA-7B
     assert piece_tokens("auto", 576, 1536, 0) is None  # the head alone: whole batches
     assert piece_tokens(320, 576, 1536, 30) == 320 and piece_tokens(None, 576, 1536, 30) is None
 

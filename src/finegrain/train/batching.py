@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import random
 
-# `train.micro_batch_tokens: auto`: a piece may hold as many activations as 320 tokens through the
-# 22 layers of a 1.1B LLaMA (hidden 2048, FFN 5632), the shape whose peak benchmarks/memory.py
-# keeps (5.8 GB in float32; 1.9 GB on a q4 base, against a 2.5 GB target). A token's activations
-# in a layer grow with the layer's widths, and only the layers from the lowest trained one up keep
-# theirs for the backward pass.
-AUTO_PIECE_BUDGET = 320 * 22 * (2048 + 5632)
+# `train.micro_batch_tokens: auto`: a piece may hold as many activations as a whole batch of the
+# main job's shape, 16 texts of 64 tokens, through 20 trained layers of the default model (hidden
+# 576, FFN 1536). So every example config runs its batches whole, and with all 30 layers trained
+# the default model's pieces of 682 tokens run as fast as whole batches and peak under half of
+# transformers+PEFT's memory (docs/PERFORMANCE.md). A token's activations in a layer grow with
+# the layer's widths, and only the layers from the lowest trained one up keep theirs for the
+# backward pass: a 1.1B LLaMA (hidden 2048, FFN 5632) gets 256 tokens through its 22 layers, so
+# benchmarks/memory.py's batches of 128-token rows run in pieces of two rows, as before.
+AUTO_PIECE_BUDGET = 1024 * 20 * (576 + 1536)
 
 
 def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 32) -> list[list[int]]:
@@ -36,8 +39,8 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
 def piece_tokens(setting: int | str | None, hidden: int, intermediate: int,
                  trained_layers: int) -> int | None:
     """`train.micro_batch_tokens` in padded tokens (None: whole batches). `auto` fits
-    `AUTO_PIECE_BUDGET` to the model: 853 tokens for the default model with all 30 layers
-    trained, 320 for the 1.1B, 111 for a 7B; whole batches when only a head trains."""
+    `AUTO_PIECE_BUDGET` to the model: 682 tokens for the default model with all 30 layers
+    trained, 256 for the 1.1B, 89 for a 7B; whole batches when only a head trains."""
     if setting != "auto":
         return setting  # type: ignore[return-value]  # validated: a number or None
     per_token = trained_layers * (hidden + intermediate)
