@@ -560,10 +560,11 @@ def check_paraphrase_sources(config: RunConfig) -> None:
     augment = config.augment
     if not augment.paraphrase:
         return
-    if augment.judge in (SELF_JUDGE, CURRENT_JUDGE) and (Path(augment.judge) / rundir.CONFIG).is_file():
-        raise FinegrainError(f"augment.judge: {augment.judge} is a keyword, and ./{augment.judge} is also a run here; "
-                             f"write ./{augment.judge} to judge with that run, or start from another directory")
-    if augment.judge and augment.judge not in (SELF_JUDGE, CURRENT_JUDGE):
+    if augment.judge in (SELF_JUDGE, CURRENT_JUDGE):
+        if (Path(augment.judge) / rundir.CONFIG).is_file():
+            raise FinegrainError(f"augment.judge: {augment.judge} is a keyword, and ./{augment.judge} is also a run "
+                                 f"here; write ./{augment.judge} to judge with that run, or start from another directory")
+    elif augment.judge:
         check_judge(augment.judge)
         augment.judge = str(Path(augment.judge).resolve())
     if augment.paraphraser and (Path(augment.paraphraser) / rundir.CONFIG).is_file():

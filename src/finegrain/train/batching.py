@@ -9,10 +9,11 @@ import random
 # main job's shape, 16 texts of 64 tokens, through 20 trained layers of the default model (hidden
 # 576, FFN 1536). So the example configs that train at most 20 layers run their batches whole,
 # and with all 30 layers trained the default model's pieces of 682 tokens run as fast as whole
-# batches and peak under half of transformers+PEFT's memory (docs/PERFORMANCE.md). A token's activations in a layer grow with
-# the layer's widths, and only the layers from the lowest trained one up keep theirs for the
-# backward pass: a 1.1B LLaMA (hidden 2048, FFN 5632) gets 256 tokens through its 22 layers, so
-# benchmarks/memory.py's batches of 128-token rows run in pieces of two rows, as before.
+# batches and peak under half of transformers+PEFT's memory (docs/PERFORMANCE.md). A token's
+# activations in a layer grow with the layer's widths, and only the layers from the lowest trained
+# one up keep theirs for the backward pass: a 1.1B LLaMA (hidden 2048, FFN 5632) gets 256 tokens
+# through its 22 layers, so benchmarks/memory.py's batches of 128-token rows run in pieces of two
+# rows, as before.
 AUTO_PIECE_BUDGET = 1024 * 20 * (576 + 1536)
 
 
