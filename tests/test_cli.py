@@ -158,6 +158,43 @@ def test_output_at_a_file_or_at_another_programs_reports_is_refused(tiny_model_d
     assert (reports / "report.md").read_text() == "# last quarter" and sorted(p.name for p in reports.iterdir()) == ["metrics.json", "report.md"]
 
 
+@pytest.mark.parametrize("command, flags, message", [
+    ("generate", ["--max-new-tokens", "-3"], "--max-new-tokens -3: must be at least 1"),
+    ("generate", ["--temperature", "nan"], "--temperature nan: must be 0 (greedy) or more"),
+    ("generate", ["--top-k", "0"], "--top-k 0: must be at least 1"),
+    ("generate", ["--top-p", "1.5"], "--top-p 1.5: must be above 0 and at most 1"),
+    ("generate", ["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be above 0"),
+    ("chat", ["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+])
+def test_sampling_flags_are_checked_before_the_model_loads(tmp_path, capsys, command, flags, message):
+    missing = str(tmp_path / "no-model.gguf")  # never opened: the flags are refused first
+    first = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, *first, "--model", missing, *flags]) == 1
+    one_line_error(capsys, message)
+
+
+def test_an_output_the_system_refuses_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    data = write_texts(tmp_path / "data.jsonl")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(tiny_train_args(tiny_model_dir, data, a_file / "run")) == 1  # under a file: no directory can be made
+    one_line_error(capsys, "notes.txt/run: Not a directory", "check the path")
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "--seeds", "2"], ["compare", "--models", "smollm2-135m"], ["tune", "--space", "train.lr=log(1e-5,1e-2)"],
+])
+def test_other_commands_refuse_an_output_at_a_file(tmp_path, capsys, command):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  dataset: rotten_tomatoes\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main([command[0], str(config), *command[1:], "--output", str(a_file)]) == 1
+    one_line_error(capsys, "notes.txt: exists and is a file; choose another --output directory")
+    assert a_file.read_text() == "mine"
+
+
 def test_a_failed_start_can_be_started_again_or_resumed(tiny_model_dir, tmp_path, capsys):
     output = tmp_path / "run"
     output.mkdir()  # made beforehand, so the failed start leaves its config.yaml there

@@ -128,6 +128,11 @@ def test_bad_sequences_are_refused_in_one_line(tiny_model_dir, tmp_path, capsys)
         train_sequence(load_config(path, [f"output={tmp_path / 'seq2'}"]), progress=False)
     with pytest.raises(FinegrainError, match="'continual.strategy' must be sequential, replay, joint, adapters, ewc or lwf"):
         load_config(path, ["continual.strategy=si"])
+    for groups in ("[[sport,tech]]", "[[sport],[tech,food]]", "[[sport,tech],[food,sport]]", "[[sport,tech],[]]"):
+        with pytest.raises(FinegrainError, match="'continual.classes' must be two or more groups"):
+            load_config(path, [f"continual.classes={groups}"])
+    with pytest.raises(FinegrainError, match="'continual.tasks' must be two or more stages"):
+        load_config(path, ["continual.classes=null", "continual.tasks=[{train: a.jsonl}]"])
 
 
 class LinearModel(nn.Module):

@@ -494,11 +494,13 @@ def test_non_loopback_host_without_keys_is_refused_before_binding(runs, monkeypa
     (["--keep-alive", "nan"], "--read-timeout and --keep-alive must be positive"),
     (["--max-connections", "0"], "--max-connections: must be at least 1"),
     (["--threads", "0"], "--threads: must be at least 1"),
+    (["--port", "99999"], "--port 99999: ports run from 1 to 65535"),
+    (["--port", "-1"], "--port -1: ports run from 1 to 65535"),
 ])
 def test_bad_connection_and_thread_flags_are_one_line_errors(runs, capsys, flags, message):
     from finegrain.serve.cli import main
 
-    assert main([str(runs["sentiment"]), "--port", "0", *flags]) == 1
+    assert main([str(runs["sentiment"]), "--port", "0", *flags]) == 1  # a later --port wins
     assert message in capsys.readouterr().err
 
 

@@ -67,3 +67,10 @@ def test_tune_command_names_a_bad_key_before_any_trial(tiny_model_dir, tmp_path,
     assert main(["tune", config, "--space", "train.lrr=log(1e-5,1e-2)", "--output", str(tmp_path / "t")]) != 0
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_tune_command_checks_every_choice_before_any_trial(tiny_model_dir, tmp_path, capsys):
+    config = config_path(tiny_model_dir, tmp_path)
+    assert main(["tune", config, "--space", "lora.r=4|x", "--output", str(tmp_path / "t")]) != 0
+    assert "'lora.r' must be int, not 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -264,6 +264,8 @@ def test_cli_refuses_a_public_address_without_keys(tmp_path, capsys, monkeypatch
     assert "API keys" in capsys.readouterr().err
     assert main(["ui", str(tmp_path / "missing")]) == 1
     assert "no such directory" in capsys.readouterr().err
+    assert main(["ui", str(tmp_path), "--port", "70000"]) == 1  # not 70000 % 65536
+    assert "--port 70000: ports run from 1 to 65535" in capsys.readouterr().err
 
 
 def test_the_dashboard_reads_runs_without_the_training_code():

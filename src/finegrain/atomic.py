@@ -58,6 +58,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def output_directory(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path, refused (FinegrainError) when a file stands where a command's --output
+    directory of several files would go."""
+    output = Path(path)
+    if output.exists() and not output.is_dir():
+        raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
+    return output
+
+
 def _prepare_parent(path: Path) -> Path:
     parent = path.parent
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +24,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Refuse sampling flags no generation can use, before the model loads (generate and chat)."""
+    checks = [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+              ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "0 (greedy) or more")]
+    if hasattr(args, "top_p"):
+        checks += [("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "at least 1"),
+                   ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
+                   ("--repetition-penalty", args.repetition_penalty, 0 < args.repetition_penalty < math.inf, "above 0 (1: none)")]
+    for flag, value, ok, need in checks:
+        if not ok:
+            raise FinegrainError(f"{flag} {value}: must be {need}")
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -34,6 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from finegrain.checkpoint.load import load_model
     from finegrain.generation import generate
 
+    check_sampling(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -400,6 +416,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     if (args.run_dir is None) == (args.model is None):
         raise FinegrainError("give a RUN_DIR of a task: instruct run, or --model for a base model (one of the two)")
+    check_sampling(args)
     if args.run_dir is not None:
         from finegrain import load
         from finegrain.run import load_run_config
@@ -654,6 +671,16 @@ def leave_job() -> None:
         shutdown(together=True)
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def os_error_line(e: OSError) -> str:
+    """An operating-system refusal the user can mend (a path that cannot be made, no permission,
+    a full disk), said as one line rather than as an internal error."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; check the path, its permissions and the disk's free space"
+
+
 def say(line: str) -> None:
     """One line to stderr in one write: `print` writes the text and its newline apart, and the
     ranks of a torchrun job share one stderr, so their lines would run into each other."""
@@ -682,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        say(f"finegrain {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        if isinstance(e, OSError) and (e.filename or e.errno in DISK_ERRNOS):
+            say(f"finegrain {args.command}: error: {os_error_line(e)}")
+        else:
+            say(f"finegrain {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         return 1
     return 0
 

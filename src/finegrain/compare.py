@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain import rundir
-from finegrain.atomic import atomic_path, atomic_write_json
+from finegrain.atomic import atomic_path, atomic_write_json, output_directory
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
 from finegrain.cpu import peak_rss_mb
@@ -418,9 +418,7 @@ def compare(config_path: str | None, models: list[str], methods: list[str], seed
             overrides: list[str] = (), progress: bool = True, prompted: bool = True) -> dict[str, Path]:
     """Train every cell (or read it when finished) and write the comparison; returns the files written.
     `prompted`: add the zero-shot prompted decoder baseline (`prompted_baseline`) where the task allows."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
+    output = output_directory(output)
     cells = plan(config_path, models, methods, seeds, output, overrides)
     rows = [run_cell(cell, config_path, progress) for cell in cells]
     if not any(r["score"] is not None and not math.isnan(r["score"]) for r in rows):

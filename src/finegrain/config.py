@@ -438,6 +438,11 @@ def _lora_options_to_their_section(values: dict[str, Any], sources: dict[str, st
             sources[f"lora.{key}"] = sources.get(f"peft.{key}", sources.get("peft", "config"))
 
 
+def _stages_of_classes(groups: list[list[str]]) -> bool:
+    labels = [label for group in groups for label in group]
+    return len(groups) >= 2 and len(groups[0]) >= 2 and all(groups) and len(set(labels)) == len(labels)
+
+
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
         (config.head.pooling in ("last", "mean", "first"), "head.pooling", "last, mean or first"),
@@ -507,6 +512,11 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.continual.ewc_lambda >= 0, "continual.ewc_lambda", "at least 0"),
         (config.continual.lwf_temperature > 0, "continual.lwf_temperature", "above 0"),
         (0 <= config.continual.lwf_alpha <= 1, "continual.lwf_alpha", "in [0, 1] (the earlier outputs' share of the loss)"),
+        (config.continual.classes is None or _stages_of_classes(config.continual.classes), "continual.classes",
+         "two or more groups of the data's labels, one per stage, each label in one group, the first of two or more "
+         "(its classifier needs two), or null"),
+        (config.continual.tasks is None or len(config.continual.tasks) >= 2, "continual.tasks",
+         "two or more stages' data: keys, or null"),
         (not (config.continual.classes and config.continual.tasks), "continual.classes",
          "unset when continual.tasks is set (a sequence is class- or task-incremental)"),
         (config.continual.buffer in ("balanced", "reservoir"), "continual.buffer", "balanced or reservoir"),

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from finegrain import rundir
-from finegrain.atomic import atomic_write_json, exclusive_lock
+from finegrain.atomic import atomic_write_json, exclusive_lock, output_directory
 from finegrain.errors import FinegrainError
 from finegrain.run import Predictor, report_long_texts
 from finegrain.tasks import task_class
@@ -113,9 +113,7 @@ _OUTPUTS = {rundir.ENSEMBLE, rundir.METRICS, rundir.REPORT_MD, rundir.REPORT_HTM
 
 def _check_output(output: Path) -> None:
     """An ensemble directory replaces only an earlier ensemble's files, in a new or empty directory."""
-    if output.exists() and not output.is_dir():
-        raise FinegrainError(f"{output}: exists and is a file; choose another --output")
-    if output.is_dir() and any(p.name not in _OUTPUTS for p in output.iterdir()):
+    if output_directory(output).is_dir() and any(p.name not in _OUTPUTS for p in output.iterdir()):
         raise FinegrainError(f"{output}: exists and is not an ensemble directory; choose a new or empty --output")
 
 

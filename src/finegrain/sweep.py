@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from finegrain import rundir
-from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
+from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
 from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig, validate
 from finegrain.errors import FinegrainError
@@ -214,9 +214,7 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
 
     `prompted`: also score the base model prompted with k examples per class for each k (0:
     zero-shot) on each run's test split (classification)."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FinegrainError(f"{output}: exists and is a file; choose another --output directory")
+    output = output_directory(output)
     if folds and config.data.test:
         raise FinegrainError(f"--folds: data.test ({config.data.test}) is set; cross-validation holds out its own "
                              "test folds, so drop data.test")

@@ -38,7 +38,7 @@ import yaml
 from tqdm import tqdm
 
 from finegrain import rundir
-from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
+from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
 from finegrain.config import RunConfig, dump_yaml, load_config
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.metrics import higher_is_better
@@ -178,9 +178,10 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
         raise FinegrainError(f"--trials: must be at least 1, got {trials}")
     base = load_config(config_path, overrides)  # a bad config or key fails here, before any trial
     for dimension in dimensions:
-        load_config(config_path, [*overrides, *_overrides({dimension.key: _example(dimension)})])
+        for value in _values(dimension):
+            load_config(config_path, [*overrides, *_overrides({dimension.key: value})])
     metric = _metric(base, metric)
-    output = Path(output)
+    output = output_directory(output)
     output.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name="finegrain", storage=storage or f"sqlite:///{output / STUDY_DB}", load_if_exists=True,
@@ -217,11 +218,13 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
     return write_results(study, optuna, base, config_path, overrides, metric, output)
 
 
-def _example(dimension: Dimension) -> Any:
-    """A value of the dimension, to check its key against the config before any trial."""
+def _values(dimension: Dimension) -> tuple:
+    """Every choice, or both ends of a range: checked against the config before any trial."""
     if dimension.kind == "choice":
-        return dimension.choices[0]
-    return int(dimension.low) if dimension.kind == "int" else dimension.low
+        return dimension.choices
+    if dimension.kind == "int":
+        return int(dimension.low), int(dimension.high)
+    return dimension.low, dimension.high
 
 
 def _has_complete(study: Any, optuna: Any) -> bool:

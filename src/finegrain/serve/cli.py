@@ -125,6 +125,8 @@ def serve(args: argparse.Namespace, registry, settings, keys, sock: socket.socke
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port; FinegrainError when the address cannot be had."""
+    if not 0 <= port <= 65535:  # getaddrinfo would take 99999 as 99999 % 65536 and listen there
+        raise FinegrainError(f"--port {port}: ports run from 1 to 65535 (0 picks a free one); choose one of those")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
