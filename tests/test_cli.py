@@ -32,7 +32,8 @@ def test_help_on_every_command():
 
 
 def test_bad_flag():
-    assert_one_line_error(finegrain("generate", "--prompt", "x", "--temprature", "1"), "--temprature", "--help")
+    assert_one_line_error(finegrain("generate", "--prompt", "x", "--temprature", "1"), "--temprature",
+                          "see `finegrain generate --help`")  # the command's help, which lists its flags
 
 
 def test_missing_model_file(tmp_path):

@@ -27,6 +27,8 @@ def test_yaml_and_overrides(tmp_path):
         ("train:\n  lr: 0.1\n", "no training data"),
         ("train:\n  micro_batch_tokens: big\ndata:\n  dataset: trec\n", "'train.micro_batch_tokens' must be auto"),
         ("train:\n  micro_batch_tokens: 0\ndata:\n  dataset: trec\n", "'train.micro_batch_tokens' must be auto"),
+        ("data:\n  dataset: trec\n  max_train_examples: -5\n", "'data.max_train_examples' must be at least 1"),
+        ("data:\n  dataset: trec\n  max_eval_examples: 0\n", "'data.max_eval_examples' must be at least 1"),
     ],
 )
 def test_bad_configs(tmp_path, text, message):

@@ -45,6 +45,19 @@ def test_train_device_is_validated_with_the_config():
     assert load_config(None, ["data.train=x.jsonl"]).train.device == "auto"
 
 
+def test_train_refuses_an_unseen_device_before_the_model_loads(no_cuda, tmp_path, monkeypatch):
+    import finegrain.run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finegrain.run, "load_model", never)
+    config = write_config(tmp_path / "c.yaml", tmp_path / "no-model", write_data(tmp_path / "d.jsonl", 8), device="cuda")
+    with pytest.raises(FinegrainError, match="^" + NO_CUDA_MESSAGE + "$"):
+        finegrain.run.train(load_config(str(config), [f"output={tmp_path / 'run'}"]), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_quantised_base_stays_on_the_cpu(no_cuda):
     config = load_config(None, ["data.train=x.jsonl", "model.quantize=int8"])
     assert run_device(config) == torch.device("cpu")  # auto: the int8 kernels are CPU kernels

@@ -470,6 +470,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="finegrain", description="Adapt LLaMA-family models to fine-grained NLP tasks on a CPU.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.commands = sub.choices  # each command's own parser, for its errors (main)
 
     p = sub.add_parser("generate", help="continue a prompt with a model")
     p.add_argument("--model", default=None, help="smollm2-135m (default), a .gguf file or a Hugging Face directory")
@@ -693,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_openmp()  # first, before anything imports torch: libgomp reads it once, when it loads
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name `finegrain --help`: the command's own help lists its flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what --nproc hands to torchrun
     try:
         args.func(args)

@@ -504,6 +504,10 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.window_stride is None or config.data.window_stride >= 1, "data.window_stride",
          "at least 1 token, or null for half a window"),
         (config.data.max_windows >= 1, "data.max_windows", "at least 1"),
+        (config.data.max_train_examples is None or config.data.max_train_examples >= 1, "data.max_train_examples",
+         "at least 1, or null for all"),
+        (config.data.max_eval_examples is None or config.data.max_eval_examples >= 1, "data.max_eval_examples",
+         "at least 1, or null for all"),
         (config.continual.strategy in ("sequential", "replay", "joint", "adapters", "ewc", "lwf"), "continual.strategy",
          "sequential, replay, joint, adapters, ewc or lwf"),
         (config.continual.strategy not in ("ewc", "lwf") or config.init_from or config.continual.classes

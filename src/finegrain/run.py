@@ -287,6 +287,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
             check_teacher(config)  # a finished run of this task and label set (reads the data's labels)
             config.distill.teacher = str(Path(config.distill.teacher).resolve())  # config.yaml resumes from anywhere
         check_paraphrase_sources(config)
+        run_device(config)  # a device torch cannot see: refused before the model loads
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
