@@ -84,6 +84,9 @@ def test_evaluate_and_predict_an_ensemble(runs, capsys, tmp_path):
     assert main(["predict", str(ensemble), "--input", str(inputs), "--output", str(out_file)]) == 0
     lines = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [line["label"] for line in lines] == [p["label"] for p in finegrain.load(ensemble).predict(TEXTS)]
+    assert finegrain.load(ensemble).predict([]) == []
+    with pytest.raises(FinegrainError, match="give a list of inputs, such as predict"):
+        finegrain.load(ensemble).predict(TEXTS[0])  # not its characters, one by one
 
 
 def test_ensemble_refusals(runs, tmp_path, capsys):

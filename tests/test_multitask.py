@@ -180,6 +180,7 @@ def test_classification_and_ner_train_together(tiny_model_dir, tmp_path, capsys)
     predictor = finegrain.load(output)
     texts = ["win cash now", "see you at home"]
     assert predictor.predict(texts, task="spam") == finegrain.load(output / "tasks" / "spam").predict(texts)
+    assert predictor.predict([], task="spam") == [] and finegrain.load(output / "tasks" / "spam").predict([]) == []
     words = [["anna", "went", "to", "rome"]]
     assert predictor.predict(words, task="names") == finegrain.load(output / "tasks" / "names").predict(words)
     with pytest.raises(FinegrainError, match="predict: 'spma' is not a task of this run; did you mean 'spam'"):

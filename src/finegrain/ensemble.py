@@ -25,7 +25,7 @@ import torch
 from finegrain import rundir
 from finegrain.atomic import atomic_write_json, exclusive_lock, output_directory
 from finegrain.errors import FinegrainError
-from finegrain.run import Predictor, report_long_texts
+from finegrain.run import Predictor, input_list, report_long_texts
 from finegrain.tasks import task_class
 
 
@@ -76,7 +76,8 @@ class EnsemblePredictor:
 
     def predict(self, inputs: list, batch_size: int = 64) -> list[dict[str, Any]]:
         """The label and averaged probabilities of each text (as `Predictor.predict`)."""
-        return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size)
+        inputs = input_list(inputs)
+        return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size) if inputs else []
 
     def predict_examples(self, examples: list, batch_size: int = 64, report: bool = True) -> list[dict[str, Any]]:
         """Predictions for examples in the task's own type: the members' probabilities averaged

@@ -56,7 +56,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.peft import adapter_layers, inject, load_adapter, method_options, read_adapter, save_adapter, set_adapter
-from finegrain.run import build, error_line, open_run, output_dir, run_device, write_results
+from finegrain.run import build, error_line, input_list, open_run, output_dir, run_device, write_results
 from finegrain.tasks import long_text_line, long_text_summary, task_class
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.distributed import launched
@@ -591,7 +591,9 @@ class MultiTaskPredictor:
 
     def predict(self, inputs: list, task: str | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
         """Task `task`'s predictions, one per input, shaped as that task's `Predictor.predict` gives them."""
-        spec = self._spec(task)
+        spec, inputs = self._spec(task), input_list(inputs)
+        if not inputs:
+            return []
         examples = self.tasks[spec.name].examples_from_inputs(inputs, spec.config.data)
         return self.predict_examples(examples, spec.name, batch_size)
 

@@ -714,6 +714,13 @@ def report_long_texts(summary: dict[str, Any] | None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def input_list(inputs) -> list:
+    """`predict`'s inputs as a list; one bare string is refused, since it would be read as its characters."""
+    if isinstance(inputs, (str, bytes)):
+        raise FinegrainError("predict: give a list of inputs, such as predict([text]), not one string")
+    return list(inputs)
+
+
 class Predictor:
     """A trained run, ready to label new texts: `finegrain.load(RUN_DIR).predict([...])`."""
 
@@ -737,7 +744,8 @@ class Predictor:
         → `words`, `tags`, `entities` (type, start, end, text, words, score), `truncated_words`;
         relation, qa and instruct: see their task classes' `examples_from_inputs` and `decode`.
         """
-        return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size)
+        inputs = input_list(inputs)
+        return self.predict_examples(self.task.examples_from_inputs(inputs, self.config.data), batch_size) if inputs else []
 
     def predict_examples(self, examples: list, batch_size: int = 64, report: bool = True) -> list[dict[str, Any]]:
         """Predictions for examples in the task's own type (as `read_file` returns them); `report`:
