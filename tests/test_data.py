@@ -128,7 +128,7 @@ def test_regression_and_unlabelled(tmp_path: Path) -> None:
 
 def test_missing_field_message_names_line_fields_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path / "train.jsonl", _jsonl({"text": "a", "category": "x"}))
-    assert _error(path) == f"{path}:1: missing field 'label' (fields: text, category); set data.label_field"
+    assert _error(path) == f"{path}:1: missing field 'label' (fields: text, category); rename that field to 'label' (or, to train, set data.label_field)"
     # Missing from one row when earlier rows had it: that row is the problem.
     later = _write(tmp_path / "t2.jsonl", _jsonl({"text": "a", "label": "x"}, {"text": "b"}))
     assert _error(later).startswith(f"{later}:2: missing field 'label'")
@@ -142,6 +142,8 @@ def test_missing_csv_column_suggests_the_nearest(tmp_path: Path) -> None:
     assert "did you mean 'Label'?" in message and "data.label_field" in message
     tsv_in_csv = _write(tmp_path / "e.csv", "text\tlabel\na\tx\n")
     assert "is this TSV?" in _error(tsv_in_csv)
+    semicolons = _write(tmp_path / "f.csv", "text;label\na;x\n")  # a spreadsheet's export in many locales
+    assert "the header has ';' separators: save the file with ',' separators" in _error(semicolons)
 
 
 @pytest.mark.parametrize(

@@ -491,15 +491,17 @@ class _RowParser:
             if column in header:
                 continue
             message = f"{self.name}:1: no column {column!r} in the header (columns: {_short_list(header)})"
-            other = "\t" if delimiter == "," else ","
-            if len(header) == 1 and other in header[0]:
+            other = next((sep for sep in ("\t", ",", ";") if sep != delimiter and len(header) == 1 and sep in header[0]), None)
+            if other in ("\t", ","):
                 fmt = "TSV" if other == "\t" else "CSV"
                 message += f"; the header has {other!r} separators, is this {fmt}? rename the file"
+            elif other == ";":
+                message += "; the header has ';' separators: save the file with ',' separators (.csv) or tabs (.tsv)"
             else:
                 close = difflib.get_close_matches(column, header, n=1, cutoff=0.6)
                 if close:
                     message += f"; did you mean {close[0]!r}?"
-                message += f"; set data.{key}"
+                message += f"; rename that column to {column!r} (or, to train, set data.{key})"
             raise FinegrainError(message)
 
     def see_fields(self, obj: dict[str, Any]) -> None:
@@ -513,7 +515,8 @@ class _RowParser:
             return BadRow(reason)
         # Never seen in any row so far: the field name is wrong, not this row.
         close = difflib.get_close_matches(column, list(obj), n=1, cutoff=0.6)
-        return BadRow(reason, hint=(f"did you mean {close[0]!r}? " if close else "") + f"set data.{key}")
+        return BadRow(reason, hint=(f"did you mean {close[0]!r}? " if close else "")
+                      + f"rename that field to {column!r} (or, to train, set data.{key})")
 
     def example(self, obj: dict[str, Any], source: str) -> Example:
         if self.text_field not in obj:
