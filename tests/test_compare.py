@@ -50,6 +50,8 @@ def test_plan_fits_a_decoder_config_to_the_encoder_and_checks_every_cell(tiny_mo
     assert any("[SEP]" in note for note in encoder.notes)
     assert "train.lr=0.0001" in cells[6].overrides  # full fine-tuning of the encoder: its own lr
     assert cells[5].run_dir.name == "tiny-bert-lora-s1"
+    twice = plan(str(config_path), [str(tiny_model_dir)] * 2, ["lora", "lora"], 1, tmp_path)
+    assert [(c.model, c.method) for c in twice] == [(str(tiny_model_dir), "lora")]  # one cell, not the same run twice
     with pytest.raises(FinegrainError, match=r"--methods: 'lorra' is not a method"):
         plan(str(config_path), [str(tiny_model_dir)], ["lorra"], 1, tmp_path)
     with pytest.raises(FinegrainError, match="not a task"):  # a cell's config is checked before any run starts

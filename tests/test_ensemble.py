@@ -95,6 +95,7 @@ def test_ensemble_refusals(runs, tmp_path, capsys):
         ([first, str(tmp_path / "missing")], "missing: no such run directory"),
         ([first, str(runs["topic"])], "labels ['film', 'food', 'sport'] differ from"),
         ([first], "an ensemble needs at least two runs"),
+        ([first, second, first], "named twice; an ensemble averages different runs"),
     ]
     for arguments, message in cases:
         assert main(["ensemble", *arguments, "--output", str(tmp_path / "ens")]) == 1

@@ -85,6 +85,7 @@ def plan(config_path: str | None, models: list[str], methods: list[str], seeds: 
     """
     if not models:
         raise FinegrainError("--models: name at least one model, e.g. --models smollm2-135m,minilm-l6")
+    models = list(dict.fromkeys(models))  # a model named twice is one model's cells (as for --methods)
     per_model = methods_per_model(models, methods)
     if seeds < 1:
         raise FinegrainError(f"--seeds: {seeds}; run at least 1 seed")

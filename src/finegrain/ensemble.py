@@ -35,8 +35,12 @@ def check_members(runs: list[str | Path]) -> list[str]:
     if len(runs) < 2:
         raise FinegrainError(f"an ensemble needs at least two runs, got {len(runs)}; name them: finegrain ensemble RUN1 RUN2 ... --output ENS")
     labels: list[str] | None = None
+    seen: set[Path] = set()
     for run in runs:
         run = Path(run)
+        if run.resolve() in seen:
+            raise FinegrainError(f"{run}: named twice; an ensemble averages different runs (other seeds, methods or backbones)")
+        seen.add(run.resolve())
         if not run.is_dir():
             raise FinegrainError(f"{run}: no such run directory; pass finished runs (the --output of `finegrain train`)")
         if rundir.is_ensemble(run):
