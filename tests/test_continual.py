@@ -21,7 +21,7 @@ from finegrain.continual import replay_buffer, stage_training, class_stages, tra
 from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
 from finegrain.train.ewc import EwcObjective, anchors, fisher_diagonal
-from finegrain.train.lwf import LwfObjective, OldHead, old_head
+from finegrain.train.lwf import LwfObjective, old_head
 from finegrain.train.objectives import TaskObjective
 
 from test_train import assert_same_adapter, kill_and_resume, train_cli
