@@ -28,7 +28,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     """Refuse sampling flags no generation can use, before the model loads (generate and chat)."""
     checks = [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
               ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "0 (greedy) or more")]
-    if hasattr(args, "top_p"):
+    if hasattr(args, "top_p"):  # generate's own flags; chat samples with top-p 0.9 and takes none of these
         checks += [("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "at least 1"),
                    ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
                    ("--repetition-penalty", args.repetition_penalty, 0 < args.repetition_penalty < math.inf, "above 0 (1: none)")]

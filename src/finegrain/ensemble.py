@@ -37,10 +37,10 @@ def check_members(runs: list[str | Path]) -> list[str]:
     labels: list[str] | None = None
     seen: set[Path] = set()
     for run in runs:
-        run = Path(run)
-        if run.resolve() in seen:
+        run, resolved = Path(run), Path(run).resolve()
+        if resolved in seen:
             raise FinegrainError(f"{run}: named twice; an ensemble averages different runs (other seeds, methods or backbones)")
-        seen.add(run.resolve())
+        seen.add(resolved)
         if not run.is_dir():
             raise FinegrainError(f"{run}: no such run directory; pass finished runs (the --output of `finegrain train`)")
         if rundir.is_ensemble(run):
