@@ -71,6 +71,12 @@ def test_missing_config_and_weights(tmp_path):
         load_hf_dir(tmp_path, progress=False)
 
 
+def test_a_run_directory_is_not_a_model(tmp_path):
+    (tmp_path / "config.yaml").write_text("task: classification\n")
+    with pytest.raises(FinegrainError, match=r"a finegrain run, not a model; .* `finegrain export .* --format hf"):
+        load_hf_dir(tmp_path, progress=False)
+
+
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))

@@ -74,6 +74,22 @@ def test_info_and_convert_tiny(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "copy" / "model.safetensors").exists()
 
 
+def test_convert_never_replaces_what_is_there(tiny_model_dir, tmp_path, capsys):
+    """It used to rename a non-empty --output aside and delete it: a user's directory, gone."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["convert", str(tiny_model_dir), str(mine)]) == 1
+    assert "already exists; choose another output directory" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", str(tiny_model_dir), str(tmp_path / "file" / "out")]) == 1
+    assert "file: exists and is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # an empty directory is no loss
+    assert main(["convert", str(tiny_model_dir), str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "config.json").exists()
+
+
 @pytest.mark.real_model
 def test_generate_paris_with_the_default_model():
     result = finegrain("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--greedy")
@@ -239,6 +255,17 @@ def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
     assert main(["predict", str(tiny_run), "--input", "-"]) == 1
     one_line_error(capsys, "standard input", "no text")
+
+
+def test_predict_reads_no_label(tiny_run, tmp_path, capsys):
+    """A file with a label column (here one the run does not know) is labelled anew, not checked:
+    it was a KeyError."""
+    texts = tmp_path / "labelled.jsonl"
+    texts.write_text('{"text": "good film", "label": "positive"}\n{"text": "bad film", "label": "fresh"}\n')
+    assert main(["predict", str(tiny_run), "--input", str(texts)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["good film", "bad film"]
+    assert all(r["label"] in ("fresh", "rotten") and set(r["probabilities"]) == {"fresh", "rotten"} for r in rows)
 
 
 def test_predict_never_writes_nan(tiny_run, tmp_path, capsys, monkeypatch):

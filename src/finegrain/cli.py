@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from finegrain.errors import FinegrainError
 
@@ -116,6 +117,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from finegrain.checkpoint.load import load_model
     from finegrain.checkpoint.save import save_pretrained
 
+    output = Path(args.output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):  # an empty directory is no loss
+        raise FinegrainError(f"{output}: already exists; choose another output directory (convert never overwrites)")
+    above = next(parent for parent in output.absolute().parents if parent.exists())
+    if not above.is_dir():
+        raise FinegrainError(f"{above}: exists and is not a directory; choose another output path")
     model, tokenizer = load_model(args.source, dtype=_torch_dtype(args.dtype))
     out = save_pretrained(model, tokenizer, args.output)
     print(f"saved {model.num_parameters():,} parameters ({args.dtype}) to {out}")
@@ -211,8 +218,6 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """The config over seeds, k-shot sizes and folds, summarised as mean ± std (finegrain.sweep)."""
-    from pathlib import Path
-
     from finegrain.config import load_config
     from finegrain.sweep import TABLE, sweep
 
@@ -335,6 +340,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_text
+    from finegrain.data.readers import without_labels
     from finegrain.sharded import predict_examples
 
     predictor = _load(args.run_dir, args.device)
@@ -342,7 +348,7 @@ def _predict(args: argparse.Namespace) -> None:
     if args.input == "-":
         examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
     else:
-        examples = task.read_file(data, args.input, require_label=False)
+        examples = without_labels(task.read_file(data, args.input, require_label=False))  # a label is never read
     if not examples:
         source = "standard input" if args.input == "-" else args.input
         raise FinegrainError(f"{source}: no text to label; give one text per line (stdin) or a file with a {data.text_field} field")
