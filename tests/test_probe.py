@@ -37,6 +37,8 @@ def test_probe_cli_writes_a_table_and_a_proposal(tiny_model_dir, tmp_path, capsy
     assert result["proposal"] == {"model.num_layers": best, "lora.layers": list(range(-best, 0)), "head.pooling": pooling}
     assert result["seconds_per_layer_token"] > 0
     assert f"model.num_layers={best}" in capsys.readouterr().out
+    assert main(["probe", str(config), "--examples", "1"]) == 1  # was a torch error at 0
+    assert "--examples: 1 cannot hold each of the 2 labels once; give at least 2" in capsys.readouterr().err
 
 
 def test_probe_refuses_other_tasks(tiny_model_dir, tmp_path, capsys):

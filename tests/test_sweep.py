@@ -73,8 +73,9 @@ def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(
     trained = []
     real_train = finegrain.sweep.train
     monkeypatch.setattr(finegrain.sweep, "train", lambda config, **kw: trained.append(config.output) or real_train(config, **kw))
-    again = sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8], progress=False)
-    assert trained == [str(output / "shots-8" / "seed-1")]
+    again = sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8, 4], progress=False)
+    assert trained == [str(output / "shots-8" / "seed-1")]  # and a size named twice is one size
+    assert again["shots"] == [4, 8] and len(again["runs"]) == 4
     assert (output / "shots-4" / "seed-0" / "metrics.json").read_text() == finished
     assert again["summary"]["4"] == summary["summary"]["4"]
 
@@ -86,6 +87,8 @@ def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsy
     assert main(["sweep", str(config_path), "--folds", "3", "--set", f"data.test={tmp_path / 'd.jsonl'}",
                  "--output", str(tmp_path / "s")]) != 0
     assert "--folds: data.test" in capsys.readouterr().err
+    assert main(["sweep", str(config_path), "--prompted", "0,-1", "--output", str(tmp_path / "s")]) != 0
+    assert "--prompted: give numbers of examples per class of 0 (zero-shot) or more" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

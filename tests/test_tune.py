@@ -23,7 +23,7 @@ def test_spaces_parse_and_bad_ones_are_one_line_errors():
     assert parse_space("train.epochs=int(1,3)").kind == "int"
     for text, message in (("lr=log(1e-5,1e-2)", "expected SECTION.KEY=RANGE"), ("train.lr=log(0,1)", "LOW > 0"),
                           ("train.lr=float(2,1)", "LOW < HIGH"), ("lora.r=4", "two or more choices"),
-                          ("train.lr=log(a,1)", "must be numbers")):
+                          ("train.lr=log(a,1)", "must be numbers"), ("lora.r=4|'x", "a choice is not valid YAML")):
         with pytest.raises(FinegrainError, match=message):
             parse_space(text)
 

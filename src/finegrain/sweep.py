@@ -215,6 +215,10 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
     `prompted`: also score the base model prompted with k examples per class for each k (0:
     zero-shot) on each run's test split (classification)."""
     output = output_directory(output)
+    shots = list(dict.fromkeys(shots)) if shots is not None else None  # a size named twice trains once
+    prompted = list(dict.fromkeys(prompted or []))
+    if prompted and min(prompted) < 0:
+        raise FinegrainError(f"--prompted: give numbers of examples per class of 0 (zero-shot) or more, e.g. 0,4; got {prompted}")
     if folds and config.data.test:
         raise FinegrainError(f"--folds: data.test ({config.data.test}) is set; cross-validation holds out its own "
                              "test folds, so drop data.test")

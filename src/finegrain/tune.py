@@ -85,7 +85,10 @@ def parse_space(text: str) -> Dimension:
         if not low_value < high_value or (kind == "log" and low_value <= 0):
             raise FinegrainError(f"--space {text}: needs LOW < HIGH{' and LOW > 0 on a log scale' if kind == 'log' else ''}")
         return Dimension(key, kind, low_value, high_value)
-    choices = tuple(yaml.safe_load(part) for part in spec.split("|"))
+    try:
+        choices = tuple(yaml.safe_load(part) for part in spec.split("|"))
+    except yaml.YAMLError as e:
+        raise FinegrainError(f"--space {text}: a choice is not valid YAML ({getattr(e, 'problem', e)})") from None
     if len(choices) < 2:
         raise FinegrainError(f"--space {text}: give a range such as log(1e-5,1e-2) or two or more choices A|B, {example}")
     return Dimension(key, "choice", choices=choices)

@@ -9,6 +9,7 @@ a missing column. With `skip_bad_rows=True` bad rows are dropped and each reason
 
 from __future__ import annotations
 
+import copy
 import csv
 import difflib
 import io
@@ -633,3 +634,15 @@ def _clip(value: Any, width: int = 40) -> str:
 def _short_list(items: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(str(item) for item in items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
+
+
+def without_labels(examples: list) -> list:
+    """Copies of `examples` with no label (`label`, NER's `tags`): what a model predicts for."""
+    copies = []
+    for example in examples:
+        example = copy.copy(example)
+        for name in ("label", "tags"):
+            if vars(example).get(name) is not None:  # a field, not a property derived from one (TokenExample.label)
+                setattr(example, name, None)
+        copies.append(example)
+    return copies

@@ -57,7 +57,6 @@ than the student would.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -75,6 +74,7 @@ from finegrain import rundir
 from finegrain.checkpoint.load import DEFAULT_MODEL
 from finegrain.config import RunConfig
 from finegrain.data.augment import augment_examples
+from finegrain.data.readers import without_labels
 from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows, sorted_batches
 from finegrain.model.backbone import padding_mask
@@ -510,18 +510,6 @@ def unlabelled_examples(task: Any, config: RunConfig) -> list:
     # A label the file happens to carry is not used: the teacher's outputs stand for it.
     texts = without_labels(task.read_file(config.data, str(path), require_label=False))
     return augment_examples(texts, config.augment, config.train.seed)[0]
-
-
-def without_labels(examples: list) -> list:
-    """Copies of `examples` with no label (`label`, NER's `tags`): what a model predicts for."""
-    copies = []
-    for example in examples:
-        example = copy.copy(example)
-        for field in ("label", "tags"):
-            if vars(example).get(field) is not None:  # a field, not a property derived from one (TokenExample.label)
-                setattr(example, field, None)
-        copies.append(example)
-    return copies
 
 
 def soft_objective(task: Any, items: list, teacher: TeacherOutputs, temperature: float,

@@ -106,6 +106,9 @@ def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, 
     splits = splits or task_class(config.task).load_splits(config.data)
     if not splits.validation:
         raise FinegrainError("data: the probe scores layers on validation examples; give data.validation or a split for it")
+    if examples < len(splits.labels):
+        raise FinegrainError(f"--examples: {examples} cannot hold each of the {len(splits.labels)} labels once; "
+                             f"give at least {len(splits.labels)} (default 400)")
     if llama is None:
         llama, tokenizer = load_model(config.model.name, progress=progress)
     task = task_class(config.task).from_config(config, splits.labels)
