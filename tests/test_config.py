@@ -1,5 +1,7 @@
 """Run configs: YAML, overrides, unknown keys with the nearest valid key."""
 
+import re
+
 import pytest
 
 from finegrain.cli import main
@@ -69,6 +71,24 @@ def test_example_configs_are_valid(path):
 )
 def test_wrongly_typed_items_name_the_key(override, message):
     with pytest.raises(FinegrainError, match=message):
+        load_config(None, ["data.dataset=sms_spam", override])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("train.eval_batch_size=0", "at least 1"), ("train.head_lr=-1", "above 0, or null"),
+     ("train.warmup_ratio=2", "in [0, 1]"), ("train.warmup_ratio=-0.1", "in [0, 1]"),
+     ("train.weight_decay=-1", "at least 0"), ("train.max_grad_norm=0", "above 0, or null"),
+     ("train.patience=0", "at least 1 validation"), ("train.eval_every=-3", "at least 0"),
+     ("train.checkpoint_every=0", "at least 1"), ("train.seed=-1", "in [0, 2**32 - 1]"),
+     ("train.threads=0", "at least 1, or null"), ("train.prefix_cache_ram_mb=-5", "at least 0"),
+     ("head.threshold=2", "a probability in (0, 1)")],
+)
+def test_numbers_out_of_range_are_refused_with_the_config(override, expected):
+    """Each was accepted: a ZeroDivisionError at the first step (checkpoint_every 0), an optimizer's
+    or numpy's ValueError (weight_decay, seed), or a run that went on as if it made sense."""
+    key = override.split("=")[0]
+    with pytest.raises(FinegrainError, match=re.escape(f"--set {override}: '{key}' must be ") + ".*" + re.escape(expected)):
         load_config(None, ["data.dataset=sms_spam", override])
 
 

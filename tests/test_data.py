@@ -196,6 +196,7 @@ def test_trailing_empty_cells_are_tolerated(tmp_path: Path) -> None:
         ("d.jsonl", '[{"text": "a", "label": "x"}]', "is a JSON array, not JSON lines"),
         ("d.jsonl", '{\n  "text": "a",\n  "label": "x"\n}\n', "spread over several lines"),
         ("d.csv", b"text,label\x00\x01\x02", "binary data (a NUL byte at byte 10)"),
+        ("d.jsonl", bytes(range(128, 256)) * 2, "binary data (most bytes are not UTF-8 text)"),  # was "looks like CSV"
         ("d.csv", gzip.compress(b"text,label\n"), "gzip-compressed but not named so; rename it to d.csv.gz"),
         ("d.csv", "\ufefftext".encode("utf-16"), "UTF-16 encoded; save it as UTF-8"),
         ("d.csv", "", "empty file"),

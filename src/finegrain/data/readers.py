@@ -313,6 +313,8 @@ def _sniff(p: Path, name: str, opener: Callable[..., IO[bytes]], compression: st
     if nul >= 0:
         raise FinegrainError(f"{name}: binary data (a NUL byte at byte {nul}), not {described} text")
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if text.count("\ufffd") > len(text) / 4:  # a latin-1 file has a few such bytes, binary data a third or more
+        raise FinegrainError(f"{name}: binary data (most bytes are not UTF-8 text), not {described} text")
     start = text.lstrip()[:1]
     first_line = text.lstrip().split("\n", 1)[0].strip()
     if fmt in ("csv", "tsv") and start in ("{", "["):
