@@ -268,6 +268,29 @@ def test_predict_reads_no_label(tiny_run, tmp_path, capsys):
     assert all(r["label"] in ("fresh", "rotten") and set(r["probabilities"]) == {"fresh", "rotten"} for r in rows)
 
 
+def test_evaluate_and_predict_skip_bad_rows_when_asked(tiny_run, tmp_path, capsys):
+    """Without --skip-bad-rows a bad row stops both, naming the flag; with it, they go on without
+    the row and say how many they left out. The run's config.yaml is not changed."""
+    rows = tmp_path / "mixed.jsonl"
+    rows.write_text('{"text": "good film", "label": "fresh"}\nnot json\n{"text": "odd", "label": "meh"}\n'
+                    '{"text": "bad film", "label": "rotten"}\n')
+    config = (tiny_run / "config.yaml").read_bytes()
+    assert main(["evaluate", str(tiny_run), "--data", str(rows)]) == 1
+    one_line_error(capsys, "mixed.jsonl:2: invalid JSON", "--skip-bad-rows")
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(tiny_run), "--data", str(rows), "--skip-bad-rows", "--output", str(out)]) == 0
+    assert "skipped 2 bad rows of" in capsys.readouterr().err  # the broken line and the unknown label
+    metrics = json.loads(out.read_text())
+    assert metrics["num_examples"] == 2 and metrics["skipped_rows"] == 2 and ":2: invalid JSON" in metrics["skipped_example"]
+    assert main(["predict", str(tiny_run), "--input", str(rows)]) == 1
+    one_line_error(capsys, "mixed.jsonl:2: invalid JSON", "--skip-bad-rows")
+    assert main(["predict", str(tiny_run), "--input", str(rows), "--skip-bad-rows"]) == 0
+    printed = capsys.readouterr()
+    assert [json.loads(line)["text"] for line in printed.out.splitlines()] == ["good film", "odd", "bad film"]
+    assert "skipped 1 bad row of" in printed.err  # a label is not read: "meh" is no bad row here
+    assert (tiny_run / "config.yaml").read_bytes() == config
+
+
 def test_predict_never_writes_nan(tiny_run, tmp_path, capsys, monkeypatch):
     from finegrain.run import Predictor
 

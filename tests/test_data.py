@@ -393,7 +393,7 @@ def test_every_reader_reports_and_skips_bad_rows_alike(tmp_path: Path) -> None:
         with pytest.raises(FinegrainError) as info:
             read(path)
         assert str(info.value).startswith(f"{path}:2: "), name
-        assert str(info.value).endswith("; fix the row or set data.skip_bad_rows: true"), name
+        assert str(info.value).endswith("; fix the row or skip bad rows (--skip-bad-rows, or data.skip_bad_rows: true)"), name
         result = read(path, skip_bad_rows=True)
         assert len(result.examples) == 1 and len(result.skipped) == 1, name
         assert result.skipped[0].startswith(f"{path}:2: ") and "skip_bad_rows" not in result.skipped[0], name

@@ -139,7 +139,7 @@ def test_chat_files_read_as_every_reader_does(tmp_path):
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert [e.messages for e in read_chat_examples(packed).examples] == [e.messages for e in read_chat_examples(plain).examples]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONVERSATIONS[0]}, {"text": "hi"}])
-    with pytest.raises(FinegrainError, match=r"bad\.jsonl:2: .*; fix the row or set data\.skip_bad_rows: true$"):
+    with pytest.raises(FinegrainError, match=r"bad\.jsonl:2: .*; fix the row or skip bad rows \(--skip-bad-rows, or data\.skip_bad_rows: true\)$"):
         read_chat_examples(bad)
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1"))

@@ -12,8 +12,6 @@ import json
 import peft
 import pytest
 import torch
-import transformers
-import yaml
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -24,7 +22,6 @@ from finegrain.model.backbone import hidden_states
 from finegrain.peft import METHODS, adapter_layers, inject, load_adapter, merge_adapters, read_adapter, save_adapter, set_adapter
 from finegrain.peft.prefix import PrefixConfig, PrefixEncoder
 from finegrain.tasks.classification import SequenceClassifier
-from finegrain.tasks.tokens import TokenClassifier
 from finegrain.train.prefix_cache import lowest_trainable_layer
 from test_prompt_tuning import (
     BATCH, ENTITIES, FILLER, IDS, SENTENCES, SENTIMENT, TEXTS, hf_classifier, hf_tagger, ours_of, perturb,  # noqa: F401

@@ -9,7 +9,6 @@ import yaml
 
 from finegrain.cli import main
 from finegrain.config import explicit_keys, load_config
-from finegrain.data.readers import Example
 from finegrain.train.recipe import Recipe, percentile
 from finegrain.train.trainer import validation_line
 

@@ -15,6 +15,7 @@ from finegrain.errors import FinegrainError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "auto (CUDA where torch sees one, else the CPU), cpu, cuda or mps"
+SKIP_HELP = "skip malformed rows (and, with labels, rows of labels the run does not know) and count them instead of stopping"
 NPROC_HELP = "run in N processes on this machine under torchrun (as `torchrun --nproc-per-node N -m finegrain ...`)"
 
 
@@ -246,18 +247,27 @@ def cmd_tune(args: argparse.Namespace) -> None:
               + ", ".join(f"{k}={v}" for k, v in best["params"].items()) + f"; its config: {args.output}/best.yaml")
 
 
-def _load(run_dir: str, device: str | None):
-    """`finegrain.load(run_dir)`, on `device` when the --device flag names one (else the run's train.device)."""
+def _load(run_dir: str, device: str | None, skip_bad_rows: bool = False):
+    """`finegrain.load(run_dir)`, on `device` when the --device flag names one (else the run's
+    train.device); `skip_bad_rows` (--skip-bad-rows): the files it reads skip bad rows."""
     from finegrain import load
     from finegrain.rundir import is_ensemble
 
     if device is None:
-        return load(run_dir)
-    if is_ensemble(run_dir):
+        predictor = load(run_dir)
+    elif is_ensemble(run_dir):
         raise FinegrainError(f"--device: {run_dir} is an ensemble, whose runs each predict on their own train.device; drop --device")
-    from finegrain.run import Predictor
+    else:
+        from finegrain.run import Predictor
 
-    return Predictor(run_dir, device=device)
+        predictor = Predictor(run_dir, device=device)
+    if skip_bad_rows:
+        predictor.config.data.skip_bad_rows = True  # this command's reading alone: config.yaml is not written
+    return predictor
+
+
+def _say_skipped(path: str, count: int, example: str) -> None:
+    print(f"skipped {count} bad row{'s' if count > 1 else ''} of {path} (e.g. {example})", file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -298,10 +308,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from finegrain.atomic import atomic_write_json
     from finegrain.sharded import evaluate
 
-    predictor = _load(args.run_dir, args.device)
+    predictor = _load(args.run_dir, args.device, args.skip_bad_rows)
     metrics = evaluate(predictor, args.data)  # under torchrun: each rank its shard; None on ranks above 0
     if metrics is None:
         return
+    if "skipped_rows" in metrics:
+        _say_skipped(args.data, metrics["skipped_rows"], metrics["skipped_example"])
     print(predictor.task.report_text(metrics))
     if args.robustness:
         from finegrain.data.augment import robustness, robustness_line
@@ -343,12 +355,15 @@ def _predict(args: argparse.Namespace) -> None:
     from finegrain.data.readers import without_labels
     from finegrain.sharded import predict_examples
 
-    predictor = _load(args.run_dir, args.device)
+    predictor = _load(args.run_dir, args.device, args.skip_bad_rows)
     task, data = predictor.task, predictor.config.data
     if args.input == "-":
         examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
     else:
-        examples = without_labels(task.read_file(data, args.input, require_label=False))  # a label is never read
+        skipped: list[str] = []
+        examples = without_labels(task.read_file(data, args.input, require_label=False, skipped=skipped))  # no label is read
+        if skipped:
+            _say_skipped(args.input, len(skipped), skipped[0])
     if not examples:
         source = "standard input" if args.input == "-" else args.input
         raise FinegrainError(f"{source}: no text to label; give one text per line (stdin) or a file with a {data.text_field} field")
@@ -520,7 +535,7 @@ def build_parser() -> Parser:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows and count them instead of stopping")
+    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
     p.add_argument("--device", help=DEVICE_HELP + " (sets train.device)")
     p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
     p.set_defaults(func=cmd_train)
@@ -571,6 +586,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="a labelled JSONL/CSV/TSV file")
+    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.add_argument("--robustness", action="store_true",
@@ -587,6 +603,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")
     p.add_argument("run_dir")
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
+    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
     p.add_argument("--output", help="write the JSONL here instead of standard output")
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")
     p.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)

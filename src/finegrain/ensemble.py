@@ -26,7 +26,7 @@ from finegrain import rundir
 from finegrain.atomic import atomic_write_json, exclusive_lock, output_directory
 from finegrain.errors import FinegrainError
 from finegrain.run import Predictor, input_list, report_long_texts
-from finegrain.tasks import task_class
+from finegrain.tasks import score_file, task_class
 
 
 def check_members(runs: list[str | Path]) -> list[str]:
@@ -98,10 +98,7 @@ class EnsemblePredictor:
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
         """Metrics of the ensemble on a labelled file (same format as the members' training data)."""
-        examples = self.task.read_file(self.config.data, str(path))
-        metrics = self.task.metrics(self.predict_examples(examples), self.task.gold(examples))
-        metrics["source"] = str(path)
-        return metrics
+        return score_file(self.task, self.config.data, path, self.predict_examples)
 
 
 def averaging_task(config, labels: list[str]):

@@ -57,7 +57,7 @@ from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.peft import adapter_layers, inject, load_adapter, method_options, read_adapter, save_adapter, set_adapter
 from finegrain.run import build, error_line, input_list, open_run, output_dir, run_device, write_results
-from finegrain.tasks import long_text_line, long_text_summary, task_class
+from finegrain.tasks import long_text_line, long_text_summary, score_file, task_class
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.distributed import launched
 from finegrain.train.objectives import TaskObjective
@@ -608,11 +608,8 @@ class MultiTaskPredictor:
     def evaluate(self, path: str | Path, task: str | None = None) -> dict[str, Any]:
         """Metrics of task `task` on a labelled file in that task's format."""
         spec = self._spec(task)
-        model_task = self.tasks[spec.name]
-        examples = model_task.read_file(spec.config.data, str(path))
-        metrics = model_task.metrics(self.predict_examples(examples, spec.name), model_task.gold(examples))
-        metrics["source"] = str(path)
-        return metrics
+        return score_file(self.tasks[spec.name], spec.config.data, path,
+                          lambda examples: self.predict_examples(examples, spec.name))
 
     def _spec(self, task: str | None) -> TaskSpec:
         names = self.task_names

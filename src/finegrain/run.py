@@ -35,7 +35,7 @@ from finegrain.peft import (
 from finegrain.peft.full import FullConfig
 from finegrain.peft.full_files import load_head, save_model_dir
 from finegrain.rundir import has_checkpoint, is_finished
-from finegrain.tasks import long_text_line, long_text_summary, task_class
+from finegrain.tasks import long_text_line, long_text_summary, score_file, task_class
 from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
@@ -758,9 +758,7 @@ class Predictor:
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
         """Metrics of the run's model on a labelled file (same format as the training data)."""
-        examples = self.task.read_file(self.config.data, str(path))
-        metrics = self.task.metrics(self.predict_examples(examples), self.task.gold(examples))
-        metrics["source"] = str(path)
+        metrics = score_file(self.task, self.config.data, path, self.predict_examples)
         if self.long_texts:
             metrics["data"] = self.long_texts
         return metrics

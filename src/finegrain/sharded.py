@@ -21,6 +21,7 @@ import torch.distributed as dist
 from finegrain import rundir
 from finegrain.device import resolve_device
 from finegrain.errors import FinegrainError
+from finegrain.tasks import score_file
 from finegrain.train.distributed import init_from_env, launched, world_size
 
 
@@ -117,13 +118,10 @@ def evaluate(predictor: Any, path: str | Path) -> dict[str, Any] | None:
     """
     if world_size() == 1:
         return predictor.evaluate(path)
-    task = predictor.task
-    examples = task.read_file(predictor.config.data, str(path))
-    predictions = predict_examples(predictor, examples, str(path))
-    if predictions is None:
+    metrics = score_file(predictor.task, predictor.config.data, path,
+                         lambda examples: predict_examples(predictor, examples, str(path)))
+    if metrics is None:
         return None
-    metrics = task.metrics(predictions, task.gold(examples))
-    metrics["source"] = str(path)
     if getattr(predictor, "long_texts", None):
         metrics["data"] = predictor.long_texts
     return metrics

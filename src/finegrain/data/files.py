@@ -21,11 +21,12 @@ from typing import IO
 from finegrain.errors import FinegrainError
 
 __all__ = [
-    "COMPRESSION", "READ_ERRORS", "reading", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
+    "COMPRESSION", "READ_ERRORS", "reading", "SKIP", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
     "open_binary", "open_text", "read_text", "skip_or_raise",
 ]
 
-SKIP_HINT = "fix the row or set data.skip_bad_rows: true"
+SKIP = "skip bad rows (--skip-bad-rows, or data.skip_bad_rows: true)"
+SKIP_HINT = f"fix the row or {SKIP}"
 # suffix -> (name, opener, compress); `compress` writes what the opener reads (gzip without a timestamp).
 COMPRESSION: dict[str, tuple[str, Callable[..., IO[bytes]], Callable[[bytes], bytes]]] = {
     ".gz": ("gzip", gzip.open, lambda data: gzip.compress(data, mtime=0)),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from finegrain.atomic import atomic_write_bytes
-from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP_HINT, BadRow, check_file, skip_or_raise
+from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise
 from finegrain.errors import FinegrainError
 
 __all__ = ["Example", "ReadResult", "check_labels", "read_examples", "write_examples"]
@@ -604,7 +604,7 @@ def _undecodable(match: re.Match[str], field_name: str | None = None) -> BadRow:
     byte = ord(match.group()) - 0xDC00
     where = f"in field {field_name!r}" if field_name else f"at column {match.start() + 1}"
     return BadRow(
-        f"byte 0x{byte:02x} {where} is not UTF-8", hint="re-save the file as UTF-8, or set data.skip_bad_rows: true"
+        f"byte 0x{byte:02x} {where} is not UTF-8", hint=f"re-save the file as UTF-8, or {SKIP}"
     )
 
 

@@ -13,6 +13,7 @@ from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows
 from finegrain.tasks.base import (
     IGNORE_INDEX, ServedTask, Task, class_weights, document_mean, long_text_line, long_text_summary, pad_inputs,
+    score_file,
 )
 from finegrain.tasks.classification import ClassificationTask
 from finegrain.tasks.instruct import InstructTask
@@ -34,7 +35,7 @@ TASKS: dict[str, type[Task]] = {
 
 __all__ = [
     "IGNORE_INDEX", "TASKS", "ServedTask", "Task", "class_weights", "document_mean", "item_rows", "long_text_line",
-    "long_text_summary", "pad_inputs", "task_class",
+    "long_text_summary", "pad_inputs", "score_file", "task_class",
 ]
 
 

@@ -95,8 +95,9 @@ class Task(Protocol):
     def load_splits(data: Any) -> Any:
         """Train, validation and test examples (a `finegrain.data.pipeline.Splits`) from a `DataConfig`."""
 
-    def read_file(self, data: Any, path: str, require_label: bool = True) -> list:
-        """Examples from a file in the run's format, for `evaluate` and `predict --input`."""
+    def read_file(self, data: Any, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list:
+        """Examples from a file in the run's format, for `evaluate` and `predict --input`; with
+        `data.skip_bad_rows`, one `file:line: reason` per row left out is added to `skipped`."""
 
     def examples_from_inputs(self, inputs: Sequence[Any], data: Any) -> list:
         """Examples from what a Python caller or HTTP client passes (texts, dicts, examples)."""
@@ -277,3 +278,27 @@ def _spans(sizes: list[int]) -> list[tuple[int, int]]:
     """(start, length) of consecutive pieces of the given lengths."""
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return list(zip(starts, sizes))
+
+
+def kept(result: Any, skipped: list[str] | None) -> list:
+    """A reader's examples (`result.examples`); the rows it skipped are added to `skipped` where given."""
+    if skipped is not None:
+        skipped.extend(result.skipped)
+    return result.examples
+
+
+def score_file(task: Task, data: Any, path: str | Path,
+               predict: Callable[[list], list | None]) -> dict[str, Any] | None:
+    """Metrics of `predict` (examples -> predictions) on the labelled file `path`, read as `data`
+    says; `skipped_rows` and `skipped_example` tell the rows `data.skip_bad_rows` left out. None
+    where `predict` gives None (a torchrun rank above 0)."""
+    skipped: list[str] = []
+    examples = task.read_file(data, str(path), skipped=skipped)
+    predictions = predict(examples)
+    if predictions is None:
+        return None
+    metrics = task.metrics(predictions, task.gold(examples))
+    metrics["source"] = str(path)
+    if skipped:
+        metrics["skipped_rows"], metrics["skipped_example"] = len(skipped), skipped[0]
+    return metrics

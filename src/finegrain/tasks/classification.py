@@ -25,7 +25,9 @@ from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import Endpoint, class_weights, document_mean, labelled_weight, linear_head, pad_inputs, predict_scores
+from finegrain.tasks.base import (
+    Endpoint, class_weights, document_mean, kept, labelled_weight, linear_head, pad_inputs, predict_scores,
+)
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 from finegrain.tasks.lexical import LexicalModel
 
@@ -288,13 +290,13 @@ class ClassificationTask:
 
         return load_splits(data, datasets_module=datasets)  # data sits below datasets: the loader comes from here
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list:
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list:
         from finegrain.data.load import read_file
         from finegrain.data.readers import check_labels
 
-        examples = read_file(data, str(path), require_label).examples
+        examples = kept(read_file(data, str(path), require_label), skipped)
         if require_label:
-            examples = check_labels(examples, self.labels, str(path), data.skip_bad_rows).examples
+            examples = kept(check_labels(examples, self.labels, str(path), data.skip_bad_rows), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable examples")
         return examples

@@ -50,7 +50,7 @@ from finegrain.errors import FinegrainError
 from finegrain.evaluate.generation import label_set
 from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import Llama
-from finegrain.tasks.base import IGNORE_INDEX, labelled_weight, pad_inputs
+from finegrain.tasks.base import IGNORE_INDEX, kept, labelled_weight, pad_inputs
 
 LOSS_CHUNK = 1024  # target tokens projected onto the vocabulary at a time
 EXAMPLES_SHOWN = 8  # examples kept in the metrics for the report
@@ -283,8 +283,8 @@ class InstructTask:
         splits.labels = label_set([e.label for e in splits.train])
         return splits
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list[ChatExample]:
-        examples = read_chat_examples(path, require_reference=require_label, skip_bad_rows=data.skip_bad_rows).examples
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list[ChatExample]:
+        examples = kept(read_chat_examples(path, require_reference=require_label, skip_bad_rows=data.skip_bad_rows), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable conversations")
         return examples

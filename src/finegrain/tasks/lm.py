@@ -26,7 +26,7 @@ from finegrain.data.load import read_file as read_table
 from finegrain.data.readers import Example, ReadResult
 from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
-from finegrain.tasks.base import IGNORE_INDEX
+from finegrain.tasks.base import IGNORE_INDEX, kept
 from finegrain.tasks.instruct import InstructEncoded, InstructModel, collate_packed, pack
 
 
@@ -85,8 +85,8 @@ class LanguageModelTask:
         splits.labels = []
         return splits
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list:
-        return read_text(data, path).examples
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list:
+        return kept(read_text(data, path), skipped)
 
     def examples_from_inputs(self, inputs: Sequence[Any], data) -> list:
         return [value if isinstance(value, Example) else Example(text=str(value), label=None, source=f"input:{i + 1}")

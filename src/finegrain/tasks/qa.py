@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 
 from finegrain.data.squad import QAExample, load_qa_splits, read_squad
 from finegrain.errors import FinegrainError
-from finegrain.tasks.base import Endpoint, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, kept, pad_inputs, predict_scores
 from finegrain.tasks.schemas import Finite, ModelName, NonEmptyText, Strict
 from finegrain.tasks.tokens import TokenClassifier
 
@@ -177,8 +177,8 @@ class QATask:
     def load_splits(data):
         return load_qa_splits(data)
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list[QAExample]:
-        examples = read_squad(path, data.skip_bad_rows, require_answers=require_label).examples
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list[QAExample]:
+        examples = kept(read_squad(path, data.skip_bad_rows, require_answers=require_label), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable questions")
         return examples

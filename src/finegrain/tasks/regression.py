@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from finegrain.config import HeadConfig
 from finegrain.errors import FinegrainError
-from finegrain.tasks.base import Endpoint, pad_inputs, predict_scores, refuse_class_weights
+from finegrain.tasks.base import Endpoint, kept, pad_inputs, predict_scores, refuse_class_weights
 from finegrain.tasks.classification import Encoded, SequenceClassifier, TextInputs
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 
@@ -77,10 +77,10 @@ class RegressionTask:
         splits.labels = [data.label_field, round(float(values.mean()), 6), round(std if std > 0 else 1.0, 6)]
         return splits
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list:
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list:
         from finegrain.data.load import read_file
 
-        examples = read_file(data, str(path), require_label, regression=True).examples
+        examples = kept(read_file(data, str(path), require_label, regression=True), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable examples")
         return examples

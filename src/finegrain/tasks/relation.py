@@ -50,7 +50,7 @@ from finegrain.data.relation import (
 from finegrain.errors import FinegrainError
 from finegrain.model.backbone import hidden_states
 from finegrain.model.llama import LlamaModel
-from finegrain.tasks.base import Endpoint, class_weights, labelled_weight, linear_head, pad_inputs, predict_scores
+from finegrain.tasks.base import Endpoint, class_weights, kept, labelled_weight, linear_head, pad_inputs, predict_scores
 from finegrain.tasks.schemas import Finite, ModelName, NonEmptyText, Strict, whole
 
 _DIRECTED = re.compile(r"^(.+)\((e1,e2|e2,e1)\)$")
@@ -263,12 +263,11 @@ class RelationTask:
     def load_splits(data):
         return load_relation_splits(data)
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list[RelationExample]:
-        examples = read_relation_file(
-            str(path), data.text_field, data.label_field, require_label, data.skip_bad_rows
-        ).examples
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list[RelationExample]:
+        examples = kept(read_relation_file(str(path), data.text_field, data.label_field, require_label, data.skip_bad_rows),
+                        skipped)
         if require_label:
-            examples = check_labels(examples, self.labels, str(path), data.skip_bad_rows).examples
+            examples = kept(check_labels(examples, self.labels, str(path), data.skip_bad_rows), skipped)
         return examples
 
     def examples_from_inputs(self, inputs: Sequence[Any], data) -> list[RelationExample]:

@@ -48,7 +48,9 @@ from finegrain.evaluate.entities import entity_errors, entity_metrics
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
 from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
-from finegrain.tasks.base import IGNORE_INDEX, Endpoint, class_weights, labelled_weight, linear_head, pad_inputs, predict_scores
+from finegrain.tasks.base import (
+    IGNORE_INDEX, Endpoint, class_weights, kept, labelled_weight, linear_head, pad_inputs, predict_scores,
+)
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 
 
@@ -226,12 +228,12 @@ class TokenClassificationTask:
     def load_splits(data):
         return load_token_splits(data, datasets_module=datasets)  # data sits below datasets: the loader comes from here
 
-    def read_file(self, data, path: str, require_label: bool = True) -> list[TokenExample]:
-        examples = read_token_examples(
+    def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list[TokenExample]:
+        examples = kept(read_token_examples(
             path, require_tags=require_label, scheme=data.scheme, tag_column=data.tag_column,
             char_level=data.char_level, repair=data.repair_tags, skip_bad_rows=data.skip_bad_rows,
             text_field=data.text_field,
-        ).examples
+        ), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable sentences")
         return examples
