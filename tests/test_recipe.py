@@ -159,6 +159,21 @@ def test_cli_train_without_a_config_prints_and_saves_the_recipe(tiny_model_dir, 
     assert yaml.safe_load((off / "config.yaml").read_text())["data"]["max_length"] == 64
 
 
+def test_the_recipe_trains_data_without_a_validation_split(tiny_model_dir, tmp_path, capsys):
+    """The layer probe needs validation examples: without them it is left out (it was "data: the
+    probe scores layers on validation examples"), unless the config asks for it by an auto key."""
+    data = write_topics(tmp_path / "train.jsonl", {"sport": 20, "money": 20})
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--set", "data.split=[1, 0, 0]",
+            "--set", "train.epochs=1"]
+    assert main([*args, "--output", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train"]["examples"] == 40 and "model.num_layers" not in metrics["recipe"]
+    capsys.readouterr()
+    assert main([*args, "--set", "model.num_layers=auto", "--output", str(tmp_path / "auto")]) == 1
+    assert "model.num_layers: auto asks the layer probe" in capsys.readouterr().err
+    assert not (tmp_path / "auto").exists()
+
+
 def test_lower_is_better_metrics_select_their_lowest_value(tiny_model_dir, tmp_path):
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(["good", "bad", "fine", "dull"]) for _ in range(4)), "label": rng.uniform(-2, 2)}

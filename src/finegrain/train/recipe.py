@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finegrain.config import RunConfig
+from finegrain.errors import FinegrainError
 from finegrain.peft import METHODS
 from finegrain.tasks.classification import encode_texts
 from finegrain.train.probe import probe_layers
@@ -143,8 +144,13 @@ class Recipe:
         self._targets()
         self._tfidf_mix()
         probe = None
-        if self.unset("model.num_layers") or self.unset("head.pooling") or (self.layers_key and self.unset(self.layers_key)):
-            probe = self._probe(splits, tokenizer, llama, progress)
+        if not splits.validation and auto_keys(config):
+            key = sorted(auto_keys(config))[0]
+            raise FinegrainError(f"{key}: auto asks the layer probe, which scores the layers on validation examples, and "
+                                 "this data has none; give data.validation (or a split with a validation share) or a number")
+        if splits.validation and (self.unset("model.num_layers") or self.unset("head.pooling")
+                                  or (self.layers_key and self.unset(self.layers_key))):
+            probe = self._probe(splits, tokenizer, llama, progress)  # without validation nothing scores the layers
         self._budget(len(splits.train), min(counts.values()), probe, len(llama.model.layers), splits)
         self._evaluation(self.fine_tuned(len(splits.train)))
         return self.choices
