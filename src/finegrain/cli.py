@@ -360,8 +360,8 @@ def _predict(args: argparse.Namespace) -> None:
     if args.input == "-":
         examples = task.examples_from_inputs([line.rstrip("\n") for line in sys.stdin if line.strip()], data)
     else:
-        skipped: list[str] = []
-        examples = without_labels(task.read_file(data, args.input, require_label=False, skipped=skipped))  # no label is read
+        skipped: list[str] = []  # --skip-bad-rows: the rows left out; no label is read, so none is unknown
+        examples = without_labels(task.read_file(data, args.input, require_label=False, skipped=skipped))
         if skipped:
             _say_skipped(args.input, len(skipped), skipped[0])
     if not examples:

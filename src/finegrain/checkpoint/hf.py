@@ -135,7 +135,8 @@ def load_hf_dir(
     if not config_path.exists():
         if (directory / "config.yaml").exists():  # a finegrain run directory (finegrain.rundir.CONFIG)
             raise FinegrainError(f"{directory}: a finegrain run, not a model; predict, evaluate and serve take the run as "
-                                 f"it is, a config's init_from starts from it, and `finegrain export {directory} --format hf --output DIR` writes it as a model")
+                                 f"it is, a config's init_from starts from it, and "
+                                 f"`finegrain export {directory} --format hf --output DIR` writes it as a model")
         raise FinegrainError(f"{config_path}: not found; a Hugging Face model directory needs config.json")
     hf_config = read_json(config_path)
     config = model_config(hf_config, config_path)

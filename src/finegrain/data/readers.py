@@ -26,7 +26,7 @@ from finegrain.atomic import atomic_write_bytes
 from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise
 from finegrain.errors import FinegrainError
 
-__all__ = ["Example", "ReadResult", "check_labels", "read_examples", "write_examples"]
+__all__ = ["Example", "ReadResult", "check_labels", "read_examples", "without_labels", "write_examples"]
 
 Label = str | list[str] | float | None
 
