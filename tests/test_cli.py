@@ -249,6 +249,22 @@ def test_a_second_train_on_a_locked_run_dir_exits_at_once(tiny_run, capsys):
     one_line_error(capsys, str(tiny_run), "in use by finegrain train (pid")
 
 
+def test_a_misspelt_metric_names_the_metrics_and_the_way_to_go_on(tiny_model_dir, tmp_path, capsys):
+    """A `train.metric` the task does not report is found at the first validation, after checkpoints:
+    the line names the metrics and how to go on from them (it used to leave a run `--resume` failed on)."""
+    run = tmp_path / "run"
+    args = tiny_train_args(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), run)
+    assert main([*args, "--set", "train.metric=acuracy", "--set", "train.checkpoint_every=1", "--set", "train.recipe=off"]) == 1
+    line = capsys.readouterr().err.splitlines()[-1]  # after the progress bars of the training so far
+    assert line.startswith("finegrain train: error: train.metric: 'acuracy' is not a validation metric; "
+                           "choose one of accuracy, macro_precision,") and "num_examples" not in line
+    assert f"set it in {run / 'config.yaml'} and `finegrain train --resume {run}`" in line
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("metric: acuracy", "metric: accuracy"))
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["validation"]["accuracy"] >= 0
+
+
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
     import io
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain import rundir
 from finegrain.atomic import fault_point
 from finegrain.config import TrainConfig
 from finegrain.cpu import native_bf16, training_autocast
@@ -450,8 +451,12 @@ class Trainer:
         metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
-        if name not in flat:
-            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {', '.join(flat)}")
+        if name not in flat:  # said once the first validation is scored; the run so far is not lost
+            run_dir = self.writer.run_dir
+            fix = (f"; set it in {run_dir / rundir.CONFIG} and `finegrain train --resume {run_dir}` goes on from the "
+                   "last checkpoint" if rundir.has_checkpoint(run_dir) else "")
+            choices = ", ".join(key for key in flat if not key.startswith("num_"))  # counts select nothing
+            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {choices}{fix}")
         # Stored as "higher is better", so that loss-like metrics (rmse, mae) select their lowest value.
         value = float(flat[name]) if higher_is_better(name) else -float(flat[name])
         self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
