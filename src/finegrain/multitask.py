@@ -63,7 +63,7 @@ from finegrain.train.distributed import launched
 from finegrain.train.objectives import TaskObjective
 from finegrain.train.prefix_cache import compute_prefix
 from finegrain.train.sampler import TaskMixture
-from finegrain.train.trainer import Trainer, flat_metrics, seed_everything
+from finegrain.train.trainer import Trainer, flat_metrics, metric_choices, seed_everything
 
 # The keys of one task under `tasks:`; the sections among them are laid over the run's.
 TASK_KEYS = ("task", "data", "head", "relation", "qa", "metric", "loss_weight")
@@ -354,7 +354,7 @@ class Validation:
             flat, metric = flat_metrics(per_task[name]), self.metric[name]
             if metric not in flat:
                 raise FinegrainError(f"tasks.{name}.metric: '{metric}' is not a validation metric of task "
-                                     f"{self.configs[name].task}; choose one of {', '.join(flat)}")
+                                     f"{self.configs[name].task}; choose one of {metric_choices(flat)}")
             value = float(flat[metric])
             metrics[f"{name}.{metric}"] = value
             oriented.append(value if higher_is_better(metric) else -value)

@@ -144,9 +144,8 @@ class Recipe:
         self._targets()
         self._tfidf_mix()
         probe = None
-        if not splits.validation and auto_keys(config):
-            key = sorted(auto_keys(config))[0]
-            raise FinegrainError(f"{key}: auto asks the layer probe, which scores the layers on validation examples, and "
+        if not splits.validation and (autos := auto_keys(config)):
+            raise FinegrainError(f"{sorted(autos)[0]}: auto asks the layer probe, which scores the layers on validation examples, and "
                                  "this data has none; give data.validation (or a split with a validation share) or a number")
         if splits.validation and (self.unset("model.num_layers") or self.unset("head.pooling")
                                   or (self.layers_key and self.unset(self.layers_key))):

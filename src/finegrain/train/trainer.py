@@ -455,8 +455,8 @@ class Trainer:
             run_dir = self.writer.run_dir
             fix = (f"; set it in {run_dir / rundir.CONFIG} and `finegrain train --resume {run_dir}` goes on from the "
                    "last checkpoint" if rundir.has_checkpoint(run_dir) else "")
-            choices = ", ".join(key for key in flat if not key.startswith("num_"))  # counts select nothing
-            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; choose one of {choices}{fix}")
+            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; "
+                                 f"choose one of {metric_choices(flat)}{fix}")
         # Stored as "higher is better", so that loss-like metrics (rmse, mae) select their lowest value.
         value = float(flat[name]) if higher_is_better(name) else -float(flat[name])
         self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
@@ -510,3 +510,8 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if name != "support":
                 flat[f"{average}_{name}"] = value
     return flat
+
+
+def metric_choices(flat: dict[str, float]) -> str:
+    """The names a run can select by, from its `flat_metrics`, for an error line: counts select nothing."""
+    return ", ".join(key for key in flat if not key.startswith("num_"))
