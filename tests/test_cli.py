@@ -249,20 +249,24 @@ def test_a_second_train_on_a_locked_run_dir_exits_at_once(tiny_run, capsys):
     one_line_error(capsys, str(tiny_run), "in use by finegrain train (pid")
 
 
-def test_a_misspelt_metric_names_the_metrics_and_the_way_to_go_on(tiny_model_dir, tmp_path, capsys):
-    """A `train.metric` the task does not report is found at the first validation, after checkpoints:
-    the line names the metrics and how to go on from them (it used to leave a run `--resume` failed on)."""
+def test_a_misspelt_metric_is_refused_before_training(tiny_model_dir, tmp_path, capsys):
+    """A `train.metric` the task does not report is said before the first step (the task's metrics
+    of four validation examples name what it reports), not at the first validation after
+    checkpoints; nothing is written. On resume the run is left as it was."""
     run = tmp_path / "run"
     args = tiny_train_args(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), run)
-    assert main([*args, "--set", "train.metric=acuracy", "--set", "train.checkpoint_every=1", "--set", "train.recipe=off"]) == 1
-    line = capsys.readouterr().err.splitlines()[-1]  # after the progress bars of the training so far
-    assert line.startswith("finegrain train: error: train.metric: 'acuracy' is not a validation metric; "
-                           "choose one of accuracy, macro_precision,") and "num_examples" not in line
-    assert f"set it in {run / 'config.yaml'} and `finegrain train --resume {run}`" in line
+    assert main([*args, "--set", "train.metric=acuracy", "--set", "train.recipe=off"]) == 1
+    line = one_line_error(capsys, "train.metric: 'acuracy' is not a validation metric; choose one of accuracy, macro_precision,")
+    assert "num_examples" not in line and "training" not in line and not run.exists()
+    assert main([*args, "--set", "train.metric=macro_f1", "--set", "train.recipe=off"]) == 0
     config = run / "config.yaml"
-    config.write_text(config.read_text().replace("metric: acuracy", "metric: accuracy"))
-    assert main(["train", "--resume", str(run)]) == 0
-    assert json.loads((run / "metrics.json").read_text())["validation"]["accuracy"] >= 0
+    config.write_text(config.read_text().replace("metric: macro_f1", "metric: macro-f1"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 1
+    one_line_error(capsys, "train.metric: 'macro-f1' is not a validation metric")
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert {p: after[p] for p in before} == before and set(after) - set(before) == {run / "error.txt"}
 
 
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):

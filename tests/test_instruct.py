@@ -262,8 +262,8 @@ def test_train_evaluate_predict_and_peft_parity(tiny_model_dir, tmp_path, monkey
         "task": "instruct", "model": {"name": str(tiny_model_dir)},
         "data": {"train": str(train), "validation": str(test), "test": str(test), "max_length": 96},
         "instruct": {"max_new_tokens": 3}, "lora": {"targets": "all-linear"},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-2, "prefix_cache": False},
-    }))
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-2, "prefix_cache": False, "metric": "rougeL"},
+    }))  # a metric named: checked on four generated answers before training
     run = tmp_path / "run"
     assert main(["train", str(config), "--output", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())

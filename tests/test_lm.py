@@ -47,7 +47,8 @@ def test_lm_run_lowers_perplexity_and_starts_a_classifier(tiny_model_dir, tmp_pa
     corpus = write_corpus(tmp_path / "corpus.txt")
     config = {"task": "lm", "model": {"name": str(tiny_model_dir)}, "data": {"train": str(corpus), "max_length": 32},
               "lora": {"r": 4, "alpha": 8, "targets": "all-linear"},
-              "train": {"epochs": 3, "lr": 1e-2, "batch_size": 8, "threads": 1, "recipe": "off"}}
+              "train": {"epochs": 3, "lr": 1e-2, "batch_size": 8, "threads": 1, "recipe": "off",
+                        "metric": "perplexity"}}  # a metric named: checked before training
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "lm.yaml"), "--output", str(tmp_path / "lm")]) == 0
     test = json.loads((tmp_path / "lm" / "metrics.json").read_text())["test"]

@@ -131,6 +131,16 @@ def test_config_errors_name_the_key(tiny_model_dir, tmp_path, change, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_misspelt_task_metric_is_refused_before_training(tiny_model_dir, tmp_path, capsys):
+    path = write_config(tmp_path, tiny_model_dir)
+    path.write_text(path.read_text().replace("metric: macro_f1", "metric: macro-f1"))
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("finegrain train: error: tasks.spam.metric: 'macro-f1' is not a validation metric; "
+                           "choose one of accuracy, macro_precision,") and "\n" not in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_task_is_refused_and_a_task_config_is_the_run_s_with_the_task_s_keys(tiny_model_dir, tmp_path):
     path = write_config(tmp_path, tiny_model_dir)
     with pytest.raises(FinegrainError, match="'tasks' must be at least two tasks"):
@@ -260,11 +270,11 @@ def test_regression_relation_and_qa_train_together(tiny_model_dir, tmp_path):
             context = f"{PEOPLE[i % 3]} lives in {city} now"
             f.write(json.dumps({"id": str(i), "question": "where?", "context": context,
                                 "answers": {"text": [city], "answer_start": [context.index(city)]}}) + "\n")
-    tasks = {
-        "score": {"task": "regression", "data": {"train": str(scores), "label_field": "score"}},
-        "cause": {"task": "relation", "data": {"train": str(relations)}},
+    tasks = {  # each metric named, so that each is checked before training (on four validation examples)
+        "score": {"task": "regression", "data": {"train": str(scores), "label_field": "score"}, "metric": "neg_mse"},
+        "cause": {"task": "relation", "data": {"train": str(relations)}, "metric": "f1"},
         "where": {"task": "qa", "data": {"train": str(questions), "validation": str(questions), "test": str(questions),
-                                         "max_length": 64}, "qa": {"stride": 8}},
+                                         "max_length": 64}, "qa": {"stride": 8}, "metric": "f1"},
     }
     path = write_config(tmp_path, tiny_model_dir, tasks=tasks, epochs=1)
     output = tmp_path / "run"

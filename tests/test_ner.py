@@ -337,8 +337,8 @@ def test_cli_train_evaluate_predict_ner(tiny_model_dir, tmp_path, capsys):
         "model": {"name": str(tiny_model_dir), "bidirectional": True},
         "data": {"train": str(data), "test": str(test), "max_length": 32, "split": [0.8, 0.2, 0.0]},
         "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [1]},
-        "train": {"epochs": 3, "lr": 1e-2, "batch_size": 16, "threads": 1, "checkpoint_every": 1000},
-    }
+        "train": {"epochs": 3, "lr": 1e-2, "batch_size": 16, "threads": 1, "checkpoint_every": 1000, "metric": "f1"},
+    }  # a metric named: checked on four validation sentences before training
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     assert main(["train", str(tmp_path / "run.yaml"), "--output", str(run_dir)]) == 0

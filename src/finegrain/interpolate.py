@@ -32,7 +32,7 @@ from finegrain.export import merged_model, require_mergeable
 from finegrain.peft.base import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, read_adapter, save_weights
 from finegrain.peft.full_files import save_model_dir
 from finegrain.run import build
-from finegrain.train.trainer import flat_metrics, metric_choices
+from finegrain.train.trainer import flat_metrics, unknown_metric
 
 DEFAULT_ALPHAS = "0,0.25,0.5,0.75,1"
 _ALPHAS_HELP = "comma-separated numbers such as 0,0.5,1, or a start, a second value, ... and an end: 0,0.1,...,1"
@@ -143,7 +143,7 @@ def interpolate_run(run_dir: str | Path, alphas: list[float], save: str | Path |
         for name, examples in sets.items():
             point[name] = flat_metrics(interpolation.evaluate(encoded[name], examples, config.train.eval_batch_size))
         if metric not in point["validation"]:
-            raise FinegrainError(f"train.metric: '{metric}' is not a validation metric; choose one of {metric_choices(point['validation'])}")
+            raise unknown_metric("train.metric", metric, point["validation"])
         points.append(point)
         if progress:
             print(point_line(point, metric), flush=True)

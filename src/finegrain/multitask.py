@@ -63,7 +63,7 @@ from finegrain.train.distributed import launched
 from finegrain.train.objectives import TaskObjective
 from finegrain.train.prefix_cache import compute_prefix
 from finegrain.train.sampler import TaskMixture
-from finegrain.train.trainer import Trainer, flat_metrics, metric_choices, seed_everything
+from finegrain.train.trainer import Trainer, check_metric, flat_metrics, seed_everything, unknown_metric
 
 # The keys of one task under `tasks:`; the sections among them are laid over the run's.
 TASK_KEYS = ("task", "data", "head", "relation", "qa", "metric", "loss_weight")
@@ -353,8 +353,7 @@ class Validation:
             per_task[name] = self.tasks[name].metrics(entry["predictions"], self.gold[name])
             flat, metric = flat_metrics(per_task[name]), self.metric[name]
             if metric not in flat:
-                raise FinegrainError(f"tasks.{name}.metric: '{metric}' is not a validation metric of task "
-                                     f"{self.configs[name].task}; choose one of {metric_choices(flat)}")
+                raise unknown_metric(f"tasks.{name}.metric", metric, flat)
             value = float(flat[metric])
             metrics[f"{name}.{metric}"] = value
             oriented.append(value if higher_is_better(metric) else -value)
@@ -438,6 +437,10 @@ def _train(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> di
                           config.multitask.sampling, config.multitask.temperature)
     validation = Validation(specs, tasks, {n: d.validation for n, d in data.items()},
                             {n: tasks[n].gold(d.splits.validation) for n, d in data.items()}, config.multitask.select, run_dir)
+    for spec in specs:  # a misspelt tasks.NAME.metric, said before training
+        model.use(spec.name)
+        check_metric(spec.metric, tasks[spec.name], model.heads[spec.name], tokenizer, data[spec.name].splits.validation,
+                     spec.config.data.max_length, pad_id, f"tasks.{spec.name}.metric")
     trainer = Trainer(model, validation, objectives[0].items, config.train, run_dir, pad_id, validation.names,
                       validation.score, progress, objectives=objectives[1:], sampler=sampler,
                       method=adapters[specs[0].name], main=objectives[0])

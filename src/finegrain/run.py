@@ -56,7 +56,7 @@ from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixe
 from finegrain.train.checkpointing import process_rank, rng_states, set_rng_states
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
-from finegrain.train.trainer import Trainer, seed_everything
+from finegrain.train.trainer import Trainer, check_metric, seed_everything
 
 load_run_config = rundir.read_config  # the name `finegrain.cli` and the benchmarks read a run's config by
 
@@ -375,6 +375,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     def score(predictions: list[dict[str, Any]]) -> dict[str, Any]:
         return task.metrics(predictions, val_gold)
 
+    check_metric(config.train.metric, task, model, tokenizer, splits.validation, max_length, pad_id)  # before training
     extra: list[Objective] = []  # distill.unlabelled's objective, beside the main one
     hooks: list[Agreement] = []  # augment.judge: current's counts
     main = training_objective(config, task, model, train_items, splits, progress, tokenizer, extra, hooks)

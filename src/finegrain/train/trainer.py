@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from finegrain import rundir
 from finegrain.atomic import fault_point
 from finegrain.config import TrainConfig
 from finegrain.cpu import native_bf16, training_autocast
@@ -451,12 +450,8 @@ class Trainer:
         metrics = self.score(predictions)
         flat = flat_metrics(metrics)
         state, name = self.state, self.config.metric or self.task.headline_metric
-        if name not in flat:  # said once the first validation is scored; the run so far is not lost
-            run_dir = self.writer.run_dir
-            fix = (f"; set it in {run_dir / rundir.CONFIG} and `finegrain train --resume {run_dir}` goes on from the "
-                   "last checkpoint" if rundir.has_checkpoint(run_dir) else "")
-            raise FinegrainError(f"train.metric: '{name}' is not a validation metric; "
-                                 f"choose one of {metric_choices(flat)}{fix}")
+        if name not in flat:  # `check_metric` said it before training; this guards other callers
+            raise unknown_metric("train.metric", name, flat)
         # Stored as "higher is better", so that loss-like metrics (rmse, mae) select their lowest value.
         value = float(flat[name]) if higher_is_better(name) else -float(flat[name])
         self.writer.log({"step": state.step, "epoch": round(self._epoch_progress(), 4), "split": "validation", **flat})
@@ -515,3 +510,25 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def metric_choices(flat: dict[str, float]) -> str:
     """The names a run can select by, from its `flat_metrics`, for an error line: counts select nothing."""
     return ", ".join(key for key in flat if not key.startswith("num_"))
+
+
+def unknown_metric(key: str, name: str, flat: dict[str, float]) -> FinegrainError:
+    """The one-line error for a selection metric (`key`: train.metric, tasks.NAME.metric) that is not
+    among the validation metrics `flat`."""
+    return FinegrainError(f"{key}: '{name}' is not a validation metric; choose one of {metric_choices(flat)}")
+
+
+def check_metric(name: str | None, task: Any, model: nn.Module, tokenizer: Any, examples: Sequence, max_length: int,
+                 pad_id: int, key: str = "train.metric") -> None:
+    """A selection metric the task does not report, said before training rather than at the first
+    validation: the task's metrics of its first four validation examples as the untrained model
+    predicts them (those examples alone run). Nothing to check without a metric or validation."""
+    if name is None or not examples:
+        return
+    examples = examples[:4]
+    items = task.encode(tokenizer, examples, max_length)
+    with warnings.catch_warnings():  # a correlation of four examples may warn: only the names count here
+        warnings.simplefilter("ignore")
+        flat = flat_metrics(task.metrics(task.predict(model, items, pad_id, 4), task.gold(examples)))
+    if name not in flat:
+        raise unknown_metric(key, name, flat)
