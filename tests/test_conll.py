@@ -94,6 +94,10 @@ def test_bad_columns_and_files(tmp_path):
     assert unlabelled.examples[0].tags is None
     with pytest.raises(FinegrainError, match="file not found"):
         read_token_examples(tmp_path / "missing.conll")
+    with pytest.raises(FinegrainError, match="file not found"):  # not "the format is unknown"
+        read_token_examples(tmp_path / "missing.csv")
+    with pytest.raises(FinegrainError, match="is a directory; expected a CoNLL or JSON-lines file"):
+        read_token_examples(tmp_path)
     with pytest.raises(FinegrainError, match=r"extension '.csv'"):
         read_token_examples(write(tmp_path, "x.csv", "a,b\n"))
     with pytest.raises(FinegrainError, match="no sentences"):

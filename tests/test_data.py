@@ -234,6 +234,9 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert "file not found (relative paths are resolved from" in _error(tmp_path / "nope.jsonl")
     (tmp_path / "dir.jsonl").mkdir()
     assert "is a directory" in _error(tmp_path / "dir.jsonl")
+    # said before what the name says (it was "no extension, so the format is unknown")
+    assert _error(tmp_path) == f"{tmp_path}: is a directory; expected a .jsonl, .json, .csv or .tsv (optionally .gz, .bz2 or .xz compressed) file"
+    assert "file not found" in _error(tmp_path / "notes.txt")
 
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path: Path) -> None:

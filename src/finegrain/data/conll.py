@@ -198,7 +198,7 @@ def read_token_examples(
             named by `file:line`.
     """
     scheme = _scheme(scheme, path)
-    fmt = format or _format(Path(path))
+    fmt = format or _format(check_file(path, "a CoNLL or JSON-lines file"))
     common = dict(
         scheme=scheme, char_level=char_level, repair=repair, skip_bad_rows=skip_bad_rows, require_tags=require_tags
     )

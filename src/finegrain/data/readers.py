@@ -129,8 +129,8 @@ def read_examples(
         raise ValueError("multi_label and regression cannot both be set")
     p = Path(path)
     name = str(path)
+    check_file(path, f"a {_SUPPORTED} file")  # a missing file or a directory, before what its name says
     fmt, opener, compression = _detect_format(p, name, format)
-    check_file(path, f"a {_SUPPORTED} file")
 
     parser = _RowParser(name, text_field, label_field, multi_label, require_label, regression, label_separator)
     examples: list[Example] = []
