@@ -2,17 +2,18 @@
 `finegrain ARGS` as a subprocess (under torchrun for more than one process), and spawned workers
 that join one gloo job the way torchrun's environment makes them."""
 
+import contextlib
 import multiprocessing
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from finegrain.train.distributed import init_from_env
+from finegrain.train.distributed import init_from_env, shutdown
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 
@@ -38,6 +39,20 @@ def join_job(rank: int, world_size: int, port: int) -> None:
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     assert init_from_env(torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def in_job(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """Rank `rank` of a gloo job for the body. After it the ranks leave together, as `finegrain`
+    does after a command succeeded, so that none closes its connections while another still uses
+    them; where the body failed, this rank leaves at once."""
+    join_job(rank, world_size, port)
+    try:
+        yield
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(together=True)
 
 
 def spawn(worker: Callable[..., None], *args: object, world_size: int = 2) -> None:

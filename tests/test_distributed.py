@@ -16,7 +16,7 @@ from finegrain.model.config import LlamaConfig
 from finegrain.train.distributed import ShardedSampler, shutdown
 from finegrain.train.sampler import LengthBuckets
 from finegrain.train.trainer import Trainer
-from launch_helpers import finegrain, join_job, spawn
+from launch_helpers import finegrain, in_job, join_job, spawn
 from test_train import classifier, write_config, write_data
 
 CONFIG = TrainConfig(epochs=1, batch_size=8, grad_accum=2, threads=1, max_grad_norm=1.0, micro_batch_tokens=24,
@@ -55,11 +55,8 @@ def run(run_dir: Path) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    join_job(rank, world_size, port)
-    try:
+    with in_job(rank, world_size, port):
         result = run(Path(out) / f"rank{rank}")
-    finally:
-        shutdown()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 

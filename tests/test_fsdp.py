@@ -13,10 +13,9 @@ from finegrain.cli import main
 from finegrain.config import TrainConfig
 from finegrain.peft.full import FullConfig
 from finegrain.tasks.classification import ClassificationTask, Encoded
-from finegrain.train.distributed import shutdown
 from finegrain.train.sharded_checkpoint import is_sharded, optimizer_by_index, optimizer_by_name
 from finegrain.train.trainer import Trainer
-from launch_helpers import finegrain, join_job, spawn
+from launch_helpers import finegrain, in_job, spawn
 from test_distributed import tiny_llama
 from test_train import write_config, write_data
 
@@ -58,11 +57,8 @@ def run(run_dir: Path) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out: str) -> None:
-    join_job(rank, world_size, port)
-    try:
+    with in_job(rank, world_size, port):
         result = run(Path(out) / "two")
-    finally:
-        shutdown()
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
@@ -159,8 +155,7 @@ def test_adapter_run_with_train_fsdp_equals_one_process(tiny_model_dir, tmp_path
 
 
 def tied_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    join_job(rank, world_size, port)
-    try:
+    with in_job(rank, world_size, port):
         from finegrain.train.fsdp import shard
 
         llama = tiny_llama()
@@ -171,8 +166,6 @@ def tied_worker(rank: int, world_size: int, port: int, out: str) -> None:
         with torch.no_grad():
             logits = twin(ids)
         assert all(p.numel() == 0 for p in llama.parameters())  # the model's own weights were freed
-    finally:
-        shutdown()
     torch.save({"own_unit": own_unit, "expected": expected, "logits": logits}, Path(out) / f"tied{rank}.pt")
 
 
@@ -189,12 +182,9 @@ def test_an_embedding_tied_to_the_output_head_stays_in_the_root_unit(tmp_path):
 def pieces_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from finegrain.train.fsdp import even_pieces
 
-    join_job(rank, world_size, port)
-    try:  # rank 0 has three pieces, rank 1 one, rank 2 none
+    with in_job(rank, world_size, port):  # rank 0 has three pieces, rank 1 one, rank 2 none
         pieces = [(0, {"piece": n}, 1.0) for n in range((3, 1, 0)[rank])]
         result = even_pieces(pieces, lambda: (0, {"piece": "first"}, 1.0), torch.device("cpu"))
-    finally:
-        shutdown()
     torch.save(result, Path(out) / f"pieces{rank}.pt")
 
 
