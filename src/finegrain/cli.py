@@ -520,7 +520,7 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("train", help="fine-tune a model with LoRA (config file and/or options)")
+    p = sub.add_parser("train", help="fine-tune a model with LoRA or another peft.method (config file and/or options)")
     p.add_argument("config", nargs="?", help="a YAML run config, e.g. examples/rotten_tomatoes.yaml; one with "
                    "tasks: trains several tasks on one backbone (examples/multitask.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")

@@ -507,15 +507,11 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def metric_choices(flat: dict[str, float]) -> str:
-    """The names a run can select by, from its `flat_metrics`, for an error line: counts select nothing."""
-    return ", ".join(key for key in flat if not key.startswith("num_"))
-
-
 def unknown_metric(key: str, name: str, flat: dict[str, float]) -> FinegrainError:
     """The one-line error for a selection metric (`key`: train.metric, tasks.NAME.metric) that is not
-    among the validation metrics `flat`."""
-    return FinegrainError(f"{key}: '{name}' is not a validation metric; choose one of {metric_choices(flat)}")
+    among the validation metrics `flat` (`flat_metrics`); it lists them, bar the counts, which select nothing."""
+    choices = ", ".join(k for k in flat if not k.startswith("num_"))
+    return FinegrainError(f"{key}: '{name}' is not a validation metric; choose one of {choices}")
 
 
 def check_metric(name: str | None, task: Any, model: nn.Module, tokenizer: Any, examples: Sequence, max_length: int,
