@@ -1,5 +1,6 @@
 """Fault injection (`pytest -m faults`): a real `finegrain train` SIGKILLed at each phase of a run,
-then continued, must end as the uninterrupted run does; damaged adapters and checkpoints are refused.
+or stopped by Ctrl-C, then continued, must end as the uninterrupted run does; damaged adapters and
+checkpoints are refused.
 
 The kill points are `finegrain.atomic.fault_point` calls that fire only under FINEGRAIN_FAULT
 (a test-only hook): `FINEGRAIN_FAULT=checkpoint_write:2` kills the process inside its second
@@ -97,6 +98,48 @@ def test_killed_run_continues_to_the_uninterrupted_result(straight, tmp_path, ca
     args = ["train", "--resume", str(run)] if again == "resume" else ["train", str(config), "--output", str(run)]
     assert main(args) == 0, capsys.readouterr().err
     assert_same_run(run, reference)
+
+
+def default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a job started in the background (`cmd &`, as CI may run
+    the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupted(command: str, *args: str, fault: str) -> str:
+    """`finegrain COMMAND ARGS` in a subprocess that gets Ctrl-C (SIGINT) at `fault`; its last line."""
+    env = {**os.environ, "FINEGRAIN_FAULT": f"{fault}:int", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finegrain.cli", command, *args], capture_output=True, text=True,
+                            timeout=300, env=env, preexec_fn=default_sigint)
+    assert result.returncode == 130, result.stderr[-2000:]
+    return result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fault, said", [
+    ("train_step:5", "`finegrain train --resume {run}` goes on from its checkpoint at step 4"),
+    ("train_step:1", "no checkpoint yet: `finegrain train --resume {run}` starts it again"),
+])
+def test_ctrl_c_says_how_the_run_goes_on_and_that_ends_like_the_uninterrupted_run(straight, tmp_path, capsys, fault, said):
+    config, reference = straight
+    run = tmp_path / "run"
+    line = interrupted("train", str(config), "--output", str(run), fault=fault)
+    assert line == "finegrain train: interrupted; " + said.format(run=run)
+    assert not (run / "error.txt").exists()  # no failure: the dashboard shows it as interrupted
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err  # the way the line gives
+    assert_same_run(run, reference)
+
+
+def test_ctrl_c_in_a_sweep_says_the_same_command_goes_on(straight, tmp_path, capsys):
+    config, _ = straight
+    args = [str(config), "--seeds", "2", "--output", str(tmp_path / "sweep")]
+    line = interrupted("sweep", *args, fault="train_step:10")  # 7 steps a run: the second run's third step
+    assert line == ("finegrain sweep: interrupted; the same command again goes on: finished runs are read back, "
+                    "the one it stopped in continues from its checkpoint")
+    first, second = (tmp_path / "sweep" / "all" / f"seed-{seed}" for seed in (0, 1))
+    finished = (first / "metrics.json").read_bytes()
+    assert (second / "checkpoint" / "state.json").exists() and not (second / "metrics.json").exists()
+    assert main(["sweep", *args]) == 0, capsys.readouterr().err
+    assert (first / "metrics.json").read_bytes() == finished and (second / "metrics.json").exists()
 
 
 def damage_tail(path: Path, size: int = 64) -> None:

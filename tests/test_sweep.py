@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+import finegrain.run
 import finegrain.sweep
 from finegrain.cli import main
 from finegrain.config import load_config
@@ -71,8 +72,8 @@ def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(
     shutil.rmtree(output / "shots-8" / "seed-1")
     finished = (output / "shots-4" / "seed-0" / "metrics.json").read_text()
     trained = []
-    real_train = finegrain.sweep.train
-    monkeypatch.setattr(finegrain.sweep, "train", lambda config, **kw: trained.append(config.output) or real_train(config, **kw))
+    real_train = finegrain.run.train
+    monkeypatch.setattr(finegrain.run, "train", lambda config, **kw: trained.append(config.output) or real_train(config, **kw))
     again = sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8, 4], progress=False)
     assert trained == [str(output / "shots-8" / "seed-1")]  # and a size named twice is one size
     assert again["shots"] == [4, 8] and len(again["runs"]) == 4

@@ -329,7 +329,7 @@ def fault_point(phase: str) -> None:
 
     `FINEGRAIN_FAULT=adapter_write` kills at the first pass through `fault_point("adapter_write")`,
     `FINEGRAIN_FAULT=train_step:3` at the third; `train_step:1:stop` sends SIGSTOP instead (a
-    process frozen while it holds the run directory's lock). tests/test_faults.py uses it to
+    process frozen while it holds the run directory's lock), `train_step:1:int` SIGINT (Ctrl-C). tests/test_faults.py uses it to
     interrupt a real `finegrain train` at a chosen moment; unset (always, outside those tests) it
     costs one environment lookup.
     """
@@ -341,4 +341,4 @@ def fault_point(phase: str) -> None:
         return
     _FAULT_HITS[phase] = _FAULT_HITS.get(phase, 0) + 1
     if _FAULT_HITS[phase] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+        os.kill(os.getpid(), {"stop": signal.SIGSTOP, "int": signal.SIGINT}.get(action, signal.SIGKILL))

@@ -729,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"finegrain {args.command}: error: {e}")
         return 1
-    except KeyboardInterrupt:
-        say(f"finegrain {args.command}: interrupted")
+    except KeyboardInterrupt as e:  # `Interrupted` says how the work goes on
+        say(f"finegrain {args.command}: interrupted" + (f"; {e}" if str(e) else ""))
         return 130
     except Exception as e:
         if args.debug:

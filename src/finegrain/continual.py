@@ -39,7 +39,6 @@ resumes from its checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import statistics
 import time
@@ -55,7 +54,7 @@ from finegrain.config import DataConfig, RunConfig, from_dict
 from finegrain.data.readers import write_examples
 from finegrain.errors import FinegrainError
 from finegrain.peft import read_adapter
-from finegrain.run import Predictor, train
+from finegrain.run import Predictor, train_or_resume
 from finegrain.tasks import task_class
 
 MATRIX_PNG = "accuracy_matrix.png"
@@ -185,16 +184,6 @@ def stage_config(config: RunConfig, stages: list[Stage], k: int, output: Path, a
     return run
 
 
-def run_stage(config: RunConfig, progress: bool) -> dict[str, Any]:
-    """Train a stage, or read it back when an earlier attempt finished it, or resume it."""
-    run_dir = Path(config.output)
-    if (run_dir / rundir.METRICS).is_file():
-        return json.loads((run_dir / rundir.METRICS).read_text(encoding="utf-8"))
-    if rundir.has_checkpoint(run_dir):
-        return train(None, resume_dir=run_dir, progress=progress)
-    return train(config, progress=progress)
-
-
 def score(predictor: Predictor, stage: Stage, output: Path) -> float:
     """The headline test score of `predictor` on `stage`'s test examples."""
     path = output / "data" / stage.name / "test.jsonl"
@@ -239,7 +228,7 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     for k in bar:
         bar.set_postfix_str(stages[k].name)
         started = time.perf_counter()
-        run_stage(stage_config(config, stages, k, output), progress=False)
+        train_or_resume(stage_config(config, stages, k, output), progress=False)
         seconds.append(round(time.perf_counter() - started, 1))
         matrix.append([score(reader(config, stages, k, j, output), stages[j], output) for j in range(k + 1)])
     reference, reference_seconds = references(config, stages, matrix, output, progress)
@@ -270,7 +259,7 @@ def references(config: RunConfig, stages: list[Stage], matrix: list[list[float]]
     for k in tqdm(range(1, len(stages)), desc="forward transfer: stages alone", unit="stage", disable=not progress):
         started = time.perf_counter()
         run = stage_config(config, stages, k, output, alone=True)
-        run_stage(run, progress=False)
+        train_or_resume(run, progress=False)
         seconds.append(round(time.perf_counter() - started, 1))
         scores.append(score(Predictor(run.output), stages[k], output))
     return scores, seconds

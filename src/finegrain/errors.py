@@ -1,4 +1,4 @@
-"""The one exception type for errors a user can cause."""
+"""The one exception type for errors a user can cause, and Ctrl-C in a run that can go on."""
 
 
 class FinegrainError(Exception):
@@ -7,3 +7,8 @@ class FinegrainError(Exception):
     The message is one line that names the file, line or key and says what to do.
     The CLI prints it as is and exits non-zero; `--debug` shows the traceback.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) in a command whose work can go on; the message says how, and the CLI adds
+    it to its "interrupted" line."""

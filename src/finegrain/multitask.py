@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,11 +51,11 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import DataConfig, HeadConfig, QAConfig, RelationConfig, RunConfig, dump_yaml, from_dict, to_dict, validate
 from finegrain.cpu import available_cpus
 from finegrain.device import place
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.peft import adapter_layers, inject, load_adapter, method_options, read_adapter, save_adapter, set_adapter
-from finegrain.run import build, error_line, input_list, open_run, output_dir, run_device, write_results
+from finegrain.run import build, discard, error_line, input_list, open_run, output_dir, run_device, write_results
 from finegrain.tasks import long_text_line, long_text_summary, score_file, task_class
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.distributed import launched
@@ -391,9 +390,11 @@ def train(config: RunConfig | None, resume_dir: str | Path | None = None, progre
                 atomic_write_text(run_dir / rundir.ERROR, error_line(exc) + "\n")
                 raise
         except Exception:
-            if created and not rundir.has_checkpoint(run_dir) and not rundir.is_finished(run_dir):
-                shutil.rmtree(run_dir, ignore_errors=True)
+            if created:
+                discard(run_dir)
             raise
+        except KeyboardInterrupt:  # the run stays as it is: said how it goes on
+            raise Interrupted(rundir.resume_hint(run_dir)) from None
 
 
 @dataclass

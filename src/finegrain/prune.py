@@ -49,7 +49,7 @@ from tqdm import tqdm
 from finegrain import rundir
 from finegrain.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finegrain.config import LoraSection, PeftSection, dump_yaml, load_config
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.export import merged_model, require_llama, require_mergeable
 from finegrain.data.pipeline import sample
@@ -351,9 +351,11 @@ def prune_run(run_dir: str | Path, output: str | Path, layers: int | str | None 
             results = train(recovery, progress=progress)
         else:
             results = finish_unrecovered(recovery, output, splits, progress)
-    except BaseException:
+    except BaseException as exc:
         if not rundir.has_checkpoint(output):  # nothing a --resume could continue: no half-written run left
             shutil.rmtree(output, ignore_errors=True)
+            if isinstance(exc, Interrupted):  # its "--resume" hint named what is gone
+                raise KeyboardInterrupt from None
         raise
     report["test"] = results.get("test")
     atomic_write_json(output / rundir.PRUNING, report)

@@ -24,7 +24,7 @@ from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
 from finegrain.data.split import stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.predictions import write_test_predictions
 from finegrain.model.bert import BertConfig
@@ -248,7 +248,7 @@ def _clear_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def _discard(run_dir: Path) -> None:
+def discard(run_dir: Path) -> None:
     """Delete a run directory this call created, after an error before any checkpoint: nothing
     in it is worth keeping, and an empty shell would only be in the way of the next try."""
     if not has_checkpoint(run_dir) and not is_finished(run_dir):
@@ -301,8 +301,26 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
                 raise
         except Exception:
             if created:
-                _discard(run_dir)
+                discard(run_dir)
             raise
+        except KeyboardInterrupt:  # the run stays as it is: said how it goes on
+            raise Interrupted(rundir.resume_hint(run_dir)) from None
+
+
+def train_or_resume(config: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """One run of a command of several (sweep, continual): trained, read back where an earlier
+    attempt finished it, or resumed from its checkpoint; so the same command, run again after a
+    stop, goes on where it stopped. Returns the run's metrics.json content."""
+    run_dir = Path(config.output)
+    if (run_dir / rundir.METRICS).is_file():
+        return json.loads((run_dir / rundir.METRICS).read_text(encoding="utf-8"))
+    try:
+        if has_checkpoint(run_dir):
+            return train(None, resume_dir=run_dir, progress=progress)
+        return train(config, progress=progress)
+    except Interrupted:  # not this run's own `train --resume`: the command's
+        raise Interrupted("the same command again goes on: finished runs are read back, the one it stopped in "
+                          "continues from its checkpoint") from None
 
 
 def _train_beside_rank0() -> dict[str, Any]:

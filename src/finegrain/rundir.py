@@ -119,6 +119,18 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / CHECKPOINT / STATE).is_file()
 
 
+def resume_hint(run_dir: str | Path) -> str:
+    """How `finegrain train --resume` goes on with a run that stopped part-way (Ctrl-C): from its
+    last checkpoint, or from the beginning before the first; "" when the start wrote no config."""
+    run_dir = Path(run_dir)
+    if has_checkpoint(run_dir):
+        step = json.loads((run_dir / CHECKPOINT / STATE).read_text(encoding="utf-8"))["step"]
+        return f"`finegrain train --resume {run_dir}` goes on from its checkpoint at step {step}"
+    if (run_dir / CONFIG).is_file():
+        return f"no checkpoint yet: `finegrain train --resume {run_dir}` starts it again"
+    return ""
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """A finished run: its adapter or its final metrics are there (nothing may overwrite it)."""
     return has_adapter(run_dir) or (Path(run_dir) / METRICS).is_file()

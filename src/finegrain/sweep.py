@@ -33,12 +33,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
 from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig, validate
 from finegrain.errors import FinegrainError
-from finegrain.run import train
+from finegrain.run import train_or_resume
 
 SUMMARY, TABLE, PLOT, PROMPTED = "sweep.json", "sweep.md", "sweep.png", "prompted.json"
 
@@ -87,16 +86,6 @@ def point_config(base: RunConfig, point: Point, folds: int | None) -> RunConfig:
     config.output = str(point.run_dir)
     validate(config, "sweep", getattr(base, "sources", None))
     return config
-
-
-def run_point(config: RunConfig, point: Point, progress: bool) -> dict[str, Any]:
-    """Train the point's run, or read it back when an earlier sweep finished it, or resume it."""
-    run_dir = point.run_dir
-    if (run_dir / rundir.METRICS).is_file():
-        return json.loads((run_dir / rundir.METRICS).read_text(encoding="utf-8"))
-    if rundir.has_checkpoint(run_dir):
-        return train(None, resume_dir=run_dir, progress=progress)
-    return train(config, progress=progress)
 
 
 def scores_of(results: dict[str, Any]) -> dict[str, float]:
@@ -231,7 +220,7 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
     base = load_model(config.model.name, progress=False) if prompted else None
     for point, run_config in zip(bar, configs):
         bar.set_postfix_str(point.name)
-        results = run_point(run_config, point, progress=False)
+        results = train_or_resume(run_config, progress=False)  # config.output is point.run_dir
         point.scores = scores_of(results)
         if prompted:
             point.scores.update(prompted_scores(run_config, point, prompted, base))
