@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
 
 from finegrain.cli import main
 from finegrain.config import load_config
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, Interrupted
+from finegrain.rundir import is_running
 from finegrain.tune import STUDY_DB, parse_space, tune
 from test_train import write_config, write_data
 
@@ -28,9 +32,9 @@ def test_spaces_parse_and_bad_ones_are_one_line_errors():
             parse_space(text)
 
 
-def config_path(tiny_model_dir, tmp_path):
+def config_path(tiny_model_dir, tmp_path, **train):
     return str(write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 48),
-                            epochs=2, eval_every=3, recipe="off"))
+                            epochs=2, eval_every=3, recipe="off", **train))
 
 
 def test_a_poor_trial_is_pruned_and_a_killed_search_continues(tiny_model_dir, tmp_path):
@@ -60,6 +64,40 @@ def test_a_poor_trial_is_pruned_and_a_killed_search_continues(tiny_model_dir, tm
     assert again["trials"][3]["params"] == {"train.lr": stale.params["train.lr"]}
     assert again["trials"][3]["run_dir"] == str(output / "trial-2")
     assert len([s for s in states if s in ("complete", "pruned")]) == 3  # --trials counts the earlier ones
+
+
+def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C while a trial trains stops it (its process too) and queues it again with its values
+    and directory: run again, the search continues that trial from its checkpoint. (It used to be a
+    failed trial whose work was lost, the next run drawing new values.)"""
+    import finegrain.tune
+
+    config = config_path(tiny_model_dir, tmp_path, checkpoint_every=1)
+    output, space = tmp_path / "tune", ["train.lr=log(1e-3,1e-1)"]
+    follow = finegrain.tune._follow
+
+    def ctrl_c_after_a_checkpoint(trial, process, run_dir, metric):
+        while not (run_dir / "checkpoint" / "state.json").exists() and process.poll() is None:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finegrain.tune, "_follow", ctrl_c_after_a_checkpoint)
+    # As from a terminal: a suite started in the background (`cmd &`) ignores SIGINT, and so would the trial.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Interrupted, match="the same command again goes on: finished trials count towards --trials"):
+            tune(config, [], space, trials=1, output=output, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert not is_running(output / "trial-0") and (output / "trial-0" / "checkpoint" / "state.json").exists()
+    monkeypatch.setattr(finegrain.tune, "_follow", follow)
+    commands, popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kw: commands.append(command) or popen(command, **kw))
+    again = tune(config, [], space, trials=1, output=output, progress=False)
+    first, second = again["trials"]
+    assert (first["state"], second["state"]) == ("fail", "complete")
+    assert second["params"] == first["params"] and second["run_dir"] == str(output / "trial-0")
+    assert commands[0][-2:] == ["--resume", str(output / "trial-0")]  # continued, not started again
 
 
 def test_tune_command_names_a_bad_key_before_any_trial(tiny_model_dir, tmp_path, capsys):

@@ -8,9 +8,9 @@ process, writing `DIR/trial-N/`. While it trains, its validation scores (the rec
 same step) says the trial is behind, the process is stopped and the trial counts as pruned. A
 trial's value is its run's best validation score (`--metric`, default the task's headline).
 
-The study lives in `DIR/study.db` (SQLite), so a killed search continues when run again with
-the same arguments: finished and pruned trials count towards `--trials`, and a trial that was
-running when the search died is run again from its checkpoint. `--storage URL` (e.g.
+The study lives in `DIR/study.db` (SQLite), so a killed or interrupted (Ctrl-C) search continues
+when run again with the same arguments: finished and pruned trials count towards `--trials`, and
+a trial that was running when the search stopped is run again from its checkpoint. `--storage URL` (e.g.
 `postgresql://...`) shares one study between workers on several machines, each running the same
 command. At the end: `DIR/best.yaml` (CONFIG with the best trial's values, ready for `finegrain
 train`), `DIR/trials.json`, `DIR/trials.md` and `DIR/trials.png` (each trial's value, and the
@@ -40,13 +40,14 @@ from tqdm import tqdm
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
 from finegrain.config import RunConfig, dump_yaml, load_config
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.tasks import task_class
 from finegrain.train.trainer import flat_metrics
 
 STUDY_DB, BEST, TRIALS_JSON, TRIALS_MD, TRIALS_PNG = "study.db", "best.yaml", "trials.json", "trials.md", "trials.png"
 POLL_SECONDS = 0.5
+STOP_SECONDS = 30  # how long a trial may take to stop after Ctrl-C
 _RANGE = re.compile(r"^(log|float|int)\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)$")
 
 
@@ -134,7 +135,6 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
         optuna.TrialPruned: the pruner stopped it.
         FinegrainError: the training failed (its last error line and the log file named).
     """
-    optuna = _optuna()
     resume = rundir.has_checkpoint(run_dir) and not (run_dir / rundir.METRICS).is_file()
     command = [sys.executable, "-m", "finegrain.cli", "train"]
     command += ["--resume", str(run_dir)] if resume else [*([config_path] if config_path else []),
@@ -144,20 +144,11 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-            seen = 0
-            while True:
-                finished = process.poll() is not None
-                records, seen = _validation_records(run_dir / rundir.METRICS_LOG, seen)
-                for record in records:
-                    if metric in record:
-                        trial.report(float(record[metric]), int(record["step"]))
-                        if trial.should_prune():
-                            process.send_signal(signal.SIGTERM)
-                            process.wait()
-                            raise optuna.TrialPruned(f"validation {metric} {record[metric]} at step {record['step']}")
-                if finished:
-                    break
-                time.sleep(POLL_SECONDS)
+            try:
+                _follow(trial, process, run_dir, metric)
+            except KeyboardInterrupt:  # Ctrl-C (the terminal's reaches the trial too): it stops at its checkpoint
+                stop(process)
+                raise
         if process.returncode != 0:
             lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
             raise FinegrainError(f"trial {trial.number}: training failed ({lines[-1] if lines else 'no output'}); see {log}")
@@ -168,6 +159,37 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
                              f"({', '.join(flat) or 'none'}); "
                              "the config needs a validation split (data.split or data.validation)")
     return float(flat[metric])
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a trial's process as Ctrl-C does; one started with SIGINT ignored is terminated instead."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.wait()
+
+
+def _follow(trial: Any, process: subprocess.Popen, run_dir: Path, metric: str) -> None:
+    """Report the trial's validation scores to Optuna as its run logs them, until the run ends;
+    stop it (optuna.TrialPruned) when the pruner says it is behind."""
+    optuna = _optuna()
+    seen = 0
+    while True:
+        finished = process.poll() is not None
+        records, seen = _validation_records(run_dir / rundir.METRICS_LOG, seen)
+        for record in records:
+            if metric in record:
+                trial.report(float(record[metric]), int(record["step"]))
+                if trial.should_prune():
+                    process.send_signal(signal.SIGTERM)
+                    process.wait()
+                    raise optuna.TrialPruned(f"validation {metric} {record[metric]} at step {record['step']}")
+        if finished:
+            return
+        time.sleep(POLL_SECONDS)
 
 
 def tune(config_path: str | None, overrides: list[str], space: list[str], trials: int, output: str | Path,
@@ -199,25 +221,30 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = trials - len(study.get_trials(deepcopy=False, states=done))
     bar = tqdm(total=trials, initial=trials - max(remaining, 0), desc="tune", unit="trial", disable=not progress)
-    while remaining > 0:
-        trial = study.ask()
-        params = {d.key: d.suggest(trial) for d in dimensions}
-        run_dir = Path(trial.user_attrs.get("run_dir") or output / f"trial-{trial.number}")
-        trial.set_user_attr("run_dir", str(run_dir))
-        try:
-            value = run_trial(trial, config_path, [*overrides, *_overrides(params)], run_dir,
-                              output / "logs" / f"{run_dir.name}.log", metric)
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        else:
-            study.tell(trial, value)
-        remaining -= 1
-        bar.update(1)
-        bar.set_postfix_str(f"best {study.best_value:.4f}" if _has_complete(study, optuna) else "")
-    bar.close()
+    with bar:  # closed before an error's line is printed
+        while remaining > 0:
+            trial = study.ask()
+            params = {d.key: d.suggest(trial) for d in dimensions}
+            run_dir = Path(trial.user_attrs.get("run_dir") or output / f"trial-{trial.number}")
+            trial.set_user_attr("run_dir", str(run_dir))
+            try:
+                value = run_trial(trial, config_path, [*overrides, *_overrides(params)], run_dir,
+                                  output / "logs" / f"{run_dir.name}.log", metric)
+            except optuna.TrialPruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except KeyboardInterrupt:  # as a killed search's running trial: run on by the same command again
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+                raise Interrupted("the same command again goes on: finished trials count towards --trials, the one it "
+                                  "stopped in continues from its checkpoint") from None
+            except BaseException:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            else:
+                study.tell(trial, value)
+            remaining -= 1
+            bar.update(1)
+            bar.set_postfix_str(f"best {study.best_value:.4f}" if _has_complete(study, optuna) else "")
     return write_results(study, optuna, base, config_path, overrides, metric, output)
 
 
