@@ -2,6 +2,7 @@
 rows it writes (baselines included), and a rerun that reads the finished runs instead of training."""
 
 import json
+import signal
 import subprocess
 
 import pytest
@@ -13,7 +14,7 @@ from finegrain.checkpoint.load import load_model
 from finegrain.compare import compare, methods_per_model, plan, prompted_model, summarize
 from finegrain.config import load_config
 from finegrain.evaluate.prompting import prompted_baseline
-from finegrain.errors import FinegrainError
+from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from test_bert import random_reference, tiny_hf_config, write_tokenizer
 
 
@@ -145,6 +146,28 @@ def test_a_failed_cell_is_one_line_naming_the_run_and_its_log(tiny_model_dir, co
     message = str(error.value)
     assert "run failed" in message and "tiny-llama-lora-s0.log" in message and "model.num_layers: 5" in message
     assert "\n" not in message
+
+
+def test_ctrl_c_in_a_cell_and_the_same_compare_again_goes_on_from_its_checkpoint(
+        tiny_model_dir, config_path, tmp_path, monkeypatch):
+    """Ctrl-C reaching a cell's run (here sent by the run itself at its fifth step) stops the compare
+    with the way on; run again, the cell's run continues from its checkpoint, where `--output` on
+    its directory was refused ("already holds a run") and the compare failed."""
+    output, cells = tmp_path / "cmp", ["train.checkpoint_every=2"]
+    run = output / "runs" / "tiny-llama-lora-s0"
+    monkeypatch.setenv("FINEGRAIN_FAULT", "train_step:5:int")
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, not `cmd &`
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, output, cells, progress=False, prompted=False)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert str(stopped.value) == RUN_AGAIN
+    assert (run / "checkpoint" / "state.json").exists() and not (run / "metrics.json").exists()
+    monkeypatch.delenv("FINEGRAIN_FAULT")
+    compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, output, cells, progress=False, prompted=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 11))  # each step once: resumed
 
 
 def test_no_prompted_leaves_the_prompted_decoder_out(tiny_model_dir, config_path, tmp_path, monkeypatch):

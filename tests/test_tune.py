@@ -66,10 +66,12 @@ def test_a_poor_trial_is_pruned_and_a_killed_search_continues(tiny_model_dir, tm
     assert len([s for s in states if s in ("complete", "pruned")]) == 3  # --trials counts the earlier ones
 
 
-def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_path, monkeypatch):
-    """Ctrl-C while a trial trains stops it (its process too) and queues it again with its values
-    and directory: run again, the search continues that trial from its checkpoint. (It used to be a
-    failed trial whose work was lost, the next run drawing new values.)"""
+@pytest.mark.parametrize("reaching", ["the search", "the trial"])
+def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_path, monkeypatch, reaching):
+    """Ctrl-C while a trial trains, whether it reaches the search (which stops the trial's process)
+    or the trial's process alone, queues the trial again with its values and directory: run again,
+    the search continues that trial from its checkpoint. (It used to be a failed trial whose work
+    was lost, the next run drawing new values.)"""
     import finegrain.tune
 
     config = config_path(tiny_model_dir, tmp_path, checkpoint_every=1)
@@ -81,7 +83,10 @@ def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_p
             time.sleep(0.05)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finegrain.tune, "_follow", ctrl_c_after_a_checkpoint)
+    if reaching == "the search":
+        monkeypatch.setattr(finegrain.tune, "_follow", ctrl_c_after_a_checkpoint)
+    else:  # the trial's `finegrain train` sends itself SIGINT at its third step
+        monkeypatch.setenv("FINEGRAIN_FAULT", "train_step:3:int")
     # As from a terminal: a suite started in the background (`cmd &`) ignores SIGINT, and so would the trial.
     ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -91,6 +96,7 @@ def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_p
         signal.signal(signal.SIGINT, ignored)
     assert not is_running(output / "trial-0") and (output / "trial-0" / "checkpoint" / "state.json").exists()
     monkeypatch.setattr(finegrain.tune, "_follow", follow)
+    monkeypatch.delenv("FINEGRAIN_FAULT", raising=False)
     commands, popen = [], subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda command, **kw: commands.append(command) or popen(command, **kw))
     again = tune(config, [], space, trials=1, output=output, progress=False)

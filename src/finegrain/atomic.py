@@ -329,9 +329,9 @@ def fault_point(phase: str) -> None:
 
     `FINEGRAIN_FAULT=adapter_write` kills at the first pass through `fault_point("adapter_write")`,
     `FINEGRAIN_FAULT=train_step:3` at the third; `train_step:1:stop` sends SIGSTOP instead (a
-    process frozen while it holds the run directory's lock), `train_step:1:int` SIGINT (Ctrl-C). tests/test_faults.py uses it to
-    interrupt a real `finegrain train` at a chosen moment; unset (always, outside those tests) it
-    costs one environment lookup.
+    process frozen while it holds the run directory's lock), `train_step:1:int` SIGINT (Ctrl-C).
+    tests/test_faults.py uses it to interrupt a real `finegrain train` at a chosen moment; unset
+    (always, outside those tests) it costs one environment lookup.
     """
     wanted = os.environ.get("FINEGRAIN_FAULT")
     if not wanted:

@@ -8,8 +8,9 @@ beside the baselines, as one table and one plot.
 the encoder, without the two cells neither needs); a model named that way runs only its own.
 
 Each cell is an ordinary `finegrain train` run in its own process (its peak RSS is its own), in
-`DIR/runs/MODEL-METHOD-sSEED`; a cell whose run already finished is read, not trained again, so
-a compare cut short continues where it stopped and a finished one rewrites its table in seconds.
+`DIR/runs/MODEL-METHOD-sSEED`; a cell whose run already finished is read, not trained again, and
+one stopped part-way (Ctrl-C, a kill) goes on from its checkpoint, so a compare cut short continues
+where it stopped and a finished one rewrites its table in seconds.
 The table (`DIR/report.md`, `DIR/report.html`, the rows in `DIR/compare.json`) gives per model
 and method the test score (mean ± sample std over seeds), training and whole-run time, prediction speed
 (test examples per second through `finegrain.load`), peak RSS and trainable parameters, and the
@@ -48,7 +49,8 @@ from finegrain.atomic import atomic_path, atomic_write_json, output_directory
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
 from finegrain.cpu import peak_rss_mb
-from finegrain.errors import FinegrainError
+from finegrain.children import check_interrupted, stop
+from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
 from finegrain.tasks import task_class
@@ -188,15 +190,22 @@ def _train_cell(cell: Cell, config_path: str | None, usage_path: Path, progress:
     """`finegrain train` of one cell in a child process that writes its peak RSS to `usage_path`."""
     if progress:
         print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
-    command = [sys.executable, "-c", CHILD, str(usage_path), "train", *([config_path] if config_path else []),
-               "--output", str(cell.run_dir)]
-    for override in cell.overrides:
-        command += ["--set", override]
+    command = [sys.executable, "-c", CHILD, str(usage_path), "train"]
+    if rundir.has_checkpoint(cell.run_dir):  # stopped part-way by an earlier compare: it goes on
+        command += ["--resume", str(cell.run_dir)]
+    else:
+        command += [*([config_path] if config_path else []), "--output", str(cell.run_dir)]
+        command += [arg for override in cell.overrides for arg in ("--set", override)]
     log = cell.run_dir.with_name(cell.run_dir.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as stderr:
         child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
-        child.wait()
+        try:
+            child.wait()
+            check_interrupted(child)
+        except KeyboardInterrupt:  # Ctrl-C: the cell's run stops at its checkpoint
+            stop(child)
+            raise Interrupted(RUN_AGAIN) from None
     if child.returncode != 0:
         error = rundir.read_error(cell.run_dir) or _last_line(log)
         raise FinegrainError(f"compare: the {cell.model} {cell.method} seed {cell.seed} run failed ({log}): {error}")

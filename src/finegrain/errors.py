@@ -12,3 +12,7 @@ class FinegrainError(Exception):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) in a command whose work can go on; the message says how, and the CLI adds
     it to its "interrupted" line."""
+
+
+# How a command of several runs (sweep, compare, a continual sequence) goes on after Ctrl-C.
+RUN_AGAIN = "the same command again goes on: finished runs are read back, the one it stopped in continues from its checkpoint"

@@ -24,7 +24,7 @@ from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
 from finegrain.data.split import stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
-from finegrain.errors import FinegrainError, Interrupted
+from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.predictions import write_test_predictions
 from finegrain.model.bert import BertConfig
@@ -319,8 +319,7 @@ def train_or_resume(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             return train(None, resume_dir=run_dir, progress=progress)
         return train(config, progress=progress)
     except Interrupted:  # not this run's own `train --resume`: the command's
-        raise Interrupted("the same command again goes on: finished runs are read back, the one it stopped in "
-                          "continues from its checkpoint") from None
+        raise Interrupted(RUN_AGAIN) from None
 
 
 def _train_beside_rank0() -> dict[str, Any]:

@@ -124,8 +124,11 @@ def resume_hint(run_dir: str | Path) -> str:
     last checkpoint, or from the beginning before the first; "" when the start wrote no config."""
     run_dir = Path(run_dir)
     if has_checkpoint(run_dir):
-        step = json.loads((run_dir / CHECKPOINT / STATE).read_text(encoding="utf-8"))["step"]
-        return f"`finegrain train --resume {run_dir}` goes on from its checkpoint at step {step}"
+        try:
+            at = f" at step {json.loads((run_dir / CHECKPOINT / STATE).read_text(encoding='utf-8'))['step']}"
+        except (OSError, ValueError, KeyError, TypeError):  # what --resume reads and checks itself
+            at = ""
+        return f"`finegrain train --resume {run_dir}` goes on from its checkpoint{at}"
     if (run_dir / CONFIG).is_file():
         return f"no checkpoint yet: `finegrain train --resume {run_dir}` starts it again"
     return ""

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
+from finegrain.children import check_interrupted, stop
 from finegrain.config import RunConfig, dump_yaml, load_config
 from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
@@ -47,7 +48,6 @@ from finegrain.train.trainer import flat_metrics
 
 STUDY_DB, BEST, TRIALS_JSON, TRIALS_MD, TRIALS_PNG = "study.db", "best.yaml", "trials.json", "trials.md", "trials.png"
 POLL_SECONDS = 0.5
-STOP_SECONDS = 30  # how long a trial may take to stop after Ctrl-C
 _RANGE = re.compile(r"^(log|float|int)\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)$")
 
 
@@ -149,6 +149,7 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
             except KeyboardInterrupt:  # Ctrl-C (the terminal's reaches the trial too): it stops at its checkpoint
                 stop(process)
                 raise
+        check_interrupted(process)
         if process.returncode != 0:
             lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
             raise FinegrainError(f"trial {trial.number}: training failed ({lines[-1] if lines else 'no output'}); see {log}")
@@ -159,17 +160,6 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
                              f"({', '.join(flat) or 'none'}); "
                              "the config needs a validation split (data.split or data.validation)")
     return float(flat[metric])
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a trial's process as Ctrl-C does; one started with SIGINT ignored is terminated instead."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        process.wait()
 
 
 def _follow(trial: Any, process: subprocess.Popen, run_dir: Path, metric: str) -> None:
