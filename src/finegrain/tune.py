@@ -133,6 +133,7 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
 
     Raises:
         optuna.TrialPruned: the pruner stopped it.
+        KeyboardInterrupt: Ctrl-C reached the search (the trial's process is stopped too) or the trial.
         FinegrainError: the training failed (its last error line and the log file named).
     """
     resume = rundir.has_checkpoint(run_dir) and not (run_dir / rundir.METRICS).is_file()
