@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Callable
 
 STOP_SECONDS = 30  # how long a child may take to stop after Ctrl-C before it is terminated
 INTERRUPTED = (130, -signal.SIGINT)  # a child's exit status after Ctrl-C: `finegrain`'s own, or the signal's
 
 
-def stop(process: subprocess.Popen) -> None:
+def watch(process: subprocess.Popen, follow: Callable[[], None] | None = None) -> None:
+    """Wait until the child ends (`follow`, which returns then, or a plain wait). KeyboardInterrupt
+    where Ctrl-C reached this process (the child is stopped first) or the child alone."""
+    try:
+        (follow or process.wait)()
+    except KeyboardInterrupt:
+        _stop(process)
+        raise
+    if process.returncode in INTERRUPTED:
+        raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen) -> None:
     """Stop a child as Ctrl-C does; one started with SIGINT ignored (by a parent run as `cmd &`) is
     terminated instead."""
     if process.poll() is None:
@@ -21,8 +34,3 @@ def stop(process: subprocess.Popen) -> None:
         process.terminate()
         process.wait()
 
-
-def check_interrupted(process: subprocess.Popen) -> None:
-    """KeyboardInterrupt where Ctrl-C stopped the (finished) child: the parent was interrupted too."""
-    if process.returncode in INTERRUPTED:
-        raise KeyboardInterrupt

@@ -49,7 +49,7 @@ from finegrain.atomic import atomic_path, atomic_write_json, output_directory
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
 from finegrain.cpu import peak_rss_mb
-from finegrain.children import check_interrupted, stop
+from finegrain.children import watch
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
@@ -201,10 +201,8 @@ def _train_cell(cell: Cell, config_path: str | None, usage_path: Path, progress:
     with open(log, "w", encoding="utf-8") as stderr:
         child = subprocess.Popen(command, stdout=None if progress else subprocess.DEVNULL, stderr=stderr)
         try:
-            child.wait()
-            check_interrupted(child)
+            watch(child)
         except KeyboardInterrupt:  # Ctrl-C: the cell's run stops at its checkpoint
-            stop(child)
             raise Interrupted(RUN_AGAIN) from None
     if child.returncode != 0:
         error = rundir.read_error(cell.run_dir) or _last_line(log)

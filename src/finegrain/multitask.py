@@ -46,16 +46,16 @@ import torch
 from torch import nn
 
 from finegrain import rundir
-from finegrain.atomic import atomic_write_json, atomic_write_text, exclusive_lock
+from finegrain.atomic import atomic_write_json, atomic_write_text
 from finegrain.checkpoint.load import DEFAULT_MODEL, load_model
 from finegrain.config import DataConfig, HeadConfig, QAConfig, RelationConfig, RunConfig, dump_yaml, from_dict, to_dict, validate
 from finegrain.cpu import available_cpus
 from finegrain.device import place
-from finegrain.errors import FinegrainError, Interrupted
+from finegrain.errors import FinegrainError
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.peft import adapter_layers, inject, load_adapter, method_options, read_adapter, save_adapter, set_adapter
-from finegrain.run import build, discard, error_line, input_list, open_run, output_dir, run_device, write_results
+from finegrain.run import attempt, build, input_list, output_dir, run_device, write_results
 from finegrain.tasks import long_text_line, long_text_summary, score_file, task_class
 from finegrain.tasks.classification import attach_temperature
 from finegrain.train.distributed import launched
@@ -379,22 +379,8 @@ def train(config: RunConfig | None, resume_dir: str | Path | None = None, progre
     elif not rundir.read_config(resume_dir).tasks:
         raise FinegrainError(f"{resume_dir}: not a multi-task run (no tasks: in its config.yaml); resume it with `finegrain train --resume`")
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
-    created = not run_dir.exists()
-    with exclusive_lock(run_dir, "finegrain train"):
-        try:
-            config, resume_from = open_run(run_dir, config, resume=resume_dir is not None)
-            (run_dir / rundir.ERROR).unlink(missing_ok=True)
-            try:
-                return _train(config, run_dir, resume_from is not None, progress)
-            except Exception as exc:  # recorded for readers of the run (`finegrain ui`)
-                atomic_write_text(run_dir / rundir.ERROR, error_line(exc) + "\n")
-                raise
-        except Exception:
-            if created:
-                discard(run_dir)
-            raise
-        except KeyboardInterrupt:  # the run stays as it is: said how it goes on
-            raise Interrupted(rundir.resume_hint(run_dir)) from None
+    return attempt(run_dir, config, resume_dir is not None,
+                   lambda config, resume_from: _train(config, run_dir, resume_from is not None, progress))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,7 @@ def _clear_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
-def discard(run_dir: Path) -> None:
+def _discard(run_dir: Path) -> None:
     """Delete a run directory this call created, after an error before any checkpoint: nothing
     in it is worth keeping, and an empty shell would only be in the way of the next try."""
     if not has_checkpoint(run_dir) and not is_finished(run_dir):
@@ -289,21 +290,31 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
         check_paraphrase_sources(config)
         run_device(config)  # a device torch cannot see: refused before the model loads
     run_dir = Path(resume_dir) if resume_dir is not None else output_dir(config)
+    return attempt(run_dir, config, resume_dir is not None,
+                   lambda config, resume_from: _train(config, run_dir, resume_from, progress))
+
+
+def attempt(run_dir: Path, config: RunConfig | None, resume: bool,
+            start: Callable[[RunConfig, Path | None], dict[str, Any]]) -> dict[str, Any]:
+    """One attempt at a run, for `train` and the multi-task `train`: `start(config, resume_from)`
+    with the run directory locked and opened (`open_run`: continue, start over or refuse). A
+    failure's line is recorded in error.txt, and a directory this call created is removed again
+    when it holds no checkpoint; Ctrl-C leaves the run as it is and says how it goes on."""
     created = not run_dir.exists()
     with exclusive_lock(run_dir, "finegrain train"):
         try:
-            config, resume_dir = open_run(run_dir, config, resume=resume_dir is not None)
+            config, resume_from = open_run(run_dir, config, resume)
             (run_dir / rundir.ERROR).unlink(missing_ok=True)  # a previous try's: this one starts afresh
             try:
-                return _train(config, run_dir, resume_dir, progress)
+                return start(config, resume_from)
             except Exception as exc:  # recorded for readers of the run (`finegrain ui`); Ctrl-C is no failure
                 atomic_write_text(run_dir / rundir.ERROR, error_line(exc) + "\n")
                 raise
         except Exception:
             if created:
-                discard(run_dir)
+                _discard(run_dir)
             raise
-        except KeyboardInterrupt:  # the run stays as it is: said how it goes on
+        except KeyboardInterrupt:
             raise Interrupted(rundir.resume_hint(run_dir)) from None
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
-from finegrain.children import check_interrupted, stop
+from finegrain.children import watch
 from finegrain.config import RunConfig, dump_yaml, load_config
 from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
@@ -145,12 +145,7 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                _follow(trial, process, run_dir, metric)
-            except KeyboardInterrupt:  # Ctrl-C (the terminal's reaches the trial too): it stops at its checkpoint
-                stop(process)
-                raise
-        check_interrupted(process)
+            watch(process, lambda: _follow(trial, process, run_dir, metric))  # Ctrl-C: it stops at its checkpoint
         if process.returncode != 0:
             lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
             raise FinegrainError(f"trial {trial.number}: training failed ({lines[-1] if lines else 'no output'}); see {log}")
@@ -207,8 +202,7 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
     )
     if storage is None:  # our own file: a trial still "running" died with an earlier search
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(stale.params, user_attrs={"run_dir": stale.user_attrs.get("run_dir", "")})
+            _run_again(study, stale, stale.user_attrs.get("run_dir", ""))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = trials - len(study.get_trials(deepcopy=False, states=done))
     bar = tqdm(total=trials, initial=trials - max(remaining, 0), desc="tune", unit="trial", disable=not progress)
@@ -224,8 +218,7 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
             except optuna.TrialPruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             except KeyboardInterrupt:  # as a killed search's running trial: run on by the same command again
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"run_dir": str(run_dir)})
+                _run_again(study, trial, str(run_dir))
                 raise Interrupted("the same command again goes on: finished trials count towards --trials, the one it "
                                   "stopped in continues from its checkpoint") from None
             except BaseException:
@@ -237,6 +230,13 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
             bar.update(1)
             bar.set_postfix_str(f"best {study.best_value:.4f}" if _has_complete(study, optuna) else "")
     return write_results(study, optuna, base, config_path, overrides, metric, output)
+
+
+def _run_again(study: Any, trial: Any, run_dir: str) -> None:
+    """A trial that stopped unfinished (the search killed or Ctrl-C'd) counts as failed and is queued
+    again with its values and run directory, where the next trial continues it from its checkpoint."""
+    study.tell(trial.number, state=_optuna().trial.TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"run_dir": run_dir})
 
 
 def _values(dimension: Dimension) -> tuple:
