@@ -1,7 +1,9 @@
 """Hugging Face directories: loading (single, sharded), saving, and the errors a user can cause."""
 
 import json
+import shutil
 
+import huggingface_hub
 import pytest
 import torch
 import transformers
@@ -88,5 +90,31 @@ def test_missing_path_and_unknown_names(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FinegrainError, match="no such file or directory"):
         resolve_model(str(tmp_path / "nothing.gguf"))
-    with pytest.raises(FinegrainError, match="could not fetch from the Hugging Face Hub|huggingface_hub is not installed"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FinegrainError, match="some-org/some-model: not a local path and not in the Hugging Face cache; download it first"):
         resolve_model("some-org/some-model")
+
+
+def test_hub_id_loads_from_the_local_cache_only(tiny_model_dir, tmp_path, monkeypatch):
+    # The layout `hf download` leaves: refs/main names the snapshot holding the files.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--some-org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("0" * 40))
+
+    calls = []
+    snapshot_download = huggingface_hub.snapshot_download
+
+    def no_network(repo_id, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        return snapshot_download(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    assert resolve_model("some-org/tiny") == repo / "snapshots" / ("0" * 40)
+    model, tokenizer = load_model("some-org/tiny", progress=False)
+    reference, _ = load_model(tiny_model_dir, progress=False)
+    ids = torch.tensor([tokenizer.encode("cached")])
+    with torch.no_grad():
+        assert_close(model(ids), reference(ids), atol=0, rtol=0)
+    assert calls == [True, True]  # never a download

@@ -39,7 +39,7 @@ class Checkpoint:
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
-    """The local file or directory behind a model name, path or Hub id."""
+    """The local file or directory behind a model name, a path, or a Hub id already in the local cache."""
     name = str(name_or_path or DEFAULT_MODEL)
     if name in BUNDLED_MODELS:
         dist_name, inner, version = BUNDLED_MODELS[name]
@@ -61,24 +61,25 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
         raise FinegrainError(
             f"{name}: no such file or directory; pass a .gguf file, a Hugging Face model directory or one of: {known}"
         )
-    return _download_from_hub(name)
+    return _from_hub_cache(name)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str) -> Path:
+    """A Hub id's snapshot in the local Hugging Face cache. finegrain never downloads a model."""
     fix = (
-        f"download config.json, the *.safetensors files and tokenizer files of {repo_id} "
-        "into a directory and pass its path with --model"
+        f"download it first (`hf download {repo_id} --local-dir DIR`) and pass DIR with --model, "
+        "or pass a .gguf file or a Hugging Face model directory"
     )
     try:
         import huggingface_hub
     except ImportError:
-        raise FinegrainError(f"{repo_id}: not a local path and huggingface_hub is not installed; {fix}") from None
+        raise FinegrainError(f"{repo_id}: no such file or directory; {fix}") from None
     try:
         local = huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"], local_files_only=True
         )
-    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
-        raise FinegrainError(f"{repo_id}: could not fetch from the Hugging Face Hub ({type(e).__name__}); {fix}") from e
+    except Exception as e:  # not cached, a bad id: finegrain goes no further than the cache
+        raise FinegrainError(f"{repo_id}: not a local path and not in the Hugging Face cache; {fix}") from e
     return Path(local)
 
 
