@@ -7,6 +7,7 @@ import pytest
 from finegrain.cli import main
 from finegrain.config import load_config, to_dict
 from finegrain.errors import FinegrainError
+from finegrain.rundir import read_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -25,6 +26,9 @@ def test_yaml_and_overrides(tmp_path):
         ("train:\n  lrr: 1\n", "did you mean 'train.lr'"),
         ("train:\n  epochs: two\n", "'train.epochs' must be float"),
         ("data: [1, 2\n", r"c.yaml:\d+: not valid YAML"),
+        ("train:\n  lr: 0.1\n  seed: 1\n  lr: 0.2\n", r"c.yaml:4: 'train.lr' is set twice \(also at .*c.yaml:2\); keep one"),
+        ("task: classification\ntask: ner\n", r"c.yaml:2: 'task' is set twice"),
+        ("- task: classification\n", "a run config is a mapping of sections .*not a list"),
         ("train:\n  schedule: sawtooth\ndata:\n  dataset: trec\n", "'train.schedule' must be linear, cosine or constant"),
         ("train:\n  lr: 0.1\n", "no training data"),
         ("train:\n  micro_batch_tokens: big\ndata:\n  dataset: trec\n", "'train.micro_batch_tokens' must be auto"),
@@ -38,6 +42,18 @@ def test_bad_configs(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(FinegrainError, match=message):
         load_config(path)
+
+
+def test_a_runs_hand_edited_config_gets_the_same_errors(tmp_path):
+    (tmp_path / "config.yaml").write_text("task: classification\n\tdata: x\n")
+    with pytest.raises(FinegrainError, match=r"config.yaml:2: not valid YAML"):
+        read_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("data:\n  dataset: trec\n  dataset: sst2\n")
+    with pytest.raises(FinegrainError, match=r"config.yaml:3: 'data.dataset' is set twice"):
+        read_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("data:\n  dataset: trec\ntrain:\n  lr: fast\n")
+    with pytest.raises(FinegrainError, match=r"config.yaml:4: 'train.lr' must be float"):
+        read_config(tmp_path)
 
 
 def test_bad_override():

@@ -350,12 +350,19 @@ def _check_items(value: list | dict, args: tuple, where: str, key: str) -> list 
 
 
 def _key_lines(node: yaml.Node | None, path: Path, prefix: str = "") -> dict[str, str]:
-    """`path:LINE` of every key in a composed YAML mapping, by dotted key, for error messages."""
+    """`path:LINE` of every key in a composed YAML mapping, by dotted key, for error messages.
+
+    A key set twice in one mapping is an error: YAML loaders keep the last one in silence.
+    """
     lines: dict[str, str] = {}
     if not isinstance(node, yaml.MappingNode):
         return lines
     for key_node, value_node in node.value:
         key = f"{prefix}{key_node.value}"
+        if key in lines:
+            raise FinegrainError(
+                f"{path}:{key_node.start_mark.line + 1}: '{key}' is set twice (also at {lines[key]}); keep one"
+            )
         lines[key] = f"{path}:{key_node.start_mark.line + 1}"
         lines.update(_key_lines(value_node, path, f"{key}."))
     return lines
@@ -382,6 +389,25 @@ def dotted(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A config file's mapping and the `path:LINE` of each dotted key; one-line errors for bad YAML,
+    a key set twice, or a file that is not a mapping of sections."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = yaml.safe_load(text) or {}
+        sources = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), path)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f":{line + 1}" if line is not None else ""
+        raise FinegrainError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from e
+    if not isinstance(values, dict):
+        raise FinegrainError(
+            f"{path}: a run config is a mapping of sections (task:, model:, data:, ...), not a "
+            f"{type(values).__name__}; see examples/rotten_tomatoes.yaml"
+        )
+    return values, sources
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults) and apply `section.key=value` overrides."""
     values: dict[str, Any] = {}
@@ -391,14 +417,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.exists():
             raise FinegrainError(f"{path}: config file not found; pass a YAML file such as examples/rotten_tomatoes.yaml")
-        try:
-            text = path.read_text(encoding="utf-8")
-            values = yaml.safe_load(text) or {}
-            sources = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), path)
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            at = f":{line + 1}" if line is not None else ""
-            raise FinegrainError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from e
+        values, sources = read_yaml(path)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:

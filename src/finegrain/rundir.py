@@ -37,9 +37,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from finegrain.config import RunConfig, from_dict, validate
+from finegrain.config import RunConfig, from_dict, read_yaml, validate
 from finegrain.errors import FinegrainError
 
 CONFIG = "config.yaml"
@@ -139,12 +137,19 @@ def is_finished(run_dir: str | Path) -> bool:
     return has_adapter(run_dir) or (Path(run_dir) / METRICS).is_file()
 
 
+def refuse_single_run(output: str | Path, what: str) -> None:
+    """Refuse, as the --output of a command that writes several runs, a directory that holds one run."""
+    if (Path(output) / CONFIG).is_file():
+        raise FinegrainError(f"{output}: holds a single run; choose another --output for {what}")
+
+
 def read_config(run_dir: str | Path) -> RunConfig:
     """The run's validated config.yaml; a one-line error when `run_dir` is not a run directory."""
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
-    config = from_dict(RunConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    values, sources = read_yaml(path)
+    config = from_dict(RunConfig, values, str(path), sources=sources)
     validate(config, str(path))
     return config
 
