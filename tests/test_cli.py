@@ -311,6 +311,21 @@ def test_evaluate_and_predict_skip_bad_rows_when_asked(tiny_run, tmp_path, capsy
     assert (tiny_run / "config.yaml").read_bytes() == config
 
 
+def test_output_onto_the_input_is_refused(tiny_run, tmp_path, capsys):
+    """predict --output or evaluate --output naming the file they read (or a link to it) would
+    replace the user's labelled data with predictions or metrics: refused, the file untouched."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "good film", "label": "fresh"}\n')
+    (tmp_path / "link.jsonl").symlink_to(rows)
+    for argv, flag in ((["predict", str(tiny_run), "--input", str(rows)], "--input"),
+                       (["evaluate", str(tiny_run), "--data", str(rows)], "--data")):
+        for output in (rows, tmp_path / "link.jsonl"):
+            assert main([*argv, "--output", str(output)]) == 1
+            one_line_error(capsys, f"--output {output}: is the {flag} file", "write to another file")
+    assert rows.read_text() == '{"text": "good film", "label": "fresh"}\n'
+    assert main(["predict", str(tiny_run), "--input", str(rows), "--output", str(tmp_path / "out.jsonl")]) == 0
+
+
 def test_predict_never_writes_nan(tiny_run, tmp_path, capsys, monkeypatch):
     from finegrain.run import Predictor
 

@@ -300,8 +300,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise FinegrainError("--paraphrase-prompt asks for the --paraphrase copies; add --robustness --paraphrase")
     if args.paraphrase_prompt and args.paraphrase_prompt.count("{text}") != 1:
         raise FinegrainError("--paraphrase-prompt: holds {text} once, where the text goes; add it")
+    _keep_input(args.data, args.output, "--data")
     join_job(args.run_dir, args.device)
     _evaluate(args)
+
+
+def _keep_input(source: str, output: str | None, flag: str) -> None:
+    """Refuse an --output that is the file being read: writing it would replace the user's data."""
+    if output and source != "-" and Path(source).is_file() and Path(output).is_file() and os.path.samefile(source, output):
+        raise FinegrainError(f"--output {output}: is the {flag} file, which it would replace; write to another file")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -346,6 +353,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return _launch_torchrun(args)
     if args.input == "-" and launched():
         raise FinegrainError("--input -: under torchrun every process reads the input; give a file")
+    _keep_input(args.input, args.output, "--input")
     join_job(args.run_dir, args.device)
     _predict(args)
 
