@@ -93,6 +93,23 @@ def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsy
     assert not (tmp_path / "s").exists()
 
 
+def test_commands_of_several_runs_refuse_a_run_directory_as_output(tiny_model_dir, tmp_path, capsys):
+    """sweep, tune and compare given one run's directory as --output wrote their runs, study and
+    logs among its files; now each refuses it and leaves it as it was."""
+    config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 20))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: classification\n")
+    (run / "metrics.json").write_text("{}")
+    for argv, what in ((["sweep", "--seeds", "2"], "the sweep"),
+                       (["tune", "--space", "train.lr=1e-4|1e-3", "--trials", "2"], "the study"),
+                       (["compare", "--models", str(tiny_model_dir)], "the comparison")):
+        assert main([argv[0], str(config_path), *argv[1:], "--output", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert f"{run}: holds a single run; choose another --output for {what}" in err and err.count("\n") == 1
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.json"]
+
+
 def test_prompted_labels_take_the_label_with_the_highest_mean_log_probability(tiny_model_dir):
     import torch.nn.functional as F
 

@@ -427,6 +427,7 @@ def compare(config_path: str | None, models: list[str], methods: list[str], seed
     """Train every cell (or read it when finished) and write the comparison; returns the files written.
     `prompted`: add the zero-shot prompted decoder baseline (`prompted_baseline`) where the task allows."""
     output = output_directory(output)
+    rundir.refuse_single_run(output, "the comparison")
     cells = plan(config_path, models, methods, seeds, output, overrides)
     rows = [run_cell(cell, config_path, progress) for cell in cells]
     if not any(r["score"] is not None and not math.isnan(r["score"]) for r in rows):

@@ -219,8 +219,7 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     if config.continual.strategy == "adapters" and class_incremental:
         raise FinegrainError("continual.strategy: adapters needs task-incremental stages (continual.tasks); with one "
                              "head over all classes nothing says which stage's adapter reads a text")
-    if output.exists() and (output / rundir.CONFIG).is_file():
-        raise FinegrainError(f"{output}: holds a single run; choose another --output for a sequence")
+    rundir.refuse_single_run(output, "a sequence")
     stages = class_stages(config) if class_incremental else task_stages(config)  # two or more: config.validate
     matrix: list[list[float]] = []
     seconds = []

@@ -33,6 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
 from finegrain.checkpoint.load import load_model
 from finegrain.config import RunConfig, validate
@@ -204,6 +205,7 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
     `prompted`: also score the base model prompted with k examples per class for each k (0:
     zero-shot) on each run's test split (classification)."""
     output = output_directory(output)
+    rundir.refuse_single_run(output, "the sweep")
     shots = list(dict.fromkeys(shots)) if shots is not None else None  # a size named twice trains once
     prompted = list(dict.fromkeys(prompted or []))
     if prompted and min(prompted) < 0:

@@ -193,6 +193,7 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
             load_config(config_path, [*overrides, *_overrides({dimension.key: value})])
     metric = _metric(base, metric)
     output = output_directory(output)
+    rundir.refuse_single_run(output, "the study")
     output.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name="finegrain", storage=storage or f"sqlite:///{output / STUDY_DB}", load_if_exists=True,
