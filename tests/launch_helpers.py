@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,9 +59,28 @@ def in_job(rank: int, world_size: int, port: int) -> Iterator[None]:
 def spawn(worker: Callable[..., None], *args: object, world_size: int = 2) -> None:
     """Run `worker(rank, world_size, port, *args)` in `world_size` spawned processes; each must exit 0."""
     context, port = multiprocessing.get_context("spawn"), free_port()
-    processes = [context.Process(target=worker, args=(rank, world_size, port, *args)) for rank in range(world_size)]
+    processes = [context.Process(target=_rank, args=(worker, rank, world_size, port, *args)) for rank in range(world_size)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=300)
-    assert [p.exitcode for p in processes] == [0] * world_size
+    exit_codes = [p.exitcode for p in processes]
+    assert exit_codes == [0] * world_size, f"the ranks' exit codes: {exit_codes}"
+
+
+def _rank(worker: Callable[..., None], *args: object) -> None:
+    """One spawned rank: the worker, then out of the job (where the worker did not leave it) and
+    out of the process at once, as `finegrain` ends a rank (`finegrain.cli.leave_job`): the
+    interpreter's teardown after a gloo job sometimes aborts ("terminate called without an active
+    exception")."""
+    try:
+        worker(*args)
+        shutdown()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
