@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from finegrain import rundir
 
 STOP_SECONDS = 30  # how long a child may take to stop after Ctrl-C before it is terminated
 INTERRUPTED = (130, -signal.SIGINT)  # a child's exit status after Ctrl-C: `finegrain`'s own, or the signal's
+
+
+def train_args(config_path: str | None, run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """The arguments after `finegrain train` for a child's run: `--resume` where an earlier attempt
+    stopped part-way (its checkpoint is there), else the config, its overrides and `--output`."""
+    if rundir.has_checkpoint(run_dir):
+        return ["--resume", str(run_dir)]
+    return [*([config_path] if config_path else []), *[a for o in overrides for a in ("--set", o)], "--output", str(run_dir)]
 
 
 def watch(process: subprocess.Popen, follow: Callable[[], None] | None = None) -> None:

@@ -49,7 +49,7 @@ from finegrain.atomic import atomic_path, atomic_write_json, output_directory
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
 from finegrain.cpu import peak_rss_mb
-from finegrain.children import watch
+from finegrain.children import train_args, watch
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
@@ -190,12 +190,8 @@ def _train_cell(cell: Cell, config_path: str | None, usage_path: Path, progress:
     """`finegrain train` of one cell in a child process that writes its peak RSS to `usage_path`."""
     if progress:
         print(f"compare: training {cell.model} {cell.method} seed {cell.seed} -> {cell.run_dir}", flush=True)
-    command = [sys.executable, "-c", CHILD, str(usage_path), "train"]
-    if rundir.has_checkpoint(cell.run_dir):  # stopped part-way by an earlier compare: it goes on
-        command += ["--resume", str(cell.run_dir)]
-    else:
-        command += [*([config_path] if config_path else []), "--output", str(cell.run_dir)]
-        command += [arg for override in cell.overrides for arg in ("--set", override)]
+    # A cell stopped part-way by an earlier compare goes on from its checkpoint.
+    command = [sys.executable, "-c", CHILD, str(usage_path), "train", *train_args(config_path, cell.run_dir, cell.overrides)]
     log = cell.run_dir.with_name(cell.run_dir.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as stderr:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
-from finegrain.children import watch
+from finegrain.children import train_args, watch
 from finegrain.config import RunConfig, dump_yaml, load_config
 from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
@@ -136,12 +136,8 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
         KeyboardInterrupt: Ctrl-C reached the search (the trial's process is stopped too) or the trial.
         FinegrainError: the training failed (its last error line and the log file named).
     """
-    resume = rundir.has_checkpoint(run_dir) and not (run_dir / rundir.METRICS).is_file()
-    command = [sys.executable, "-m", "finegrain.cli", "train"]
-    command += ["--resume", str(run_dir)] if resume else [*([config_path] if config_path else []),
-                                                           *[a for o in overrides for a in ("--set", o)],
-                                                           "--output", str(run_dir)]
-    if not (run_dir / rundir.METRICS).is_file():
+    if not (run_dir / rundir.METRICS).is_file():  # a finished trial (the search stopped before it was told) is read
+        command = [sys.executable, "-m", "finegrain.cli", "train", *train_args(config_path, run_dir, overrides)]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
