@@ -243,7 +243,7 @@ def _holds_run_config(run_dir: Path) -> bool:
 
 def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a start that never reached a checkpoint left, so the next start is a clean one."""
-    for name in (rundir.METRICS_LOG, rundir.LABELS, rundir.SKIPPED_ROWS):
+    for name in (rundir.METRICS_LOG, rundir.LABELS, rundir.SKIPPED_ROWS, rundir.RECIPE):
         (run_dir / name).unlink(missing_ok=True)
     for name in (rundir.BEST, rundir.CHECKPOINT, rundir.TENSORBOARD, rundir.TFIDF):
         shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -373,6 +373,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         )
         recipe = Recipe(config, getattr(config, "explicit", set()), scope).plan(splits, loaded[1], loaded[0], progress)
         validate(config, "the recipe")
+        if recipe:
+            atomic_write_json(run_dir / rundir.RECIPE, {c.key: {"value": c.value, "reason": c.reason} for c in recipe})
         atomic_write_text(run_dir / rundir.CONFIG, recipe_comments(recipe) + dump_yaml(config))
         if progress and recipe:
             print(recipe_text(recipe), flush=True)
@@ -453,8 +455,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
             **({"paraphrase_agreement": hooks[0].state_dict()} if hooks else {}),  # judge: current: rows seen, agreed with
         },
     }
-    if recipe:
-        results["recipe"] = {c.key: {"value": c.value, "reason": c.reason} for c in recipe}
+    if (run_dir / rundir.RECIPE).is_file():  # planned when the run started, which may be a process before this
+        results["recipe"] = json.loads((run_dir / rundir.RECIPE).read_text(encoding="utf-8"))
     if state.best_validation is not None:  # measured when the best weights were chosen
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
     if long_texts:

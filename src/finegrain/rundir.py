@@ -71,6 +71,7 @@ TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 ERROR = "error.txt"
 EXPLICIT_KEYS = ".explicit_keys.json"
+RECIPE = ".recipe.json"  # the keys the data recipe chose and why, kept for metrics.json of a resumed run
 
 # A `finegrain sweep` directory (the runs it trained below it): every run's scores and their
 # summary, the table of mean ± std, and the plot of the headline score.
