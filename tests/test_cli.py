@@ -151,6 +151,20 @@ def test_bad_values_are_one_line_and_leave_no_run_dir(tiny_model_dir, tmp_path, 
     assert not output.exists()
 
 
+@pytest.mark.parametrize("override, fragments", [
+    ("model.num_layers=5", ("model.num_layers: 5 is not between 1 and 2, the layers of", "leave it out")),
+    ("lora.layers=[-3]", ("lora.layers: [-3] is outside the model's 2 layers", "from -2 to -1")),
+])
+def test_layers_the_model_lacks_are_one_line_and_leave_no_run_dir(tiny_model_dir, tmp_path, capsys, override, fragments):
+    """A config written for the default model (30 layers) and run on a smaller one says the range."""
+    output = tmp_path / "run"
+    args = tiny_train_args(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), output)
+    assert main([*args, "--set", override]) == 1
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # lora.layers: after the probe's bar
+    assert last.startswith("finegrain train: error: ") and all(f in last for f in fragments), last
+    assert not output.exists()
+
+
 def test_class_weights_in_yaml_name_the_line(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  train: {tmp_path / 'd.jsonl'}\nhead:\n  class_weights: {{ham: abc}}\n")

@@ -107,6 +107,33 @@ def test_killed_run_continues_to_the_uninterrupted_result(straight, tmp_path, ca
     assert_same_run(run, reference)
 
 
+def test_a_resume_onto_changed_data_is_refused_and_goes_on_once_it_is_back(tiny_model_dir, tmp_path, capsys):
+    """Training rows removed or edited after a kill: the checkpoint's place in its epoch would point
+    past a shorter epoch (the loop spun for ever) or at other rows. The resume is refused in one line,
+    nothing changes, and with the data put back it ends where the uninterrupted run did."""
+    own = write_run_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    killed_train(str(own), "--output", str(run), fault="train_step:5")
+    data = tmp_path / "data.jsonl"
+    rows = data.read_text()
+    logged, labels = (run / "metrics.jsonl").read_bytes(), (run / "labels.json").read_bytes()
+    for changed, said in [("".join(rows.splitlines(keepends=True)[:40]), "(51 rows then, 32 now)"),
+                          (rows.replace("good film 1", "good film 2", 1), "(51 rows, other tokens or labels)"),
+                          (rows.replace('"fresh"', '"rotten"', 1), "(51 rows, other tokens or labels)"),
+                          (rows.replace('"fresh"', '"new"', 1), "(51 rows, other tokens or labels)")]:
+        data.write_text(changed)
+        assert main(["train", "--resume", str(run)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"finegrain train: error: {run}: the training data or its batching changed since the "
+                                  f"checkpoint at step 4 {said}"), err[-1]
+        assert (run / "metrics.jsonl").read_bytes() == logged and (run / "labels.json").read_bytes() == labels
+        assert not (run / "metrics.json").exists()
+    data.write_text(rows)
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert main(["train", str(own), "--output", str(tmp_path / "straight")]) == 0
+    assert_same_run(run, tmp_path / "straight")
+
+
 def default_sigint() -> None:
     """Ctrl-C as a terminal delivers it: a job started in the background (`cmd &`, as CI may run
     the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""

@@ -74,8 +74,7 @@ def build(config: RunConfig, labels: list, progress: bool = True, with_adapter: 
     backbone = llama.model
     total = len(backbone.layers)
     if config.model.num_layers is not None:
-        if not 1 <= config.model.num_layers <= total:
-            raise FinegrainError(f"model.num_layers: {config.model.num_layers} is not between 1 and {total}")
+        check_num_layers(config, total)
         backbone.layers = backbone.layers[: config.model.num_layers]
         backbone.config.num_layers = config.model.num_layers
     if isinstance(backbone.config, BertConfig):  # an encoder attends both ways, whatever model.bidirectional says
@@ -232,6 +231,13 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
     return config, None
 
 
+def check_num_layers(config: RunConfig, total: int) -> None:
+    """model.num_layers against the `total` layers of the loaded model (a config written for another)."""
+    if isinstance(config.model.num_layers, int) and not 1 <= config.model.num_layers <= total:
+        raise FinegrainError(f"model.num_layers: {config.model.num_layers} is not between 1 and {total}, the layers of "
+                             f"{config.model.name or DEFAULT_MODEL}; set one of those, or leave it out to keep them all")
+
+
 def _holds_run_config(run_dir: Path) -> bool:
     """Whether config.yaml is a finegrain run config (a file of another program is never replaced)."""
     try:
@@ -359,7 +365,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     started = time.perf_counter()
 
     splits = task_class(config.task).load_splits(config.data)
-    if writes:
+    if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
     paraphrases, tried = paraphrase_training(config, splits, run_dir, resume_dir is not None, writes, progress)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
@@ -371,6 +377,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         loaded = load_model(
             config.model.name, dtype=getattr(torch, config.model.dtype), progress=progress, quantize=config.model.quantize
         )
+        check_num_layers(config, len(loaded[0].model.layers))  # before the probe, which takes a while on a real model
         recipe = Recipe(config, getattr(config, "explicit", set()), scope).plan(splits, loaded[1], loaded[0], progress)
         validate(config, "the recipe")
         if recipe:

@@ -265,7 +265,8 @@ def adapted_layers(layers: list[int] | None, num_layers: int, section: str = "lo
         return None
     resolved = sorted({i + num_layers if i < 0 else i for i in layers})
     if resolved and not (0 <= resolved[0] and resolved[-1] < num_layers):
-        raise FinegrainError(f"{section}.layers: {layers} is outside the model's {num_layers} layers")
+        raise FinegrainError(f"{section}.layers: {layers} is outside the model's {num_layers} layers; give indices from 0 "
+                             f"to {num_layers - 1}, or from -{num_layers} to -1 counted from the top")
     return resolved
 
 

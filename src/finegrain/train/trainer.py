@@ -10,8 +10,11 @@ checkpoints that resume exactly (weights, optimizer, scheduler, RNG states, data
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
+from array import array
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from finegrain import rundir
 from finegrain.atomic import fault_point
 from finegrain.config import TrainConfig
 from finegrain.cpu import native_bf16, training_autocast
@@ -104,6 +108,7 @@ class TrainState:
     train_tokens: int = 0
     best_validation: dict[str, Any] | None = None  # all validation metrics at the best step
     averaged: dict[str, Any] | None = None  # train.average_last: the evaluations averaged and what they scored
+    data: dict[str, Any] | None = None  # what the batches are drawn from (`Trainer.data_print`): a resume checks it
 
 
 class Trainer:
@@ -229,12 +234,15 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainState:
         """Train to the end (or early stop) and leave the best weights loaded in the model."""
+        data = self.data_print()
         if resume:
+            self._check_same_data(data)
             saved = self.writer.load_checkpoint(self.trainable, self.optimizer, self.scheduler, self.hooks)
             for key, value in saved.items():
                 setattr(self.state, key, value)
         else:
             self.writer.start_log()
+        self.state.data = data
         if self.start_layer > 0:
             # Frozen layers below the adapted ones: computed once here instead of every epoch.
             for objective in self.objectives:
@@ -268,6 +276,32 @@ class Trainer:
         if self.sharded:
             self._unshard()
         return self.state
+
+    def data_print(self) -> dict[str, Any]:
+        """What the run's batches are drawn from: each objective's row count, and one digest of every
+        row's token ids and target with the batching keys. The same data and config give the same
+        print on any number of processes; a resume must find the checkpoint's."""
+        digest = hashlib.sha256(repr((self.config.batch_size, self.config.grad_accum, self.config.seed)).encode())
+        for objective in self.objectives:
+            for item in objective.items:
+                digest.update(array("q", item.input_ids).tobytes())
+                digest.update(repr(getattr(item, "target", getattr(item, "targets", None))).encode())
+        return {"rows": [len(objective.items) for objective in self.objectives], "sha256": digest.hexdigest()}
+
+    def _check_same_data(self, data: dict[str, Any]) -> None:
+        """Refuse to resume onto other rows or batches than the checkpoint's: its place in the epoch
+        would point elsewhere (past the end of a shorter epoch, the loop never advanced)."""
+        path = self.writer.run_dir / rundir.CHECKPOINT / rundir.STATE
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if saved.get("data") in (None, data):  # a checkpoint from before the print: not checked
+            return
+        then, now = sum(saved["data"]["rows"]), sum(data["rows"])
+        rows = f"{then} rows then, {now} now" if then != now else f"{now} rows, other tokens or labels"
+        raise FinegrainError(
+            f"{self.writer.run_dir}: the training data or its batching changed since the checkpoint at step "
+            f"{saved['step']} ({rows}); --resume goes on with what the run started with: put the data files and "
+            "config.yaml back as they were, or train into another --output"
+        )
 
     def _unshard(self) -> None:
         """FSDP: rank 0's model gets the trained weights back, whole (finegrain.train.fsdp.gather), and
