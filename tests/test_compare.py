@@ -127,6 +127,8 @@ def test_compare_writes_one_table_with_the_baselines_and_a_rerun_trains_nothing(
     assert again_rows[0]["score"] == rows[0]["score"]
     assert [r["peak_rss_mb"] for r in again_rows] == [r["peak_rss_mb"] for r in rows]  # kept beside each run
     assert json.loads(again["json"].read_text())["baselines"][-1] == baseline
+    with pytest.raises(FinegrainError, match=r"this run has lora.r: 8 \(.*\) and this command sets 4"):
+        compare(str(config_path), [str(tiny_model_dir)], ["lora"], 1, output, overrides=["lora.r=4"], progress=False)
 
 
 def test_the_prompted_decoder_is_the_first_decoder_and_only_for_single_label_classification(

@@ -80,6 +80,16 @@ def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(
     assert (output / "shots-4" / "seed-0" / "metrics.json").read_text() == finished
     assert again["summary"]["4"] == summary["summary"]["4"]
 
+    # Run again with another setting, it would have reported the old runs as the new ones.
+    table = (output / SUMMARY).read_bytes()
+    with pytest.raises(FinegrainError, match=r"shots-4/seed-0: this run has train.weight_decay: 0.0 \(not set: the "
+                       r"recipe's or the default\) and this command sets 0.5; to go on, run the command as it was first run"):
+        sweep(load_config(config_path, ["train.recipe=off", "train.weight_decay=0.5"]), output, seeds=2, shots=[4, 8],
+              progress=False)
+    with pytest.raises(FinegrainError, match=r"this run has train.recipe: False \(set\) and this command leaves it unset"):
+        sweep(load_config(config_path), output, seeds=2, shots=[4, 8], progress=False)
+    assert (output / SUMMARY).read_bytes() == table
+
 
 def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 20))

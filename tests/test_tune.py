@@ -65,6 +65,10 @@ def test_a_poor_trial_is_pruned_and_a_killed_search_continues(tiny_model_dir, tm
     assert again["trials"][3]["run_dir"] == str(output / "trial-2")
     assert len([s for s in states if s in ("complete", "pruned")]) == 3  # --trials counts the earlier ones
 
+    # The same study with another base setting: its earlier trials' scores were not made so.
+    with pytest.raises(FinegrainError, match=r"trial-0: this run has train.epochs: 2.* and this command sets 1"):
+        tune(config, ["train.epochs=1"], ["train.lr=log(1e-9,1e-1)"], trials=4, output=output, progress=False)
+
 
 @pytest.mark.parametrize("reaching", ["the search", "the trial"])
 def test_ctrl_c_leaves_the_trial_to_the_same_command_again(tiny_model_dir, tmp_path, monkeypatch, reaching):

@@ -9,9 +9,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from finegrain import rundir
+from finegrain.config import load_config
 
 STOP_SECONDS = 30  # how long a child may take to stop after Ctrl-C before it is terminated
 INTERRUPTED = (130, -signal.SIGINT)  # a child's exit status after Ctrl-C: `finegrain`'s own, or the signal's
+
+
+def refuse_other_settings(config_path: str | None, run_dir: Path, overrides: Sequence[str]) -> None:
+    """Refuse a child's run directory whose run was started with other settings than the config and
+    overrides give now (`rundir.refuse_other_settings`)."""
+    if (run_dir / rundir.CONFIG).is_file():
+        rundir.refuse_other_settings(run_dir, load_config(config_path, list(overrides)))
 
 
 def train_args(config_path: str | None, run_dir: Path, overrides: Sequence[str]) -> list[str]:

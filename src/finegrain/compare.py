@@ -49,7 +49,7 @@ from finegrain.atomic import atomic_path, atomic_write_json, output_directory
 from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model
 from finegrain.config import RunConfig, load_config
 from finegrain.cpu import peak_rss_mb
-from finegrain.children import train_args, watch
+from finegrain.children import refuse_other_settings, train_args, watch
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.report import Table, write_report
 from finegrain.peft import METHODS
@@ -180,6 +180,7 @@ def run_cell(cell: Cell, config_path: str | None, progress: bool = True) -> dict
         FinegrainError: the run failed (its one-line error is in the message).
     """
     usage_path = cell.run_dir.with_name(cell.run_dir.name + USAGE_SUFFIX)
+    refuse_other_settings(config_path, cell.run_dir, cell.overrides)
     if rundir.read_metrics(cell.run_dir) is None:
         _train_cell(cell, config_path, usage_path, progress)
     kept = _read_json(usage_path)

@@ -223,8 +223,7 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
                 f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
             )
         _clear_unstarted(run_dir)
-    if config.model.name and Path(config.model.name).exists():
-        config.model.name = str(Path(config.model.name).resolve())
+    config.model.name = rundir.model_name(config.model.name)
     atomic_write_text(run_dir / rundir.CONFIG, dump_yaml(config))
     if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
         atomic_write_json(run_dir / rundir.EXPLICIT_KEYS, sorted(config.explicit))
@@ -329,6 +328,8 @@ def train_or_resume(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     attempt finished it, or resumed from its checkpoint; so the same command, run again after a
     stop, goes on where it stopped. Returns the run's metrics.json content."""
     run_dir = Path(config.output)
+    if (run_dir / rundir.CONFIG).is_file():
+        rundir.refuse_other_settings(run_dir, config)
     if (run_dir / rundir.METRICS).is_file():
         return json.loads((run_dir / rundir.METRICS).read_text(encoding="utf-8"))
     try:

@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finegrain.config import RunConfig, from_dict, read_yaml, validate
+from finegrain.config import RunConfig, from_dict, read_yaml, to_dict, validate
 from finegrain.errors import FinegrainError
 
 CONFIG = "config.yaml"
@@ -153,6 +153,39 @@ def read_config(run_dir: str | Path) -> RunConfig:
     config = from_dict(RunConfig, values, str(path), sources=sources)
     validate(config, str(path))
     return config
+
+
+def model_name(name: str | None) -> str | None:
+    """`model.name` as a run keeps it: a local path made absolute (the run works from any directory)."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def refuse_other_settings(run_dir: str | Path, config: RunConfig) -> None:
+    """Refuse to go on with (or read back) the run in `run_dir` when it was started with other
+    settings than `config` (a command of several runs run again with another --set, which would
+    otherwise continue or report the old run): every key the user set then or sets now must hold
+    the same value."""
+    keys_path = Path(run_dir) / EXPLICIT_KEYS
+    if not keys_path.is_file() or not hasattr(config, "explicit"):  # a run from before the keys were kept
+        return
+    then_keys = set(json.loads(keys_path.read_text(encoding="utf-8")))
+    then = to_dict(read_config(run_dir))
+    now = to_dict(config)
+    now["model"]["name"] = model_name(now["model"]["name"])
+    for key in sorted((then_keys | config.explicit) - {"output"}):
+        old, new = _at(then, key), _at(now, key)
+        if old == new or (new == "auto" and key in then_keys & config.explicit):  # set to auto: the run has its choice
+            continue
+        how = "set" if key in then_keys else "not set: the recipe's or the default"
+        asked = f"sets {new!r}" if key in config.explicit else "leaves it unset"
+        raise FinegrainError(f"{run_dir}: this run has {key}: {old!r} ({how}) and this command {asked}; to go on, run "
+                             "the command as it was first run, or choose another --output")
+
+
+def _at(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def require_adapter(run_dir: str | Path) -> None:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from finegrain import rundir
 from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text, output_directory
-from finegrain.children import train_args, watch
+from finegrain.children import refuse_other_settings, train_args, watch
 from finegrain.config import RunConfig, dump_yaml, load_config
 from finegrain.errors import FinegrainError, Interrupted
 from finegrain.evaluate.metrics import higher_is_better
@@ -136,6 +136,7 @@ def run_trial(trial: Any, config_path: str | None, overrides: list[str], run_dir
         KeyboardInterrupt: Ctrl-C reached the search (the trial's process is stopped too) or the trial.
         FinegrainError: the training failed (its last error line and the log file named).
     """
+    refuse_other_settings(config_path, run_dir, overrides)
     if not (run_dir / rundir.METRICS).is_file():  # a finished trial (the search stopped before it was told) is read
         command = [sys.executable, "-m", "finegrain.cli", "train", *train_args(config_path, run_dir, overrides)]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,9 @@ def tune(config_path: str | None, overrides: list[str], space: list[str], trials
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             _run_again(study, stale, stale.user_attrs.get("run_dir", ""))
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for earlier in study.get_trials(deepcopy=False, states=done):  # their scores count: trained as asked now?
+        if earlier.user_attrs.get("run_dir"):
+            refuse_other_settings(config_path, Path(earlier.user_attrs["run_dir"]), [*overrides, *_overrides(earlier.params)])
     remaining = trials - len(study.get_trials(deepcopy=False, states=done))
     bar = tqdm(total=trials, initial=trials - max(remaining, 0), desc="tune", unit="trial", disable=not progress)
     with bar:  # closed before an error's line is printed
