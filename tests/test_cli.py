@@ -165,6 +165,13 @@ def test_layers_the_model_lacks_are_one_line_and_leave_no_run_dir(tiny_model_dir
     assert not output.exists()
 
 
+def test_a_label_written_two_ways_is_said_before_training(tiny_model_dir, tmp_path, capsys):
+    data = write_texts(tmp_path / "data.jsonl")
+    data.write_text(data.read_text().replace('"fresh"', '"Fresh"', 3))
+    assert main(tiny_train_args(tiny_model_dir, data, tmp_path / "run")) == 0
+    assert "labels: 'Fresh' and 'fresh' differ only in case, spaces or punctuation" in capsys.readouterr().out
+
+
 def test_class_weights_in_yaml_name_the_line(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  train: {tmp_path / 'd.jsonl'}\nhead:\n  class_weights: {{ham: abc}}\n")

@@ -352,6 +352,16 @@ def test_infer_labels() -> None:
         infer_labels([Example("x", 0.5, "f:1")])
 
 
+def test_labels_written_two_ways_are_named() -> None:
+    from finegrain.data.split import look_alike_labels
+
+    assert look_alike_labels(["neg", "pos", "spam", "ham"]) is None
+    assert look_alike_labels(["+", "-", "B-PER", "I-PER", "Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)"]) is None
+    line = look_alike_labels(["Pos", "neg", "not spam", "not_spam", "pos"])
+    assert line.startswith("labels: 'Pos' and 'pos'; 'not spam' and 'not_spam' differ only in case, spaces or "
+                           "punctuation and train as different classes"), line
+
+
 def test_max_eval_examples_caps_validation_and_test_with_a_stratified_sample(tmp_path) -> None:
     from finegrain.config import DataConfig
     from finegrain.data.load import load_splits

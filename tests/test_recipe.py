@@ -143,6 +143,7 @@ def test_cli_train_without_a_config_prints_and_saves_the_recipe(tiny_model_dir, 
                  "--set", "train.epochs=1", "--set", "train.threads=1"]) == 0
     out = capsys.readouterr().out
     assert "recipe chosen from the data" in out and "data.max_length" in out
+    assert "differ only in case" not in out
     saved = (run_dir / "config.yaml").read_text()
     assert saved.startswith("# finegrain train chose these keys from the data")
     config = yaml.safe_load(saved)

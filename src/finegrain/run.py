@@ -23,7 +23,7 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, res
 from finegrain.config import CURRENT_JUDGE, SELF_JUDGE, AugmentConfig, RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
-from finegrain.data.split import stratified_subset
+from finegrain.data.split import look_alike_labels, stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
@@ -368,6 +368,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     splits = task_class(config.task).load_splits(config.data)
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
+        if look_alike_labels(splits.labels):
+            print(look_alike_labels(splits.labels), flush=True)
     paraphrases, tried = paraphrase_training(config, splits, run_dir, resume_dir is not None, writes, progress)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     if config.augment.paraphrase:  # after the token-level noise, which copies originals alone

@@ -147,6 +147,21 @@ def infer_labels(examples: Sequence[Example]) -> list[str]:
         return sorted(labels)
 
 
+def look_alike_labels(labels: Sequence[str]) -> str | None:
+    """One line naming labels that differ only in case, spaces or punctuation ("Pos" and "pos",
+    "not_spam" and "not spam"): likely one class written two ways, which trains as two; None if
+    there are none."""
+    groups: dict[str, list[str]] = {}
+    for label in (label for label in labels if isinstance(label, str)):  # a regression keeps its mean and std there
+        key = "".join(ch for ch in label.casefold() if ch.isalnum())
+        groups.setdefault(key or label, []).append(label)
+    alike = [" and ".join(repr(label) for label in group) for group in groups.values() if len(group) > 1]
+    if not alike:
+        return None
+    return (f"labels: {'; '.join(alike)} differ only in case, spaces or punctuation and train as different classes; "
+            "if each group is one class, write it one way in the data")
+
+
 def _strata(examples: Sequence[Example]) -> list[Hashable]:
     if any(isinstance(ex.label, (int, float)) and not isinstance(ex.label, bool) for ex in examples):
         values = sorted(float(ex.label) for ex in examples if isinstance(ex.label, (int, float)))
