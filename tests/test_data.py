@@ -144,6 +144,10 @@ def test_missing_csv_column_suggests_the_nearest(tmp_path: Path) -> None:
     assert "is this TSV?" in _error(tsv_in_csv)
     semicolons = _write(tmp_path / "f.csv", "text;label\na;x\n")  # a spreadsheet's export in many locales
     assert "the header has ';' separators: save the file with ',' separators" in _error(semicolons)
+    headless = _write(tmp_path / "g.tsv", "a fine film\tpos\na poor film\tneg\n")
+    assert _error(headless) == (f"{headless}:1: no column 'text' in the header (columns: a fine film, pos); rename that "
+                                "column to 'text' (or, to train, set data.text_field), or if line 1 is a row, add a first "
+                                "line 'text\\tlabel'")
 
 
 @pytest.mark.parametrize(

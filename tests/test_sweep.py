@@ -91,6 +91,18 @@ def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(
     assert (output / SUMMARY).read_bytes() == table
 
 
+def test_a_size_some_class_cannot_fill_is_marked(tiny_model_dir, tmp_path):
+    """k per class beyond what a class's training split holds trains on all of it: said, not hidden."""
+    config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 60), epochs=1)
+    summary = sweep(load_config(config_path, ["train.recipe=off"]), tmp_path / "sweep", seeds=1, shots=[4, 40],
+                    progress=False)
+    assert summary["short_shots"] == [40]
+    assert summary["summary"]["4"]["train_examples"]["mean"] == 8 and summary["summary"]["40"]["train_examples"]["mean"] < 80
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "## 4 training examples per class\n" in table
+    assert "## 40 training examples per class (fewer in some classes" in table
+
+
 def test_bad_sweep_arguments_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     config_path = write_config(tmp_path / "c.yaml", tiny_model_dir, write_data(tmp_path / "d.jsonl", 20))
     assert main(["sweep", str(config_path), "--shots", "8,x", "--output", str(tmp_path / "s")]) != 0

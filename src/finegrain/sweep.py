@@ -102,6 +102,7 @@ def scores_of(results: dict[str, Any]) -> dict[str, float]:
             if isinstance(baseline, dict) and isinstance(baseline.get(key), (int, float)):
                 scores[f"baseline {name} {key}"] = float(baseline[key])
     scores["train_seconds"] = float(results.get("train", {}).get("train_seconds", 0.0))
+    scores["train_examples"] = float(results.get("train", {}).get("examples", 0))
     return scores
 
 
@@ -130,11 +131,15 @@ def summary_table(points: list[Point]) -> dict[str, dict[str, dict[str, float]]]
     return table
 
 
-def markdown(table: dict[str, dict[str, dict[str, float]]], headline: str) -> str:
+def markdown(table: dict[str, dict[str, dict[str, float]]], headline: str, short: list[int] = ()) -> str:
+    """sweep.md: a table per labelled-set size; `short`: the sizes that some class of the
+    training split could not fill (it gave all it had)."""
     lines = ["# Sweep", "", f"Scores on the test split: mean ± standard deviation over the runs, and the 95% "
              f"interval of the mean. The headline score is {headline}.", ""]
     for size, scores in table.items():
         shown = "all training examples" if size == "all" else f"{size} training examples per class"
+        if size != "all" and int(size) in short:
+            shown += " (fewer in some classes: their training split holds fewer, all of them were used; see train_examples)"
         lines += [f"## {shown}", "", "| score | mean ± std | 95% interval | runs |", "|---|---|---|---|"]
         for name, s in scores.items():
             lines.append(f"| {name} | {s['mean']:.4f} ± {s['std']:.4f} | {s['low']:.4f} – {s['high']:.4f} | {s['n']} |")
@@ -220,22 +225,25 @@ def sweep(config: RunConfig, output: str | Path, seeds: int = 1, shots: list[int
     if prompted and config.task != "classification":
         raise FinegrainError(f"--prompted: prompted baselines label texts with class names; task {config.task} has none")
     base = load_model(config.model.name, progress=False) if prompted else None
+    short: list[int] = []  # the sizes some class could not fill
     for point, run_config in zip(bar, configs):
         bar.set_postfix_str(point.name)
         results = train_or_resume(run_config, progress=False)  # config.output is point.run_dir
         point.scores = scores_of(results)
+        if point.shots and point.scores["train_examples"] < point.shots * len(results.get("labels") or []):
+            short.append(point.shots)
         if prompted:
             point.scores.update(prompted_scores(run_config, point, prompted, base))
         headline = headline or _headline(results)
     table = summary_table(points)
     summary = {
-        "seeds": seeds, "shots": shots, "folds": folds, "headline": headline,
+        "seeds": seeds, "shots": shots, "folds": folds, "headline": headline, "short_shots": sorted(set(short)),
         "runs": [{"name": p.name, "shots": p.shots, "seed": p.seed, "fold": p.fold, "run_dir": str(p.run_dir),
                   "scores": p.scores} for p in points],
         "summary": table,
     }
     atomic_write_json(output / SUMMARY, summary)
-    atomic_write_text(output / TABLE, markdown(table, headline))
+    atomic_write_text(output / TABLE, markdown(table, headline, short))
     plot(points, headline, output / PLOT)
     return summary
 

@@ -505,6 +505,9 @@ class _RowParser:
                 if close:
                     message += f"; did you mean {close[0]!r}?"
                 message += f"; rename that column to {column!r} (or, to train, set data.{key})"
+                if not close and not {self.text_field, self.label_field} & set(header):  # no header line at all?
+                    names = delimiter.join((self.text_field, self.label_field)[: len(header)])
+                    message += f", or if line 1 is a row, add a first line {names!r}"
             raise FinegrainError(message)
 
     def see_fields(self, obj: dict[str, Any]) -> None:
