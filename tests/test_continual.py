@@ -104,6 +104,14 @@ def test_class_incremental_sequence_with_replay_and_its_resume(tiny_model_dir, t
     assert (output / "stage-0" / "metrics.json").read_text() == first
     assert again["accuracy_matrix"][0] == results["accuracy_matrix"][0]
 
+    # Run again with another strategy, it had read the replay runs back as the new strategy's (the
+    # stages' configs do not hold it), and written their data files anew first.
+    written = (output / "data" / "stage-1" / "train.jsonl").read_bytes()
+    with pytest.raises(FinegrainError, match=r"seq: this run has continual.strategy: 'replay' \(set\) and this command "
+                                             r"sets 'sequential'"):
+        train_sequence(load_config(path, [f"output={output}", "continual.strategy=sequential"]), progress=False)
+    assert (output / "data" / "stage-1" / "train.jsonl").read_bytes() == written
+
 
 def test_task_incremental_adapters_forget_nothing(tiny_model_dir, tmp_path):
     topics = write_labelled(tmp_path / "topics.jsonl", ["sport", "tech"], 48)

@@ -49,8 +49,8 @@ from typing import Any
 from tqdm import tqdm
 
 from finegrain import rundir
-from finegrain.atomic import atomic_path, atomic_write_json
-from finegrain.config import DataConfig, RunConfig, from_dict
+from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
+from finegrain.config import DataConfig, RunConfig, dump_yaml, from_dict
 from finegrain.data.readers import write_examples
 from finegrain.errors import FinegrainError
 from finegrain.peft import read_adapter
@@ -220,6 +220,7 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         raise FinegrainError("continual.strategy: adapters needs task-incremental stages (continual.tasks); with one "
                              "head over all classes nothing says which stage's adapter reads a text")
     rundir.refuse_single_run(output, "a sequence")
+    keep_settings(config, output)
     stages = class_stages(config) if class_incremental else task_stages(config)  # two or more: config.validate
     matrix: list[list[float]] = []
     seconds = []
@@ -241,6 +242,19 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     atomic_write_json(output / rundir.METRICS, results)
     heatmap(matrix, [s.name for s in stages], output / MATRIX_PNG, config.continual.strategy)
     return results
+
+
+def keep_settings(config: RunConfig, output: Path) -> None:
+    """The sequence's config and the keys the user set, kept when it starts; run again (to go on
+    after a stop, or to read it back), it must be run with the same settings: a stage's own config
+    does not hold them all (the strategy, the buffer), and its data files are written anew."""
+    if (output / rundir.SEQUENCE).is_file():
+        rundir.refuse_other_settings(output, config, rundir.SEQUENCE)
+        return
+    kept = copy.deepcopy(config)
+    kept.model.name = rundir.model_name(kept.model.name)
+    atomic_write_text(output / rundir.SEQUENCE, dump_yaml(kept))
+    atomic_write_json(output / rundir.EXPLICIT_KEYS, sorted(getattr(config, "explicit", ())))
 
 
 def references(config: RunConfig, stages: list[Stage], matrix: list[list[float]], output: Path,

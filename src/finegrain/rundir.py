@@ -71,6 +71,7 @@ TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 ERROR = "error.txt"
 EXPLICIT_KEYS = ".explicit_keys.json"
+SEQUENCE = "sequence.yaml"  # a continual sequence's config as it was first run, beside its stages (finegrain.continual)
 RECIPE = ".recipe.json"  # the keys the data recipe chose and why, kept for metrics.json of a resumed run
 
 # A `finegrain sweep` directory (the runs it trained below it): every run's scores and their
@@ -144,9 +145,9 @@ def refuse_single_run(output: str | Path, what: str) -> None:
         raise FinegrainError(f"{output}: holds a single run; choose another --output for {what}")
 
 
-def read_config(run_dir: str | Path) -> RunConfig:
-    """The run's validated config.yaml; a one-line error when `run_dir` is not a run directory."""
-    path = Path(run_dir) / CONFIG
+def read_config(run_dir: str | Path, name: str = CONFIG) -> RunConfig:
+    """The run's validated config.yaml (or `name`); a one-line error when `run_dir` is not a run directory."""
+    path = Path(run_dir) / name
     if not path.exists():
         raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
     values, sources = read_yaml(path)
@@ -160,16 +161,16 @@ def model_name(name: str | None) -> str | None:
     return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
-def refuse_other_settings(run_dir: str | Path, config: RunConfig) -> None:
+def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CONFIG) -> None:
     """Refuse to go on with (or read back) the run in `run_dir` when it was started with other
     settings than `config` (a command of several runs run again with another --set, which would
     otherwise continue or report the old run): every key the user set then or sets now must hold
-    the same value."""
+    the same value. `name`: the config file kept there (a continual sequence's: SEQUENCE)."""
     keys_path = Path(run_dir) / EXPLICIT_KEYS
     if not keys_path.is_file() or not hasattr(config, "explicit"):  # a run from before the keys were kept
         return
     then_keys = set(json.loads(keys_path.read_text(encoding="utf-8")))
-    then = to_dict(read_config(run_dir))
+    then = to_dict(read_config(run_dir, name))
     now = to_dict(config)
     now["model"]["name"] = model_name(now["model"]["name"])
     for key in sorted((then_keys | config.explicit) - {"output"}):
