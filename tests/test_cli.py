@@ -290,6 +290,24 @@ def test_a_misspelt_metric_is_refused_before_training(tiny_model_dir, tmp_path, 
     assert {p: after[p] for p in before} == before and set(after) - set(before) == {run / "error.txt"}
 
 
+def test_evaluate_without_data_scores_the_runs_own_test_split(tiny_run, tmp_path, capsys):
+    """The split metrics.json was scored on, also for data the user has no file of (a bundled set)."""
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(tiny_run), "--robustness", "--output", str(out)]) == 0
+    metrics, trained = json.loads(out.read_text()), json.loads((tiny_run / "metrics.json").read_text())["test"]
+    assert metrics["source"] == trained["source"] and metrics["num_examples"] == trained["num_examples"] > 0
+    assert metrics["accuracy"] == trained["accuracy"] and set(metrics["robustness"]) >= {"clean", "typos", "swap"}
+    config = tiny_run / "config.yaml"
+    text = config.read_text()
+    try:  # the same run, told its data had no test part
+        config.write_text(text.replace("- 0.1\n  - 0.1\n", "- 0.2\n  - 0.0\n"))
+        capsys.readouterr()
+        assert main(["evaluate", str(tiny_run)]) == 1
+        one_line_error(capsys, "the run's data has no test split", "--data FILE")
+    finally:
+        config.write_text(text)
+
+
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
     import io
 

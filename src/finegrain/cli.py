@@ -300,7 +300,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise FinegrainError("--paraphrase-prompt asks for the --paraphrase copies; add --robustness --paraphrase")
     if args.paraphrase_prompt and args.paraphrase_prompt.count("{text}") != 1:
         raise FinegrainError("--paraphrase-prompt: holds {text} once, where the text goes; add it")
-    _keep_input(args.data, args.output, "--data")
+    if args.data:
+        _keep_input(args.data, args.output, "--data")
     join_job(args.run_dir, args.device)
     _evaluate(args)
 
@@ -324,9 +325,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(predictor.task.report_text(metrics))
     if args.robustness:
         from finegrain.data.augment import robustness, robustness_line
+        from finegrain.tasks.base import labelled_examples
 
         rewrite = _paraphraser(predictor, args.paraphrase_prompt) if args.paraphrase else None
-        metrics["robustness"] = robustness(predictor, args.data, metrics, rewrite)
+        examples, _ = labelled_examples(predictor.task, predictor.config.data, args.data)
+        metrics["robustness"] = robustness(predictor, examples, metrics, rewrite)
         print(robustness_line(metrics["robustness"]))
     if args.output:
         atomic_write_json(args.output, metrics)
@@ -591,9 +594,10 @@ def build_parser() -> Parser:
                    help="leave out the zero-shot prompted decoder baseline (minutes of a decoder's forward passes on CPU)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file")
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file or its own test split")
     p.add_argument("run_dir")
-    p.add_argument("--data", required=True, help="a labelled JSONL/CSV/TSV file")
+    p.add_argument("--data", help="a labelled JSONL/CSV/TSV file (default: the run's own test split, the one "
+                                  "its metrics.json was scored on)")
     p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
     p.add_argument("--output", help="also write the metrics as JSON here")
     p.add_argument("--device", help=DEVICE_HELP + " (default: the run's train.device)")

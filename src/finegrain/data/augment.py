@@ -140,10 +140,11 @@ def draw(total: int, count: int, rng: random.Random) -> list[int]:
     return indices
 
 
-def robustness(predictor: Any, path: str, clean: dict[str, Any],
+def robustness(predictor: Any, examples: list, clean: dict[str, Any],
                paraphrase: Callable[[list], tuple[list, int]] | None = None) -> dict[str, Any]:
-    """`evaluate --robustness`: the run's headline score on the labelled file `path` and on its
-    copies under each perturbation (seed 0), beside `clean` (the file's metrics as they are).
+    """`evaluate --robustness`: the run's headline score on labelled `examples` (a file's, or the
+    run's test split) and on their copies under each perturbation (seed 0), beside `clean` (the
+    examples' metrics as they are).
 
     `predictor` is a `finegrain.load(...)` result (a run or an ensemble). With `paraphrase` (the
     examples -> their paraphrased copies and how many were rewritten: `--paraphrase`), also the
@@ -151,7 +152,6 @@ def robustness(predictor: Any, path: str, clean: dict[str, Any],
     """
     task = predictor.task
     metric = predictor.config.train.metric or task.headline_metric
-    examples = task.read_file(predictor.config.data, str(path))
     gold = task.gold(examples)
     scores = {"metric": metric, "rate": RATE, "clean": _score(clean, metric)}
     for kind in KINDS:

@@ -287,18 +287,31 @@ def kept(result: Any, skipped: list[str] | None) -> list:
     return result.examples
 
 
-def score_file(task: Task, data: Any, path: str | Path,
+def labelled_examples(task: Task, data: Any, path: str | Path | None, skipped: list[str] | None = None) -> tuple[list, str]:
+    """The labelled examples to score and where they come from: the file `path`, read as `data`
+    says, or with None the test split of `data` as the run held it out (`evaluate` without --data)."""
+    if path is not None:
+        return task.read_file(data, str(path), skipped=skipped), str(path)
+    splits = task.load_splits(data)
+    if not splits.test:
+        raise FinegrainError("the run's data has no test split (data.test, or a third part in data.split); "
+                             "give a labelled file with --data FILE")
+    return splits.test, splits.origin["test"]
+
+
+def score_file(task: Task, data: Any, path: str | Path | None,
                predict: Callable[[list], list | None]) -> dict[str, Any] | None:
     """Metrics of `predict` (examples -> predictions) on the labelled file `path`, read as `data`
-    says; `skipped_rows` and `skipped_example` tell the rows `data.skip_bad_rows` left out. None
-    where `predict` gives None (a torchrun rank above 0)."""
+    says, or on the run's test split (`path` None: `labelled_examples`); `skipped_rows` and
+    `skipped_example` tell the rows `data.skip_bad_rows` left out. None where `predict` gives None
+    (a torchrun rank above 0)."""
     skipped: list[str] = []
-    examples = task.read_file(data, str(path), skipped=skipped)
+    examples, source = labelled_examples(task, data, path, skipped)
     predictions = predict(examples)
     if predictions is None:
         return None
     metrics = task.metrics(predictions, task.gold(examples))
-    metrics["source"] = str(path)
+    metrics["source"] = source
     if skipped:
         metrics["skipped_rows"], metrics["skipped_example"] = len(skipped), skipped[0]
     return metrics
