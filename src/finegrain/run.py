@@ -368,8 +368,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     splits = task_class(config.task).load_splits(config.data)
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
-        if look_alike_labels(splits.labels):
-            print(look_alike_labels(splits.labels), flush=True)
+        if alike := look_alike_labels(splits.labels):
+            print(alike, flush=True)
     paraphrases, tried = paraphrase_training(config, splits, run_dir, resume_dir is not None, writes, progress)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     if config.augment.paraphrase:  # after the token-level noise, which copies originals alone

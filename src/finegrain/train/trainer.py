@@ -291,9 +291,11 @@ class Trainer:
     def _check_same_data(self, data: dict[str, Any]) -> None:
         """Refuse to resume onto other rows or batches than the checkpoint's: its place in the epoch
         would point elsewhere (past the end of a shorter epoch, the loop never advanced)."""
-        path = self.writer.run_dir / rundir.CHECKPOINT / rundir.STATE
-        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        if saved.get("data") in (None, data):  # a checkpoint from before the print: not checked
+        try:
+            saved = json.loads((self.writer.run_dir / rundir.CHECKPOINT / rundir.STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing or damaged: the checkpoint's loading says so, in one line
+            return
+        if not isinstance(saved, dict) or saved.get("data") in (None, data):  # from before the print: not checked
             return
         then, now = sum(saved["data"]["rows"]), sum(data["rows"])
         rows = f"{then} rows then, {now} now" if then != now else f"{now} rows, other tokens or labels"
