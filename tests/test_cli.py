@@ -1,6 +1,7 @@
 """The `finegrain` command: generate/info/convert, and one-line errors with a non-zero exit."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -306,6 +307,24 @@ def test_evaluate_without_data_scores_the_runs_own_test_split(tiny_run, tmp_path
         one_line_error(capsys, "the run's data has no test split", "--data FILE")
     finally:
         config.write_text(text)
+
+
+def test_a_run_whose_base_model_moved_says_where_to_set_it(tiny_model_dir, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    run = tmp_path / "run"
+    data = write_texts(tmp_path / "data.jsonl")
+    assert main(tiny_train_args(base, data, run)) == 0
+    base.rename(tmp_path / "moved")
+    capsys.readouterr()
+    for command in (["predict", str(run), "--input", str(data)], ["evaluate", str(run)], ["serve", str(run)],
+                    ["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf")], ["train", "--resume", str(run)]):
+        assert main(command) == 1
+        one_line_error(capsys, f"{run}: its base model {base} (model.name in its config.yaml) is not there any more; "
+                               f"put it back, or set model.name in {run / 'config.yaml'} to where it is now")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(f"name: {base}\n", f"name: {tmp_path / 'moved'}\n"))
+    assert main(["evaluate", str(run)]) == 0  # the fix the line gives
 
 
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):

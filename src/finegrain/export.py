@@ -105,6 +105,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
         raise FinegrainError(f"{output}: already exists; choose another --output (export never overwrites)")
     if fmt == "peft":
         return _export_peft(run_dir, output)
+    rundir.require_base_model(run_dir, config)  # merged into what is written
     require_mergeable(config, run_dir, fmt)
     if fmt == "hf":
         return _export_hf(run_dir, config, output, dtype)

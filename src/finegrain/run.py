@@ -206,6 +206,7 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
     if resume:
         config = rundir.read_config(run_dir)
         if has_checkpoint(run_dir):
+            rundir.require_base_model(run_dir, config)
             return config, run_dir
         if is_finished(run_dir):
             raise FinegrainError(
@@ -737,6 +738,7 @@ def build_trained(config: RunConfig, run_dir: str | Path, progress: bool = False
     with the run's adapter, or for a full fine-tune (peft.method: full) its own model directory and head."""
     labels = rundir.read_labels(run_dir)
     if not rundir.has_model(run_dir):
+        rundir.require_base_model(run_dir, config)
         model, tokenizer, task, _ = build(config, labels, progress, with_adapter=False)
         load_adapter(model, rundir.adapter_dir(run_dir))
         return model, tokenizer, task

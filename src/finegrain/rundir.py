@@ -161,6 +161,15 @@ def model_name(name: str | None) -> str | None:
     return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
+def require_base_model(run_dir: str | Path, config: RunConfig) -> None:
+    """Refuse a run (its adapter, or its checkpoint to resume) whose base model, a local path in its
+    config.yaml, is no longer there: moved or deleted since the run was trained."""
+    name = config.model.name
+    if name and Path(name).is_absolute() and not Path(name).exists() and not has_model(run_dir):
+        raise FinegrainError(f"{run_dir}: its base model {name} (model.name in its {CONFIG}) is not there any more; "
+                             f"put it back, or set model.name in {Path(run_dir) / CONFIG} to where it is now")
+
+
 def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CONFIG) -> None:
     """Refuse to go on with (or read back) the run in `run_dir` when it was started with other
     settings than `config` (a command of several runs run again with another --set, which would

@@ -190,6 +190,7 @@ class ModelRegistry:
                 continue
             config = rundir.read_config(run_dir)
             rundir.require_adapter(run_dir)
+            rundir.require_base_model(run_dir, config)
             if rundir.has_model(run_dir):  # a full fine-tune: its own model is its base, shared with no one
                 config.model.name = str(rundir.model_dir(run_dir).resolve())
             try:
@@ -216,6 +217,7 @@ class ModelRegistry:
         for i, member in enumerate(members):
             config = rundir.read_config(member)
             rundir.require_adapter(member)
+            rundir.require_base_model(member, config)
             if rundir.has_model(member):
                 config.model.name = str(rundir.model_dir(member).resolve())
             configs.append(config)
