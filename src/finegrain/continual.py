@@ -49,12 +49,12 @@ from typing import Any
 from tqdm import tqdm
 
 from finegrain import rundir
-from finegrain.atomic import atomic_path, atomic_write_json, atomic_write_text
-from finegrain.config import DataConfig, RunConfig, dump_yaml, from_dict
+from finegrain.atomic import atomic_path, atomic_write_json
+from finegrain.config import DataConfig, RunConfig, from_dict
 from finegrain.data.readers import write_examples
 from finegrain.errors import FinegrainError
 from finegrain.peft import read_adapter
-from finegrain.run import Predictor, train_or_resume
+from finegrain.run import Predictor, keep_settings, train_or_resume
 from finegrain.tasks import task_class
 
 MATRIX_PNG = "accuracy_matrix.png"
@@ -220,7 +220,7 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         raise FinegrainError("continual.strategy: adapters needs task-incremental stages (continual.tasks); with one "
                              "head over all classes nothing says which stage's adapter reads a text")
     rundir.refuse_single_run(output, "a sequence")
-    keep_settings(config, output)
+    keep_or_check_settings(config, output)
     stages = class_stages(config) if class_incremental else task_stages(config)  # two or more: config.validate
     matrix: list[list[float]] = []
     seconds = []
@@ -244,17 +244,14 @@ def train_sequence(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     return results
 
 
-def keep_settings(config: RunConfig, output: Path) -> None:
+def keep_or_check_settings(config: RunConfig, output: Path) -> None:
     """The sequence's config and the keys the user set, kept when it starts; run again (to go on
     after a stop, or to read it back), it must be run with the same settings: a stage's own config
     does not hold them all (the strategy, the buffer), and its data files are written anew."""
     if (output / rundir.SEQUENCE).is_file():
         rundir.refuse_other_settings(output, config, rundir.SEQUENCE)
         return
-    kept = copy.deepcopy(config)
-    kept.model.name = rundir.model_name(kept.model.name)
-    atomic_write_text(output / rundir.SEQUENCE, dump_yaml(kept))
-    atomic_write_json(output / rundir.EXPLICIT_KEYS, sorted(getattr(config, "explicit", ())))
+    keep_settings(output, config, rundir.SEQUENCE)
 
 
 def references(config: RunConfig, stages: list[Stage], matrix: list[list[float]], output: Path,

@@ -215,8 +215,8 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         _clear_unstarted(run_dir)
         # The keys the user set, kept from a start so that `--resume` of a start that never reached a
         # checkpoint (config.yaml then predates the recipe's choices) plans the same recipe again.
-        if (run_dir / rundir.EXPLICIT_KEYS).is_file():
-            config.explicit = set(json.loads((run_dir / rundir.EXPLICIT_KEYS).read_text(encoding="utf-8")))
+        if (kept := rundir.kept_keys(run_dir)) is not None:
+            config.explicit = kept
         return config, None
     if (run_dir / rundir.CONFIG).exists():
         if not _holds_run_config(run_dir) or has_checkpoint(run_dir) or is_finished(run_dir):
@@ -224,11 +224,17 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
                 f"{run_dir}: already holds a run; continue it with `finegrain train --resume {run_dir}` or choose another --output"
             )
         _clear_unstarted(run_dir)
-    config.model.name = rundir.model_name(config.model.name)
-    atomic_write_text(run_dir / rundir.CONFIG, dump_yaml(config))
-    if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
-        atomic_write_json(run_dir / rundir.EXPLICIT_KEYS, sorted(config.explicit))
+    keep_settings(run_dir, config)
     return config, None
+
+
+def keep_settings(directory: Path, config: RunConfig, name: str = rundir.CONFIG) -> None:
+    """Write `config` as `name` (its model path made absolute) and the keys the user set, beside it:
+    what a start records and `rundir.refuse_other_settings` compares a later command with."""
+    config.model.name = rundir.model_name(config.model.name)
+    atomic_write_text(directory / name, dump_yaml(config))
+    if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
+        atomic_write_json(directory / rundir.EXPLICIT_KEYS, sorted(config.explicit))
 
 
 def check_num_layers(config: RunConfig, total: int) -> None:

@@ -170,15 +170,20 @@ def require_base_model(run_dir: str | Path, config: RunConfig) -> None:
                              f"put it back, or set model.name in {Path(run_dir) / CONFIG} to where it is now")
 
 
+def kept_keys(directory: str | Path) -> set[str] | None:
+    """The keys the user set, as `finegrain.run.keep_settings` kept them; None where they were not kept."""
+    path = Path(directory) / EXPLICIT_KEYS
+    return set(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
 def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CONFIG) -> None:
     """Refuse to go on with (or read back) the run in `run_dir` when it was started with other
     settings than `config` (a command of several runs run again with another --set, which would
     otherwise continue or report the old run): every key the user set then or sets now must hold
     the same value. `name`: the config file kept there (a continual sequence's: SEQUENCE)."""
-    keys_path = Path(run_dir) / EXPLICIT_KEYS
-    if not keys_path.is_file() or not hasattr(config, "explicit"):  # a run from before the keys were kept
+    then_keys = kept_keys(run_dir)
+    if then_keys is None or not hasattr(config, "explicit"):  # a run from before the keys were kept
         return
-    then_keys = set(json.loads(keys_path.read_text(encoding="utf-8")))
     then = to_dict(read_config(run_dir, name))
     now = to_dict(config)
     now["model"]["name"] = model_name(now["model"]["name"])

@@ -14,9 +14,9 @@ import hashlib
 import json
 import math
 import random
-from array import array
 import time
 import warnings
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
