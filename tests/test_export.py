@@ -5,6 +5,7 @@ finegrain read back (f16 exactly up to float16, q8_0/q4_0 within their quantisat
 alone through PEFT, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,50 @@ def test_peft_export_is_the_adapter_that_peft_loads(runs, tmp_path):
     with torch.no_grad():
         for ids, ours in run_logits(runs["lora"], TEXTS):
             torch.testing.assert_close(tuned(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_calibrated_run_exports_its_temperature_in_the_hf_head(runs, tmp_path, capsys):
+    """transformers' softmax of the exported logits gives the probabilities `finegrain predict` gives the
+    calibrated run; the adapter alone says it is before calibration."""
+    import transformers
+
+    run = tmp_path / "calibrated"
+    shutil.copytree(runs["lora"], run)
+    assert main(["calibrate", str(run)]) == 0
+    temperature = json.loads((run / "temperature.json").read_text())["temperature"]
+    assert abs(temperature - 1) > 0.01
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    assert f"calibration temperature {temperature:.4f}" in capsys.readouterr().out
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    predictor = finegrain.load(run)
+    with torch.no_grad():
+        for (ids, _), prediction in zip(run_logits(run, TEXTS), predictor.predict(TEXTS)):
+            probabilities = hf(torch.tensor([ids])).logits[0].softmax(-1)
+            expected = torch.tensor([prediction["probabilities"][label] for label in ("fresh", "rotten")])
+            torch.testing.assert_close(probabilities, expected, atol=2e-6, rtol=0)
+    assert main(["export", str(run), "--format", "peft", "--output", str(tmp_path / "adapter")]) == 0
+    assert f"before calibration: divide them by the run's temperature {temperature:.4f}" in capsys.readouterr().out
+
+
+def test_a_run_that_mixes_in_tfidf_exports_only_as_the_model_alone(tiny_model_dir, tmp_path, capsys):
+    """No transformers or PEFT model holds the TF-IDF mix: export refuses in one line with both test
+    scores, and --model-alone writes the model's own logits and says what it leaves out."""
+    import transformers
+
+    run = train(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), tmp_path / "mixed", "--set", "head.tfidf_mix=0.5")
+    capsys.readouterr()
+    for fmt in ("hf", "peft"):
+        assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / fmt)]) == 1
+        one_line_error(capsys, "mix in a TF-IDF model at weight 0.5", "test macro_f1", "without", f"no {fmt} model holds",
+                       "--model-alone")
+        assert not (tmp_path / fmt).exists()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf"), "--model-alone"]) == 0
+    assert "the model alone: without a TF-IDF model at weight 0.5" in capsys.readouterr().out
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(run, TEXTS):
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
 
 
 def one_line_error(capsys, *fragments):

@@ -401,10 +401,11 @@ def _json_line(record: dict, number: int, run_dir: str) -> str:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """A finished run as a merged Hugging Face model, a GGUF file or its PEFT adapter (`finegrain.export`)."""
-    from finegrain.export import export_run
+    from finegrain.export import export_note, export_run
 
-    path = export_run(args.run_dir, args.format, args.output, args.dtype)
-    print(f"wrote {path}")
+    path = export_run(args.run_dir, args.format, args.output, args.dtype, args.model_alone)
+    note = export_note(args.run_dir, args.format, args.model_alone)
+    print(f"wrote {path}" + (f"; {note}" if note else ""))
 
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
@@ -635,11 +636,15 @@ def build_parser() -> Parser:
                                    "(minilm-l6) BertForSequenceClassification, BertForTokenClassification or "
                                    "BertForQuestionAnswering; gguf: "
                                    "an instruct run's merged model for llama.cpp/Ollama; peft: the adapter alone. Methods that "
-                                   "cannot merge (prompt, prefix, adapter) export with --format peft only.")
+                                   "cannot merge (prompt, prefix, adapter) export with --format peft only. A calibrated "
+                                   "run's temperature is divided into the hf head.")
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", required=True, choices=("hf", "peft", "gguf"), help="hf, peft or gguf")
     p.add_argument("--dtype", help="hf: f32 (default) or f16; gguf: f16 (default), q8_0 or q4_0")
     p.add_argument("--output", required=True, help="a new directory (gguf: also a FILE.gguf)")
+    p.add_argument("--model-alone", action="store_true",
+                   help="a run that mixes a TF-IDF model into its predictions (head.tfidf_mix): export its model "
+                        "without the mix (no transformers or PEFT model holds it; export refuses such a run otherwise)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("interpolate", help="score the weights between the base (alpha 0) and the tuned run (alpha 1)",

@@ -16,6 +16,13 @@
   (`gguf_file=`) and `finegrain.load_model` read it.
 - `peft`: a copy of the run's adapter directory, which `peft.PeftModel.from_pretrained` loads.
 
+A classification run's predictions may hold more than its model: a TF-IDF model mixed into its
+probabilities (`head.tfidf_mix`) and a temperature (`finegrain calibrate`). No transformers class
+holds the mix, so `hf` and `peft` refuse such a run unless asked for the model alone
+(`model_alone`): an export that scored below the run's report without a word would be the worst
+outcome. A temperature without a mix is divided into the `hf` head, so softmax of its logits gives
+the run's probabilities; a `peft` adapter gives the logits before it (`export_note` says so).
+
 A method whose config class says `mergeable = False` (prompt and prefix tuning: their virtual
 tokens are inputs, not a change of any weight) has no merged form: `hf` and `gguf` refuse it in
 one line. Every output appears whole or not at all (`finegrain.atomic`).
@@ -47,6 +54,7 @@ from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
 from finegrain.run import build_trained
 from finegrain.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
+from finegrain.train.trainer import flat_metrics
 
 FORMATS = ("hf", "peft", "gguf")
 HF_DTYPES = ("f32", "f16")
@@ -82,7 +90,8 @@ _GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_nor
 _GGUF_NORMAL, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 3, 4  # llama.cpp's token types
 
 
-def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | None = None) -> Path:
+def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | None = None,
+               model_alone: bool = False) -> Path:
     """Write run `run_dir` in format `fmt` to `output`; returns the path written.
 
     Args:
@@ -90,10 +99,13 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
         fmt: "hf", "peft" or "gguf".
         output: a directory that does not exist yet; for gguf also a `.gguf` file path.
         dtype: hf: "f32" (default) or "f16"; gguf: "f16" (default), "q8_0" or "q4_0".
+        model_alone: export a run that mixes a TF-IDF model into its predictions without it
+            (and without a temperature fitted to the mixed probabilities).
 
     Raises:
         FinegrainError: not a finished run, an unknown format or dtype, an output that exists,
-            a method that cannot merge, a task the format cannot hold.
+            a method that cannot merge, a task the format cannot hold, a TF-IDF mix without
+            `model_alone`.
     """
     run_dir, output = Path(run_dir), Path(output)
     if fmt not in FORMATS:
@@ -103,13 +115,61 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
     rundir.require_adapter(run_dir)
     if output.exists():
         raise FinegrainError(f"{output}: already exists; choose another --output (export never overwrites)")
+    if fmt != "peft":
+        rundir.require_base_model(run_dir, config)  # merged into what is written
+        require_mergeable(config, run_dir, fmt)
+    if tfidf_weight(run_dir) and not model_alone:
+        raise FinegrainError(f"{run_dir}: its predictions mix in {_mix_words(run_dir)}, which no {fmt} model holds: serve the run with "
+                             "`finegrain serve` or `finegrain.load`, or export the model alone with --model-alone")
     if fmt == "peft":
         return _export_peft(run_dir, output)
-    rundir.require_base_model(run_dir, config)  # merged into what is written
-    require_mergeable(config, run_dir, fmt)
     if fmt == "hf":
-        return _export_hf(run_dir, config, output, dtype)
+        return _export_hf(run_dir, config, output, dtype, exported_temperature(run_dir, fmt))
     return _export_gguf(run_dir, config, output, dtype)
+
+
+def tfidf_weight(run_dir: Path) -> float:
+    """The weight of the TF-IDF model the run mixes into its probabilities; 0 without one."""
+    path = rundir.tfidf_dir(run_dir) / "config.json"
+    if not path.is_file():
+        return 0.0
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["weight"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FinegrainError(f"{path}: the run's TF-IDF model cannot be read ({exc}); train the run again") from None
+
+
+def _mix_words(run_dir: Path) -> str:
+    """'a TF-IDF model at weight W (head.tfidf_mix; test M X with it, Y without)'."""
+    metrics = rundir.read_metrics(run_dir) or {}
+    mix = metrics.get("tfidf_mix") or {}
+    metric = mix.get("metric")
+    with_mix, alone = flat_metrics(metrics.get("test") or {}).get(metric), (mix.get("test_model_alone") or {}).get(metric)
+    scores = f"; test {metric} {with_mix:.4f} with it, {alone:.4f} without" if None not in (with_mix, alone) else ""
+    return f"a TF-IDF model at weight {tfidf_weight(run_dir):g} (head.tfidf_mix{scores})"
+
+
+def exported_temperature(run_dir: Path, fmt: str) -> float | None:
+    """The calibration temperature an `hf` export divides into its head: the run's, unless it mixes
+    in a TF-IDF model (the temperature was fitted to the mixed probabilities)."""
+    return rundir.read_temperature(run_dir) if fmt == "hf" and not tfidf_weight(run_dir) else None
+
+
+def export_note(run_dir: str | Path, fmt: str, model_alone: bool = False) -> str | None:
+    """What a user of the export should know that its files do not say: the mix or the temperature
+    it leaves out, or the temperature in its head; None when it predicts as the run does."""
+    run_dir = Path(run_dir)
+    temperature = rundir.read_temperature(run_dir)
+    if model_alone and tfidf_weight(run_dir):
+        left = " and its calibration temperature (fitted to the mixed probabilities)" if temperature else ""
+        return f"the model alone: without {_mix_words(run_dir)}{left}"
+    if temperature is None or fmt == "gguf":
+        return None
+    if exported_temperature(run_dir, fmt):
+        return (f"its head divides the logits by the run's calibration temperature {temperature:.4f} ({rundir.TEMPERATURE}): "
+                "their softmax is the run's probabilities")
+    return (f"the adapter gives the logits before calibration: divide them by the run's temperature {temperature:.4f} "
+            f"({rundir.TEMPERATURE}) for its probabilities")
 
 
 def _check_dtype(fmt: str, dtype: str | None) -> str | None:
@@ -162,7 +222,7 @@ def _export_peft(run_dir: Path, output: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- hf
 
 
-def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Path:
+def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str, temperature: float | None) -> Path:
     encoder = is_encoder(config.model.name)
     architecture = (BERT_HEADS if encoder else HF_HEADS).get(config.task)
     if architecture is None:
@@ -170,7 +230,7 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
             f"{run_dir}: a task {config.task} head has no transformers class; export its adapter and head with --format peft"
         )
     if encoder:
-        return _export_bert(run_dir, config, output, dtype, architecture)
+        return _export_bert(run_dir, config, output, dtype, architecture, temperature)
     if config.model.bidirectional:
         raise FinegrainError(f"{run_dir}: model.bidirectional runs have no transformers class (transformers' LLaMA is causal)")
     if architecture == "LlamaForSequenceClassification" and config.head.pooling != "last":
@@ -182,10 +242,19 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str) -> Pa
     require_llama(model, run_dir)
     state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
-    return _write_hf(output, state, hf_config, tokenizer, dtype, generation)
+    return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype, generation)
 
 
-def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, architecture: str) -> Path:
+def _divide_head(state: dict[str, torch.Tensor], temperature: float | None) -> dict[str, torch.Tensor]:
+    """A sequence classifier's tensors with its head's logits divided by the run's calibration temperature."""
+    if temperature is None:
+        return state
+    head = ("score.weight", "score.bias", "classifier.weight", "classifier.bias")
+    return {k: v / temperature if k in head else v for k, v in state.items()}
+
+
+def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, architecture: str,
+                 temperature: float | None) -> Path:
     """`_export_hf` for a run on a BERT-family encoder: the merged encoder and head as `architecture`."""
     if architecture == "BertForSequenceClassification" and config.head.pooling != "first":
         raise FinegrainError(
@@ -194,7 +263,7 @@ def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, arc
         )
     model, tokenizer, task = merged_model(run_dir, config)
     state, hf_config = bert_state_dict(model, task, architecture)
-    return _write_hf(output, state, hf_config, tokenizer, dtype)
+    return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype)
 
 
 def _write_hf(output: Path, state: dict, hf_config: dict, tokenizer: Any, dtype: str,
