@@ -1,5 +1,6 @@
 """The `finegrain` command: generate/info/convert, and one-line errors with a non-zero exit."""
 
+import io
 import json
 import shutil
 import os
@@ -212,6 +213,16 @@ def test_sampling_flags_are_checked_before_the_model_loads(tmp_path, capsys, com
     one_line_error(capsys, message)
 
 
+def test_an_empty_prompt_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """It was an IndexError from the decoding loop, after the model had loaded."""
+    missing = str(tmp_path / "no-model.gguf")  # never opened
+    assert main(["generate", "--prompt", "", "--model", missing]) == 1
+    one_line_error(capsys, "--prompt: an empty prompt leaves nothing to continue", "--chat")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["generate", "--prompt", "-", "--model", missing]) == 1
+    one_line_error(capsys, "standard input: an empty prompt")
+
+
 def test_an_output_the_system_refuses_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
     data = write_texts(tmp_path / "data.jsonl")
     a_file = tmp_path / "notes.txt"
@@ -328,8 +339,6 @@ def test_a_run_whose_base_model_moved_says_where_to_set_it(tiny_model_dir, tmp_p
 
 
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
-    import io
-
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
     assert main(["predict", str(tiny_run), "--input", "-"]) == 1
     one_line_error(capsys, "standard input", "no text")

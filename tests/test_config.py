@@ -99,12 +99,14 @@ def test_wrongly_typed_items_name_the_key(override, message):
      ("train.checkpoint_every=0", "at least 1"), ("train.seed=-1", "in [0, 2**32 - 1]"),
      ("train.threads=0", "at least 1, or null"), ("train.prefix_cache_ram_mb=-5", "at least 0"),
      ("head.threshold=2", "a probability in (0, 1)"),
-     ("data.text_field=label", "a column other than data.label_field ('label'): the model would read the label")],
+     ("data.text_field=label", "a column other than data.label_field ('label'): the model would read the label"),
+     ("data.labels=[ham,spam,ham]", "a list of labels, each once"), ("data.labels=[]", "a list of labels, each once")],
 )
 def test_numbers_out_of_range_are_refused_with_the_config(override, expected):
     """Each was accepted: a ZeroDivisionError at the first step (checkpoint_every 0), an optimizer's
     or numpy's ValueError (weight_decay, seed), or a run that went on as if it made sense (the label
-    column read as the text: every label learnt from itself)."""
+    column read as the text: every label learnt from itself; a label listed twice: a head output no
+    example trains)."""
     key = override.split("=")[0]
     with pytest.raises(FinegrainError, match=re.escape(f"--set {override}: '{key}' must be ") + ".*" + re.escape(expected)):
         load_config(None, ["data.dataset=sms_spam", override])

@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from finegrain.checkpoint.load import load_model
+from finegrain.errors import FinegrainError
 from finegrain.generation import apply_repetition_penalty, filter_logits, generate
 
 PROMPTS = ["The capital of France is", "A gripping, funny film", "Two hours"]
@@ -60,6 +61,14 @@ def test_chat_template_prompt(tiny):
     model, tokenizer = tiny
     text = generate(model, tokenizer, "hi", max_new_tokens=4, chat=True)
     assert isinstance(text, str)
+
+
+def test_an_empty_prompt_is_refused_and_no_prompts_give_none(tiny):
+    """An empty prompt encodes to no token, which was an IndexError from the decoding loop."""
+    model, tokenizer = tiny
+    with pytest.raises(FinegrainError, match="prompt 1: empty, so there is nothing to continue"):
+        generate(model, tokenizer, ["hi", ""], max_new_tokens=2)
+    assert generate(model, tokenizer, [], max_new_tokens=2) == []
 
 
 def test_top_k_top_p_filtering():

@@ -53,6 +53,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     check_sampling(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt and not args.chat:
+        where = "standard input" if args.prompt == "-" else "--prompt"
+        raise FinegrainError(f"{where}: an empty prompt leaves nothing to continue; give some text (or --chat, to answer it as a message)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=_torch_dtype(args.dtype))

@@ -532,6 +532,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "train.micro_batch_tokens", "auto (sized to the model), a number of tokens (at least 1), or null for whole batches"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
+        (config.data.labels is None or 0 < len(config.data.labels) == len({str(l) for l in config.data.labels}), "data.labels",
+         "a list of labels, each once (the head's outputs in order), or null for the training data's"),
         (config.task not in ("classification", "regression") or config.data.text_field != config.data.label_field,
          "data.text_field", f"a column other than data.label_field ('{config.data.label_field}'): the model would read the label it is to predict"),
         (config.data.long_texts in ("truncate", "head_tail", "windows"), "data.long_texts", "truncate, head_tail or windows"),

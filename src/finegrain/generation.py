@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from finegrain.errors import FinegrainError
 from finegrain.model.llama import Llama
 
 if TYPE_CHECKING:
@@ -70,10 +71,15 @@ def generate(
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
+    if not texts:
+        return []
     if chat:  # the prompt's text stays text: a prompt cannot forge the template's markers (encode_chat)
         encoded = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         encoded = [tokenizer.encode(t) for t in texts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise FinegrainError(f"prompt {empty[0]}: empty, so there is nothing to continue; give each prompt some text (or chat=True)")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = model.model.embed_tokens.weight.device
 
