@@ -378,6 +378,21 @@ def test_evaluate_and_predict_skip_bad_rows_when_asked(tiny_run, tmp_path, capsy
     assert (tiny_run / "config.yaml").read_bytes() == config
 
 
+def test_predict_echoes_each_rows_other_fields(tiny_run, tmp_path, capsys):
+    """An id column comes back beside each prediction, so rows join back by it, also when a bad row
+    was skipped; a label column is neither read nor echoed (the prediction's label is the only one)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": 7, "text": "good film", "source": "web"}\nnot json\n{"id": 9, "text": "bad film", "label": "x"}\n')
+    assert main(["predict", str(tiny_run), "--input", str(rows), "--skip-bad-rows"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [list(r) for r in out] == [["id", "source", "text", "label", "probabilities"], ["id", "text", "label", "probabilities"]]
+    assert [(r["id"], r["text"]) for r in out] == [(7, "good film"), (9, "bad film")] and out[1]["label"] in ("fresh", "rotten")
+    table = tmp_path / "rows.csv"
+    table.write_text("id,text\na1,good film\n")
+    assert main(["predict", str(tiny_run), "--input", str(table)]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "a1"
+
+
 def test_output_onto_the_input_is_refused(tiny_run, tmp_path, capsys):
     """predict --output or evaluate --output naming the file they read (or a link to it) would
     replace the user's labelled data with predictions or metrics: refused, the file untouched."""

@@ -123,6 +123,25 @@ def test_ensemble_refusals(runs, tmp_path, capsys):
         create_ensemble([first, nested], tmp_path / "ens3")
 
 
+def test_commands_that_take_one_run_name_an_ensembles_members(runs, tmp_path, capsys):
+    """export, calibrate, prune, interpolate, train --resume and a model path said "not a finegrain
+    run directory (no config.yaml); pass the --output of finegrain train" of an ensemble."""
+    first, second = map(str, runs["members"])
+    ens = tmp_path / "ens"
+    assert main(["ensemble", first, second, "--output", str(ens)]) == 0
+    capsys.readouterr()
+    for command in (["export", str(ens), "--format", "hf", "--output", str(tmp_path / "hf")], ["calibrate", str(ens)],
+                    ["prune", str(ens), "--layers", "1", "--output", str(tmp_path / "p")], ["interpolate", str(ens)],
+                    ["train", "--resume", str(ens)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"{ens}: an ensemble (finegrain ensemble), which this command does not take" in err, err
+        assert f"give it one of its runs: {first}, {second}" in err, err
+    assert main(["generate", "--model", str(ens), "--prompt", "hi"]) == 1
+    assert f"{ens}: an ensemble of finegrain runs, not a model" in capsys.readouterr().err
+
+
 def test_seed_ensemble_benchmark_scores_every_subset():
     """benchmarks/ensemble_seeds.py: each subset's ensemble votes by its members' mean probabilities,
     and its gains are measured against the best member and the members' mean."""

@@ -384,11 +384,19 @@ def _predict(args: argparse.Namespace) -> None:
     predictions = predict_examples(predictor, examples, args.input)  # under torchrun: rank 0 gathers them in order
     if predictions is None:
         return
-    lines = [_json_line({**task.input_record(e), **p}, i + 1, args.run_dir) for i, (e, p) in enumerate(zip(examples, predictions))]
+    # Each line echoes its row's other fields (an id, say) before the text and the prediction: the rows can be
+    # joined back by them, also where --skip-bad-rows left some out.
+    lines = [_json_line({**_other_fields(e), **task.input_record(e), **p}, i + 1, args.run_dir)
+             for i, (e, p) in enumerate(zip(examples, predictions))]
     if args.output:
         atomic_write_text(args.output, "".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
+
+
+def _other_fields(example: object) -> dict[str, object]:
+    """The fields of an input row that the task does not read (`extra`; none from standard input)."""
+    return {k: v for k, v in getattr(example, "extra", {}).items() if not k.startswith("_")}
 
 
 def _json_line(record: dict, number: int, run_dir: str) -> str:
@@ -599,7 +607,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled file or its own test split")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run directory (an ensemble's too)")
     p.add_argument("--data", help="a labelled JSONL/CSV/TSV file (default: the run's own test split, the one "
                                   "its metrics.json was scored on)")
     p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
@@ -617,7 +625,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label texts with a trained run (JSONL out)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a finished run directory (an ensemble's too)")
     p.add_argument("--input", required=True, help="a JSONL/CSV/TSV file with a text field, or - for one text per line on stdin")
     p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_HELP)
     p.add_argument("--output", help="write the JSONL here instead of standard output")

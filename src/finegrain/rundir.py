@@ -148,6 +148,10 @@ def refuse_single_run(output: str | Path, what: str) -> None:
 def read_config(run_dir: str | Path, name: str = CONFIG) -> RunConfig:
     """The run's validated config.yaml (or `name`); a one-line error when `run_dir` is not a run directory."""
     path = Path(run_dir) / name
+    if not path.exists() and name == CONFIG and is_ensemble(run_dir):
+        members = ", ".join(str(m) for m in read_ensemble(run_dir)["members"])
+        raise FinegrainError(f"{run_dir}: an ensemble (finegrain ensemble), which this command does not take "
+                             f"(predict, evaluate and serve do); give it one of its runs: {members}")
     if not path.exists():
         raise FinegrainError(f"{run_dir}: not a finegrain run directory (no config.yaml); pass the --output of `finegrain train`")
     values, sources = read_yaml(path)

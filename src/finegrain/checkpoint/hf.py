@@ -137,6 +137,9 @@ def load_hf_dir(
             raise FinegrainError(f"{directory}: a finegrain run, not a model; predict, evaluate and serve take the run as "
                                  f"it is, a config's init_from starts from it, and "
                                  f"`finegrain export {directory} --format hf --output DIR` writes it as a model")
+        if (directory / "ensemble.json").exists():  # finegrain.rundir.ENSEMBLE
+            raise FinegrainError(f"{directory}: an ensemble of finegrain runs, not a model; predict, evaluate and serve "
+                                 "take it as it is, and distill.teacher learns from it")
         raise FinegrainError(f"{config_path}: not found; a Hugging Face model directory needs config.json")
     hf_config = read_json(config_path)
     config = model_config(hf_config, config_path)
