@@ -174,6 +174,18 @@ def test_a_label_written_two_ways_is_said_before_training(tiny_model_dir, tmp_pa
     assert "labels: 'Fresh' and 'fresh' differ only in case, spaces or punctuation" in capsys.readouterr().out
 
 
+def test_test_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"  # every text once (write_texts repeats each)
+    data.write_text("".join(json.dumps({"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": "fresh" if i % 2 else "rotten"})
+                            + "\n" for i in range(48)))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(data.read_text().splitlines(keepends=True)[:4]) + '{"text": "a new one", "label": "fresh"}\n')
+    assert main([*tiny_train_args(tiny_model_dir, data, tmp_path / "run"), "--set", f"data.test={test}"]) == 0
+    assert f"note: 4 of 5 test texts are also training texts, case and spacing aside (the first: {test}:1 is" in capsys.readouterr().out
+    shared = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["shared_with_training"]
+    assert list(shared) == ["test"] and shared["test"]["examples"] == 4 and shared["test"]["of"] == 5
+
+
 def test_class_weights_in_yaml_name_the_line(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  train: {tmp_path / 'd.jsonl'}\nhead:\n  class_weights: {{ham: abc}}\n")

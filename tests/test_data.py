@@ -366,6 +366,24 @@ def test_labels_written_two_ways_are_named() -> None:
                            "punctuation and train as different classes"), line
 
 
+def test_evaluation_texts_that_are_also_training_texts_are_counted() -> None:
+    from finegrain.data.pipeline import Splits
+    from finegrain.data.split import shared_line, shared_with_training
+    from finegrain.data.squad import QAExample
+
+    train = [Example("A good  film", "pos", "t.jsonl:1"), Example("dull", "neg", "t.jsonl:2")]
+    test = [Example("new text", "pos", "e.jsonl:1"), Example("a GOOD film", "neg", "e.jsonl:2")]
+    shared = shared_with_training(Splits(train, [Example("other", "pos", "v:1")], test, ["neg", "pos"]))
+    assert shared == {"test": {"examples": 1, "of": 2, "first": "e.jsonl:2 is t.jsonl:1"}}
+    line = shared_line(shared, {"test": "e.jsonl"})
+    assert line.startswith("note: 1 of 2 test texts are also training texts, case and spacing aside (the first: e.jsonl:2 is "
+                           "t.jsonl:1)") and line.endswith("drop the copies from one side"), line
+    assert "keep one row of each text" in shared_line(shared, {"test": "t.jsonl (test split)"})
+    question = QAExample("Who?", "Anna came.", None, "q1", "q.json:1")
+    assert shared_with_training(Splits([question], [], [QAExample("Who?", "Anna came.", None, "q2", "q.json:9")], []))["test"]["examples"] == 1
+    assert shared_with_training(Splits(train, [], [], ["neg", "pos"])) == {}
+
+
 def test_max_eval_examples_caps_validation_and_test_with_a_stratified_sample(tmp_path) -> None:
     from finegrain.config import DataConfig
     from finegrain.data.load import load_splits

@@ -23,7 +23,7 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, res
 from finegrain.config import CURRENT_JUDGE, SELF_JUDGE, AugmentConfig, RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
-from finegrain.data.split import look_alike_labels, stratified_subset
+from finegrain.data.split import look_alike_labels, shared_line, shared_with_training, stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
@@ -377,6 +377,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
         if alike := look_alike_labels(splits.labels):
             print(alike, flush=True)
+    shared = shared_with_training(splits)  # before augmentation, whose copies are of training texts
+    if writes and resume_dir is None and shared:
+        print(shared_line(shared, splits.origin), flush=True)
     paraphrases, tried = paraphrase_training(config, splits, run_dir, resume_dir is not None, writes, progress)
     splits.train, augmented = augment_examples(splits.train, config.augment, config.train.seed)  # training only
     if config.augment.paraphrase:  # after the token-level noise, which copies originals alone
@@ -476,8 +479,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         results["recipe"] = json.loads((run_dir / rundir.RECIPE).read_text(encoding="utf-8"))
     if state.best_validation is not None:  # measured when the best weights were chosen
         results["validation"] = {**state.best_validation, "source": splits.origin["validation"]}
-    if long_texts:
-        results["data"] = long_texts
+    if long_texts or shared:
+        results["data"] = {**(long_texts or {}), **({"shared_with_training": shared} if shared else {})}
     if mix:
         results["tfidf_mix"] = mix
     if splits.test:

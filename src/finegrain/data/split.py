@@ -6,6 +6,7 @@ import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 from finegrain.data.readers import Example
 from finegrain.errors import FinegrainError
@@ -190,3 +191,45 @@ def _largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
     for k in order[: max(0, n - sum(counts))]:
         counts[k] += 1
     return counts
+
+
+def _text_key(example: Any) -> str | None:
+    """What an example reads, case and spacing aside: its text, or a QA example's question and context;
+    None for a conversation (instruct), which this check leaves alone."""
+    text = getattr(example, "text", None)
+    if text is None and hasattr(example, "question"):
+        text = f"{example.question}\n{example.context}"
+    return " ".join(text.casefold().split()) if isinstance(text, str) else None
+
+
+def shared_with_training(splits: Any) -> dict[str, dict[str, Any]]:
+    """Per evaluation split (validation, test), its examples whose text is also a training text, case
+    and spacing aside: `examples` (how many), `of` (the split's size) and `first` (where the first one is,
+    and where it is in the training data). Only splits that share any are listed.
+
+    A score on texts the model was trained on says how well it remembers, not how it does on new text:
+    a user's own files often hold the same text twice (a review posted twice, a template message), and a
+    split of one file then puts copies on both sides."""
+    seen: dict[str, str] = {}
+    for example in splits.train:
+        key = _text_key(example)
+        if key is not None:
+            seen.setdefault(key, example.source)
+    shared = {}
+    for name in ("validation", "test"):
+        examples = getattr(splits, name) or []
+        hits = [(e.source, seen[key]) for e in examples if (key := _text_key(e)) is not None and key in seen]
+        if hits:
+            shared[name] = {"examples": len(hits), "of": len(examples), "first": f"{hits[0][0]} is {hits[0][1]}"}
+    return shared
+
+
+def shared_line(shared: dict[str, dict[str, Any]], origin: dict[str, str]) -> str:
+    """The note `train` prints for `shared_with_training`'s counts; `origin` is the splits' (`Splits.origin`)."""
+    counts = " and ".join(f"{s['examples']} of {s['of']} {name} texts" for name, s in shared.items())
+    first = next(iter(shared.values()))["first"]
+    split_of_one = any(origin.get(name, "").endswith("split)") for name in shared)
+    fix = ("the split of one file put copies of a text on both sides: keep one row of each text in it" if split_of_one
+           else "drop the copies from one side")
+    return (f"note: {counts} are also training texts, case and spacing aside (the first: {first}); their scores "
+            f"tell how well the run remembers, not how it does on new text; {fix}")
