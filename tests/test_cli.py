@@ -174,7 +174,7 @@ def test_a_label_written_two_ways_is_said_before_training(tiny_model_dir, tmp_pa
     assert "labels: 'Fresh' and 'fresh' differ only in case, spaces or punctuation" in capsys.readouterr().out
 
 
-def test_test_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir, tmp_path, capsys):
+def test_evaluation_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"  # every text once (write_texts repeats each)
     data.write_text("".join(json.dumps({"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": "fresh" if i % 2 else "rotten"})
                             + "\n" for i in range(48)))
@@ -184,6 +184,11 @@ def test_test_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir,
     assert f"note: 4 of 5 test texts are also training texts, case and spacing aside (the first: {test}:1 is" in capsys.readouterr().out
     shared = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["shared_with_training"]
     assert list(shared) == ["test"] and shared["test"]["examples"] == 4 and shared["test"]["of"] == 5
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(test), "--output", str(tmp_path / "scores.json")]) == 0
+    assert f"note: 4 of 5 texts of {test} are also training texts of the run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "scores.json").read_text())["shared_with_training"] == shared["test"]
+    assert main(["evaluate", str(tmp_path / "run")]) == 0  # its own test split: train said it already
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_class_weights_in_yaml_name_the_line(tiny_model_dir, tmp_path, capsys):

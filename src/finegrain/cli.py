@@ -325,6 +325,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         return
     if "skipped_rows" in metrics:
         _say_skipped(args.data, metrics["skipped_rows"], metrics["skipped_example"])
+    if "shared_with_training" in metrics:
+        from finegrain.data.split import file_shared_line
+
+        print(file_shared_line(metrics["shared_with_training"], args.data), file=sys.stderr)
     print(predictor.task.report_text(metrics))
     if args.robustness:
         from finegrain.data.augment import robustness, robustness_line

@@ -202,26 +202,30 @@ def _text_key(example: Any) -> str | None:
     return " ".join(text.casefold().split()) if isinstance(text, str) else None
 
 
+def shared_texts(train: Sequence[Any], examples: Sequence[Any]) -> dict[str, Any] | None:
+    """Of `examples`, those whose text is also a text of `train`, case and spacing aside: `examples`
+    (how many), `of` (how many there are) and `first` (where the first one is, and where it is in
+    `train`); None when they share none."""
+    seen: dict[str, str] = {}
+    for example in train:
+        key = _text_key(example)
+        if key is not None:
+            seen.setdefault(key, example.source)
+    hits = [(e.source, seen[key]) for e in examples if (key := _text_key(e)) is not None and key in seen]
+    if not hits:
+        return None
+    return {"examples": len(hits), "of": len(examples), "first": f"{hits[0][0]} is {hits[0][1]}"}
+
+
 def shared_with_training(splits: Any) -> dict[str, dict[str, Any]]:
-    """Per evaluation split (validation, test), its examples whose text is also a training text, case
-    and spacing aside: `examples` (how many), `of` (the split's size) and `first` (where the first one is,
-    and where it is in the training data). Only splits that share any are listed.
+    """`shared_texts` of each evaluation split (validation, test) with the training split; only the
+    splits that share any are listed.
 
     A score on texts the model was trained on says how well it remembers, not how it does on new text:
     a user's own files often hold the same text twice (a review posted twice, a template message), and a
     split of one file then puts copies on both sides."""
-    seen: dict[str, str] = {}
-    for example in splits.train:
-        key = _text_key(example)
-        if key is not None:
-            seen.setdefault(key, example.source)
-    shared = {}
-    for name in ("validation", "test"):
-        examples = getattr(splits, name) or []
-        hits = [(e.source, seen[key]) for e in examples if (key := _text_key(e)) is not None and key in seen]
-        if hits:
-            shared[name] = {"examples": len(hits), "of": len(examples), "first": f"{hits[0][0]} is {hits[0][1]}"}
-    return shared
+    shared = {name: shared_texts(splits.train, getattr(splits, name) or []) for name in ("validation", "test")}
+    return {name: counts for name, counts in shared.items() if counts}
 
 
 def shared_line(shared: dict[str, dict[str, Any]], origin: dict[str, str]) -> str:
@@ -233,3 +237,10 @@ def shared_line(shared: dict[str, dict[str, Any]], origin: dict[str, str]) -> st
            else "drop the copies from one side")
     return (f"note: {counts} are also training texts, case and spacing aside (the first: {first}); their scores "
             f"tell how well the run remembers, not how it does on new text; {fix}")
+
+
+def file_shared_line(shared: dict[str, Any], path: str) -> str:
+    """The note `evaluate --data FILE` prints for `shared_texts` of the file with the run's training split."""
+    return (f"note: {shared['examples']} of {shared['of']} texts of {path} are also training texts of the run, case and "
+            f"spacing aside (the first: {shared['first']}); their score tells how well the run remembers, not how it "
+            "does on new text")

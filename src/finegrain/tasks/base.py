@@ -314,4 +314,18 @@ def score_file(task: Task, data: Any, path: str | Path | None,
     metrics["source"] = source
     if skipped:
         metrics["skipped_rows"], metrics["skipped_example"] = len(skipped), skipped[0]
+    if path is not None and (shared := _shared_with_training(task, data, examples)):
+        metrics["shared_with_training"] = shared
     return metrics
+
+
+def _shared_with_training(task: Task, data: Any, examples: list) -> dict[str, Any] | None:
+    """`data.split.shared_texts` of a labelled file's examples with the run's training split; None
+    also where the run's training data cannot be read any more (moved, or edited into bad rows)."""
+    from finegrain.data.split import shared_texts
+
+    try:
+        train = task.load_splits(data).train
+    except FinegrainError:
+        return None
+    return shared_texts(train, examples)
