@@ -112,6 +112,19 @@ def test_numbers_out_of_range_are_refused_with_the_config(override, expected):
         load_config(None, ["data.dataset=sms_spam", override])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("data.template=Review: {text} Verdict:", "the value is not valid YAML (expected <block end>, but found '<scalar>'); "
+                                              "a text holding ': ', '{' or '[' goes in quotes: --set 'data.template=\"...\"'"),
+    ("data.template=Review: {text}", "'data.template' must be str or null, not {'Review': {'text': None}}; a text holding "
+                                     "': ', '{' or '[' goes in quotes, e.g. \"Review: {text}\""),
+])
+def test_a_text_read_as_yaml_structure_says_to_quote_it(override, expected):
+    with pytest.raises(FinegrainError, match=re.escape(f"--set {override}: {expected}")):
+        load_config(None, ["data.dataset=sms_spam", override])
+    quoted = override.replace("=", '="', 1) + '"'
+    assert load_config(None, ["data.dataset=sms_spam", quoted]).data.template == override.split("=", 1)[1]
+
+
 def test_item_types_accept_good_values():
     config = load_config(None, ["data.dataset=sms_spam", "data.split=[0.5, 0.25, 0.25]", "head.class_weights={ham: 1, spam: 2.5}"])
     assert config.data.split == [0.5, 0.25, 0.25] and config.head.class_weights == {"ham": 1.0, "spam": 2.5}

@@ -336,7 +336,9 @@ def _check_type(value: Any, hint: Any, where: str, key: str) -> Any:
         if origin in (list, dict) and isinstance(value, origin):
             return _check_items(value, typing.get_args(option), where, key)
     expected = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
-    raise FinegrainError(f"{where}: '{key}' must be {expected}, not {value!r}")
+    text_meant = str in options and isinstance(value, (dict, list))  # `a: {b}` or `[x]` in a text read as YAML structure
+    hint = "; a text holding ': ', '{' or '[' goes in quotes, e.g. \"Review: {text}\"" if text_meant else ""
+    raise FinegrainError(f"{where}: '{key}' must be {expected}, not {value!r}{hint}")
 
 
 def _check_items(value: list | dict, args: tuple, where: str, key: str) -> list | dict:
@@ -399,7 +401,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f":{line + 1}" if line is not None else ""
-        raise FinegrainError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from e
+        raise FinegrainError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax "
+                             "(a text holding ': ', '{' or '[' goes in quotes)") from e
     if not isinstance(values, dict):
         raise FinegrainError(
             f"{path}: a run config is a mapping of sections (task:, model:, data:, ...), not a "
@@ -431,7 +434,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise FinegrainError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+            raise FinegrainError(f"--set {override}: the value is not valid YAML ({getattr(e, 'problem', e)}); a text "
+                                 f"holding ': ', '{{' or '[' goes in quotes: --set '{key.strip()}=\"...\"'") from None
         sources = {k: v for k, v in sources.items() if not k.startswith(f"{key.strip()}.")}
         sources[key.strip()] = f"--set {override}"
     _lora_options_to_their_section(values, sources)

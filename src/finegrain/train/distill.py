@@ -47,7 +47,9 @@ the noisy texts a student meets beside the clean ones carry the teacher's readin
 An ensemble directory (`finegrain ensemble`, single-label classification) teaches as one model
 (Hinton et al. distilled an ensemble into one net): each member runs its pass in turn, and the
 student learns the log of their mean probabilities (`averaged_outputs`), the distribution the
-ensemble predicts before any member's calibration temperature. Hidden states are one model's, so
+ensemble predicts before any member's TF-IDF mix or calibration temperature. Those two are left out
+for a single teacher as well: the TF-IDF model was fitted to the very training texts the teacher
+labels, so there it mostly repeats the gold label, and the distillation temperature sets softness. Hidden states are one model's, so
 `distill.hidden` needs a single run.
 
 `check_teacher` refuses, before a run directory is created, a teacher that is not a finished run
