@@ -260,6 +260,40 @@ def test_a_run_that_mixes_in_tfidf_exports_only_as_the_model_alone(tiny_model_di
             torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
 
 
+def test_an_hf_export_says_how_the_run_read_its_texts(runs, tiny_model_dir, tmp_path, capsys):
+    """transformers reads a text as given; the run cut it at data.max_length (and wrapped it in
+    data.template): the note and config.json's finegrain_input say so, and following them gives the
+    run's logits."""
+    import transformers
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs["lora"]), "--format", "hf", "--output", str(out)]) == 0
+    assert "tokenize with truncation=True, max_length=16 to predict as it does" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["finegrain_input"] == {"max_length": 16, "template": None,
+                                                                                "long_texts": "truncate"}
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    long_text = "good film " * 30
+    predictor = finegrain.load(runs["lora"])
+    with torch.no_grad():
+        logits = hf(**tokenizer(long_text, return_tensors="pt", truncation=True, max_length=16)).logits[0]
+    expected = predictor.predict([long_text])[0]["probabilities"]
+    torch.testing.assert_close(logits.softmax(-1), torch.tensor([expected["fresh"], expected["rotten"]]), atol=2e-6, rtol=0)
+
+    template = "Review: {text} Verdict:"
+    run = train(tiny_model_dir, write_texts(tmp_path / "data.jsonl"), tmp_path / "templated", "--set", f'data.template="{template}"')
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf2")]) == 0
+    assert ("the run read each text between 'Review: ' and ' Verdict:', the three tokenized apart and their ids joined "
+            "(the text cut to fit 16 tokens)") in capsys.readouterr().out
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf2").eval()
+    with torch.no_grad():
+        for text, (_, ours) in zip(TEXTS, run_logits(run, TEXTS)):
+            before, middle, after = (tokenizer(part, add_special_tokens=False).input_ids for part in ("Review: ", text, " Verdict:"))
+            ids = before + middle[: 16 - len(before) - len(after)] + after
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+
+
 def one_line_error(capsys, *fragments):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines

@@ -157,8 +157,14 @@ def exported_temperature(run_dir: Path, fmt: str) -> float | None:
 
 def export_note(run_dir: str | Path, fmt: str, model_alone: bool = False) -> str | None:
     """What a user of the export should know that its files do not say: the mix or the temperature
-    it leaves out, or the temperature in its head; None when it predicts as the run does."""
+    it leaves out, or the temperature in its head, and how the run read its texts; None when a
+    transformers user predicts as the run does without being told."""
     run_dir = Path(run_dir)
+    notes = [_scores_note(run_dir, fmt, model_alone), _input_note(rundir.read_config(run_dir), fmt)]
+    return "; ".join(note for note in notes if note) or None
+
+
+def _scores_note(run_dir: Path, fmt: str, model_alone: bool) -> str | None:
     temperature = rundir.read_temperature(run_dir)
     if model_alone and tfidf_weight(run_dir):
         left = " and its calibration temperature (fitted to the mixed probabilities)" if temperature else ""
@@ -170,6 +176,34 @@ def export_note(run_dir: str | Path, fmt: str, model_alone: bool = False) -> str
                 "their softmax is the run's probabilities")
     return (f"the adapter gives the logits before calibration: divide them by the run's temperature {temperature:.4f} "
             f"({rundir.TEMPERATURE}) for its probabilities")
+
+
+def input_recipe(config: RunConfig) -> dict[str, Any] | None:
+    """How a classification or regression run turned each text into tokens, which a transformers model
+    does not do itself: `max_length`, `template` and `long_texts` (config.json's `finegrain_input`)."""
+    if config.task not in ("classification", "regression"):
+        return None
+    data = config.data
+    return {"max_length": data.max_length, "template": data.template, "long_texts": data.long_texts}
+
+
+def _input_note(config: RunConfig, fmt: str) -> str | None:
+    recipe = input_recipe(config)
+    if recipe is None or fmt == "gguf":
+        return None
+    length, template, long_texts = recipe["max_length"], recipe["template"], recipe["long_texts"]
+    if template is None and long_texts == "truncate":
+        return f"the run read at most {length} tokens of a text: tokenize with truncation=True, max_length={length} to predict as it does"
+    if template:
+        before, after = template.split("{text}")
+        words = (f"the run read each text between {before!r} and {after!r}, the three tokenized apart and their ids joined "
+                 f"(the text cut to fit {length} tokens)")
+    else:
+        words = f"the run read at most {length} tokens of a text"
+    if long_texts != "truncate":
+        words += (", a longer text's first and last tokens" if long_texts == "head_tail"
+                  else ", a longer text as the mean of overlapping windows")
+    return words + " (finegrain_input in config.json); give transformers the same"
 
 
 def _check_dtype(fmt: str, dtype: str | None) -> str | None:
@@ -242,6 +276,8 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str, tempe
     require_llama(model, run_dir)
     state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    if recipe := input_recipe(config):
+        hf_config["finegrain_input"] = recipe
     return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype, generation)
 
 
@@ -263,6 +299,8 @@ def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, arc
         )
     model, tokenizer, task = merged_model(run_dir, config)
     state, hf_config = bert_state_dict(model, task, architecture)
+    if recipe := input_recipe(config):
+        hf_config["finegrain_input"] = recipe
     return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype)
 
 
