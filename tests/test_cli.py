@@ -355,6 +355,44 @@ def test_a_run_whose_base_model_moved_says_where_to_set_it(tiny_model_dir, tmp_p
     assert main(["evaluate", str(run)]) == 0  # the fix the line gives
 
 
+def test_a_run_trained_on_relative_paths_works_from_any_directory(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Its config.yaml kept data.train and data.test as given, relative to where it was trained, so
+    `evaluate RUN` (its own test split) from another directory said "data.jsonl: file not found"."""
+    from finegrain.rundir import kept_keys, read_config, refuse_other_settings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    write_texts(work / "data.jsonl")
+    write_texts(work / "test.jsonl", 10)
+    assert main([*tiny_train_args(tiny_model_dir, "data.jsonl", "run"), "--set", "data.test=test.jsonl"]) == 0
+    config = read_config(work / "run")
+    assert (config.data.train, config.data.test) == (str(work / "data.jsonl"), str(work / "test.jsonl"))
+    again = read_config(work / "run")  # the command run again in the same directory: its paths as given
+    again.data.train, again.data.test, again.explicit = "data.jsonl", "test.jsonl", kept_keys(work / "run")
+    refuse_other_settings(work / "run", again)  # the same files: no refusal
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(work / "run")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_the_data_of_tasks_and_stages_is_kept_absolute(tmp_path, monkeypatch):
+    """A multi-task run's tasks.NAME.data and a sequence's continual.tasks name data files too."""
+    from finegrain.config import load_config
+    from finegrain.rundir import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"text": "x", "label": "y"}\n')
+    config = load_config(None, ["data.train=a.jsonl", "tasks={one: {data: {train: a.jsonl}}, two: {data: {dataset: trec}}}",
+                                "continual.tasks=[{train: a.jsonl}, {train: b.jsonl, test: missing.jsonl}]"])
+    with_absolute_paths(config)
+    assert config.data.train == str(tmp_path / "a.jsonl")
+    assert config.tasks == {"one": {"data": {"train": str(tmp_path / "a.jsonl")}}, "two": {"data": {"dataset": "trec"}}}
+    assert config.continual.tasks == [{"train": str(tmp_path / "a.jsonl")}, {"train": str(tmp_path / "b.jsonl"), "test": "missing.jsonl"}]
+
+
 def test_predict_with_empty_stdin(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
     assert main(["predict", str(tiny_run), "--input", "-"]) == 1

@@ -477,7 +477,7 @@ def _finish_task(config: RunConfig, spec: TaskSpec, task: Any, model: MultiTaskM
     """Test one task and write its single-task run (`tasks/NAME/`); returns its part of metrics.json."""
     sub_dir = run_dir / rundir.TASKS_DIR / spec.name
     sub_dir.mkdir(parents=True, exist_ok=True)
-    sub_config = copy.deepcopy(spec.config)
+    sub_config = rundir.with_absolute_paths(copy.deepcopy(spec.config))  # works from any directory, as a run's
     sub_config.output = str(sub_dir)
     atomic_write_text(sub_dir / rundir.CONFIG, dump_yaml(sub_config))
     atomic_write_json(sub_dir / rundir.LABELS, data.splits.labels)

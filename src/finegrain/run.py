@@ -229,9 +229,9 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
 
 
 def keep_settings(directory: Path, config: RunConfig, name: str = rundir.CONFIG) -> None:
-    """Write `config` as `name` (its model path made absolute) and the keys the user set, beside it:
+    """Write `config` as `name` (its local paths made absolute) and the keys the user set, beside it:
     what a start records and `rundir.refuse_other_settings` compares a later command with."""
-    config.model.name = rundir.model_name(config.model.name)
+    rundir.with_absolute_paths(config)
     atomic_write_text(directory / name, dump_yaml(config))
     if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
         atomic_write_json(directory / rundir.EXPLICIT_KEYS, sorted(config.explicit))

@@ -32,12 +32,13 @@ its metrics.json holds every task's metrics under `tasks` and report.md a table 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from finegrain.config import RunConfig, from_dict, read_yaml, to_dict, validate
+from finegrain.config import CURRENT_JUDGE, SELF_JUDGE, RunConfig, from_dict, read_yaml, to_dict, validate
 from finegrain.errors import FinegrainError
 
 CONFIG = "config.yaml"
@@ -160,9 +161,31 @@ def read_config(run_dir: str | Path, name: str = CONFIG) -> RunConfig:
     return config
 
 
-def model_name(name: str | None) -> str | None:
-    """`model.name` as a run keeps it: a local path made absolute (the run works from any directory)."""
-    return str(Path(name).resolve()) if name and Path(name).exists() else name
+# The keys of a run's config that may name a local file or directory, which a run keeps absolute.
+PATH_KEYS = ("model.name", "data.train", "data.validation", "data.test", "init_from", "head.weights",
+             "distill.teacher", "distill.unlabelled", "augment.paraphraser", "augment.judge")
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """`config`, changed in place, with every local path of `PATH_KEYS` made absolute: a run's
+    config.yaml then works from any directory (`evaluate RUN`, `calibrate`, `train --resume`), where
+    a path relative to where it was trained was looked for in the directory of the command."""
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value not in (SELF_JUDGE, CURRENT_JUDGE) and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(config, section) if section else config
+        setattr(owner, name, absolute(getattr(owner, name)))
+    # The data files of a multi-task run's tasks (`tasks.NAME.data`) and of a sequence's stages (`continual.tasks[i]`).
+    stages = [entry.get("data") for entry in (config.tasks or {}).values() if isinstance(entry, dict)]
+    stages += config.continual.tasks or []
+    for data in stages:
+        if isinstance(data, dict):
+            data.update({k: absolute(data[k]) for k in ("train", "validation", "test") if k in data})
+    return config
 
 
 def require_base_model(run_dir: str | Path, config: RunConfig) -> None:
@@ -189,8 +212,7 @@ def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CO
     if then_keys is None or not hasattr(config, "explicit"):  # a run from before the keys were kept
         return
     then = to_dict(read_config(run_dir, name))
-    now = to_dict(config)
-    now["model"]["name"] = model_name(now["model"]["name"])
+    now = to_dict(with_absolute_paths(copy.deepcopy(config)))
     for key in sorted((then_keys | config.explicit) - {"output"}):
         old, new = _at(then, key), _at(now, key)
         if old == new or (new == "auto" and key in then_keys & config.explicit):  # set to auto: the run has its choice
