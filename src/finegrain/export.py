@@ -22,6 +22,9 @@ holds the mix, so `hf` and `peft` refuse such a run unless asked for the model a
 (`model_alone`): an export that scored below the run's report without a word would be the worst
 outcome. A temperature without a mix is divided into the `hf` head, so softmax of its logits gives
 the run's probabilities; a `peft` adapter gives the logits before it (`export_note` says so).
+Nor does a transformers model know how the run read a text (`data.max_length`, `data.template`,
+`data.long_texts`): an `hf` export of a classification or regression run keeps them in config.json
+(`finegrain_input`), and `export_note` says what to give transformers for the run's predictions.
 
 A method whose config class says `mergeable = False` (prompt and prefix tuning: their virtual
 tokens are inputs, not a change of any weight) has no merged form: `hf` and `gguf` refuse it in
@@ -53,6 +56,7 @@ from finegrain.model.config import LlamaConfig
 from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
 from finegrain.run import build_trained
+from finegrain.tasks.lexical import CONFIG_FILE as LEXICAL_CONFIG
 from finegrain.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
 from finegrain.train.trainer import flat_metrics
 
@@ -130,7 +134,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
 
 def tfidf_weight(run_dir: Path) -> float:
     """The weight of the TF-IDF model the run mixes into its probabilities; 0 without one."""
-    path = rundir.tfidf_dir(run_dir) / "config.json"
+    path = rundir.tfidf_dir(run_dir) / LEXICAL_CONFIG
     if not path.is_file():
         return 0.0
     try:
@@ -203,7 +207,7 @@ def _input_note(config: RunConfig, fmt: str) -> str | None:
     if long_texts != "truncate":
         words += (", a longer text's first and last tokens" if long_texts == "head_tail"
                   else ", a longer text as the mean of overlapping windows")
-    return words + " (finegrain_input in config.json); give transformers the same"
+    return words + (" (finegrain_input in config.json)" if fmt == "hf" else "") + "; give transformers the same"
 
 
 def _check_dtype(fmt: str, dtype: str | None) -> str | None:
