@@ -184,6 +184,8 @@ def test_evaluation_texts_that_are_training_texts_are_said_and_counted(tiny_mode
     assert f"note: 4 of 5 test texts are also training texts, case and spacing aside (the first: {test}:1 is" in capsys.readouterr().out
     shared = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["shared_with_training"]
     assert list(shared) == ["test"] and shared["test"]["examples"] == 4 and shared["test"]["of"] == 5
+    for report in ("report.md", "report.html"):  # the warning stands above the scores a person reads
+        assert "4 of 5 test texts are also training texts" in (tmp_path / "run" / report).read_text()
     assert main(["evaluate", str(tmp_path / "run"), "--data", str(test), "--output", str(tmp_path / "scores.json")]) == 0
     assert f"note: 4 of 5 texts of {test} are also training texts of the run" in capsys.readouterr().err
     assert json.loads((tmp_path / "scores.json").read_text())["shared_with_training"] == shared["test"]

@@ -739,6 +739,8 @@ def write_results(run_dir: Path, results: dict[str, Any], task, metric: str) -> 
         metrics = {**results[split], "training": results["train"]}  # the report says what augmentation added
         if "baselines" in results:
             metrics["baselines"] = results["baselines"]
+        if shared := (results.get("data") or {}).get("shared_with_training", {}).get(split):
+            metrics["shared_with_training"] = shared  # the report warns of the split's copies of training texts
         task.write_report(run_dir, metrics, split, f"{task.name}: {split}")
 
 

@@ -480,6 +480,15 @@ def _confused_pairs(metrics: dict[str, Any]) -> list[tuple[str, str, int, float]
     return pairs[:limit]
 
 
+def _copies_warning(metrics: dict[str, Any], split_name: str) -> str | None:
+    """The report's line on the split's texts that are also training texts (`shared_with_training`)."""
+    shared = metrics.get("shared_with_training")
+    if not shared:
+        return None
+    return (f"{shared['examples']} of {shared['of']} {split_name} texts are also training texts, case and spacing aside "
+            f"(the first: {shared['first']}): the scores on them tell how well the run remembers, not how it does on new text.")
+
+
 def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
@@ -491,6 +500,8 @@ def _markdown(metrics: dict[str, Any], split_name: str, title: str, images: list
         out += [_md_cell(line), ""]
     if metrics.get("baselines", {}).get("warning"):
         out += [f"**{_md_cell(metrics['baselines']['warning'])}** (see [Against baselines](#against-baselines))", ""]
+    if copies := _copies_warning(metrics, split_name):
+        out += [f"**{_md_cell(copies)}**", ""]
     out += ["| label | precision | recall | f1 | support |", "|---|---:|---:|---:|---:|"]
     for name, scores, is_average in _score_rows(metrics):
         cell = f"**{_md_cell(name)}**" if is_average else _md_cell(name)
@@ -556,7 +567,8 @@ def _html(metrics: dict[str, Any], split_name: str, title: str, images: list[tup
         f"<h1>{e(title)}</h1>",
         f'<p class="summary">{e(_summary(metrics, split_name))}</p>',
         *(f'<p class="summary">{e(line)}</p>' for line in [training_line(metrics)] if line),
-        *(f"<p class=warning>{e(w)}</p>" for w in [metrics.get("baselines", {}).get("warning")] if w),
+        *(f"<p class=warning>{e(w)}</p>" for w in [metrics.get("baselines", {}).get("warning"),
+                                                    _copies_warning(metrics, split_name)] if w),
         "<table><thead><tr><th>label</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr></thead>",
         "<tbody>",
     ]
