@@ -280,9 +280,7 @@ def _export_hf(run_dir: Path, config: RunConfig, output: Path, dtype: str, tempe
     require_llama(model, run_dir)
     state, hf_config = hf_state_dict(model, task, tokenizer, architecture)
     generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
-    if recipe := input_recipe(config):
-        hf_config["finegrain_input"] = recipe
-    return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype, generation)
+    return _write_hf(output, state, hf_config, tokenizer, dtype, config, temperature, generation)
 
 
 def _divide_head(state: dict[str, torch.Tensor], temperature: float | None) -> dict[str, torch.Tensor]:
@@ -303,15 +301,18 @@ def _export_bert(run_dir: Path, config: RunConfig, output: Path, dtype: str, arc
         )
     model, tokenizer, task = merged_model(run_dir, config)
     state, hf_config = bert_state_dict(model, task, architecture)
+    return _write_hf(output, state, hf_config, tokenizer, dtype, config, temperature)
+
+
+def _write_hf(output: Path, state: dict, hf_config: dict, tokenizer: Any, dtype: str, config: RunConfig,
+              temperature: float | None, generation: dict | None = None) -> Path:
+    """A transformers checkpoint directory, written whole or not at all: config.json (and
+    generation_config.json), model.safetensors in `dtype` (f32 or f16), and the tokenizer. The run's
+    calibration `temperature` is divided into the head, and how it read its texts (`input_recipe`)
+    goes into config.json."""
     if recipe := input_recipe(config):
         hf_config["finegrain_input"] = recipe
-    return _write_hf(output, _divide_head(state, temperature), hf_config, tokenizer, dtype)
-
-
-def _write_hf(output: Path, state: dict, hf_config: dict, tokenizer: Any, dtype: str,
-              generation: dict | None = None) -> Path:
-    """A transformers checkpoint directory, written whole or not at all: config.json (and
-    generation_config.json), model.safetensors in `dtype` (f32 or f16), and the tokenizer."""
+    state = _divide_head(state, temperature)
     if dtype == "f16":
         state = {k: v.half() for k, v in state.items()}
         hf_config["torch_dtype"] = "float16"
