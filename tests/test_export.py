@@ -130,18 +130,61 @@ def test_hf_token_classification_gives_the_runs_logits(runs, tmp_path):
             torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours[: len(ids)], atol=1e-5, rtol=1e-5)
 
 
-def test_hf_question_answering_gives_the_runs_start_and_end_logits(tiny_model_dir, tmp_path):
+def test_an_hf_ner_export_says_how_the_run_read_its_sentences(runs, tmp_path, capsys):
+    """The run tokenized a sentence word by word, cut it at data.max_length and read each word's tag at
+    its first token: the note and finegrain_input say so, and following them with transformers' own
+    tokenizer gives the run's ids and, at each word's first token, its logits."""
+    import transformers
+
+    out = tmp_path / "hf-ner"
+    assert main(["export", str(runs["ner"]), "--format", "hf", "--output", str(out)]) == 0
+    note = capsys.readouterr().out
+    assert ("the run read at most 16 tokens of a sentence, its words joined by spaces (tokenize with truncation=True, "
+            "max_length=16), and tagged each word at its first token, the sentence's tags chosen together to follow "
+            "BIO's rules") in note
+    assert json.loads((out / "config.json").read_text())["finegrain_input"] == {
+        "max_length": 16, "subword": "first", "scheme": "BIO", "decoding": "viterbi"}
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    sentences = [["Anna", "went", "to", "Paris"], ["Tom", "went", "to", "Berlin", "and", "then", "to", "Paris"] * 3]
+    predictor = finegrain.load(runs["ner"])
+    items = predictor.task.encode(predictor.tokenizer, predictor.task.examples_from_inputs(sentences, predictor.config.data), 16)
+    with torch.no_grad():
+        for words, item, (_, ours) in zip(sentences, items, run_logits(runs["ner"], sentences)):
+            encoding = tokenizer(" ".join(words), truncation=True, max_length=16)
+            assert encoding.input_ids == item.input_ids
+            word_ids = encoding.word_ids()
+            firsts = [word_ids.index(w) if w in word_ids else -1 for w in range(len(words))]
+            assert firsts == item.positions
+            theirs = hf(torch.tensor([encoding.input_ids])).logits[0]
+            kept = [p for p in firsts if p >= 0]
+            torch.testing.assert_close(theirs[kept], ours[kept], atol=1e-5, rtol=1e-5)
+    assert -1 in items[1].positions  # the long sentence was cut
+
+
+def test_hf_question_answering_gives_the_runs_start_and_end_logits(tiny_model_dir, tmp_path, capsys):
     import transformers
 
     squad = EXAMPLES / "squad"
     run = train(tiny_model_dir, squad / "train.json", tmp_path / "qa", "--set", "task=qa", "--set", "data.max_length=128",
                 "--set", f"data.validation={squad / 'dev.json'}", "--set", "qa.stride=16")
-    export_run(run, "hf", tmp_path / "hf-qa")
-    assert json.loads((tmp_path / "hf-qa" / "config.json").read_text())["architectures"] == ["LlamaForQuestionAnswering"]
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf-qa")]) == 0
+    assert ("the run read 'Question: {question}\\nContext:\\n{context}\\nAnswer:', its three parts tokenized apart, a "
+            "context too long for 128 tokens in windows sharing 16 tokens") in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf-qa" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForQuestionAnswering"]
+    assert config["finegrain_input"] == {"max_length": 128, "prompt": "Question: {question}\nContext:\n{context}\nAnswer:",
+                                         "stride": 16, "max_answer_length": 30, "null_threshold": 0.0}
     hf = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "hf-qa").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-qa")
     predictor = finegrain.load(run)
     examples = predictor.task.read_file(predictor.config.data, str(squad / "dev.json"))[:3]
     items = predictor.task.encode(predictor.tokenizer, examples, 128)
+    question, context = (part.format(question=examples[0].question) for part in config["finegrain_input"]["prompt"].split("{context}"))
+    parts = [tokenizer(text, add_special_tokens=False).input_ids for text in (question, examples[0].context, context)]
+    room = 128 - len(parts[0]) - len(parts[2])  # the first window: as much of the context as fits
+    assert items[0].input_ids == parts[0] + parts[1][:room] + parts[2]
     with torch.no_grad():
         for item in items:
             ours = predictor.model(predictor.task.collate([item], predictor.tokenizer.pad_token_id))[0]

@@ -23,8 +23,10 @@ holds the mix, so `hf` and `peft` refuse such a run unless asked for the model a
 outcome. A temperature without a mix is divided into the `hf` head, so softmax of its logits gives
 the run's probabilities; a `peft` adapter gives the logits before it (`export_note` says so).
 Nor does a transformers model know how the run read a text (`data.max_length`, `data.template`,
-`data.long_texts`): an `hf` export of a classification or regression run keeps them in config.json
-(`finegrain_input`), and `export_note` says what to give transformers for the run's predictions.
+`data.long_texts`; for NER, which token of a word carries its tag and how the tags were chosen; for QA,
+its prompt and windows): an `hf` export of a classification, regression, NER or QA run keeps them in
+config.json (`finegrain_input`),
+and `export_note` says what to give transformers for the run's predictions.
 
 A method whose config class says `mergeable = False` (prompt and prefix tuning: their virtual
 tokens are inputs, not a change of any weight) has no merged form: `hf` and `gguf` refuse it in
@@ -57,6 +59,7 @@ from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
 from finegrain.run import build_trained
 from finegrain.tasks.lexical import CONFIG_FILE as LEXICAL_CONFIG
+from finegrain.tasks.qa import ANSWER_CUE, QUESTION
 from finegrain.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
 from finegrain.train.trainer import flat_metrics
 
@@ -183,11 +186,19 @@ def _scores_note(run_dir: Path, fmt: str, model_alone: bool) -> str | None:
 
 
 def input_recipe(config: RunConfig) -> dict[str, Any] | None:
-    """How a classification or regression run turned each text into tokens, which a transformers model
-    does not do itself: `max_length`, `template` and `long_texts` (config.json's `finegrain_input`)."""
+    """How a run turned each input into tokens and outputs, which a transformers model does not do
+    itself (config.json's `finegrain_input`): for classification and regression `max_length`,
+    `template` and `long_texts`; for NER `max_length` and the word's token that carries its tag
+    (`subword`), with the tag `scheme` and how the tags were chosen (`decoding`); for QA the prompt, its
+    windows and the span rules."""
+    data, head = config.data, config.head
+    if config.task == "qa":
+        return {"max_length": data.max_length, "prompt": QUESTION + "{context}" + ANSWER_CUE, "stride": config.qa.stride,
+                "max_answer_length": config.qa.max_answer_length, "null_threshold": config.qa.null_threshold}
+    if config.task == "ner":
+        return {"max_length": data.max_length, "subword": head.subword, "scheme": head.scheme, "decoding": head.decoding}
     if config.task not in ("classification", "regression"):
         return None
-    data = config.data
     return {"max_length": data.max_length, "template": data.template, "long_texts": data.long_texts}
 
 
@@ -195,7 +206,21 @@ def _input_note(config: RunConfig, fmt: str) -> str | None:
     recipe = input_recipe(config)
     if recipe is None or fmt == "gguf":
         return None
-    length, template, long_texts = recipe["max_length"], recipe["template"], recipe["long_texts"]
+    length = recipe["max_length"]
+    if config.task == "qa":
+        return (f"the run read {recipe['prompt']!r}, its three parts tokenized apart, a context too long for {length} "
+                f"tokens in windows sharing {recipe['stride']} tokens, each with the whole question, and took the best span "
+                f"of at most {recipe['max_answer_length']} context tokens unless the prompt's last token scored 'no answer' "
+                "higher; transformers' question-answering pipeline reads a (question, context) pair instead: feed the "
+                "model as the run did" + (" (finegrain_input in config.json)" if fmt == "hf" else ""))
+    if config.task == "ner":
+        words = (f"the run read at most {length} tokens of a sentence, its words joined by spaces (tokenize with "
+                 f"truncation=True, max_length={length}), and tagged each word at its {recipe['subword']} token")
+        if recipe["decoding"] == "viterbi" and recipe["scheme"].upper() != "IO":
+            words += (f", the sentence's tags chosen together to follow {recipe['scheme']}'s rules, which an argmax "
+                      "per token does not (an I- tag may follow O)")
+        return words + (" (finegrain_input in config.json)" if fmt == "hf" else "")
+    template, long_texts = recipe["template"], recipe["long_texts"]
     if template is None and long_texts == "truncate":
         return f"the run read at most {length} tokens of a text: tokenize with truncation=True, max_length={length} to predict as it does"
     if template:
