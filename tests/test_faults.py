@@ -77,7 +77,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert a["recipe"]
     steps = [[json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (reference, run)]
     assert steps[0] == steps[1]  # no record lost or repeated
-    hidden = [p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name not in (".lock", ".explicit_keys.json", ".recipe.json")]
+    hidden = [p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name not in (".lock", ".explicit_keys.json", ".recipe.json", ".data_files.json")]
     assert hidden == [], hidden
 
 

@@ -90,6 +90,18 @@ def test_sweep_over_seeds_and_shots_writes_its_table_and_continues_after_a_kill(
         sweep(load_config(config_path), output, seeds=2, shots=[4, 8], progress=False)
     assert (output / SUMMARY).read_bytes() == table
 
+    # Run again after the training file was edited: the finished runs' scores are of the file as it was.
+    data = tmp_path / "d.jsonl"
+    rows = data.read_text()
+    data.write_text(rows + json.dumps({"text": "a late row", "label": "fresh"}) + "\n")
+    with pytest.raises(FinegrainError, match=rf"shots-4/seed-0: {data} changed since this run was trained on it, and its "
+                       r"scores are of the file as it was; to go on, put the file back as it was, or choose another --output"):
+        sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8], progress=False)
+    assert (output / SUMMARY).read_bytes() == table
+    data.write_text(rows)
+    assert sweep(load_config(config_path, ["train.recipe=off"]), output, seeds=2, shots=[4, 8], progress=False)["summary"] \
+        == summary["summary"]
+
 
 def test_a_size_some_class_cannot_fill_is_marked(tiny_model_dir, tmp_path):
     """k per class beyond what a class's training split holds trains on all of it: said, not hidden."""

@@ -229,12 +229,15 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
 
 
 def keep_settings(directory: Path, config: RunConfig, name: str = rundir.CONFIG) -> None:
-    """Write `config` as `name` (its local paths made absolute) and the keys the user set, beside it:
-    what a start records and `rundir.refuse_other_settings` compares a later command with."""
+    """Write `config` as `name` (its local paths made absolute), the keys the user set and a run's data
+    files' digests beside it: what a start records and `rundir.refuse_other_settings` compares a later
+    command with."""
     rundir.with_absolute_paths(config)
     atomic_write_text(directory / name, dump_yaml(config))
     if hasattr(config, "explicit"):  # the keys the user set, which the data recipe leaves alone
         atomic_write_json(directory / rundir.EXPLICIT_KEYS, sorted(config.explicit))
+    if name == rundir.CONFIG:
+        atomic_write_json(directory / rundir.DATA_FILES, rundir.data_file_digests(config))
 
 
 def check_num_layers(config: RunConfig, total: int) -> None:

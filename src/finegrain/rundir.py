@@ -23,6 +23,7 @@ import of the training code. A run directory holds:
     .lock                held (flock) by the `train` working in the directory
     error.txt            the one-line error a failed `train` stopped with (removed when it starts again)
     .explicit_keys.json  the config keys the user set (see `finegrain.run.open_run`)
+    .data_files.json     the sha256 of each local data file the run started with (`data_file_digests`)
 
 An ensemble directory (`finegrain ensemble`) holds instead `ensemble.json` (the member runs), its
 own and its members' test metrics in metrics.json, and its reports. A multi-task run (`tasks:`,
@@ -33,6 +34,7 @@ its metrics.json holds every task's metrics under `tasks` and report.md a table 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -72,6 +74,7 @@ TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 ERROR = "error.txt"
 EXPLICIT_KEYS = ".explicit_keys.json"
+DATA_FILES = ".data_files.json"
 SEQUENCE = "sequence.yaml"  # a continual sequence's config as it was first run, beside its stages (finegrain.continual)
 RECIPE = ".recipe.json"  # the keys the data recipe chose and why, kept for metrics.json of a resumed run
 
@@ -179,13 +182,29 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         section, _, name = key.rpartition(".")
         owner = getattr(config, section) if section else config
         setattr(owner, name, absolute(getattr(owner, name)))
-    # The data files of a multi-task run's tasks (`tasks.NAME.data`) and of a sequence's stages (`continual.tasks[i]`).
-    stages = [entry.get("data") for entry in (config.tasks or {}).values() if isinstance(entry, dict)]
-    stages += config.continual.tasks or []
-    for data in stages:
-        if isinstance(data, dict):
-            data.update({k: absolute(data[k]) for k in ("train", "validation", "test") if k in data})
+    for data in _task_data(config):
+        data.update({k: absolute(data[k]) for k in ("train", "validation", "test") if k in data})
     return config
+
+
+def _task_data(config: RunConfig) -> list[dict[str, Any]]:
+    """The data sections of a multi-task run's tasks (`tasks.NAME.data`) and of a sequence's stages (`continual.tasks[i]`)."""
+    sections = [entry.get("data") for entry in (config.tasks or {}).values() if isinstance(entry, dict)]
+    sections += config.continual.tasks or []
+    return [data for data in sections if isinstance(data, dict)]
+
+
+def data_file_digests(config: RunConfig) -> dict[str, str]:
+    """The sha256 of each local data file `config` reads (its splits, `distill.unlabelled`, the data of
+    its tasks or stages), by path as the config gives it: what `refuse_other_settings` compares."""
+    paths = [config.data.train, config.data.validation, config.data.test, config.distill.unlabelled]
+    paths += [data.get(k) for data in _task_data(config) for k in ("train", "validation", "test")]
+    return {path: _sha256(path) for path in dict.fromkeys(paths) if isinstance(path, str) and Path(path).is_file()}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def require_base_model(run_dir: str | Path, config: RunConfig) -> None:
@@ -207,20 +226,27 @@ def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CO
     """Refuse to go on with (or read back) the run in `run_dir` when it was started with other
     settings than `config` (a command of several runs run again with another --set, which would
     otherwise continue or report the old run): every key the user set then or sets now must hold
-    the same value. `name`: the config file kept there (a continual sequence's: SEQUENCE)."""
+    the same value, and every data file it started with must be as it was then. `name`: the config
+    file kept there (a continual sequence's: SEQUENCE)."""
     then_keys = kept_keys(run_dir)
-    if then_keys is None or not hasattr(config, "explicit"):  # a run from before the keys were kept
+    if then_keys is not None and hasattr(config, "explicit"):  # else a run from before the keys were kept
+        then = to_dict(read_config(run_dir, name))
+        now = to_dict(with_absolute_paths(copy.deepcopy(config)))
+        for key in sorted((then_keys | config.explicit) - {"output"}):
+            old, new = _at(then, key), _at(now, key)
+            if old == new or (new == "auto" and key in then_keys & config.explicit):  # set to auto: the run has its choice
+                continue
+            how = "set" if key in then_keys else "not set: the recipe's or the default"
+            asked = f"sets {new!r}" if key in config.explicit else "leaves it unset"
+            raise FinegrainError(f"{run_dir}: this run has {key}: {old!r} ({how}) and this command {asked}; to go on, "
+                                 "run the command as it was first run, or choose another --output")
+    digests = Path(run_dir) / DATA_FILES
+    if name != CONFIG or not digests.is_file():  # a sequence's stages check their own files; a run from before
         return
-    then = to_dict(read_config(run_dir, name))
-    now = to_dict(with_absolute_paths(copy.deepcopy(config)))
-    for key in sorted((then_keys | config.explicit) - {"output"}):
-        old, new = _at(then, key), _at(now, key)
-        if old == new or (new == "auto" and key in then_keys & config.explicit):  # set to auto: the run has its choice
-            continue
-        how = "set" if key in then_keys else "not set: the recipe's or the default"
-        asked = f"sets {new!r}" if key in config.explicit else "leaves it unset"
-        raise FinegrainError(f"{run_dir}: this run has {key}: {old!r} ({how}) and this command {asked}; to go on, run "
-                             "the command as it was first run, or choose another --output")
+    for path, digest in json.loads(digests.read_text(encoding="utf-8")).items():
+        if Path(path).is_file() and _sha256(path) != digest:
+            raise FinegrainError(f"{run_dir}: {path} changed since this run was trained on it, and its scores are of the "
+                                 "file as it was; to go on, put the file back as it was, or choose another --output")
 
 
 def _at(values: dict[str, Any], key: str) -> Any:
