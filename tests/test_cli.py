@@ -412,6 +412,24 @@ def test_predict_reads_no_label(tiny_run, tmp_path, capsys):
     assert all(r["label"] in ("fresh", "rotten") and set(r["probabilities"]) == {"fresh", "rotten"} for r in rows)
 
 
+def test_predict_and_evaluate_show_a_progress_bar_over_their_batches(tiny_run, tmp_path, capsys, monkeypatch):
+    """A large file takes minutes on the real model: predict and evaluate show a bar over the batches
+    (once they run past a second), which they did not; the library's predict shows none."""
+    import finegrain.inference
+    from finegrain import load
+
+    bars = []
+    real_tqdm = finegrain.inference.tqdm
+    monkeypatch.setattr(finegrain.inference, "tqdm", lambda batches, **kw: bars.append(kw) or real_tqdm(batches, **kw))
+    data = write_texts(tmp_path / "more.jsonl", 200)
+    assert main(["predict", str(tiny_run), "--input", str(data), "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert main(["evaluate", str(tiny_run), "--data", str(data)]) == 0
+    assert [(bar["desc"], bar["disable"], bar["delay"]) for bar in bars] == [("predicting", False, 1.0)] * 2
+    bars.clear()
+    load(tiny_run).predict(["good film"])
+    assert [bar["disable"] for bar in bars] == [True]
+
+
 def test_evaluate_and_predict_skip_bad_rows_when_asked(tiny_run, tmp_path, capsys):
     """Without --skip-bad-rows a bad row stops both, naming the flag; with it, they go on without
     the row and say how many they left out. The run's config.yaml is not changed."""

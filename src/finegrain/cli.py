@@ -266,6 +266,8 @@ def _load(run_dir: str, device: str | None, skip_bad_rows: bool = False):
         predictor = Predictor(run_dir, device=device)
     if skip_bad_rows:
         predictor.config.data.skip_bad_rows = True  # this command's reading alone: config.yaml is not written
+    for run in getattr(predictor, "members", [predictor]):  # a file of thousands of texts takes minutes: show it
+        run.progress_bar = "predicting"
     return predictor
 
 

@@ -48,7 +48,8 @@ def predict_outputs(
     """Model outputs for every item, in the items' order, computed in length-sorted batches.
 
     With `hidden` (the cached output of the layers below `start_layer`), only the layers from
-    `start_layer` up run. `progress` names a progress bar to show. The outputs are on the CPU,
+    `start_layer` up run. `progress` names a progress bar to show once the work has run for a second
+    (a quick pass shows none). The outputs are on the CPU,
     wherever the model runs (`finegrain.device.place`): tasks decode them there.
     """
     was_training = model.training
@@ -56,7 +57,7 @@ def predict_outputs(
     lengths = [len(item.input_ids) for item in items]
     results: list[torch.Tensor | None] = [None] * len(items)
     batches = sorted_batches(lengths, batch_size, [len(item_rows(item)) for item in items])  # windows count as rows
-    for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
+    for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False, delay=1.0):
         cached = [hidden[i] for i in indices] if hidden is not None else None
         batch = task.collate([items[i] for i in indices], pad_id, cached)
         for i, row in zip(indices, model(batch, start_layer=start_layer if cached else 0).cpu()):  # on the CPU: itself

@@ -792,6 +792,7 @@ class Predictor:
         attach_temperature(self.task, run_dir)  # `finegrain calibrate`'s, when the run has one
         self.model.eval()
         self.long_texts: dict[str, Any] | None = None  # the last inputs' long-text counts (long_text_summary)
+        self.progress_bar: str | None = None  # the name of a bar over predict_examples' batches (the CLI's); None: none
 
     def predict(self, inputs: list, batch_size: int = 64) -> list[dict[str, Any]]:
         """Task-shaped predictions, one per input.
@@ -811,7 +812,7 @@ class Predictor:
         self.long_texts = long_text_summary(self.task, self.config.data, {"input": items})
         if report:
             report_long_texts(self.long_texts)
-        return self.task.predict(self.model, items, self.tokenizer.pad_token_id, batch_size)
+        return self.task.predict(self.model, items, self.tokenizer.pad_token_id, batch_size, progress=self.progress_bar)
 
     def evaluate(self, path: str | Path) -> dict[str, Any]:
         """Metrics of the run's model on a labelled file (same format as the training data)."""

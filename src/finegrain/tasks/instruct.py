@@ -380,7 +380,7 @@ class InstructTask:
         model.eval()
         generated: list[str] = [""] * len(prompts)
         batches = sorted_batches([len(p.text) for p in prompts], batch_size)
-        for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
+        for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False, delay=1.0):
             texts = generate(
                 model.llama, self.tokenizer, [prompts[i].text for i in indices], max_new_tokens=self.max_new_tokens
             )
