@@ -174,6 +174,14 @@ def test_a_label_written_two_ways_is_said_before_training(tiny_model_dir, tmp_pa
     assert "labels: 'Fresh' and 'fresh' differ only in case, spaces or punctuation" in capsys.readouterr().out
 
 
+def test_labels_joining_other_labels_are_said_before_training(tiny_model_dir, tmp_path, capsys):
+    data = write_texts(tmp_path / "data.jsonl")
+    data.write_text(data.read_text().replace('"fresh"', '"fresh|rotten"', 3))
+    assert main(tiny_train_args(tiny_model_dir, data, tmp_path / "run")) == 0
+    assert "labels: 'fresh|rotten' join labels that also stand alone: if a text can carry several labels, set " \
+           "data.multi_label: true" in capsys.readouterr().out
+
+
 def test_evaluation_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"  # every text once (write_texts repeats each)
     data.write_text("".join(json.dumps({"text": f"{'good' if i % 2 else 'bad'} film {i}", "label": "fresh" if i % 2 else "rotten"})

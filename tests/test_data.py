@@ -356,6 +356,27 @@ def test_infer_labels() -> None:
         infer_labels([Example("x", 0.5, "f:1")])
 
 
+def test_numbers_with_a_fraction_as_class_labels_point_at_regression(tmp_path: Path) -> None:
+    """A file of scores trained as classification made a class of each value, then failed on the first
+    validation value it had not seen ("unknown label '0.03'; did you mean '0.53'?")."""
+    from finegrain.config import DataConfig
+    from finegrain.data.load import load_splits
+    from finegrain.data.split import score_like_labels
+
+    assert score_like_labels(["1", "2", "3", "4", "5"]) is None and score_like_labels(["1.0", "2.0"]) is None
+    assert score_like_labels([str(i) for i in range(77)]) is None  # class ids
+    assert score_like_labels(["neg", "0.5"]) is None and score_like_labels(["nan", "0.5"]) is None
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"text": f"text {i}", "label": round(i * 0.37 - 3, 2)}) + "\n" for i in range(40)))
+    with pytest.raises(FinegrainError, match=rf"^{scores}: its 32 training labels are all numbers \(-3, -2.63, "
+                       r"-2.26, \.\.\. 11.43\): to predict a score, set task: regression \(--set task=regression\); "
+                       r"to classify them, list the classes in data.labels$"):
+        load_splits(DataConfig(train=str(scores)))
+    labels = infer_labels(read_examples(scores).examples)
+    assert load_splits(DataConfig(train=str(scores), labels=labels)).labels == labels
+    assert load_splits(DataConfig(train=str(scores)), regression=True).labels == ["label"]
+
+
 def test_labels_written_two_ways_are_named() -> None:
     from finegrain.data.split import look_alike_labels
 
@@ -364,6 +385,20 @@ def test_labels_written_two_ways_are_named() -> None:
     line = look_alike_labels(["Pos", "neg", "not spam", "not_spam", "pos"])
     assert line.startswith("labels: 'Pos' and 'pos'; 'not spam' and 'not_spam' differ only in case, spaces or "
                            "punctuation and train as different classes"), line
+
+
+def test_labels_that_join_other_labels_point_at_multi_label() -> None:
+    """A multi-label file read without data.multi_label trained each combination as a class, in silence."""
+    from finegrain.data.split import joined_labels
+
+    assert joined_labels(["neg", "pos"]) is None
+    assert joined_labels(["Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)", "Other"]) is None  # relation labels
+    assert joined_labels(["a|b", "c"]) is None  # no part stands alone
+    assert joined_labels(["politics", "sports", "sports|politics", "tech", "tech|politics"]) == (
+        "labels: 'sports|politics', 'tech|politics' join labels that also stand alone: if a text can carry several "
+        "labels, set data.multi_label: true; as they are, each combination trains as a class of its own")
+    assert "set data.multi_label: true and join a text's labels with '|' instead of ',' (or give a JSON list)" in \
+        joined_labels(["politics", "sports", "sports, politics"])
 
 
 def test_evaluation_texts_that_are_also_training_texts_are_counted() -> None:

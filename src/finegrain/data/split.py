@@ -148,6 +148,22 @@ def infer_labels(examples: Sequence[Example]) -> list[str]:
         return sorted(labels)
 
 
+def score_like_labels(labels: Sequence[str]) -> str | None:
+    """What to say of class labels that are all numbers, some with a fraction ("0.25", "-1.5"): a
+    score, which classification would split into as many classes of a few examples each, most
+    validation and test values unseen; None for labels that read as classes (names, or whole
+    numbers such as star ratings or class ids)."""
+    try:
+        values = [float(label) for label in labels]
+    except ValueError:
+        return None
+    if not values or not all(math.isfinite(v) for v in values) or all(v.is_integer() for v in values):
+        return None
+    shown = ", ".join(labels[:3]) + (f", ... {labels[-1]}" if len(labels) > 3 else "")
+    return (f"its {len(labels)} training labels are all numbers ({shown}): to predict a score, set task: regression "
+            "(--set task=regression); to classify them, list the classes in data.labels")
+
+
 def look_alike_labels(labels: Sequence[str]) -> str | None:
     """One line naming labels that differ only in case, spaces or punctuation ("Pos" and "pos",
     "not_spam" and "not spam"): likely one class written two ways, which trains as two; None if
@@ -161,6 +177,23 @@ def look_alike_labels(labels: Sequence[str]) -> str | None:
         return None
     return (f"labels: {'; '.join(alike)} differ only in case, spaces or punctuation and train as different classes; "
             "if each group is one class, write it one way in the data")
+
+
+def joined_labels(labels: Sequence[str]) -> str | None:
+    """One line naming labels that join other labels of the set ("sports|politics" beside "sports" and
+    "politics"): likely multi-label data read without `data.multi_label`, where each combination trains
+    as a class of its own; None if there are none."""
+    alone = {label for label in labels if isinstance(label, str)}
+    for separator in ("|", ",", ";"):
+        joined = [label for label in alone if separator in label
+                  and all(part.strip() in alone for part in label.split(separator))]
+        if joined:
+            joined.sort(key=list(labels).index)
+            named = ", ".join(repr(label) for label in joined[:3]) + (" ..." if len(joined) > 3 else "")
+            how = "" if separator == "|" else f" and join a text's labels with '|' instead of {separator!r} (or give a JSON list)"
+            return (f"labels: {named} join labels that also stand alone: if a text can carry several labels, set "
+                    f"data.multi_label: true{how}; as they are, each combination trains as a class of its own")
+    return None
 
 
 def _strata(examples: Sequence[Example]) -> list[Hashable]:
