@@ -100,7 +100,8 @@ def test_wrongly_typed_items_name_the_key(override, message):
      ("train.threads=0", "at least 1, or null"), ("train.prefix_cache_ram_mb=-5", "at least 0"),
      ("head.threshold=2", "a probability in (0, 1)"),
      ("data.text_field=label", "a column other than data.label_field ('label'): the model would read the label"),
-     ("data.labels=[ham,spam,ham]", "a list of labels, each once"), ("data.labels=[]", "a list of labels, each once")],
+     ("data.labels=[ham,spam,ham]", "a list of labels, each once"), ("data.labels=[]", "a list of labels, each once"),
+     ("data.tag_names=[O,B-PER,O]", "a list of tags, each once, in id order"), ("data.tag_names=[]", "a list of tags")],
 )
 def test_numbers_out_of_range_are_refused_with_the_config(override, expected):
     """Each was accepted: a ZeroDivisionError at the first step (checkpoint_every 0), an optimizer's

@@ -115,12 +115,34 @@ def test_jsonl_tokens(tmp_path):
     bad = jsonl(tmp_path, [{"tokens": ["a"], "tags": ["O"]}, {"tokens": ["a", "b"], "tags": ["O"]}], "bad.jsonl")
     with pytest.raises(FinegrainError, match=r"bad.jsonl:2: 2 tokens but 1 tags"):
         read_token_examples(bad)
-    ids = jsonl(tmp_path, [{"tokens": ["a"], "tags": [3]}], "ids.jsonl")
-    with pytest.raises(FinegrainError, match=r"ids.jsonl:1: 'tags' must be a list of tag strings"):
-        read_token_examples(ids)
+    mixed = jsonl(tmp_path, [{"tokens": ["a", "b"], "tags": [3, "O"]}], "mixed.jsonl")
+    with pytest.raises(FinegrainError, match=r"mixed.jsonl:1: 'tags' must be a list of tag strings such as 'B-PER', "
+                                             r"or of tag ids with data.tag_names"):
+        read_token_examples(mixed)
     fields = jsonl(tmp_path, [{"words": ["a"]}], "fields.jsonl")
     with pytest.raises(FinegrainError, match=r"fields.jsonl:1: neither 'tokens'"):
         read_token_examples(fields)
+
+
+def test_jsonl_tag_ids_as_hugging_face_writes_them(tmp_path):
+    """`ds.to_json()` of a Hugging Face NER set writes `ner_tags`, tag ids: read through data.tag_names,
+    which the error asks for where they are missing (it was "no 'tags' next to 'tokens'")."""
+    rows = [{"id": "0", "tokens": ["Anna", "went", "to", "Paris"], "ner_tags": [1, 0, 0, 3]},
+            {"id": "1", "tokens": ["Tom", "Hanks"], "ner_tags": [1, 2]}]
+    path = jsonl(tmp_path, rows)
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    examples = read_token_examples(path, tag_names=names).examples
+    assert [e.tags for e in examples] == [["B-PER", "O", "O", "B-LOC"], ["B-PER", "I-PER"]]
+    assert examples[0].extra == {"id": "0"}
+    with pytest.raises(FinegrainError, match=rf"^{path}:1: 'ner_tags' holds tag ids \(1, 0, 0, 3\); list the tag of each "
+                       r"id in data.tag_names, in id order \(a Hugging Face set's features\['ner_tags'\].feature.names\)"):
+        read_token_examples(path, skip_bad_rows=True)  # the config's to fix: no row is skipped for it
+    with pytest.raises(FinegrainError, match=rf"^{path}:1: 'ner_tags' holds tag id 3, and data.tag_names names 3 \(ids 0 "
+                       r"to 2\); list the tag of every id there$"):
+        read_token_examples(path, tag_names=names[:3])
+    assert [e.tags for e in read_token_examples(path, require_tags=False).examples] == [None, None]  # predict reads none
+    splits = load_token_splits(DataConfig(train=str(path), validation=str(path), test=str(path), tag_names=names))
+    assert splits.labels == ["LOC", "PER"]
 
 
 def test_jsonl_spans_cut_words_at_entity_boundaries(tmp_path):

@@ -61,6 +61,7 @@ class DataConfig:
     # task: ner
     scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES) or IO
     tag_column: int = -1  # CoNLL files: the column holding the tag (0-based; -1 the last)
+    tag_names: list[str] | None = None  # JSONL tags given as ids (Hugging Face's ner_tags): the tag of each id, in id order
     repair_tags: bool = False  # read tags that break data.scheme as conlleval does (O I-PER -> O B-PER)
     char_level: bool = False  # text without spaces between words (Chinese): words are characters
 
@@ -538,6 +539,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
         (config.data.labels is None or 0 < len(config.data.labels) == len({str(l) for l in config.data.labels}), "data.labels",
          "a list of labels, each once (the head's outputs in order), or null for the training data's"),
+        (config.data.tag_names is None or 0 < len(config.data.tag_names) == len({str(t) for t in config.data.tag_names}),
+         "data.tag_names", "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
         (config.task not in ("classification", "regression") or config.data.text_field != config.data.label_field,
          "data.text_field", f"a column other than data.label_field ('{config.data.label_field}'): the model would read the label it is to predict"),
         (config.data.long_texts in ("truncate", "head_tail", "windows"), "data.long_texts", "truncate, head_tail or windows"),

@@ -177,6 +177,7 @@ def read_token_examples(
     tags_field: str = "tags",
     entities_field: str = "entities",
     format: str | None = None,
+    tag_names: Sequence[str] | None = None,
 ) -> TokenReadResult:
     """Read word-tagged sentences from a CoNLL-column or JSON-lines file (see the module docstring).
 
@@ -189,6 +190,7 @@ def read_token_examples(
         skip_bad_rows: drop bad sentences (listed in `skipped`) instead of failing on the first.
         require_tags: when False, sentences without tags are read with `tags=None` (for prediction).
         text_field, tokens_field, tags_field, entities_field: JSON keys.
+        tag_names: JSON lines whose tags are ids (Hugging Face's `ner_tags`): the tag of each id.
 
     Returns:
         The sentences in file order with the reasons some were skipped or repaired.
@@ -211,6 +213,7 @@ def read_token_examples(
             tokens_field=tokens_field,
             tags_field=tags_field,
             entities_field=entities_field,
+            tag_names=tag_names,
             **common,
         )
     raise FinegrainError(f"{path}: unknown format {fmt!r}; use conll or jsonl")
@@ -389,8 +392,13 @@ def read_token_jsonl(
     tokens_field: str = "tokens",
     tags_field: str = "tags",
     entities_field: str = "entities",
+    tag_names: Sequence[str] | None = None,
 ) -> TokenReadResult:
-    """Read JSON lines of `{"tokens": [...], "tags": [...]}` or `{"text": ..., "entities": [...]}`."""
+    """Read JSON lines of `{"tokens": [...], "tags": [...]}` or `{"text": ..., "entities": [...]}`.
+
+    Hugging Face's token-classification sets write `ner_tags`, tag ids, beside `tokens`: `ner_tags`
+    is read where there is no `tags`, and ids become tags through `tag_names` (the set's
+    `features["ner_tags"].feature.names`, in id order)."""
     scheme = _scheme(scheme, path)
     collector = _Collector(path, scheme, repair, skip_bad_rows)
     fields = (text_field, tokens_field, tags_field, entities_field)
@@ -399,13 +407,17 @@ def read_token_jsonl(
         if not line:
             continue
         collector.add(
-            lambda n=line_number, line=line: _json_example(line, n, str(path), fields, char_level, require_tags)
+            lambda n=line_number, line=line: _json_example(line, n, str(path), fields, char_level, require_tags, tag_names)
         )
     return collector.finish()
 
 
+HF_TAGS = "ner_tags"  # Hugging Face's key for a sentence's tag ids
+
+
 def _json_example(
-    line: str, n: int, path: str, fields: tuple[str, str, str, str], char_level: bool, require_tags: bool
+    line: str, n: int, path: str, fields: tuple[str, str, str, str], char_level: bool, require_tags: bool,
+    tag_names: Sequence[str] | None = None,
 ) -> TokenExample:
     text_field, tokens_field, tags_field, entities_field = fields
     try:
@@ -415,19 +427,24 @@ def _json_example(
     if not isinstance(obj, dict):
         raise BadRow.at(n, "expected a JSON object per line")
     source = f"{path}:{n}"
-    extra = {k: v for k, v in obj.items() if k not in fields}
+    if tags_field not in obj and HF_TAGS in obj:
+        tags_field = HF_TAGS
+    extra = {k: v for k, v in obj.items() if k not in (*fields, tags_field)}
     if tokens_field in obj:
         words = obj[tokens_field]
         if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
             raise BadRow.at(n, f"{tokens_field!r} must be a non-empty list of non-empty strings")
         words = [w.strip() for w in words]
         tags = obj.get(tags_field)
+        if isinstance(tags, list) and tags and all(isinstance(t, int) and not isinstance(t, bool) for t in tags):
+            # ids without names are no matter where no tag is read (predict)
+            tags = _named_tags(tags, tag_names, tags_field, f"{path}:{n}") if require_tags or tag_names else None
         if tags is None:
             if require_tags:
                 raise BadRow.at(n, f"no {tags_field!r} next to {tokens_field!r} (fields: {', '.join(obj)})")
         elif not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise BadRow.at(
-                n, f"{tags_field!r} must be a list of tag strings such as 'B-PER'; map tag ids to names first"
+                n, f"{tags_field!r} must be a list of tag strings such as 'B-PER', or of tag ids with data.tag_names"
             )
         elif len(tags) != len(words):
             raise BadRow.at(n, f"{len(words)} tokens but {len(tags)} tags")
@@ -452,6 +469,20 @@ def _json_example(
     example = span_example(text, entities, source, char_level, tagged=spans is not None)
     example.extra.update(extra)
     return example
+
+
+def _named_tags(ids: list[int], tag_names: Sequence[str] | None, key: str, where: str) -> list[str]:
+    """A sentence's tag ids as tags, through `data.tag_names`. Ids without names are the config's to
+    fix, not the row's: no row of such a file would be read, so it is an error, never a skipped row."""
+    if tag_names is None:
+        raise FinegrainError(f"{where}: {key!r} holds tag ids ({', '.join(map(str, ids[:4]))}{', ...' if len(ids) > 4 else ''}); "
+                             "list the tag of each id in data.tag_names, in id order (a Hugging Face set's "
+                             f"features[{key!r}].feature.names), e.g. --set 'data.tag_names=[O, B-PER, I-PER]'")
+    unknown = [i for i in ids if not 0 <= i < len(tag_names)]
+    if unknown:
+        raise FinegrainError(f"{where}: {key!r} holds tag id {unknown[0]}, and data.tag_names names {len(tag_names)} "
+                             f"(ids 0 to {len(tag_names) - 1}); list the tag of every id there")
+    return [tag_names[i] for i in ids]
 
 
 def _check_spans(spans: Any, text: str, n: int, key: str) -> list[tuple[str, int, int]]:
@@ -596,6 +627,7 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         repair=getattr(config, "repair_tags", False),
         skip_bad_rows=config.skip_bad_rows,
         text_field=config.text_field,
+        tag_names=getattr(config, "tag_names", None),
     )
     repaired: list[str] = []
 

@@ -232,7 +232,7 @@ class TokenClassificationTask:
         examples = kept(read_token_examples(
             path, require_tags=require_label, scheme=data.scheme, tag_column=data.tag_column,
             char_level=data.char_level, repair=data.repair_tags, skip_bad_rows=data.skip_bad_rows,
-            text_field=data.text_field,
+            text_field=data.text_field, tag_names=data.tag_names,
         ), skipped)
         if not examples:
             raise FinegrainError(f"{path}: no usable sentences")
