@@ -90,6 +90,12 @@ def test_wrongly_typed_items_name_the_key(override, message):
         load_config(None, ["data.dataset=sms_spam", override])
 
 
+def test_label_names_are_for_classification_alone():
+    with pytest.raises(FinegrainError, match=re.escape("'data.label_names' must be null for this task: it names the label "
+                                                       "ids of classification files (task: ner has data.tag_names)")):
+        load_config(None, ["data.dataset=vader", "task=regression", "data.label_names=[neg,pos]"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [("train.eval_batch_size=0", "at least 1"), ("train.head_lr=-1", "above 0, or null"),
@@ -101,7 +107,8 @@ def test_wrongly_typed_items_name_the_key(override, message):
      ("head.threshold=2", "a probability in (0, 1)"),
      ("data.text_field=label", "a column other than data.label_field ('label'): the model would read the label"),
      ("data.labels=[ham,spam,ham]", "a list of labels, each once"), ("data.labels=[]", "a list of labels, each once"),
-     ("data.tag_names=[O,B-PER,O]", "a list of tags, each once, in id order"), ("data.tag_names=[]", "a list of tags")],
+     ("data.tag_names=[O,B-PER,O]", "a list of tags, each once, in id order"), ("data.tag_names=[]", "a list of tags"),
+     ("data.label_names=[neg,neg]", "a list of names, each once, in id order")],
 )
 def test_numbers_out_of_range_are_refused_with_the_config(override, expected):
     """Each was accepted: a ZeroDivisionError at the first step (checkpoint_every 0), an optimizer's

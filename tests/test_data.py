@@ -387,6 +387,28 @@ def test_labels_written_two_ways_are_named() -> None:
                            "punctuation and train as different classes"), line
 
 
+def test_label_ids_as_hugging_face_writes_them_read_with_their_names(tmp_path: Path) -> None:
+    """`ds.to_json()` of a Hugging Face classification set writes label ids (`"label": 1`): with
+    data.label_names they train, report and predict as names; an id past the list is one line."""
+    from finegrain.config import DataConfig
+    from finegrain.data.load import load_splits, read_file
+
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": i % 3}) + "\n" for i in range(30)))
+    names = ["world", "sports", "business"]
+    splits = load_splits(DataConfig(train=str(path), label_names=names))
+    assert splits.labels == ["business", "sports", "world"]
+    assert {e.label for e in splits.test} <= set(names) and [e.label for e in read_file(
+        DataConfig(label_names=names), str(path)).examples[:3]] == names
+    with pytest.raises(FinegrainError, match=rf"^{path}:3: label '2' is not an id of data.label_names, which names 2 "
+                       r"\(ids 0 to 1\); list the name of every id there, or drop data.label_names"):
+        load_splits(DataConfig(train=str(path), label_names=names[:2], skip_bad_rows=True))
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text(json.dumps({"text": "a", "label": [0, 2]}) + "\n")
+    assert read_file(DataConfig(label_names=names, multi_label=True), str(multi)).examples[0].label == ["world", "business"]
+    assert read_file(DataConfig(label_names=names[:1]), str(path), require_label=False).examples  # predict reads no label
+
+
 def test_labels_that_join_other_labels_point_at_multi_label() -> None:
     """A multi-label file read without data.multi_label trained each combination as a class, in silence."""
     from finegrain.data.split import joined_labels
