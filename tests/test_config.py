@@ -92,7 +92,7 @@ def test_wrongly_typed_items_name_the_key(override, message):
 
 def test_label_names_are_for_classification_alone():
     with pytest.raises(FinegrainError, match=re.escape("'data.label_names' must be null for this task: it names the label "
-                                                       "ids of classification files (task: ner has data.tag_names)")):
+                                                       "ids of classification and relation files (task: ner has data.tag_names)")):
         load_config(None, ["data.dataset=vader", "task=regression", "data.label_names=[neg,pos]"])
 
 

@@ -118,6 +118,21 @@ def test_skip_bad_rows_keeps_the_good_records_and_the_reasons(tmp_path):
     assert [s.split(": ")[0] for s in result.skipped] == [f"{path}:5", f"{path}:9"]
 
 
+def test_relation_ids_as_hugging_face_writes_them_read_with_their_names(tmp_path):
+    """Hugging Face's SemEval-2010 Task 8 written with to_json: {"sentence": marked text, "relation": id}."""
+    rows = [{"sentence": f"The <e1>fire</e1> caused the <e2>smoke</e2> {i}", "relation": i % 3} for i in range(30)]
+    path = tmp_path / "sem_eval.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    names = ["Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)", "Other"]
+    examples = read_relation_file(str(path), "sentence", "relation", label_names=names).examples
+    assert [e.label for e in examples[:3]] == names and examples[0].text == "The fire caused the smoke 0"
+    data = DataConfig(train=str(path), text_field="sentence", label_field="relation", label_names=names)
+    assert load_relation_splits(data).labels == sorted(names)
+    with pytest.raises(FinegrainError, match=rf"^{path}:3: label '2' is not an id of data.label_names, which names 2"):
+        read_relation_file(str(path), "sentence", "relation", label_names=names[:2])
+    assert read_relation_file(str(path), "sentence", "relation", require_label=False, label_names=names[:2]).examples
+
+
 def test_jsonl_offsets_markers_and_errors(tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [

@@ -40,7 +40,7 @@ class DataConfig:
     text_field: str = "text"
     label_field: str = "label"
     labels: list[str] | None = None  # classification: the label set in head order (default: the training labels)
-    label_names: list[str] | None = None  # classification: files whose labels are ids (Hugging Face's ClassLabel): the name of each id, in id order
+    label_names: list[str] | None = None  # classification, relation: files whose labels are ids (Hugging Face's ClassLabel): the name of each id, in id order
     multi_label: bool = False
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # when only `train` (or `dataset`) is given
     split_seed: int = 0
@@ -544,8 +544,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "data.tag_names", "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
         (config.data.label_names is None or 0 < len(config.data.label_names) == len({str(n) for n in config.data.label_names}),
          "data.label_names", "a list of names, each once, in id order (e.g. [negative, positive]), or null"),
-        (config.data.label_names is None or config.task == "classification", "data.label_names",
-         "null for this task: it names the label ids of classification files (task: ner has data.tag_names)"),
+        (config.data.label_names is None or config.task in ("classification", "relation"), "data.label_names",
+         "null for this task: it names the label ids of classification and relation files (task: ner has data.tag_names)"),
         (config.task not in ("classification", "regression") or config.data.text_field != config.data.label_field,
          "data.text_field", f"a column other than data.label_field ('{config.data.label_field}'): the model would read the label it is to predict"),
         (config.data.long_texts in ("truncate", "head_tail", "windows"), "data.long_texts", "truncate, head_tail or windows"),

@@ -8,7 +8,7 @@ from typing import Any
 from finegrain.config import DataConfig
 from finegrain.data import pipeline
 from finegrain.data.pipeline import SPLITS, Splits, bundled_loader, check_split_labels, sample
-from finegrain.data.readers import Example, ReadResult, read_examples
+from finegrain.data.readers import Example, named_labels, read_examples
 from finegrain.data.split import infer_labels, score_like_labels
 from finegrain.errors import FinegrainError
 
@@ -20,31 +20,7 @@ def read_file(config: DataConfig, path: str, require_label: bool = True, regress
         path, text_field=config.text_field, label_field=config.label_field, multi_label=config.multi_label,
         skip_bad_rows=config.skip_bad_rows, require_label=require_label, regression=regression,
     )
-    if config.label_names and require_label and not regression:  # predict reads no label
-        result = ReadResult([_named(example, config.label_names) for example in result.examples], result.skipped)
-    return result
-
-
-def _named(example: Example, names: list[str]) -> Example:
-    """`example` with its label ids (Hugging Face's ClassLabel: `"label": 2`) as the names of
-    `data.label_names`; an id past the list, or a label that is no id, is the config's to fix."""
-    def name(label: str) -> str:
-        try:
-            value = float(label)
-        except ValueError:
-            value = None
-        if value is None or not value.is_integer() or not 0 <= value < len(names):
-            raise FinegrainError(f"{example.source}: label {label!r} is not an id of data.label_names, which names "
-                                 f"{len(names)} (ids 0 to {len(names) - 1}); list the name of every id there, or "
-                                 "drop data.label_names for labels written as names")
-        return names[int(value)]
-
-    label = example.label
-    if isinstance(label, list):
-        label = [name(part) for part in label]
-    elif isinstance(label, str):
-        label = name(label)
-    return Example(example.text, label, example.source, example.extra)
+    return result if regression or not require_label else named_labels(result, config.label_names)  # predict reads none
 
 
 def load_splits(config: DataConfig, regression: bool = False, datasets_module: Any = None) -> Splits:

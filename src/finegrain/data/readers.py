@@ -26,7 +26,7 @@ from finegrain.atomic import atomic_write_bytes
 from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise
 from finegrain.errors import FinegrainError
 
-__all__ = ["Example", "ReadResult", "check_labels", "read_examples", "without_labels", "write_examples"]
+__all__ = ["Example", "ReadResult", "check_labels", "named_labels", "read_examples", "without_labels", "write_examples"]
 
 Label = str | list[str] | float | None
 
@@ -651,3 +651,32 @@ def without_labels(examples: list) -> list:
                 setattr(example, name, None)
         copies.append(example)
     return copies
+
+
+def named_labels(result: ReadResult, names: Sequence[str] | None) -> ReadResult:
+    """`result` with its examples' label ids (Hugging Face's ClassLabel: `"label": 2`) as the names of
+    `data.label_names` (`names`; None: as it is). An id past the list, or a label that is no id, is
+    the config's to fix, not the row's: an error, never a skipped row."""
+    if not names:
+        return result
+
+    def name(label: str, source: str) -> str:
+        try:
+            value = float(label)
+        except ValueError:
+            value = None
+        if value is None or not value.is_integer() or not 0 <= value < len(names):
+            raise FinegrainError(f"{source}: label {label!r} is not an id of data.label_names, which names "
+                                 f"{len(names)} (ids 0 to {len(names) - 1}); list the name of every id there, or "
+                                 "drop data.label_names for labels written as names")
+        return names[int(value)]
+
+    examples = []
+    for example in result.examples:
+        example, label = copy.copy(example), example.label
+        if isinstance(label, list):
+            example.label = [name(part, example.source) for part in label]
+        elif isinstance(label, str):
+            example.label = name(label, example.source)
+        examples.append(example)
+    return ReadResult(examples, result.skipped, result.fields)

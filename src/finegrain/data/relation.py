@@ -27,7 +27,7 @@ from finegrain.data.files import (
     READ_ERRORS, SKIP_HINT, BadRow, check_file, content_suffix, open_binary, skip_or_raise,
 )
 from finegrain.data.pipeline import Splits, check_split_labels
-from finegrain.data.readers import ReadResult, read_examples
+from finegrain.data.readers import ReadResult, named_labels, read_examples
 from finegrain.data.split import infer_labels
 from finegrain.errors import FinegrainError
 
@@ -129,7 +129,7 @@ def check_spans(text: str, head: Any, tail: Any) -> tuple[tuple[int, int], tuple
 
 def read_relation_file(
     path: str, text_field: str = "text", label_field: str = "label", require_label: bool = True,
-    skip_bad_rows: bool = False,
+    skip_bad_rows: bool = False, label_names: list[str] | None = None,
 ) -> ReadResult:
     """Relation examples from a SemEval-2010 Task 8 `.txt` file or a JSON lines (JSON) file.
 
@@ -138,13 +138,14 @@ def read_relation_file(
         text_field, label_field: the JSON fields of the text and the label.
         require_label: a record without a label is bad; when False its label is None.
         skip_bad_rows: drop bad records (each reason kept in `skipped`) instead of raising.
+        label_names: labels written as ids (Hugging Face's ClassLabel): the name of each id (`data.label_names`).
 
     Raises:
         FinegrainError: a missing or unreadable file, or (unless `skip_bad_rows`) a bad record,
             naming `file:line` and the fix.
     """
     if content_suffix(path) == ".txt":
-        return _read_semeval(path, require_label, skip_bad_rows)
+        return named_labels(_read_semeval(path, require_label, skip_bad_rows), label_names if require_label else None)
     read = read_examples(
         path, text_field=text_field, label_field=label_field, skip_bad_rows=skip_bad_rows, require_label=require_label
     )
@@ -156,7 +157,7 @@ def read_relation_file(
             skip_or_raise(bad, row.source, skip_bad_rows, skipped)
     if not examples:
         raise FinegrainError(f"{path}: every row was skipped (first: {skipped[0]}); fix the file")
-    return ReadResult(examples, skipped, read.fields)
+    return named_labels(ReadResult(examples, skipped, read.fields), label_names if require_label else None)
 
 
 def _from_fields(text: str, fields: dict[str, Any], label: Any, source: str) -> RelationExample:
@@ -272,7 +273,8 @@ def load_relation_splits(data) -> Splits:
     """
 
     def read(path: str) -> ReadResult:
-        return read_relation_file(path, data.text_field, data.label_field, skip_bad_rows=data.skip_bad_rows)
+        return read_relation_file(path, data.text_field, data.label_field, skip_bad_rows=data.skip_bad_rows,
+                                  label_names=data.label_names)
 
     files = "a SemEval-2010 Task 8 .txt file or JSON lines (see examples/relation.yaml)"
     splits = pipeline.load_splits(data, read, task="relation", files=files)

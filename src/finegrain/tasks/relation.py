@@ -264,8 +264,8 @@ class RelationTask:
         return load_relation_splits(data)
 
     def read_file(self, data, path: str, require_label: bool = True, skipped: list[str] | None = None) -> list[RelationExample]:
-        examples = kept(read_relation_file(str(path), data.text_field, data.label_field, require_label, data.skip_bad_rows),
-                        skipped)
+        examples = kept(read_relation_file(str(path), data.text_field, data.label_field, require_label, data.skip_bad_rows,
+                                           data.label_names), skipped)
         if require_label:
             examples = kept(check_labels(examples, self.labels, str(path), data.skip_bad_rows), skipped)
         return examples
