@@ -180,6 +180,12 @@ def test_labels_joining_other_labels_are_said_before_training(tiny_model_dir, tm
     assert main(tiny_train_args(tiny_model_dir, data, tmp_path / "run")) == 0
     assert "labels: 'fresh|rotten' join labels that also stand alone: if a text can carry several labels, set " \
            "data.multi_label: true" in capsys.readouterr().out
+    data.write_text(write_texts(tmp_path / "ids.jsonl").read_text().replace('"fresh"', "1").replace('"rotten"', "0"))
+    assert main(tiny_train_args(tiny_model_dir, data, tmp_path / "ids")) == 0
+    assert "labels: 0, 1 read as ids" in capsys.readouterr().out
+    assert main([*tiny_train_args(tiny_model_dir, data, tmp_path / "named"), "--set", "data.label_names=[rotten, fresh]"]) == 0
+    assert "read as ids" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "named" / "labels.json").read_text()) == ["fresh", "rotten"]
 
 
 def test_evaluation_texts_that_are_training_texts_are_said_and_counted(tiny_model_dir, tmp_path, capsys):

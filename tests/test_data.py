@@ -409,6 +409,15 @@ def test_label_ids_as_hugging_face_writes_them_read_with_their_names(tmp_path: P
     assert read_file(DataConfig(label_names=names[:1]), str(path), require_label=False).examples  # predict reads no label
 
 
+def test_labels_that_are_ids_point_at_label_names() -> None:
+    from finegrain.data.split import id_labels
+
+    assert id_labels(["1", "2", "3", "4", "5"]) is None and id_labels(["0"]) is None and id_labels(["0", "2"]) is None
+    assert id_labels([str(i) for i in range(6)]) == (
+        "labels: 0, 1, 2, 3 ... read as ids, and reports and predictions will name them so; if they stand for names "
+        "(a Hugging Face set's ClassLabel), list the names in id order in data.label_names")
+
+
 def test_labels_that_join_other_labels_point_at_multi_label() -> None:
     """A multi-label file read without data.multi_label trained each combination as a class, in silence."""
     from finegrain.data.split import joined_labels

@@ -543,7 +543,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.data.tag_names is None or 0 < len(config.data.tag_names) == len({str(t) for t in config.data.tag_names}),
          "data.tag_names", "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
         (config.data.label_names is None or 0 < len(config.data.label_names) == len({str(n) for n in config.data.label_names}),
-         "data.label_names", "a list of names, each once, in id order (e.g. [negative, positive]), or null"),
+         "data.label_names", "a list of names, each once, in id order (e.g. [negative, positive]; a name holding a comma "
+         "goes in quotes: \"Cause-Effect(e1,e2)\"), or null"),
         (config.data.label_names is None or config.task in ("classification", "relation"), "data.label_names",
          "null for this task: it names the label ids of classification and relation files (task: ner has data.tag_names)"),
         (config.task not in ("classification", "regression") or config.data.text_field != config.data.label_field,

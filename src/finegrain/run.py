@@ -23,7 +23,7 @@ from finegrain.checkpoint.load import DEFAULT_MODEL, is_encoder, load_model, res
 from finegrain.config import CURRENT_JUDGE, SELF_JUDGE, AugmentConfig, RunConfig, dump_yaml, validate
 from finegrain.cpu import available_cpus
 from finegrain.data.augment import augment_examples
-from finegrain.data.split import joined_labels, look_alike_labels, shared_line, shared_with_training, stratified_subset
+from finegrain.data.split import id_labels, joined_labels, look_alike_labels, shared_line, shared_with_training, stratified_subset
 from finegrain.device import model_device, peak_memory_mb, place, reset_peak_memory, resolve_device
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
@@ -378,7 +378,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     splits = task_class(config.task).load_splits(config.data)
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
-        for note in (look_alike_labels(splits.labels), joined_labels(splits.labels)):
+        for note in (look_alike_labels(splits.labels), joined_labels(splits.labels), id_labels(splits.labels)):
             if note:
                 print(note, flush=True)
     shared = shared_with_training(splits)  # before augmentation, whose copies are of training texts

@@ -179,6 +179,16 @@ def look_alike_labels(labels: Sequence[str]) -> str | None:
             "if each group is one class, write it one way in the data")
 
 
+def id_labels(labels: Sequence[str]) -> str | None:
+    """One line for labels that are exactly the ids 0 to K-1 (a Hugging Face set's ClassLabel, written
+    with `to_json`): the reports and predictions will say "2" where a name was meant; None otherwise."""
+    if len(labels) < 2 or list(labels) != [str(i) for i in range(len(labels))]:
+        return None
+    shown = ", ".join(labels[:4]) + (" ..." if len(labels) > 4 else "")
+    return (f"labels: {shown} read as ids, and reports and predictions will name them so; if they stand for names "
+            "(a Hugging Face set's ClassLabel), list the names in id order in data.label_names")
+
+
 def joined_labels(labels: Sequence[str]) -> str | None:
     """One line naming labels that join other labels of the set ("sports|politics" beside "sports" and
     "politics"): likely multi-label data read without `data.multi_label`, where each combination trains
