@@ -539,7 +539,8 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
         (config.data.labels is None or 0 < len(config.data.labels) == len({str(l) for l in config.data.labels}), "data.labels",
-         "a list of labels, each once (the head's outputs in order), or null for the training data's"),
+         "a list of labels, each once (the head's outputs in order; a label holding a comma goes in quotes), or null "
+         "for the training data's"),
         (config.data.tag_names is None or 0 < len(config.data.tag_names) == len({str(t) for t in config.data.tag_names}),
          "data.tag_names", "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
         (config.data.label_names is None or 0 < len(config.data.label_names) == len({str(n) for n in config.data.label_names}),

@@ -25,8 +25,8 @@ the run's probabilities; a `peft` adapter gives the logits before it (`export_no
 Nor does a transformers model know how the run read a text (`data.max_length`, `data.template`,
 `data.long_texts`; for NER, which token of a word carries its tag and how the tags were chosen; for QA,
 its prompt and windows): an `hf` export of a classification, regression, NER or QA run keeps them in
-config.json (`finegrain_input`),
-and `export_note` says what to give transformers for the run's predictions.
+config.json (`finegrain_input`), and `export_note` says what to give transformers for the run's
+predictions.
 
 A method whose config class says `mergeable = False` (prompt and prefix tuning: their virtual
 tokens are inputs, not a change of any weight) has no merged form: `hf` and `gguf` refuse it in
