@@ -477,7 +477,8 @@ def _named_tags(ids: list[int], tag_names: Sequence[str] | None, key: str, where
     if tag_names is None:
         raise FinegrainError(f"{where}: {key!r} holds tag ids ({', '.join(map(str, ids[:4]))}{', ...' if len(ids) > 4 else ''}); "
                              "list the tag of each id in data.tag_names, in id order (a Hugging Face set's "
-                             f"features[{key!r}].feature.names), e.g. --set 'data.tag_names=[O, B-PER, I-PER]'")
+                             f"features[{key!r}].feature.names), e.g. train --set 'data.tag_names=[O, B-PER, I-PER]'; "
+                             "a run evaluates such a file when it was trained with them")
     unknown = [i for i in ids if not 0 <= i < len(tag_names)]
     if unknown:
         raise FinegrainError(f"{where}: {key!r} holds tag id {unknown[0]}, and data.tag_names names {len(tag_names)} "
