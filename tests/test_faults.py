@@ -134,6 +134,29 @@ def test_a_resume_onto_changed_data_is_refused_and_goes_on_once_it_is_back(tiny_
     assert_same_run(run, tmp_path / "straight")
 
 
+def test_a_resume_after_its_validation_file_changed_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A validation or test file edited after a kill: the best checkpoint would be chosen on two files
+    and the test scored on another than the run started with. Refused in one line, nothing changed."""
+    own = write_run_config(tmp_path, tiny_model_dir)
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text((tmp_path / "data.jsonl").read_text())
+    config = yaml.safe_load(own.read_text())
+    config["data"]["validation"] = str(validation)
+    own.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    killed_train(str(own), "--output", str(run), fault="train_step:5")
+    rows = validation.read_text()
+    validation.write_text(rows.replace('"fresh"', '"rotten"', 3))
+    logged = (run / "metrics.jsonl").read_bytes()
+    assert main(["train", "--resume", str(run)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"finegrain train: error: {run}: {validation} changed since the run started; --resume goes on with what the run "
+        "started with: put the file back as it was, or train into another --output")
+    assert (run / "metrics.jsonl").read_bytes() == logged and not (run / "metrics.json").exists()
+    validation.write_text(rows)
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+
+
 def default_sigint() -> None:
     """Ctrl-C as a terminal delivers it: a job started in the background (`cmd &`, as CI may run
     the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""

@@ -207,6 +207,10 @@ def open_run(run_dir: Path, config: RunConfig | None, resume: bool) -> tuple[Run
         config = rundir.read_config(run_dir)
         if has_checkpoint(run_dir):
             rundir.require_base_model(run_dir, config)
+            # The training rows are checked against the checkpoint's print (Trainer.fit), the other files here.
+            if (path := rundir.changed_data_file(run_dir, skip=(config.data.train,))) is not None:
+                raise FinegrainError(f"{run_dir}: {path} changed since the run started; --resume goes on with what the "
+                                     "run started with: put the file back as it was, or train into another --output")
             return config, run_dir
         if is_finished(run_dir):
             raise FinegrainError(

@@ -240,13 +240,23 @@ def refuse_other_settings(run_dir: str | Path, config: RunConfig, name: str = CO
             asked = f"sets {new!r}" if key in config.explicit else "leaves it unset"
             raise FinegrainError(f"{run_dir}: this run has {key}: {old!r} ({how}) and this command {asked}; to go on, "
                                  "run the command as it was first run, or choose another --output")
-    digests = Path(run_dir) / DATA_FILES
-    if name != CONFIG or not digests.is_file():  # a sequence's stages check their own files; a run from before
-        return
-    for path, digest in json.loads(digests.read_text(encoding="utf-8")).items():
-        if Path(path).is_file() and _sha256(path) != digest:
+    if name == CONFIG:  # a sequence's stages check their own files
+        path = changed_data_file(run_dir)
+        if path is not None:
             raise FinegrainError(f"{run_dir}: {path} changed since this run was trained on it, and its scores are of the "
                                  "file as it was; to go on, put the file back as it was, or choose another --output")
+
+
+def changed_data_file(run_dir: str | Path, skip: tuple[str | None, ...] = ()) -> str | None:
+    """The first data file the run in `run_dir` started with (`DATA_FILES`) that is there but no longer
+    as it was, other than those in `skip`; None when there is none, or the run predates the record."""
+    digests = Path(run_dir) / DATA_FILES
+    if not digests.is_file():
+        return None
+    for path, digest in json.loads(digests.read_text(encoding="utf-8")).items():
+        if path not in skip and Path(path).is_file() and _sha256(path) != digest:
+            return path
+    return None
 
 
 def _at(values: dict[str, Any], key: str) -> Any:
