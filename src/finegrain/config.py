@@ -468,6 +468,12 @@ def _stages_of_classes(groups: list[list[str]]) -> bool:
     return len(groups) >= 2 and len(groups[0]) >= 2 and all(groups) and len(set(labels)) == len(labels)
 
 
+def _each_once(values: list | None) -> bool:
+    """A list of names (`data.labels`, `data.tag_names`, `data.label_names`): null, or not empty and
+    no name twice (the YAML `[1, "1"]` is one name twice)."""
+    return values is None or 0 < len(values) == len({str(value) for value in values})
+
+
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
         (config.head.pooling in ("last", "mean", "first"), "head.pooling", "last, mean or first"),
@@ -538,14 +544,14 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
          "train.micro_batch_tokens", "auto (sized to the model), a number of tokens (at least 1), or null for whole batches"),
         (config.lora.r >= 1, "lora.r", "at least 1"),
         (config.data.max_length >= 2, "data.max_length", "at least 2"),
-        (config.data.labels is None or 0 < len(config.data.labels) == len({str(l) for l in config.data.labels}), "data.labels",
+        (_each_once(config.data.labels), "data.labels",
          "a list of labels, each once (the head's outputs in order; a label holding a comma goes in quotes), or null "
          "for the training data's"),
-        (config.data.tag_names is None or 0 < len(config.data.tag_names) == len({str(t) for t in config.data.tag_names}),
-         "data.tag_names", "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
-        (config.data.label_names is None or 0 < len(config.data.label_names) == len({str(n) for n in config.data.label_names}),
-         "data.label_names", "a list of names, each once, in id order (e.g. [negative, positive]; a name holding a comma "
-         "goes in quotes: \"Cause-Effect(e1,e2)\"), or null"),
+        (_each_once(config.data.tag_names), "data.tag_names",
+         "a list of tags, each once, in id order (e.g. [O, B-PER, I-PER]), or null"),
+        (_each_once(config.data.label_names), "data.label_names",
+         "a list of names, each once, in id order (e.g. [negative, positive]; a name holding a comma goes in quotes: "
+         "\"Cause-Effect(e1,e2)\"), or null"),
         (config.data.label_names is None or config.task in ("classification", "relation"), "data.label_names",
          "null for this task: it names the label ids of classification and relation files (task: ner has data.tag_names)"),
         (config.task not in ("classification", "regression") or config.data.text_field != config.data.label_field,

@@ -144,8 +144,9 @@ def read_relation_file(
         FinegrainError: a missing or unreadable file, or (unless `skip_bad_rows`) a bad record,
             naming `file:line` and the fix.
     """
+    names = label_names if require_label else None  # predict reads no label
     if content_suffix(path) == ".txt":
-        return named_labels(_read_semeval(path, require_label, skip_bad_rows), label_names if require_label else None)
+        return named_labels(_read_semeval(path, require_label, skip_bad_rows), names)
     read = read_examples(
         path, text_field=text_field, label_field=label_field, skip_bad_rows=skip_bad_rows, require_label=require_label
     )
@@ -157,7 +158,7 @@ def read_relation_file(
             skip_or_raise(bad, row.source, skip_bad_rows, skipped)
     if not examples:
         raise FinegrainError(f"{path}: every row was skipped (first: {skipped[0]}); fix the file")
-    return named_labels(ReadResult(examples, skipped, read.fields), label_names if require_label else None)
+    return named_labels(ReadResult(examples, skipped, read.fields), names)
 
 
 def _from_fields(text: str, fields: dict[str, Any], label: Any, source: str) -> RelationExample:
