@@ -66,6 +66,12 @@ def test_tab_separated_with_tab_only_blank_lines_and_gzip(tmp_path):
     assert [e.tags for e in examples] == [["O", "B-geo-loc"], ["O"]]
 
 
+def test_files_joined_with_cat_keep_no_bom_on_a_word(tmp_path):
+    path = write(tmp_path, "train.conll", CONLL2003 + "\n\ufeff" + CONLL2003)
+    examples = read_token_examples(path).examples
+    assert [e.words[0] for e in examples] == ["EU", "Peter", "EU", "Peter"]  # the second -DOCSTART- is one too
+
+
 def test_tags_that_break_the_scheme_name_the_line(tmp_path):
     path = write(tmp_path, "bad.conll", "The O\nEU I-ORG\nsaid O\n\nok O\n")
     with pytest.raises(FinegrainError, match=r"bad.conll:2: word 'EU': I-ORG after O.*repair_tags"):

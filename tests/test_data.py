@@ -80,6 +80,20 @@ def test_tsv_bom_and_custom_fields(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "name, body",
+    [
+        # A header line put in front of a file with a BOM: the BOM now opens line 2.
+        ("d.csv", 'label,text\n\ufeff"1","Prelingual deafness"\n"-1",In children\n'),
+        # Two JSONL files joined with cat, the second saved with a BOM.
+        ("d.jsonl", _jsonl({"label": "-1", "text": "In children"}) + "\ufeff" + _jsonl({"label": "1", "text": "Prelingual deafness"})),
+    ],
+)
+def test_a_bom_inside_the_file_is_dropped(tmp_path: Path, name: str, body: str) -> None:
+    labels = {ex.text: ex.label for ex in read_examples(_write(tmp_path / name, body)).examples}
+    assert labels == {"Prelingual deafness": "1", "In children": "-1"}  # not a third class '\ufeff"1"'
+
+
+@pytest.mark.parametrize(
     ("name", "compress"),
     [("d.jsonl.gz", gzip.compress), ("d.csv.bz2", bz2.compress), ("d.jsonl.xz", lzma.compress)],
 )
@@ -148,6 +162,8 @@ def test_missing_csv_column_suggests_the_nearest(tmp_path: Path) -> None:
     assert _error(headless) == (f"{headless}:1: no column 'text' in the header (columns: a fine film, pos); rename that "
                                 "column to 'text' (or, to train, set data.text_field), or if line 1 is a row, add a first "
                                 "line 'text\\tlabel'")
+    label_first = _write(tmp_path / "h.csv", '"1","Prelingual deafness"\n"-1","In children, it can isolate."\n')
+    assert _error(label_first).endswith("or if line 1 is a row, add a first line 'label,text'")
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,10 @@ def test_semeval_records_crlf_comments_and_unlabelled_lines(tmp_path):
     assert (first.label, first.source) == ("Cause-Effect(e1,e2)", f"{path}:1")
     assert (second.label, second.source) == ("Other", f"{path}:5")
 
+    joined = tmp_path / "JOINED.txt"  # two files joined with cat, the second saved with a BOM
+    joined.write_bytes(b"\xef\xbb\xbf" + text.encode() + b"\xef\xbb\xbf" + record(3, "A <e1>cup</e1> of <e2>tea</e2>.", "Other").encode())
+    assert [e.id for e in read_relation_file(str(joined)).examples] == ["1", "2", "3"]
+
     unlabelled = tmp_path / "TEST_FILE.txt"  # the official test file: sentence lines only
     unlabelled.write_text('8001\t"The <e1>fire</e1> made <e2>smoke</e2>."\n8002\t"A <e1>cup</e1> of <e2>tea</e2>."\n')
     examples = read_relation_file(str(unlabelled), require_label=False).examples

@@ -22,7 +22,7 @@ from finegrain.errors import FinegrainError
 
 __all__ = [
     "COMPRESSION", "READ_ERRORS", "reading", "SKIP", "SKIP_HINT", "BadRow", "check_file", "compression_of", "content_suffix",
-    "open_binary", "open_text", "read_text", "skip_or_raise",
+    "open_binary", "open_text", "read_text", "skip_or_raise", "utf8_lines",
 ]
 
 SKIP = "skip bad rows (--skip-bad-rows, or data.skip_bad_rows: true)"
@@ -93,9 +93,26 @@ def open_binary(path: str | os.PathLike[str]) -> IO[bytes]:
     return COMPRESSION[suffix][1](path, "rb") if suffix else open(path, "rb")
 
 
+class _Utf8Lines(io.TextIOWrapper):
+    """UTF-8 text whose lines drop a leading BOM, not only the file's first.
+
+    Files joined with `cat` (or a header line put in front of a file that had a BOM) keep the
+    second file's BOM mid-file, where it would glue itself to the line's first label or token.
+    """
+
+    def readline(self, size: int = -1) -> str:  # iteration over a subclass goes through here
+        line = super().readline(size)
+        return line[1:] if line.startswith("\ufeff") else line
+
+
+def utf8_lines(binary: IO[bytes], newline: str | None = None, errors: str = "strict") -> IO[str]:
+    """`binary` as UTF-8 text whose lines drop a leading BOM."""
+    return _Utf8Lines(binary, encoding="utf-8-sig", errors=errors, newline=newline)
+
+
 def open_text(path: str | os.PathLike[str], newline: str | None = None, errors: str = "strict") -> IO[str]:
-    """The file as UTF-8 text (a BOM is dropped), decompressed as `open_binary` does."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", errors=errors, newline=newline)
+    """The file as UTF-8 text (a BOM at any line's start is dropped), decompressed as `open_binary` does."""
+    return utf8_lines(open_binary(path), newline, errors)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from finegrain.atomic import atomic_write_bytes
-from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise
+from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise, utf8_lines
 from finegrain.errors import FinegrainError
 
 __all__ = ["Example", "ReadResult", "check_labels", "named_labels", "read_examples", "without_labels", "write_examples"]
@@ -139,7 +139,7 @@ def read_examples(
     try:
         head = _sniff(p, name, opener, compression, fmt)
         with opener(p, "rb") as binary:
-            stream = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            stream = utf8_lines(binary, newline="", errors="surrogateescape")
             records = _RECORD_READERS[fmt](stream, name, head, parser)
             for line, record in records:
                 rows += 1
@@ -506,7 +506,10 @@ class _RowParser:
                     message += f"; did you mean {close[0]!r}?"
                 message += f"; rename that column to {column!r} (or, to train, set data.{key})"
                 if not close and not {self.text_field, self.label_field} & set(header):  # no header line at all?
-                    names = delimiter.join((self.text_field, self.label_field)[: len(header)])
+                    names = [self.text_field, self.label_field][: len(header)]
+                    if len(header) == 2 and len(header[0]) < len(header[1]):
+                        names.reverse()  # line 1's longer cell is its text
+                    names = delimiter.join(names)
                     message += f", or if line 1 is a row, add a first line {names!r}"
             raise FinegrainError(message)
 

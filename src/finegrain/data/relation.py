@@ -210,7 +210,7 @@ def _read_semeval(path: str, require_label: bool, skip_bad_rows: bool) -> ReadRe
     resync = False  # after a bad line: ignore the rest of its record, up to a blank line
     for number, raw in enumerate(content.splitlines(), 1):
         try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            line = raw.decode("utf-8-sig").strip()  # a BOM on any line: files joined with cat
         except UnicodeDecodeError:
             raise FinegrainError(f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8") from None
         if not line:
