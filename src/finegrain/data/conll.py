@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from finegrain.data import pipeline
-from finegrain.data.files import BadRow, check_file, content_suffix, open_text, reading, skip_or_raise
+from finegrain.data.files import SKIP_HINT, BadRow, check_file, content_suffix, open_text, reading, skip_or_raise
 from finegrain.data.pipeline import Splits, bundled_loader
 from finegrain.data.readers import Example
 from finegrain.data.split import stratified_split
@@ -271,7 +271,9 @@ class _Collector:
                 parse_tag(tag)
             except ValueError as exc:
                 at = _word_line(example, example.tags.index(tag), line)
-                raise BadRow.at(at, f"{exc} (for CoNLL files, is data.tag_column right?)") from None
+                hint = (f"for a CoNLL file, is data.tag_column right? tags of one word each (parts of speech) "
+                        f"train as 'B-{tag}'; else {SKIP_HINT}")
+                raise BadRow(str(exc), at, hint) from None
         problems = check_tags(example.tags, self.scheme)
         if not problems:
             return
