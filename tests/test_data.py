@@ -287,6 +287,35 @@ def test_check_labels(tmp_path: Path) -> None:
 def test_check_labels_shortens_long_label_lists() -> None:
     with pytest.raises(FinegrainError, match=r"\.\.\. \(50 in all\)"):
         check_labels([Example("a", "nope", "f:1")], [f"label{i}" for i in range(50)])
+    # Labels that are whole reviews (text and label columns swapped) stay one short line each.
+    review = "A long review, line one.\nAnd line two of it, " + "more " * 200
+    with pytest.raises(FinegrainError) as info:
+        check_labels([Example("a", review, "f:1")], [review + "!", "Another review"])
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 300
+    assert message.startswith("f:1: unknown label 'A long review, line one.\\nAnd line two...' (known: A long review, line")
+
+
+def test_columns_swapped_by_the_header_are_named(tmp_path: Path) -> None:
+    """Pattern's German reviews, headed 'text,label' where the file holds label then text, trained 146
+    classes of whole reviews and failed on a validation review with a message of thousands of characters."""
+    from finegrain.config import DataConfig
+    from finegrain.data.load import load_splits
+    from finegrain.data.split import text_like_labels
+
+    reviews = [f"Review {i}: the plot was {'dull' if i % 2 else 'gripping'} and the ending came far too late." for i in range(40)]
+    swapped = _write(tmp_path / "swapped.csv", "text,label\n" + "".join(f"{i % 2},{r}\n" for i, r in enumerate(reviews)))
+    with pytest.raises(FinegrainError, match=rf"^{swapped}: its 32 training labels read as texts \(median 13 words\) and "
+                       r"its 2 distinct texts as labels \('0', '1'\): are the columns swapped\? fix the header line, or "
+                       r"--set data.text_field=label --set data.label_field=text$"):
+        load_splits(DataConfig(train=str(swapped)))
+    fixed = load_splits(DataConfig(train=str(swapped), text_field="label", label_field="text"))
+    assert fixed.labels == ["0", "1"]
+    # Short or repeated labels, or labels shorter than the texts, are left alone.
+    examples = [Example(r, f"intent {i}", f"f:{i}") for i, r in enumerate(reviews)]
+    assert text_like_labels(examples, "text", "label") is None
+    examples = [Example("hi", f"a label of six words {i}", f"f:{i}") for i in range(10)]
+    assert text_like_labels(examples, "text", "label") is None  # fewer than 20 labels
 
 
 # --- writing -----------------------------------------------------------------------------

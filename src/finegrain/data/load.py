@@ -9,7 +9,7 @@ from finegrain.config import DataConfig
 from finegrain.data import pipeline
 from finegrain.data.pipeline import SPLITS, Splits, bundled_loader, check_split_labels, sample
 from finegrain.data.readers import Example, named_labels, read_examples
-from finegrain.data.split import infer_labels, score_like_labels
+from finegrain.data.split import infer_labels, score_like_labels, text_like_labels
 from finegrain.errors import FinegrainError
 
 __all__ = ["SPLITS", "Splits", "load_splits", "read_file", "sample"]
@@ -49,6 +49,8 @@ def load_splits(config: DataConfig, regression: bool = False, datasets_module: A
     splits.labels = infer_labels(splits.train)
     if not config.labels and (scores := score_like_labels(splits.labels)):
         raise FinegrainError(f"{origin}: {scores}")
+    if not config.labels and (swapped := text_like_labels(splits.train, config.text_field, config.label_field)):
+        raise FinegrainError(f"{origin}: {swapped}")
     if config.labels:  # a fixed label set in head order (continual learning: the classes seen so far)
         extra = [label for label in splits.labels if label not in config.labels]
         if extra:

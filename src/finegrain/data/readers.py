@@ -196,6 +196,7 @@ def check_labels(
     """
     known = list(known_labels)
     known_set = set(known)
+    shown = [_clip(label.replace("\n", " ")) for label in known]  # whole texts, where the columns are swapped
     kept: list[Example] = []
     skipped: list[str] = []
     for ex in examples:
@@ -204,10 +205,10 @@ def check_labels(
         if not unknown:
             kept.append(ex)
             continue
-        reason = f"{ex.source}: unknown label {unknown[0]!r} (known: {_short_list(known)})"
+        reason = f"{ex.source}: unknown label {_clip(unknown[0])!r} (known: {_short_list(shown)})"
         close = difflib.get_close_matches(unknown[0], known, n=1)
         if close:
-            reason += f"; did you mean {close[0]!r}?"
+            reason += f"; did you mean {_clip(close[0])!r}?"
         if not skip_bad_rows:
             raise FinegrainError(f"{reason}; add it to the training data, {SKIP_HINT}")
         skipped.append(reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -162,6 +163,23 @@ def score_like_labels(labels: Sequence[str]) -> str | None:
     shown = ", ".join(labels[:3]) + (f", ... {labels[-1]}" if len(labels) > 3 else "")
     return (f"its {len(labels)} training labels are all numbers ({shown}): to predict a score, set task: regression "
             "(--set task=regression); to classify them, list the classes in data.labels")
+
+
+def text_like_labels(examples: Sequence[Example], text_field: str, label_field: str) -> str | None:
+    """One line for class labels that read as texts, most of them unique and longer than the texts: the
+    text and label columns swapped (a header line written in the wrong order); None otherwise."""
+    labels = [ex.label for ex in examples if isinstance(ex.label, str)]
+    distinct = set(labels)
+    if not labels or len(distinct) < max(20, len(labels) // 2):
+        return None
+    label_words = statistics.median(len(label.split()) for label in labels)
+    if label_words < 5 or label_words <= statistics.median(len(ex.text.split()) for ex in examples):
+        return None
+    texts = sorted({ex.text for ex in examples})
+    shown = ", ".join(repr(text[:20]) for text in texts[:4]) + (" ..." if len(texts) > 4 else "")
+    return (f"its {len(distinct)} training labels read as texts (median {label_words:g} words) and its "
+            f"{len(texts)} distinct texts as labels ({shown}): are the columns swapped? fix the header line, or "
+            f"--set data.text_field={label_field} --set data.label_field={text_field}")
 
 
 def look_alike_labels(labels: Sequence[str]) -> str | None:
