@@ -282,6 +282,13 @@ def test_check_labels(tmp_path: Path) -> None:
         check_labels(multi, ["x", "y"])
     with pytest.raises(FinegrainError, match="every example"):
         check_labels(multi, ["x", "y"], "m", skip_bad_rows=True)
+    # No label of the file is one the run knows: the classes are named another way, not bad rows.
+    renamed = [Example("a", "1", "test.csv:2"), Example("b", "-1", "test.csv:3")]
+    with pytest.raises(FinegrainError, match=r"^test.csv: none of its labels \(-1, 1\) is one the model was trained on "
+                       r"\(certain, uncertain\); write them as the training data does$"):
+        check_labels(renamed, ["certain", "uncertain"])
+    with pytest.raises(FinegrainError, match="every example has a label unknown"):
+        check_labels(renamed, ["certain", "uncertain"], "test.csv", skip_bad_rows=True)
 
 
 def test_check_labels_shortens_long_label_lists() -> None:
@@ -290,10 +297,10 @@ def test_check_labels_shortens_long_label_lists() -> None:
     # Labels that are whole reviews (text and label columns swapped) stay one short line each.
     review = "A long review, line one.\nAnd line two of it, " + "more " * 200
     with pytest.raises(FinegrainError) as info:
-        check_labels([Example("a", review, "f:1")], [review + "!", "Another review"])
+        check_labels([Example("b", "Another review", "f:1"), Example("a", review, "f:2")], [review + "!", "Another review"])
     message = str(info.value)
     assert "\n" not in message and len(message) < 300
-    assert message.startswith("f:1: unknown label 'A long review, line one.\\nAnd line two...' (known: A long review, line")
+    assert message.startswith("f:2: unknown label 'A long review, line one.\\nAnd line two...' (known: A long review, line")
 
 
 def test_columns_swapped_by_the_header_are_named(tmp_path: Path) -> None:

@@ -197,10 +197,16 @@ def check_labels(
     known = list(known_labels)
     known_set = set(known)
     shown = [_clip(label.replace("\n", " ")) for label in known]  # whole texts, where the columns are swapped
+    given = [_label_list(ex) for ex in examples]
+    theirs = {label for labels in given for label in labels}
+    if theirs and not theirs & known_set and not skip_bad_rows:  # another naming of the classes, not bad rows
+        where = path if path is not None else examples[0].source.rsplit(":", 1)[0]
+        mine = sorted(_clip(label.replace("\n", " ")) for label in theirs)
+        raise FinegrainError(f"{where}: none of its labels ({_short_list(mine)}) is one the model was trained on "
+                             f"({_short_list(shown)}); write them as the training data does")
     kept: list[Example] = []
     skipped: list[str] = []
-    for ex in examples:
-        labels = ex.label if isinstance(ex.label, list) else [ex.label] if isinstance(ex.label, str) else []
+    for ex, labels in zip(examples, given):
         unknown = [label for label in labels if label not in known_set]
         if not unknown:
             kept.append(ex)
@@ -216,6 +222,12 @@ def check_labels(
         where = f"{path}: " if path is not None else ""
         raise FinegrainError(f"{where}every example has a label unknown to the model, e.g. {skipped[0]}")
     return ReadResult(kept, skipped)
+
+
+def _label_list(example: Example) -> list[str]:
+    """The class labels of `example`: none for an unlabelled or numeric one."""
+    label = example.label
+    return label if isinstance(label, list) else [label] if isinstance(label, str) else []
 
 
 def write_examples(path: str | os.PathLike[str], examples: Iterable[Example], label_separator: str = "|") -> int:
