@@ -191,17 +191,17 @@ def check_labels(
         The examples that passed and one line per dropped example.
 
     Raises:
-        FinegrainError: an unknown label (naming `file:line` and the known labels), or
-            every example dropped.
+        FinegrainError: an unknown label (naming `file:line` and the known labels), no label
+            of the file known at all (another naming of the classes), or every example dropped.
     """
     known = list(known_labels)
     known_set = set(known)
-    shown = [_clip(label.replace("\n", " ")) for label in known]  # whole texts, where the columns are swapped
+    shown = [_one_line(label) for label in known]
     given = [_label_list(ex) for ex in examples]
     theirs = {label for labels in given for label in labels}
     if theirs and not theirs & known_set and not skip_bad_rows:  # another naming of the classes, not bad rows
         where = path if path is not None else examples[0].source.rsplit(":", 1)[0]
-        mine = sorted(_clip(label.replace("\n", " ")) for label in theirs)
+        mine = sorted(_one_line(label) for label in theirs)
         raise FinegrainError(f"{where}: none of its labels ({_short_list(mine)}) is one the model was trained on "
                              f"({_short_list(shown)}); write them as the training data does")
     kept: list[Example] = []
@@ -222,6 +222,11 @@ def check_labels(
         where = f"{path}: " if path is not None else ""
         raise FinegrainError(f"{where}every example has a label unknown to the model, e.g. {skipped[0]}")
     return ReadResult(kept, skipped)
+
+
+def _one_line(label: str) -> str:
+    """A label as a message shows it: cut short, on one line (a whole text, where the columns are swapped)."""
+    return _clip(label.replace("\n", " "))
 
 
 def _label_list(example: Example) -> list[str]:
@@ -519,11 +524,10 @@ class _RowParser:
                     message += f"; did you mean {close[0]!r}?"
                 message += f"; rename that column to {column!r} (or, to train, set data.{key})"
                 if not close and not {self.text_field, self.label_field} & set(header):  # no header line at all?
-                    names = [self.text_field, self.label_field][: len(header)]
+                    order = [self.text_field, self.label_field][: len(header)]
                     if len(header) == 2 and len(header[0]) < len(header[1]):
-                        names.reverse()  # line 1's longer cell is its text
-                    names = delimiter.join(names)
-                    message += f", or if line 1 is a row, add a first line {names!r}"
+                        order.reverse()  # line 1's longer cell is its text
+                    message += f", or if line 1 is a row, add a first line {delimiter.join(order)!r}"
             raise FinegrainError(message)
 
     def see_fields(self, obj: dict[str, Any]) -> None:
