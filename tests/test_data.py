@@ -224,6 +224,9 @@ def test_trailing_empty_cells_are_tolerated(tmp_path: Path) -> None:
         ("d.csv", "text,label\n", "no rows"),
         ("d.json", "[]", "no rows"),
         ("d.txt", "text,label\na,x\n", "extension '.txt', so the format is unknown"),
+        # Tagged words given to classification (no task: ner): what the file is and which task reads it.
+        ("wsj.conll.gz", gzip.compress(b"Pierre\tB-NNP\n"), "wsj.conll.gz: .conll holds tagged words, which task: ner "
+         "reads (--set task=ner); texts with labels come as .jsonl"),
         ("d.json", '[{"text": "a", "label": "x"} {"text": "b"}]', ":1: invalid JSON"),
     ],
 )

@@ -38,7 +38,7 @@ from typing import Any
 from finegrain.data import pipeline
 from finegrain.data.files import SKIP_HINT, BadRow, check_file, content_suffix, open_text, reading, skip_or_raise
 from finegrain.data.pipeline import Splits, bundled_loader
-from finegrain.data.readers import Example
+from finegrain.data.readers import TAGGED_WORD_EXTENSIONS, Example
 from finegrain.data.split import stratified_split
 from finegrain.errors import FinegrainError
 from finegrain.tags import (
@@ -66,7 +66,7 @@ __all__ = [
     "write_token_examples",
 ]
 
-_COLUMN_EXTENSIONS = {".conll", ".conllx", ".txt", ".tsv", ".iob", ".iob2", ".bio", ".bioes", ".tags"}
+_COLUMN_EXTENSIONS = TAGGED_WORD_EXTENSIONS | {".txt", ".tsv"}
 _JSON_EXTENSIONS = {".jsonl", ".json", ".ndjson"}
 # Words for raw text at prediction time: URLs, @mentions and #hashtags whole, clitics ('s, n't)
 # apart, every other punctuation mark on its own, as tweet and news NER data are tokenized.

@@ -26,7 +26,10 @@ from finegrain.atomic import atomic_write_bytes
 from finegrain.data.files import COMPRESSION, READ_ERRORS, SKIP, SKIP_HINT, BadRow, check_file, skip_or_raise, utf8_lines
 from finegrain.errors import FinegrainError
 
-__all__ = ["Example", "ReadResult", "check_labels", "named_labels", "read_examples", "without_labels", "write_examples"]
+__all__ = [
+    "TAGGED_WORD_EXTENSIONS", "Example", "ReadResult", "check_labels", "named_labels", "read_examples", "without_labels",
+    "write_examples",
+]
 
 Label = str | list[str] | float | None
 
@@ -41,6 +44,8 @@ _FORMATS = {
 }
 _COMPRESSED_MAGIC = {"gzip": (b"\x1f\x8b",), "bzip2": (b"BZh",), "xz": (b"\xfd7zXZ\x00",)}
 _SUPPORTED = ".jsonl, .json, .csv or .tsv (optionally .gz, .bz2 or .xz compressed)"
+# Extensions that only hold tagged words (CoNLL columns): the NER reader's, never a table of texts.
+TAGGED_WORD_EXTENSIONS = {".conll", ".conllx", ".iob", ".iob2", ".bio", ".bioes", ".tags"}
 _SNIFF_BYTES = 8192
 # Lone surrogates are how errors="surrogateescape" marks bytes that are not valid UTF-8.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -294,6 +299,9 @@ def _detect_format(p: Path, name: str, override: str | None) -> tuple[str, Calla
             raise FinegrainError(f"{name}: unknown data format {override!r}; use jsonl, json, csv or tsv")
         return override, opener, compression
     ext = suffixes[-1] if suffixes else ""
+    if ext in TAGGED_WORD_EXTENSIONS:
+        raise FinegrainError(f"{name}: {ext} holds tagged words, which task: ner reads (--set task=ner); "
+                             f"texts with labels come as {_SUPPORTED}")
     if ext not in _FORMATS:
         shown = f"extension {ext!r}" if ext else "no extension"
         raise FinegrainError(f"{name}: {shown}, so the format is unknown; use {_SUPPORTED}")
