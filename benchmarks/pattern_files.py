@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import random
+import sys
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bbc_files import held_out, write  # noqa: E402
 
 # name -> (file, the label column, the text column, label names for the file's 1 and -1)
 SETS = {
@@ -35,10 +37,6 @@ SETS = {
     "dutch": ("polarity-nl-bol.com.csv", 0, 1, {"1": "positive", "-1": "negative"}),
     "french": ("polarity-fr-amazon.csv", 1, 0, {"1": "positive", "-1": "negative"}),
 }
-
-
-def write(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def unique_rows(path: Path, label_column: int, text_column: int, names: dict[str, str]) -> list[dict]:
@@ -96,10 +94,7 @@ def pos_baselines(train: list[list[tuple[str, str]]], test: list[list[tuple[str,
 
 
 def write_pos(corpora: Path, output: Path) -> None:
-    sentences = tagged_sentences(corpora / "tagged-en-wsj.txt")
-    random.Random(0).shuffle(sentences)
-    held = math.ceil(0.2 * len(sentences))
-    test, train = sentences[:held], sentences[held:]
+    test, train = held_out(tagged_sentences(corpora / "tagged-en-wsj.txt"), random.Random(0))
     (output / "wsj_pos").mkdir(parents=True, exist_ok=True)
     for split, split_rows in (("train", train), ("test", test)):
         body = "".join("".join(f"{word}\tB-{tag}\n" for word, tag in s) + "\n" for s in split_rows)
@@ -120,11 +115,9 @@ def main() -> None:
         rng = random.Random(0)
         train, test = [], []
         for label in sorted(names.values()):
-            group = [row for row in rows if row["label"] == label]
-            rng.shuffle(group)
-            held = math.ceil(0.2 * len(group))
-            test += group[:held]
-            train += group[held:]
+            test_part, train_part = held_out([row for row in rows if row["label"] == label], rng)
+            test += test_part
+            train += train_part
         rng.shuffle(train)
         rng.shuffle(test)
         (args.output / name).mkdir(parents=True, exist_ok=True)
