@@ -14,9 +14,10 @@ set, the rest the training set. Written as OUT_DIR/NAME/train.jsonl and OUT_DIR/
 
 And one tagging set: wsj_pos, the Penn Treebank's part-of-speech tags on 1,001 Wall Street
 Journal sentences (tagged-en-wsj.txt: word/TAG), split with seed 0 as above (201 test sentences),
-written as OUT_DIR/wsj_pos/train.conll and test.conll with each tag as a one-word span ('B-NN'),
-as finegrain's tagger reads them. The script prints two baselines on that split: each word's most
-frequent training tag, and a logistic regression on the word, its neighbours, affixes and shape.
+written as OUT_DIR/wsj_pos/train.conll and test.conll (word TAB tag), which finegrain reads with
+data.scheme: plain. The script prints the two baselines every tagging run measures on that split
+(finegrain.evaluate.baselines.tagging_baselines): each word's most frequent training tag, and a
+logistic regression on the word, its neighbours, affixes and shape.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import argparse
 import csv
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bbc_files import held_out, write  # noqa: E402
+
+from finegrain.evaluate.baselines import tagging_baselines  # noqa: E402
 
 # name -> (file, the label column, the text column, label names for the file's 1 and -1)
 SETS = {
@@ -56,53 +58,20 @@ def tagged_sentences(path: Path) -> list[list[tuple[str, str]]]:
                 for line in f if line.strip()]
 
 
-def word_features(words: list[str], i: int) -> dict[str, float]:
-    word = words[i]
-    names = [f"w={word.lower()}", f"suffix3={word[-3:].lower()}", f"suffix2={word[-2:].lower()}",
-             f"prefix2={word[:2].lower()}", f"shape={_shape(word)}", f"prev={words[i - 1].lower() if i else '<s>'}",
-             f"next={words[i + 1].lower() if i + 1 < len(words) else '</s>'}"]
-    return dict.fromkeys(names, 1.0)
-
-
-def _shape(word: str) -> str:
-    return "".join("X" if c.isupper() else "x" if c.islower() else "9" if c.isdigit() else c for c in word)[:6]
-
-
-def pos_baselines(train: list[list[tuple[str, str]]], test: list[list[tuple[str, str]]]) -> dict[str, float]:
-    from sklearn.feature_extraction import DictVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    counts: dict[str, Counter] = {}
-    for sentence in train:
-        for word, tag in sentence:
-            counts.setdefault(word, Counter())[tag] += 1
-    commonest = Counter(tag for sentence in train for _, tag in sentence).most_common(1)[0][0]
-    gold = [tag for sentence in test for _, tag in sentence]
-    unigram = [counts[word].most_common(1)[0][0] if word in counts else commonest
-               for sentence in test for word, _ in sentence]
-
-    def rows(sentences):
-        return [word_features([w for w, _ in s], i) for s in sentences for i in range(len(s))]
-
-    vectorizer = DictVectorizer()
-    model = LogisticRegression(C=10.0, max_iter=1000)
-    model.fit(vectorizer.fit_transform(rows(train)), [tag for s in train for _, tag in s])
-    features = model.predict(vectorizer.transform(rows(test)))
-    right = {name: sum(g == t for g, t in zip(guesses, gold))
-             for name, guesses in (("most frequent tag", unigram), ("logistic regression on word features", features))}
-    return {name: count / len(gold) for name, count in right.items()}
-
-
 def write_pos(corpora: Path, output: Path) -> None:
     test, train = held_out(tagged_sentences(corpora / "tagged-en-wsj.txt"), random.Random(0))
     (output / "wsj_pos").mkdir(parents=True, exist_ok=True)
     for split, split_rows in (("train", train), ("test", test)):
-        body = "".join("".join(f"{word}\tB-{tag}\n" for word, tag in s) + "\n" for s in split_rows)
+        body = "".join("".join(f"{word}\t{tag}\n" for word, tag in s) + "\n" for s in split_rows)
         (output / "wsj_pos" / f"{split}.conll").write_text(body, encoding="utf-8")
     words = sum(len(s) for s in test)
     print(f"wsj_pos: {len(train):,} train, {len(test):,} test sentences ({words:,} test words)")
-    for name, accuracy in pos_baselines(train, test).items():
-        print(f"  baseline, {name}: accuracy {accuracy:.4f}")
+    (train_words, train_tags), (test_words, test_tags) = (
+        ([[word for word, _ in s] for s in part], [[tag for _, tag in s] for s in part]) for part in (train, test)
+    )
+    baselines = tagging_baselines(train_words, train_tags, test_words, test_tags, scheme="plain")
+    for key, name in (("majority", "most frequent tag"), ("linear", "logistic regression on word features")):
+        print(f"  baseline, {name}: accuracy {baselines[key]['accuracy']:.4f}")
 
 
 def main() -> None:

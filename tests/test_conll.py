@@ -93,7 +93,8 @@ def test_iob1_files_read_with_their_scheme(tmp_path):
 
 def test_bad_columns_and_files(tmp_path):
     plain_tags = (r"pos.conll:1: tag 'NNP' is neither 'O' nor B-/I-/E-/S- followed by a type; for a CoNLL file, is "
-                  r"data.tag_column right\? tags of one word each \(parts of speech\) train as 'B-NNP'; else fix the row")
+                  r"data.tag_column right\? tags of one word each \(parts of speech, chunks\) read as they are with "
+                  r"data.scheme: plain \(--set data.scheme=plain\); else fix the row")
     with pytest.raises(FinegrainError, match=plain_tags):
         read_token_examples(write(tmp_path, "pos.conll", "EU NNP B-ORG\nrejects NNP O\n"), tag_column=1)
     with pytest.raises(FinegrainError, match=r"one.conll:1: only one column"):

@@ -167,7 +167,7 @@ def test_entities_to_tags_checks_its_input():
         entities_to_tags([("PER", 0, 2), ("LOC", 1, 3)], 4)
     with pytest.raises(ValueError, match="outside"):
         entities_to_tags([("PER", 3, 5)], 4)
-    with pytest.raises(ValueError, match="IOB1 is read"):
+    with pytest.raises(ValueError, match="IOB1 tags are not written from entities"):
         entities_to_tags([], 1, "IOB1")
 
 

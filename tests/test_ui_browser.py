@@ -176,6 +176,17 @@ def test_span_predictions_and_continual_tables(page, span_root, shots):
         page.locator("#predictions").scroll_into_view_if_needed()
         shot(page, shots, "run-ner")
 
+        page.goto(f"{url}/#/run/pos")  # plain tags: each word marked with its predicted tag, the wrong ones red
+        rows = [json.loads(line) for line in (span_root / "pos" / rundir.TEST_PREDICTIONS).read_text().splitlines()]
+        wrong = [r for r in rows if not r["correct"]]
+        page.wait_for_function("() => document.querySelector('#predictions-count')?.textContent"
+                               f".startsWith('{len(wrong)} of {len(rows)} test examples wrong')")
+        first = wrong[0]
+        card = page.locator("#prediction-list .prediction").nth(0)
+        assert card.locator("mark.entity").count() == len(first["words"])
+        assert card.locator("mark.wrong").count() == len(first["wrong_words"]) > 0
+        assert card.locator("mark sup").all_inner_texts() == first["predicted"]
+
         page.goto(f"{url}/#/run/qa")
         page.wait_for_selector("#prediction-list .prediction.wrong .question")
         qa = [json.loads(line) for line in (span_root / "qa" / rundir.TEST_PREDICTIONS).read_text().splitlines()]
@@ -215,6 +226,13 @@ def test_span_predictions_and_continual_tables(page, span_root, shots):
         expected = finegrain.load(span_root / "ner").predict([sentence])[0]["entities"]
         assert page.locator("#entities mark.entity").count() == len(expected)
         shot(page, shots, "playground-ner")
+        page.goto(f"{url}/#/playground/pos")
+        page.wait_for_function("() => document.querySelector('#playground-run')?.value === 'pos'")  # not the last page's
+        page.fill("#playground-input", "the old dog runs")
+        page.click("#predict")
+        page.wait_for_selector("#tags")
+        tags = finegrain.load(span_root / "pos").predict(["the old dog runs"])[0]["tags"]
+        assert page.locator("#tags mark sup").all_inner_texts() == tags
         item = next((r for r in qa if r["predicted"]["start"] is not None), qa[0])
         page.goto(f"{url}/#/playground/relation")
         page.wait_for_function("() => document.querySelector('#playground-input')?.value.includes('head')")

@@ -36,6 +36,18 @@ def write_conll(path, sentences=60, seed=0):
     return path
 
 
+def write_tags(path, sentences=40, seed=0):
+    """Plain tags (parts of speech) of a toy grammar, for a `data.scheme: plain` run."""
+    rng = random.Random(seed)
+    lexicon = {"DT": ["the", "a"], "NN": ["dog", "film", "city"], "VBZ": ["runs", "ends"], "JJ": ["old", "long"]}
+    lines = []
+    for _ in range(sentences):
+        lines += [f"{rng.choice(lexicon[tag])}\t{tag}\n" for tag in rng.choice([["DT", "NN", "VBZ"], ["DT", "JJ", "NN"]])]
+        lines.append("\n")
+    path.write_text("".join(lines))
+    return path
+
+
 def write_sequence(tmp_path, tiny_model_dir, output):
     rng = random.Random(0)
     words = {"sport": "goal match team", "tech": "chip code server", "food": "bread soup salt", "art": "paint stage song"}
@@ -53,13 +65,16 @@ def write_sequence(tmp_path, tiny_model_dir, output):
 
 
 def span_runs(tiny_model_dir, tmp_path_factory):
-    """A runs directory: runs of every span task, a classification run, and a continual sequence of two stages."""
+    """A runs directory: runs of every span task (NER also with plain tags), a classification run, and a
+    continual sequence of two stages."""
     root = tmp_path_factory.mktemp("ui-spans") / "runs"
     data = tmp_path_factory.mktemp("ui-spans-data")
     root.mkdir()
     conll = write_conll(data / "ner.conll")
     train_task_run(tiny_model_dir, root / "ner", "ner", conll, sections={"train": {"epochs": 2, "lr": 1e-2}},
                    test=str(write_conll(data / "ner-test.conll", 30, seed=1)), max_length=24)
+    train_task_run(tiny_model_dir, root / "pos", "ner", write_tags(data / "pos.conll"), scheme="plain",
+                   test=str(write_tags(data / "pos-test.conll", 20, seed=1)), sections={"train": {"epochs": 1}})
     train_relation_run(tiny_model_dir, root / "relation")
     train_qa_run(tiny_model_dir, root / "qa")
     train_run(tiny_model_dir, root / "sentiment", SENTIMENT)

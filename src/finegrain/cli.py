@@ -173,8 +173,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     split = "test" if "test" in results else "validation"
     if split in results:
-        print(f"\n{split} ({results[split].get('num_examples', '?')} examples, {results[split]['source']}):")
-        print(task_class(results["task"]).report_text(results[split]))
+        metrics = results[split]
+        count = f"{metrics.get('num_examples', '?')} examples"
+        if "num_sentences" in metrics:  # plain tags: every word is an example
+            count = f"{metrics['num_examples']} words in {metrics['num_sentences']} sentences"
+        print(f"\n{split} ({count}, {metrics['source']}):")
+        print(task_class(results["task"]).report_text(metrics))
     summary = results["train"]
     print(
         f"trained {summary['examples']} examples, {summary['steps']} steps in {summary['train_seconds']:.0f} s "

@@ -14,7 +14,8 @@ where it stopped and a finished one rewrites its table in seconds.
 The table (`DIR/report.md`, `DIR/report.html`, the rows in `DIR/compare.json`) gives per model
 and method the test score (mean ± sample std over seeds), training and whole-run time, prediction speed
 (test examples per second through `finegrain.load`), peak RSS and trainable parameters, and the
-majority-class and TF-IDF baselines the runs measured on the same test split (classification);
+majority-class and TF-IDF baselines the runs measured on the same test split (classification; a
+tagger's: each word's most frequent tag and a logistic regression on word features);
 `DIR/compare.png` plots score against whole-run time.
 
 For single-label classification the table also holds the zero-shot prompted decoder
@@ -277,11 +278,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def baseline_lines(rows: list[dict[str, Any]], metric: str, prompted: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The majority-class and TF-IDF baselines as the runs measured them (the first run's: same splits),
+    """The majority-class and TF-IDF baselines (a tagger's: each word's most frequent tag and the logistic
+    regression) as the runs measured them (the first run's: same splits),
     and the zero-shot prompted decoder (`prompted_baseline`) when there is one."""
     measured = next((r["baselines"] for r in rows if r.get("baselines")), None) or {}
-    key = "macro_f1" if metric in ("macro_f1", "macro.f1") else "accuracy"
-    names = {"majority": "majority class", "tfidf": "TF-IDF + linear model"}
+    key = "macro_f1" if metric in ("macro_f1", "macro.f1") else "f1" if metric == "f1" else "accuracy"
+    names = ({"majority": "each word's most frequent tag", "linear": "logistic regression on word features"}
+             if "linear" in measured else {"majority": "majority class", "tfidf": "TF-IDF + linear model"})
     lines = [
         {"model": names[name], "score": measured[name].get(key), "train_seconds": measured[name].get("seconds"),
          "total_seconds": measured[name].get("seconds"), "predict_per_s": None}

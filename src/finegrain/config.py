@@ -60,7 +60,7 @@ class DataConfig:
     # ~300 words on a loaded 2-core machine, mostly tokenizing; under a second for 1k short texts)
     baselines: bool = True
     # task: ner
-    scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES) or IO
+    scheme: str = "BIO"  # tagging scheme of the files: BIO (IOB2), IOB1, BIOES (IOBES), IO, or plain (no entities)
     tag_column: int = -1  # CoNLL files: the column holding the tag (0-based; -1 the last)
     tag_names: list[str] | None = None  # JSONL tags given as ids (Hugging Face's ner_tags): the tag of each id, in id order
     repair_tags: bool = False  # read tags that break data.scheme as conlleval does (O I-PER -> O B-PER)
@@ -477,9 +477,11 @@ def _each_once(values: list | None) -> bool:
 def validate(config: RunConfig, where: str, sources: dict[str, str] | None = None) -> None:
     checks = [
         (config.head.pooling in ("last", "mean", "first"), "head.pooling", "last, mean or first"),
-        (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO"), "data.scheme",
-         "BIO, IOB1, BIOES or IO"),
+        (config.data.scheme.upper() in ("BIO", "IOB2", "IOB1", "BIOES", "IOBES", "IO", "PLAIN"), "data.scheme",
+         "BIO, IOB1, BIOES or IO, or plain (a tag per word as it is: parts of speech, chunks)"),
         (config.head.scheme.upper() in ("BIO", "IOB2", "BIOES", "IOBES", "IO"), "head.scheme", "BIO, BIOES or IO"),
+        (config.data.scheme.upper() != "PLAIN" or config.head.scheme.upper() in ("BIO", "IOB2"), "head.scheme",
+         "left unset with data.scheme: plain (plain tags are predicted as they are)"),
         (config.head.subword in ("first", "last"), "head.subword", "first or last"),
         (config.head.decoding in ("viterbi", "argmax"), "head.decoding", "viterbi or argmax"),
         (config.head.init in ("random", "probe"), "head.init", "random or probe"),

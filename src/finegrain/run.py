@@ -28,6 +28,7 @@ from finegrain.device import model_device, peak_memory_mb, place, reset_peak_mem
 from finegrain.errors import RUN_AGAIN, FinegrainError, Interrupted
 from finegrain.evaluate.baselines import add_baselines
 from finegrain.evaluate.predictions import write_test_predictions
+from finegrain.tags import PLAIN
 from finegrain.model.bert import BertConfig
 from finegrain.peft import (
     DEFAULT_ADAPTER, adapter_layers, inject, load_adapter, method_config, method_options, read_adapter, save_adapter,
@@ -382,7 +383,10 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     splits = task_class(config.task).load_splits(config.data)
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
-        for note in (look_alike_labels(splits.labels), joined_labels(splits.labels), id_labels(splits.labels)):
+        plain = config.task == "ner" and config.data.scheme.lower() == PLAIN  # tags such as PRP and PRP$, or JJ|VBN
+        notes = (look_alike_labels(splits.labels, punctuation=not plain), None if plain else joined_labels(splits.labels),
+                 id_labels(splits.labels))
+        for note in notes:
             if note:
                 print(note, flush=True)
     shared = shared_with_training(splits)  # before augmentation, whose copies are of training texts
@@ -499,7 +503,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         else:
             predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
             results["test"] = task.metrics(predictions, task.gold(splits.test))
-            write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, config.task, splits.test, predictions)
+            records = "tags" if getattr(task, "scheme", None) == PLAIN else config.task  # plain tags: no entities
+            write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, records, splits.test, predictions)
         if getattr(task, "reports_base_model", False) and adapter_layers(model):  # the test text, adapter off (task lm)
             results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)
         results["test"]["source"] = splits.origin["test"]

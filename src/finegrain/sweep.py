@@ -98,7 +98,7 @@ def scores_of(results: dict[str, Any]) -> dict[str, float]:
     if isinstance(split.get("macro"), dict) and "f1" in split["macro"]:
         scores["macro_f1"] = float(split["macro"]["f1"])
     for name, baseline in (results.get("baselines") or {}).items():
-        for key in ("accuracy", "macro_f1"):
+        for key in ("accuracy", "f1", "macro_f1"):
             if isinstance(baseline, dict) and isinstance(baseline.get(key), (int, float)):
                 scores[f"baseline {name} {key}"] = float(baseline[key])
     scores["train_seconds"] = float(results.get("train", {}).get("train_seconds", 0.0))

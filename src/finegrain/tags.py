@@ -1,5 +1,8 @@
 """Entity tagging schemes (BIO, BIOES, IO, IOB1): parsing, checking, converting and reading entities.
 
+Beside them, "plain": a tag per word as it is (parts of speech, chunks, error tags), with no
+prefixes and no entities. Checking, converting and decoding constraints leave plain tags alone.
+
 A tag is `O` or `P-TYPE` with prefix P in B (begin), I (inside), E (end), S (single); the
 type may itself hold dashes (`B-geo-loc`). An entity is `(type, start, end)` over word
 indices, `end` exclusive.
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "PLAIN",
     "SCHEMES",
     "Entity",
     "allowed_transitions",
@@ -42,11 +46,12 @@ Entity = tuple[str, int, int]  # (type, start word, end word exclusive)
 # The prefixes each scheme writes. IOB1 (CoNLL-2003's original files) uses B only to split
 # two adjacent entities of one type; it is read, never written.
 SCHEMES: dict[str, str] = {"BIO": "BIO", "BIOES": "BIOES", "IO": "IO", "IOB1": "BIO"}
+PLAIN = "plain"  # tags as they are, one per word: no entities
 _ALIASES = {"IOB2": "BIO", "IOBES": "BIOES", "BILOU": None, "IOE2": None}
 
 
 def normalize_scheme(name: str) -> str:
-    """The canonical name of a scheme: "BIO" (also "IOB2"), "BIOES" (also "IOBES"), "IO" or "IOB1".
+    """The canonical name of a scheme: "BIO" (also "IOB2"), "BIOES" (also "IOBES"), "IO", "IOB1" or "plain".
 
     Raises:
         ValueError: an unknown or unsupported scheme.
@@ -54,9 +59,13 @@ def normalize_scheme(name: str) -> str:
     upper = str(name).upper()
     if upper in SCHEMES:
         return upper
+    if upper == PLAIN.upper():
+        return PLAIN
     if _ALIASES.get(upper):
         return _ALIASES[upper]
-    raise ValueError(f"unknown tagging scheme {name!r}; use BIO (IOB2), BIOES (IOBES), IO or IOB1")
+    raise ValueError(
+        f"unknown tagging scheme {name!r}; use BIO (IOB2), BIOES (IOBES), IO or IOB1, or plain for tags without entities"
+    )
 
 
 def parse_tag(tag: str) -> tuple[str, str]:
@@ -73,8 +82,11 @@ def parse_tag(tag: str) -> tuple[str, str]:
 
 
 def tag_set(types: Sequence[str], scheme: str = "BIO") -> list[str]:
-    """Every tag of `types` in `scheme`, `O` first, then type by type: the head's label order."""
+    """Every tag of `types` in `scheme`, `O` first, then type by type: the head's label order.
+    Plain tags are their own types, in the order given."""
     scheme = normalize_scheme(scheme)
+    if scheme == PLAIN:
+        return list(types)
     prefixes = SCHEMES[scheme]
     return ["O"] + [f"{p}-{t}" for t in types for p in prefixes if p != "O"]
 
@@ -166,8 +178,8 @@ def entities_to_tags(entities: Sequence[Entity], length: int, scheme: str = "BIO
         ValueError: entities that overlap or fall outside `length`, or an unwritable scheme (IOB1).
     """
     scheme = normalize_scheme(scheme)
-    if scheme == "IOB1":
-        raise ValueError("IOB1 is read, not written; write BIO, BIOES or IO")
+    if scheme in ("IOB1", PLAIN):
+        raise ValueError(f"{scheme} tags are not written from entities; write BIO, BIOES or IO")
     tags = ["O"] * length
     for type_, start, end in entities:
         if not 0 <= start < end <= length:
@@ -186,7 +198,9 @@ def entities_to_tags(entities: Sequence[Entity], length: int, scheme: str = "BIO
 
 
 def convert_tags(tags: Sequence[str], scheme: str) -> list[str]:
-    """`tags` (any scheme, read in default mode) rewritten in `scheme` (BIO, BIOES or IO)."""
+    """`tags` (any scheme, read in default mode) rewritten in `scheme` (BIO, BIOES or IO); plain tags stay."""
+    if normalize_scheme(scheme) == PLAIN:
+        return list(tags)
     return entities_to_tags(default_entities(tags), len(tags), scheme)
 
 
@@ -196,6 +210,8 @@ def repair_tags(tags: Sequence[str], scheme: str = "BIO") -> list[str]:
     The entities are those of default mode, so scores in default mode do not change.
     """
     scheme = normalize_scheme(scheme)
+    if scheme == PLAIN:
+        return list(tags)
     return convert_tags(tags, "BIO" if scheme == "IOB1" else scheme)
 
 
@@ -204,9 +220,11 @@ def check_tags(tags: Sequence[str], scheme: str = "BIO") -> list[tuple[int, str]
 
     Rules: BIO: I-X only after B-X or I-X; BIOES: also B-X and I-X go on with I-X or E-X, and
     E-X comes after B-X or I-X; IO: only I- and O; IOB1: I-, B- and O, with B-X only right after
-    an X entity. A tag that is not `O` or `P-TYPE` is reported too.
+    an X entity. A tag that is not `O` or `P-TYPE` is reported too. Plain: only an empty tag.
     """
     scheme = normalize_scheme(scheme)
+    if scheme == PLAIN:
+        return [(i, "an empty tag") for i, tag in enumerate(tags) if not tag]
     allowed = {"BIO": "BI", "BIOES": "BIES", "IO": "I", "IOB1": "BI"}[scheme]
     problems: list[tuple[int, str]] = []
     parsed: list[tuple[str, str]] = []
@@ -248,16 +266,16 @@ def allowed_transitions(tags: Sequence[str], scheme: str) -> tuple[np.ndarray, n
 
     Returns:
         (first (C,), pairs (C, C), last (C,)) booleans: tag c may open a sentence, follow tag
-        c', close a sentence. In IO every sequence is valid.
+        c', close a sentence. In IO and plain every sequence is valid.
     """
     scheme = normalize_scheme(scheme)
-    parsed = [parse_tag(t) for t in tags]
     count = len(tags)
     pairs = np.ones((count, count), dtype=bool)
     first = np.ones(count, dtype=bool)
     last = np.ones(count, dtype=bool)
-    if scheme == "IO":
+    if scheme in ("IO", PLAIN):
         return first, pairs, last
+    parsed = [parse_tag(t) for t in tags]
     for j, (prefix, type_) in enumerate(parsed):
         continues = prefix == "I" or (scheme == "BIOES" and prefix == "E")
         first[j] = not continues

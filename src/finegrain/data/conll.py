@@ -17,6 +17,10 @@ Formats, picked by extension (after an optional `.gz`/`.bz2`/`.xz`):
 Text without spaces between words (Chinese, Japanese) reads with `char_level=True`: words
 are joined with no separator, and span texts become one word per character.
 
+With `scheme="plain"` a tag is whatever the file holds (`NNP`, `B-NP`), one per word: parts of
+speech, chunks or error tags, read and predicted as they are, with no entities. Plain tags come
+in CoNLL columns or JSON `tags`, not entity spans.
+
 Every problem is one line naming `file:line`: spans outside the text or overlapping, tags
 that break the scheme (`I-PER` after `O` in BIO), a tag count that differs from the word
 count. `repair=True` reads broken tag sequences the way conlleval does (`O I-PER` becomes
@@ -30,6 +34,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from operator import add
 from pathlib import Path
@@ -42,6 +47,7 @@ from finegrain.data.readers import TAGGED_WORD_EXTENSIONS, Example
 from finegrain.data.split import stratified_split
 from finegrain.errors import FinegrainError
 from finegrain.tags import (
+    PLAIN,
     check_tags,
     entities_to_tags,
     normalize_scheme,
@@ -63,6 +69,7 @@ __all__ = [
     "span_example",
     "split_token_examples",
     "split_words",
+    "tag_types",
     "write_token_examples",
 ]
 
@@ -266,13 +273,13 @@ class _Collector:
 
     def _check(self, example: TokenExample) -> None:
         line = int(example.source.rsplit(":", 1)[1])
-        for tag in example.tags or []:
+        for tag in example.tags if self.scheme != PLAIN else ():
             try:
                 parse_tag(tag)
             except ValueError as exc:
                 at = _word_line(example, example.tags.index(tag), line)
-                hint = (f"for a CoNLL file, is data.tag_column right? tags of one word each (parts of speech) "
-                        f"train as 'B-{tag}'; else {SKIP_HINT}")
+                hint = ("for a CoNLL file, is data.tag_column right? tags of one word each (parts of speech, chunks) "
+                        f"read as they are with data.scheme: plain (--set data.scheme=plain); else {SKIP_HINT}")
                 raise BadRow(str(exc), at, hint) from None
         problems = check_tags(example.tags, self.scheme)
         if not problems:
@@ -409,7 +416,9 @@ def read_token_jsonl(
         if not line:
             continue
         collector.add(
-            lambda n=line_number, line=line: _json_example(line, n, str(path), fields, char_level, require_tags, tag_names)
+            lambda n=line_number, line=line: _json_example(
+                line, n, str(path), fields, char_level, require_tags, tag_names, spans=scheme != PLAIN
+            )
         )
     return collector.finish()
 
@@ -419,7 +428,7 @@ HF_TAGS = "ner_tags"  # Hugging Face's key for a sentence's tag ids
 
 def _json_example(
     line: str, n: int, path: str, fields: tuple[str, str, str, str], char_level: bool, require_tags: bool,
-    tag_names: Sequence[str] | None = None,
+    tag_names: Sequence[str] | None = None, spans: bool = True,
 ) -> TokenExample:
     text_field, tokens_field, tags_field, entities_field = fields
     try:
@@ -464,6 +473,9 @@ def _json_example(
     text = obj[text_field]
     if not isinstance(text, str) or not text.strip():
         raise BadRow.at(n, f"{text_field!r} must be a non-empty string")
+    if not spans and obj.get(entities_field) is not None:
+        raise BadRow.at(n, f"{entities_field!r} spans are entities, and data.scheme: plain reads a tag per word: "
+                        f"write {tokens_field!r} with {tags_field!r}, or use data.scheme: BIO")
     spans = obj.get(entities_field)
     if spans is None and require_tags:
         raise BadRow.at(n, f"no {entities_field!r} next to {text_field!r}; write [] for a text without entities")
@@ -568,9 +580,11 @@ def write_token_examples(path: str | os.PathLike[str], examples: Sequence[TokenE
 
 
 def split_token_examples(
-    examples: Sequence[TokenExample], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+    examples: Sequence[TokenExample], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+    scheme: str = "BIO",
 ) -> tuple[list[TokenExample], ...]:
-    """Split sentences into parts of the given sizes, stratified by each sentence's rarest entity type.
+    """Split sentences into parts of the given sizes, stratified by each sentence's rarest entity type
+    (its rarest tag, for plain tags).
 
     Sentences without entities form their own stratum, so every part gets its share of them and of
     each type. Deterministic for a seed; parts keep file order.
@@ -578,7 +592,7 @@ def split_token_examples(
     frequency: dict[str, int] = {}
     types_of = []
     for ex in examples:
-        types = {t for t, _, _ in tags_to_entities(ex.tags)} if ex.tags else set()
+        types = tag_types(ex.tags, scheme)
         types_of.append(types)
         for t in types:
             frequency[t] = frequency.get(t, 0) + 1
@@ -595,9 +609,16 @@ def split_token_examples(
     return tuple([examples[p.extra["index"]] for p in part] for part in parts)
 
 
-def entity_types(examples: Sequence[TokenExample]) -> list[str]:
-    """The sorted entity types tagged in `examples` (default mode)."""
-    return sorted({t for ex in examples if ex.tags for t, _, _ in tags_to_entities(ex.tags)})
+def tag_types(tags: Sequence[str] | None, scheme: str = "BIO") -> set[str]:
+    """The entity types in one sentence's tags (default mode); plain tags are their own types."""
+    if not tags:
+        return set()
+    return set(tags) if normalize_scheme(scheme) == PLAIN else {t for t, _, _ in tags_to_entities(tags)}
+
+
+def entity_types(examples: Sequence[TokenExample], scheme: str = "BIO") -> list[str]:
+    """The sorted entity types tagged in `examples` (default mode), or the sorted plain tags."""
+    return sorted(set().union(*(tag_types(ex.tags, scheme) for ex in examples)))
 
 
 @dataclass
@@ -644,8 +665,9 @@ def load_token_splits(config, datasets_module=None) -> TokenSplits:
         "for task: ner use wnut16, peoples_daily_ner or data.train"
     )
     bundled = bundled_loader(datasets_module, TokenExample, wrong_kind)
-    splits = pipeline.load_splits(config, read, split_token_examples, bundled=bundled)
-    labels = entity_types(splits.train)
+    split = partial(split_token_examples, scheme=options["scheme"])
+    splits = pipeline.load_splits(config, read, split, bundled=bundled)
+    labels = entity_types(splits.train, options["scheme"])
     if not labels:
         raise FinegrainError(
             f"{splits.origin['train']}: the training data has no entities; check data.tag_column and the tags"

@@ -182,18 +182,19 @@ def text_like_labels(examples: Sequence[Example], text_field: str, label_field: 
             f"--set data.text_field={label_field} --set data.label_field={text_field}")
 
 
-def look_alike_labels(labels: Sequence[str]) -> str | None:
+def look_alike_labels(labels: Sequence[str], punctuation: bool = True) -> str | None:
     """One line naming labels that differ only in case, spaces or punctuation ("Pos" and "pos",
     "not_spam" and "not spam"): likely one class written two ways, which trains as two; None if
-    there are none."""
+    there are none. With `punctuation=False` a mark tells labels apart (the tags `PRP` and `PRP$`)."""
     groups: dict[str, list[str]] = {}
     for label in (label for label in labels if isinstance(label, str)):  # a regression keeps its mean and std there
-        key = "".join(ch for ch in label.casefold() if ch.isalnum())
+        key = "".join(ch for ch in label.casefold() if ch.isalnum() or not (punctuation or ch.isspace() or ch == "_"))
         groups.setdefault(key or label, []).append(label)
     alike = [" and ".join(repr(label) for label in group) for group in groups.values() if len(group) > 1]
     if not alike:
         return None
-    return (f"labels: {'; '.join(alike)} differ only in case, spaces or punctuation and train as different classes; "
+    how = "case, spaces or punctuation" if punctuation else "case or spaces"
+    return (f"labels: {'; '.join(alike)} differ only in {how} and train as different classes; "
             "if each group is one class, write it one way in the data")
 
 

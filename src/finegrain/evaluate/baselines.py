@@ -1,4 +1,6 @@
-"""Baselines beside every classification run: the majority class and TF-IDF + a linear SVM.
+"""Baselines beside every classification and tagging run: the majority class and TF-IDF + a
+linear SVM for classification; each word's most frequent tag and a logistic regression on word
+features for tagging (NER, parts of speech).
 
 A fine-tuned model that loses to a one-second bag-of-words classifier is not worth its
 thirty minutes, and nobody notices unless the report says so. So every classification run
@@ -6,7 +8,10 @@ also fits two baselines on the SAME training split and scores them on the SAME e
 split (test, or validation when there is no test), with finegrain's own metric functions,
 so that the numbers sit beside the model's and compare exactly.
 
-The baselines read the raw texts: `data.template` (a prompt for the language model) is not
+A tagger's baselines read the words as the files split them and score their tags with the run's
+own metrics: entities in conlleval's default mode, or plain tags word by word.
+
+The classification baselines read the raw texts: `data.template` (a prompt for the language model) is not
 applied, since its words are the same in every example and carry no signal for TF-IDF.
 
 scikit-learn is imported inside the functions that fit: it takes about a second to import,
@@ -22,11 +27,17 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from finegrain.evaluate.entities import entity_metrics
 from finegrain.evaluate.metrics import classification_metrics, multilabel_metrics
+from finegrain.tags import PLAIN, normalize_scheme
 
 __all__ = [
-    "add_baselines", "baseline_warning", "classification_baselines", "is_spaceless", "tfidf_pipeline", "tfidf_vectorizer",
+    "add_baselines", "baseline_warning", "classification_baselines", "headline_scores", "is_spaceless",
+    "tagging_baselines", "tfidf_pipeline", "tfidf_vectorizer", "word_features",
 ]
+
+# What the tagging baseline's logistic regression reads of each word (`word_features`).
+WORD_FEATURES = "the word, its neighbours, 2-3-letter affixes and shape"
 
 # Scripts written without spaces between words: CJK ideographs, kana, Thai, Lao, Myanmar, Khmer.
 _SPACELESS_RANGES = (
@@ -145,32 +156,116 @@ def classification_baselines(
     return {"majority": majority_scores, "tfidf": tfidf}
 
 
-def baseline_warning(metrics: dict[str, Any], baselines: dict[str, Any]) -> str | None:
-    """One line when the TF-IDF baseline beats finegrain on accuracy or macro-F1, else None.
+def headline_scores(metrics: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """The scores a run is set beside its baselines by: name -> (finegrain's value, the baselines' key).
 
-    Multi-label runs compare micro-F1 instead of accuracy.
-    """
-    tfidf = baselines.get("tfidf", {})
-    if "skipped" in tfidf:
-        return None
+    Accuracy and macro-F1; multi-label runs micro-F1 for accuracy, entity tagging (NER) micro-F1
+    of entities."""
     if metrics.get("task") == "multilabel":
-        ours = {"micro-F1": metrics["micro"]["f1"], "macro-F1": metrics["macro"]["f1"]}
-        theirs = {"micro-F1": tfidf["micro_f1"], "macro-F1": tfidf["macro_f1"]}
+        ours = {"micro-F1": (metrics["micro"]["f1"], "micro_f1")}
+    elif metrics.get("task") == "ner":
+        ours = {"F1": (metrics["f1"], "f1")}
     else:
-        ours = {"accuracy": metrics["accuracy"], "macro-F1": metrics["macro"]["f1"]}
-        theirs = {"accuracy": tfidf["accuracy"], "macro-F1": tfidf["macro_f1"]}
-    lost = [name for name in ours if theirs[name] > ours[name]]
+        ours = {"accuracy": (metrics["accuracy"], "accuracy")}
+    return {**ours, "macro-F1": (metrics["macro"]["f1"], "macro_f1")}
+
+
+def strong_baseline(baselines: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The stronger of a run's two baselines (TF-IDF, or the tagger's logistic regression) and its name."""
+    if "linear" in baselines:
+        return baselines["linear"], "logistic regression on word features"
+    return baselines["tfidf"], "TF-IDF + linear SVM"
+
+
+def baseline_warning(metrics: dict[str, Any], baselines: dict[str, Any]) -> str | None:
+    """One line when the TF-IDF baseline (a tagger's: the logistic regression) beats finegrain on
+    its headline score or macro-F1 (`headline_scores`), else None."""
+    strong, name = strong_baseline(baselines)
+    if "skipped" in strong:
+        return None
+    scores = headline_scores(metrics)
+    lost = [score for score, (ours, key) in scores.items() if strong[key] > ours]
     if not lost:
         return None
-    figures = ", ".join(f"{name} {theirs[name]:.4f} vs {ours[name]:.4f}" for name in lost)
+    figures = ", ".join(f"{score} {strong[scores[score][1]]:.4f} vs {scores[score][0]:.4f}" for score in lost)
     return (
-        f"warning: the TF-IDF + linear SVM baseline beats finegrain on the {baselines['split']} split "
+        f"warning: the {name} baseline beats finegrain on the {baselines['split']} split "
         f"({figures}); more epochs, a longer max_length or more adapted layers may help"
     )
 
 
+def tagging_baselines(
+    train_words: Sequence[Sequence[str]],
+    train_tags: Sequence[Sequence[str]],
+    eval_words: Sequence[Sequence[str]],
+    eval_tags: Sequence[Sequence[str]],
+    scheme: str = "BIO",
+) -> dict[str, Any]:
+    """Fit two taggers on the training sentences and score them on another split as the run is scored.
+
+    `majority`: each word its most frequent training tag (a word training never had: the most frequent
+    tag). `linear`: a logistic regression on each word's `word_features`, word by word. Entity
+    tags are scored as entities (conlleval's default mode: micro `f1`, `macro_f1`, `per_class` F1 by
+    type), plain tags word by word (`accuracy`, `macro_f1`, `per_class` F1 by tag); each also has
+    `seconds`, and `linear` is `skipped` (the reason) where the training data has one tag only.
+    """
+    plain = normalize_scheme(scheme) == PLAIN
+    trained = sorted({tag for tags in train_tags for tag in tags})
+
+    def score(predicted: list[list[str]]) -> dict[str, Any]:
+        if plain:  # the tags in the run's report order: the training tags, then those only the split has
+            gold = [t for tags in eval_tags for t in tags]
+            flat = [t for tags in predicted for t in tags]
+            return _single_label_scores(gold, flat, trained + sorted(set(gold) - set(trained)))
+        metrics = entity_metrics([list(t) for t in eval_tags], predicted)
+        return {"f1": metrics["f1"], "macro_f1": metrics["macro"]["f1"], "accuracy": metrics["accuracy"],
+                "per_class": {label: scores["f1"] for label, scores in metrics["per_class"].items()}}
+
+    started = time.perf_counter()
+    counts: dict[str, Counter] = {}
+    for words, tags in zip(train_words, train_tags):
+        for word, tag in zip(words, tags):
+            counts.setdefault(word, Counter())[tag] += 1
+    commonest = Counter(tag for tags in train_tags for tag in tags).most_common(1)[0][0]
+    guesses = [[counts[w].most_common(1)[0][0] if w in counts else commonest for w in words] for words in eval_words]
+    majority = {**score(guesses), "seconds": round(time.perf_counter() - started, 3)}
+
+    from sklearn.feature_extraction import DictVectorizer  # before the clock: importing scikit-learn takes seconds
+    from sklearn.linear_model import LogisticRegression
+
+    started = time.perf_counter()
+    labels = [tag for tags in train_tags for tag in tags]
+    if len(set(labels)) < 2:
+        return {"majority": majority, "linear": {"skipped": "the training split holds one tag only"}}
+    vectorizer = DictVectorizer()
+    model = LogisticRegression(C=10.0, max_iter=1000)
+    model.fit(vectorizer.fit_transform(_feature_rows(train_words)), labels)
+    flat = iter(model.predict(vectorizer.transform(_feature_rows(eval_words))).tolist())
+    predicted = [[str(next(flat)) for _ in words] for words in eval_words]
+    return {"majority": majority, "linear": {**score(predicted), "seconds": round(time.perf_counter() - started, 3)}}
+
+
+def word_features(words: Sequence[str], i: int) -> dict[str, float]:
+    """What the tagging baseline reads of word `i`: the word, its neighbours, its first two and last
+    two and three letters (lowercased), and its shape (`Xxxx9`, the first six characters)."""
+    word = words[i]
+    names = [f"w={word.lower()}", f"suffix3={word[-3:].lower()}", f"suffix2={word[-2:].lower()}",
+             f"prefix2={word[:2].lower()}", f"shape={_shape(word)}", f"prev={words[i - 1].lower() if i else '<s>'}",
+             f"next={words[i + 1].lower() if i + 1 < len(words) else '</s>'}"]
+    return dict.fromkeys(names, 1.0)
+
+
+def _shape(word: str) -> str:
+    return "".join("X" if c.isupper() else "x" if c.islower() else "9" if c.isdigit() else c for c in word)[:6]
+
+
+def _feature_rows(sentences: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    return [word_features(words, i) for words in sentences for i in range(len(words))]
+
+
 def add_baselines(results: dict[str, Any], data: Any, splits: Any) -> None:
-    """Add `results["baselines"]` for a classification run, and warn on stderr when TF-IDF wins.
+    """Add `results["baselines"]` for a classification or tagging (NER) run, and warn on stderr when
+    the stronger baseline wins.
 
     Does nothing for other tasks, with `data.baselines: false`, or when the run has neither
     test nor validation metrics. Scored on the split the report shows: test, else validation.
@@ -181,18 +276,23 @@ def add_baselines(results: dict[str, Any], data: Any, splits: Any) -> None:
         splits: the run's `Splits` (the examples of each split, as trained and evaluated).
     """
     split = "test" if "test" in results else "validation"
-    if results.get("task") != "classification" or not getattr(data, "baselines", True) or split not in results:
+    task = results.get("task")
+    if task not in ("classification", "ner") or not getattr(data, "baselines", True) or split not in results:
         return
     examples = splits.test if split == "test" else splits.validation
-    baselines: dict[str, Any] = {
-        "split": split,
-        "texts": "raw (data.template not applied)",
-        "train_examples": len(splits.train),
-        **classification_baselines(
+    if task == "ner":
+        measured = tagging_baselines([e.words for e in splits.train], [e.tags for e in splits.train],
+                                     [e.words for e in examples], [e.tags for e in examples], data.scheme)
+        texts = "words as the files split them"
+    else:
+        measured = classification_baselines(
             [e.text for e in splits.train], [e.label for e in splits.train],
             [e.text for e in examples], [e.label for e in examples], splits.labels,
             multi_label=data.multi_label, char_level=data.char_level or None,
-        ),
+        )
+        texts = "raw (data.template not applied)"
+    baselines: dict[str, Any] = {
+        "split": split, "texts": texts, "train_examples": len(splits.train), **measured,
         "finegrain_seconds": results.get("train", {}).get("total_seconds"),
     }
     mix = results.get("tfidf_mix") or {}

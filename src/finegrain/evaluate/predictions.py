@@ -5,6 +5,8 @@ highlighted. Character offsets are into the record's own text, `end` exclusive.
 
 - ner: `text`, `gold` and `predicted` entities (`type`, `start`, `end`, `text`; a predicted one
   also its `score`), `correct` (the two sets are the same).
+- ner with plain tags (`data.scheme: plain`): `text`, `words`, their `gold` and `predicted` tags,
+  `wrong_words` (the indices of words tagged wrong), `correct` (none is).
 - relation: `text`, the `head` and `tail` mentions (`start`, `end`, `text`), the `gold` and
   `predicted` relation, the predicted one's `probability`, `correct`.
 - qa: `id`, `question`, `context`, `gold` answers (`text`, `start`, `end`), the `predicted` answer
@@ -36,7 +38,7 @@ def prediction_records(task: str, examples: Sequence[Any], predictions: Sequence
         examples: the test split (`TokenExample`, `RelationExample` or `QAExample`), in order.
         predictions: the task's decoded predictions of `examples`, in the same order.
     """
-    record = {"ner": _ner_record, "relation": _relation_record, "qa": _qa_record}.get(task)
+    record = {"ner": _ner_record, "tags": _tag_record, "relation": _relation_record, "qa": _qa_record}.get(task)
     if record is None:
         return []
     rows = []
@@ -64,6 +66,13 @@ def _ner_record(example, predicted: dict[str, Any]) -> dict[str, Any]:
         gold.append({"type": type_, "start": start, "end": stop, "text": example.text[start:stop]})
     found = [{key: e[key] for key in ("type", "start", "end", "text", "score")} for e in predicted["entities"]]
     return {"text": example.text, "gold": gold, "predicted": found, "correct": _spans(gold) == _spans(found)}
+
+
+def _tag_record(example, predicted: dict[str, Any]) -> dict[str, Any]:
+    # Plain tags (parts of speech, chunks): no entities, so the words whose tag is wrong.
+    wrong = [i for i, (g, p) in enumerate(zip(example.tags, predicted["tags"])) if g != p]
+    return {"text": example.text, "words": example.words, "gold": example.tags, "predicted": predicted["tags"],
+            "wrong_words": wrong, "correct": not wrong}
 
 
 def _spans(entities: list[dict[str, Any]]) -> set[tuple[str, int, int]]:

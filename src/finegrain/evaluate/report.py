@@ -396,7 +396,10 @@ def plot_learning_curve(
 
 
 def _summary(metrics: dict[str, Any], split_name: str) -> str:
-    parts = [f"split: {split_name}", f"{metrics['num_examples']:,} examples", f"{len(metrics['labels'])} labels"]
+    count = f"{metrics['num_examples']:,} examples"
+    if "num_sentences" in metrics:  # plain tags: every word is an example
+        count = f"{metrics['num_examples']:,} words in {metrics['num_sentences']:,} sentences"
+    parts = [f"split: {split_name}", count, f"{len(metrics['labels'])} labels"]
     if metrics.get("task") == "multilabel":
         parts += [f"micro F1 {metrics['micro']['f1']:.4f}", f"subset accuracy {metrics['subset_accuracy']:.4f}"]
         parts.append(f"hamming loss {metrics['hamming_loss']:.4f}")
@@ -610,32 +613,41 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
     """finegrain beside the baselines (`metrics["baselines"]`, from `add_baselines`): the columns,
     the rows (headline scores, F1 of each class, seconds) and the lines to print above them
     (which split and texts, a skipped baseline). The warning that TF-IDF wins goes at the top."""
+    from finegrain.evaluate.baselines import WORD_FEATURES, headline_scores, strong_baseline
+
     baselines = metrics["baselines"]
-    tfidf, majority = baselines["tfidf"], baselines["majority"]
-    predicts = majority.get("predicts")
-    if isinstance(predicts, list):  # multi-label: the labels most training examples have
-        predicts = ", ".join(map(str, predicts)) or "no label"
-    columns = ["", "finegrain", f"TF-IDF ({tfidf.get('features', 'n-grams')}) + linear SVM", f"majority ({predicts})"]
-    if metrics.get("task") == "multilabel":
-        ours = {"subset accuracy": metrics["subset_accuracy"], "micro-F1": metrics["micro"]["f1"]}
-        keys = {"subset accuracy": "subset_accuracy", "micro-F1": "micro_f1"}
+    strong, strong_name = strong_baseline(baselines)
+    majority = baselines["majority"]
+    tagger = "linear" in baselines
+    if tagger:
+        columns = ["", "finegrain", f"{strong_name} ({WORD_FEATURES})", "each word's most frequent training tag"]
     else:
-        ours, keys = {"accuracy": metrics["accuracy"]}, {"accuracy": "accuracy"}
-    ours["macro-F1"], keys["macro-F1"] = metrics["macro"]["f1"], "macro_f1"
+        predicts = majority.get("predicts")
+        if isinstance(predicts, list):  # multi-label: the labels most training examples have
+            predicts = ", ".join(map(str, predicts)) or "no label"
+        columns = ["", "finegrain", f"TF-IDF ({strong.get('features', 'n-grams')}) + linear SVM", f"majority ({predicts})"]
+    if metrics.get("task") == "multilabel":
+        scores = {"subset accuracy": (metrics["subset_accuracy"], "subset_accuracy"), **headline_scores(metrics)}
+    else:
+        scores = headline_scores(metrics)
     # The fine-tuned model without the TF-IDF probabilities mixed in (head.tfidf_mix), when they are.
     alone = baselines.get("model_alone")
-    others = [tfidf, majority] if alone is None else [alone, tfidf, majority]
+    others = [strong, majority] if alone is None else [alone, strong, majority]
     if alone is not None:
         columns.insert(2, "finegrain, model alone")
-    rows = [[name, value, *(other.get(keys[name]) for other in others)] for name, value in ours.items()]
-    for label, scores in metrics["per_class"].items():
-        rows.append([f"F1 {label}", scores["f1"], *(other.get("per_class", {}).get(label) for other in others)])
+    rows = [[name, value, *(other.get(key) for other in others)] for name, (value, key) in scores.items()]
+    for label, per_class in metrics["per_class"].items():
+        rows.append([f"F1 {label}", per_class["f1"], *(other.get("per_class", {}).get(label) for other in others)])
     seconds = (baselines.get("finegrain_seconds"), *(other.get("seconds") for other in others))
     rows.append(["seconds", *(None if t is None else f"{t:.1f}" if t >= 1 else f"{t:.3f}" for t in seconds)])
-    notes = [
-        f"Fitted on the same training split and scored on the same {baselines['split']} split as finegrain, "
-        "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
-    ]
+    if tagger:
+        notes = [f"Fitted on the same training sentences and scored on the same {baselines['split']} split as "
+                 "finegrain, with its metrics; finegrain's seconds are its whole run."]
+    else:
+        notes = [
+            f"Fitted on the same training split and scored on the same {baselines['split']} split as finegrain, "
+            "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
+        ]
     if alone is not None:
         notes.append(
             f"finegrain mixes a TF-IDF + logistic regression's probabilities into the fine-tuned model's at weight "
@@ -644,8 +656,8 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
         )
     if baselines["split"] == "validation":
         notes.append("There is no test split: finegrain chose its checkpoint on this one, so its figures are optimistic.")
-    if "skipped" in tfidf:
-        notes.append(f"TF-IDF baseline skipped: {tfidf['skipped']}")
+    if "skipped" in strong:
+        notes.append(f"{strong_name} baseline skipped: {strong['skipped']}")
     return columns, rows, notes
 
 

@@ -19,6 +19,9 @@ Schemes and decoding. Files may use BIO, IOB1, BIOES or IO: their entities are r
 (conlleval's way) and written in the head's scheme (BIO, BIOES or IO). `decoding="viterbi"`
 picks the most probable tag sequence that is valid in the scheme (no `I-PER` after `O`);
 `"argmax"` takes each word's most probable tag, and entities are then read leniently.
+Plain tags (`data.scheme: plain`: parts of speech, chunks) are predicted as they are, each
+word its most probable tag, and scored word by word as classification is (accuracy,
+precision/recall/F1 per tag, a confusion matrix); they have no entities.
 
 The module layout, `model` + `score` (a `Linear` with bias), is Hugging Face's
 `LlamaForTokenClassification`, so a PEFT adapter saved with `task_type="TOKEN_CLS"` and
@@ -45,9 +48,10 @@ from finegrain.config import HeadConfig
 from finegrain.data.conll import TokenExample, load_token_splits, read_token_examples
 from finegrain.errors import FinegrainError
 from finegrain.evaluate.entities import entity_errors, entity_metrics
+from finegrain.evaluate.metrics import classification_metrics
 from finegrain.model.backbone import hidden_states, padding_mask
 from finegrain.model.llama import LlamaModel
-from finegrain.tags import allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
+from finegrain.tags import PLAIN, allowed_transitions, convert_tags, normalize_scheme, tag_set, tags_to_entities
 from finegrain.tasks.base import (
     IGNORE_INDEX, Endpoint, class_weights, kept, labelled_weight, linear_head, pad_inputs, predict_scores,
 )
@@ -156,8 +160,8 @@ class Entity(BaseModel):
 
 class Tagging(BaseModel):
     words: list[str]
-    tags: list[str] = Field(description="One tag per word, in the run's scheme (BIO, BIOES or IO).")
-    entities: list[Entity]
+    tags: list[str] = Field(description="One tag per word, in the run's scheme (BIO, BIOES, IO or plain).")
+    entities: list[Entity] = Field(description="Empty for plain tags (parts of speech, chunks).")
     truncated_words: int = Field(description="Words past the run's data.max_length, tagged O.")
 
 
@@ -170,8 +174,9 @@ class TokenClassificationTask:
     """Head, collate function, loss, decoding and entity metrics for NER and other word tagging.
 
     Args:
-        types: the entity types (the labels of the run), e.g. ["LOC", "ORG", "PER"].
-        scheme: the tags the head predicts: "BIO" (IOB2), "BIOES" (IOBES) or "IO".
+        types: the entity types (the labels of the run), e.g. ["LOC", "ORG", "PER"]; plain: the tags.
+        scheme: the tags the head predicts: "BIO" (IOB2), "BIOES" (IOBES), "IO", or "plain" (the
+            file's tags as they are, scored word by word).
         head: label smoothing and class weights ("balanced" or {tag: weight}).
         subword: which token of a word carries its label: "first" or "last".
         decoding: "viterbi" (valid sequences only) or "argmax".
@@ -213,6 +218,8 @@ class TokenClassificationTask:
         self.index = {tag: i for i, tag in enumerate(self.tags)}
         self.head = head or HeadConfig()
         self.subword, self.decoding, self.dropout = subword, decoding, dropout
+        if self.scheme == PLAIN:
+            self.headline_metric = "accuracy"  # of words; the micro F1 at the top of the metrics is close to it
         self.class_weights: torch.Tensor | None = None
         self.output_length = 0  # the longest `max_length` encoded so far: predict_outputs stacks rows this wide
         self._first, self._pairs, self._last = allowed_transitions(self.tags, self.scheme)
@@ -220,7 +227,8 @@ class TokenClassificationTask:
     @classmethod
     def from_config(cls, config, labels: list[str]) -> TokenClassificationTask:
         head = config.head
-        return cls(labels, head.scheme, head, head.subword, head.decoding, head.dropout)
+        scheme = PLAIN if normalize_scheme(config.data.scheme) == PLAIN else head.scheme  # plain tags are predicted so
+        return cls(labels, scheme, head, head.subword, head.decoding, head.dropout)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -351,7 +359,7 @@ class TokenClassificationTask:
             word_probs = (
                 row[[item.positions[i] for i in kept]].double().numpy() if kept else np.zeros((0, len(self.tags)))
             )
-            if self.decoding == "viterbi" and kept:
+            if self.decoding == "viterbi" and kept and self.scheme != PLAIN:
                 path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
             else:
                 path = word_probs.argmax(-1).tolist()
@@ -361,7 +369,7 @@ class TokenClassificationTask:
                 tags[i] = self.tags[tag_index]
                 confidence[i] = float(p[tag_index])
             entities = []
-            for type_, first, end in tags_to_entities(tags):
+            for type_, first, end in tags_to_entities(tags) if self.scheme != PLAIN else ():
                 start, stop = ex.offsets[first][0], ex.offsets[end - 1][1]
                 entities.append(
                     {
@@ -389,6 +397,8 @@ class TokenClassificationTask:
             raise FinegrainError("ner metrics need gold tags for every sentence")
         predicted = [p["tags"] for p in predictions]
         gold = [list(g) for g in gold]
+        if self.scheme == PLAIN:
+            return self._word_metrics(predictions, gold)
         metrics = entity_metrics(gold, predicted, mode="default")
         if self.scheme in ("BIO", "BIOES"):
             gold_in_scheme = [convert_tags(g, self.scheme) for g in gold]
@@ -397,6 +407,20 @@ class TokenClassificationTask:
         metrics["errors"] = entity_errors(gold, predicted)
         metrics["scheme"] = self.scheme
         metrics["decoding"] = self.decoding
+        metrics["truncated_words"] = sum(p.get("truncated_words", 0) for p in predictions)
+        return metrics
+
+    def _word_metrics(self, predictions: list[dict[str, Any]], gold: list[list[str]]) -> dict[str, Any]:
+        """Plain tags: every word an example of classification (scikit-learn's `classification_report`
+        of the words). A word cut off by `max_length` is tagged `O`, wrong unless its tag is `O`."""
+        flat_gold = [tag for sentence in gold for tag in sentence]
+        flat_predicted = [tag for p in predictions for tag in p["tags"]]
+        labels = self.tags + sorted(set(flat_gold) - set(self.tags))  # a tag training never had still counts
+        metrics = classification_metrics(flat_gold, flat_predicted, labels)
+        micro = metrics["micro"]
+        metrics.update(precision=micro["precision"], recall=micro["recall"], f1=micro["f1"])
+        metrics["num_sentences"] = len(gold)
+        metrics["scheme"] = PLAIN
         metrics["truncated_words"] = sum(p.get("truncated_words", 0) for p in predictions)
         return metrics
 

@@ -137,8 +137,10 @@ def _check_teacher_run(config: RunConfig, teacher: Path, labels: list[str]) -> R
             raise FinegrainError(f"distill.teacher: {teacher} predicts '{teacher_labels[0]}' and this run "
                                  f"'{labels[0]}'; name a teacher trained on the same target")
     elif config.task == "ner" and _scheme(teacher_config) != _scheme(config):
-        raise FinegrainError(f"distill.teacher: {teacher} predicts {_scheme(teacher_config)} tags and this run "
-                             f"{_scheme(config)}; set head.scheme: {_scheme(teacher_config)}")
+        theirs = _scheme(teacher_config)
+        fix = "data.scheme: plain" if theirs == "plain" else f"head.scheme: {theirs}"
+        raise FinegrainError(f"distill.teacher: {teacher} predicts {theirs} tags and this run "
+                             f"{_scheme(config)}; set {fix}")
     elif set(teacher_labels) != set(labels):
         missing, extra = sorted(set(labels) - set(teacher_labels)), sorted(set(teacher_labels) - set(labels))
         raise FinegrainError(
@@ -154,7 +156,9 @@ def _check_teacher_run(config: RunConfig, teacher: Path, labels: list[str]) -> R
 
 
 def _scheme(config: RunConfig) -> str:
-    """The tag scheme an NER run predicts, in one spelling (IOB2 is BIO, IOBES is BIOES)."""
+    """The tag scheme an NER run predicts, in one spelling (IOB2 is BIO, IOBES is BIOES; plain as its data)."""
+    if config.data.scheme.upper() == "PLAIN":
+        return "plain"
     return {"IOB2": "BIO", "IOBES": "BIOES"}.get(config.head.scheme.upper(), config.head.scheme.upper())
 
 

@@ -293,7 +293,11 @@ const spanKey = (e) => `${e.type}|${e.start}|${e.end}`;
 function predictionCard(task, r) {
   const card = h("div", {class: `prediction ${r.correct ? "right" : "wrong"}`, "data-index": r.index});
   const where = h("span", {class: "muted source", title: r.source}, r.source.split("/").pop());
-  if (task === "ner") {
+  if (task === "ner" && r.wrong_words) {  // plain tags (parts of speech): each word with its tag, the wrong ones red
+    const wrong = new Set(r.wrong_words);
+    card.append(h("div", {class: "line"}, r.words.flatMap((w, i) => [h("mark", {class: `entity ${wrong.has(i) ? "wrong" : "right"}`,
+      title: wrong.has(i) ? `predicted ${r.predicted[i]}, gold ${r.gold[i]}` : r.gold[i]}, w, h("sup", {}, r.predicted[i])), " "])), where);
+  } else if (task === "ner") {
     const gold = new Set(r.gold.map(spanKey)), predicted = new Set(r.predicted.map(spanKey));
     card.append(
       h("div", {class: "line gold-line"}, h("span", {class: "tag"}, "gold"), marked(r.text, r.gold.map((e) => ({...e, label: e.type,
@@ -526,6 +530,9 @@ function showPrediction(task, input, p) {
     if (p.head && p.tail && input && typeof input.text === "string") {  // a relation: its two mentions in the text
       box.append(h("div", {id: "mentions"}, marked(input.text, [{...p.head, cls: "entity head", label: "e1"}, {...p.tail, cls: "entity tail", label: "e2"}])));
     }
+  } else if (Array.isArray(p.entities) && !p.entities.length && (p.tags || []).some((t) => t !== "O")) {
+    // Plain tags (parts of speech): tags that are no entity's, so each word with its own.
+    box.append(h("div", {id: "tags"}, p.words.flatMap((w, i) => [h("mark", {class: "entity"}, w, h("sup", {}, p.tags[i])), " "])));
   } else if (Array.isArray(p.entities) && typeof input === "string") {
     const text = h("div", {id: "entities"});
     let at = 0;
