@@ -134,3 +134,16 @@ def test_cli_trains_evaluates_and_predicts_plain_tags(tiny_model_dir, tmp_path, 
     bioes = ["train", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "bioes"), "--set", "head.scheme=BIOES"]
     assert main(bioes) == 1 and not (tmp_path / "bioes").exists()  # a head scheme plain tags cannot have
     assert "'head.scheme' must be left unset with data.scheme: plain" in capsys.readouterr().err
+
+
+def test_compare_and_sweep_read_a_taggers_baselines():
+    from finegrain.compare import baseline_lines
+    from finegrain.sweep import scores_of
+
+    measured = {"split": "test", "majority": {"f1": 0.21, "macro_f1": 0.17, "seconds": 0.03},
+                "linear": {"f1": 0.25, "macro_f1": 0.19, "seconds": 2.9}}
+    lines = baseline_lines([{"baselines": measured}], "f1")
+    assert [(line["model"], line["score"]) for line in lines] == [
+        ("each word's most frequent tag", 0.21), ("logistic regression on word features", 0.25)]
+    scores = scores_of({"test": {"f1": 0.5, "macro": {"f1": 0.3}}, "baselines": measured})
+    assert scores["baseline linear f1"] == 0.25 and scores["baseline majority macro_f1"] == 0.17
