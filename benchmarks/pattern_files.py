@@ -12,10 +12,15 @@ A text that occurs more than once (case and spacing aside) is kept once, and not
 copies disagree; then per label with seed 0 the first ceil(20%) of the shuffled texts are the test
 set, the rest the training set. Written as OUT_DIR/NAME/train.jsonl and OUT_DIR/NAME/test.jsonl, {"text", "label"}.
 
-And one tagging set: wsj_pos, the Penn Treebank's part-of-speech tags on 1,001 Wall Street
-Journal sentences (tagged-en-wsj.txt: word/TAG), split with seed 0 as above (201 test sentences),
-written as OUT_DIR/wsj_pos/train.conll and test.conll (word TAB tag), which finegrain reads with
-data.scheme: plain. The script prints the two baselines every tagging run measures on that split
+And five tagging sets, parts of speech (word/TAG, a sentence a line), each split with seed 0 as
+above and written as OUT_DIR/NAME/train.conll and test.conll (word TAB tag), which finegrain reads
+with data.scheme: plain:
+  - wsj_pos: the Penn Treebank's tags on 1,001 Wall Street Journal sentences (tagged-en-wsj.txt);
+  - de_pos: German, TIGER's STTS tags on 249 sentences (tagged-de-tiger.txt);
+  - es_pos: Spanish Wikipedia, EAGLES-style tags on 999 sentences (tagged-es-wikicorpus.txt);
+  - it_pos: Italian web text (WaCky), Penn-style tags on 999 sentences (tagged-it-wacky.txt);
+  - nl_pos: Dutch newspapers (TwNC), CGN tags with their features on 999 sentences (tagged-nl-twnc.txt).
+The script prints, per set, the two baselines every tagging run measures on its split
 (finegrain.evaluate.baselines.tagging_baselines): each word's most frequent training tag, and a
 logistic regression on the word, its neighbours, affixes and shape.
 """
@@ -40,6 +45,15 @@ SETS = {
     "french": ("polarity-fr-amazon.csv", 1, 0, {"1": "positive", "-1": "negative"}),
 }
 
+# name -> file of word/TAG sentences, one a line
+POS = {
+    "wsj_pos": "tagged-en-wsj.txt",
+    "de_pos": "tagged-de-tiger.txt",
+    "es_pos": "tagged-es-wikicorpus.txt",
+    "it_pos": "tagged-it-wacky.txt",
+    "nl_pos": "tagged-nl-twnc.txt",
+}
+
 
 def unique_rows(path: Path, label_column: int, text_column: int, names: dict[str, str]) -> list[dict]:
     labels: dict[str, tuple[str, set[str]]] = {}  # case and spacing aside -> the first copy, its labels
@@ -58,20 +72,21 @@ def tagged_sentences(path: Path) -> list[list[tuple[str, str]]]:
                 for line in f if line.strip()]
 
 
-def write_pos(corpora: Path, output: Path) -> None:
-    test, train = held_out(tagged_sentences(corpora / "tagged-en-wsj.txt"), random.Random(0))
-    (output / "wsj_pos").mkdir(parents=True, exist_ok=True)
+def write_pos(corpora: Path, output: Path, name: str, file: str) -> None:
+    test, train = held_out(tagged_sentences(corpora / file), random.Random(0))
+    (output / name).mkdir(parents=True, exist_ok=True)
     for split, split_rows in (("train", train), ("test", test)):
         body = "".join("".join(f"{word}\t{tag}\n" for word, tag in s) + "\n" for s in split_rows)
-        (output / "wsj_pos" / f"{split}.conll").write_text(body, encoding="utf-8")
+        (output / name / f"{split}.conll").write_text(body, encoding="utf-8")
     words = sum(len(s) for s in test)
-    print(f"wsj_pos: {len(train):,} train, {len(test):,} test sentences ({words:,} test words)")
+    tags = len({tag for s in train + test for _, tag in s})
+    print(f"{name}: {len(train):,} train, {len(test):,} test sentences ({words:,} test words, {tags} tags)")
     (train_words, train_tags), (test_words, test_tags) = (
         ([[word for word, _ in s] for s in part], [[tag for _, tag in s] for s in part]) for part in (train, test)
     )
     baselines = tagging_baselines(train_words, train_tags, test_words, test_tags, scheme="plain")
-    for key, name in (("majority", "most frequent tag"), ("linear", "logistic regression on word features")):
-        print(f"  baseline, {name}: accuracy {baselines[key]['accuracy']:.4f}")
+    for key, label in (("majority", "most frequent tag"), ("linear", "logistic regression on word features")):
+        print(f"  baseline, {label}: accuracy {baselines[key]['accuracy']:.4f}")
 
 
 def main() -> None:
@@ -93,7 +108,8 @@ def main() -> None:
         for split, split_rows in (("train", train), ("test", test)):
             write(args.output / name / f"{split}.jsonl", split_rows)
         print(f"{name}: {len(train):,} train, {len(test):,} test ({len(rows):,} unique texts)")
-    write_pos(args.corpora, args.output)
+    for name, file in POS.items():
+        write_pos(args.corpora, args.output, name, file)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def _corpora(tmp_path: Path) -> Path:
     wsj = ["The/DT cat/NN sat/VBD ./.", "A/DT dog/NN ran/VBD ./.", "Dogs/NNS bark/VBP ./.", "Cats/NNS sit/VBP ./.",
            "The/DT dog/NN sat/VBD ./.", "A/DT cat/NN ran/VBD ./."]
     (corpora / "tagged-en-wsj.txt").write_text("\n".join(wsj) + "\n", encoding="utf-8")
+    for name in ("tagged-de-tiger.txt", "tagged-es-wikicorpus.txt", "tagged-it-wacky.txt"):
+        (corpora / name).write_text("\n".join(wsj[:5]) + "\n", encoding="utf-8")
+    dutch_tags = ["de/Art(bep,zijdofmv,neut) hond/N(soort,ev,neut) blaft/V(intrans,ott,3,ev) ./Punc(punt)"] * 5
+    (corpora / "tagged-nl-twnc.txt").write_text("\n".join(dutch_tags) + "\n", encoding="utf-8")
     return corpora
 
 
@@ -37,6 +41,7 @@ def test_held_out_files_are_unique_split_by_label_and_read_by_finegrain(tmp_path
     assert "hedge: 16 train, 4 test (20 unique texts)" in done.stdout
     assert "french: 8 train, 2 test (10 unique texts)" in done.stdout
     assert "wsj_pos: 4 train, 2 test sentences" in done.stdout and "baseline, most frequent tag" in done.stdout
+    assert "nl_pos: 4 train, 1 test sentences (4 test words, 4 tags)" in done.stdout
 
     hedge = [json.loads(line) for split in ("train", "test") for line in (out / "hedge" / f"{split}.jsonl").open()]
     assert len({row["text"].lower() for row in hedge}) == 20 and not any("twice" in row["text"] for row in hedge)
@@ -49,3 +54,5 @@ def test_held_out_files_are_unique_split_by_label_and_read_by_finegrain(tmp_path
 
     tagged = read_token_examples(out / "wsj_pos" / "train.conll", scheme="plain").examples
     assert len(tagged) == 4 and {tag for e in tagged for tag in e.tags} <= {"DT", "NN", "NNS", "VBD", "VBP", "."}
+    dutch = read_token_examples(out / "nl_pos" / "test.conll", scheme="plain").examples
+    assert dutch[0].words == ["de", "hond", "blaft", "."] and dutch[0].tags[1] == "N(soort,ev,neut)"

@@ -147,3 +147,25 @@ def test_compare_and_sweep_read_a_taggers_baselines():
         ("each word's most frequent tag", 0.21), ("logistic regression on word features", 0.25)]
     scores = scores_of({"test": {"f1": 0.5, "macro": {"f1": 0.3}}, "baselines": measured})
     assert scores["baseline linear f1"] == 0.25 and scores["baseline majority macro_f1"] == 0.17
+
+
+def test_words_past_max_length_are_said_not_dropped_in_silence(tiny_model_dir):
+    from finegrain.checkpoint.load import load_model
+    from finegrain.config import DataConfig
+    from finegrain.data.conll import TokenExample
+    from finegrain.tasks import long_text_line, long_text_summary
+    from finegrain.tasks.tokens import TokenClassificationTask
+
+    _, tokenizer = load_model(str(tiny_model_dir), progress=False)
+    task = TokenClassificationTask(["DT", "NN"], scheme="plain")
+    long = TokenExample.from_words(["the", "dog"] * 20, ["DT", "NN"] * 20, "x:1")
+    short = TokenExample.from_words(["the", "dog"], ["DT", "NN"], "x:2")
+    items = task.encode(tokenizer, [long, short], 16)
+    cut = items[0].truncated_words
+    assert cut > 0 and items[1].truncated_words == 0
+    summary = long_text_summary(task, DataConfig(max_length=16), {"train": items, "test": items[1:]})
+    assert summary["unit"] == "words" and summary["longer"] == {"train": 1, "test": 0}
+    assert summary["truncated"] == {"train": cut, "test": 0}
+    assert long_text_line(summary) == (f"long sentences: 1 of 2 train, 0 of 1 test sentences are longer than "
+                                       f"data.max_length=16 tokens; their words past it ({cut} train) are not "
+                                       "trained on and are tagged O: raise data.max_length")

@@ -236,11 +236,14 @@ def pad_inputs(items: list, pad_id: int, hidden: list[torch.Tensor] | None = Non
 
 def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[str, Any] | None:
     """metrics.json's `data` section: for each split's encoded items, how many texts were longer
-    than `data.max_length` and how many lost tokens; None for tasks that do not count them."""
+    than `data.max_length` and how many lost tokens (NER, `unit: words`: how many sentences lost
+    words, and how many words they lost); None for tasks that do not count them."""
     counts = {split: task.long_text_counts(items) for split, items in splits.items()}
     if any(c is None for c in counts.values()):
         return None
     summary: dict[str, Any] = {"max_length": data.max_length, "long_texts": data.long_texts}
+    if getattr(task, "name", None) == "ner":  # a sentence loses the words past max_length, each tagged O
+        summary = {"max_length": data.max_length, "unit": "words"}
     summary["texts"] = {split: len(items) for split, items in splits.items()}
     for key in ("longer", "truncated"):
         summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]
@@ -255,6 +258,10 @@ def long_text_line(summary: dict[str, Any]) -> str | None:
     if not any(longer.values()):
         return None
     counts = ", ".join(f"{n} of {summary['texts'][split]} {split}" for split, n in longer.items() if summary["texts"][split])
+    if summary.get("unit") == "words":
+        words = ", ".join(f"{n} {split}" for split, n in summary["truncated"].items() if n)
+        return (f"long sentences: {counts} sentences are longer than data.max_length={summary['max_length']} tokens; "
+                f"their words past it ({words}) are not trained on and are tagged O: raise data.max_length")
     line = f"long texts: {counts} texts are longer than data.max_length={summary['max_length']} tokens; "
     mode = summary["long_texts"]
     if mode == "windows":

@@ -313,8 +313,10 @@ class TokenClassificationTask:
         counts = Counter(t for item in train for t in (item.targets or []) if t != IGNORE_INDEX)
         self.class_weights = class_weights(self.head.class_weights, self.tags, counts)
 
-    def long_text_counts(self, items: list[TokenEncoded]) -> None:
-        return None  # words cut off are counted per sentence instead (`truncated_words`)
+    def long_text_counts(self, items: list[TokenEncoded]) -> dict[str, int]:
+        """Sentences that lost words to `max_length` ("longer"), and the words they lost ("truncated")."""
+        return {"longer": sum(item.truncated_words > 0 for item in items),
+                "truncated": sum(item.truncated_words for item in items)}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
         return labelled_weight(batch, self.class_weights)
