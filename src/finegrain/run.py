@@ -381,9 +381,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     started = time.perf_counter()
 
     splits = task_class(config.task).load_splits(config.data)
+    plain = config.task == "ner" and config.data.scheme.lower() == PLAIN  # tags without entities: PRP and PRP$, JJ|VBN
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
-        plain = config.task == "ner" and config.data.scheme.lower() == PLAIN  # tags such as PRP and PRP$, or JJ|VBN
         notes = (look_alike_labels(splits.labels, punctuation=not plain), None if plain else joined_labels(splits.labels),
                  id_labels(splits.labels))
         for note in notes:
@@ -503,7 +503,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         else:
             predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
             results["test"] = task.metrics(predictions, task.gold(splits.test))
-            records = "tags" if getattr(task, "scheme", None) == PLAIN else config.task  # plain tags: no entities
+            records = "tags" if plain else config.task  # plain tags have no entities to show
             write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, records, splits.test, predictions)
         if getattr(task, "reports_base_model", False) and adapter_layers(model):  # the test text, adapter off (task lm)
             results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)

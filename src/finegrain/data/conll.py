@@ -286,6 +286,8 @@ class _Collector:
             return
         index, reason = problems[0]
         at = _word_line(example, index, line)
+        if self.scheme == PLAIN:  # nothing to repair: a word without a tag
+            raise BadRow.at(at, f"word {example.words[index]!r}: {reason}")
         if not self.repair:
             more = f" ({len(problems)} problems in the sentence)" if len(problems) > 1 else ""
             raise BadRow.at(

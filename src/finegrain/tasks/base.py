@@ -243,11 +243,11 @@ def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[st
         return None
     summary: dict[str, Any] = {"max_length": data.max_length, "long_texts": data.long_texts}
     if getattr(task, "name", None) == "ner":  # a sentence loses the words past max_length, each tagged O
-        summary = {"max_length": data.max_length, "unit": "words"}
+        summary = {"max_length": data.max_length, "unit": "words"}  # data.long_texts does not apply
     summary["texts"] = {split: len(items) for split, items in splits.items()}
     for key in ("longer", "truncated"):
         summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]
-    if data.long_texts == "windows":
+    if summary.get("long_texts") == "windows":
         summary["max_windows"] = data.max_windows
     return summary
 
