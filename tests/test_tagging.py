@@ -175,3 +175,22 @@ def test_words_past_max_length_are_said_not_dropped_in_silence(tiny_model_dir):
     assert long_text_line(summary) == (f"long sentences: 1 of 2 train, 0 of 1 test sentences are longer than "
                                        f"data.max_length=16 tokens; their words past it ({cut} train) are not "
                                        "trained on and are tagged O: raise data.max_length")
+
+
+def test_a_plain_tag_student_learns_from_a_plain_tag_teacher(tiny_model_dir, tmp_path):
+    from finegrain.cli import main
+
+    train = pos_file(tmp_path / "train.conll", 60, 0)
+    config = {
+        "task": "ner", "model": {"name": str(tiny_model_dir)},
+        "data": {"train": str(train), "scheme": "plain", "max_length": 32, "split": [0.7, 0.15, 0.15]},
+        "lora": {"r": 4, "alpha": 8, "targets": "all-linear", "layers": [1]},
+        "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "threads": 1, "checkpoint_every": 1000},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "teacher")]) == 0
+    student = ["train", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "student"), "--set", "model.num_layers=1",
+               "--set", f"distill.teacher={tmp_path / 'teacher'}", "--set", "lora.layers=[0]"]
+    assert main(student) == 0
+    results = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert results["test"]["scheme"] == "plain" and 0.0 <= results["test"]["accuracy"] <= 1.0
