@@ -41,6 +41,7 @@ from finegrain.tasks import long_text_line, long_text_summary, score_file, task_
 from finegrain.warm_start import check_init_from, warm_start
 from finegrain.tasks.lexical import attach as attach_tfidf
 from finegrain.tasks.classification import attach_temperature
+from finegrain.tasks.tokens import predicted_scheme
 from finegrain.train.adversarial import AdversarialObjective
 from finegrain.train.agreement import AgreeingObjective, Agreement
 from finegrain.train.distill import (
@@ -381,7 +382,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     started = time.perf_counter()
 
     splits = task_class(config.task).load_splits(config.data)
-    plain = config.task == "ner" and config.data.scheme.lower() == PLAIN  # tags without entities: PRP and PRP$, JJ|VBN
+    plain = config.task == "ner" and predicted_scheme(config) == PLAIN  # tags without entities: PRP and PRP$, JJ|VBN
     if writes and resume_dir is None:  # a resume keeps the start's (a changed training file is refused: Trainer.fit)
         atomic_write_json(run_dir / rundir.LABELS, splits.labels)
         notes = (look_alike_labels(splits.labels, punctuation=not plain), None if plain else joined_labels(splits.labels),

@@ -210,8 +210,6 @@ def repair_tags(tags: Sequence[str], scheme: str = "BIO") -> list[str]:
     The entities are those of default mode, so scores in default mode do not change.
     """
     scheme = normalize_scheme(scheme)
-    if scheme == PLAIN:
-        return list(tags)
     return convert_tags(tags, "BIO" if scheme == "IOB1" else scheme)
 
 

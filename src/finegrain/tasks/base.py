@@ -241,9 +241,10 @@ def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[st
     counts = {split: task.long_text_counts(items) for split, items in splits.items()}
     if any(c is None for c in counts.values()):
         return None
-    summary: dict[str, Any] = {"max_length": data.max_length, "long_texts": data.long_texts}
     if getattr(task, "name", None) == "ner":  # a sentence loses the words past max_length, each tagged O
-        summary = {"max_length": data.max_length, "unit": "words"}  # data.long_texts does not apply
+        summary: dict[str, Any] = {"max_length": data.max_length, "unit": "words"}  # data.long_texts does not apply
+    else:
+        summary = {"max_length": data.max_length, "long_texts": data.long_texts}
     summary["texts"] = {split: len(items) for split, items in splits.items()}
     for key in ("longer", "truncated"):
         summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]

@@ -227,8 +227,7 @@ class TokenClassificationTask:
     @classmethod
     def from_config(cls, config, labels: list[str]) -> TokenClassificationTask:
         head = config.head
-        scheme = PLAIN if normalize_scheme(config.data.scheme) == PLAIN else head.scheme  # plain tags are predicted so
-        return cls(labels, scheme, head, head.subword, head.decoding, head.dropout)
+        return cls(labels, predicted_scheme(config), head, head.subword, head.decoding, head.dropout)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -436,6 +435,14 @@ class TokenClassificationTask:
         from finegrain.evaluate.report import format_report_text
 
         return format_report_text(metrics)
+
+
+def predicted_scheme(config) -> str:
+    """The tags a run's head predicts, in one spelling: plain where its data is plain, else `head.scheme`
+    (IOB2 is BIO, IOBES is BIOES)."""
+    if normalize_scheme(config.data.scheme) == PLAIN:
+        return PLAIN
+    return normalize_scheme(config.head.scheme)
 
 
 def viterbi(scores: np.ndarray, first: np.ndarray, pairs: np.ndarray, last: np.ndarray) -> list[int]:

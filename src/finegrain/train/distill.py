@@ -80,8 +80,9 @@ from finegrain.data.readers import without_labels
 from finegrain.errors import FinegrainError
 from finegrain.inference import item_rows, sorted_batches
 from finegrain.model.backbone import padding_mask
-from finegrain.tags import tag_set
+from finegrain.tags import PLAIN, tag_set
 from finegrain.tasks import task_class
+from finegrain.tasks.tokens import predicted_scheme
 from finegrain.train.batching import micro_batches
 from finegrain.train.objectives import Forward, Objective, TaskObjective
 from finegrain.train.sampler import Draw, LengthBuckets, Sampler
@@ -136,11 +137,11 @@ def _check_teacher_run(config: RunConfig, teacher: Path, labels: list[str]) -> R
         if teacher_labels[0] != labels[0]:
             raise FinegrainError(f"distill.teacher: {teacher} predicts '{teacher_labels[0]}' and this run "
                                  f"'{labels[0]}'; name a teacher trained on the same target")
-    elif config.task == "ner" and _scheme(teacher_config) != _scheme(config):
-        theirs = _scheme(teacher_config)
-        fix = "data.scheme: plain" if theirs == "plain" else f"head.scheme: {theirs}"
+    elif config.task == "ner" and predicted_scheme(teacher_config) != predicted_scheme(config):
+        theirs = predicted_scheme(teacher_config)
+        fix = "data.scheme: plain" if theirs == PLAIN else f"head.scheme: {theirs}"
         raise FinegrainError(f"distill.teacher: {teacher} predicts {theirs} tags and this run "
-                             f"{_scheme(config)}; set {fix}")
+                             f"{predicted_scheme(config)}; set {fix}")
     elif set(teacher_labels) != set(labels):
         missing, extra = sorted(set(labels) - set(teacher_labels)), sorted(set(teacher_labels) - set(labels))
         raise FinegrainError(
@@ -153,13 +154,6 @@ def _check_teacher_run(config: RunConfig, teacher: Path, labels: list[str]) -> R
         raise FinegrainError(f"distill.teacher: the student would keep {student or 'all'} layers of the base and its "
                              f"teacher {teacher} keeps {kept}; set model.num_layers to at most {kept}")
     return teacher_config
-
-
-def _scheme(config: RunConfig) -> str:
-    """The tag scheme an NER run predicts, in one spelling (IOB2 is BIO, IOBES is BIOES; plain as its data)."""
-    if config.data.scheme.upper() == "PLAIN":
-        return "plain"
-    return {"IOB2": "BIO", "IOBES": "BIOES"}.get(config.head.scheme.upper(), config.head.scheme.upper())
 
 
 def _base(name: str | None) -> str:
