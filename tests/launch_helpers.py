@@ -16,7 +16,8 @@ import torch
 
 from finegrain.train.distributed import init_from_env, shutdown
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+# Two processes on two cores; a rank that crashes (a signal, not an exception) prints its Python stack.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def finegrain(*args: str, processes: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -25,7 +26,10 @@ def finegrain(*args: str, processes: int = 1, fault: str | None = None) -> subpr
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes)] \
         if processes > 1 else [sys.executable]
     env = {**ONE_THREAD, "FINEGRAIN_FAULT": fault} if fault else ONE_THREAD
-    return subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([*launcher, "-m", "finegrain", *args], capture_output=True, text=True, timeout=300, env=env)
+    if done.returncode:  # the whole of it, where a test's message shows the end (torchrun's summary ends a failed job)
+        print(done.stderr, file=sys.stderr)
+    return done
 
 
 def free_port() -> int:

@@ -68,6 +68,30 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+def test_a_native_crash_prints_the_python_stack():
+    """A segfault in native code (a rank of a torchrun job died of one in CI) ends the process with the
+    Python stack that led to it on stderr, not with the signal alone."""
+    crash = """
+import ctypes
+from finegrain import cli
+
+def tagging_step(args):
+    ctypes.string_at(0)
+
+def build_parser(real=cli.build_parser):
+    parser = real()
+    parser.commands["info"].set_defaults(func=tagging_step)
+    return parser
+
+cli.build_parser = build_parser
+cli.main(["info"])
+"""
+    result = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"})
+    assert result.returncode == -11, result.stderr[-2000:]
+    assert "Segmentation fault" in result.stderr and "tagging_step" in result.stderr
+
+
 def test_info_and_convert_tiny(tiny_model_dir, tmp_path, capsys):
     assert main(["info", "--model", str(tiny_model_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
+import io
 import json
 import math
 import os
@@ -760,10 +762,22 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+def report_crashes() -> None:
+    """Where a native crash (a segfault in a C extension, an abort in a C++ destructor) ends the
+    process, print each thread's Python stack on stderr first: a torchrun rank killed by a signal
+    otherwise leaves nothing but its exit code (-11) to go on."""
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (AttributeError, RuntimeError, ValueError, io.UnsupportedOperation):  # stderr without a file descriptor
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from finegrain.cpu import configure_openmp
 
     configure_openmp()  # first, before anything imports torch: libgomp reads it once, when it loads
+    report_crashes()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name `finegrain --help`: the command's own help lists its flags
