@@ -35,7 +35,8 @@ def write_texts(path, n: int = 48):
 def train(model_dir, data, output, *extra: str) -> Path:
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=1",
                  "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1", "--set", "train.lr=1e-2",
-                 "--set", "lora.layers=null", "--set", "lora.targets=all-linear", "--set", "head.tfidf_mix=0", *extra]) == 0
+                 "--set", "lora.layers=null", "--set", "lora.targets=all-linear", "--set", "head.tfidf_mix=0",
+                 "--set", "head.word_mix=0", *extra]) == 0
     return Path(output)
 
 
@@ -301,6 +302,28 @@ def test_a_run_that_mixes_in_tfidf_exports_only_as_the_model_alone(tiny_model_di
     with torch.no_grad():
         for ids, ours in run_logits(run, TEXTS):
             torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tagger_that_mixes_in_its_word_model_exports_only_as_the_model_alone(runs, tiny_model_dir, tmp_path, capsys):
+    """A tagger's word-feature model (head.word_mix) is no more in a transformers model than a TF-IDF
+    model: export refuses in one line with both test F1s; --model-alone gives the model's own logits."""
+    import transformers
+
+    data = tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps({"tokens": [n, "went", "to", c], "tags": ["B-PER", "O", "O", "B-LOC"]}) + "\n"
+                            for n, c in [("Anna", "Paris"), ("Tom", "Berlin")] * 20))
+    run = train(tiny_model_dir, data, tmp_path / "mixed", "--set", "task=ner", "--set", "head.word_mix=0.5")
+    assert json.loads((run / "word_model" / "config.json").read_text())["weight"] == 0.5
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf")]) == 1
+    one_line_error(capsys, "mix in a word-feature model at weight 0.5 (head.word_mix; test f1", "without",
+                   "no hf model holds", "--model-alone")
+    assert main(["export", str(run), "--format", "hf", "--output", str(tmp_path / "hf"), "--model-alone"]) == 0
+    assert "the model alone: without a word-feature model at weight 0.5" in capsys.readouterr().out
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for ids, ours in run_logits(run, [["Anna", "went", "to", "Paris"]]):
+            torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], ours[: len(ids)], atol=1e-5, rtol=1e-5)
 
 
 def test_an_hf_export_says_how_the_run_read_its_texts(runs, tiny_model_dir, tmp_path, capsys):

@@ -666,8 +666,9 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", help="hf: f32 (default) or f16; gguf: f16 (default), q8_0 or q4_0")
     p.add_argument("--output", required=True, help="a new directory (gguf: also a FILE.gguf)")
     p.add_argument("--model-alone", action="store_true",
-                   help="a run that mixes a TF-IDF model into its predictions (head.tfidf_mix): export its model "
-                        "without the mix (no transformers or PEFT model holds it; export refuses such a run otherwise)")
+                   help="a run that mixes a TF-IDF model (head.tfidf_mix) or a word-feature model (head.word_mix) into "
+                        "its predictions: export its model without the mix (no transformers or PEFT model holds it; "
+                        "export refuses such a run otherwise)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("interpolate", help="score the weights between the base (alpha 0) and the tuned run (alpha 1)",

@@ -112,6 +112,9 @@ class HeadConfig:
     # classification: the weight of a TF-IDF + logistic regression's probabilities mixed into the
     # model's (finegrain.tasks.lexical): 0 (off), a number below 1, or auto (chosen on validation)
     tfidf_mix: float | str = 0.0
+    # ner: the weight of a logistic regression on word features (the tagging baseline's) mixed into
+    # the tag probabilities (finegrain.tasks.lexical.WordModel): auto (chosen on validation), a number below 1, or 0 (off)
+    word_mix: float | str = "auto"
     # a model directory whose head/head.safetensors starts the head in place of head.init (`finegrain prune`'s pruned/)
     weights: str | None = None
 
@@ -495,10 +498,9 @@ def validate(config: RunConfig, where: str, sources: dict[str, str] | None = Non
            "a number for this task, not auto: the layer probe reads single-label classification data")
           for key, value in (("model.num_layers", config.model.num_layers), ("lora.layers", config.lora.layers),
                              ("peft.layers", config.peft.options.get("layers"))) if value == "auto"),
-        (config.head.tfidf_mix == "auto" or (isinstance(config.head.tfidf_mix, (int, float))
-                                             and not isinstance(config.head.tfidf_mix, bool)
-                                             and 0 <= config.head.tfidf_mix < 1), "head.tfidf_mix",
-         "auto or a weight in [0, 1) (0: off)"),
+        *((value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1),
+           f"head.{key}", "auto or a weight in [0, 1) (0: off)")
+          for key, value in (("tfidf_mix", config.head.tfidf_mix), ("word_mix", config.head.word_mix))),
         (config.head.init == "random" or (config.task == "classification" and not config.data.multi_label), "head.init",
          "random for this task (probe fits a softmax head: single-label classification)"),
         (config.train.schedule in ("linear", "cosine", "constant"), "train.schedule", "linear, cosine or constant"),

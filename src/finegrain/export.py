@@ -16,8 +16,9 @@
   (`gguf_file=`) and `finegrain.load_model` read it.
 - `peft`: a copy of the run's adapter directory, which `peft.PeftModel.from_pretrained` loads.
 
-A classification run's predictions may hold more than its model: a TF-IDF model mixed into its
-probabilities (`head.tfidf_mix`) and a temperature (`finegrain calibrate`). No transformers class
+A run's predictions may hold more than its model: a TF-IDF model mixed into a classifier's
+probabilities (`head.tfidf_mix`) or a word-feature model into a tagger's (`head.word_mix`), and a
+temperature (`finegrain calibrate`). No transformers class
 holds the mix, so `hf` and `peft` refuse such a run unless asked for the model alone
 (`model_alone`): an export that scored below the run's report without a word would be the worst
 outcome. A temperature without a mix is divided into the `hf` head, so softmax of its logits gives
@@ -59,6 +60,7 @@ from finegrain.peft import method_options, unload_adapters
 from finegrain.peft.full_files import decoder_state_dict
 from finegrain.run import build_trained
 from finegrain.tasks.lexical import CONFIG_FILE as LEXICAL_CONFIG
+from finegrain.tasks.lexical import MIXES, mixed_in
 from finegrain.tasks.qa import ANSWER_CUE, QUESTION
 from finegrain.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer
 from finegrain.train.trainer import flat_metrics
@@ -106,12 +108,12 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
         fmt: "hf", "peft" or "gguf".
         output: a directory that does not exist yet; for gguf also a `.gguf` file path.
         dtype: hf: "f32" (default) or "f16"; gguf: "f16" (default), "q8_0" or "q4_0".
-        model_alone: export a run that mixes a TF-IDF model into its predictions without it
+        model_alone: export a run that mixes a TF-IDF or word model into its predictions without it
             (and without a temperature fitted to the mixed probabilities).
 
     Raises:
         FinegrainError: not a finished run, an unknown format or dtype, an output that exists,
-            a method that cannot merge, a task the format cannot hold, a TF-IDF mix without
+            a method that cannot merge, a task the format cannot hold, a mix without
             `model_alone`.
     """
     run_dir, output = Path(run_dir), Path(output)
@@ -125,7 +127,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
     if fmt != "peft":
         rundir.require_base_model(run_dir, config)  # merged into what is written
         require_mergeable(config, run_dir, fmt)
-    if tfidf_weight(run_dir) and not model_alone:
+    if mix_weight(run_dir) and not model_alone:
         raise FinegrainError(f"{run_dir}: its predictions mix in {_mix_words(run_dir)}, which no {fmt} model holds: serve the run with "
                              "`finegrain serve` or `finegrain.load`, or export the model alone with --model-alone")
     if fmt == "peft":
@@ -135,31 +137,33 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, dtype: str | N
     return _export_gguf(run_dir, config, output, dtype)
 
 
-def tfidf_weight(run_dir: Path) -> float:
-    """The weight of the TF-IDF model the run mixes into its probabilities; 0 without one."""
-    path = rundir.tfidf_dir(run_dir) / LEXICAL_CONFIG
-    if not path.is_file():
+def mix_weight(run_dir: Path) -> float:
+    """The weight of the lexical model (TF-IDF, word features) the run mixes into its probabilities; 0 without one."""
+    found = mixed_in(run_dir)
+    if found is None:
         return 0.0
+    path = found[1] / LEXICAL_CONFIG
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["weight"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FinegrainError(f"{path}: the run's TF-IDF model cannot be read ({exc}); train the run again") from None
+        raise FinegrainError(f"{path}: the run's {MIXES[found[0]][1]} cannot be read ({exc}); train the run again") from None
 
 
 def _mix_words(run_dir: Path) -> str:
-    """'a TF-IDF model at weight W (head.tfidf_mix; test M X with it, Y without)'."""
+    """'a TF-IDF model at weight W (head.tfidf_mix; test M X with it, Y without)', or a word-feature model's."""
+    key = mixed_in(run_dir)[0]
     metrics = rundir.read_metrics(run_dir) or {}
-    mix = metrics.get("tfidf_mix") or {}
+    mix = metrics.get(key) or {}
     metric = mix.get("metric")
     with_mix, alone = flat_metrics(metrics.get("test") or {}).get(metric), (mix.get("test_model_alone") or {}).get(metric)
     scores = f"; test {metric} {with_mix:.4f} with it, {alone:.4f} without" if None not in (with_mix, alone) else ""
-    return f"a TF-IDF model at weight {tfidf_weight(run_dir):g} (head.tfidf_mix{scores})"
+    return f"a {MIXES[key][1]} at weight {mix_weight(run_dir):g} (head.{key}{scores})"
 
 
 def exported_temperature(run_dir: Path, fmt: str) -> float | None:
     """The calibration temperature an `hf` export divides into its head: the run's, unless it mixes
     in a TF-IDF model (the temperature was fitted to the mixed probabilities)."""
-    return rundir.read_temperature(run_dir) if fmt == "hf" and not tfidf_weight(run_dir) else None
+    return rundir.read_temperature(run_dir) if fmt == "hf" and not mix_weight(run_dir) else None
 
 
 def export_note(run_dir: str | Path, fmt: str, model_alone: bool = False) -> str | None:
@@ -173,7 +177,7 @@ def export_note(run_dir: str | Path, fmt: str, model_alone: bool = False) -> str
 
 def _scores_note(run_dir: Path, fmt: str, model_alone: bool) -> str | None:
     temperature = rundir.read_temperature(run_dir)
-    if model_alone and tfidf_weight(run_dir):
+    if model_alone and mix_weight(run_dir):
         left = " and its calibration temperature (fitted to the mixed probabilities)" if temperature else ""
         return f"the model alone: without {_mix_words(run_dir)}{left}"
     if temperature is None or fmt == "gguf":

@@ -55,7 +55,7 @@ from finegrain.train.mixup import MixupObjective
 from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import probe_scope
-from finegrain.train.tfidf_mix import fit_tfidf_mix, mix_line, test_metrics_mixed
+from finegrain.train.tfidf_mix import fit_tfidf_mix, fit_word_mix, mix_line, test_metrics_mixed
 from finegrain.train.checkpointing import process_rank, rng_states, set_rng_states
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -451,8 +451,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     state = trainer.fit(resume=resume_dir is not None)
     if not writes:
         return {}
-    # Before the adapter, which marks the run finished: a finished run's TF-IDF model is complete.
-    mix = fit_tfidf_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
+    # Before the adapter, which marks the run finished: a finished run's TF-IDF or word model is complete.
+    fit_mix = fit_word_mix if config.task == "ner" else fit_tfidf_mix
+    mix = fit_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:
         print(mix_line(mix), flush=True)
     if isinstance(adapter, FullConfig):  # the trained model itself, as a Hugging Face directory
@@ -495,17 +496,18 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if long_texts or shared:
         results["data"] = {**(long_texts or {}), **({"shared_with_training": shared} if shared else {})}
     if mix:
-        results["tfidf_mix"] = mix
+        results["word_mix" if config.task == "ner" else "tfidf_mix"] = mix
     if splits.test:
         fault_point("test")  # test-only (tests/test_faults.py)
         testing = "testing" if progress else None
         if mix and mix["weight"]:
-            results["test"], mix["test_model_alone"] = test_metrics_mixed(task, model, test_items, splits.test, pad_id, eval_batch, testing)
+            results["test"], mix["test_model_alone"], predictions = test_metrics_mixed(
+                task, model, test_items, splits.test, pad_id, eval_batch, testing)
         else:
             predictions = task.predict(model, test_items, pad_id, eval_batch, progress=testing)
             results["test"] = task.metrics(predictions, task.gold(splits.test))
-            records = "tags" if plain else config.task  # plain tags have no entities to show
-            write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, records, splits.test, predictions)
+        records = "tags" if plain else config.task  # plain tags have no entities to show
+        write_test_predictions(run_dir / rundir.TEST_PREDICTIONS, records, splits.test, predictions)
         if getattr(task, "reports_base_model", False) and adapter_layers(model):  # the test text, adapter off (task lm)
             results["test"]["base_model"] = base_model_metrics(task, model, test_items, splits.test, pad_id, eval_batch)
         results["test"]["source"] = splits.origin["test"]

@@ -70,6 +70,7 @@ INTERPOLATION_PLOT = "interpolation.png"
 CHECKPOINT = "checkpoint"
 BEST = "best"
 TFIDF = "tfidf"  # the TF-IDF model mixed into the classifier's probabilities (head.tfidf_mix), when it is
+WORD_MODEL = "word_model"  # the word-feature model mixed into a tagger's probabilities (head.word_mix), when it is
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 ERROR = "error.txt"
@@ -110,6 +111,11 @@ def has_model(run_dir: str | Path) -> bool:
 def tfidf_dir(run_dir: str | Path) -> Path:
     """The TF-IDF model's folder (finegrain.tasks.lexical); absent when the run does not mix one in."""
     return Path(run_dir) / TFIDF
+
+
+def word_model_dir(run_dir: str | Path) -> Path:
+    """The word-feature model's folder (finegrain.tasks.lexical.WordModel); absent when the run does not mix one in."""
+    return Path(run_dir) / WORD_MODEL
 
 
 def has_adapter(run_dir: str | Path) -> bool:

@@ -20,6 +20,7 @@ and `finegrain predict` or `serve`, which import the run module, never need it.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 import warnings
@@ -32,8 +33,8 @@ from finegrain.evaluate.metrics import classification_metrics, multilabel_metric
 from finegrain.tags import PLAIN, normalize_scheme
 
 __all__ = [
-    "add_baselines", "baseline_warning", "classification_baselines", "headline_scores", "is_spaceless",
-    "tagging_baselines", "tfidf_pipeline", "tfidf_vectorizer", "word_features",
+    "add_baselines", "baseline_warning", "classification_baselines", "comparable_scores", "fit_word_regression",
+    "headline_scores", "is_spaceless", "tagging_baselines", "tfidf_pipeline", "tfidf_vectorizer", "word_features",
 ]
 
 # What the tagging baseline's logistic regression reads of each word (`word_features`).
@@ -217,9 +218,7 @@ def tagging_baselines(
             gold = [t for tags in eval_tags for t in tags]
             flat = [t for tags in predicted for t in tags]
             return _single_label_scores(gold, flat, trained + sorted(set(gold) - set(trained)))
-        metrics = entity_metrics([list(t) for t in eval_tags], predicted)
-        return {"f1": metrics["f1"], "macro_f1": metrics["macro"]["f1"], "accuracy": metrics["accuracy"],
-                "per_class": {label: scores["f1"] for label, scores in metrics["per_class"].items()}}
+        return comparable_scores(entity_metrics([list(t) for t in eval_tags], predicted))
 
     started = time.perf_counter()
     counts: dict[str, Counter] = {}
@@ -230,19 +229,36 @@ def tagging_baselines(
     guesses = [[counts[w].most_common(1)[0][0] if w in counts else commonest for w in words] for words in eval_words]
     majority = {**score(guesses), "seconds": round(time.perf_counter() - started, 3)}
 
-    from sklearn.feature_extraction import DictVectorizer  # before the clock: importing scikit-learn takes seconds
-    from sklearn.linear_model import LogisticRegression
+    importlib.import_module("sklearn.linear_model")  # before the clock: importing scikit-learn takes seconds
 
     started = time.perf_counter()
     labels = [tag for tags in train_tags for tag in tags]
     if len(set(labels)) < 2:
         return {"majority": majority, "linear": {"skipped": "the training split holds one tag only"}}
-    vectorizer = DictVectorizer()
-    model = LogisticRegression(C=10.0, max_iter=1000)
-    model.fit(vectorizer.fit_transform(_feature_rows(train_words)), labels)
+    vectorizer, model = fit_word_regression(train_words, labels)
     flat = iter(model.predict(vectorizer.transform(_feature_rows(eval_words))).tolist())
     predicted = [[str(next(flat)) for _ in words] for words in eval_words]
     return {"majority": majority, "linear": {**score(predicted), "seconds": round(time.perf_counter() - started, 3)}}
+
+
+def fit_word_regression(sentences: Sequence[Sequence[str]], targets: Sequence[Any]) -> tuple[Any, Any]:
+    """The tagging baseline's model: a logistic regression (C 10) on the `word_features` of every word
+    of `sentences`, with `targets` one per word in their order; returns the fitted DictVectorizer and
+    LogisticRegression. A tagger's `head.word_mix` fits the same (finegrain.tasks.lexical.WordModel)."""
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = DictVectorizer()
+    model = LogisticRegression(C=10.0, max_iter=1000)
+    return vectorizer, model.fit(vectorizer.fit_transform(_feature_rows(sentences)), list(targets))
+
+
+def comparable_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A run's metrics in its baselines' form, which the report's table reads: `accuracy`, `macro_f1`,
+    F1 by class (`per_class`), and the entities' micro `f1` where the metrics have one."""
+    scores = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
+              "per_class": {label: values["f1"] for label, values in metrics["per_class"].items()}}
+    return {"f1": metrics["f1"], **scores} if "f1" in metrics else scores
 
 
 def word_features(words: Sequence[str], i: int) -> dict[str, float]:
@@ -295,9 +311,10 @@ def add_baselines(results: dict[str, Any], data: Any, splits: Any) -> None:
         "split": split, "texts": texts, "train_examples": len(splits.train), **measured,
         "finegrain_seconds": results.get("train", {}).get("total_seconds"),
     }
-    mix = results.get("tfidf_mix") or {}
-    if split == "test" and "test_model_alone" in mix:  # the fine-tuned model without the TF-IDF mixed in
-        baselines["model_alone"] = {**mix["test_model_alone"], "tfidf_mix_weight": mix["weight"]}
+    for key in ("tfidf_mix", "word_mix"):  # the fine-tuned model without the TF-IDF or word model mixed in
+        mix = results.get(key) or {}
+        if split == "test" and "test_model_alone" in mix:
+            baselines["model_alone"] = {**mix["test_model_alone"], f"{key}_weight": mix["weight"]}
     warning = baseline_warning(results[split], baselines)
     if warning:
         baselines["warning"] = warning
@@ -341,12 +358,7 @@ def _fit_predict_tfidf(
 
 
 def _single_label_scores(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    metrics = classification_metrics(gold, predicted, labels)
-    return {
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro"]["f1"],
-        "per_class": {label: scores["f1"] for label, scores in metrics["per_class"].items()},
-    }
+    return comparable_scores(classification_metrics(gold, predicted, labels))
 
 
 def _multilabel_scores(gold: Sequence[Any], predicted: Sequence[Any], labels: Sequence[str]) -> dict[str, Any]:

@@ -630,7 +630,8 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
         scores = {"subset accuracy": (metrics["subset_accuracy"], "subset_accuracy"), **headline_scores(metrics)}
     else:
         scores = headline_scores(metrics)
-    # The fine-tuned model without the TF-IDF probabilities mixed in (head.tfidf_mix), when they are.
+    # The fine-tuned model without the TF-IDF or word model's probabilities mixed in (head.tfidf_mix,
+    # head.word_mix), when they are.
     alone = baselines.get("model_alone")
     others = [strong, majority] if alone is None else [alone, strong, majority]
     if alone is not None:
@@ -649,10 +650,11 @@ def _baseline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[Any]]
             "on the raw texts (data.template is not applied); finegrain's seconds are its whole run."
         ]
     if alone is not None:
+        key = "word_mix" if "word_mix_weight" in alone else "tfidf_mix"
+        what = "the logistic regression's tag" if key == "word_mix" else "a TF-IDF + logistic regression's"
         notes.append(
-            f"finegrain mixes a TF-IDF + logistic regression's probabilities into the fine-tuned model's at weight "
-            f"{alone['tfidf_mix_weight']} (head.tfidf_mix, chosen on validation); \"model alone\" is the fine-tuned "
-            "model without them."
+            f"finegrain mixes {what} probabilities into the fine-tuned model's at weight {alone[f'{key}_weight']} "
+            f"(head.{key}, chosen on validation); \"model alone\" is the fine-tuned model without them."
         )
     if baselines["split"] == "validation":
         notes.append("There is no test split: finegrain chose its checkpoint on this one, so its figures are optimistic.")

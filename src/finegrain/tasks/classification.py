@@ -381,10 +381,11 @@ class ClassificationTask:
             probs = scale_temperature(probs, self.temperature)
         return probs
 
-    def decode(self, probs: torch.Tensor, items: list | None = None) -> list[dict[str, Any]]:
+    def decode(self, probs: torch.Tensor, items: list | None = None, mixed: bool = True) -> list[dict[str, Any]]:
         """Per example: the label (or labels) and the probability of every label, from the model's
-        probabilities (`final_probabilities` mixes a TF-IDF model in and applies the temperature)."""
-        probs = self.final_probabilities(probs, items)
+        probabilities (`final_probabilities` mixes a TF-IDF model in, given the `items` and unless
+        `mixed` is False, and applies the temperature)."""
+        probs = self.final_probabilities(probs, items if mixed else None)
         results = []
         for row in probs.tolist():
             scores = dict(zip(self.labels, (round(p, 6) for p in row)))

@@ -55,6 +55,7 @@ from finegrain.tags import PLAIN, allowed_transitions, convert_tags, normalize_s
 from finegrain.tasks.base import (
     IGNORE_INDEX, Endpoint, class_weights, kept, labelled_weight, linear_head, pad_inputs, predict_scores,
 )
+from finegrain.tasks.lexical import WordModel
 from finegrain.tasks.schemas import Finite, TextsRequest, read_texts
 
 
@@ -221,6 +222,7 @@ class TokenClassificationTask:
         if self.scheme == PLAIN:
             self.headline_metric = "accuracy"  # of words; the micro F1 at the top of the metrics is close to it
         self.class_weights: torch.Tensor | None = None
+        self.lexical: WordModel | None = None  # mixed into the tag probabilities (head.word_mix)
         self.output_length = 0  # the longest `max_length` encoded so far: predict_outputs stacks rows this wide
         self._first, self._pairs, self._last = allowed_transitions(self.tags, self.scheme)
 
@@ -346,46 +348,52 @@ class TokenClassificationTask:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
 
-    def decode(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[dict[str, Any]]:
+    def decode(self, probs: torch.Tensor, items: Sequence[TokenEncoded], mixed: bool = True) -> list[dict[str, Any]]:
         """Per sentence: `words`, their `tags`, the `entities` and `truncated_words`.
 
         Each entity: `type`, `start` and `end` (character offsets in the sentence's text, `end`
         exclusive), `text`, `words` ([first, end) word indices) and `score` (the mean probability
-        of its words' tags).
+        of its words' tags). With the run's word model (`lexical`, `head.word_mix`) its tag
+        probabilities are mixed into the model's first, unless `mixed` is False.
         """
-        results = []
-        for row, item in zip(probs, items):
-            ex = item.example
-            kept = [i for i, p in enumerate(item.positions) if p >= 0]
-            word_probs = (
-                row[[item.positions[i] for i in kept]].double().numpy() if kept else np.zeros((0, len(self.tags)))
+        word_probs = self.word_probabilities(probs, items)
+        if mixed and self.lexical is not None:
+            word_probs = self.lexical.mix(word_probs, [item.example.words for item in items],
+                                          [labelled_words(item) for item in items])
+        return [self.decode_words(p, item) for p, item in zip(word_probs, items)]
+
+    def word_probabilities(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[np.ndarray]:
+        """Per sentence, (words, tags) probabilities at the labelled token of each word within
+        max_length (`labelled_words`), from the (sentences, tokens, tags) probabilities."""
+        rows = [[item.positions[i] for i in labelled_words(item)] for item in items]
+        return [row[tokens].double().numpy() if tokens else np.zeros((0, len(self.tags))) for row, tokens in zip(probs, rows)]
+
+    def decode_words(self, word_probs: np.ndarray, item: TokenEncoded) -> dict[str, Any]:
+        """One sentence's prediction (`decode`) from its `word_probabilities`."""
+        ex, kept = item.example, labelled_words(item)
+        if self.decoding == "viterbi" and kept and self.scheme != PLAIN:
+            path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
+        else:
+            path = word_probs.argmax(-1).tolist()
+        tags = ["O"] * len(ex.words)
+        confidence = [1.0] * len(ex.words)
+        for i, tag_index, p in zip(kept, path, word_probs):
+            tags[i] = self.tags[tag_index]
+            confidence[i] = float(p[tag_index])
+        entities = []
+        for type_, first, end in tags_to_entities(tags) if self.scheme != PLAIN else ():
+            start, stop = ex.offsets[first][0], ex.offsets[end - 1][1]
+            entities.append(
+                {
+                    "type": type_,
+                    "start": start,
+                    "end": stop,
+                    "text": ex.text[start:stop],
+                    "words": [first, end],
+                    "score": round(sum(confidence[first:end]) / (end - first), 6),
+                }
             )
-            if self.decoding == "viterbi" and kept and self.scheme != PLAIN:
-                path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
-            else:
-                path = word_probs.argmax(-1).tolist()
-            tags = ["O"] * len(ex.words)
-            confidence = [1.0] * len(ex.words)
-            for i, tag_index, p in zip(kept, path, word_probs):
-                tags[i] = self.tags[tag_index]
-                confidence[i] = float(p[tag_index])
-            entities = []
-            for type_, first, end in tags_to_entities(tags) if self.scheme != PLAIN else ():
-                start, stop = ex.offsets[first][0], ex.offsets[end - 1][1]
-                entities.append(
-                    {
-                        "type": type_,
-                        "start": start,
-                        "end": stop,
-                        "text": ex.text[start:stop],
-                        "words": [first, end],
-                        "score": round(sum(confidence[first:end]) / (end - first), 6),
-                    }
-                )
-            results.append(
-                {"words": ex.words, "tags": tags, "entities": entities, "truncated_words": item.truncated_words}
-            )
-        return results
+        return {"words": ex.words, "tags": tags, "entities": entities, "truncated_words": item.truncated_words}
 
     def metrics(self, predictions: list[dict[str, Any]], gold: list[Sequence[str]]) -> dict[str, Any]:
         """Entity-level scores in seqeval's default mode (conlleval), strict-mode micro scores, an error breakdown.
@@ -435,6 +443,11 @@ class TokenClassificationTask:
         from finegrain.evaluate.report import format_report_text
 
         return format_report_text(metrics)
+
+
+def labelled_words(item: TokenEncoded) -> list[int]:
+    """The words of a sentence whose labelled token is within max_length (the others are tagged O)."""
+    return [i for i, position in enumerate(item.positions) if position >= 0]
 
 
 def predicted_scheme(config) -> str:

@@ -1,8 +1,9 @@
-"""After training: fit the TF-IDF model, choose its mixing weight on validation, keep it with the run.
+"""After training: fit the lexical model, choose its mixing weight on validation, keep it with the run.
 
-`head.tfidf_mix` (finegrain.tasks.lexical): `auto` picks the regularisation strength and the
-weight (0 to 0.9) whose mixed validation predictions score best by `train.metric`; a number fixes
-the weight (at the middle strength); 0 turns it off.
+`head.tfidf_mix` (a classifier's TF-IDF model, finegrain.tasks.lexical): `auto` picks the
+regularisation strength and the weight (0 to 0.9) whose mixed validation predictions score best by
+`train.metric`; a number fixes the weight (at the middle strength); 0 turns it off. `head.word_mix`
+(a tagger's word-feature model) picks or fixes its weight the same way.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from finegrain import rundir
-from finegrain.evaluate.baselines import is_spaceless
+from finegrain.evaluate.baselines import WORD_FEATURES, comparable_scores, is_spaceless
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs
-from finegrain.tasks.lexical import STRENGTHS, LexicalModel, choose_weight, ranking
+from finegrain.tags import convert_tags
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, choose_weight, ranking
+from finegrain.tasks.tokens import labelled_words
 from finegrain.train.trainer import flat_metrics
 
 
@@ -81,28 +85,81 @@ def fit_tfidf_mix(
     return summary
 
 
+def word_mixes(config: Any) -> bool:
+    """Whether the run mixes a word-feature model in: a tagger (task: ner) with `head.word_mix` on."""
+    return config.task == "ner" and config.head.word_mix not in (0, 0.0, None, False)
+
+
+def fit_word_mix(
+    config: Any, task: Any, model: torch.nn.Module, splits: Any, validation_items: list, pad_id: int, run_dir: Path,
+    hidden: list[torch.Tensor] | None = None, start_layer: int = 0,
+) -> dict[str, Any] | None:
+    """A tagger's `fit_tfidf_mix`: the word-feature model fitted on the training sentences in the
+    head's tags, its weight chosen on validation (or fixed), attached to `task` and saved.
+
+    Returns:
+        None when the run does not mix (or its training sentences hold one tag); else the weight,
+        the features, and per weight tried its validation score and log-loss (of the words within
+        max_length).
+    """
+    if not word_mixes(config) or not validation_items:
+        return None
+    targets = [[task.index[tag] for tag in convert_tags(e.tags, task.scheme)] for e in splits.train]
+    if len({t for tags in targets for t in tags}) < 2:
+        return None
+    lexical = WordModel.fit([e.words for e in splits.train], targets, len(task.tags))
+    metric = config.train.metric or task.headline_metric
+    table: list[dict[str, float]] = []
+    if config.head.word_mix == "auto":
+        outputs = predict_outputs(model, task, validation_items, pad_id, config.train.eval_batch_size, hidden, start_layer)
+        model_probs = task.word_probabilities(task.probabilities(outputs), validation_items)
+        lexical_probs = lexical.kept_probabilities([item.example.words for item in validation_items],
+                                                   [labelled_words(item) for item in validation_items])
+        gold_tags, sizes = task.gold(splits.validation), [len(probs) for probs in model_probs]
+
+        def score(probs: torch.Tensor) -> float:
+            predictions = [task.decode_words(p.numpy(), item) for p, item in zip(probs.split(sizes), validation_items)]
+            value = float(flat_metrics(task.metrics(predictions, gold_tags))[metric])
+            return value if higher_is_better(metric) else -value
+
+        gold = torch.tensor([max(item.targets[item.positions[i]], -1) for item in validation_items
+                             for i in labelled_words(item)], dtype=torch.long)  # -1: a tag the head lacks
+        lexical.weight, table = choose_weight(torch.from_numpy(np.concatenate(model_probs)),
+                                              torch.from_numpy(np.concatenate(lexical_probs)), gold, score)
+    else:
+        lexical.weight = float(config.head.word_mix)
+    summary: dict[str, Any] = {"weight": lexical.weight, "features": WORD_FEATURES, "metric": metric,
+                               "validation": table}
+    if lexical.weight:
+        task.lexical = lexical
+        lexical.save(rundir.word_model_dir(run_dir))
+    return summary
+
+
 def mix_line(summary: dict[str, Any]) -> str:
-    """The terminal line for the mix `fit_tfidf_mix` chose."""
+    """The terminal line for the mix `fit_tfidf_mix` or `fit_word_mix` chose."""
+    name, key = ("tfidf mix", "head.tfidf_mix") if "strength" in summary else ("word mix", "head.word_mix")
     if not summary["validation"]:
-        return f"tfidf mix: weight {summary['weight']} (head.tfidf_mix)"
+        return f"{name}: weight {summary['weight']} ({key})"
     alone = summary["validation"][0]["score"]  # weight 0: the model alone
     chosen = next(r for r in summary["validation"]
-                  if (r["strength"], r["weight"]) == (summary["strength"], summary["weight"]))
-    return (f"tfidf mix: weight {summary['weight']} (C {summary['strength']:g}, {summary['features']}): validation "
+                  if (r.get("strength"), r["weight"]) == (summary.get("strength"), summary["weight"]))
+    strength = f"C {summary['strength']:g}, " if "strength" in summary else ""
+    return (f"{name}: weight {summary['weight']} ({strength}{summary['features']}): validation "
             f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone):.4f}")
 
 
 def test_metrics_mixed(
     task: Any, model: torch.nn.Module, items: list, examples: list, pad_id: int, batch_size: int, progress: str | None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The test metrics of the mixed predictions, and the language model's alone (one forward pass).
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The test metrics of the mixed predictions, the language model's alone (one forward pass),
+    and the mixed predictions.
 
     The second is what the report shows beside the baselines as "model alone", in their form
-    (`accuracy`, `macro_f1`, `per_class` F1).
+    (`comparable_scores`: `accuracy`, `macro_f1`, `per_class` F1, a tagger's entity `f1`).
     """
     probs = task.probabilities(predict_outputs(model, task, items, pad_id, batch_size, progress=progress))
     gold = task.gold(examples)
-    alone = task.metrics(task.decode(probs), gold)
-    alone_scores = {"accuracy": alone["accuracy"], "macro_f1": alone["macro"]["f1"],
-                    "per_class": {label: scores["f1"] for label, scores in alone["per_class"].items()}}
-    return task.metrics(task.decode(probs, items), gold), alone_scores
+    alone = comparable_scores(task.metrics(task.decode(probs, items, mixed=False), gold))
+    predictions = task.decode(probs, items)
+    return task.metrics(predictions, gold), alone, predictions
