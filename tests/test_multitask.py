@@ -111,6 +111,8 @@ def test_temperature_and_round_robin_shares():
     ({"multitask": {"sampling": "random"}}, "'multitask.sampling' must be proportional, temperature or round_robin"),
     ({"train": {"metric": "accuracy"}}, "train.metric: not in a multi-task run"),
     ({"tasks": {"names": None}}, "'tasks.names' must be dict"),
+    ({"tasks": {"spam": {"head": {"word_mix": 0.5}}}}, "head.word_mix fit one task's model alone; leave them unset"),
+    ({"head": {"word_mix": "auto"}}, "head.word_mix fit one task's model alone; leave them unset"),
 ])
 def test_config_errors_name_the_key(tiny_model_dir, tmp_path, change, message):
     path = write_config(tmp_path, tiny_model_dir)

@@ -54,8 +54,10 @@ def test_the_word_model_is_the_baselines_regression_over_the_heads_tags(tmp_path
     loaded = WordModel.load(tmp_path / "word_model")
     assert loaded.weight == 0.25
     np.testing.assert_array_equal(np.concatenate(loaded.probabilities(new)), probs)
-    mixed = loaded.mix([np.full((2, 4), 0.25)], [["Maria", "Rome", "x"]], [[0, 2]])  # word 1 cut off by max_length
-    np.testing.assert_allclose(mixed[0], 0.75 * 0.25 + 0.25 * loaded.probabilities([["Maria", "Rome", "x"]])[0][[0, 2]])
+    mixed = loaded.mix([np.full((2, 4), 0.25)], [["Maria", "x", "Rome"]], [[0, 2]])  # "x" cut off by max_length
+    alone = loaded.probabilities([["Maria", "x", "Rome"]])[0]
+    np.testing.assert_allclose(mixed[0][[0, 2]], 0.75 * 0.25 + 0.25 * alone[[0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(mixed[0][1], alone[1], rtol=1e-6)  # the word the tagger never read: the word model's
 
     (tmp_path / "word_model" / "weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(FinegrainError, match=r"word_model: the run's word-feature model cannot be read .*train the run again"):
@@ -130,3 +132,31 @@ def test_a_fixed_weight_or_none(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "head.word_mix" in err and "auto or a weight in [0, 1)" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("scheme", ["plain", "BIO"])
+def test_words_past_max_length_take_the_word_models_tags(tiny_model_dir, scheme):
+    """The tagger never read the words past data.max_length; with a word model mixed in, they take
+    its tags (Viterbi runs over the whole sentence), where without one they are O."""
+    from finegrain.checkpoint.load import load_model
+    from finegrain.data.conll import TokenExample
+    from finegrain.tasks.tokens import TokenClassificationTask, labelled_words
+
+    _, tokenizer = load_model(str(tiny_model_dir), progress=False)
+    types = ["LOC", "PER"]
+    words = ["Anna", "went", "to", "Paris"] * 6
+    tags = ["B-PER", "O", "O", "B-LOC"] * 6
+    if scheme == "plain":
+        types, tags = ["NNP", "TO", "VBD"], ["NNP", "VBD", "TO", "NNP"] * 6
+    task = TokenClassificationTask(types, scheme=scheme)
+    item = task.encode(tokenizer, [TokenExample.from_words(words, tags, "x:1")], 16)[0]
+    kept = labelled_words(item)
+    assert 0 < len(kept) < len(words) and item.truncated_words == len(words) - len(kept)
+    probs = torch.full((1, 16, len(task.tags)), 1 / len(task.tags))
+    assert task.decode(probs, [item])[0]["tags"][len(kept):] == ["O"] * item.truncated_words
+
+    task.lexical = WordModel.fit([words], [[task.index[t] for t in tags]], len(task.tags))
+    task.lexical.weight = 0.5
+    predicted = task.decode(probs, [item])[0]
+    assert predicted["tags"] == tags and predicted["truncated_words"] == item.truncated_words
+    assert task.decode(probs, [item], mixed=False)[0]["tags"][len(kept):] == ["O"] * item.truncated_words

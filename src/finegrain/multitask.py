@@ -150,9 +150,10 @@ def _task_spec(config: RunConfig, base: dict[str, Any], name: str, entry: dict[s
     weight = entry.get("loss_weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
         raise FinegrainError(f"{sources.get(f'tasks.{name}.loss_weight', at)}: 'tasks.{name}.loss_weight' must be a number above 0")
-    if run.head.init != "random" or run.head.tfidf_mix not in (0, 0.0):
-        raise FinegrainError(f"{at}: tasks.{name}: head.init: probe and head.tfidf_mix fit one task's head alone; "
-                             "leave them unset in a multi-task run")
+    word_mix = "word_mix" in (entry.get("head") or {}) or "head.word_mix" in getattr(config, "explicit", set())
+    if run.head.init != "random" or run.head.tfidf_mix not in (0, 0.0) or word_mix:
+        raise FinegrainError(f"{at}: tasks.{name}: head.init: probe, head.tfidf_mix and head.word_mix fit one task's "
+                             "model alone; leave them unset in a multi-task run")
     return TaskSpec(str(name), run, float(weight))
 
 

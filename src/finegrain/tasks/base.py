@@ -241,7 +241,7 @@ def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[st
     counts = {split: task.long_text_counts(items) for split, items in splits.items()}
     if any(c is None for c in counts.values()):
         return None
-    if getattr(task, "name", None) == "ner":  # a sentence loses the words past max_length, each tagged O
+    if getattr(task, "name", None) == "ner":  # a sentence loses the words past max_length (tagged O or by the word model)
         summary: dict[str, Any] = {"max_length": data.max_length, "unit": "words"}  # data.long_texts does not apply
     else:
         summary = {"max_length": data.max_length, "long_texts": data.long_texts}
@@ -262,7 +262,8 @@ def long_text_line(summary: dict[str, Any]) -> str | None:
     if summary.get("unit") == "words":
         words = ", ".join(f"{n} {split}" for split, n in summary["truncated"].items() if n)
         return (f"long sentences: {counts} sentences are longer than data.max_length={summary['max_length']} tokens; "
-                f"their words past it ({words}) are not trained on and are tagged O: raise data.max_length")
+                f"their words past it ({words}) are not read by the model (tagged O, or by the word model alone where "
+                "head.word_mix mixes one in): raise data.max_length")
     line = f"long texts: {counts} texts are longer than data.max_length={summary['max_length']} tokens; "
     mode = summary["long_texts"]
     if mode == "windows":

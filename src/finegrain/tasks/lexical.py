@@ -14,7 +14,8 @@ logistic regression (`finegrain.evaluate.baselines.word_features`: the word, its
 affixes and its shape) reads each word much as a dictionary would. On parts of speech in languages
 the default model's pretraining barely saw it beat a short fine-tune (German: 0.873 accuracy
 against 0.730, docs/RESULTS.md). It is fitted on the training sentences in the head's tags, and
-its probabilities are mixed into the model's at each word's labelled token, before Viterbi decoding.
+its probabilities are mixed into the model's at each word's labelled token, before Viterbi decoding;
+the words past `data.max_length`, which the language model never read, take its probabilities alone.
 
 The fitted model is saved as plain data in the run directory (`tfidf/` or `word_model/`: the
 vocabulary or feature names as JSON, the idf, coefficients and intercepts as safetensors), never
@@ -151,16 +152,11 @@ class WordModel:
 
     def mix(self, word_probs: list[np.ndarray], sentences: Sequence[Sequence[str]],
             kept: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """The tagger's probabilities of each sentence's `kept` words (those within max_length) with
-        this model's mixed in at `weight`."""
-        if not self.weight:
-            return word_probs
-        return [(1 - self.weight) * probs + self.weight * mine
-                for probs, mine in zip(word_probs, self.kept_probabilities(sentences, kept))]
-
-    def kept_probabilities(self, sentences: Sequence[Sequence[str]], kept: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """`probabilities` of each sentence's `kept` words."""
-        return [probs[indices] for probs, indices in zip(self.probabilities(sentences), kept)]
+        """Every word's tag probabilities, per sentence: at its `kept` words (those within max_length)
+        the tagger's `word_probs` with this model's mixed in at `weight`; at the words past
+        max_length, which the tagger never read, this model's alone."""
+        return [fill(mine, (1 - self.weight) * probs + self.weight * mine[indices], indices)
+                for probs, mine, indices in zip(word_probs, self.probabilities(sentences), kept)]
 
     def save(self, directory: Path) -> None:
         """Write the model as plain data (no pickle), each file atomically."""
@@ -182,6 +178,13 @@ class WordModel:
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise FinegrainError(f"{directory}: the run's word-feature model cannot be read ({exc}); "
                                  "train the run again") from exc
+
+
+def fill(probs: np.ndarray, rows: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    """A sentence's word-model `probs` (words, C), in float64, with `rows` in place at word `indices`."""
+    filled = probs.astype(np.float64)
+    filled[list(indices)] = rows
+    return filled
 
 
 def softmax_weights(classifier: Any, num_labels: int, width: int) -> tuple[np.ndarray, np.ndarray]:

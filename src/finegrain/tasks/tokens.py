@@ -12,7 +12,8 @@ the loss (-100). Predictions are read at the same tokens and mapped back to word
 through the words' offsets to characters of the text.
 
 Long inputs: the ids are cut at `max_length` tokens; words whose labelled token falls beyond
-the cut are predicted `O` and counted in the prediction's `truncated_words`. Raise
+the cut are predicted `O` (or, where the run mixes in its word model, `head.word_mix`, as that
+model alone tags them) and counted in the prediction's `truncated_words`. Raise
 `data.max_length` when that count is not zero.
 
 Schemes and decoding. Files may use BIO, IOB1, BIOES or IO: their entities are read
@@ -163,7 +164,7 @@ class Tagging(BaseModel):
     words: list[str]
     tags: list[str] = Field(description="One tag per word, in the run's scheme (BIO, BIOES, IO or plain).")
     entities: list[Entity] = Field(description="Empty for plain tags (parts of speech, chunks).")
-    truncated_words: int = Field(description="Words past the run's data.max_length, tagged O.")
+    truncated_words: int = Field(description="Words past the run's data.max_length: tagged O, or by the run's word model alone.")
 
 
 class NerResponse(BaseModel):
@@ -356,11 +357,11 @@ class TokenClassificationTask:
         of its words' tags). With the run's word model (`lexical`, `head.word_mix`) its tag
         probabilities are mixed into the model's first, unless `mixed` is False.
         """
-        word_probs = self.word_probabilities(probs, items)
-        if mixed and self.lexical is not None:
-            word_probs = self.lexical.mix(word_probs, [item.example.words for item in items],
-                                          [labelled_words(item) for item in items])
-        return [self.decode_words(p, item) for p, item in zip(word_probs, items)]
+        word_probs, words = self.word_probabilities(probs, items), [labelled_words(item) for item in items]
+        if mixed and self.lexical is not None:  # then every word has its probabilities: the cut ones the word model's
+            word_probs = self.lexical.mix(word_probs, [item.example.words for item in items], words)
+            words = [range(len(item.example.words)) for item in items]
+        return [self.decode_words(p, item, w) for p, item, w in zip(word_probs, items, words)]
 
     def word_probabilities(self, probs: torch.Tensor, items: Sequence[TokenEncoded]) -> list[np.ndarray]:
         """Per sentence, (words, tags) probabilities at the labelled token of each word within
@@ -368,16 +369,17 @@ class TokenClassificationTask:
         rows = [[item.positions[i] for i in labelled_words(item)] for item in items]
         return [row[tokens].double().numpy() if tokens else np.zeros((0, len(self.tags))) for row, tokens in zip(probs, rows)]
 
-    def decode_words(self, word_probs: np.ndarray, item: TokenEncoded) -> dict[str, Any]:
-        """One sentence's prediction (`decode`) from its `word_probabilities`."""
-        ex, kept = item.example, labelled_words(item)
-        if self.decoding == "viterbi" and kept and self.scheme != PLAIN:
+    def decode_words(self, word_probs: np.ndarray, item: TokenEncoded, words: Sequence[int]) -> dict[str, Any]:
+        """One sentence's prediction (`decode`) from the tag probabilities of its `words` (a word
+        without them, cut off by max_length, is tagged O)."""
+        ex = item.example
+        if self.decoding == "viterbi" and len(words) and self.scheme != PLAIN:
             path = viterbi(np.log(np.maximum(word_probs, 1e-30)), self._first, self._pairs, self._last)
         else:
             path = word_probs.argmax(-1).tolist()
         tags = ["O"] * len(ex.words)
         confidence = [1.0] * len(ex.words)
-        for i, tag_index, p in zip(kept, path, word_probs):
+        for i, tag_index, p in zip(words, path, word_probs):
             tags[i] = self.tags[tag_index]
             confidence[i] = float(p[tag_index])
         entities = []
@@ -446,7 +448,8 @@ class TokenClassificationTask:
 
 
 def labelled_words(item: TokenEncoded) -> list[int]:
-    """The words of a sentence whose labelled token is within max_length (the others are tagged O)."""
+    """The words of a sentence whose labelled token is within max_length (the others are tagged O, or
+    by the run's word model alone: `head.word_mix`)."""
     return [i for i, position in enumerate(item.positions) if position >= 0]
 
 

@@ -19,7 +19,7 @@ from finegrain.evaluate.baselines import WORD_FEATURES, comparable_scores, is_sp
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs
 from finegrain.tags import convert_tags
-from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, choose_weight, ranking
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, choose_weight, fill, ranking
 from finegrain.tasks.tokens import labelled_words
 from finegrain.train.trainer import flat_metrics
 
@@ -99,8 +99,8 @@ def fit_word_mix(
 
     Returns:
         None when the run does not mix (or its training sentences hold one tag); else the weight,
-        the features, and per weight tried its validation score and log-loss (of the words within
-        max_length).
+        the features, and per weight tried its validation score (the words past max_length tagged by
+        the word model alone, as predictions tag them) and log-loss (of the words within max_length).
     """
     if not word_mixes(config) or not validation_items:
         return None
@@ -113,12 +113,14 @@ def fit_word_mix(
     if config.head.word_mix == "auto":
         outputs = predict_outputs(model, task, validation_items, pad_id, config.train.eval_batch_size, hidden, start_layer)
         model_probs = task.word_probabilities(task.probabilities(outputs), validation_items)
-        lexical_probs = lexical.kept_probabilities([item.example.words for item in validation_items],
-                                                   [labelled_words(item) for item in validation_items])
+        kept = [labelled_words(item) for item in validation_items]
+        every = lexical.probabilities([item.example.words for item in validation_items])  # the cut words' tags
+        lexical_probs = [probs[indices] for probs, indices in zip(every, kept)]
         gold_tags, sizes = task.gold(splits.validation), [len(probs) for probs in model_probs]
 
-        def score(probs: torch.Tensor) -> float:
-            predictions = [task.decode_words(p.numpy(), item) for p, item in zip(probs.split(sizes), validation_items)]
+        def score(probs: torch.Tensor) -> float:  # as `task.decode` predicts with the model mixed in at a weight
+            predictions = [task.decode_words(fill(whole, part.numpy(), indices), item, range(len(whole)))
+                           for part, whole, indices, item in zip(probs.split(sizes), every, kept, validation_items)]
             value = float(flat_metrics(task.metrics(predictions, gold_tags))[metric])
             return value if higher_is_better(metric) else -value
 
