@@ -93,22 +93,16 @@ class LexicalModel:
 
     def save(self, directory: Path) -> None:
         """Write the model as plain data (no pickle), each file atomically."""
-        directory.mkdir(parents=True, exist_ok=True)
         vocabulary = {term: int(index) for term, index in self.vectorizer.vocabulary_.items()}
-        atomic_write_json(directory / VOCABULARY_FILE, vocabulary)
         tensors = {"idf": self.vectorizer.idf_.astype(np.float32), "coef": self.coef, "intercept": self.intercept}
-        with atomic_path(directory / WEIGHTS_FILE) as temporary:
-            save_file(tensors, str(temporary))
-        config = {"char_level": self.char_level, "weight": self.weight, "strength": self.strength}
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")  # last: marks it complete
+        _write(directory, vocabulary, tensors, {"char_level": self.char_level, "weight": self.weight,
+                                                 "strength": self.strength})
 
     @classmethod
     def load(cls, directory: Path) -> LexicalModel:
         """Read a saved model back; the vectorizer gets the saved vocabulary and idf."""
         try:
-            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-            vocabulary = json.loads((directory / VOCABULARY_FILE).read_text(encoding="utf-8"))
-            tensors = load_file(str(directory / WEIGHTS_FILE))
+            config, vocabulary, tensors = _read(directory)
             vectorizer = tfidf_vectorizer(config["char_level"], vocabulary, np.float32)
             vectorizer.idf_ = tensors["idf"]  # checks it against the vocabulary's size
             return cls(config["char_level"], vectorizer, tensors["coef"], tensors["intercept"], float(config["weight"]),
@@ -160,24 +154,34 @@ class WordModel:
 
     def save(self, directory: Path) -> None:
         """Write the model as plain data (no pickle), each file atomically."""
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(directory / VOCABULARY_FILE, self.vocabulary)
-        with atomic_path(directory / WEIGHTS_FILE) as temporary:
-            save_file({"coef": self.coef, "intercept": self.intercept}, str(temporary))
-        atomic_write_text(directory / CONFIG_FILE, json.dumps({"weight": self.weight}, indent=2) + "\n")  # last
+        _write(directory, self.vocabulary, {"coef": self.coef, "intercept": self.intercept}, {"weight": self.weight})
 
     @classmethod
     def load(cls, directory: Path) -> WordModel:
         try:
-            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-            vocabulary = json.loads((directory / VOCABULARY_FILE).read_text(encoding="utf-8"))
-            tensors = load_file(str(directory / WEIGHTS_FILE))
+            config, vocabulary, tensors = _read(directory)
             if tensors["coef"].shape != (len(tensors["intercept"]), len(vocabulary)):
                 raise ValueError(f"coefficients of shape {tensors['coef'].shape} for {len(vocabulary)} features")
             return cls(vocabulary, tensors["coef"], tensors["intercept"], float(config["weight"]))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise FinegrainError(f"{directory}: the run's word-feature model cannot be read ({exc}); "
                                  "train the run again") from exc
+
+
+def _write(directory: Path, vocabulary: dict[str, int], tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    """A lexical model's three files, each atomically: the config last, which marks the model complete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / VOCABULARY_FILE, vocabulary)
+    with atomic_path(directory / WEIGHTS_FILE) as temporary:
+        save_file(tensors, str(temporary))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def _read(directory: Path) -> tuple[dict[str, Any], dict[str, int], dict[str, np.ndarray]]:
+    """What `_write` wrote: the config, the vocabulary, the tensors."""
+    config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    vocabulary = json.loads((directory / VOCABULARY_FILE).read_text(encoding="utf-8"))
+    return config, vocabulary, load_file(str(directory / WEIGHTS_FILE))
 
 
 def fill(probs: np.ndarray, rows: np.ndarray, indices: Sequence[int]) -> np.ndarray:

@@ -124,8 +124,8 @@ def fit_word_mix(
             value = float(flat_metrics(task.metrics(predictions, gold_tags))[metric])
             return value if higher_is_better(metric) else -value
 
-        gold = torch.tensor([max(item.targets[item.positions[i]], -1) for item in validation_items
-                             for i in labelled_words(item)], dtype=torch.long)  # -1: a tag the head lacks
+        gold = torch.tensor([max(item.targets[item.positions[i]], -1) for item, indices in zip(validation_items, kept)
+                             for i in indices], dtype=torch.long)  # -1: a tag the head lacks
         lexical.weight, table = choose_weight(torch.from_numpy(np.concatenate(model_probs)),
                                               torch.from_numpy(np.concatenate(lexical_probs)), gold, score)
     else:
