@@ -51,6 +51,13 @@ def test_shards_interleave_and_come_back_in_order():
         {"max_length": 16, "long_texts": "truncate", "texts": {"input": 5}, "longer": {"input": 2}, "truncated": {"input": 4}},
     ])
     assert merged["texts"] == {"input": 11} and merged["longer"] == {"input": 3} and merged["truncated"] == {"input": 7}
+    words = merge_long_texts([
+        {"max_length": 16, "unit": "words", "texts": {"input": 6}, "longer": {"input": 1}, "truncated": {"input": 3},
+         "longest": {"input": 40}},
+        {"max_length": 16, "unit": "words", "texts": {"input": 5}, "longer": {"input": 2}, "truncated": {"input": 4},
+         "longest": {"input": 25}},
+    ])
+    assert words["truncated"] == {"input": 7} and words["longest"] == {"input": 40}  # a tagger's longest cut sentence
     assert merge_long_texts([None, None]) is None
 
 

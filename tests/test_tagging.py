@@ -172,10 +172,15 @@ def test_words_past_max_length_are_said_not_dropped_in_silence(tiny_model_dir):
     summary = long_text_summary(task, DataConfig(max_length=16), {"train": items, "test": items[1:]})
     assert summary["unit"] == "words" and summary["longer"] == {"train": 1, "test": 0}
     assert summary["truncated"] == {"train": cut, "test": 0}
+    whole = task.encode(tokenizer, [long], 1000)[0]
+    assert whole.truncated_words == 0 and summary["longest"] == {"train": len(whole.input_ids), "test": 0}
+    enough = 16 * -(-len(whole.input_ids) // 16)
+    assert task.encode(tokenizer, [long], enough)[0].truncated_words == 0  # the length the line names reads it whole
     assert long_text_line(summary) == (f"long sentences: 1 of 2 train, 0 of 1 test sentences are longer than "
                                        f"data.max_length=16 tokens; their words past it ({cut} train) are not "
                                        "read by the model (tagged O, or by the word model alone where head.word_mix "
-                                       "mixes one in): raise data.max_length")
+                                       f"mixes one in): raise data.max_length (to {enough}, the longest of them being "
+                                       f"{len(whole.input_ids)} tokens)")
 
 
 def test_a_plain_tag_student_learns_from_a_plain_tag_teacher(tiny_model_dir, tmp_path):

@@ -104,8 +104,10 @@ def merge_long_texts(summaries: list[dict[str, Any] | None]) -> dict[str, Any] |
     if any(summary is None for summary in summaries):
         return None
     merged = {**summaries[0]}
-    for key in ("texts", "longer", "truncated"):
-        merged[key] = {split: sum(summary[key][split] for summary in summaries) for split in summaries[0][key]}
+    for key in ("texts", "longer", "truncated", "longest"):  # counts add up; a tagger's longest sentence is the max
+        if key in merged:
+            combine = max if key == "longest" else sum
+            merged[key] = {split: combine(summary[key][split] for summary in summaries) for split in summaries[0][key]}
     return merged
 
 

@@ -8,6 +8,7 @@ more tasks would otherwise each write again.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -246,8 +247,9 @@ def long_text_summary(task: Task, data: Any, splits: dict[str, list]) -> dict[st
     else:
         summary = {"max_length": data.max_length, "long_texts": data.long_texts}
     summary["texts"] = {split: len(items) for split, items in splits.items()}
-    for key in ("longer", "truncated"):
-        summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]
+    for key in ("longer", "truncated", "longest"):  # "longest": a tagger's longest cut sentence, in tokens
+        if all(key in c for c in counts.values()):  # type: ignore[operator]
+            summary[key] = {split: c[key] for split, c in counts.items()}  # type: ignore[index]
     if summary.get("long_texts") == "windows":
         summary["max_windows"] = data.max_windows
     return summary
@@ -261,9 +263,11 @@ def long_text_line(summary: dict[str, Any]) -> str | None:
     counts = ", ".join(f"{n} of {summary['texts'][split]} {split}" for split, n in longer.items() if summary["texts"][split])
     if summary.get("unit") == "words":
         words = ", ".join(f"{n} {split}" for split, n in summary["truncated"].items() if n)
+        longest = max(summary.get("longest", {}).values(), default=0)
+        enough = f" (to {16 * math.ceil(longest / 16)}, the longest of them being {longest} tokens)" if longest else ""
         return (f"long sentences: {counts} sentences are longer than data.max_length={summary['max_length']} tokens; "
                 f"their words past it ({words}) are not read by the model (tagged O, or by the word model alone where "
-                "head.word_mix mixes one in): raise data.max_length")
+                f"head.word_mix mixes one in): raise data.max_length{enough}")
     line = f"long texts: {counts} texts are longer than data.max_length={summary['max_length']} tokens; "
     mode = summary["long_texts"]
     if mode == "windows":

@@ -71,6 +71,7 @@ class TokenEncoded:
         targets: per token, the tag index at labelled tokens and -100 elsewhere; None unlabelled.
         example: the sentence, for mapping predictions back to words and characters.
         truncated_words: words beyond `max_length`.
+        tokens: the sentence's tokens before `max_length` cut them (what would read it whole).
     """
 
     input_ids: list[int]
@@ -78,6 +79,7 @@ class TokenEncoded:
     targets: list[int] | None
     example: TokenExample
     truncated_words: int = 0
+    tokens: int = 0
 
 
 def encode_words(
@@ -86,7 +88,7 @@ def encode_words(
     """Token ids of each sentence built word by word, the labelled token of each word, words cut off.
 
     Returns:
-        Per sentence: (ids, positions, truncated_words); see `TokenEncoded`.
+        Per sentence: (ids, positions, truncated_words, tokens); see `TokenEncoded`.
     """
     pieces: list[str] = []
     for ex in examples:
@@ -120,7 +122,7 @@ def encode_words(
             else:
                 positions.append(position)
             ids.extend(word_ids)
-        results.append((ids[:room] + eos, positions, truncated))
+        results.append((ids[:room] + eos, positions, truncated, len(ids) + len(eos)))
     return results
 
 
@@ -258,7 +260,7 @@ class TokenClassificationTask:
         """Tokenize sentences word by word; labelled tokens get their word's tag index (in `scheme`)."""
         self.output_length = max(self.output_length, max_length)
         items = []
-        for ex, (ids, positions, truncated) in zip(
+        for ex, (ids, positions, truncated, tokens) in zip(
             examples, encode_words(tokenizer, examples, max_length, self.subword)
         ):
             targets = None
@@ -271,7 +273,7 @@ class TokenClassificationTask:
                     if position >= 0:
                         # A type the training data never had cannot be learnt; metrics still count it.
                         targets[position] = self.index.get(tag, IGNORE_INDEX)
-            items.append(TokenEncoded(ids, positions, targets, ex, truncated))
+            items.append(TokenEncoded(ids, positions, targets, ex, truncated, tokens))
         return items
 
     def examples_from_inputs(self, inputs: Sequence[str | Sequence[str] | TokenExample], data) -> list[TokenExample]:
@@ -316,9 +318,11 @@ class TokenClassificationTask:
         self.class_weights = class_weights(self.head.class_weights, self.tags, counts)
 
     def long_text_counts(self, items: list[TokenEncoded]) -> dict[str, int]:
-        """Sentences that lost words to `max_length` ("longer"), and the words they lost ("truncated")."""
-        return {"longer": sum(item.truncated_words > 0 for item in items),
-                "truncated": sum(item.truncated_words for item in items)}
+        """Sentences that lost words to `max_length` ("longer"), the words they lost ("truncated"), and
+        the tokens of the longest of them ("longest", 0 where none lost words)."""
+        cut = [item for item in items if item.truncated_words]
+        return {"longer": len(cut), "truncated": sum(item.truncated_words for item in cut),
+                "longest": max((item.tokens for item in cut), default=0)}
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
         return labelled_weight(batch, self.class_weights)
