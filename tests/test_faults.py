@@ -157,6 +157,31 @@ def test_a_resume_after_its_validation_file_changed_is_refused(tiny_model_dir, t
     assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
 
 
+def test_a_resume_after_its_distillation_teacher_changed_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A distilled run reads its teacher's predictions again at each (re)start: a teacher trained again
+    after a kill would teach the rest of the run other targets. Refused in one line, naming its weights."""
+    from safetensors.torch import load_file, save_file
+
+    own = write_run_config(tmp_path, tiny_model_dir)
+    teacher = tmp_path / "teacher"
+    assert main(["train", str(own), "--output", str(teacher)]) == 0
+    config = yaml.safe_load(own.read_text())
+    config["distill"] = {"teacher": str(teacher)}
+    own.write_text(yaml.safe_dump(config))
+    run = tmp_path / "student"
+    killed_train(str(own), "--output", str(run), fault="train_step:5")
+    weights = teacher / "adapter" / WEIGHTS_NAME
+    kept = weights.read_bytes()
+    save_file({name: 2 * tensor for name, tensor in load_file(weights).items()}, str(weights))  # the teacher retrained
+    assert main(["train", "--resume", str(run)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"finegrain train: error: {run}: {weights} changed since the run started; --resume goes on with what the run "
+        "started with: put the file back as it was, or train into another --output")
+    assert not (run / "metrics.json").exists()
+    weights.write_bytes(kept)
+    assert main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+
+
 def default_sigint() -> None:
     """Ctrl-C as a terminal delivers it: a job started in the background (`cmd &`, as CI may run
     the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it."""

@@ -49,6 +49,8 @@ ADAPTER = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"  # inside adapter/: present once the run has finished
 MODEL = "model"  # a full fine-tune's weights (peft.method: full), in place of adapter/
 MODEL_CONFIG = "config.json"  # inside model/: present once the run has finished
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # inside adapter/ (PEFT's name)
+MODEL_WEIGHTS = "model.safetensors"  # inside model/
 METRICS_LOG = "metrics.jsonl"
 METRICS = "metrics.json"
 REPORT_MD = "report.md"
@@ -205,7 +207,23 @@ def data_file_digests(config: RunConfig) -> dict[str, str]:
     its tasks or stages), by path as the config gives it: what `refuse_other_settings` compares."""
     paths = [config.data.train, config.data.validation, config.data.test, config.distill.unlabelled]
     paths += [data.get(k) for data in _task_data(config) for k in ("train", "validation", "test")]
+    paths += teacher_weights(config.distill.teacher)  # a distilled run learns from them at each (re)start
     return {path: _sha256(path) for path in dict.fromkeys(paths) if isinstance(path, str) and Path(path).is_file()}
+
+
+def teacher_weights(teacher: str | None) -> list[str]:
+    """The weight files of `distill.teacher` (a run, or each member of an ensemble): its adapter's,
+    or a full fine-tune's model; none where it is not a run directory."""
+    if not teacher or not Path(teacher).is_dir():
+        return []
+    runs = [teacher]
+    if is_ensemble(teacher):
+        try:
+            runs = read_ensemble(teacher)["members"]
+        except FinegrainError:  # the distillation's own checks name it
+            return []
+    files = [path for run in runs for path in (adapter_dir(run) / ADAPTER_WEIGHTS, model_dir(run) / MODEL_WEIGHTS)]
+    return [str(path) for path in files if path.is_file()]
 
 
 def _sha256(path: str) -> str:
