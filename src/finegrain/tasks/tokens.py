@@ -427,7 +427,8 @@ class TokenClassificationTask:
 
     def _word_metrics(self, predictions: list[dict[str, Any]], gold: list[list[str]]) -> dict[str, Any]:
         """Plain tags: every word an example of classification (scikit-learn's `classification_report`
-        of the words). A word cut off by `max_length` is tagged `O`, wrong unless its tag is `O`."""
+        of the words). A word cut off by `max_length` is tagged as `decode` tags it: by the run's word
+        model where it mixes one in, else `O`, wrong unless its tag is `O`."""
         flat_gold = [tag for sentence in gold for tag in sentence]
         flat_predicted = [tag for p in predictions for tag in p["tags"]]
         labels = self.tags + sorted(set(flat_gold) - set(self.tags))  # a tag training never had still counts
