@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from finegrain.errors import FinegrainError
-from finegrain.tasks.lexical import STRENGTHS, LexicalModel, choose_weight, log_loss
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, by_log_loss, choose_weight, log_loss
 
 TEXTS = ["the match ended in a draw", "the striker scored twice", "shares fell on the market",
          "the bank raised its rates", "a late goal won the cup", "profits rose this quarter"]
@@ -80,6 +80,25 @@ def test_choose_weight_takes_the_best_score_then_the_lowest_log_loss():
     assert table[0]["score"] == 0.75 and weight > 0
     mixed = (1 - weight) * lm + weight * lexical
     assert next(row for row in table if row["weight"] == weight)["log_loss"] == pytest.approx(log_loss(mixed, gold), abs=1e-6)
+
+
+def test_by_log_loss_passes_over_a_lucky_score():
+    """Mixing in the lexical model flips the model's one (narrow) error at weights of 0.4 and up, and
+    by as much makes it less sure of the other example, which it had right: accuracy is best from
+    0.4 on, the log-loss at 0. by_log_loss keeps the model alone; the default takes 0.4."""
+    gold = torch.tensor([0, 0])
+    lm = torch.tensor([[0.45, 0.55], [0.99, 0.01]])
+    lexical = torch.tensor([[0.6, 0.4], [0.4, 0.6]])
+
+    def accuracy(probs):
+        return float((probs.argmax(-1) == gold).float().mean())
+
+    by_metric, table = choose_weight(lm, lexical, gold, accuracy)
+    by_loss, same = choose_weight(lm, lexical, gold, accuracy, by_log_loss)
+    assert same == table
+    assert by_loss == min(table, key=lambda row: (row["log_loss"], row["weight"]))["weight"]
+    assert by_metric == max(table, key=lambda row: (row["score"], -row["log_loss"]))["weight"]
+    assert (by_metric, by_loss) == (0.4, 0.0)
 
 
 def test_choose_weight_keeps_the_model_alone_when_mixing_only_hurts():

@@ -25,14 +25,14 @@ def _train(tmp_path: Path, model_dir: Path, mix) -> Path:
 
 def test_auto_mixes_in_tfidf_when_it_helps_and_predicts_as_trained(tiny_model_dir, tmp_path, capsys):
     run = _train(tmp_path, tiny_model_dir, "auto")
-    assert "tfidf mix: weight " in capsys.readouterr().out
+    assert "), chosen by validation log-loss " in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     mix = metrics["tfidf_mix"]
     weights = [round(0.1 * k, 1) for k in range(10)]
     assert [(row["strength"], row["weight"]) for row in mix["validation"]] == [(c, w) for c in STRENGTHS for w in weights]
-    best = max(row["score"] for row in mix["validation"])
+    lowest = min(row["log_loss"] for row in mix["validation"])
     chosen = next(r for r in mix["validation"] if (r["strength"], r["weight"]) == (mix["strength"], mix["weight"]))
-    assert mix["weight"] > 0 and chosen["score"] == best
+    assert mix["weight"] > 0 and chosen["log_loss"] == lowest
     assert metrics["test"]["accuracy"] == 1.0 > mix["test_model_alone"]["accuracy"]  # the words carry it
     assert metrics["baselines"]["model_alone"]["accuracy"] == mix["test_model_alone"]["accuracy"]
     assert "warning" not in metrics["baselines"]

@@ -110,7 +110,7 @@ class HeadConfig:
     dropout: float = 0.0  # ner: dropout on the hidden states before the tag head, in training only
     init: str = "random"  # classification: random | probe (fit the head on the frozen model first: LP-FT)
     # classification: the weight of a TF-IDF + logistic regression's probabilities mixed into the
-    # model's (finegrain.tasks.lexical): 0 (off), a number below 1, or auto (chosen on validation)
+    # model's (finegrain.tasks.lexical): 0 (off), a number below 1, or auto (chosen by validation log-loss)
     tfidf_mix: float | str = 0.0
     # ner: the weight of a logistic regression on word features (the tagging baseline's) mixed into
     # the tag probabilities (finegrain.tasks.lexical.WordModel): auto (chosen on validation), a number below 1, or 0 (off)

@@ -17,7 +17,7 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
 - `train.lr`, `train.warmup_ratio`;
 - `lora.targets: all-linear` (LoRA; another method keeps its own targets);
 - `head.tfidf_mix: auto`: after training, mix in a TF-IDF + logistic regression's probabilities at
-  the weight (0 to 0.9) that scores best on validation (finegrain.tasks.lexical);
+  the weight (0 to 0.9) with the lowest validation log-loss (finegrain.tasks.lexical);
 - `model.num_layers`, `head.pooling`, `lora.layers` (`peft.layers` for another method): from the layer probe
   (finegrain.train.probe) — cut at the highest layer, at most 6 above the best one, whose
   frozen states classify within 0.01 macro-F1 of the best, pool by the mean where the probe's mean-pooled states beat the last
@@ -213,7 +213,7 @@ class Recipe:
     def _tfidf_mix(self) -> None:
         if self.unset("head.tfidf_mix"):
             self.set("head.tfidf_mix", "auto", "mix a TF-IDF + logistic regression's probabilities into the model's, "
-                     "at the weight (0 to 0.9) that scores best on validation: the words alone are strong on topics and "
+                     "at the weight (0 to 0.9) with the lowest validation log-loss: the words alone are strong on topics and "
                      "on scripts the model's pretraining rarely saw, and the two err on different texts")
 
     def _lr(self) -> None:

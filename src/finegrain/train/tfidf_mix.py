@@ -1,9 +1,10 @@
 """After training: fit the lexical model, choose its mixing weight on validation, keep it with the run.
 
 `head.tfidf_mix` (a classifier's TF-IDF model, finegrain.tasks.lexical): `auto` picks the
-regularisation strength and the weight (0 to 0.9) whose mixed validation predictions score best by
-`train.metric`; a number fixes the weight (at the middle strength); 0 turns it off. `head.word_mix`
-(a tagger's word-feature model) picks or fixes its weight the same way.
+regularisation strength and the weight (0 to 0.9) whose mixed validation probabilities have the
+lowest log-loss; a number fixes the weight (at the middle strength); 0 turns it off. `head.word_mix`
+(a tagger's word-feature model) picks the weight whose decoded validation tags score best by
+`train.metric`, or takes a fixed one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from finegrain.evaluate.baselines import WORD_FEATURES, comparable_scores, is_sp
 from finegrain.evaluate.metrics import higher_is_better
 from finegrain.inference import predict_outputs
 from finegrain.tags import convert_tags
-from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, choose_weight, fill, ranking
+from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, by_log_loss, choose_weight, fill
 from finegrain.tasks.tokens import labelled_words
 from finegrain.train.trainer import flat_metrics
 
@@ -72,9 +73,10 @@ def fit_tfidf_mix(
     else:
         table = []
         for candidate in candidates:
-            candidate.weight, rows = choose_weight(model_probs, candidate.probabilities(validation_texts), gold, score)
+            candidate.weight, rows = choose_weight(model_probs, candidate.probabilities(validation_texts), gold, score,
+                                                   by_log_loss)
             table += [{"strength": candidate.strength, **row} for row in rows]
-        best = max(table, key=ranking)
+        best = max(table, key=by_log_loss)
         lexical = next(c for c in candidates if c.strength == best["strength"])
     summary: dict[str, Any] = {"weight": lexical.weight, "strength": lexical.strength,
                                "features": "character 1-3-grams" if char_level else "word 1-2-grams",
@@ -143,12 +145,14 @@ def mix_line(summary: dict[str, Any]) -> str:
     name, key = ("tfidf mix", "head.tfidf_mix") if "strength" in summary else ("word mix", "head.word_mix")
     if not summary["validation"]:
         return f"{name}: weight {summary['weight']} ({key})"
-    alone = summary["validation"][0]["score"]  # weight 0: the model alone
+    alone = summary["validation"][0]  # weight 0: the model alone
     chosen = next(r for r in summary["validation"]
                   if (r.get("strength"), r["weight"]) == (summary.get("strength"), summary["weight"]))
     strength = f"C {summary['strength']:g}, " if "strength" in summary else ""
-    return (f"{name}: weight {summary['weight']} ({strength}{summary['features']}): validation "
-            f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone):.4f}")
+    by_loss = (f", chosen by validation log-loss {chosen['log_loss']:.4f} (the model alone {alone['log_loss']:.4f})"
+               if "strength" in summary else "")
+    return (f"{name}: weight {summary['weight']} ({strength}{summary['features']}){by_loss}: validation "
+            f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone['score']):.4f}")
 
 
 def test_metrics_mixed(
