@@ -36,7 +36,8 @@ def train(model_dir, data, output, *extra: str) -> Path:
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=1",
                  "--batch-size", "8", "--set", "data.max_length=16", "--set", "train.threads=1", "--set", "train.lr=1e-2",
                  "--set", "lora.layers=null", "--set", "lora.targets=all-linear", "--set", "head.tfidf_mix=0",
-                 "--set", "head.word_mix=0", *extra]) == 0
+                 "--set", "head.word_mix=0",
+                 "--set", "head.pooling=last", *extra]) == 0  # transformers' classifiers read the last token
     return Path(output)
 
 

@@ -30,14 +30,16 @@ ADAPTER = Path("adapter") / WEIGHTS_NAME
 
 
 def write_run_config(root: Path, model_dir: Path) -> Path:
-    """A tiny classification run: 2 epochs of 7 steps, a checkpoint every 2 steps, prefix caching on."""
+    """A tiny classification run: 2 epochs of 7 steps, a checkpoint every 2 steps, prefix caching on,
+    the weights of the last 3 evaluations averaged (their validation is logged after the last checkpoint)."""
     rows = [{"text": f"{'good' if i % 2 else 'bad'} film {i % 7}", "label": "fresh" if i % 2 else "rotten"} for i in range(64)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "model": {"name": str(model_dir), "num_layers": 2},  # set, so that no recipe cuts layers (and the cache)
         "data": {"train": str(root / "data.jsonl"), "max_length": 12},
         "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "layers": [-1]},  # layer 0 is cached
-        "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "threads": 1, "eval_every": 3, "checkpoint_every": 2},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.01, "threads": 1, "eval_every": 3, "checkpoint_every": 2,
+                  "average_last": 3, "patience": None},
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -212,9 +214,10 @@ def test_ctrl_c_says_how_the_run_goes_on_and_that_ends_like_the_uninterrupted_ru
 
 
 def test_ctrl_c_in_a_sweep_says_the_same_command_goes_on(straight, tmp_path, capsys):
-    config, _ = straight
+    config, reference = straight
     args = [str(config), "--seeds", "2", "--output", str(tmp_path / "sweep")]
-    line = interrupted("sweep", *args, fault="train_step:10")  # 7 steps a run: the second run's third step
+    steps = json.loads((reference / "metrics.json").read_text())["train"]["steps"]
+    line = interrupted("sweep", *args, fault=f"train_step:{steps + 3}")  # the second run's third step
     assert line == ("finegrain sweep: interrupted; the same command again goes on: finished runs are read back, "
                     "the one it stopped in continues from its checkpoint")
     first, second = (tmp_path / "sweep" / "all" / f"seed-{seed}" for seed in (0, 1))

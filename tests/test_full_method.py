@@ -34,7 +34,8 @@ def full_args(model_dir, data, output, *extra: str) -> list[str]:
     return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(output), "--set", "train.epochs=2",
             "--batch-size", "8", "--set", "data.max_length=12", "--set", "train.threads=1", "--set", "train.lr=1e-3",
             "--set", "peft.method=full", "--set", "head.tfidf_mix=0",
-            "--set", "head.init=random", *extra]  # LP-FT may keep its step-0 head: these tests check the trained layers
+            "--set", "head.init=random",  # LP-FT may keep its step-0 head: these tests check the trained layers
+            "--set", "head.pooling=last", *extra]  # transformers' classifiers read the last token
 
 
 @pytest.fixture(scope="module")

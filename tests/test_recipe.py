@@ -45,7 +45,8 @@ def test_recipe_fills_only_unset_keys_from_the_data(tiny_model_dir, tmp_path):
     weights = config.head.class_weights
     for label, n in counts.items():
         assert math.isclose(weights[label], math.sqrt(len(splits.train) / (3 * n)), abs_tol=1e-4)
-    assert config.train.metric == "macro_f1" and config.train.patience == 2
+    # 20 validation texts: too few to choose a checkpoint by; every epoch, the last three averaged
+    assert config.train.metric == "macro_f1" and config.train.patience is None and config.train.average_last == 3
     assert config.head.init == "probe", choices["head.init"].reason  # the rarest class has 10 or more training examples
     lengths = [len(ids) for ids in tokenizer.encode_batch([e.text for e in splits.train])]
     assert config.data.max_length == max(32, 16 * math.ceil(percentile(lengths, 0.95) / 16))
@@ -54,6 +55,29 @@ def test_recipe_fills_only_unset_keys_from_the_data(tiny_model_dir, tmp_path):
     assert config.model.num_layers in (1, 2) and config.head.pooling in ("last", "mean")
     assert config.lora.layers == list(range(-config.model.num_layers, 0))
     assert all(c.reason for c in choices.values())
+
+
+def evaluation_plan(tiny_model_dir, validation: int, epochs: int = 10, *options: str):
+    """The config after `Recipe._evaluation` for 90 training examples and `validation` validation ones."""
+    config = load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", *options])
+    config.train.epochs = epochs
+    recipe = Recipe(config, config.explicit)
+    recipe._evaluation(90, validation)
+    return config, {c.key: c for c in recipe.choices}
+
+
+def test_a_small_validation_split_averages_the_last_epochs_instead_of_choosing_one(tiny_model_dir):
+    config, choices = evaluation_plan(tiny_model_dir, 10)
+    assert (config.train.patience, config.train.average_last) == (None, 3)
+    assert "10 validation examples are too few to choose a checkpoint by" in choices["train.average_last"].reason
+    config, _ = evaluation_plan(tiny_model_dir, 100)  # enough to choose by: the best checkpoint, early stopping
+    assert (config.train.patience, config.train.average_last) == (2, None)
+    config, _ = evaluation_plan(tiny_model_dir, 10, 2)  # two evaluations: too few to average three
+    assert (config.train.patience, config.train.average_last) == (2, None)
+    config, _ = evaluation_plan(tiny_model_dir, 10, 10, "train.patience=4")  # given: kept
+    assert (config.train.patience, config.train.average_last) == (4, 3)
+    config, choices = evaluation_plan(tiny_model_dir, 10, 10, "train.average_last=5")
+    assert (config.train.patience, config.train.average_last) == (2, 5) and "train.average_last" not in choices
 
 
 class HeldOut:  # 100 validation and 100 test examples, as the budget counts them

@@ -160,8 +160,9 @@ def test_adapter_loads_into_transformers_and_peft(tiny_model_dir, tmp_path, num_
     run_dir = tmp_path / "run"
     assert main(["train", str(write_config(tmp_path / "c.yaml", tiny_model_dir, data, epochs=1)),
                  "--output", str(run_dir), "--set", "lora.layers=null", "--set", f"model.num_layers={num_layers or 'null'}",
-                 # the adapter alone: a TF-IDF model mixed in (the recipe's head.tfidf_mix) is not PEFT's to reproduce
-                 "--set", "head.tfidf_mix=0"]) == 0
+                 # the adapter alone: a TF-IDF model mixed in (the recipe's head.tfidf_mix) is not PEFT's to reproduce,
+                 # nor mean pooling (the recipe's probe may choose it): PEFT's classifier reads the last token
+                 "--set", "head.tfidf_mix=0", "--set", "head.pooling=last"]) == 0
     ours = finegrain.load(run_dir)
     texts = [POSITIVE[0], NEGATIVE[2] + " " + NEGATIVE[3]]
     expected = torch.tensor([[p["probabilities"][label] for label in ours.task.labels] for p in ours.predict(texts)])

@@ -179,13 +179,16 @@ class RunWriter:
 
     def _trim_log(self, step: int) -> None:
         """Keep the records up to `step`: later ones belong to work that will be done again, and a
-        kill may also have cut the last line short."""
+        kill may also have cut the last line short. The validation of the averaged weights
+        (`train.average_last`, marked `averaged`) is logged after the last checkpoint, at its step,
+        and done again too."""
         if not self.writes or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line)["step"] <= step:
+                record = json.loads(line)
+                if record["step"] <= step and "averaged" not in record:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue

@@ -3,12 +3,13 @@
 A frozen model's state after each layer — at the last real token and averaged over the real
 tokens — is read for a sample of the training examples and scored by a linear classifier
 (ridge regression on one-hot labels, closed form, on standardised states) against a sample of
-the validation examples. Where the score peaks is where adapting pays: `model.num_layers` can
-stop there (every layer above it costs time and rarely helps a classifier), and LoRA on the
-few layers below the peak (`lora.layers`) lets the frozen-prefix cache skip the rest. Minutes
-on a CPU instead of one training run per candidate: the table in docs/PERFORMANCE.md was made
-this way, and `finegrain train`'s recipe (finegrain.train.recipe) runs it to choose the cut,
-the pooling and the adapted layers.
+the validation examples; where the validation split is small (`SMALL_VALIDATION`: 10 texts
+of 100 labels split 90/10), by cross-validation over both samples together. Where the score
+peaks is where adapting pays: `model.num_layers` can stop there (every layer above it costs time
+and rarely helps a classifier), and LoRA on the few layers below the peak (`lora.layers`) lets
+the frozen-prefix cache skip the rest. Minutes on a CPU instead of one training run per
+candidate: the table in docs/PERFORMANCE.md was made this way, and `finegrain train`'s recipe
+(finegrain.train.recipe) runs it to choose the cut, the pooling and the adapted layers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from finegrain.model.backbone import hidden_states
 
 ADAPTED_LAYERS = 6  # what the proposal adapts below the peak, as the main job does
 POOLINGS = ("last", "mean")
+# A validation split of fewer examples than this is too small to choose by: ten validation texts (a
+# 10% share of 100 labels) score a layer in steps of 0.1, many layers tie, and the lowest of them won
+# (a Dutch set cut at layer 2). The probe then scores by cross-validation over its training and
+# validation samples together (FOLDS folds), and the recipe averages the last epochs' weights
+# instead of keeping the best-scoring checkpoint (finegrain.train.recipe).
+SMALL_VALIDATION = 100
+FOLDS = 5
 
 
 def pooled_states(backbone, task, items: list, pad_id: int, batch_size: int = 32, progress: bool = True,
@@ -77,6 +85,28 @@ def ridge_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
     return (b @ weights).argmax(1)
 
 
+def folds(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A fold index per example, stratified: each class's examples, shuffled with `seed`, dealt
+    round-robin (the next class starting where the last one stopped)."""
+    generator = torch.Generator().manual_seed(seed)
+    assigned, start = torch.empty(len(labels), dtype=torch.long), 0
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        assigned[members] = (torch.arange(len(members)) + start) % count
+        start = (start + len(members)) % count
+    return assigned
+
+
+def cross_validated(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each example's class index from `ridge_predict` fitted on the other folds."""
+    predicted = torch.empty_like(y)
+    for k in fold.unique().tolist():
+        held = fold == k
+        predicted[held] = ridge_predict(x[~held], y[~held], x[held], num_classes)
+    return predicted
+
+
 def ridge_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                    num_classes: int, ridge: float | None = None) -> float:
     """Accuracy on (test_x, test_y) of `ridge_predict` fitted on the training pair."""
@@ -96,7 +126,8 @@ def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, 
     Returns:
         `accuracy` and `macro_f1` (last-token pooling), `mean_accuracy` and `mean_macro_f1` (mean
         pooling), one per layer output (index 0 the embeddings); `best_layer` and `best_pooling`
-        by macro-F1 (accuracy breaks ties, then the lower layer); the sample sizes;
+        by macro-F1 (accuracy breaks ties, then the lower layer); the sample sizes, and `folds`
+        where the scores are cross-validated over both samples (None where validation scored them);
         `seconds_per_layer_token` (how fast this machine ran the frozen layers); and `proposal`:
         the `model.num_layers` and `lora.layers` to try.
     """
@@ -127,11 +158,18 @@ def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, 
                                progress, num_layers))
         y.append(torch.tensor([index[e.label] for e in part]))
     seconds = time.perf_counter() - started
-    gold = [e.label for e in parts[1]]
+    pooled = len(splits.validation) < SMALL_VALIDATION  # too few to score on alone: cross-validate over both
+    if pooled:
+        x, y = [torch.cat(x, dim=2)], [torch.cat(y)]
+        fold = folds(y[0], FOLDS, seed)
+    gold = [splits.labels[i] for i in y[-1].tolist()]
     scores = {pooling: [] for pooling in POOLINGS}
     for p, pooling in enumerate(POOLINGS):
         for k in range(num_layers + 1):
-            predicted = ridge_predict(x[0][p, k], y[0], x[1][p, k], len(splits.labels))
+            if pooled:
+                predicted = cross_validated(x[0][p, k], y[0], fold, len(splits.labels))
+            else:
+                predicted = ridge_predict(x[0][p, k], y[0], x[1][p, k], len(splits.labels))
             m = classification_metrics(gold, [splits.labels[i] for i in predicted.tolist()], splits.labels)
             scores[pooling].append((round(m["accuracy"], 4), round(m["macro"]["f1"], 4)))
     best_pooling, best = max(
@@ -148,15 +186,23 @@ def probe_layers(config: RunConfig, examples: int = 400, progress: bool = True, 
         "best_pooling": best_pooling,
         "train_examples": len(parts[0]),
         "validation_examples": len(parts[1]),
+        "folds": FOLDS if pooled else None,  # scored by cross-validation over both parts, not on validation
         "seconds_per_layer_token": seconds / max(tokens * max(num_layers, 1), 1),
         "proposal": {"model.num_layers": best, "lora.layers": list(range(-adapted, 0)), "head.pooling": best_pooling},
     }
 
 
+def probe_sample(result: dict[str, Any]) -> str:
+    """What the probe scored on: `N train, M validation examples`, or their cross-validation."""
+    sample = f"{result['train_examples']} train, {result['validation_examples']} validation examples"
+    if result.get("folds"):
+        return f"{result['folds']}-fold cross-validation over {sample}"
+    return sample
+
+
 def probe_text(result: dict[str, Any]) -> str:
     """The probe's table and proposal, for the terminal."""
-    lines = [f"linear probe of each layer's states ({result['train_examples']} train, "
-             f"{result['validation_examples']} validation examples)",
+    lines = [f"linear probe of each layer's states ({probe_sample(result)})",
              "layer  last: accuracy macro-F1   mean: accuracy macro-F1"]
     for k in range(len(result["accuracy"])):
         best = "  <- best" if k == result["best_layer"] else ""
