@@ -162,7 +162,7 @@ def _mix_words(run_dir: Path) -> str:
 
 def exported_temperature(run_dir: Path, fmt: str) -> float | None:
     """The calibration temperature an `hf` export divides into its head: the run's, unless it mixes
-    in a TF-IDF model (the temperature was fitted to the mixed probabilities)."""
+    in a lexical model (TF-IDF or word features: the temperature was fitted to the mixed probabilities)."""
     return rundir.read_temperature(run_dir) if fmt == "hf" and not mix_weight(run_dir) else None
 
 

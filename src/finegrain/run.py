@@ -452,7 +452,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if not writes:
         return {}
     # Before the adapter, which marks the run finished: a finished run's TF-IDF or word model is complete.
-    fit_mix = fit_word_mix if config.task == "ner" else fit_tfidf_mix
+    mix_key, fit_mix = ("word_mix", fit_word_mix) if config.task == "ner" else ("tfidf_mix", fit_tfidf_mix)
     mix = fit_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:
         print(mix_line(mix), flush=True)
@@ -496,7 +496,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if long_texts or shared:
         results["data"] = {**(long_texts or {}), **({"shared_with_training": shared} if shared else {})}
     if mix:
-        results["word_mix" if config.task == "ner" else "tfidf_mix"] = mix
+        results[mix_key] = mix
     if splits.test:
         fault_point("test")  # test-only (tests/test_faults.py)
         testing = "testing" if progress else None

@@ -51,6 +51,7 @@ from finegrain.errors import FinegrainError
 from finegrain.peft import METHODS
 from finegrain.tasks.classification import encode_texts
 from finegrain.train.probe import SMALL_VALIDATION, probe_layers, probe_sample
+from finegrain.train.trainer import evaluation_count
 
 RECIPE_TASKS = ("classification",)
 MIN_LENGTH, MAX_LENGTH = 32, 512
@@ -354,8 +355,7 @@ class Recipe:
         if self.unset("train.eval_every") and config.train.epochs <= 2 and steps_per_epoch >= 20:
             self.set("train.eval_every", math.ceil(steps_per_epoch / 2), "validate twice per epoch: a short run "
                      "keeps its best half-epoch")
-        every = config.train.eval_every
-        evaluations = math.ceil(config.train.epochs * steps_per_epoch / every) if every else config.train.epochs
+        evaluations = evaluation_count(config.train, config.train.epochs * steps_per_epoch, steps_per_epoch)
         if 0 < validation < SMALL_VALIDATION and evaluations >= AVERAGED and self.unset("train.average_last"):
             # On 100 labels split 90/10 (five held-out sets, docs/RESULTS.md) the best of ten epochs on ten
             # validation texts was often the fitted head before any step, and stopping early ended the run there.

@@ -142,15 +142,17 @@ def fit_word_mix(
 
 def mix_line(summary: dict[str, Any]) -> str:
     """The terminal line for the mix `fit_tfidf_mix` or `fit_word_mix` chose."""
-    name, key = ("tfidf mix", "head.tfidf_mix") if "strength" in summary else ("word mix", "head.word_mix")
+    tfidf = "strength" in summary  # a classifier's TF-IDF mix, chosen by log-loss; else a tagger's word mix
+    name, key = ("tfidf mix", "head.tfidf_mix") if tfidf else ("word mix", "head.word_mix")
     if not summary["validation"]:
         return f"{name}: weight {summary['weight']} ({key})"
     alone = summary["validation"][0]  # weight 0: the model alone
     chosen = next(r for r in summary["validation"]
                   if (r.get("strength"), r["weight"]) == (summary.get("strength"), summary["weight"]))
-    strength = f"C {summary['strength']:g}, " if "strength" in summary else ""
-    by_loss = (f", chosen by validation log-loss {chosen['log_loss']:.4f} (the model alone {alone['log_loss']:.4f})"
-               if "strength" in summary else "")
+    strength, by_loss = "", ""
+    if tfidf:
+        strength = f"C {summary['strength']:g}, "
+        by_loss = f", chosen by validation log-loss {chosen['log_loss']:.4f} (the model alone {alone['log_loss']:.4f})"
     return (f"{name}: weight {summary['weight']} ({strength}{summary['features']}){by_loss}: validation "
             f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone['score']):.4f}")
 

@@ -503,10 +503,15 @@ class Trainer:
                 state.stopped_early = True
 
 
+def evaluation_count(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """How many times a run of `total_steps` validates: every `train.eval_every` steps, or once per epoch."""
+    every = config.eval_every
+    return math.ceil(total_steps / every) if every else math.ceil(total_steps / steps_per_epoch)
+
+
 def check_evaluations(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> None:
     """train.average_last: a one-line error when the run evaluates fewer times than the weights it averages."""
-    every = config.eval_every
-    count = math.ceil(total_steps / every) if every else math.ceil(total_steps / steps_per_epoch)
+    every, count = config.eval_every, evaluation_count(config, total_steps, steps_per_epoch)
     if count < config.average_last:
         schedule = f"every {every} steps" if every else "once per epoch"
         raise FinegrainError(
