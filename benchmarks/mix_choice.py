@@ -14,7 +14,10 @@ alone and the best weight in hindsight. The rules:
 - `log_loss`: the validation log-loss, ties to the lower weight (`by_log_loss`: the TF-IDF mix since).
 
 The replay reads the run's trained weights, so it shows what each rule would have given that very
-run: training does not depend on the mix, which is fitted after it.
+run: training does not depend on the mix, which is fitted after it. A run whose validation split
+held fewer than 100 texts chose on its training texts as well (`tfidf_mix.cross_validated` in its
+metrics.json, finegrain.train.tfidf_mix); "the run's weight" is that choice, and the two rules
+here read its validation texts alone.
 """
 
 from __future__ import annotations

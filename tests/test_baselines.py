@@ -183,11 +183,11 @@ def test_add_baselines_scores_the_reported_split_of_classification_runs_only() -
 # --- whole runs on the tiny model -------------------------------------------------------------
 
 
-def _write_run(tmp_path: Path, model_dir: Path, **data) -> Path:
+def _write_run(tmp_path: Path, model_dir: Path, rows: int = 60, **data) -> Path:
     """Data that TF-IDF separates perfectly, and a config whose learning rate is too small to learn."""
     rng = random.Random(0)
     with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as f:
-        for _ in range(60):
+        for _ in range(rows):
             label = rng.choice(["fresh", "rotten"])
             words = ["great", "fun", "gripping"] if label == "fresh" else ["dull", "slow", "bad"]
             f.write(json.dumps({"text": " ".join(rng.sample(words, 2)) + " film", "label": label}) + "\n")

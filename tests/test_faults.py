@@ -77,6 +77,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     a, b = (untimed(json.loads((d / "metrics.json").read_text())) for d in (reference, run))
     assert a == b  # every score, count and choice; the data recipe's too (it was lost on resume)
     assert a["recipe"]
+    assert a["tfidf_mix"]["cross_validated"]  # a few validation texts: the training texts' states, read before training
     steps = [[json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (reference, run)]
     assert steps[0] == steps[1]  # no record lost or repeated
     hidden = [p.relative_to(run).as_posix() for p in run.rglob(".*") if p.name not in (".lock", ".explicit_keys.json", ".recipe.json", ".data_files.json")]

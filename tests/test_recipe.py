@@ -296,8 +296,12 @@ def test_head_init_probe_is_for_single_label_classification_only(tiny_model_dir)
             load_config(None, [f"model.name={tiny_model_dir}", "data.train=x.jsonl", "head.init=probe", override])
 
 
-@pytest.mark.parametrize("mean_gain, pooling", [(0.2, "mean"), (0.01, "last")])
-def test_mean_pooling_only_where_the_probe_prefers_it_clearly(tiny_model_dir, monkeypatch, mean_gain, pooling):
+@pytest.mark.parametrize("mean_gain, pooling, said", [
+    (0.2, "mean", "the probe's mean-pooled states scored 0.900 macro-F1 at layer 2, last-token 0.700"),
+    (0.01, "last", "(0.710 macro-F1) beat the last token's (0.700) by less than 0.03: keep the last token"),
+    (-0.1, "last", "(0.600 macro-F1) scored no more than the last token's (0.700): keep the last token"),
+])
+def test_mean_pooling_only_where_the_probe_prefers_it_clearly(tiny_model_dir, monkeypatch, mean_gain, pooling, said):
     last = [0.3, 0.6, 0.7, 0.7, 0.5]
     mean = [min(1.0, f + mean_gain) for f in last]
     result = {"macro_f1": last, "mean_macro_f1": mean, "best_layer": 2, "best_pooling": "mean", "train_examples": 9,
@@ -312,4 +316,5 @@ def test_mean_pooling_only_where_the_probe_prefers_it_clearly(tiny_model_dir, mo
 
     recipe._probe(None, None, Llama, progress=False)
     assert config.head.pooling == pooling
+    assert said in next(c.reason for c in recipe.choices if c.key == "head.pooling")
     assert config.model.num_layers == 3  # the highest of the layers within 0.01 of the best (2 and 3)

@@ -55,7 +55,7 @@ from finegrain.train.mixup import MixupObjective
 from finegrain.train.objectives import Objective, TaskObjective
 from finegrain.train.recipe import Recipe, recipe_comments, recipe_text
 from finegrain.train.recipe import probe_scope
-from finegrain.train.tfidf_mix import fit_tfidf_mix, fit_word_mix, mix_line, test_metrics_mixed
+from finegrain.train.tfidf_mix import fit_tfidf_mix, fit_word_mix, frozen_sample, mix_line, test_metrics_mixed
 from finegrain.train.checkpointing import process_rank, rng_states, set_rng_states
 from finegrain.train.distributed import cpus_per_rank, init_from_env, launched, world_size
 from finegrain.train.prefix_cache import compute_prefix, lowest_trainable_layer
@@ -439,6 +439,8 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         return task.metrics(predictions, val_gold)
 
     check_metric(config.train.metric, task, model, tokenizer, splits.validation, max_length, pad_id)  # before training
+    # head.tfidf_mix: auto on a small validation split chooses by cross-validation, on the untrained model's states
+    frozen = frozen_sample(config, task, model, tokenizer, every, pad_id) if writes else None
     extra: list[Objective] = []  # distill.unlabelled's objective, beside the main one
     hooks: list[Agreement] = []  # augment.judge: current's counts
     main = training_objective(config, task, model, train_items, splits, progress, tokenizer, extra, hooks)
@@ -452,8 +454,12 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if not writes:
         return {}
     # Before the adapter, which marks the run finished: a finished run's TF-IDF or word model is complete.
-    mix_key, fit_mix = ("word_mix", fit_word_mix) if config.task == "ner" else ("tfidf_mix", fit_tfidf_mix)
-    mix = fit_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
+    if config.task == "ner":
+        mix_key, mix = "word_mix", fit_word_mix(config, task, model, every, val_items, pad_id, run_dir,
+                                                trainer.validation_hidden, trainer.start_layer)
+    else:
+        mix_key, mix = "tfidf_mix", fit_tfidf_mix(config, task, model, every, val_items, pad_id, run_dir,
+                                                  trainer.validation_hidden, trainer.start_layer, frozen)
     if mix and progress:
         print(mix_line(mix), flush=True)
     if isinstance(adapter, FullConfig):  # the trained model itself, as a Hugging Face directory

@@ -19,7 +19,8 @@ one-second TF-IDF baseline. So `finegrain train` fills every key of this list th
 - `train.lr`, `train.warmup_ratio`;
 - `lora.targets: all-linear` (LoRA; another method keeps its own targets);
 - `head.tfidf_mix: auto`: after training, mix in a TF-IDF + logistic regression's probabilities at
-  the weight (0 to 0.9) with the lowest validation log-loss (finegrain.tasks.lexical);
+  the weight (0 to 0.9) with the lowest validation log-loss (finegrain.tasks.lexical), the training
+  texts scored out of fold beside them where validation is small (finegrain.train.tfidf_mix);
 - `model.num_layers`, `head.pooling`, `lora.layers` (`peft.layers` for another method): from the layer probe
   (finegrain.train.probe) — cut at the highest layer, at most 6 above the best one, whose
   frozen states classify within 0.01 macro-F1 of the best, pool by the mean where the probe's mean-pooled states beat the last
@@ -146,7 +147,7 @@ class Recipe:
         self._epochs(len(splits.train), counts)
         self._lr()
         self._targets()
-        self._tfidf_mix()
+        self._tfidf_mix(len(splits.validation))
         probe = None
         if not splits.validation and (autos := auto_keys(config)):
             raise FinegrainError(f"{sorted(autos)[0]}: auto asks the layer probe, which scores the layers on validation examples, and "
@@ -214,10 +215,13 @@ class Recipe:
             self.set("lora.targets", "all-linear", "adapt every linear layer of the adapted blocks (attention and "
                      "MLP), as the main job does: with few adapted layers, each must carry more")
 
-    def _tfidf_mix(self) -> None:
+    def _tfidf_mix(self, validation: int) -> None:
         if self.unset("head.tfidf_mix"):
+            lowest = ("lowest validation log-loss" if not 0 < validation < SMALL_VALIDATION else
+                      f"lowest log-loss over the validation texts and, out of fold, the training texts ({validation} "
+                      "validation texts are too few to choose on)")
             self.set("head.tfidf_mix", "auto", "mix a TF-IDF + logistic regression's probabilities into the model's, "
-                     "at the weight (0 to 0.9) with the lowest validation log-loss: the words alone are strong on topics and "
+                     f"at the weight (0 to 0.9) with the {lowest}: the words alone are strong on topics and "
                      "on scripts the model's pretraining rarely saw, and the two err on different texts")
 
     def _lr(self) -> None:
@@ -240,8 +244,10 @@ class Recipe:
                 reason = f"the probe's mean-pooled states scored {mean:.3f} macro-F1 at layer {best}, last-token {last:.3f}"
             else:  # the last token learns to summarise in fine-tuning: on Rotten Tomatoes it beat mean pooling
                 pooling = "last"
-                reason = (f"at layer {best} the probe's mean-pooled states ({mean:.3f} macro-F1) beat the last token's "
-                          f"({last:.3f}) by less than {MEAN_MARGIN}: keep the last token, which fine-tuning teaches to summarise")
+                than = "beat the last token's" if mean > last else "scored no more than the last token's"
+                reason = (f"at layer {best} the probe's mean-pooled states ({mean:.3f} macro-F1) {than} ({last:.3f})"
+                          f"{f' by less than {MEAN_MARGIN}' if mean > last else ''}: keep the last token, which "
+                          "fine-tuning teaches to summarise")
             self.set("head.pooling", pooling, reason)
         self.scores = scores = result["mean_macro_f1" if pooling == "mean" else "macro_f1"]
         best = self.best_layer
