@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -439,7 +440,7 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
         return task.metrics(predictions, val_gold)
 
     check_metric(config.train.metric, task, model, tokenizer, splits.validation, max_length, pad_id)  # before training
-    # head.tfidf_mix: auto on a small validation split chooses by cross-validation, on the untrained model's states
+    # head.tfidf_mix: auto on a small validation split scores the training texts too, by the untrained model's states
     frozen = frozen_sample(config, task, model, tokenizer, every, pad_id) if writes else None
     extra: list[Objective] = []  # distill.unlabelled's objective, beside the main one
     hooks: list[Agreement] = []  # augment.judge: current's counts
@@ -454,12 +455,9 @@ def _train(config: RunConfig, run_dir: Path, resume_dir: Path | None, progress: 
     if not writes:
         return {}
     # Before the adapter, which marks the run finished: a finished run's TF-IDF or word model is complete.
-    if config.task == "ner":
-        mix_key, mix = "word_mix", fit_word_mix(config, task, model, every, val_items, pad_id, run_dir,
-                                                trainer.validation_hidden, trainer.start_layer)
-    else:
-        mix_key, mix = "tfidf_mix", fit_tfidf_mix(config, task, model, every, val_items, pad_id, run_dir,
-                                                  trainer.validation_hidden, trainer.start_layer, frozen)
+    mix_key, fit_mix = (("word_mix", fit_word_mix) if config.task == "ner"
+                        else ("tfidf_mix", partial(fit_tfidf_mix, frozen=frozen)))
+    mix = fit_mix(config, task, model, every, val_items, pad_id, run_dir, trainer.validation_hidden, trainer.start_layer)
     if mix and progress:
         print(mix_line(mix), flush=True)
     if isinstance(adapter, FullConfig):  # the trained model itself, as a Hugging Face directory

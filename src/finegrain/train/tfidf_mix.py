@@ -49,11 +49,11 @@ def mixes(config: Any) -> bool:
 
 def frozen_sample(config: Any, task: Any, model: torch.nn.Module, tokenizer: Any, splits: Any,
                   pad_id: int) -> tuple[list, torch.Tensor] | None:
-    """What `auto` cross-validates on, read before training: at most `CROSS_VALIDATED_TRAIN`
+    """What `auto` scores beside a small validation split, read before training: at most `CROSS_VALIDATED_TRAIN`
     training examples (stratified) and every validation example, and the pooled states the head
     reads for each from the untrained model (LP-FT's features: the adapters start as the identity).
 
-    None where the mix is not chosen by cross-validation: not `auto`, or a validation split of none
+    None where `auto` chooses on validation alone, or does not run: not `auto`, or a validation split of none
     or of `SMALL_VALIDATION` texts or more, or texts read as several windows (one state per window).
     """
     if not (mixes(config) and config.head.tfidf_mix == "auto" and 0 < len(splits.validation) < SMALL_VALIDATION):
@@ -96,11 +96,12 @@ def fit_tfidf_mix(
         model: the trained model, with its best weights loaded.
         validation_items: the encoded validation split; `hidden`/`start_layer`: its cached
             frozen-prefix states, when the trainer kept them (saves the lower layers' pass).
-        frozen: `frozen_sample`'s examples and states, where `auto` chooses by cross-validation.
+        frozen: `frozen_sample`'s examples and states, where `auto` scores the training texts too.
 
     Returns:
         None when the run does not mix; else the weight, the features, per weight tried its
-        validation score and log-loss, and with `frozen` the cross-validated table it chose from.
+        validation score and log-loss, and with `frozen` (`cross_validated`) the table over the
+        validation and the training texts that it chose from.
     """
     if not mixes(config) or not validation_items:
         return None
