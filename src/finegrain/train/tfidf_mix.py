@@ -49,12 +49,13 @@ def mixes(config: Any) -> bool:
 
 def frozen_sample(config: Any, task: Any, model: torch.nn.Module, tokenizer: Any, splits: Any,
                   pad_id: int) -> tuple[list, torch.Tensor] | None:
-    """What `auto` scores beside a small validation split, read before training: at most `CROSS_VALIDATED_TRAIN`
-    training examples (stratified) and every validation example, and the pooled states the head
-    reads for each from the untrained model (LP-FT's features: the adapters start as the identity).
+    """What `auto` scores beside a small validation split, read before training: at most
+    `CROSS_VALIDATED_TRAIN` training examples (stratified) and every validation example, and the
+    pooled states the head reads for each from the untrained model (LP-FT's features: the adapters
+    start as the identity).
 
-    None where `auto` chooses on validation alone, or does not run: not `auto`, or a validation split of none
-    or of `SMALL_VALIDATION` texts or more, or texts read as several windows (one state per window).
+    None where `auto` chooses on validation alone or does not run: not `auto`, a validation split
+    of none or of `SMALL_VALIDATION` texts or more, or texts read as several windows (one state each).
     """
     if not (mixes(config) and config.head.tfidf_mix == "auto" and 0 < len(splits.validation) < SMALL_VALIDATION):
         return None
@@ -119,9 +120,9 @@ def fit_tfidf_mix(
     gold_labels = task.gold(splits.validation)
     metric = config.train.metric or task.headline_metric
 
-    def scorer(gold_labels: list) -> Callable[[torch.Tensor], float]:
+    def scorer(expected: list) -> Callable[[torch.Tensor], float]:
         def score(probs: torch.Tensor) -> float:
-            value = float(flat_metrics(task.metrics(task.decode(probs), gold_labels))[metric])
+            value = float(flat_metrics(task.metrics(task.decode(probs), expected))[metric])
             return value if higher_is_better(metric) else -value
         return score
 
@@ -138,13 +139,13 @@ def fit_tfidf_mix(
         if frozen is not None:  # too few validation texts: every text the sample holds, each by models that never saw it
             examples, states = frozen
             trained = len(examples) - len(validation_texts)  # the training texts come first, then validation's
-            targets = torch.tensor([task.index[e.label] for e in examples])
+            sampled = torch.tensor([task.index[e.label] for e in examples])
             class_weights = getattr(task, "class_weights", None)
-            regression, folded = out_of_fold(states, targets, [e.text for e in examples], len(task.labels), char_level,
+            regression, folded = out_of_fold(states, sampled, [e.text for e in examples], len(task.labels), char_level,
                                              config.train.seed, None if class_weights is None else class_weights.cpu())
             model_side = torch.cat([regression[:trained], model_probs.float()])
             ranked = [{"strength": strength, **row} for strength, probs in lexical_probs.items()
-                      for row in choose_weight(model_side, torch.cat([folded[strength][:trained], probs]), targets,
+                      for row in choose_weight(model_side, torch.cat([folded[strength][:trained], probs]), sampled,
                                                scorer(task.gold(examples)))[1]]
             crossed = {"cross_validated": {"folds": FOLDS, "training_examples": trained, "table": ranked}}
         best = max(ranked, key=by_log_loss)
