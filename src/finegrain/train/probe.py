@@ -40,6 +40,12 @@ SMALL_VALIDATION = 100
 FOLDS = 5
 
 
+def small_validation(count: int) -> bool:
+    """Whether a validation split of `count` texts is one too small to choose on: some, but fewer
+    than `SMALL_VALIDATION` (with none there is nothing to choose on at all)."""
+    return 0 < count < SMALL_VALIDATION
+
+
 def pooled_states(backbone, task, items: list, pad_id: int, batch_size: int = 32, progress: bool = True,
                   num_layers: int | None = None) -> torch.Tensor:
     """(2, L + 1, N, H): the embedding and the output of each of the first `num_layers` layers

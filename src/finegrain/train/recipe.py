@@ -51,7 +51,7 @@ from finegrain.config import RunConfig
 from finegrain.errors import FinegrainError
 from finegrain.peft import METHODS
 from finegrain.tasks.classification import encode_texts
-from finegrain.train.probe import SMALL_VALIDATION, probe_layers, probe_sample
+from finegrain.train.probe import probe_layers, probe_sample, small_validation
 from finegrain.train.trainer import evaluation_count
 
 RECIPE_TASKS = ("classification",)
@@ -217,9 +217,9 @@ class Recipe:
 
     def _tfidf_mix(self, validation: int) -> None:
         if self.unset("head.tfidf_mix"):
-            lowest = ("lowest validation log-loss" if not 0 < validation < SMALL_VALIDATION else
-                      f"lowest log-loss over the validation texts and, out of fold, the training texts ({validation} "
-                      "validation texts are too few to choose on)")
+            lowest = (f"lowest log-loss over the validation texts and, out of fold, the training texts ({validation} "
+                      "validation texts are too few to choose on)" if small_validation(validation)
+                      else "lowest validation log-loss")
             self.set("head.tfidf_mix", "auto", "mix a TF-IDF + logistic regression's probabilities into the model's, "
                      f"at the weight (0 to 0.9) with the {lowest}: the words alone are strong on topics and "
                      "on scripts the model's pretraining rarely saw, and the two err on different texts")
@@ -362,7 +362,7 @@ class Recipe:
             self.set("train.eval_every", math.ceil(steps_per_epoch / 2), "validate twice per epoch: a short run "
                      "keeps its best half-epoch")
         evaluations = evaluation_count(config.train, config.train.epochs * steps_per_epoch, steps_per_epoch)
-        if 0 < validation < SMALL_VALIDATION and evaluations >= AVERAGED and self.unset("train.average_last"):
+        if small_validation(validation) and evaluations >= AVERAGED and self.unset("train.average_last"):
             # On 100 labels split 90/10 (five held-out sets, docs/RESULTS.md) the best of ten epochs on ten
             # validation texts was often the fitted head before any step, and stopping early ended the run there.
             small = f"{validation} validation examples are too few to choose a checkpoint by"

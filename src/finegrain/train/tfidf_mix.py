@@ -35,7 +35,7 @@ from finegrain.tags import convert_tags
 from finegrain.tasks.lexical import STRENGTHS, LexicalModel, WordModel, by_log_loss, choose_weight, fill
 from finegrain.tasks.tokens import labelled_words
 from finegrain.train.linear_probe import HeadInputs, fit_softmax
-from finegrain.train.probe import FOLDS, SMALL_VALIDATION, folds
+from finegrain.train.probe import FOLDS, folds, small_validation
 from finegrain.train.trainer import flat_metrics
 
 CROSS_VALIDATED_TRAIN = 400  # training texts (a stratified sample) the cross-validated choice reads beside validation's
@@ -57,7 +57,7 @@ def frozen_sample(config: Any, task: Any, model: torch.nn.Module, tokenizer: Any
     None where `auto` chooses on validation alone or does not run: not `auto`, a validation split
     of none or of `SMALL_VALIDATION` texts or more, or texts read as several windows (one state each).
     """
-    if not (mixes(config) and config.head.tfidf_mix == "auto" and 0 < len(splits.validation) < SMALL_VALIDATION):
+    if not (mixes(config) and config.head.tfidf_mix == "auto" and small_validation(len(splits.validation))):
         return None
     examples = sample(splits.train, CROSS_VALIDATED_TRAIN, config.train.seed) + list(splits.validation)
     items = task.encode(tokenizer, examples, config.data.max_length)
@@ -222,16 +222,16 @@ def mix_line(summary: dict[str, Any]) -> str:
     alone = summary["validation"][0]  # weight 0: the model alone
     chosen = next(r for r in summary["validation"]
                   if (r.get("strength"), r["weight"]) == (summary.get("strength"), summary["weight"]))
-    strength, by_loss = "", ""
-    if tfidf:
-        strength = f"C {summary['strength']:g}, "
-        by_loss = f", chosen by validation log-loss {chosen['log_loss']:.4f} (the model alone {alone['log_loss']:.4f})"
+    strength = f"C {summary['strength']:g}, " if tfidf else ""
+    by_loss = ""
     if "cross_validated" in summary:
         crossed = summary["cross_validated"]
         row = next(r for r in crossed["table"] if (r["strength"], r["weight"]) == (summary["strength"], summary["weight"]))
         by_loss = (f", chosen by log-loss {row['log_loss']:.4f} over the validation texts and {crossed['training_examples']} "
                    f"training texts cross-validated in {crossed['folds']} folds (the model alone "
                    f"{crossed['table'][0]['log_loss']:.4f})")
+    elif tfidf:
+        by_loss = f", chosen by validation log-loss {chosen['log_loss']:.4f} (the model alone {alone['log_loss']:.4f})"
     return (f"{name}: weight {summary['weight']} ({strength}{summary['features']}){by_loss}: validation "
             f"{summary['metric']} {abs(chosen['score']):.4f}, the model alone {abs(alone['score']):.4f}")
 
