@@ -24,6 +24,10 @@ def test_cuts_each_file_to_its_rows_in_the_labels_proportions(tmp_path):
     again = subprocess.run(run, capture_output=True, text=True, timeout=120)  # seed 0: the same rows again
     assert again.returncode == 0
     assert [json.loads(line) for line in (tmp_path / "out" / "mine" / "train.jsonl").read_text().splitlines()] == cut
+    other = subprocess.run(run + ["--seed", "1"], capture_output=True, text=True, timeout=120)  # another draw
+    assert other.returncode == 0, other.stderr[-2000:]
+    drawn = [json.loads(line) for line in (tmp_path / "out" / "mine" / "train.jsonl").read_text().splitlines()]
+    assert Counter(r["label"] for r in drawn) == {"a": 6, "b": 3} and drawn != cut
 
 
 def test_a_file_without_a_name_is_refused(tmp_path):
