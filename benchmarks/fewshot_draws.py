@@ -39,14 +39,12 @@ from finegrain.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from finegrain.ensemble import create_ensemble  # noqa: E402
 from finegrain.tasks.lexical import by_log_loss  # noqa: E402
 
-METRICS = rundir.METRICS
-
 
 def recipe_run(folder: Path, model: str, test: Path, settings: list[str]) -> Path:
     """The recipe's run of `model` on folder/train.jsonl (kept where it finished before)."""
     name = Path(model).name
     out = folder / f"{name}-recipe"
-    if not (out / METRICS).exists():
+    if not (out / rundir.METRICS).exists():
         selection = ["data.dataset=null", f"data.train={(folder / 'train.jsonl').resolve()}", f"data.test={test.resolve()}"]
         options = argparse.Namespace(output=folder, split="0.9,0.1,0.0", max_train=0, max_eval=0,
                                      set=[*settings, f"model.name={model}"])
@@ -59,7 +57,10 @@ def earlier_rule(run_dir: Path) -> float:
     """Test macro-F1 of the run's TF-IDF mix with its weight and C chosen by validation log-loss alone."""
     cache = run_dir.parent / "replay.json"
     if not cache.exists():
-        _, _, validation, test = tables(run_dir)
+        recorded, _, validation, test = tables(run_dir)
+        if recorded["metric"] != "macro_f1":  # the replayed rows score the run's train.metric
+            raise SystemExit(f"{run_dir}: train.metric is {recorded['metric']}; the table compares macro-F1, so leave "
+                             "train.metric to the recipe")
         pick = max(validation, key=by_log_loss)
         score = next(abs(r["score"]) for r in test if (r.get("strength"), r["weight"]) == (pick.get("strength"), pick["weight"]))
         atomic_write_json(cache, {"run": str(run_dir), "weight": pick["weight"], "strength": pick.get("strength"),
@@ -72,20 +73,20 @@ def ensemble(folder: Path, runs: list[Path]) -> float:
     out = folder / "ensemble"
     if not (out / rundir.ENSEMBLE).exists():  # written last
         create_ensemble(runs, out)
-    return json.loads((out / METRICS).read_text())["test"]["macro"]["f1"]
+    return json.loads((out / rundir.METRICS).read_text())["test"]["macro"]["f1"]
 
 
 def draw_scores(folder: Path, test: Path, models: list[str], settings: list[str]) -> dict[str, float]:
     """Every column's test macro-F1 for one draw."""
     runs = [recipe_run(folder, model, test, settings) for model in models]
-    first = json.loads((runs[0] / METRICS).read_text())
+    first = json.loads((runs[0] / rundir.METRICS).read_text())
     base = first["baselines"]
     scores = {"finegrain": first["test"]["macro"]["f1"],
               "model alone": base.get("model_alone", {}).get("macro_f1", first["test"]["macro"]["f1"])}
     if first.get("tfidf_mix"):
         scores["earlier mix rule"] = earlier_rule(runs[0])
     for model, other in zip(models[1:], runs[1:]):
-        scores[Path(model).name] = json.loads((other / METRICS).read_text())["test"]["macro"]["f1"]
+        scores[Path(model).name] = json.loads((other / rundir.METRICS).read_text())["test"]["macro"]["f1"]
     if len(runs) > 1:
         scores["ensemble"] = ensemble(folder, runs)
     scores["TF-IDF"] = base["tfidf"]["macro_f1"]
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to every run")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
+    if len({Path(m).name for m in models}) < len(models):
+        parser.error(f"--models {args.models}: each model's runs are named after it; give models of different names")
     sets = {}
     for spec in args.files:
         name, sep, paths = spec.partition("=")

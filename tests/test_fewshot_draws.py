@@ -67,6 +67,8 @@ def test_each_draw_runs_every_model_and_their_ensemble_and_a_rerun_keeps_them(ti
     assert [p.stat().st_mtime_ns for p in runs] == stamps and (out / "table.md").read_text() == table
 
 
-def test_a_set_without_its_test_file_is_refused(tmp_path):
+def test_a_set_without_its_test_file_or_two_models_of_one_name_are_refused(tmp_path):
     done = _run(tmp_path, f"mine={tmp_path / 'train.jsonl'}")
     assert done.returncode != 0 and "give NAME=TRAIN.jsonl,TEST.jsonl" in done.stderr
+    done = _run(tmp_path, f"mine={tmp_path / 'train.jsonl'},{tmp_path / 'test.jsonl'}", "--models", "a/model,b/model")
+    assert done.returncode != 0 and "give models of different names" in done.stderr
